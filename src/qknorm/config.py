@@ -1,0 +1,396 @@
+"""Typed run configuration: the composed Hydra config is validated here, once, into frozen dataclasses.
+
+Nothing downstream reads raw YAML or guesses defaults. Every error names the config key and, where the
+key has a fixed set of values, the allowed ones, so a bad sweep point fails before any training starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Mapping, Optional
+
+
+class QknormError(Exception):
+    """An error caused by the user's input (config, data, paths): reported as one line, no traceback."""
+
+
+class ConfigError(QknormError):
+    pass
+
+
+# --------------------------------------------------------------------------------------------------
+# Schemas
+# --------------------------------------------------------------------------------------------------
+
+QKNormKind = Literal["none", "l2", "rms", "layernorm"]
+QKNormScope = Literal["head", "head_separate", "layer"]
+GainKind = Literal["none", "vector", "zero_centered"]
+
+
+@dataclass(frozen=True)
+class ScaleConfig:
+    """Attention temperature: the factor the logits q.k are multiplied by.
+
+    kind: inv_sqrt_head_dim (Vaswani), inv_head_dim (muP), constant (modded-nanogpt's 0.12, nGPT's
+    sqrt(d_h)), or learnable (Henry et al. 2020's g, Swin V2's logit scale).
+    """
+
+    kind: Literal["inv_sqrt_head_dim", "inv_head_dim", "constant", "learnable"] = "inv_sqrt_head_dim"
+    value: Optional[float] = None  # the constant, or the learnable scale's init when init=value
+    # learnable only:
+    init: Literal["henry", "sqrt_head_dim", "inv_sqrt_head_dim", "swin", "value"] = "inv_sqrt_head_dim"
+    per: Literal["layer", "head"] = "layer"
+    parametrization: Literal["linear", "log"] = "linear"  # Henry learns g itself; Swin V2 learns log g
+    max: Optional[float] = None  # Swin V2 clamps the scale at 100
+
+    def validate(self, path: str) -> None:
+        if self.kind == "constant":
+            _require(self.value is not None, f"{path}.value", "must be set when scale.kind=constant")
+        if self.value is not None:
+            _require(self.value > 0 and math.isfinite(self.value), f"{path}.value", f"must be a positive number, got {self.value}")
+        if self.kind == "learnable" and self.init == "value":
+            _require(self.value is not None, f"{path}.value", "must be set when scale.init=value")
+        if self.max is not None:
+            _require(self.max > 0, f"{path}.max", f"must be positive, got {self.max}")
+            _require(self.kind == "learnable", f"{path}.max", "only applies to scale.kind=learnable")
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    """Every attention stabilizer as one independent axis (see conf/attention/ for named presets)."""
+
+    qk_norm: QKNormKind = "none"
+    scope: QKNormScope = "head"
+    gain: GainKind = "vector"
+    gain_weight_decay: bool = False
+    layernorm_bias: bool = False
+    norm_eps: float = 1e-6
+    position: Literal["before_rope", "after_rope"] = "before_rope"
+    targets: Literal["qk", "qkv"] = "qk"
+    pre_attn_norm: bool = True  # QKV-Norm (Rybakov et al. 2024) drops the block's pre-attention norm
+    scale: ScaleConfig = field(default_factory=ScaleConfig)
+    softcap: Optional[float] = None  # Gemma 2: 50, Grok-1: 30
+    final_logit_softcap: Optional[float] = None  # Gemma 2: 30
+    qkv_bias: bool = False  # Qwen2
+    qk_clip_tau: Optional[float] = None  # Kimi K2 QK-Clip: 100
+    backend: Literal["auto", "sdpa", "flex", "explicit"] = "auto"
+
+    def validate(self, path: str) -> None:
+        for key in ("softcap", "final_logit_softcap", "qk_clip_tau"):
+            v = getattr(self, key)
+            if v is not None:
+                _require(math.isfinite(v) and v > 0, f"{path}.{key}", f"must be null or a positive number, got {v}")
+        _require(self.norm_eps > 0, f"{path}.norm_eps", f"must be positive, got {self.norm_eps}")
+        if self.qk_norm == "none":
+            _require(self.targets == "qk", f"{path}.targets", "targets=qkv needs a qk_norm (one of l2, rms, layernorm)")
+            _require(self.layernorm_bias is False, f"{path}.layernorm_bias", "only applies to qk_norm=layernorm")
+        if self.qk_norm != "layernorm":
+            _require(not self.layernorm_bias, f"{path}.layernorm_bias", f"only applies to qk_norm=layernorm, got qk_norm={self.qk_norm}")
+        if self.qk_clip_tau is not None:
+            _require(self.qk_norm == "none", f"{path}.qk_clip_tau",
+                     f"QK-Clip rescales W_q/W_k, which qk_norm={self.qk_norm} cancels; use it with qk_norm=none")
+        if self.softcap is not None:
+            _require(self.backend != "sdpa", f"{path}.backend",
+                     "sdpa cannot apply a logit soft-cap; allowed with softcap: auto, flex, explicit")
+        self.scale.validate(f"{path}.scale")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: Optional[int] = None  # None: as many as n_heads (no grouping)
+    head_dim: Optional[int] = None  # None: d_model // n_heads
+    mlp: Literal["swiglu", "gelu"] = "swiglu"
+    mlp_hidden: Optional[int] = None  # None: 8/3 d (swiglu, rounded to 32) or 4 d (gelu)
+    tie_embeddings: bool = True
+    init: Literal["wortsman", "gpt2"] = "wortsman"
+    norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    compile: bool = False
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def dim_head(self) -> int:
+        return self.head_dim or self.d_model // self.n_heads
+
+    @property
+    def hidden(self) -> int:
+        if self.mlp_hidden:
+            return self.mlp_hidden
+        if self.mlp == "gelu":
+            return 4 * self.d_model
+        return 32 * math.ceil(8 * self.d_model / 3 / 32)
+
+    def validate(self, path: str) -> None:
+        for key in ("d_model", "n_layers", "n_heads"):
+            _require(getattr(self, key) >= 1, f"{path}.{key}", f"must be >= 1, got {getattr(self, key)}")
+        if self.head_dim is None:
+            _require(self.d_model % self.n_heads == 0, f"{path}.n_heads",
+                     f"n_heads={self.n_heads} must divide d_model={self.d_model} (or set {path}.head_dim)")
+        else:
+            _require(self.head_dim >= 2, f"{path}.head_dim", f"must be >= 2, got {self.head_dim}")
+        _require(self.dim_head % 2 == 0, f"{path}.head_dim", f"RoPE needs an even head_dim, got {self.dim_head}")
+        if self.n_kv_heads is not None:
+            _require(self.n_kv_heads >= 1 and self.n_heads % self.n_kv_heads == 0, f"{path}.n_kv_heads",
+                     f"n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads}")
+        if self.mlp_hidden is not None:
+            _require(self.mlp_hidden >= 1, f"{path}.mlp_hidden", f"must be >= 1, got {self.mlp_hidden}")
+        _require(self.norm_eps > 0, f"{path}.norm_eps", f"must be positive, got {self.norm_eps}")
+        _require(self.rope_theta > 0, f"{path}.rope_theta", f"must be positive, got {self.rope_theta}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: Literal["shakespeare", "hf_text", "text_files"] = "shakespeare"
+    seq_len: int = 256
+    batch_size: int = 32
+    vocab_size: int = 2048
+    tokenizer_max_chars: int = 20_000_000  # text sampled to train the tokenizer
+    val_fraction: float = 0.05  # hf_text / text_files: share of documents held out
+    val_max_tokens: Optional[int] = None  # cap on validation tokens (None: the whole held-out split)
+    cache_dir: str = "~/.cache/qknorm"
+    # shakespeare
+    val_plays: tuple[str, ...] = ("hamlet",)
+    # text_files
+    paths: tuple[str, ...] = ()
+    glob: str = "**/*.txt"
+    # hf_text
+    name: Optional[str] = None
+    config_name: Optional[str] = None
+    data_files: Optional[tuple[str, ...]] = None
+    split: str = "train"
+    val_split: Optional[str] = None
+    text_field: str = "text"
+    streaming: bool = False
+    max_tokens: Optional[int] = None  # approximate cap on training tokens read from the source
+
+    def validate(self, path: str) -> None:
+        _require(self.seq_len >= 2, f"{path}.seq_len", f"must be >= 2, got {self.seq_len}")
+        _require(self.batch_size >= 1, f"{path}.batch_size", f"must be >= 1, got {self.batch_size}")
+        _require(260 <= self.vocab_size <= 65535, f"{path}.vocab_size",
+                 f"must be in [260, 65535] (256 byte-fallback pieces + specials; uint16 token cache), got {self.vocab_size}")
+        _require(0.0 < self.val_fraction < 1.0, f"{path}.val_fraction", f"must be in (0, 1), got {self.val_fraction}")
+        if self.val_max_tokens is not None:
+            _require(self.val_max_tokens > self.seq_len, f"{path}.val_max_tokens", f"must exceed data.seq_len={self.seq_len}")
+        if self.source == "text_files":
+            _require(len(self.paths) > 0, f"{path}.paths", "data=text_files needs at least one file or folder, e.g. data.paths=[my_corpus/]")
+        if self.source == "hf_text":
+            _require(bool(self.name), f"{path}.name",
+                     "data=hf_text needs a dataset name or builder (e.g. roneneldan/TinyStories, or text/json/parquet with data.data_files)")
+        if self.max_tokens is not None:
+            _require(self.max_tokens > 0, f"{path}.max_tokens", f"must be positive, got {self.max_tokens}")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 1e-2  # peak learning rate
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    # independent: decay by weight_decay * schedule(t), not by lr(t) * weight_decay (Wortsman et al. 2023, Fig. 6)
+    independent_weight_decay: bool = False
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1  # cosine floor as a fraction of the peak
+    grad_clip: Optional[float] = 1.0
+    z_loss: float = 0.0  # coefficient of log^2 Z (Wortsman et al. 2023; PaLM: 1e-4)
+    fused: Literal["auto", "on", "off"] = "auto"
+
+    def validate(self, path: str) -> None:
+        _require(math.isfinite(self.lr) and self.lr > 0, f"{path}.lr", f"must be a positive number, got {self.lr}")
+        _require(len(self.betas) == 2 and all(0.0 <= b < 1.0 for b in self.betas), f"{path}.betas",
+                 f"must be two numbers in [0, 1), got {list(self.betas)}")
+        _require(self.eps > 0, f"{path}.eps", f"must be positive, got {self.eps}")
+        _require(self.weight_decay >= 0, f"{path}.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        _require(self.warmup_steps >= 0, f"{path}.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        _require(0.0 <= self.min_lr_ratio <= 1.0, f"{path}.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+        if self.grad_clip is not None:
+            _require(self.grad_clip > 0, f"{path}.grad_clip", f"must be null or positive, got {self.grad_clip}")
+        _require(self.z_loss >= 0, f"{path}.z_loss", f"must be >= 0, got {self.z_loss}")
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps"] = "auto"
+    devices: Any = 1  # int, list of ids, or "auto"
+    num_nodes: int = 1
+    strategy: str = "auto"
+    precision: Literal["auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "64-true"] = "auto"
+    max_steps: int = 1000
+    max_time_minutes: Optional[float] = None
+    val_every_n_steps: int = 200
+    log_every_n_steps: int = 10
+    checkpoint_every_n_steps: Optional[int] = 500
+    threads: Optional[int] = None  # torch intra-op threads per process (None: torch's default)
+    progress_bar: bool = True
+    deterministic: bool = False
+
+    def validate(self, path: str) -> None:
+        _require(self.max_steps >= 1, f"{path}.max_steps", f"must be >= 1, got {self.max_steps}")
+        _require(self.val_every_n_steps >= 1, f"{path}.val_every_n_steps", f"must be >= 1, got {self.val_every_n_steps}")
+        _require(self.log_every_n_steps >= 1, f"{path}.log_every_n_steps", f"must be >= 1, got {self.log_every_n_steps}")
+        _require(self.num_nodes >= 1, f"{path}.num_nodes", f"must be >= 1, got {self.num_nodes}")
+        if self.max_time_minutes is not None:
+            _require(self.max_time_minutes > 0, f"{path}.max_time_minutes", f"must be positive, got {self.max_time_minutes}")
+        if self.checkpoint_every_n_steps is not None:
+            _require(self.checkpoint_every_n_steps >= 1, f"{path}.checkpoint_every_n_steps", "must be null or >= 1")
+        if self.threads is not None:
+            _require(self.threads >= 1, f"{path}.threads", f"must be >= 1, got {self.threads}")
+
+
+@dataclass(frozen=True)
+class LoggerConfig:
+    tensorboard: bool = True
+    csv: bool = True
+
+    def validate(self, path: str) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class CallbacksConfig:
+    lr_monitor: bool = True
+    throughput: bool = True
+
+    def validate(self, path: str) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    callbacks: CallbacksConfig = field(default_factory=CallbacksConfig)
+    seed: int = 0
+    task_name: str = "train"
+
+    def validate(self, path: str = "") -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if dataclasses.is_dataclass(value):
+                value.validate(f.name)
+        _require(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
+        a, m = self.attention, self.model
+        if not a.pre_attn_norm:
+            _require(a.targets == "qkv", "attention.pre_attn_norm",
+                     "may only be false with attention.targets=qkv (QKV-Norm normalizes the attention inputs instead)")
+
+
+# --------------------------------------------------------------------------------------------------
+# Conversion: plain mapping (from OmegaConf) -> dataclasses, with key-naming errors
+# --------------------------------------------------------------------------------------------------
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+def _convert(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            if type(None) in args:
+                return None
+            raise ConfigError(f"{key}: must not be null")
+        inner = [a for a in args if a is not type(None)]
+        return _convert(inner[0], value, key)
+    if value is None:
+        raise ConfigError(f"{key}: must not be null")
+    if origin is Literal:
+        if value not in args:
+            allowed = ", ".join(str(a) for a in args)
+            raise ConfigError(f"{key}: unknown value {value!r}; allowed: {allowed}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}: expected a group of keys, got {value!r}")
+        return from_mapping(tp, value, key)
+    if origin is tuple:
+        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(args[0], v, f"{key}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"{key}: expected a list of {len(args)} values, got {list(value)}")
+        return tuple(_convert(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {tp} at {key}")
+
+
+def from_mapping(cls: type, data: Mapping[str, Any], path: str = "") -> Any:
+    """Build dataclass `cls` from `data`, rejecting unknown keys and wrong types by their dotted key."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = path or "config"
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(names))}")
+    kwargs = {}
+    for name in names:
+        if name in data:
+            key = f"{path}.{name}" if path else name
+            kwargs[name] = _convert(hints[name], data[name], key)
+    return cls(**kwargs)
+
+
+# Top-level keys that Hydra or the run directory own; they are not part of the typed run config.
+_NON_RUN_KEYS = {"hydra", "paths", "experiment", "sweep", "extras"}
+
+
+def default_tree() -> dict[str, Any]:
+    """Every key of the run config with its default, as plain data: the base the YAML groups merge onto,
+    so any key can be overridden from the command line and a misspelt one is rejected by name."""
+
+    def plain(value):
+        if isinstance(value, tuple):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+
+    return plain(dataclasses.asdict(RunConfig()))
+
+
+def register_defaults() -> None:
+    """Store the default tree in Hydra's ConfigStore as `qknorm_base` (first in conf/train.yaml)."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="qknorm_base", node=default_tree())
+
+
+def load_run_config(raw: Mapping[str, Any]) -> RunConfig:
+    """Validate a composed config (a plain dict, e.g. `OmegaConf.to_container(cfg, resolve=True)`)."""
+    data = {k: v for k, v in raw.items() if k not in _NON_RUN_KEYS}
+    cfg = from_mapping(RunConfig, data)
+    cfg.validate()
+    return cfg

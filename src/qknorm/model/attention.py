@@ -1,0 +1,223 @@
+"""Causal self-attention: the one place where q/k/v normalization, RoPE, temperature and the logit
+treatment (plain or soft-capped) are decided.
+
+The fast path (SDPA, or FlexAttention for a soft-cap on GPU) and the explicit path (full logit matrix,
+fp32 softmax; used for probing and for a soft-cap on CPU) share `Attention.project` and
+`Attention.temperature`, so they can only differ in how the softmax is evaluated.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import AttentionConfig, ModelConfig, ScaleConfig
+from .norms import QKNorm, build_norm
+from .rope import apply_rope
+
+
+class AttentionProbe(Protocol):
+    """Receives the internals of an attention forward pass (used by the stability monitor)."""
+
+    def on_attention(self, layer: int, tensors: dict[str, torch.Tensor]) -> None: ...
+
+
+class Temperature(nn.Module):
+    """The factor s in logits = s * q.k: fixed, or learned per layer or per head."""
+
+    def __init__(self, cfg: ScaleConfig, n_heads: int, head_dim: int, seq_len: int):
+        super().__init__()
+        self.cfg = cfg
+        fixed = {"inv_sqrt_head_dim": head_dim**-0.5, "inv_head_dim": 1.0 / head_dim, "constant": cfg.value}
+        if cfg.kind != "learnable":
+            self.fixed: Optional[float] = float(fixed[cfg.kind])
+            self.register_parameter("param", None)
+            return
+        self.fixed = None
+        init = {
+            # Henry et al. 2020: log2 of the number of off-diagonal entries of QK^T for length T
+            "henry": math.log2(seq_len**2 - seq_len) if seq_len > 1 else 1.0,
+            "sqrt_head_dim": math.sqrt(head_dim),
+            "inv_sqrt_head_dim": head_dim**-0.5,
+            "swin": 10.0,  # Swin V2: logit scale log(10), clamped at log(100)
+            "value": cfg.value,
+        }[cfg.init]
+        value = math.log(init) if cfg.parametrization == "log" else init
+        shape = (n_heads, 1, 1) if cfg.per == "head" else ()
+        self.param = nn.Parameter(torch.full(shape, float(value)))
+
+    def forward(self) -> float | torch.Tensor:
+        if self.fixed is not None:
+            return self.fixed
+        if self.cfg.parametrization == "log":
+            p = self.param if self.cfg.max is None else self.param.clamp(max=math.log(self.cfg.max))
+            return p.exp()
+        return self.param if self.cfg.max is None else self.param.clamp(max=self.cfg.max)
+
+    def abs_max(self) -> float:
+        s = self.forward()
+        return abs(s) if isinstance(s, float) else float(s.detach().abs().max())
+
+
+def causal_mask(t_q: int, t_k: int, device) -> torch.Tensor:
+    return torch.ones(t_q, t_k, dtype=torch.bool, device=device).tril(diagonal=t_k - t_q)
+
+
+def explicit_attention(q, k, v, scale, softcap: Optional[float], probe_tensors: Optional[dict] = None):
+    """softmax(cap(s * q k^T) + causal mask) v with fp32 logits and softmax. q: [B,H,T,D]; k, v: [B,Hkv,T,D]."""
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k = k.repeat_interleave(groups, dim=1)
+        v = v.repeat_interleave(groups, dim=1)
+    acc = torch.promote_types(q.dtype, torch.float32)  # fp32 logits and softmax, fp64 when asked
+    raw = q.to(acc) @ k.to(acc).transpose(-1, -2)
+    logits = raw * (scale.to(acc) if isinstance(scale, torch.Tensor) else scale)
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    mask = causal_mask(q.shape[-2], k.shape[-2], q.device)
+    weights = logits.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+    if probe_tensors is not None:
+        probe_tensors.update(raw_scores=raw, logits=logits, weights=weights, mask=mask)
+    return (weights.to(v.dtype) @ v)
+
+
+def _flex_softcap(q, k, v, scale, softcap):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return softcap * torch.tanh(score / softcap)
+
+    def causal(b, h, q_idx, kv_idx):
+        return q_idx >= kv_idx
+
+    if isinstance(scale, torch.Tensor):  # fold a learned scale into q, as for SDPA
+        q, scale = q * scale.to(q.dtype), 1.0
+    block_mask = create_block_mask(causal, None, None, q.shape[-2], k.shape[-2], device=q.device)
+    return flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale,
+                          enable_gqa=q.shape[1] != k.shape[1])
+
+
+class Attention(nn.Module):
+    def __init__(self, model: ModelConfig, cfg: AttentionConfig, layer_idx: int, seq_len: int):
+        super().__init__()
+        self.cfg, self.layer_idx = cfg, layer_idx
+        self.n_heads, self.n_kv_heads, self.head_dim = model.n_heads, model.kv_heads, model.dim_head
+        q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        self.qkv = nn.Linear(model.d_model, q_size + 2 * kv_size, bias=cfg.qkv_bias)
+        self.proj = nn.Linear(q_size, model.d_model, bias=False)
+        self.split_sizes = (q_size, kv_size, kv_size)
+
+        def norm(heads: int) -> Optional[QKNorm]:
+            return build_norm(cfg.qk_norm, heads, self.head_dim, cfg.scope, cfg.gain, cfg.norm_eps, cfg.layernorm_bias)
+
+        self.q_norm, self.k_norm = norm(self.n_heads), norm(self.n_kv_heads)
+        self.v_norm = norm(self.n_kv_heads) if cfg.targets == "qkv" else None
+        self.temperature = Temperature(cfg.scale, self.n_heads, self.head_dim, seq_len)
+        self.probe: Optional[AttentionProbe] = None
+        # QK-Clip needs this step's per-head max logit; None when the clip is off.
+        self.max_logit: Optional[torch.Tensor] = None
+
+    # -- the shared decision: normalization, RoPE, temperature ------------------------------------
+
+    def project(self, x, cos, sin):
+        """x [B,T,C] -> q [B,H,T,D], k and v [B,Hkv,T,D], normalized and rotated as configured."""
+        b, t, _ = x.shape
+        q, k, v = self.qkv(x).split(self.split_sizes, dim=-1)
+        q = q.view(b, t, self.n_heads, self.head_dim)
+        k = k.view(b, t, self.n_kv_heads, self.head_dim)
+        v = v.view(b, t, self.n_kv_heads, self.head_dim)
+        raw_q, raw_k = q, k
+        if self.cfg.position == "before_rope":
+            q, k = self._norm_qk(q, k)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        else:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            q, k = self._norm_qk(q, k)
+        if self.v_norm is not None:
+            v = self.v_norm(v)
+        if self.probe is not None:
+            self._probe_tensors = {"q_proj": raw_q, "k_proj": raw_k, "q": q, "k": k, "v": v}
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+    def _norm_qk(self, q, k):
+        if self.q_norm is None:
+            return q, k
+        return self.q_norm(q), self.k_norm(k)
+
+    def logit_bound(self) -> float:
+        """Analytic bound on |s q.k| for a normalized variant (inf without a qk_norm)."""
+        if self.q_norm is None:
+            return math.inf
+        q_bound = self.q_norm.output_norm_bound() * self.q_norm.gain_abs_max()
+        k_bound = self.k_norm.output_norm_bound() * self.k_norm.gain_abs_max()
+        bound = self.temperature.abs_max() * q_bound * k_bound
+        # a per-element gain bounds the norm by max|g| * ||x||: loose but safe
+        return bound if self.cfg.softcap is None else min(bound, self.cfg.softcap)
+
+    # -- the softmax, on one of the paths -----------------------------------------------------
+
+    def forward(self, x, cos, sin):
+        b, t, _ = x.shape
+        q, k, v = self.project(x, cos, sin)
+        scale = self.temperature()
+        if self.max_logit is not None:
+            self._track_max_logit(q, k, scale)
+        if self.probe is not None or self.cfg.backend == "explicit":
+            tensors = self._probe_tensors if self.probe is not None else None
+            y = explicit_attention(q, k, v, scale, self.cfg.softcap, tensors)
+            if self.probe is not None:
+                tensors["scale"] = scale if isinstance(scale, torch.Tensor) else torch.tensor(scale)
+                self.probe.on_attention(self.layer_idx, tensors)
+                self._probe_tensors = None
+        elif self.cfg.softcap is not None:
+            if self.cfg.backend == "flex" or (self.cfg.backend == "auto" and q.is_cuda):
+                y = _flex_softcap(q, k, v, scale, self.cfg.softcap)
+            else:
+                y = explicit_attention(q, k, v, scale, self.cfg.softcap)
+        else:
+            if isinstance(scale, torch.Tensor):
+                # SDPA takes a float scale: fold a learned one into q (x-transformers#190)
+                q, scale = q * scale.to(q.dtype), 1.0
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
+                                               enable_gqa=self.n_heads != self.n_kv_heads)
+        return self.proj(y.transpose(1, 2).reshape(b, t, -1))
+
+    # -- QK-Clip (Kimi K2) -------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _track_max_logit(self, q, k, scale):
+        groups = self.n_heads // self.n_kv_heads
+        kk = k.repeat_interleave(groups, dim=1) if groups > 1 else k
+        acc = torch.promote_types(q.dtype, torch.float32)
+        logits = (q.to(acc) @ kk.to(acc).transpose(-1, -2)) * (scale.detach().to(acc) if isinstance(scale, torch.Tensor) else scale)
+        mask = causal_mask(q.shape[-2], kk.shape[-2], q.device)
+        per_head = logits.masked_fill(~mask, float("-inf")).amax(dim=(0, 2, 3))
+        self.max_logit = torch.maximum(self.max_logit.to(per_head.device), per_head)
+
+    @torch.no_grad()
+    def apply_qk_clip(self, tau: float) -> torch.Tensor:
+        """Rescale W_q/W_k (and q/k biases) so each head's max logit on the last batch is <= tau.
+
+        Head h gets gamma_h = min(1, tau / S_h). With grouped KV heads, the group's k rows take
+        sqrt(min gamma) and each q head the rest, so every head's logits scale by exactly gamma_h
+        (for plain multi-head attention both sides take sqrt(gamma_h), as in Kimi K2).
+        Returns gamma per head.
+        """
+        gamma = (tau / self.max_logit.clamp(min=1e-30)).clamp(max=1.0)
+        groups = self.n_heads // self.n_kv_heads
+        k_gamma = gamma.view(self.n_kv_heads, groups).amin(dim=1).sqrt()
+        q_gamma = gamma / k_gamma.repeat_interleave(groups)
+        d = self.head_dim
+        q_rows = q_gamma.repeat_interleave(d)
+        k_rows = k_gamma.repeat_interleave(d)
+        q_size, kv_size, _ = self.split_sizes
+        factors = torch.cat([q_rows, k_rows, torch.ones(kv_size, device=q_rows.device)]).to(self.qkv.weight.dtype)
+        self.qkv.weight.mul_(factors[:, None])
+        if self.qkv.bias is not None:
+            self.qkv.bias.mul_(factors)
+        self.max_logit.fill_(float("-inf"))
+        return gamma

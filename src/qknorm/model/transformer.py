@@ -1,0 +1,126 @@
+"""A small pre-norm decoder-only Transformer: RMSNorm, RoPE, SwiGLU or GELU MLP, grouped-query attention."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import AttentionConfig, ModelConfig
+from .attention import Attention
+from .lm_loss import fused_lm_loss
+from .rope import rope_tables
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.kind = cfg.mlp
+        hidden = cfg.hidden
+        # SwiGLU's gate and up projections as one matmul
+        self.fc1 = nn.Linear(cfg.d_model, 2 * hidden if cfg.mlp == "swiglu" else hidden, bias=False)
+        self.fc2 = nn.Linear(hidden, cfg.d_model, bias=False)
+
+    def forward(self, x):
+        h = self.fc1(x)
+        if self.kind == "swiglu":
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h)
+        return self.fc2(h)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, attention: AttentionConfig, layer_idx: int, seq_len: int):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps) if attention.pre_attn_norm else nn.Identity()
+        self.attn = Attention(cfg, attention, layer_idx, seq_len)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin):
+        x = x + self.attn(self.attn_norm(x), cos, sin)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig, attention: AttentionConfig, vocab_size: int, seq_len: int):
+        super().__init__()
+        self.cfg, self.attention_cfg, self.vocab_size, self.seq_len = cfg, attention, vocab_size, seq_len
+        self.embed = nn.Embedding(vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg, attention, i, seq_len) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        cos, sin = rope_tables(seq_len, cfg.dim_head, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos.float(), persistent=False)
+        self.register_buffer("rope_sin", sin.float(), persistent=False)
+        self.final_logit_softcap = attention.final_logit_softcap
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        d = self.cfg.d_model
+        for name, p in self.named_parameters():
+            if p.dim() < 2:
+                continue  # norm gains, temperatures and biases keep their own init
+            if name == "embed.weight":
+                std = d**-0.5 if self.cfg.init == "wortsman" else 0.02
+                nn.init.normal_(p, std=std)
+            elif self.cfg.init == "wortsman":
+                # truncated normal with std 1/sqrt(fan_in) (Wortsman et al. 2023, sec. 2.1)
+                std = p.shape[1] ** -0.5
+                nn.init.trunc_normal_(p, std=std, a=-2 * std, b=2 * std)
+            else:
+                residual_out = name.endswith("attn.proj.weight") or name.endswith("mlp.fc2.weight")
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * self.cfg.n_layers) if residual_out else 0.02)
+        for block in self.blocks:
+            if block.attn.qkv.bias is not None:
+                nn.init.zeros_(block.attn.qkv.bias)
+
+    def forward(self, idx: torch.Tensor, return_hidden: bool = False) -> torch.Tensor:
+        t = idx.shape[1]
+        if t > self.seq_len:
+            raise ValueError(f"sequence of {t} tokens exceeds the model's seq_len={self.seq_len}")
+        cos, sin = self.rope_cos[:t], self.rope_sin[:t]
+        x = self.embed(idx)
+        for block in self.blocks:
+            x = block(x, cos, sin)
+        x = self.norm(x)
+        if return_hidden:
+            return x
+        return self.logits(x)
+
+    def loss(self, idx: torch.Tensor, targets: torch.Tensor, z_loss: float = 0.0):
+        """(mean CE + z_loss * mean log^2 Z, per-token CE in nats, mean log^2 Z), without materializing
+        the full logit matrix (see lm_loss.py)."""
+        return fused_lm_loss(self(idx, return_hidden=True), self.lm_head.weight, targets, z_loss, self.final_logit_softcap)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.lm_head(hidden).float()
+        if self.final_logit_softcap is not None:
+            c = self.final_logit_softcap
+            logits = c * torch.tanh(logits / c)
+        return logits
+
+    def num_params(self, exclude_embedding: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embedding:
+            n -= self.embed.weight.numel()
+        return n
+
+    def attention_layers(self) -> list[Attention]:
+        return [block.attn for block in self.blocks]

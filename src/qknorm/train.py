@@ -1,0 +1,173 @@
+"""qknorm-train: compose -> validate -> build -> fit -> summary.
+
+    qknorm-train                                   # tiny model on the embedded Shakespeare plays
+    qknorm-train model=nano attention=qwen3 trainer.max_steps=20
+    qknorm-train -m attention=baseline,qwen3 optim.lr=1e-3,1e-2
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import math
+import sys
+import traceback
+from pathlib import Path
+from typing import Optional
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from .config import QknormError, RunConfig, load_run_config, register_defaults
+
+log = logging.getLogger("qknorm.train")
+register_defaults()
+
+
+def _is_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def resolve_precision(precision: str, accelerator: str) -> str:
+    if precision != "auto":
+        return precision
+    import torch
+
+    on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    if not on_gpu:
+        return "32-true"
+    return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+
+
+def build_trainer(cfg: RunConfig, run_dir: Path):
+    import pytorch_lightning as pl
+    from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
+    from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+
+    from .training.callbacks import Throughput
+
+    t = cfg.trainer
+    loggers = []
+    if cfg.logger.tensorboard:
+        loggers.append(TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version="", default_hp_metric=False))
+    if cfg.logger.csv:
+        loggers.append(CSVLogger(save_dir=str(run_dir), name="", version=""))
+    callbacks = []
+    if t.checkpoint_every_n_steps:
+        callbacks.append(ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), save_last=True, save_top_k=0,
+                                         every_n_train_steps=t.checkpoint_every_n_steps))
+    if cfg.callbacks.lr_monitor and loggers:
+        callbacks.append(LearningRateMonitor(logging_interval="step"))
+    if cfg.callbacks.throughput:
+        callbacks.append(Throughput(t.log_every_n_steps))
+    return pl.Trainer(
+        accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy,
+        precision=resolve_precision(t.precision, t.accelerator), max_steps=t.max_steps,
+        max_time=_dt.timedelta(minutes=t.max_time_minutes) if t.max_time_minutes else None,
+        val_check_interval=t.val_every_n_steps, check_val_every_n_epoch=None, num_sanity_val_steps=0,
+        log_every_n_steps=t.log_every_n_steps, logger=loggers or False, callbacks=callbacks,
+        enable_checkpointing=bool(t.checkpoint_every_n_steps), enable_progress_bar=t.progress_bar,
+        deterministic=t.deterministic, use_distributed_sampler=False, default_root_dir=str(run_dir),
+        gradient_clip_val=None,
+    )
+
+
+def train(cfg: RunConfig, run_dir: Path, summary) -> dict:
+    """Fit one model; returns the summary fields. Raises QknormError on bad input."""
+    import pytorch_lightning as pl
+    import torch
+
+    from .data import LMDataModule, prepare_data
+    from .training import LMModule
+
+    if cfg.trainer.threads:
+        torch.set_num_threads(cfg.trainer.threads)
+    data = prepare_data(cfg.data)
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    module = LMModule(cfg, data.vocab_size, data.token_bytes)
+    params = {"params": module.model.num_params(), "params_non_embedding": module.model.num_params(exclude_embedding=True),
+              "vocab_size": data.vocab_size, "corpus": data.corpus_name,
+              "train_tokens_available": int(len(data.tokenized.train_tokens()))}
+    summary.update(**params)
+    log.info("model: %d parameters (%d without the embedding)", params["params"], params["params_non_embedding"])
+    datamodule = LMDataModule(cfg.data, data, cfg.seed, cfg.trainer.max_steps)
+    trainer = build_trainer(cfg, run_dir)
+    trainer.fit(module, datamodule=datamodule)
+    outcome = module.outcome
+    if outcome.status == "running":
+        history = outcome.val_history
+        if not history or history[-1][0] != trainer.global_step:
+            trainer.validate(module, datamodule=datamodule, verbose=False)
+        outcome.status = "completed"
+        if trainer.global_step < cfg.trainer.max_steps:
+            outcome.reason = f"stopped at step {trainer.global_step} of {cfg.trainer.max_steps} (trainer.max_time_minutes)"
+    history = outcome.val_history
+    finite = [h for h in history if math.isfinite(h[1])]
+    tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * trainer.world_size
+    return {
+        **params,
+        "status": outcome.status, "reason": outcome.reason, "diverged_at_step": outcome.step if outcome.status == "diverged" else None,
+        "steps": trainer.global_step, "tokens": trainer.global_step * tokens_per_step,
+        "initial_loss": module.initial_loss,
+        "final_val_loss": history[-1][1] if history else None, "final_val_bpb": history[-1][2] if history else None,
+        "best_val_loss": min(h[1] for h in finite) if finite else None,
+        "best_val_bpb": min(h[2] for h in finite) if finite else None,
+        "val_history": [{"step": s, "loss": l, "bpb": b} for s, l, b in history],
+        "skipped_steps": outcome.skipped_steps, "world_size": trainer.world_size,
+        "precision": str(trainer.precision), "device": str(module.device),
+        "is_global_zero": trainer.is_global_zero,
+    }
+
+
+def run(raw_cfg: DictConfig) -> Optional[float]:
+    """The body of the Hydra app: one job, one run directory, one summary."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from .training.summary import RunSummary
+
+    hc = HydraConfig.get()
+    run_dir = Path(hc.runtime.output_dir)
+    overrides = list(hc.overrides.task)
+    summary = RunSummary(run_dir, overrides, raw_cfg.get("task_name", "train"), raw_cfg.get("seed"))
+    try:
+        cfg = load_run_config(OmegaConf.to_container(raw_cfg, resolve=True))
+        summary.update()
+        result = train(cfg, run_dir, summary)
+    except QknormError as e:
+        summary.finish("failed", str(e))
+        return _report_failure(f"{e}", run_dir)
+    except KeyboardInterrupt:
+        summary.finish("failed", "interrupted")
+        raise
+    except Exception as e:  # a crash inside training is recorded, and a sweep goes on
+        summary.finish("failed", f"{type(e).__name__}: {e}")
+        log.error("run failed:\n%s", traceback.format_exc())
+        if _is_multirun():
+            return None
+        raise
+    if result.pop("is_global_zero"):
+        status, reason = result.pop("status"), result.pop("reason")
+        summary.finish(status, reason, **result)
+        log.info("%s after %d steps: val loss %s, val bpb %s (%s)", status, result["steps"], result["final_val_loss"],
+                 result["final_val_bpb"], run_dir)
+    return result["final_val_loss"]
+
+
+def _report_failure(message: str, run_dir: Path) -> None:
+    if _is_multirun():
+        log.error("job failed: %s", message)
+        return None
+    print(f"qknorm-train: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+@hydra.main(version_base="1.3", config_path="pkg://qknorm.conf", config_name="train")
+def main(cfg: DictConfig) -> Optional[float]:
+    return run(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""The LightningModule: next-token loss with optional z-loss, bits-per-byte validation, guarded steps."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+
+from ..config import RunConfig
+from ..model import build_model
+from .optim import build_optimizer, lr_factor
+
+
+@dataclass
+class Outcome:
+    """How the run is going; read by the summary at the end."""
+
+    status: str = "running"  # running -> completed | diverged | failed
+    reason: Optional[str] = None
+    step: Optional[int] = None
+    skipped_steps: int = 0
+    val_history: list = field(default_factory=list)  # (step, loss, bpb)
+
+
+class LMModule(pl.LightningModule):
+    def __init__(self, cfg: RunConfig, vocab_size: int, token_bytes: np.ndarray):
+        super().__init__()
+        self.cfg = cfg
+        self.model = build_model(cfg, vocab_size)
+        if cfg.model.compile:
+            for block in self.model.blocks:  # per block, as torchtitan does: one graph reused L times
+                block.compile()
+        self.register_buffer("token_bytes", torch.as_tensor(token_bytes, dtype=torch.float64), persistent=False)
+        self.outcome = Outcome()
+        self.initial_loss: Optional[float] = None
+        self.last_grad_norm: Optional[torch.Tensor] = None
+        self._val_sums: Optional[torch.Tensor] = None
+        self._qk_clip = cfg.attention.qk_clip_tau is not None
+        self._grads_guarded = cfg.trainer.precision != "16-mixed"  # AMP's scaler skips inf steps itself
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.model(idx)
+
+    # -- training ----------------------------------------------------------------------------------
+
+    def on_train_start(self) -> None:
+        if self._qk_clip:
+            for layer in self.model.attention_layers():
+                layer.max_logit = torch.full((layer.n_heads,), float("-inf"), device=self.device)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        total, nats, z_sq = self.model.loss(x, y, self.cfg.optim.z_loss)
+        loss = nats.mean()
+        if self.initial_loss is None:
+            self.initial_loss = float(loss.detach())
+        if not torch.isfinite(loss):
+            self.mark_diverged(f"non-finite loss ({float(loss)})")
+            return None  # Lightning skips backward and the optimizer step
+        tokens = x.numel() * self.trainer.world_size
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/z_loss", z_sq)
+        self.log("train/tokens", float((self.global_step + 1) * tokens))
+        return total
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        max_norm = self.cfg.optim.grad_clip or math.inf
+        params = [p for p in self.parameters() if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+        self.last_grad_norm = norm.detach()
+        if self._grads_guarded and not torch.isfinite(norm):
+            for p in params:
+                p.grad = None  # the optimizer skips parameters without a gradient: no update at all
+            self.outcome.skipped_steps += 1
+            self.mark_diverged(f"non-finite gradient norm ({float(norm)})")
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        if self.last_grad_norm is not None and (self.global_step % self.cfg.trainer.log_every_n_steps == 0):
+            self.log("train/grad_norm", self.last_grad_norm)
+        if self._qk_clip:
+            for layer in self.model.attention_layers():
+                gamma = layer.apply_qk_clip(self.cfg.attention.qk_clip_tau)
+                if self.global_step % self.cfg.trainer.log_every_n_steps == 0:
+                    self.log(f"qk_clip/layer{layer.layer_idx}_min_gamma", gamma.min())
+
+    def mark_diverged(self, reason: str) -> None:
+        if self.outcome.status == "running":
+            self.outcome.status, self.outcome.reason, self.outcome.step = "diverged", reason, self.global_step
+        self.trainer.should_stop = True
+
+    def configure_optimizers(self):
+        opt = build_optimizer(self.model, self.cfg.optim, self.cfg.attention, on_cuda=self.device.type == "cuda")
+        o, total = self.cfg.optim, self.cfg.trainer.max_steps
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda step: lr_factor(step, o.warmup_steps, total, o.min_lr_ratio))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # -- validation: loss per token and bits per byte ---------------------------------------------
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # nats, tokens, bytes
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        _, nats, _ = self.model.loss(x, y)
+        self._val_sums += torch.stack([nats.double().sum(), torch.tensor(float(y.numel()), dtype=torch.float64,
+                                       device=self.device), self.token_bytes[y].sum()])
+
+    def on_validation_epoch_end(self) -> None:
+        sums = self.trainer.strategy.reduce(self._val_sums, reduce_op="sum")
+        nats, tokens, nbytes = (float(v) for v in sums)
+        if tokens == 0:
+            return
+        loss, bpb = nats / tokens, nats / (math.log(2) * nbytes)
+        self.log("val/loss", loss, sync_dist=False)
+        self.log("val/bpb", bpb, sync_dist=False)
+        if not self.trainer.sanity_checking:
+            self.outcome.val_history.append((self.global_step, loss, bpb))

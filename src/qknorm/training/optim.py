@@ -1,0 +1,44 @@
+"""AdamW with decay/no-decay parameter groups and a linear-warmup, cosine-to-floor schedule."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..config import AttentionConfig, OptimConfig
+
+
+def lr_factor(step: int, warmup: int, total: int, floor: float) -> float:
+    """Multiplier on the peak LR: linear warmup from 0, then cosine from 1 down to `floor` at `total`."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def parameter_groups(model: nn.Module, attention: AttentionConfig) -> tuple[list, list]:
+    """Matrices (and embeddings) decay; block norm gains, biases and temperatures do not; QK-norm
+    gains decay only when attention.gain_weight_decay is set (Qwen3-Next's fix for growing gains)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        is_qk_gain = any(f"attn.{n}_norm." in name for n in "qkv")
+        if p.dim() >= 2 or (is_qk_gain and attention.gain_weight_decay and name.endswith("weight")):
+            decay.append(p)
+        else:
+            no_decay.append(p)
+    return decay, no_decay
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig, attention: AttentionConfig, on_cuda: bool) -> torch.optim.Optimizer:
+    decay, no_decay = parameter_groups(model, attention)
+    # Independent decay (Wortsman et al. 2023): theta -= s_t * lambda * theta, not lr_t * lambda * theta.
+    # AdamW multiplies weight_decay by the group's current lr = peak * s_t, so divide by the peak.
+    wd = cfg.weight_decay / cfg.lr if cfg.independent_weight_decay else cfg.weight_decay
+    groups = [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]
+    fused = {"on": True, "off": False, "auto": on_cuda}[cfg.fused]
+    kwargs = {"fused": True} if fused else {"foreach": True}
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, **kwargs)

@@ -1,0 +1,270 @@
+"""The attention switchboard against float64 references written from the formulas.
+
+Tolerances: the float64 module is compared with the float64 reference at 1e-10 (both are exact
+arithmetic of the same formula, so only summation order differs); the fast path is compared with
+the explicit path in float32 at 2e-5 absolute (fp32 rounding of a softmax over 16 keys).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from qknorm.config import AttentionConfig, ModelConfig, ScaleConfig
+from qknorm.model.attention import Attention
+from qknorm.model.rope import rope_tables
+
+from .conftest import CONF, compose_config
+
+D_MODEL, N_HEADS, N_KV, T = 32, 4, 2, 16
+
+
+def make_attention(attn: AttentionConfig, n_kv: int = N_KV, dtype=torch.float64, seed: int = 0) -> Attention:
+    torch.manual_seed(seed)
+    model = ModelConfig(d_model=D_MODEL, n_layers=1, n_heads=N_HEADS, n_kv_heads=n_kv)
+    layer = Attention(model, attn, layer_idx=0, seq_len=T).to(dtype)
+    with torch.no_grad():  # non-trivial gains, biases and temperatures, so each one is really tested
+        for name, p in layer.named_parameters():
+            if "norm" in name or name.endswith("bias") or "temperature" in name:
+                p.add_(0.3 * torch.randn_like(p))
+    return layer
+
+
+# ---------------------------------------------------------------- the float64 reference, from the formulas
+
+def ref_rope(x, theta=10000.0):  # x [B, T, H, D]; rotate-half convention
+    d = x.shape[-1]
+    pos = torch.arange(x.shape[1], dtype=torch.float64)
+    freqs = theta ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
+    ang = pos[:, None] * freqs[None, :]
+    cos, sin = torch.cos(ang)[None, :, None, :], torch.sin(ang)[None, :, None, :]
+    x1, x2 = x[..., : d // 2], x[..., d // 2:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+def ref_norm(x, kind, scope, gain_kind, weight, bias, eps):
+    b, t, h, d = x.shape
+    y = x.reshape(b, t, h * d) if scope == "layer" else x
+    if kind == "rms":
+        y = y / torch.sqrt((y**2).mean(-1, keepdim=True) + eps)
+    elif kind == "layernorm":
+        mu = y.mean(-1, keepdim=True)
+        y = (y - mu) / torch.sqrt(((y - mu) ** 2).mean(-1, keepdim=True) + eps)
+    elif kind == "l2":
+        y = y / torch.clamp(torch.sqrt((y**2).sum(-1, keepdim=True)), min=eps)
+    if gain_kind != "none":
+        g = 1 + weight if gain_kind == "zero_centered" else weight
+        y = y * g
+    if bias is not None:
+        y = y + bias
+    return y.reshape(b, t, h, d)
+
+
+def ref_scale(layer: Attention, cfg: ScaleConfig, d):
+    if cfg.kind == "inv_sqrt_head_dim":
+        return 1 / math.sqrt(d)
+    if cfg.kind == "inv_head_dim":
+        return 1 / d
+    if cfg.kind == "constant":
+        return cfg.value
+    p = layer.temperature.param.detach().double()
+    s = torch.exp(p) if cfg.parametrization == "log" else p
+    return torch.clamp(s, max=cfg.max) if cfg.max is not None else s
+
+
+def ref_attention(layer: Attention, cfg: AttentionConfig, x):
+    b, t, _ = x.shape
+    d, h, hkv = layer.head_dim, layer.n_heads, layer.n_kv_heads
+    w = layer.qkv.weight.detach().double()
+    qkv = x @ w.T
+    if layer.qkv.bias is not None:
+        qkv = qkv + layer.qkv.bias.detach().double()
+    q, k, v = qkv.split([h * d, hkv * d, hkv * d], -1)
+    q, k, v = q.reshape(b, t, h, d), k.reshape(b, t, hkv, d), v.reshape(b, t, hkv, d)
+
+    def norm(z, module):
+        if module is None:
+            return z
+        wt = module.weight.detach().double() if module.weight is not None else None
+        bs = getattr(module, "bias", None)
+        bs = bs.detach().double() if bs is not None else None
+        return ref_norm(z, cfg.qk_norm, cfg.scope, cfg.gain, wt, bs, cfg.norm_eps)
+
+    if cfg.position == "before_rope":
+        q, k = ref_rope(norm(q, layer.q_norm)), ref_rope(norm(k, layer.k_norm))
+    else:
+        q, k = norm(ref_rope(q), layer.q_norm), norm(ref_rope(k), layer.k_norm)
+    if cfg.targets == "qkv":
+        v = norm(v, layer.v_norm)
+    rep = h // hkv
+    k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
+    z = torch.einsum("bqhd,bkhd->bhqk", q, k)
+    s = ref_scale(layer, cfg.scale, d)
+    z = z * (s.reshape(-1, 1, 1) if isinstance(s, torch.Tensor) and s.dim() > 0 else s)
+    if cfg.softcap is not None:
+        z = cfg.softcap * torch.tanh(z / cfg.softcap)
+    mask = torch.ones(t, t, dtype=torch.bool).tril()
+    p = torch.softmax(z.masked_fill(~mask, float("-inf")), dim=-1)
+    y = torch.einsum("bhqk,bkhd->bqhd", p, v).reshape(b, t, h * d)
+    return y @ layer.proj.weight.detach().double().T
+
+
+def run_layer(layer: Attention, x):
+    cos, sin = rope_tables(T, layer.head_dim, 10000.0)
+    return layer(x, cos.to(x.dtype), sin.to(x.dtype))
+
+
+# ---------------------------------------------------------------- each axis, one at a time and combined
+
+AXES = [
+    dict(qk_norm="none"),
+    dict(qk_norm="rms"), dict(qk_norm="layernorm"), dict(qk_norm="l2"),
+    dict(qk_norm="layernorm", layernorm_bias=True),
+    dict(qk_norm="layernorm", layernorm_bias=True, scope="layer"),
+    dict(qk_norm="layernorm", layernorm_bias=True, scope="head_separate"),
+    *[dict(qk_norm=n, scope=s) for n in ("rms", "l2", "layernorm") for s in ("head_separate", "layer")],
+    *[dict(qk_norm=n, gain=g) for n in ("rms", "l2", "layernorm") for g in ("none", "zero_centered")],
+    dict(qk_norm="rms", position="after_rope"), dict(qk_norm="rms", scope="layer", position="after_rope"),
+    dict(qk_norm="layernorm", targets="qkv"), dict(qk_norm="rms", targets="qkv", scope="head_separate"),
+    dict(scale=ScaleConfig(kind="inv_head_dim")), dict(scale=ScaleConfig(kind="constant", value=0.12)),
+    dict(qk_norm="l2", gain="none", scale=ScaleConfig(kind="learnable", init="henry")),
+    dict(qk_norm="l2", scale=ScaleConfig(kind="learnable", init="swin", per="head", parametrization="log", max=100.0)),
+    dict(qk_norm="rms", scale=ScaleConfig(kind="learnable", init="sqrt_head_dim", per="head")),
+    dict(softcap=5.0), dict(softcap=50.0, qk_norm="rms"), dict(softcap=2.0, scale=ScaleConfig(kind="learnable", per="head")),
+    dict(qkv_bias=True), dict(qkv_bias=True, qk_norm="rms"),
+]
+
+
+def _id(axes: dict) -> str:
+    return "-".join(f"{k}={v.kind if isinstance(v, ScaleConfig) else v}" for k, v in axes.items())
+
+
+@pytest.mark.parametrize("axes", AXES, ids=_id)
+@pytest.mark.parametrize("n_kv", [N_HEADS, N_KV], ids=["mha", "gqa"])
+def test_module_matches_float64_formula(axes, n_kv):
+    cfg = AttentionConfig(**axes)
+    layer = make_attention(cfg, n_kv=n_kv)
+    x = torch.randn(2, T, D_MODEL, dtype=torch.float64) * 3
+    for backend in ("auto", "explicit"):
+        layer.cfg = AttentionConfig(**{**axes, "backend": backend})
+        torch.testing.assert_close(run_layer(layer, x), ref_attention(layer, cfg, x), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("axes", AXES, ids=_id)
+def test_fast_path_matches_explicit_path_fp32(axes):
+    cfg = AttentionConfig(**axes)
+    layer = make_attention(cfg, dtype=torch.float32)
+    x = torch.randn(2, T, D_MODEL)
+    fast = run_layer(layer, x)
+    layer.cfg = AttentionConfig(**{**axes, "backend": "explicit"})
+    torch.testing.assert_close(fast, run_layer(layer, x), rtol=2e-5, atol=2e-5)
+
+
+def test_learnable_temperature_inits():
+    henry = make_attention(AttentionConfig(qk_norm="l2", scale=ScaleConfig(kind="learnable", init="henry")), seed=1)
+    henry.temperature.param.data.fill_(math.log2(T * T - T))  # undo the perturbation of make_attention
+    assert float(henry.temperature()) == pytest.approx(math.log2(T**2 - T))
+    swin = Attention(ModelConfig(d_model=D_MODEL, n_heads=N_HEADS), AttentionConfig(
+        qk_norm="l2", scale=ScaleConfig(kind="learnable", init="swin", per="head", parametrization="log", max=100.0)), 0, T)
+    assert swin.temperature().shape == (N_HEADS, 1, 1)
+    torch.testing.assert_close(swin.temperature(), torch.full((N_HEADS, 1, 1), 10.0))
+    swin.temperature.param.data.fill_(math.log(1e4))
+    torch.testing.assert_close(swin.temperature(), torch.full((N_HEADS, 1, 1), 100.0))  # Swin V2's clamp
+
+
+def test_zero_centered_gain_starts_at_identity():
+    plain = make_attention(AttentionConfig(qk_norm="rms", gain="vector"), seed=3)
+    zero = make_attention(AttentionConfig(qk_norm="rms", gain="zero_centered"), seed=3)
+    for layer in (plain, zero):
+        layer.q_norm.weight.data.fill_(1.0 if layer is plain else 0.0)
+        layer.k_norm.weight.data.fill_(1.0 if layer is plain else 0.0)
+    x = torch.randn(1, T, D_MODEL, dtype=torch.float64)
+    torch.testing.assert_close(run_layer(plain, x), run_layer(zero, x))
+
+
+# ---------------------------------------------------------------- bounded logits
+
+def _max_logit(layer: Attention, x) -> float:
+    cos, sin = rope_tables(T, layer.head_dim, 10000.0)
+    q, k, _ = layer.project(x, cos.double(), sin.double())
+    k = k.repeat_interleave(layer.n_heads // layer.n_kv_heads, dim=1)
+    s = layer.temperature()
+    logits = (q @ k.transpose(-1, -2)) * s
+    return float(logits.abs().max())
+
+
+@pytest.mark.parametrize("kind,scope", list(itertools.product(["l2", "rms", "layernorm"], ["head", "head_separate", "layer"])))
+def test_normalized_logits_stay_within_the_analytic_bound_at_any_input_scale(kind, scope):
+    torch.manual_seed(0)
+    layer = Attention(ModelConfig(d_model=D_MODEL, n_heads=N_HEADS, n_kv_heads=N_KV), AttentionConfig(qk_norm=kind, scope=scope), 0, T).double()
+    bound = layer.logit_bound()
+    expected = {"l2": 1.0, "rms": 8.0, "layernorm": 8.0}[kind] / math.sqrt(8)  # head_dim 8, unit gains
+    if scope == "layer" and kind != "l2":
+        expected *= N_HEADS ** 0.5 * N_KV ** 0.5  # a single head may carry the whole projection's norm
+    assert bound == pytest.approx(expected)
+    for scale in (1.0, 1e2, 1e4):
+        x = torch.randn(4, T, D_MODEL, dtype=torch.float64) * scale
+        assert _max_logit(layer, x) <= bound * (1 + 1e-9)
+
+
+def test_unnormalized_logits_grow_with_the_input_scale():
+    torch.manual_seed(0)
+    layer = Attention(ModelConfig(d_model=D_MODEL, n_heads=N_HEADS), AttentionConfig(qk_norm="none"), 0, T).double()
+    x = torch.randn(4, T, D_MODEL, dtype=torch.float64)
+    small, large = _max_logit(layer, x), _max_logit(layer, x * 1e4)
+    assert large == pytest.approx(small * 1e8, rel=1e-6)
+    assert layer.logit_bound() == math.inf
+
+
+# ---------------------------------------------------------------- QK-Clip
+
+@pytest.mark.parametrize("n_kv", [N_HEADS, N_KV], ids=["mha", "gqa"])
+def test_qk_clip_brings_every_head_to_tau_and_leaves_small_heads_alone(n_kv):
+    tau = 5.0
+    layer = make_attention(AttentionConfig(qk_clip_tau=tau), n_kv=n_kv, seed=2)
+    with torch.no_grad():
+        layer.qkv.weight[: layer.head_dim].mul_(30.0)  # head 0 far above tau
+    x = torch.randn(2, T, D_MODEL, dtype=torch.float64)
+
+    def per_head_max():
+        cos, sin = rope_tables(T, layer.head_dim, 10000.0)
+        q, k, _ = layer.project(x, cos.double(), sin.double())
+        k = k.repeat_interleave(layer.n_heads // layer.n_kv_heads, dim=1)
+        z = (q @ k.transpose(-1, -2)) * layer.temperature()
+        mask = torch.ones(T, T, dtype=torch.bool).tril()
+        return z.masked_fill(~mask, float("-inf")).amax(dim=(0, 2, 3))
+
+    before = per_head_max()
+    assert before[0] > tau
+    layer.max_logit = torch.full((N_HEADS,), float("-inf"), dtype=torch.float64)
+    run_layer(layer, x)  # tracks this batch's max logit
+    torch.testing.assert_close(layer.max_logit, before)
+    gamma = layer.apply_qk_clip(tau)
+    after = per_head_max()
+    expected = torch.where(before > tau, torch.full_like(before, tau), before)
+    torch.testing.assert_close(after, expected, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(gamma, torch.clamp(tau / before, max=1.0))
+
+
+# ---------------------------------------------------------------- every preset
+
+PRESETS = sorted(p.stem for p in (CONF / "attention").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_preset_builds_a_causal_model(preset):
+    from qknorm.model import build_model
+
+    cfg = compose_config([f"attention={preset}", "model=nano", "data.seq_len=16"])
+    torch.manual_seed(0)
+    model = build_model(cfg, vocab_size=300).double().eval()
+    idx = torch.randint(0, 300, (2, 16))
+    changed = idx.clone()
+    changed[:, 9:] = (changed[:, 9:] + 1) % 300
+    with torch.no_grad():
+        a, b = model(idx), model(changed)
+    torch.testing.assert_close(a[:, :9], b[:, :9], rtol=0, atol=1e-12)  # later tokens cannot leak back
+    assert (a[:, 9:] - b[:, 9:]).abs().max() > 1e-6

@@ -1,0 +1,77 @@
+"""Every file in conf/ composes and validates; bad values fail with a message naming the key."""
+
+from __future__ import annotations
+
+import pytest
+
+from qknorm.config import ConfigError
+
+from .conftest import CONF, compose_config
+
+GROUPS = ["model", "attention", "data", "optim", "trainer", "logger", "callbacks"]
+
+
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in _options(g)])
+def test_every_group_option_composes_and_validates(group, option):
+    extra = {"data": {"text_files": ["data.paths=[x.txt]"], "hf_text": ["data.name=text"]}}.get(group, {}).get(option, [])
+    cfg = compose_config([f"{group}={option}", *extra])
+    assert cfg.model.d_model > 0
+
+
+@pytest.mark.parametrize("option", _options("experiment"))
+def test_every_experiment_composes(option):
+    compose_config([f"experiment={option}"])
+
+
+def test_default_config_is_the_cpu_quickstart():
+    cfg = compose_config()
+    assert (cfg.model.d_model, cfg.model.n_layers, cfg.data.source, cfg.attention.qk_norm) == (128, 4, "shakespeare", "none")
+
+
+def test_any_axis_overrides_on_top_of_a_preset():
+    cfg = compose_config(["attention=qwen3", "attention.softcap=30", "attention.scope=layer"])
+    assert (cfg.attention.qk_norm, cfg.attention.softcap, cfg.attention.scope) == ("rms", 30.0, "layer")
+
+
+def test_zloss_preset_sets_the_optimizer():
+    cfg = compose_config(["attention=zloss"])
+    assert cfg.optim.z_loss == pytest.approx(1e-4) and cfg.attention.qk_norm == "none"
+
+
+@pytest.mark.parametrize("overrides,key,fragment", [
+    (["model.n_heads=3", "model.d_model=128"], "model.n_heads", "must divide d_model=128"),
+    (["model.n_kv_heads=3"], "model.n_kv_heads", "must divide n_heads"),
+    (["model.head_dim=7", "model.n_heads=2"], "model.head_dim", "even"),
+    (["attention.qk_norm=cosine"], "attention.qk_norm", "allowed: none, l2, rms, layernorm"),
+    (["attention.scope=block"], "attention.scope", "allowed: head, head_separate, layer"),
+    (["attention.softcap=0"], "attention.softcap", "positive"),
+    (["attention.softcap=-1"], "attention.softcap", "positive"),
+    (["attention.softcap=30", "attention.backend=sdpa"], "attention.backend", "soft-cap"),
+    (["attention.targets=qkv"], "attention.targets", "needs a qk_norm"),
+    (["attention.pre_attn_norm=false"], "attention.pre_attn_norm", "targets=qkv"),
+    (["attention=qwen3", "attention.qk_clip_tau=100"], "attention.qk_clip_tau", "cancels"),
+    (["attention.scale.kind=constant"], "attention.scale.value", "must be set"),
+    (["attention.gain=zero_centered", "attention.layernorm_bias=true"], "attention.layernorm_bias", "layernorm"),
+    (["optim.lr=-1e-3"], "optim.lr", "positive"),
+    (["optim.betas=[0.9]"], "optim.betas", "a list of 2 values"),
+    (["optim.betas=[0.9,1.5]"], "optim.betas", "two numbers in [0, 1)"),
+    (["optim.warmup_steps=1.5"], "optim.warmup_steps", "integer"),
+    (["data.seq_len=0"], "data.seq_len", ">= 2"),
+    (["data.vocab_size=100"], "data.vocab_size", "[260, 65535]"),
+    (["data=text_files"], "data.paths", "at least one file"),
+    (["trainer.max_steps=0"], "trainer.max_steps", ">= 1"),
+    (["trainer.precision=fp8"], "trainer.precision", "allowed: auto, 32-true"),
+    (["model.mlp=relu"], "model.mlp", "allowed: swiglu, gelu"),
+    (["+model.n_expert=4"], "model", "unknown key(s) n_expert"),
+])
+def test_bad_values_name_the_key(overrides, key, fragment):
+    with pytest.raises(ConfigError) as err:
+        compose_config(overrides)
+    message = str(err.value)
+    assert message.startswith(key), message
+    assert fragment in message, message
+    assert "\n" not in message

@@ -1,0 +1,76 @@
+"""Model shapes, sizes, the fused output loss and causal masking."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qknorm.model import build_model
+from qknorm.model.lm_loss import fused_lm_loss, reference_lm_loss
+
+from .conftest import compose_config
+
+
+@pytest.mark.parametrize("size,low,high", [("nano", 0.15e6, 0.3e6), ("tiny", 0.9e6, 1.3e6), ("small", 4.5e6, 6e6),
+                                           ("base", 17e6, 23e6)])
+def test_model_sizes(size, low, high):
+    cfg = compose_config([f"model={size}"])
+    n = build_model(cfg, vocab_size=cfg.data.vocab_size).num_params()
+    assert low <= n <= high, f"{size}: {n} parameters"
+
+
+@pytest.mark.parametrize("z_loss,softcap", [(0.0, None), (1e-2, None), (1e-2, 3.0)])
+def test_fused_loss_matches_materialized_logits_in_float64(z_loss, softcap):
+    torch.manual_seed(0)
+    n, d, vocab = 1500, 16, 300  # several chunks, the last one partial
+    hidden = torch.randn(n, d, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(vocab, d, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, vocab, (n,))
+    total, nats, z_sq = fused_lm_loss(hidden, weight, targets, z_loss, softcap)
+    gh, gw = torch.autograd.grad(3.0 * total, [hidden, weight])
+
+    logits = hidden @ weight.T
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    ref_total, ref_nats, ref_z = reference_lm_loss(logits, targets, z_loss)
+    rh, rw = torch.autograd.grad(3.0 * ref_total, [hidden, weight])
+    for got, want in ((total, ref_total), (nats, ref_nats.float()), (z_sq, ref_z.float()), (gh, rh), (gw, rw)):
+        torch.testing.assert_close(got, want.to(got.dtype), rtol=1e-6, atol=1e-9)
+
+
+def test_fused_loss_without_grad_needs_no_backward_buffers():
+    hidden, weight = torch.randn(10, 4), torch.randn(7, 4)
+    with torch.no_grad():
+        total, nats, _ = fused_lm_loss(hidden, weight, torch.zeros(10, dtype=torch.long))
+    assert nats.shape == (10,) and torch.isfinite(total)
+
+
+@pytest.mark.parametrize("mlp", ["swiglu", "gelu"])
+def test_a_later_token_cannot_change_an_earlier_output(mlp):
+    cfg = compose_config(["model=nano", f"model.mlp={mlp}", "model.n_kv_heads=1", "data.seq_len=32"])
+    torch.manual_seed(0)
+    model = build_model(cfg, vocab_size=500).eval()
+    idx = torch.randint(0, 500, (3, 32))
+    with torch.no_grad():
+        base = model(idx)
+        for t in (0, 7, 31):
+            changed = idx.clone()
+            changed[:, t] = (changed[:, t] + 1) % 500
+            out = model(changed)
+            assert torch.equal(out[:, :t], base[:, :t])
+            assert (out[:, t:] - base[:, t:]).abs().max() > 0
+
+
+def test_tied_and_untied_embeddings():
+    tied = build_model(compose_config(["model=nano"]), 400)
+    untied = build_model(compose_config(["model=nano", "model.tie_embeddings=false"]), 400)
+    assert tied.lm_head.weight is tied.embed.weight
+    assert untied.num_params() - tied.num_params() == 400 * 64
+
+
+def test_wortsman_init_scales_with_fan_in():
+    model = build_model(compose_config(["model=small"]), 2048)
+    w = model.blocks[0].mlp.fc2.weight  # fan_in = hidden
+    assert w.std().item() == pytest.approx(w.shape[1] ** -0.5 * 0.88, rel=0.05)  # truncation at 2 sd: x0.88
+    assert model.embed.weight.std().item() == pytest.approx(256**-0.5, rel=0.05)
+    assert model.blocks[0].attn.qkv.bias is None and model.blocks[0].mlp.fc1.bias is None

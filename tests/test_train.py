@@ -1,0 +1,68 @@
+"""End to end through the console script, as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from .conftest import run_cli, run_dirs
+
+
+def test_nano_run_from_outside_the_repo_writes_summary_and_tensorboard(tmp_path, cache_dir):
+    proc = run_cli(["model=nano", "trainer.max_steps=20", "trainer.val_every_n_steps=10"], tmp_path, cache_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run,) = run_dirs(tmp_path / "logs")
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["steps"] == 20
+    assert summary["tokens"] == 20 * 32 * 256
+    assert summary["overrides"][:2] == ["trainer.progress_bar=false", "model=nano"]
+    assert summary["params"] < 300_000
+    assert [h["step"] for h in summary["val_history"]] == [10, 20]
+    assert summary["final_val_loss"] < summary["initial_loss"]
+    assert summary["best_val_bpb"] <= summary["final_val_bpb"] + 1e-12
+    assert (run / ".hydra" / "config.yaml").exists() and (run / ".hydra" / "overrides.yaml").exists()
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    header = (run / "metrics.csv").read_text().splitlines()[0]
+    for column in ("train/loss", "val/loss", "val/bpb", "train/tokens", "train/tokens_per_s"):
+        assert column in header
+
+
+def test_python_dash_m_entry_point_and_seed_reproducibility(tmp_path, cache_dir):
+    args = ["model=nano", "trainer.max_steps=6", "trainer.val_every_n_steps=6", "seed=7", "logger=none"]
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first = run_cli(args, tmp_path / "a", cache_dir, module=True)
+    second = run_cli(args, tmp_path / "b", cache_dir)
+    assert first.returncode == 0 and second.returncode == 0, first.stderr[-2000:] + second.stderr[-2000:]
+    (ra,), (rb,) = run_dirs(tmp_path / "a"), run_dirs(tmp_path / "b")
+    sa, sb = (json.loads((r / "summary.json").read_text()) for r in (ra, rb))
+    assert sa["final_val_loss"] == sb["final_val_loss"] and sa["initial_loss"] == sb["initial_loss"]
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["model.n_heads=3", "model.d_model=128"], "model.n_heads: n_heads=3 must divide d_model=128"),
+    (["data=text_files", "data.paths=[/nonexistent]"], "/nonexistent: no such file or folder (data.paths)"),
+    (["attention=qwen3", "attention.softcap=0"], "attention.softcap: must be null or a positive number"),
+    (["optim.lr=-0.1"], "optim.lr: must be a positive number"),
+])
+def test_bad_input_exits_nonzero_fast_with_one_line(tmp_path, cache_dir, args, needle):
+    t0 = time.perf_counter()
+    proc = run_cli(args, tmp_path, cache_dir, timeout=120)
+    elapsed = time.perf_counter() - t0
+    assert proc.returncode == 2
+    lines = [l for l in proc.stderr.splitlines() if l.strip()]
+    assert lines == [f"qknorm-train: error: {needle}"] or (len(lines) == 1 and needle in lines[0]), proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert elapsed < 30
+    (run,) = run_dirs(tmp_path / "logs")
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "failed" and needle.split(": ", 1)[-1] in summary["reason"]
+
+
+def test_unknown_preset_lists_the_options(tmp_path, cache_dir):
+    proc = run_cli(["attention=qwen4"], tmp_path, cache_dir, timeout=120)
+    assert proc.returncode != 0
+    assert "Could not find 'attention/qwen4'" in proc.stderr and "qwen3" in proc.stderr
+    assert "Traceback" not in proc.stderr

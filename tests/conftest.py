@@ -38,7 +38,9 @@ def run_cli(args: list[str], cwd: Path, cache_dir: Path, timeout: float = 600, m
     """Run qknorm-train as a user would, from `cwd`, with the shared test cache."""
     env = {**os.environ, "QKNORM_CACHE_DIR": str(cache_dir), "QKNORM_LOG_DIR": str(cwd / "logs")}
     exe = [sys.executable, "-m", "qknorm.train"] if module else [str(Path(sys.executable).parent / "qknorm-train")]
-    return subprocess.run([*exe, "trainer.progress_bar=false", *args], cwd=cwd, env=env, capture_output=True,
+    flags = [a for a in args if a.startswith("-")]
+    overrides = [a for a in args if not a.startswith("-")]
+    return subprocess.run([*exe, *flags, "trainer.progress_bar=false", *overrides], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)
 
 

@@ -256,12 +256,53 @@ class LoggerConfig:
 
 
 @dataclass(frozen=True)
+class MonitorConfig:
+    """The stability monitor: every N steps, a forward pass on a fixed probe batch through the explicit
+    attention path, recording per-layer and per-head logit, entropy, q/k and activation statistics."""
+
+    enabled: bool = True
+    every_n_steps: int = 50
+    probe_sequences: int = 4
+
+    def validate(self, path: str) -> None:
+        _require(self.every_n_steps >= 1, f"{path}.every_n_steps", f"must be >= 1, got {self.every_n_steps}")
+        _require(self.probe_sequences >= 1, f"{path}.probe_sequences", f"must be >= 1, got {self.probe_sequences}")
+
+
+@dataclass(frozen=True)
+class DivergenceConfig:
+    """When a run counts as diverged (it then stops cleanly, status diverged, exit code 0).
+
+    - a non-finite loss or gradient norm (always; unless skip_nonfinite_steps, which skips the step);
+    - the loss above the first step's loss + loss_margin for `patience` consecutive steps;
+    - a sustained spike: the loss more than spike_sigma standard deviations above the mean of the last
+      spike_window steps for `patience` consecutive steps (single spikes are only counted).
+    """
+
+    enabled: bool = True
+    loss_margin: float = 1.0
+    spike_sigma: float = 6.0
+    spike_window: int = 128
+    patience: int = 10
+    skip_nonfinite_steps: bool = False
+
+    def validate(self, path: str) -> None:
+        _require(self.loss_margin > 0, f"{path}.loss_margin", f"must be positive, got {self.loss_margin}")
+        _require(self.spike_sigma > 0, f"{path}.spike_sigma", f"must be positive, got {self.spike_sigma}")
+        _require(self.spike_window >= 8, f"{path}.spike_window", f"must be >= 8, got {self.spike_window}")
+        _require(self.patience >= 1, f"{path}.patience", f"must be >= 1, got {self.patience}")
+
+
+@dataclass(frozen=True)
 class CallbacksConfig:
     lr_monitor: bool = True
     throughput: bool = True
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    divergence: DivergenceConfig = field(default_factory=DivergenceConfig)
 
     def validate(self, path: str) -> None:
-        pass
+        self.monitor.validate(f"{path}.monitor")
+        self.divergence.validate(f"{path}.divergence")
 
 
 @dataclass(frozen=True)
@@ -364,7 +405,7 @@ def from_mapping(cls: type, data: Mapping[str, Any], path: str = "") -> Any:
 
 
 # Top-level keys that Hydra or the run directory own; they are not part of the typed run config.
-_NON_RUN_KEYS = {"hydra", "paths", "experiment", "sweep", "extras"}
+_NON_RUN_KEYS = {"hydra", "paths", "experiment", "sweeps"}
 
 
 def default_tree() -> dict[str, Any]:
@@ -382,10 +423,16 @@ def default_tree() -> dict[str, Any]:
 
 
 def register_defaults() -> None:
-    """Store the default tree in Hydra's ConfigStore as `qknorm_base` (first in conf/train.yaml)."""
+    """Store the default tree in Hydra's ConfigStore as `qknorm_base` (first in conf/train.yaml), and
+    the resolver that puts the repository's sweeps/ folder on Hydra's search path (as group `sweeps`)."""
     from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
 
     ConfigStore.instance().store(name="qknorm_base", node=default_tree())
+    if not OmegaConf.has_resolver("qknorm_sweeps_root"):
+        from .sweeping import sweeps_search_root
+
+        OmegaConf.register_new_resolver("qknorm_sweeps_root", lambda: str(sweeps_search_root()))
 
 
 def load_run_config(raw: Mapping[str, Any]) -> RunConfig:

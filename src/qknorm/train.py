@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import logging
 import math
@@ -42,19 +43,31 @@ def resolve_precision(precision: str, accelerator: str) -> str:
     return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
 
 
-def build_trainer(cfg: RunConfig, run_dir: Path):
+def latest_checkpoint(run_dir: Path) -> Optional[Path]:
+    path = run_dir / "checkpoints" / "last.ckpt"
+    return path if path.exists() else None
+
+
+def checkpoint_step(path: Path) -> int:
+    import torch
+
+    return int(torch.load(path, map_location="cpu", weights_only=False)["global_step"])
+
+
+def build_trainer(cfg: RunConfig, run_dir: Path, resume_step: int = 0):
     import pytorch_lightning as pl
     from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
-    from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+    from pytorch_lightning.loggers import TensorBoardLogger
 
-    from .training.callbacks import Throughput
+    from .training.callbacks import ResumableCSVLogger, Throughput
+    from .training.monitor import DivergenceDetector, StabilityMonitor
 
     t = cfg.trainer
     loggers = []
     if cfg.logger.tensorboard:
         loggers.append(TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version="", default_hp_metric=False))
     if cfg.logger.csv:
-        loggers.append(CSVLogger(save_dir=str(run_dir), name="", version=""))
+        loggers.append(ResumableCSVLogger(save_dir=str(run_dir), resume_step=resume_step))
     callbacks = []
     if t.checkpoint_every_n_steps:
         callbacks.append(ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), save_last=True, save_top_k=0,
@@ -63,6 +76,10 @@ def build_trainer(cfg: RunConfig, run_dir: Path):
         callbacks.append(LearningRateMonitor(logging_interval="step"))
     if cfg.callbacks.throughput:
         callbacks.append(Throughput(t.log_every_n_steps))
+    if cfg.callbacks.monitor.enabled:
+        callbacks.append(StabilityMonitor(cfg.callbacks.monitor, run_dir, resume_step=resume_step))
+    if cfg.callbacks.divergence.enabled:
+        callbacks.append(DivergenceDetector(cfg.callbacks.divergence))
     return pl.Trainer(
         accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy,
         precision=resolve_precision(t.precision, t.accelerator), max_steps=t.max_steps,
@@ -94,8 +111,11 @@ def train(cfg: RunConfig, run_dir: Path, summary) -> dict:
     summary.update(**params)
     log.info("model: %d parameters (%d without the embedding)", params["params"], params["params_non_embedding"])
     datamodule = LMDataModule(cfg.data, data, cfg.seed, cfg.trainer.max_steps)
-    trainer = build_trainer(cfg, run_dir)
-    trainer.fit(module, datamodule=datamodule)
+    resume_from = latest_checkpoint(run_dir)
+    trainer = build_trainer(cfg, run_dir, resume_step=checkpoint_step(resume_from) if resume_from else 0)
+    if resume_from:
+        log.info("resuming from %s", resume_from)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None)
     outcome = module.outcome
     if outcome.status == "running":
         history = outcome.val_history
@@ -106,6 +126,11 @@ def train(cfg: RunConfig, run_dir: Path, summary) -> dict:
             outcome.reason = f"stopped at step {trainer.global_step} of {cfg.trainer.max_steps} (trainer.max_time_minutes)"
     history = outcome.val_history
     finite = [h for h in history if math.isfinite(h[1])]
+    stability = {}
+    for cb in trainer.callbacks:
+        stability.update(getattr(cb, "fingerprint", {}))
+        if hasattr(cb, "spikes"):
+            stability["loss_spikes"] = cb.spikes
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * trainer.world_size
     return {
         **params,
@@ -116,7 +141,7 @@ def train(cfg: RunConfig, run_dir: Path, summary) -> dict:
         "best_val_loss": min(h[1] for h in finite) if finite else None,
         "best_val_bpb": min(h[2] for h in finite) if finite else None,
         "val_history": [{"step": s, "loss": l, "bpb": b} for s, l, b in history],
-        "skipped_steps": outcome.skipped_steps, "world_size": trainer.world_size,
+        "skipped_steps": outcome.skipped_steps, "world_size": trainer.world_size, "stability": stability,
         "precision": str(trainer.precision), "device": str(module.device),
         "is_global_zero": trainer.is_global_zero,
     }
@@ -128,12 +153,23 @@ def run(raw_cfg: DictConfig) -> Optional[float]:
 
     from .training.summary import RunSummary
 
+    from .sweeping import finished_summary, threads_per_job
+
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     overrides = list(hc.overrides.task)
+    done = finished_summary(run_dir)
+    if done is not None:  # a resumed sweep (or a rerun in the same directory): nothing to do
+        log.info("skipped: %s already %s (val loss %s)", run_dir, done["status"], done.get("final_val_loss"))
+        return done.get("final_val_loss")
     summary = RunSummary(run_dir, overrides, raw_cfg.get("task_name", "train"), raw_cfg.get("seed"))
     try:
         cfg = load_run_config(OmegaConf.to_container(raw_cfg, resolve=True))
+        if cfg.trainer.threads is None and _is_multirun():
+            launcher = hc.launcher
+            threads = threads_per_job(str(launcher.get("_target_", "")), launcher.get("n_jobs"))
+            if threads:
+                cfg = dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, threads=threads))
         summary.update()
         result = train(cfg, run_dir, summary)
     except QknormError as e:

@@ -1,10 +1,49 @@
-"""Small training callbacks: throughput."""
+"""Small training callbacks and loggers: throughput, a CSV logger that survives a resume."""
 
 from __future__ import annotations
 
+import csv
+import io
+import os
 import time
+import warnings
 
 import pytorch_lightning as pl
+from pytorch_lightning.loggers import CSVLogger
+
+from ..utils.files import atomic_write_bytes
+
+
+class ResumableCSVLogger(CSVLogger):
+    """`<run>/metrics.csv` that, on resume from step s, keeps the rows logged before s and appends.
+
+    Lightning's CSVLogger deletes an existing metrics.csv; here rows from after the checkpoint (which
+    will be logged again) are dropped instead, so every step appears exactly once.
+    """
+
+    def __init__(self, save_dir: str, resume_step: int = 0):
+        super().__init__(save_dir=save_dir, name="", version="")
+        path = os.path.join(save_dir, "metrics.csv")
+        previous = path + ".previous"
+        if os.path.exists(path):
+            os.replace(path, previous)  # the writer created below would delete it
+        with warnings.catch_warnings():  # the run directory is never empty (.hydra/): not worth a warning
+            warnings.filterwarnings("ignore", message="Experiment logs directory")
+            writer = self.experiment
+        if not os.path.exists(previous):
+            return
+        with open(previous, newline="") as f:
+            reader = csv.DictReader(f)
+            header = list(reader.fieldnames or [])
+            kept = [row for row in reader if row.get("step") and int(float(row["step"])) < resume_step]
+        if kept:
+            buf = io.StringIO()
+            out = csv.DictWriter(buf, fieldnames=header)
+            out.writeheader()
+            out.writerows(kept)
+            atomic_write_bytes(path, buf.getvalue().encode())
+            writer.metrics_keys = sorted(header)
+        os.unlink(previous)
 
 
 class Throughput(pl.Callback):

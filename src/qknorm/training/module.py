@@ -37,6 +37,7 @@ class LMModule(pl.LightningModule):
         self.register_buffer("token_bytes", torch.as_tensor(token_bytes, dtype=torch.float64), persistent=False)
         self.outcome = Outcome()
         self.initial_loss: Optional[float] = None
+        self.last_train_loss: Optional[float] = None
         self.last_grad_norm: Optional[torch.Tensor] = None
         self._val_sums: Optional[torch.Tensor] = None
         self._qk_clip = cfg.attention.qk_clip_tau is not None
@@ -56,10 +57,11 @@ class LMModule(pl.LightningModule):
         x, y = batch
         total, nats, z_sq = self.model.loss(x, y, self.cfg.optim.z_loss)
         loss = nats.mean()
+        self.last_train_loss = float(loss.detach())
         if self.initial_loss is None:
-            self.initial_loss = float(loss.detach())
-        if not torch.isfinite(loss):
-            self.mark_diverged(f"non-finite loss ({float(loss)})")
+            self.initial_loss = self.last_train_loss
+        if not math.isfinite(self.last_train_loss):
+            self._nonfinite(f"non-finite loss ({self.last_train_loss}) at step {self.global_step}")
             return None  # Lightning skips backward and the optimizer step
         tokens = x.numel() * self.trainer.world_size
         self.log("train/loss", loss, prog_bar=True)
@@ -75,8 +77,7 @@ class LMModule(pl.LightningModule):
         if self._grads_guarded and not torch.isfinite(norm):
             for p in params:
                 p.grad = None  # the optimizer skips parameters without a gradient: no update at all
-            self.outcome.skipped_steps += 1
-            self.mark_diverged(f"non-finite gradient norm ({float(norm)})")
+            self._nonfinite(f"non-finite gradient norm ({float(norm)}) at step {self.global_step}")
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         if self.last_grad_norm is not None and (self.global_step % self.cfg.trainer.log_every_n_steps == 0):
@@ -86,6 +87,14 @@ class LMModule(pl.LightningModule):
                 gamma = layer.apply_qk_clip(self.cfg.attention.qk_clip_tau)
                 if self.global_step % self.cfg.trainer.log_every_n_steps == 0:
                     self.log(f"qk_clip/layer{layer.layer_idx}_min_gamma", gamma.min())
+
+    def _nonfinite(self, reason: str) -> None:
+        """A non-finite step is skipped; it ends the run unless skip_nonfinite_steps (OLMo-core's skip-step)."""
+        self.outcome.skipped_steps += 1
+        if self.cfg.callbacks.divergence.skip_nonfinite_steps:
+            self.log("train/skipped_steps", float(self.outcome.skipped_steps))
+        else:
+            self.mark_diverged(reason)
 
     def mark_diverged(self, reason: str) -> None:
         if self.outcome.status == "running":

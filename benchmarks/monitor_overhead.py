@@ -1,0 +1,69 @@
+"""Throughput cost of the stability monitor: the same training run with and without it.
+
+    python benchmarks/monitor_overhead.py [--model tiny] [--steps 200] [--repeats 3] [overrides ...]
+
+Runs are interleaved (off, on, off, on, ...) so drifts in machine speed hit both sides; prints the
+training tokens/s of each and the median ratio on/off. Validation is off; everything else is the
+default config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from hydra import compose, initialize_config_module
+from omegaconf import OmegaConf
+
+from qknorm.config import load_run_config, register_defaults
+from qknorm.data import LMDataModule, prepare_data
+from qknorm.training import LMModule
+from qknorm.training.monitor import StabilityMonitor
+
+
+def fit_seconds(cfg, data, with_monitor: bool, run_dir: Path) -> float:
+    pl.seed_everything(0, verbose=False)
+    module = LMModule(cfg, data.vocab_size, data.token_bytes)
+    callbacks = [StabilityMonitor(cfg.callbacks.monitor, run_dir)] if with_monitor else []
+    trainer = pl.Trainer(accelerator="cpu", max_steps=cfg.trainer.max_steps, logger=False, callbacks=callbacks,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         limit_val_batches=0, num_sanity_val_steps=0, use_distributed_sampler=False)
+    t0 = time.perf_counter()
+    trainer.fit(module, datamodule=LMDataModule(cfg.data, data, 0, cfg.trainer.max_steps))
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="tiny")
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+    register_defaults()
+    with initialize_config_module(config_module="qknorm.conf", version_base="1.3"):
+        raw = compose("train", overrides=[f"model={args.model}", f"trainer.max_steps={args.steps}", *args.overrides])
+    cfg = load_run_config(OmegaConf.to_container(raw, resolve=True))
+    data = prepare_data(cfg.data)
+    tokens = cfg.data.batch_size * cfg.data.seq_len * cfg.trainer.max_steps
+    print(f"model={args.model} steps={args.steps} monitor every {cfg.callbacks.monitor.every_n_steps} steps, "
+          f"{cfg.callbacks.monitor.probe_sequences} probe sequences; torch threads {torch.get_num_threads()}")
+    ratios = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(args.repeats):
+            off = fit_seconds(cfg, data, False, Path(tmp))
+            on = fit_seconds(cfg, data, True, Path(tmp))
+            ratios.append(off / on)
+            print(f"repeat {r}: off {tokens / off:9.0f} tok/s   on {tokens / on:9.0f} tok/s   on/off {off / on:.4f}")
+    print(f"median throughput ratio with/without monitor: {statistics.median(ratios):.4f} "
+          f"(cost {100 * (1 - statistics.median(ratios)):.2f}%)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

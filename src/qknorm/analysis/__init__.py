@@ -1,0 +1,1 @@
+"""Analysis reads run directories only (summary.json, stability.jsonl, .hydra/); it never imports training code."""

@@ -1,0 +1,274 @@
+"""Stability instrumentation: the attention-logit monitor and divergence detection.
+
+The monitor stays off the hot path: every N steps it runs the model once, in eval mode and without
+gradients, on a fixed probe batch (the first held-out windows) through the explicit attention path,
+which exposes every logit whatever path training uses. Each record is appended to
+`<run>/stability.jsonl` (one JSON object per monitored step, per-head values as lists) and the same
+numbers go to TensorBoard with stable tags (`stability/layer{L}/...`, `stability/layer{L}/head{H}/...`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import deque
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+
+from ..config import DivergenceConfig, MonitorConfig
+from ..utils.files import atomic_write_bytes
+
+FP16_MAX = 65504.0
+
+
+def _per_head_masked(values: torch.Tensor, mask: torch.Tensor, reduce: str) -> torch.Tensor:
+    """values [B,H,T,T] over the causal entries only -> [H]."""
+    if reduce == "max":
+        return values.masked_fill(~mask, float("-inf")).amax(dim=(0, 2, 3))
+    total = values.masked_fill(~mask, 0.0).sum(dim=(0, 2, 3))
+    return total / (mask.sum() * values.shape[0])
+
+
+class StabilityProbe:
+    """Collects per-layer statistics from `Attention.forward` (see AttentionProbe)."""
+
+    def __init__(self):
+        self.layers: dict[int, dict] = {}
+
+    def on_attention(self, layer: int, t: dict) -> None:
+        mask = t["mask"]
+        logits, raw, weights = t["logits"], t["raw_scores"], t["weights"]
+        # [B,H,T-1]: the first query sees one key only, its entropy is always 0
+        entropy = -(weights * torch.log(weights.clamp_min(1e-30))).sum(-1)[..., 1:]
+        q, k = t["q"].float(), t["k"].float()  # [B,T,H,D] after norm and RoPE
+        groups = q.shape[2] // k.shape[2]
+        kk = k.repeat_interleave(groups, dim=2) if groups > 1 else k
+        qn = torch.nn.functional.normalize(q, dim=-1).transpose(1, 2)
+        kn = torch.nn.functional.normalize(kk, dim=-1).transpose(1, 2)
+        cosine = qn @ kn.transpose(-1, -2)
+
+        def rms(x):  # [B,T,H,D] -> [H]
+            return x.float().pow(2).mean(dim=(0, 1, 3)).sqrt()
+
+        raw_max = _per_head_masked(raw.abs(), mask, "max")
+        self.layers[layer] = {
+            "max_logit": _per_head_masked(logits.abs(), mask, "max"),
+            "mean_abs_logit": _per_head_masked(logits.abs(), mask, "mean"),
+            "raw_qk_max": raw_max,
+            "fp16_headroom": FP16_MAX / raw_max.clamp_min(1e-30),
+            "entropy_mean": entropy.mean(dim=(0, 2)),
+            "entropy_min": entropy.amin(dim=(0, 2)),
+            "q_rms_proj": rms(t["q_proj"]), "k_rms_proj": rms(t["k_proj"]),
+            "q_rms": rms(t["q"]), "k_rms": rms(t["k"]),
+            "qk_cosine": _per_head_masked(cosine, mask, "mean"),
+        }
+
+
+def _record_step(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError):
+        return math.inf  # a torn line from a killed writer is dropped
+
+
+def _to_list(x):
+    if isinstance(x, torch.Tensor):
+        return [round(float(v), 6) for v in x.flatten()] if x.numel() > 1 else round(float(x), 6)
+    return x
+
+
+class StabilityMonitor(pl.Callback):
+    def __init__(self, cfg: MonitorConfig, run_dir: Path, resume_step: int = 0):
+        self.cfg, self.path = cfg, Path(run_dir) / "stability.jsonl"
+        if resume_step and self.path.exists():
+            # rows from after the checkpoint will be measured again: keep each step exactly once
+            keep = [line for line in self.path.read_text().splitlines() if _record_step(line) < resume_step]
+            atomic_write_bytes(self.path, "".join(line + "\n" for line in keep).encode())
+        self.probe_batch: Optional[torch.Tensor] = None
+        self._pre_step: Optional[dict[str, torch.Tensor]] = None
+        self._layer_grad_norms: Optional[dict[int, float]] = None
+        self.fingerprint: dict = {}
+
+    # -- checkpointed state: the fingerprint so far ------------------------------------------------
+    def state_dict(self):
+        return {"fingerprint": self.fingerprint}
+
+    def load_state_dict(self, state):
+        self.fingerprint = dict(state.get("fingerprint", {}))
+
+    def setup(self, trainer, pl_module, stage):
+        if stage == "fit" and self.probe_batch is None:
+            tokens = trainer.datamodule.data.tokenized.val_tokens()
+            t = trainer.datamodule.cfg.seq_len
+            n = min(self.cfg.probe_sequences, (len(tokens) - 1) // t)
+            self.probe_batch = torch.from_numpy(np.asarray(tokens[: n * t]).astype(np.int64).reshape(n, t))
+
+    def _due(self, trainer) -> bool:
+        return trainer.global_step % self.cfg.every_n_steps == 0
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        # global_step is the index of the step about to be taken
+        if not self._due(trainer):
+            return
+        model = pl_module.model
+        self._pre_step = {n: p.detach().clone() for n, p in model.named_parameters() if p.dim() >= 2}
+        norms = {}
+        for i, block in enumerate(model.blocks):
+            grads = [p.grad for p in block.parameters() if p.grad is not None]
+            norms[i] = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) if grads else 0.0
+        self._layer_grad_norms = norms
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step = trainer.global_step - 1  # the step just taken
+        if step % self.cfg.every_n_steps != 0 or self._pre_step is None:
+            return
+        record = self.measure(pl_module, step)
+        self._pre_step, self._layer_grad_norms = None, None
+        if trainer.is_global_zero:
+            self._write(trainer, record)
+        self._update_fingerprint(record)
+
+    @torch.no_grad()
+    def measure(self, pl_module, step: int) -> dict:
+        model = pl_module.model
+        probe = StabilityProbe()
+        outputs: dict[str, list] = {"qkv_out_l2": [], "attn_proj_out_l2": [], "mlp_out_l2": []}
+        hooks = []
+
+        def norm_hook(name):
+            return lambda m, i, o: outputs[name].append(float(o.float().norm(dim=-1).mean()))
+
+        attns = model.attention_layers()
+        for block in model.blocks:
+            hooks += [block.attn.qkv.register_forward_hook(norm_hook("qkv_out_l2")),
+                      block.attn.proj.register_forward_hook(norm_hook("attn_proj_out_l2")),
+                      block.mlp.fc2.register_forward_hook(norm_hook("mlp_out_l2"))]
+        was_training = model.training
+        model.eval()
+        for a in attns:
+            a.probe = probe
+        try:
+            hidden = model(self.probe_batch.to(pl_module.device), return_hidden=True)
+            logits = model.logits(hidden)
+        finally:
+            for a in attns:
+                a.probe = None
+            for h in hooks:
+                h.remove()
+            model.train(was_training)
+        log_z = torch.logsumexp(logits, dim=-1)
+        layers = []
+        for i, a in enumerate(attns):
+            stats = {k: _to_list(v) for k, v in probe.layers[i].items()}
+            stats.update(layer=i, qkv_out_l2=outputs["qkv_out_l2"][i], attn_proj_out_l2=outputs["attn_proj_out_l2"][i],
+                         mlp_out_l2=outputs["mlp_out_l2"][i], logit_bound=a.logit_bound())
+            for name in ("q_norm", "k_norm", "v_norm"):
+                norm = getattr(a, name)
+                if norm is not None and norm.weight is not None:
+                    stats[f"{name}_gain_l2"] = float(norm.effective_gain().norm())
+                    stats[f"{name}_gain_absmax"] = float(norm.effective_gain().abs().max())
+            if a.temperature.param is not None:
+                stats["temperature"] = _to_list(a.temperature().detach())
+            if self._layer_grad_norms is not None:
+                stats["grad_norm"] = self._layer_grad_norms[i]
+            if self._pre_step is not None:
+                prefix = f"blocks.{i}."
+                num = den = 0.0
+                for n, p in model.named_parameters():
+                    if n.startswith(prefix) and n in self._pre_step:
+                        num += float((p.detach() - self._pre_step[n]).pow(2).sum())
+                        den += float(self._pre_step[n].pow(2).sum())
+                stats["update_ratio"] = math.sqrt(num / den) if den > 0 else 0.0
+            layers.append(stats)
+        grad = pl_module.last_grad_norm
+        return {
+            "step": step,
+            "train_loss": pl_module.last_train_loss,
+            "grad_norm": float(grad) if grad is not None else None,
+            "output_logit_max": float(logits.max()), "output_logit_mean": float(logits.mean()),
+            "output_log_z_mean": float(log_z.mean()),
+            "layers": layers,
+        }
+
+    def _write(self, trainer, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        step = record["step"]
+        flat = {f"stability/{k}": v for k, v in record.items() if isinstance(v, float)}
+        for layer in record["layers"]:
+            for key, value in layer.items():
+                if key == "layer":
+                    continue
+                base = f"stability/layer{layer['layer']}"
+                if isinstance(value, list):
+                    flat[f"{base}/{key}_max"] = max(value)
+                    for h, v in enumerate(value):
+                        flat[f"{base}/head{h}/{key}"] = v
+                elif isinstance(value, (int, float)) and math.isfinite(value):
+                    flat[f"{base}/{key}"] = float(value)
+        for logger in trainer.loggers:
+            if hasattr(logger, "experiment") and hasattr(logger.experiment, "add_scalar"):  # TensorBoard
+                for tag, value in flat.items():
+                    logger.experiment.add_scalar(tag, value, step)
+
+    def _update_fingerprint(self, record: dict) -> None:
+        fp = self.fingerprint
+        layer0 = max(record["layers"][0]["max_logit"]) if isinstance(record["layers"][0]["max_logit"], list) \
+            else record["layers"][0]["max_logit"]
+        overall = max(max(v) if isinstance(v, list) else v for v in (l["max_logit"] for l in record["layers"]))
+        headroom = min(min(v) if isinstance(v, list) else v for v in (l["fp16_headroom"] for l in record["layers"]))
+        entropy_min = min(min(v) if isinstance(v, list) else v for v in (l["entropy_min"] for l in record["layers"]))
+        if layer0 >= fp.get("peak_layer0_max_logit", -1.0):
+            fp["peak_layer0_max_logit"], fp["peak_layer0_step"] = layer0, record["step"]
+        if overall >= fp.get("peak_max_logit", -1.0):
+            fp["peak_max_logit"], fp["peak_max_logit_step"] = overall, record["step"]
+        fp["min_fp16_headroom"] = min(headroom, fp.get("min_fp16_headroom", math.inf))
+        fp["first_layer0_max_logit"] = fp.get("first_layer0_max_logit", layer0)
+        fp["final_layer0_max_logit"] = layer0
+        fp["final_entropy_min"] = entropy_min
+        fp["monitored_steps"] = fp.get("monitored_steps", 0) + 1
+
+
+class DivergenceDetector(pl.Callback):
+    """Stops a run whose loss left the initial loss behind or spikes for good; counts single spikes."""
+
+    def __init__(self, cfg: DivergenceConfig):
+        self.cfg = cfg
+        self.window: deque[float] = deque(maxlen=cfg.spike_window)
+        self.spikes = 0
+        self._over_margin = 0
+        self._spiking = 0
+
+    def state_dict(self):
+        return {"window": list(self.window), "spikes": self.spikes, "over_margin": self._over_margin, "spiking": self._spiking}
+
+    def load_state_dict(self, state):
+        self.window = deque(state.get("window", []), maxlen=self.cfg.spike_window)
+        self.spikes, self._over_margin, self._spiking = state.get("spikes", 0), state.get("over_margin", 0), state.get("spiking", 0)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        loss = pl_module.last_train_loss
+        if loss is None or not math.isfinite(loss) or pl_module.initial_loss is None:
+            return
+        limit = pl_module.initial_loss + self.cfg.loss_margin
+        self._over_margin = self._over_margin + 1 if loss > limit else 0
+        if self._over_margin >= self.cfg.patience:
+            pl_module.mark_diverged(f"loss {loss:.4g} above the initial loss + margin ({limit:.4g}) for {self.cfg.patience} steps")
+            return
+        spike = False
+        if len(self.window) >= min(32, self.cfg.spike_window):
+            values = np.asarray(self.window)
+            spike = loss > values.mean() + self.cfg.spike_sigma * max(values.std(), 1e-8)
+        if spike:
+            self.spikes += 1
+            self._spiking += 1
+            if self._spiking >= self.cfg.patience:
+                pl_module.mark_diverged(f"loss spike sustained for {self.cfg.patience} steps "
+                                        f"(> {self.cfg.spike_sigma} sigma over the last {len(self.window)} steps)")
+        else:
+            self._spiking = 0
+            self.window.append(loss)  # spikes do not widen their own reference window

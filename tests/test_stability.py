@@ -1,0 +1,100 @@
+"""The stability monitor against float64 arithmetic, and divergence as a recorded result."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from qknorm.config import MonitorConfig
+from qknorm.training import LMModule
+from qknorm.training.monitor import StabilityMonitor
+
+from .conftest import compose_config, run_cli, run_dirs
+from .test_attention import ref_norm, ref_rope, ref_scale
+
+T = 32
+
+
+@pytest.mark.parametrize("preset", ["baseline", "qwen3", "gemma2_softcap", "henry2020_l2"])
+def test_logged_max_logit_matches_float64_computation(preset, tmp_path):
+    cfg = compose_config([f"attention={preset}", "model=nano", "model.n_heads=4", f"data.seq_len={T}"])
+    torch.manual_seed(0)
+    module = LMModule(cfg, 400, np.ones(400)).double()
+    with torch.no_grad():
+        for block in module.model.blocks:  # large weights so logits (and the cap) are in play
+            block.attn.qkv.weight.mul_(5.0)
+    module.last_grad_norm, module.last_train_loss = None, None
+    monitor = StabilityMonitor(MonitorConfig(probe_sequences=3), tmp_path)
+    monitor.probe_batch = torch.randint(0, 400, (3, T))
+
+    inputs = {}
+    hooks = [b.attn.register_forward_pre_hook(lambda m, args, i=i: inputs.__setitem__(i, args[0]))
+             for i, b in enumerate(module.model.blocks)]
+    record = monitor.measure(module, step=0)
+    for h in hooks:
+        h.remove()
+
+    a = cfg.attention
+    for i, block in enumerate(module.model.blocks):
+        attn, x = block.attn, inputs[i].detach().double()
+        w = attn.qkv.weight.detach().double()
+        q, k, _ = (x @ w.T).split(attn.split_sizes, -1)
+        q, k = q.view(3, T, 4, -1), k.view(3, T, 4, -1)
+
+        def norm(z, m):
+            if m is None:
+                return z
+            return ref_norm(z, a.qk_norm, a.scope, a.gain, m.weight.detach().double() if m.weight is not None else None,
+                            None, a.norm_eps)
+
+        q, k = ref_rope(norm(q, attn.q_norm)), ref_rope(norm(k, attn.k_norm))
+        raw = torch.einsum("bqhd,bkhd->bhqk", q, k)
+        s = ref_scale(attn, a.scale, attn.head_dim)
+        z = raw * s
+        if a.softcap is not None:
+            z = a.softcap * torch.tanh(z / a.softcap)
+        mask = torch.ones(T, T, dtype=torch.bool).tril()
+        expected = z.abs().masked_fill(~mask, 0).amax(dim=(0, 2, 3))
+        expected_raw = raw.abs().masked_fill(~mask, 0).amax(dim=(0, 2, 3))
+        got = torch.tensor(record["layers"][i]["max_logit"], dtype=torch.float64)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(torch.tensor(record["layers"][i]["raw_qk_max"], dtype=torch.float64), expected_raw,
+                                   rtol=1e-5, atol=1e-5)
+        assert max(record["layers"][i]["max_logit"]) <= record["layers"][i]["logit_bound"] * (1 + 1e-6)
+        if a.softcap is not None:
+            assert max(record["layers"][i]["max_logit"]) <= a.softcap
+    assert np.isfinite(record["output_log_z_mean"])
+
+
+def test_a_diverging_run_is_a_result_and_a_multirun_goes_on(tmp_path, cache_dir):
+    proc = run_cli(["-m", "model=nano", "attention=baseline", "optim.lr=30,1e-3", "optim.warmup_steps=0",
+                    "optim.grad_clip=null", "trainer.max_steps=60", "trainer.val_every_n_steps=30",
+                    "callbacks.monitor.every_n_steps=5"], tmp_path, cache_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = run_dirs(tmp_path / "logs")
+    assert len(runs) == 2
+    by_lr = {}
+    for r in runs:
+        overrides = (r / ".hydra" / "overrides.yaml").read_text()
+        by_lr["high" if "optim.lr=30" in overrides else "low"] = (r, json.loads((r / "summary.json").read_text()))
+    run, high = by_lr["high"]
+    assert high["status"] == "diverged" and high["reason"] and high["diverged_at_step"] is not None
+    assert high["steps"] < 60
+    assert (run / "metrics.csv").exists() and (run / "stability.jsonl").exists()
+    assert by_lr["low"][1]["status"] == "completed" and by_lr["low"][1]["steps"] == 60
+
+
+def test_single_diverging_run_exits_zero(tmp_path, cache_dir):
+    proc = run_cli(["model=nano", "optim.lr=30", "optim.warmup_steps=0", "optim.grad_clip=null", "trainer.max_steps=60",
+                    "logger=none"], tmp_path, cache_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run,) = run_dirs(tmp_path / "logs")
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "diverged", summary
+    fp = summary["stability"]
+    for key in ("peak_layer0_max_logit", "peak_layer0_step", "peak_max_logit", "final_entropy_min", "min_fp16_headroom",
+                "loss_spikes"):
+        assert key in fp

@@ -1,0 +1,137 @@
+"""The presets against the production implementations in `transformers`, on the same weights.
+
+Tolerance: 1e-5 relative (fp32 rounding), as the presets claim to be those exact computations.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qknorm.config import AttentionConfig, ConfigError
+from qknorm.interop import from_qwen3, gemma2_attention_state_dict, olmo2_attention_state_dict, to_qwen3
+from qknorm.model import build_model
+from qknorm.model.attention import Attention
+from qknorm.model.rope import rope_tables
+
+from .conftest import compose_config
+
+transformers = pytest.importorskip("transformers")
+
+RTOL, ATOL = 1e-5, 1e-5
+T = 24
+
+
+def _perturb_gains(module: torch.nn.Module, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.dim() == 1:  # norm gains start at 1; make them non-trivial so the mapping is really checked
+                p.add_(0.2 * torch.randn(p.shape, generator=g))
+
+
+def _causal_additive_mask(t: int) -> torch.Tensor:
+    return torch.full((t, t), torch.finfo(torch.float32).min).triu(1)[None, None]
+
+
+@pytest.mark.parametrize("n_kv_heads,tied", [(None, True), (2, False)])
+def test_qwen3_preset_is_qwen3_for_causal_lm(n_kv_heads, tied):
+    overrides = ["attention=qwen3", "model=nano", "model.n_heads=4", f"model.tie_embeddings={str(tied).lower()}",
+                 f"data.seq_len={T}"]
+    if n_kv_heads:
+        overrides.append(f"model.n_kv_heads={n_kv_heads}")
+    torch.manual_seed(0)
+    ours = build_model(compose_config(overrides), vocab_size=512).eval()
+    _perturb_gains(ours)
+    hf = to_qwen3(ours)
+    hf.config._attn_implementation = "eager"
+    idx = torch.randint(0, 512, (2, T))
+    with torch.no_grad():
+        expected = hf(input_ids=idx).logits
+        got = ours(idx)
+    torch.testing.assert_close(got, expected, rtol=RTOL, atol=ATOL)
+    back = from_qwen3(hf, seq_len=T).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back(idx), got, rtol=0, atol=1e-6)
+
+
+def test_qwen3_decoder_layer_matches_with_sdpa_too():
+    torch.manual_seed(1)
+    ours = build_model(compose_config(["attention=qwen3", "model=nano", "model.n_heads=4", f"data.seq_len={T}"]), 300).eval()
+    _perturb_gains(ours, seed=1)
+    hf = to_qwen3(ours)
+    hf.config._attn_implementation = "sdpa"
+    layer = hf.model.layers[0]
+    x = torch.randn(2, T, 64)
+    pos = torch.arange(T)[None].expand(2, T)
+    cos, sin = hf.model.rotary_emb(x, pos)
+    with torch.no_grad():
+        expected = layer(x, attention_mask=_causal_additive_mask(T), position_embeddings=(cos, sin), position_ids=pos)
+        expected = expected[0] if isinstance(expected, tuple) else expected
+        got = ours.blocks[0](x, ours.rope_cos[:T], ours.rope_sin[:T])
+    torch.testing.assert_close(got, expected, rtol=RTOL, atol=ATOL)
+
+
+def _hf_attention_inputs(hf_cfg, rotary_cls, x):
+    pos = torch.arange(x.shape[1])[None].expand(x.shape[0], -1)
+    return rotary_cls(hf_cfg)(x, pos)
+
+
+@pytest.mark.parametrize("n_kv", [4, 2])
+def test_olmo2_preset_attention_is_olmo2_attention(n_kv):
+    from transformers import Olmo2Config
+    from transformers.models.olmo2.modeling_olmo2 import Olmo2Attention, Olmo2RotaryEmbedding
+
+    cfg = compose_config(["attention=olmo2", "model=nano", "model.n_heads=4", f"model.n_kv_heads={n_kv}"])
+    torch.manual_seed(2)
+    ours = Attention(cfg.model, cfg.attention, 0, T).eval()
+    _perturb_gains(ours, seed=2)
+    hf_cfg = Olmo2Config(hidden_size=64, num_attention_heads=4, num_key_value_heads=n_kv, rms_norm_eps=cfg.attention.norm_eps,
+                         max_position_embeddings=T, rope_parameters={"rope_type": "default", "rope_theta": cfg.model.rope_theta})
+    hf_cfg._attn_implementation = "eager"
+    theirs = Olmo2Attention(hf_cfg, layer_idx=0).eval()
+    theirs.load_state_dict(olmo2_attention_state_dict(ours))
+    x = torch.randn(2, T, 64)
+    cos, sin = _hf_attention_inputs(hf_cfg, Olmo2RotaryEmbedding, x)
+    with torch.no_grad():
+        expected, _ = theirs(x, position_embeddings=(cos, sin), attention_mask=_causal_additive_mask(T))
+        c, s = rope_tables(T, 16, cfg.model.rope_theta)
+        got = ours(x, c.float(), s.float())
+    torch.testing.assert_close(got, expected, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("softcap", [50.0, 2.0])
+def test_softcap_matches_gemma2_eager_attention(softcap):
+    from transformers import Gemma2Config
+    from transformers.models.gemma2.modeling_gemma2 import Gemma2Attention, Gemma2RotaryEmbedding
+
+    cfg = compose_config(["attention=gemma2_softcap", f"attention.softcap={softcap}", "model=nano", "model.n_heads=4",
+                          "model.n_kv_heads=2"])
+    torch.manual_seed(3)
+    ours = Attention(cfg.model, cfg.attention, 0, T).eval()
+    with torch.no_grad():
+        ours.qkv.weight.mul_(4.0)  # logits large enough that the cap bites
+    hf_cfg = Gemma2Config(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                          query_pre_attn_scalar=16, attn_logit_softcapping=softcap, max_position_embeddings=T,
+                          rope_parameters={"rope_type": "default", "rope_theta": cfg.model.rope_theta})
+    hf_cfg._attn_implementation = "eager"
+    theirs = Gemma2Attention(hf_cfg, layer_idx=1).eval()
+    theirs.load_state_dict(gemma2_attention_state_dict(ours))
+    x = torch.randn(2, T, 64)
+    cos, sin = _hf_attention_inputs(hf_cfg, Gemma2RotaryEmbedding, x)
+    with torch.no_grad():
+        expected, weights = theirs(x, position_embeddings=(cos, sin), attention_mask=_causal_additive_mask(T))
+        c, s = rope_tables(T, 16, cfg.model.rope_theta)
+        got = ours(x, c.float(), s.float())
+        uncapped = Attention(cfg.model, AttentionConfig(), 0, T)
+        uncapped.load_state_dict({k: v for k, v in ours.state_dict().items()})
+        plain = uncapped(x, c.float(), s.float())
+    torch.testing.assert_close(got, expected, rtol=RTOL, atol=ATOL)
+    if softcap == 2.0:
+        assert (plain - got).abs().max() > 1e-2  # the cap changed the result, and we kept it
+
+
+def test_exporting_a_non_qwen3_model_names_the_mismatch():
+    model = build_model(compose_config(["attention=olmo2", "model=nano"]), 300)
+    with pytest.raises(ConfigError, match=r"cannot export to Qwen3: attention.scope='layer' \(needs 'head'\)"):
+        to_qwen3(model)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import json
 import logging
 import math
 import sys
@@ -59,7 +60,7 @@ def build_trainer(cfg: RunConfig, run_dir: Path, resume_step: int = 0):
     from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
     from pytorch_lightning.loggers import TensorBoardLogger
 
-    from .training.callbacks import ResumableCSVLogger, Throughput
+    from .training.callbacks import FitResultWriter, ResumableCSVLogger, Throughput
     from .training.monitor import DivergenceDetector, StabilityMonitor
 
     t = cfg.trainer
@@ -80,6 +81,7 @@ def build_trainer(cfg: RunConfig, run_dir: Path, resume_step: int = 0):
         callbacks.append(StabilityMonitor(cfg.callbacks.monitor, run_dir, resume_step=resume_step))
     if cfg.callbacks.divergence.enabled:
         callbacks.append(DivergenceDetector(cfg.callbacks.divergence))
+    callbacks.append(FitResultWriter(str(run_dir)))
     return pl.Trainer(
         accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy,
         precision=resolve_precision(t.precision, t.accelerator), max_steps=t.max_steps,
@@ -116,32 +118,33 @@ def train(cfg: RunConfig, run_dir: Path, summary) -> dict:
     if resume_from:
         log.info("resuming from %s", resume_from)
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None)
-    outcome = module.outcome
-    if outcome.status == "running":
-        history = outcome.val_history
-        if not history or history[-1][0] != trainer.global_step:
+    if not trainer.is_global_zero:  # other ranks of a script-launched DDP run: rank zero reports
+        return {"is_global_zero": False}
+    result_path = run_dir / ".fit_result.json"
+    fit = json.loads(result_path.read_text())
+    result_path.unlink()
+    status, reason, history = fit["status"], fit["reason"], [tuple(h) for h in fit["val_history"]]
+    steps = fit["global_step"]
+    if status == "running":
+        if not history or history[-1][0] != steps:
+            module.outcome.val_history = []
             trainer.validate(module, datamodule=datamodule, verbose=False)
-        outcome.status = "completed"
-        if trainer.global_step < cfg.trainer.max_steps:
-            outcome.reason = f"stopped at step {trainer.global_step} of {cfg.trainer.max_steps} (trainer.max_time_minutes)"
-    history = outcome.val_history
+            history.append((steps, float(trainer.callback_metrics["val/loss"]), float(trainer.callback_metrics["val/bpb"])))
+        status = "completed"
+        if steps < cfg.trainer.max_steps:
+            reason = f"stopped at step {steps} of {cfg.trainer.max_steps} (trainer.max_time_minutes)"
     finite = [h for h in history if math.isfinite(h[1])]
-    stability = {}
-    for cb in trainer.callbacks:
-        stability.update(getattr(cb, "fingerprint", {}))
-        if hasattr(cb, "spikes"):
-            stability["loss_spikes"] = cb.spikes
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * trainer.world_size
     return {
         **params,
-        "status": outcome.status, "reason": outcome.reason, "diverged_at_step": outcome.step if outcome.status == "diverged" else None,
-        "steps": trainer.global_step, "tokens": trainer.global_step * tokens_per_step,
-        "initial_loss": module.initial_loss,
+        "status": status, "reason": reason, "diverged_at_step": fit["step"] if status == "diverged" else None,
+        "steps": steps, "tokens": steps * tokens_per_step,
+        "initial_loss": fit["initial_loss"],
         "final_val_loss": history[-1][1] if history else None, "final_val_bpb": history[-1][2] if history else None,
         "best_val_loss": min(h[1] for h in finite) if finite else None,
         "best_val_bpb": min(h[2] for h in finite) if finite else None,
         "val_history": [{"step": s, "loss": l, "bpb": b} for s, l, b in history],
-        "skipped_steps": outcome.skipped_steps, "world_size": trainer.world_size, "stability": stability,
+        "skipped_steps": fit["skipped_steps"], "world_size": trainer.world_size, "stability": fit["stability"],
         "precision": str(trainer.precision), "device": str(module.device),
         "is_global_zero": trainer.is_global_zero,
     }
@@ -184,7 +187,7 @@ def run(raw_cfg: DictConfig) -> Optional[float]:
         if _is_multirun():
             return None
         raise
-    if result.pop("is_global_zero"):
+    if result.pop("is_global_zero", True):
         status, reason = result.pop("status"), result.pop("reason")
         summary.finish(status, reason, **result)
         log.info("%s after %d steps: val loss %s, val bpb %s (%s)", status, result["steps"], result["final_val_loss"],

@@ -68,3 +68,17 @@ class Throughput(pl.Callback):
 
     def on_validation_start(self, trainer, pl_module):
         self._t0 = None  # validation time is not training throughput
+
+
+class FitResultWriter(pl.Callback):
+    """Writes the module's fit result to `<run>/.fit_result.json` on rank zero when fit ends, so the
+    launching process reads one file whether training ran in it or in spawned workers."""
+
+    def __init__(self, run_dir: str):
+        self.path = os.path.join(run_dir, ".fit_result.json")
+
+    def on_fit_end(self, trainer, pl_module):
+        if trainer.is_global_zero:
+            from ..utils.files import atomic_write_json
+
+            atomic_write_json(self.path, pl_module.fit_result())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Optional
@@ -57,7 +59,9 @@ class LMModule(pl.LightningModule):
         x, y = batch
         total, nats, z_sq = self.model.loss(x, y, self.cfg.optim.z_loss)
         loss = nats.mean()
-        self.last_train_loss = float(loss.detach())
+        # every process must take the same stop decision: judge the mean loss over all of them
+        mean_loss = self.trainer.strategy.reduce(loss.detach(), reduce_op="mean") if self.trainer.world_size > 1 else loss
+        self.last_train_loss = float(mean_loss)
         if self.initial_loss is None:
             self.initial_loss = self.last_train_loss
         if not math.isfinite(self.last_train_loss):
@@ -95,6 +99,24 @@ class LMModule(pl.LightningModule):
             self.log("train/skipped_steps", float(self.outcome.skipped_steps))
         else:
             self.mark_diverged(reason)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # enough to rebuild the model without the run directory (qknorm-probe, interop)
+        checkpoint["qknorm_config"] = json.loads(json.dumps(dataclasses.asdict(self.cfg)))
+        checkpoint["qknorm_vocab_size"] = self.model.vocab_size
+
+    def fit_result(self) -> dict:
+        """What the summary needs from this process's fit (read back by the launching process, which
+        under spawn-based DDP is not the one that trained)."""
+        fingerprint = {}
+        for cb in self.trainer.callbacks:
+            fingerprint.update(getattr(cb, "fingerprint", {}))
+            if hasattr(cb, "spikes"):
+                fingerprint["loss_spikes"] = cb.spikes
+        o = self.outcome
+        return {"status": o.status, "reason": o.reason, "step": o.step, "skipped_steps": o.skipped_steps,
+                "val_history": o.val_history, "initial_loss": self.initial_loss, "global_step": self.global_step,
+                "stability": fingerprint}
 
     def mark_diverged(self, reason: str) -> None:
         if self.outcome.status == "running":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,8 @@ class RunSummary:
 
     def update(self, **fields: Any) -> None:
         self.data.update(fields)
+        if int(os.environ.get("LOCAL_RANK", 0)) or int(os.environ.get("NODE_RANK", 0)):
+            return  # a relaunched DDP rank: rank zero owns the summary
         self.data["wall_time_s"] = round(time.perf_counter() - self.t0, 3)
         atomic_write_json(self.path, self.data)
 

@@ -1,0 +1,154 @@
+"""qknorm-analyze: runs.csv, LR and drift tables, figures, report.md and a self-contained report.html.
+
+    qknorm-analyze SWEEP_DIR [SWEEP_DIR ...] [--out DIR] [--baseline attention=baseline]
+
+Python API: `analyze(paths, out, baseline=None) -> dict` (the tables, keyed by name).
+Every run directory found appears in runs.csv with its status; incomplete or corrupt ones are listed,
+never dropped. Exits 0 when at least one run could be read, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import logging
+import math
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from . import figures
+from .drift import drift_table
+from .lr import lr_table
+from .runs import collect_runs, tidy
+
+log = logging.getLogger("qknorm.analyze")
+
+
+def markdown_table(frame: pd.DataFrame, floatfmt: str = ".4g") -> str:
+    if frame.empty:
+        return "_(none)_\n"
+
+    def cell(v):
+        if isinstance(v, float):
+            return "" if math.isnan(v) else format(v, floatfmt)
+        return str(v).replace("|", "\\|")
+
+    lines = ["| " + " | ".join(map(str, frame.columns)) + " |", "|" + "---|" * len(frame.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join(lines) + "\n"
+
+
+def config_differences(frame: pd.DataFrame) -> pd.DataFrame:
+    """Per variant, the overrides that set it apart (the LR and seed axes removed)."""
+    rows = [{"variant": v, "runs": len(g), "lrs": ", ".join(f"{x:g}" for x in sorted(g["lr"].dropna().unique()))}
+            for v, g in frame.groupby("variant")]
+    return pd.DataFrame(rows)
+
+
+def analyze(paths: list[str | Path], out: str | Path, baseline: str | None = None) -> dict[str, pd.DataFrame]:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    frames = [collect_runs(p) for p in paths]
+    frame = pd.concat([f for f in frames if not f.empty], ignore_index=True) if any(not f.empty for f in frames) \
+        else pd.DataFrame()
+    if frame.empty:
+        return {"runs": frame}
+    frame = tidy(frame.drop_duplicates("run_dir").reset_index(drop=True))
+    frame.to_csv(out / "runs.csv", index=False)
+    try:
+        frame.to_parquet(out / "runs.parquet", index=False)
+    except (ImportError, ValueError) as e:  # pyarrow is optional
+        log.warning("runs.parquet not written: %s", e)
+    lr = lr_table(frame, baseline)
+    drift = drift_table(frame)
+    lr.to_csv(out / "lr_table.csv", index=False)
+    drift.to_csv(out / "drift_table.csv", index=False)
+    written = []
+    written += figures.loss_vs_lr(frame, out)
+    if not lr.empty:
+        written += figures.sensitivity_bars(lr, out)
+    if (frame["stability_records"] > 0).any():
+        written += figures.max_logit_vs_step(frame, out)
+        written += figures.max_logit_heatmap(frame, out)
+    written += figures.loss_vs_time(frame, out)
+    write_report(frame, lr, drift, [p for p in written if p.suffix == ".png"], out, lr.attrs.get("baseline"))
+    return {"runs": frame, "lr": lr, "drift": drift}
+
+
+def write_report(frame, lr, drift, pngs: list[Path], out: Path, baseline) -> None:
+    counts = frame["status"].value_counts().rename_axis("status").reset_index(name="runs")
+    problems = frame[frame["problem"].notna()][["run_dir", "status", "problem"]]
+    lr_cols = ["variant", "seeds", "optimal_lr", "optimal_loss", "largest_stable_lr", "first_diverging_lr",
+               "lr_tolerance_ratio", "lr_sensitivity", "sensitivity_ci_low", "sensitivity_ci_high", "p_vs_baseline"]
+    drift_cols = [c for c in ("variant", "lr", "seed", "status", "layer0_max_logit_first", "layer0_max_logit_peak",
+                              "layer0_growth_per_1000_steps", "layer0_norm_growth_per_1000_steps",
+                              "layer0_cosine_growth_per_1000_steps", "entropy_collapse_ratio") if c in drift.columns]
+    sections = [
+        ("Runs by status", markdown_table(counts)),
+        ("Incomplete or damaged runs", markdown_table(problems)),
+        ("Variants", markdown_table(config_differences(frame))),
+        (f"Learning-rate tolerance and sensitivity (baseline: {baseline})",
+         markdown_table(lr[[c for c in lr_cols if c in lr.columns]]) if not lr.empty else "_(no finished runs with an LR)_\n"),
+        ("Attention-logit drift (layer 0)", markdown_table(drift[drift_cols]) if not drift.empty else "_(no stability logs)_\n"),
+    ]
+    md = ["# Sweep report", "", f"{len(frame)} run directories. LR sensitivity follows Wortsman et al. 2023 "
+          "(diverged runs capped at the loss at initialization); see qknorm.analysis.lr for every definition.", ""]
+    for title, body in sections:
+        md += [f"## {title}", "", body]
+    md += ["## Figures", ""] + [f"![{p.stem}]({p.name})" for p in pngs]
+    (out / "report.md").write_text("\n".join(md) + "\n")
+
+    body = []
+    for title, table in sections:
+        body.append(f"<h2>{html.escape(title)}</h2>{_md_table_to_html(table)}")
+    for p in pngs:
+        data = base64.b64encode(p.read_bytes()).decode()
+        body.append(f'<figure><img alt="{p.stem}" src="data:image/png;base64,{data}"><figcaption>{p.stem}</figcaption></figure>')
+    (out / "report.html").write_text(
+        "<!doctype html><html><head><meta charset='utf-8'><title>qknorm sweep report</title><style>"
+        "body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-collapse:collapse;font-size:12px}"
+        "td,th{border:1px solid #ccc;padding:2px 6px}img{max-width:100%}</style></head><body><h1>Sweep report</h1>"
+        + "".join(body) + "</body></html>")
+
+
+def _md_table_to_html(md: str) -> str:
+    lines = [l for l in md.strip().splitlines() if l.startswith("|")]
+    if not lines:
+        return f"<p>{html.escape(md.strip())}</p>"
+    rows = [[html.escape(c.strip().replace("\\|", "|")) for c in l.strip("|").split(" | ")] for l in lines if not l.startswith("|---")]
+    head = "".join(f"<th>{c}</th>" for c in rows[0])
+    rest = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rows[1:])
+    return f"<table><tr>{head}</tr>{rest}</table>"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="qknorm-analyze", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("paths", nargs="+", help="sweep or run directories")
+    parser.add_argument("--out", help="output folder (default: <first path>/analysis)")
+    parser.add_argument("--baseline", help="the reference variant, e.g. attention=baseline")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    missing = [p for p in args.paths if not Path(p).is_dir()]
+    if missing:
+        print(f"qknorm-analyze: error: not a folder: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    out = Path(args.out) if args.out else Path(args.paths[0]) / "analysis"
+    result = analyze(args.paths, out, args.baseline)
+    runs = result["runs"]
+    if runs.empty:
+        print(f"qknorm-analyze: error: no run directories found under {', '.join(args.paths)}", file=sys.stderr)
+        return 1
+    counts = ", ".join(f"{n} {s}" for s, n in runs["status"].value_counts().items())
+    print(f"{len(runs)} runs ({counts}); wrote {out / 'report.md'}, {out / 'report.html'}, {out / 'runs.csv'}")
+    if "lr" in result and not result["lr"].empty:
+        cols = ["variant", "optimal_lr", "largest_stable_lr", "first_diverging_lr", "lr_tolerance_ratio", "lr_sensitivity"]
+        print(result["lr"][cols].to_string(index=False))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

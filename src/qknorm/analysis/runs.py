@@ -1,0 +1,123 @@
+"""Collect run directories into one tidy table (one row per run, whatever state it is in)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+
+from .stability import read_stability
+
+# Overrides that do not define a variant: the LR and seed axes, and bookkeeping.
+NON_VARIANT_PREFIXES = ("optim.lr=", "seed=", "sweeps", "paths.", "hydra", "trainer.progress_bar", "trainer.threads",
+                        "trainer.checkpoint_every_n_steps", "callbacks.monitor.every_n_steps", "logger")
+
+
+def find_runs(root: str | Path) -> list[Path]:
+    """Every run directory below `root`: a folder holding `.hydra/` or `summary.json`."""
+    root = Path(root)
+    found = {p.parent for p in root.rglob("summary.json")} | {p.parent for p in root.rglob(".hydra") if p.is_dir()}
+    return sorted(found, key=lambda p: (len(p.parts), str(p)))
+
+
+def _read_yaml(path: Path):
+    try:
+        return yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+
+
+def _lookup(config: dict | None, dotted: str, default=None):
+    node: Any = config
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return default
+        node = node[part]
+    return node
+
+
+def variant_of(overrides: list[str]) -> str:
+    kept = [o for o in overrides if not o.startswith(NON_VARIANT_PREFIXES)]
+    return " ".join(sorted(kept)) or "default"
+
+
+def read_run(run_dir: Path) -> dict:
+    """One row: what the run directory says, with `problem` naming anything missing or unreadable."""
+    row: dict[str, Any] = {"run_dir": str(run_dir), "problem": None}
+    problems = []
+    overrides = _read_yaml(run_dir / ".hydra" / "overrides.yaml")
+    config = _read_yaml(run_dir / ".hydra" / "config.yaml")
+    if overrides is None:
+        problems.append("no readable .hydra/overrides.yaml")
+    if config is None:
+        problems.append("no readable .hydra/config.yaml")
+    summary = None
+    path = run_dir / "summary.json"
+    if not path.exists():
+        problems.append("no summary.json")
+    else:
+        try:
+            summary = json.loads(path.read_text())
+        except ValueError:
+            problems.append("corrupt summary.json")
+    if summary is None:
+        row["status"] = "incomplete"
+    else:
+        row["status"] = summary.get("status", "incomplete")
+        if row["status"] == "running":
+            problems.append("still running or killed (status running)")
+        if overrides is None:
+            overrides = summary.get("overrides")
+    overrides = [o for o in (overrides or []) if isinstance(o, str)]
+    row["overrides"] = " ".join(overrides)
+    row["variant"] = variant_of(overrides)
+    row["lr"] = _lookup(config, "optim.lr")
+    row["seed"] = _lookup(config, "seed")
+    for key in ("attention.qk_norm", "attention.scope", "attention.softcap", "model.d_model", "model.n_layers",
+                "trainer.precision", "trainer.max_steps"):
+        row[key] = _lookup(config, key)
+    s = summary or {}
+    for key in ("reason", "final_val_loss", "final_val_bpb", "best_val_loss", "best_val_bpb", "initial_loss", "steps",
+                "tokens", "wall_time_s", "params", "params_non_embedding", "diverged_at_step"):
+        row[key] = s.get(key)
+    for key, value in (s.get("stability") or {}).items():
+        row[f"stability.{key}"] = value
+    row["val_history"] = json.dumps(s.get("val_history") or [])
+    records, complete = read_stability(run_dir)
+    row["stability_records"] = len(records)
+    if (run_dir / "stability.jsonl").exists() and not complete:
+        problems.append("truncated stability.jsonl")
+    row["problem"] = "; ".join(problems) or None
+    # a finished run keeps its status (a damaged log is flagged in `problem`); anything else is incomplete
+    if problems and row["status"] not in ("completed", "diverged", "failed"):
+        row["status"] = "incomplete"
+    return row
+
+
+def collect_runs(root: str | Path) -> pd.DataFrame:
+    rows = [read_run(p) for p in find_runs(root)]
+    frame = pd.DataFrame(rows)
+    if frame.empty:
+        return frame
+    return tidy(frame)
+
+
+def tidy(frame: pd.DataFrame) -> pd.DataFrame:
+    """Numeric columns, and variant names without the overrides every run shares (e.g. the sweep's model)."""
+    token_sets = [set(v.split()) - {"default"} for v in frame["variant"]]
+    shared = set.intersection(*token_sets) if token_sets else set()
+    frame["variant"] = [" ".join(sorted(t - shared)) or "default" for t in token_sets]
+    for col in ("lr", "final_val_loss", "best_val_loss", "initial_loss", "final_val_bpb", "wall_time_s"):
+        frame[col] = pd.to_numeric(frame[col], errors="coerce")
+    return frame
+
+
+def is_stable(row) -> bool:
+    """Completed with a finite final loss below the loss at initialization."""
+    loss, l0 = row["final_val_loss"], row["initial_loss"]
+    return (row["status"] == "completed" and loss is not None and not pd.isna(loss) and math.isfinite(loss)
+            and (l0 is None or pd.isna(l0) or loss < l0))

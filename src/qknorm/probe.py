@@ -1,0 +1,250 @@
+"""qknorm-probe: would this model's attention overflow in fp16?
+
+    qknorm-probe MODEL [--batches 2] [--seq-len 128] [--out DIR]
+
+MODEL is one of our checkpoints (`.ckpt`) or a `transformers` causal LM (a local folder, or a hub name
+when online). For a few batches of text it reports per layer: max |q k^T| before the scale, max |QKV
+bias|, max attention logit, and the fp16 headroom (65504 / max |q k^T|); then it evaluates the logits in
+fp16 both as (q @ k^T) * s and as (q * s) @ k^T and counts non-finite values: the Qwen2 -> Qwen3 story,
+where moving the scale before the matmul (as PyTorch's SDPA does) removed the overflow and QK-norm
+removed its cause. Writes probe.csv and probe.png (per-layer maxima against the fp16 limit).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+FP16_MAX = 65504.0
+
+
+@dataclass
+class LayerProbe:
+    raw_qk_max: float = 0.0
+    logit_max: float = 0.0
+    bias_max: float = math.nan
+    nonfinite_unscaled: int = 0
+    nonfinite_prescaled: int = 0
+    entries: int = 0
+
+    def update(self, q: torch.Tensor, k: torch.Tensor, scale: float | torch.Tensor, softcap: float | None) -> None:
+        """q [B,H,T,D], k [B,Hkv,T,D] after normalization and RoPE."""
+        groups = q.shape[1] // k.shape[1]
+        if groups > 1:
+            k = k.repeat_interleave(groups, dim=1)
+        t_q, t_k = q.shape[-2], k.shape[-2]
+        mask = torch.ones(t_q, t_k, dtype=torch.bool, device=q.device).tril(t_k - t_q)
+        raw = q.double() @ k.double().transpose(-1, -2)
+        s = scale.double() if isinstance(scale, torch.Tensor) else float(scale)
+        logits = raw * s
+        if softcap is not None:
+            logits = softcap * torch.tanh(logits / softcap)
+        self.raw_qk_max = max(self.raw_qk_max, float(raw.abs().masked_fill(~mask, 0).max()))
+        self.logit_max = max(self.logit_max, float(logits.abs().masked_fill(~mask, 0).max()))
+        q16, k16 = q.half(), k.half()
+        s16 = s.half() if isinstance(s, torch.Tensor) else s
+        unscaled = (q16 @ k16.transpose(-1, -2)) * s16
+        prescaled = (q16 * s16) @ k16.transpose(-1, -2)
+        self.nonfinite_unscaled += int((~torch.isfinite(unscaled) & mask).sum())
+        self.nonfinite_prescaled += int((~torch.isfinite(prescaled) & mask).sum())
+        self.entries += int(mask.sum()) * q.shape[0] * q.shape[1]
+
+    @property
+    def headroom(self) -> float:
+        return FP16_MAX / self.raw_qk_max if self.raw_qk_max > 0 else math.inf
+
+
+@dataclass
+class ProbeResult:
+    model: str
+    layers: list[LayerProbe] = field(default_factory=list)
+
+    def rows(self) -> list[dict]:
+        return [{"layer": i, "max_abs_qk_raw": p.raw_qk_max, "max_abs_qkv_bias": p.bias_max, "max_abs_logit": p.logit_max,
+                 "fp16_headroom": p.headroom, "nonfinite_fp16_unscaled": p.nonfinite_unscaled,
+                 "nonfinite_fp16_prescaled": p.nonfinite_prescaled,
+                 "overflows_fp16_unscaled": p.nonfinite_unscaled > 0, "overflows_fp16_prescaled": p.nonfinite_prescaled > 0}
+                for i, p in enumerate(self.layers)]
+
+
+# -- transformers models: a registered attention function sees q and k after norm and RoPE ---------
+
+def probe_transformers(model, batches: list[torch.Tensor], name: str) -> ProbeResult:
+    from transformers import AttentionInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    layers: dict[int, LayerProbe] = {}
+
+    def probing_attention(module, query, key, value, attention_mask, scaling=None, softcap=None, **kwargs):
+        idx = getattr(module, "layer_idx", len(layers))
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        layers.setdefault(idx, LayerProbe()).update(query.detach(), key.detach(), scale, softcap)
+        # the model file's own eager attention (it honours a soft-cap; transformers' SDPA path drops it)
+        eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+        kwargs = {**kwargs, "softcap": softcap} if softcap is not None else kwargs
+        if eager is None:
+            return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+        return eager(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+
+    AttentionInterface.register("qknorm_probe", probing_attention)
+    previous = model.config._attn_implementation
+    model.config._attn_implementation = "qknorm_probe"
+    try:
+        with torch.no_grad():
+            for ids in batches:
+                model(input_ids=ids)
+    finally:
+        model.config._attn_implementation = previous
+    for idx, module in enumerate(m for m in model.modules() if hasattr(m, "q_proj") and hasattr(m, "k_proj")):
+        biases = [getattr(module, n).bias for n in ("q_proj", "k_proj", "v_proj") if getattr(module, n).bias is not None]
+        if biases and idx in layers:
+            layers[idx].bias_max = max(float(b.detach().abs().max()) for b in biases)
+    return ProbeResult(name, [layers[i] for i in sorted(layers)])
+
+
+# -- our checkpoints -----------------------------------------------------------------------------
+
+def load_checkpoint(path: str | Path):
+    from .config import RunConfig, from_mapping
+    from .model import build_model
+
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    if "qknorm_config" not in ckpt:
+        raise SystemExit(f"qknorm-probe: error: {path}: not a qknorm checkpoint (no qknorm_config)")
+    cfg = from_mapping(RunConfig, ckpt["qknorm_config"])
+    model = build_model(cfg, ckpt["qknorm_vocab_size"])
+    model.load_state_dict({k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")})
+    return model.eval(), cfg
+
+
+def probe_qknorm(model, batches: list[torch.Tensor], name: str) -> ProbeResult:
+    layers = [LayerProbe() for _ in model.blocks]
+
+    class Capture:
+        def on_attention(self, layer, t):
+            layers[layer].update(t["q"].transpose(1, 2), t["k"].transpose(1, 2), t["scale"], model.attention_cfg.softcap)
+
+    for attn in model.attention_layers():
+        attn.probe = Capture()
+        if attn.qkv.bias is not None:
+            layers[attn.layer_idx].bias_max = float(attn.qkv.bias.detach().abs().max())
+    try:
+        with torch.no_grad():
+            for ids in batches:
+                model(ids[:, : model.seq_len])
+    finally:
+        for attn in model.attention_layers():
+            attn.probe = None
+    return ProbeResult(name, layers)
+
+
+# -- text ------------------------------------------------------------------------------------------
+
+def sample_text() -> str:
+    from .data.corpora import shakespeare_plays, strip_play_markup
+
+    return strip_play_markup(shakespeare_plays()["hamlet"].read_text(encoding="utf-8"))
+
+
+def make_batches(encode, vocab_size: int, n: int, seq_len: int) -> list[torch.Tensor]:
+    if encode is not None:
+        ids = torch.tensor(encode(sample_text())[: n * 2 * seq_len], dtype=torch.long)
+        if len(ids) >= n * seq_len:
+            return [ids[i * seq_len:(i + 1) * seq_len][None] for i in range(n)]
+    g = torch.Generator().manual_seed(0)
+    return [torch.randint(0, vocab_size, (1, seq_len), generator=g) for _ in range(n)]
+
+
+def plot(result: ProbeResult, out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result.rows()
+    x = [r["layer"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    ax.plot(x, [r["max_abs_qk_raw"] for r in rows], marker="o", label="max |q k^T| (before scale)")
+    ax.plot(x, [r["max_abs_logit"] for r in rows], marker="s", label="max |attention logit|")
+    if any(not math.isnan(r["max_abs_qkv_bias"]) for r in rows):
+        ax.plot(x, [r["max_abs_qkv_bias"] for r in rows], marker="^", label="max |QKV bias|")
+    ax.axhline(FP16_MAX, color="red", ls="--", lw=1, label="fp16 max (65504)")
+    ax.set_yscale("log")
+    ax.set_xlabel("layer")
+    ax.set_title(result.model, fontsize=8)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = out / "probe.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="qknorm-probe", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", help="a qknorm .ckpt, a transformers model folder, or a hub name")
+    parser.add_argument("--batches", type=int, default=2)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--out", type=Path, default=Path("probe"))
+    args = parser.parse_args(argv)
+    if args.model.endswith(".ckpt"):
+        if not Path(args.model).is_file():
+            print(f"qknorm-probe: error: {args.model}: no such checkpoint", file=sys.stderr)
+            return 2
+        model, cfg = load_checkpoint(args.model)
+        from .data import prepare_data
+
+        try:
+            tokenizer = prepare_data(cfg.data).tokenized.tokenizer
+            encode = tokenizer.encode
+        except Exception:  # the training corpus may not be here; random tokens still probe the weights
+            encode = None
+        batches = make_batches(encode, model.vocab_size, args.batches, min(args.seq_len, model.seq_len))
+        result = probe_qknorm(model, batches, args.model)
+    else:
+        try:
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+        except ImportError:
+            print("qknorm-probe: error: probing a transformers model needs `pip install transformers`", file=sys.stderr)
+            return 2
+        try:
+            model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+        except (OSError, ValueError) as e:
+            print(f"qknorm-probe: error: {args.model}: cannot load ({str(e).splitlines()[0]})", file=sys.stderr)
+            return 2
+        try:
+            encode = AutoTokenizer.from_pretrained(args.model).encode
+        except Exception:  # a model folder without a tokenizer (e.g. built from a config)
+            encode = None
+        batches = make_batches(encode, model.config.vocab_size, args.batches, args.seq_len)
+        result = probe_transformers(model, batches, args.model)
+    if encode is None:
+        print("note: no tokenizer found; probing with random token ids", file=sys.stderr)
+    args.out.mkdir(parents=True, exist_ok=True)
+    import csv
+
+    rows = result.rows()
+    with open(args.out / "probe.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"{'layer':>5} {'max|qk^T|':>12} {'max|bias|':>10} {'max|logit|':>11} {'fp16 headroom':>14} "
+          f"{'nonfinite (q@k)*s':>18} {'nonfinite (q*s)@k':>18}")
+    for r in rows:
+        flag = "  OVERFLOW (unscaled order)" if r["overflows_fp16_unscaled"] else ""
+        flag += "  OVERFLOW (pre-scaled order)" if r["overflows_fp16_prescaled"] else ""
+        print(f"{r['layer']:>5} {r['max_abs_qk_raw']:>12.4g} {r['max_abs_qkv_bias']:>10.4g} {r['max_abs_logit']:>11.4g} "
+              f"{r['fp16_headroom']:>14.4g} {r['nonfinite_fp16_unscaled']:>18} {r['nonfinite_fp16_prescaled']:>18}{flag}")
+    print(f"wrote {args.out / 'probe.csv'}, {plot(result, args.out)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

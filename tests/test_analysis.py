@@ -1,0 +1,138 @@
+"""Sweep analysis: hand-worked LR metrics, a real sweep end to end, damaged runs, the fp16 probe."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import pandas as pd
+import pytest
+import torch
+
+from qknorm.analysis.lr import lr_table
+from qknorm.analysis.report import analyze, main as analyze_main
+from qknorm.probe import main as probe_main
+
+from .conftest import run_cli
+
+
+def _frame(rows):
+    return pd.DataFrame([dict(zip(("variant", "lr", "seed", "status", "final_val_loss", "initial_loss"), r)) for r in rows])
+
+
+def test_lr_metrics_on_a_table_worked_by_hand():
+    frame = _frame([
+        ("attention=baseline", 1e-3, 0, "completed", 4.0, 7.0),
+        ("attention=baseline", 1e-2, 0, "completed", 3.0, 7.0),
+        ("attention=baseline", 1e-1, 0, "diverged", float("nan"), 7.0),
+        ("attention=qwen3", 1e-3, 0, "completed", 4.2, 7.0),
+        ("attention=qwen3", 1e-2, 0, "completed", 3.1, 7.0),
+        ("attention=qwen3", 1e-1, 0, "completed", 3.5, 7.0),
+        ("attention=wild", 1e-3, 0, "completed", 3.9, 7.0),
+        ("attention=wild", 1e-2, 0, "completed", 9.0, 7.0),   # completed but above the loss at init: capped, unstable
+        ("attention=wild", 1e-1, 0, "failed", None, 7.0),
+    ])
+    t = lr_table(frame).set_index("variant")
+    # baseline: capped losses [4, 3, 7], l* = 3 -> sensitivity mean(1, 0, 4) = 5/3
+    assert t.loc["attention=baseline", "lr_sensitivity"] == pytest.approx(5 / 3)
+    assert t.loc["attention=baseline", "largest_stable_lr"] == 1e-2
+    assert t.loc["attention=baseline", "first_diverging_lr"] == 1e-1
+    assert t.loc["attention=baseline", "optimal_lr"] == 1e-2 and t.loc["attention=baseline", "optimal_loss"] == 3.0
+    # qwen3: [4.2, 3.1, 3.5], l* = 3.1 -> mean(1.1, 0, 0.4) = 0.5; stable everywhere -> ratio 1e-1 / 1e-2 = 10
+    assert t.loc["attention=qwen3", "lr_sensitivity"] == pytest.approx(0.5)
+    assert t.loc["attention=qwen3", "largest_stable_lr"] == 1e-1
+    assert math.isnan(t.loc["attention=qwen3", "first_diverging_lr"])
+    assert t.loc["attention=qwen3", "lr_tolerance_ratio"] == pytest.approx(10.0)
+    assert t.loc["attention=baseline", "lr_tolerance_ratio"] == pytest.approx(1.0)
+    # wild: [3.9, 7, 7] (9.0 capped at l0 = 7), l* = 3.9 -> mean(0, 3.1, 3.1); stable only at 1e-3
+    assert t.loc["attention=wild", "lr_sensitivity"] == pytest.approx(6.2 / 3)
+    assert t.loc["attention=wild", "largest_stable_lr"] == 1e-3
+    assert t.loc["attention=wild", "first_diverging_lr"] == 1e-2
+    assert t.loc["attention=wild", "lr_tolerance_ratio"] == pytest.approx(0.1)
+
+
+def test_confidence_intervals_and_test_need_two_seeds():
+    rows = []
+    for seed, shift in ((0, 0.0), (1, 0.2), (2, -0.1)):
+        rows += [("attention=baseline", 1e-2, seed, "completed", 3.0 + shift, 7.0),
+                 ("attention=baseline", 1e-1, seed, "diverged", None, 7.0),
+                 ("attention=qwen3", 1e-2, seed, "completed", 3.0, 7.0),
+                 ("attention=qwen3", 1e-1, seed, "completed", 3.2 + shift, 7.0)]
+    t = lr_table(_frame(rows)).set_index("variant")
+    low, high = t.loc["attention=baseline", ["sensitivity_ci_low", "sensitivity_ci_high"]]
+    assert low <= t.loc["attention=baseline", "lr_sensitivity"] <= high
+    assert t.loc["attention=qwen3", "p_vs_baseline"] < 0.01  # ~0.1 vs ~2 nats: clearly different
+
+
+@pytest.fixture(scope="module")
+def smoke_sweep(tmp_path_factory, cache_dir):
+    root = tmp_path_factory.mktemp("analysis")
+    proc = run_cli(["sweeps=lr_tolerance", "sweeps.grids.smoke.lr='1e-3,30'", "optim.grad_clip=null", "optim.warmup_steps=0"],
+                   root, cache_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return root / "logs" / "sweeps" / "lr_tolerance" / "smoke"
+
+
+def test_analyze_a_real_sweep_writes_tables_report_and_figures(smoke_sweep, tmp_path):
+    out = tmp_path / "out"
+    assert analyze_main([str(smoke_sweep), "--out", str(out)]) == 0
+    runs = pd.read_csv(out / "runs.csv")
+    assert len(runs) == 4 and runs["run_dir"].is_unique
+    assert set(runs["status"]) <= {"completed", "diverged"} and (runs["status"] == "diverged").sum() == 2
+    lr = pd.read_csv(out / "lr_table.csv").set_index("variant")
+    assert set(lr.index) == {"attention=baseline", "attention=qwen3"}
+    for variant in lr.index:  # the diverged LR (30) counts as the loss at init, as Wortsman defines
+        rows = runs[runs["variant"] == variant].set_index("lr")
+        l0, best = rows.loc[30.0, "initial_loss"], rows.loc[1e-3, "final_val_loss"]
+        assert lr.loc[variant, "lr_sensitivity"] == pytest.approx((min(l0, rows.loc[30.0, "initial_loss"]) - best) / 2)
+        assert lr.loc[variant, "first_diverging_lr"] == 30.0 and lr.loc[variant, "largest_stable_lr"] == 1e-3
+    for name in ("loss_vs_lr", "lr_sensitivity", "max_logit_vs_step", "max_logit_heatmap", "loss_vs_time"):
+        assert (out / f"{name}.png").stat().st_size > 1000 and (out / f"{name}.svg").exists()
+    report = (out / "report.md").read_text()
+    assert "| completed | 2 |" in report and "| diverged | 2 |" in report and "![loss_vs_lr](loss_vs_lr.png)" in report
+    assert "data:image/png;base64," in (out / "report.html").read_text()
+
+
+def test_damaged_runs_are_listed_as_incomplete_and_analysis_still_exits_zero(smoke_sweep, tmp_path):
+    sweep = tmp_path / "sweep"
+    shutil.copytree(smoke_sweep, sweep)
+    log = sweep / "0" / "stability.jsonl"
+    log.write_text(log.read_text()[:-40])  # torn last line
+    (sweep / "1" / "summary.json").unlink()
+    (sweep / "2" / "summary.json").write_text('{"status": "compl')
+    out = tmp_path / "out"
+    assert analyze_main([str(sweep), "--out", str(out)]) == 0
+    runs = pd.read_csv(out / "runs.csv").set_index(pd.read_csv(out / "runs.csv")["run_dir"].str.rsplit("/", n=1).str[-1])
+    assert runs.loc["1", "status"] == "incomplete" and "no summary.json" in runs.loc["1", "problem"]
+    assert runs.loc["2", "status"] == "incomplete" and "corrupt summary.json" in runs.loc["2", "problem"]
+    assert "truncated stability.jsonl" in runs.loc["0", "problem"] and runs.loc["0", "status"] in ("completed", "diverged")
+    assert "Incomplete or damaged runs" in (out / "report.md").read_text()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert analyze_main([str(empty)]) == 1
+
+
+def test_probe_flags_a_planted_qkv_bias_overflow_in_fp16(tmp_path, capsys):
+    from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    kw = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=256)
+    qwen2 = Qwen2ForCausalLM(Qwen2Config(**kw))
+    with torch.no_grad():  # head_dim 16, scale 1/4: q.k ~ 16 * 100^2 = 1.6e5 > 65504, (q/4).k ~ 4e4 < 65504
+        qwen2.model.layers[1].self_attn.q_proj.bias.fill_(100.0)
+        qwen2.model.layers[1].self_attn.k_proj.bias.fill_(100.0)
+    qwen2.save_pretrained(tmp_path / "qwen2")
+    Qwen3ForCausalLM(Qwen3Config(head_dim=16, **kw)).save_pretrained(tmp_path / "qwen3")
+
+    for name in ("qwen2", "qwen3"):
+        assert probe_main([str(tmp_path / name), "--out", str(tmp_path / f"{name}-out")]) == 0
+        assert (tmp_path / f"{name}-out" / "probe.png").exists()
+    q2 = pd.read_csv(tmp_path / "qwen2-out" / "probe.csv").set_index("layer")
+    assert list(q2["overflows_fp16_unscaled"]) == [False, True, False]
+    assert not q2["overflows_fp16_prescaled"].any()
+    assert q2.loc[1, "max_abs_qkv_bias"] == 100.0 and q2.loc[1, "fp16_headroom"] < 1
+    q3 = pd.read_csv(tmp_path / "qwen3-out" / "probe.csv")
+    assert len(q3) == 3 and not q3["overflows_fp16_unscaled"].any()
+    assert "OVERFLOW (unscaled order)" in capsys.readouterr().out

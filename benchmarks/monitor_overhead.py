@@ -2,7 +2,7 @@
 
     python benchmarks/monitor_overhead.py [--model tiny] [--steps 200] [--repeats 3] [overrides ...]
 
-Runs are interleaved (off, on, off, on, ...) so drifts in machine speed hit both sides; prints the
+Runs are interleaved (off/on, then on/off, ...) so drifts in machine speed hit both sides; prints the
 training tokens/s of each and the median ratio on/off. Validation is off; everything else is the
 default config.
 """
@@ -27,16 +27,32 @@ from qknorm.training import LMModule
 from qknorm.training.monitor import StabilityMonitor
 
 
-def fit_seconds(cfg, data, with_monitor: bool, run_dir: Path) -> float:
+class TimedMonitor(StabilityMonitor):
+    """The monitor, with the time spent in its hooks added up (a direct, low-noise measure of its cost)."""
+
+    seconds = 0.0
+
+    def on_before_optimizer_step(self, *args):
+        t0 = time.perf_counter()
+        super().on_before_optimizer_step(*args)
+        self.seconds += time.perf_counter() - t0
+
+    def on_train_batch_end(self, *args):
+        t0 = time.perf_counter()
+        super().on_train_batch_end(*args)
+        self.seconds += time.perf_counter() - t0
+
+
+def fit_seconds(cfg, data, with_monitor: bool, run_dir: Path) -> tuple[float, float]:
     pl.seed_everything(0, verbose=False)
     module = LMModule(cfg, data.vocab_size, data.token_bytes)
-    callbacks = [StabilityMonitor(cfg.callbacks.monitor, run_dir)] if with_monitor else []
+    callbacks = [TimedMonitor(cfg.callbacks.monitor, run_dir)] if with_monitor else []
     trainer = pl.Trainer(accelerator="cpu", max_steps=cfg.trainer.max_steps, logger=False, callbacks=callbacks,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          limit_val_batches=0, num_sanity_val_steps=0, use_distributed_sampler=False)
     t0 = time.perf_counter()
     trainer.fit(module, datamodule=LMDataModule(cfg.data, data, 0, cfg.trainer.max_steps))
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, (callbacks[0].seconds if callbacks else 0.0)
 
 
 def main() -> None:
@@ -54,15 +70,23 @@ def main() -> None:
     tokens = cfg.data.batch_size * cfg.data.seq_len * cfg.trainer.max_steps
     print(f"model={args.model} steps={args.steps} monitor every {cfg.callbacks.monitor.every_n_steps} steps, "
           f"{cfg.callbacks.monitor.probe_sequences} probe sequences; torch threads {torch.get_num_threads()}")
-    ratios = []
+    ratios, shares = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.repeats):
-            off = fit_seconds(cfg, data, False, Path(tmp))
-            on = fit_seconds(cfg, data, True, Path(tmp))
+            if r % 2 == 0:  # alternate which goes first, so a drift in machine speed does not favour one
+                off, _ = fit_seconds(cfg, data, False, Path(tmp))
+                on, inside = fit_seconds(cfg, data, True, Path(tmp))
+            else:
+                on, inside = fit_seconds(cfg, data, True, Path(tmp))
+                off, _ = fit_seconds(cfg, data, False, Path(tmp))
             ratios.append(off / on)
-            print(f"repeat {r}: off {tokens / off:9.0f} tok/s   on {tokens / on:9.0f} tok/s   on/off {off / on:.4f}")
+            shares.append(inside / on)
+            print(f"repeat {r}: off {tokens / off:9.0f} tok/s   on {tokens / on:9.0f} tok/s   on/off {off / on:.4f}   "
+                  f"time inside the monitor {inside:.2f} s of {on:.1f} s ({100 * inside / on:.2f}%)")
     print(f"median throughput ratio with/without monitor: {statistics.median(ratios):.4f} "
-          f"(cost {100 * (1 - statistics.median(ratios)):.2f}%)")
+          f"(whole-run timing; machine noise between runs is a few percent either way)")
+    print(f"median share of training time spent in the monitor: {100 * statistics.median(shares):.2f}% "
+          f"(throughput ratio implied: {1 - statistics.median(shares):.4f})")
 
 
 if __name__ == "__main__":

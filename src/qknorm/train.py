@@ -44,15 +44,19 @@ def resolve_precision(precision: str, accelerator: str) -> str:
     return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
 
 
-def latest_checkpoint(run_dir: Path) -> Optional[Path]:
-    path = run_dir / "checkpoints" / "last.ckpt"
-    return path if path.exists() else None
-
-
-def checkpoint_step(path: Path) -> int:
+def resumable_checkpoint(run_dir: Path) -> tuple[Optional[Path], int]:
+    """The newest readable checkpoint of the run and its step; a corrupt one is reported and skipped."""
     import torch
 
-    return int(torch.load(path, map_location="cpu", weights_only=False)["global_step"])
+    for path in (run_dir / "checkpoints" / "last.ckpt", run_dir / "checkpoints" / "last.ckpt.prev"):
+        if not path.exists():
+            continue
+        try:
+            return path, int(torch.load(path, map_location="cpu", weights_only=False)["global_step"])
+        except Exception as e:  # torn or foreign file: any unpickling error
+            log.warning("checkpoint %s is unreadable (%s: %s); trying the previous one", path, type(e).__name__,
+                        str(e).splitlines()[0] if str(e) else "")
+    return None, 0
 
 
 def build_trainer(cfg: RunConfig, run_dir: Path, resume_step: int = 0):
@@ -60,7 +64,7 @@ def build_trainer(cfg: RunConfig, run_dir: Path, resume_step: int = 0):
     from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
     from pytorch_lightning.loggers import TensorBoardLogger
 
-    from .training.callbacks import FitResultWriter, ResumableCSVLogger, Throughput
+    from .training.callbacks import AtomicCheckpointIO, FitResultWriter, ResumableCSVLogger, Throughput
     from .training.monitor import DivergenceDetector, StabilityMonitor
 
     t = cfg.trainer
@@ -86,11 +90,12 @@ def build_trainer(cfg: RunConfig, run_dir: Path, resume_step: int = 0):
         accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy,
         precision=resolve_precision(t.precision, t.accelerator), max_steps=t.max_steps,
         max_time=_dt.timedelta(minutes=t.max_time_minutes) if t.max_time_minutes else None,
-        val_check_interval=t.val_every_n_steps, check_val_every_n_epoch=None, num_sanity_val_steps=0,
+        # one epoch = val_every_n_steps steps (see LMDataModule), validated at its end
+        check_val_every_n_epoch=1, reload_dataloaders_every_n_epochs=1, num_sanity_val_steps=0,
         log_every_n_steps=t.log_every_n_steps, logger=loggers or False, callbacks=callbacks,
         enable_checkpointing=bool(t.checkpoint_every_n_steps), enable_progress_bar=t.progress_bar,
         deterministic=t.deterministic, use_distributed_sampler=False, default_root_dir=str(run_dir),
-        gradient_clip_val=None,
+        gradient_clip_val=None, plugins=[AtomicCheckpointIO()],
     )
 
 
@@ -112,11 +117,11 @@ def train(cfg: RunConfig, run_dir: Path, summary) -> dict:
               "train_tokens_available": int(len(data.tokenized.train_tokens()))}
     summary.update(**params)
     log.info("model: %d parameters (%d without the embedding)", params["params"], params["params_non_embedding"])
-    datamodule = LMDataModule(cfg.data, data, cfg.seed, cfg.trainer.max_steps)
-    resume_from = latest_checkpoint(run_dir)
-    trainer = build_trainer(cfg, run_dir, resume_step=checkpoint_step(resume_from) if resume_from else 0)
+    datamodule = LMDataModule(cfg.data, data, cfg.seed, cfg.trainer.max_steps, cfg.trainer.val_every_n_steps)
+    resume_from, resume_step = resumable_checkpoint(run_dir)
+    trainer = build_trainer(cfg, run_dir, resume_step=resume_step)
     if resume_from:
-        log.info("resuming from %s", resume_from)
+        log.info("resuming from %s (step %d)", resume_from, resume_step)
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None)
     if not trainer.is_global_zero:  # other ranks of a script-launched DDP run: rank zero reports
         return {"is_global_zero": False}
@@ -154,9 +159,8 @@ def run(raw_cfg: DictConfig) -> Optional[float]:
     """The body of the Hydra app: one job, one run directory, one summary."""
     from hydra.core.hydra_config import HydraConfig
 
-    from .training.summary import RunSummary
-
     from .sweeping import finished_summary, threads_per_job
+    from .training.summary import RunSummary
 
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)

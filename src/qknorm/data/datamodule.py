@@ -91,9 +91,12 @@ class ValWindows(Dataset):
 
 
 class LMDataModule(pl.LightningDataModule):
-    def __init__(self, cfg: DataConfig, data: PreparedData, seed: int, max_steps: int):
+    def __init__(self, cfg: DataConfig, data: PreparedData, seed: int, max_steps: int, steps_per_epoch: int | None = None):
         super().__init__()
         self.cfg, self.data, self.seed, self.max_steps = cfg, data, seed, max_steps
+        # An "epoch" ends at each validation step, so validation falls on the same steps whether or not
+        # the run was resumed in between (the trainer reloads this loader every epoch).
+        self.steps_per_epoch = steps_per_epoch or max_steps
 
     def _rank_world(self) -> tuple[int, int]:
         trainer = self.trainer
@@ -102,9 +105,10 @@ class LMDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         rank, world = self._rank_world()
         start = self.trainer.global_step if self.trainer is not None else 0
+        stop = min(self.max_steps, (start // self.steps_per_epoch + 1) * self.steps_per_epoch)
         batches = RandomWindowBatches(self.data.tokenized.train_tokens(), self.cfg.seq_len,
                                       self.cfg.batch_size * world, self.seed, rank, world)
-        return DataLoader(batches, batch_size=None, sampler=StepSampler(start, self.max_steps))
+        return DataLoader(batches, batch_size=None, sampler=StepSampler(start, stop))
 
     def val_dataloader(self) -> DataLoader:
         rank, world = self._rank_world()

@@ -9,6 +9,8 @@ import time
 import warnings
 
 import pytorch_lightning as pl
+import torch
+from lightning_fabric.plugins import TorchCheckpointIO
 from pytorch_lightning.loggers import CSVLogger
 
 from ..utils.files import atomic_write_bytes
@@ -82,3 +84,22 @@ class FitResultWriter(pl.Callback):
             from ..utils.files import atomic_write_json
 
             atomic_write_json(self.path, pl_module.fit_result())
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written to a temporary file and renamed into place, the one they replace kept as
+    `<name>.prev`: a kill during a save leaves the last good checkpoint, never a torn one."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None):
+        path = str(path)
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        buf = io.BytesIO()
+        torch.save(checkpoint, buf)
+        tmp = f"{path}.tmp"
+        with open(tmp, "wb") as f:
+            f.write(buf.getbuffer())
+            f.flush()
+            os.fsync(f.fileno())
+        if os.path.exists(path):
+            os.replace(path, f"{path}.prev")
+        os.replace(tmp, path)

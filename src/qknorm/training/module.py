@@ -51,6 +51,11 @@ class LMModule(pl.LightningModule):
     # -- training ----------------------------------------------------------------------------------
 
     def on_train_start(self) -> None:
+        # A run resumed from a checkpoint taken at a validation step, before that validation ran:
+        # validate now, so the history holds every validation step exactly once.
+        step, every = self.global_step, self.cfg.trainer.val_every_n_steps
+        if step > 0 and step % every == 0 and not any(h[0] == step for h in self.outcome.val_history):
+            self._validate_now()
         if self._qk_clip:
             for layer in self.model.attention_layers():
                 layer.max_logit = torch.full((layer.n_heads,), float("-inf"), device=self.device)
@@ -104,6 +109,14 @@ class LMModule(pl.LightningModule):
         # enough to rebuild the model without the run directory (qknorm-probe, interop)
         checkpoint["qknorm_config"] = json.loads(json.dumps(dataclasses.asdict(self.cfg)))
         checkpoint["qknorm_vocab_size"] = self.model.vocab_size
+        checkpoint["qknorm_outcome"] = {"initial_loss": self.initial_loss, "skipped_steps": self.outcome.skipped_steps,
+                                        "val_history": list(self.outcome.val_history)}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        saved = checkpoint.get("qknorm_outcome", {})
+        self.initial_loss = saved.get("initial_loss")
+        self.outcome.skipped_steps = saved.get("skipped_steps", 0)
+        self.outcome.val_history = [tuple(v) for v in saved.get("val_history", [])]
 
     def fit_result(self) -> dict:
         """What the summary needs from this process's fit (read back by the launching process, which
@@ -135,19 +148,39 @@ class LMModule(pl.LightningModule):
     def on_validation_epoch_start(self) -> None:
         self._val_sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # nats, tokens, bytes
 
-    def validation_step(self, batch, batch_idx):
-        x, y = batch
+    def _val_batch_sums(self, x, y) -> torch.Tensor:
         _, nats, _ = self.model.loss(x, y)
-        self._val_sums += torch.stack([nats.double().sum(), torch.tensor(float(y.numel()), dtype=torch.float64,
-                                       device=self.device), self.token_bytes[y].sum()])
+        return torch.stack([nats.double().sum(), torch.tensor(float(y.numel()), dtype=torch.float64, device=self.device),
+                            self.token_bytes[y].sum()])
+
+    def _val_metrics(self, sums: torch.Tensor) -> tuple[float, float] | None:
+        nats, tokens, nbytes = (float(v) for v in self.trainer.strategy.reduce(sums, reduce_op="sum"))
+        return (nats / tokens, nats / (math.log(2) * nbytes)) if tokens else None
+
+    def validation_step(self, batch, batch_idx):
+        self._val_sums += self._val_batch_sums(*batch)
 
     def on_validation_epoch_end(self) -> None:
-        sums = self.trainer.strategy.reduce(self._val_sums, reduce_op="sum")
-        nats, tokens, nbytes = (float(v) for v in sums)
-        if tokens == 0:
+        metrics = self._val_metrics(self._val_sums)
+        if metrics is None:
             return
-        loss, bpb = nats / tokens, nats / (math.log(2) * nbytes)
+        loss, bpb = metrics
         self.log("val/loss", loss, sync_dist=False)
         self.log("val/bpb", bpb, sync_dist=False)
         if not self.trainer.sanity_checking:
             self.outcome.val_history.append((self.global_step, loss, bpb))
+
+    @torch.no_grad()
+    def _validate_now(self) -> None:
+        """The validation pass outside Lightning's loop (see on_train_start)."""
+        self.model.eval()
+        sums = torch.zeros(3, dtype=torch.float64, device=self.device)
+        for x, y in self.trainer.datamodule.val_dataloader():
+            sums += self._val_batch_sums(x.to(self.device), y.to(self.device))
+        self.model.train()
+        metrics = self._val_metrics(sums)
+        if metrics is None:
+            return
+        self.outcome.val_history.append((self.global_step, *metrics))
+        for logger in self.trainer.loggers:  # at global_step - 1, where Lightning logs epoch-end validation
+            logger.log_metrics({"val/loss": metrics[0], "val/bpb": metrics[1]}, step=self.global_step - 1)

@@ -102,6 +102,10 @@ def test_cpu_ddp_matches_one_process_at_the_same_global_batch(tmp_path, cache_di
     (tmp_path / "single").mkdir()
     single = run_cli([*common, "data.batch_size=8", "trainer.threads=1"], tmp_path / "single", cache_dir)
     assert single.returncode == 0, single.stderr[-3000:]
+    (tmp_path / "ddp_single").mkdir()
+    ddp_single = run_cli([*common, "trainer=ddp_cpu", "data.batch_size=4"], tmp_path / "ddp_single", cache_dir)
+    assert ddp_single.returncode == 0, ddp_single.stderr[-3000:]
+    (one,) = run_dirs(tmp_path / "ddp_single")  # one run directory, not one per rank
     (tmp_path / "ddp").mkdir()
     ddp = run_cli(["-m", *common, "trainer=ddp_cpu", "data.batch_size=4", "seed=0,1"], tmp_path / "ddp", cache_dir)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
@@ -113,4 +117,8 @@ def test_cpu_ddp_matches_one_process_at_the_same_global_batch(tmp_path, cache_di
                for r in ddp_runs}
     assert by_seed[0]["world_size"] == 2 and by_seed[0]["status"] == "completed"
     assert by_seed[0]["final_val_loss"] == pytest.approx(s["final_val_loss"], rel=1e-5)
+    single_ddp = json.loads((one / "summary.json").read_text())
+    assert single_ddp["world_size"] == 2 and single_ddp["final_val_loss"] == pytest.approx(s["final_val_loss"], rel=1e-5)
+    print(f"val loss after 20 steps: 1 process {s['final_val_loss']!r}, 2 processes {single_ddp['final_val_loss']!r} "
+          f"(single run), {by_seed[0]['final_val_loss']!r} (in a multirun)")
     assert by_seed[1]["final_val_loss"] != pytest.approx(s["final_val_loss"], rel=1e-5)

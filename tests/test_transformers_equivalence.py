@@ -72,9 +72,15 @@ def test_qwen3_decoder_layer_matches_with_sdpa_too():
     torch.testing.assert_close(got, expected, rtol=RTOL, atol=ATOL)
 
 
-def _hf_attention_inputs(hf_cfg, rotary_cls, x):
-    pos = torch.arange(x.shape[1])[None].expand(x.shape[0], -1)
-    return rotary_cls(hf_cfg)(x, pos)
+def _run_both(ours: Attention, theirs, hf_cfg, rotary_cls) -> tuple[torch.Tensor, torch.Tensor]:
+    """Our attention layer and a transformers attention module on the same input, with each side's RoPE."""
+    x = torch.randn(2, T, 64)
+    pos = torch.arange(T)[None].expand(2, -1)
+    cos, sin = rotary_cls(hf_cfg)(x, pos)
+    with torch.no_grad():
+        expected, _ = theirs(x, position_embeddings=(cos, sin), attention_mask=_causal_additive_mask(T))
+        c, s = rope_tables(T, ours.head_dim, hf_cfg.rope_parameters["rope_theta"])
+        return ours(x, c.float(), s.float()), expected
 
 
 @pytest.mark.parametrize("n_kv", [4, 2])
@@ -91,12 +97,7 @@ def test_olmo2_preset_attention_is_olmo2_attention(n_kv):
     hf_cfg._attn_implementation = "eager"
     theirs = Olmo2Attention(hf_cfg, layer_idx=0).eval()
     theirs.load_state_dict(olmo2_attention_state_dict(ours))
-    x = torch.randn(2, T, 64)
-    cos, sin = _hf_attention_inputs(hf_cfg, Olmo2RotaryEmbedding, x)
-    with torch.no_grad():
-        expected, _ = theirs(x, position_embeddings=(cos, sin), attention_mask=_causal_additive_mask(T))
-        c, s = rope_tables(T, 16, cfg.model.rope_theta)
-        got = ours(x, c.float(), s.float())
+    got, expected = _run_both(ours, theirs, hf_cfg, Olmo2RotaryEmbedding)
     torch.testing.assert_close(got, expected, rtol=RTOL, atol=ATOL)
 
 
@@ -117,15 +118,12 @@ def test_softcap_matches_gemma2_eager_attention(softcap):
     hf_cfg._attn_implementation = "eager"
     theirs = Gemma2Attention(hf_cfg, layer_idx=1).eval()
     theirs.load_state_dict(gemma2_attention_state_dict(ours))
-    x = torch.randn(2, T, 64)
-    cos, sin = _hf_attention_inputs(hf_cfg, Gemma2RotaryEmbedding, x)
-    with torch.no_grad():
-        expected, weights = theirs(x, position_embeddings=(cos, sin), attention_mask=_causal_additive_mask(T))
-        c, s = rope_tables(T, 16, cfg.model.rope_theta)
-        got = ours(x, c.float(), s.float())
-        uncapped = Attention(cfg.model, AttentionConfig(), 0, T)
-        uncapped.load_state_dict({k: v for k, v in ours.state_dict().items()})
-        plain = uncapped(x, c.float(), s.float())
+    torch.manual_seed(4)
+    got, expected = _run_both(ours, theirs, hf_cfg, Gemma2RotaryEmbedding)
+    uncapped = Attention(cfg.model, AttentionConfig(), 0, T)
+    uncapped.load_state_dict(ours.state_dict())
+    torch.manual_seed(4)  # the same input again
+    plain, _ = _run_both(uncapped, theirs, hf_cfg, Gemma2RotaryEmbedding)
     torch.testing.assert_close(got, expected, rtol=RTOL, atol=ATOL)
     if softcap == 2.0:
         assert (plain - got).abs().max() > 1e-2  # the cap changed the result, and we kept it

@@ -16,6 +16,15 @@ from .lr import capped_loss  # noqa: E402
 from .stability import layer_series, read_stability  # noqa: E402
 
 
+def _label(ax, xlabel: str, ylabel: str, log_axis: str) -> None:
+    """Axis labels, a log scale on `log_axis` ("x" or "y"), grid and legend: the line plots' common look."""
+    (ax.set_xscale if log_axis == "x" else ax.set_yscale)("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+
+
 def _save(fig, out: Path, name: str) -> list[Path]:
     paths = [out / f"{name}.png", out / f"{name}.svg"]
     fig.tight_layout()
@@ -35,11 +44,7 @@ def loss_vs_lr(frame: pd.DataFrame, out: Path) -> list[Path]:
         line, = ax.plot(mean.index, mean.values, marker="o", label=variant)
         bad = group[group["status"] != "completed"]
         ax.scatter(bad["lr"], bad["capped"], marker="x", color=line.get_color(), s=50)
-    ax.set_xscale("log")
-    ax.set_xlabel("peak learning rate")
-    ax.set_ylabel("final val loss (capped at loss at init; x: diverged)")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7)
+    _label(ax, "peak learning rate", "final val loss (capped at loss at init; x: diverged)", "x")
     return _save(fig, out, "loss_vs_lr")
 
 
@@ -69,11 +74,7 @@ def max_logit_vs_step(frame: pd.DataFrame, out: Path) -> list[Path]:
         line, = ax.plot(steps, values, lw=1, alpha=0.8, **kwargs)
         colours.setdefault(variant, line.get_color())
         ax.annotate(f"lr={run['lr']:g}", (steps[-1], values[-1]), fontsize=6, color=colours[variant])
-    ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel("layer-0 max |attention logit|")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7)
+    _label(ax, "step", "layer-0 max |attention logit|", "y")
     return _save(fig, out, "max_logit_vs_step")
 
 

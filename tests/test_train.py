@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from .conftest import run_cli, run_dirs
+from .conftest import REPO, run_cli, run_dirs
 
 
 def test_nano_run_from_outside_the_repo_writes_summary_and_tensorboard(tmp_path, cache_dir):
@@ -66,3 +66,15 @@ def test_unknown_preset_lists_the_options(tmp_path, cache_dir):
     assert proc.returncode != 0
     assert "Could not find 'attention/qwen4'" in proc.stderr and "qwen3" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_every_attention_preset_trains_twenty_steps(tmp_path, cache_dir):
+    presets = sorted(p.stem for p in (REPO / "conf" / "attention").glob("*.yaml"))
+    proc = run_cli(["-m", f"attention={','.join(presets)}", "model=nano", "trainer.max_steps=20", "trainer.val_every_n_steps=20",
+                    "logger=none", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"], tmp_path, cache_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summaries = [json.loads((r / "summary.json").read_text()) for r in run_dirs(tmp_path / "logs")]
+    assert len(summaries) == len(presets) == 14
+    for s in summaries:
+        assert s["status"] == "completed" and s["steps"] == 20, (s["overrides"], s["status"], s["reason"])
+        assert s["final_val_loss"] < s["initial_loss"]

@@ -132,7 +132,6 @@ def train(cfg: RunConfig, run_dir: Path, summary) -> dict:
     steps = fit["global_step"]
     if status == "running":
         if not history or history[-1][0] != steps:
-            module.outcome.val_history = []
             trainer.validate(module, datamodule=datamodule, verbose=False)
             history.append((steps, float(trainer.callback_metrics["val/loss"]), float(trainer.callback_metrics["val/bpb"])))
         status = "completed"

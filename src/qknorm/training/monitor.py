@@ -217,11 +217,15 @@ class StabilityMonitor(pl.Callback):
 
     def _update_fingerprint(self, record: dict) -> None:
         fp = self.fingerprint
-        layer0 = max(record["layers"][0]["max_logit"]) if isinstance(record["layers"][0]["max_logit"], list) \
-            else record["layers"][0]["max_logit"]
-        overall = max(max(v) if isinstance(v, list) else v for v in (l["max_logit"] for l in record["layers"]))
-        headroom = min(min(v) if isinstance(v, list) else v for v in (l["fp16_headroom"] for l in record["layers"]))
-        entropy_min = min(min(v) if isinstance(v, list) else v for v in (l["entropy_min"] for l in record["layers"]))
+
+        def over_layers(key: str, reduce, layers=record["layers"]) -> float:
+            """`reduce` over heads (values are per-head lists, or one value with a single head) and layers."""
+            return reduce(reduce(v) if isinstance(v, list) else v for v in (layer[key] for layer in layers))
+
+        layer0 = over_layers("max_logit", max, record["layers"][:1])
+        overall = over_layers("max_logit", max)
+        headroom = over_layers("fp16_headroom", min)
+        entropy_min = over_layers("entropy_min", min)
         if layer0 >= fp.get("peak_layer0_max_logit", -1.0):
             fp["peak_layer0_max_logit"], fp["peak_layer0_step"] = layer0, record["step"]
         if overall >= fp.get("peak_max_logit", -1.0):

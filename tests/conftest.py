@@ -34,9 +34,10 @@ def compose_config(overrides: list[str] | None = None) -> RunConfig:
     return load_run_config(OmegaConf.to_container(raw, resolve=True))
 
 
-def run_cli(args: list[str], cwd: Path, cache_dir: Path, timeout: float = 600, module: bool = False) -> subprocess.CompletedProcess:
+def run_cli(args: list[str], cwd: Path, cache_dir: Path, timeout: float = 600, module: bool = False,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """Run qknorm-train as a user would, from `cwd`, with the shared test cache."""
-    env = {**os.environ, "QKNORM_CACHE_DIR": str(cache_dir), "QKNORM_LOG_DIR": str(cwd / "logs")}
+    env = {**os.environ, "QKNORM_CACHE_DIR": str(cache_dir), "QKNORM_LOG_DIR": str(cwd / "logs"), **(env or {})}
     exe = [sys.executable, "-m", "qknorm.train"] if module else [str(Path(sys.executable).parent / "qknorm-train")]
     flags = [a for a in args if a.startswith("-")]
     overrides = [a for a in args if not a.startswith("-")]

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -78,6 +82,34 @@ def test_a_truncated_token_cache_is_rebuilt(tmp_path, caplog):
     again = prepare_data(cfg)
     assert len(again.tokenized.train_tokens()) == n
     assert "rebuilding" in caplog.text
+
+
+def test_two_runs_building_the_same_new_cache_at_once_both_train_on_one_valid_copy(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    rng = np.random.default_rng(0)
+    words = ["query", "key", "value", "norm", "softmax", "logit", "head", "layer", "scale", "gain", "the", "a"]
+    for d in range(12):
+        (corpus / f"doc{d}.txt").write_text("\n".join(" ".join(rng.choice(words, 12)) for _ in range(300)) + "\n")
+    cache = tmp_path / "cache"
+    args = ["model=nano", "trainer.max_steps=3", "trainer.val_every_n_steps=3", "logger=none", "data=text_files",
+            f"data.paths=[{corpus}]", "data.vocab_size=300", "data.seq_len=64", "data.batch_size=4"]
+    procs = []
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        env = {**os.environ, "QKNORM_CACHE_DIR": str(cache), "QKNORM_LOG_DIR": str(tmp_path / name / "logs")}
+        procs.append(subprocess.Popen([str(Path(sys.executable).parent / "qknorm-train"), "trainer.progress_bar=false", *args],
+                                      cwd=tmp_path / name, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    summaries = [json.loads(next((tmp_path / n / "logs").rglob("summary.json")).read_text()) for n in ("a", "b")]
+    assert [s["status"] for s in summaries] == ["completed", "completed"]
+    assert summaries[0]["final_val_loss"] == summaries[1]["final_val_loss"]  # same tokens, same seed
+    assert sum(o.count("training a 300-piece BPE tokenizer") for o in outputs) == 1  # the other waited on the lock
+    (tok_dir,) = [p for p in (cache / "tokenizers").iterdir() if p.is_dir()]
+    (tokens_dir,) = [p for p in (cache / "tokens").iterdir() if p.is_dir()]
+    assert tokens_mod._entry_is_valid(tok_dir, ("spm.model",)) and tokens_mod._entry_is_valid(tokens_dir, ("train.bin", "val.bin"))
+    assert not list(cache.rglob("*.tmp")) and not list(cache.rglob("tmp*"))
 
 
 def test_training_batches_are_a_function_of_the_step_and_split_across_ranks(shakespeare):

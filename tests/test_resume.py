@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 
 def _cmd(run_dir: Path, model: str, steps: int) -> list[str]:
@@ -63,3 +64,47 @@ def test_sigkill_then_rerun_matches_an_uninterrupted_run(tmp_path, cache_dir, mo
         assert logged == sorted(set(logged)) == _steps_logged(tmp_path / "whole" / "metrics.csv", key)
     records = [json.loads(l)["step"] for l in (killed_dir / "stability.jsonl").read_text().splitlines()]
     assert records == sorted(set(records)) == list(range(0, steps, 10))
+
+
+def test_a_kill_during_a_checkpoint_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    from qknorm.training import callbacks
+
+    io = callbacks.AtomicCheckpointIO()
+    path = tmp_path / "checkpoints" / "last.ckpt"
+    io.save_checkpoint({"global_step": 10}, path)
+
+    def killed(fd):
+        raise KeyboardInterrupt  # the process dies after part of the new file was written
+
+    monkeypatch.setattr(callbacks.os, "fsync", killed)
+    with pytest.raises(KeyboardInterrupt):
+        io.save_checkpoint({"global_step": 20, "weights": list(range(10_000))}, path)
+    assert torch.load(path, weights_only=False)["global_step"] == 10
+    assert not (tmp_path / "checkpoints" / "last.ckpt.prev").exists()
+
+
+def test_a_torn_last_checkpoint_resumes_from_the_previous_one_exactly(tmp_path, cache_dir):
+    env = {**os.environ, "QKNORM_CACHE_DIR": str(cache_dir)}
+    run_dir = tmp_path / "run"
+    cmd = [*_cmd(run_dir, "nano", 30), "trainer.val_every_n_steps=10"]
+    first = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    done = json.loads((run_dir / "summary.json").read_text())
+    last, prev = run_dir / "checkpoints" / "last.ckpt", run_dir / "checkpoints" / "last.ckpt.prev"
+    assert torch.load(prev, weights_only=False)["global_step"] == 20
+
+    # the state a kill leaves when a checkpoint was torn on disk: half a file, the run still 'running'
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    (run_dir / "summary.json").write_text(json.dumps({**done, "status": "running"}))
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    log = again.stderr + again.stdout
+    assert "last.ckpt is unreadable" in log and "resuming from" in log and "last.ckpt.prev (step 20)" in log
+    resumed = json.loads((run_dir / "summary.json").read_text())
+    assert resumed["status"] == "completed" and resumed["steps"] == 30
+    assert abs(resumed["final_val_loss"] - done["final_val_loss"]) <= 1e-6
+    assert [h["step"] for h in resumed["val_history"]] == [10, 20, 30]
+    for key in ("train/loss", "val/loss"):
+        logged = _steps_logged(run_dir / "metrics.csv", key)
+        assert logged == sorted(set(logged)) and len(logged) > 0
+    assert torch.load(last, weights_only=False)["global_step"] == 30

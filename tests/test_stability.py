@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import pytorch_lightning as pl
 import torch
 
 from qknorm.config import MonitorConfig
@@ -98,3 +99,46 @@ def test_single_diverging_run_exits_zero(tmp_path, cache_dir):
     for key in ("peak_layer0_max_logit", "peak_layer0_step", "peak_max_logit", "final_entropy_min", "min_fp16_headroom",
                 "loss_spikes"):
         assert key in fp
+
+
+@pytest.mark.parametrize("where", ["loss", "gradient"])
+@pytest.mark.parametrize("skip", [True, False])
+def test_a_single_non_finite_step_is_skipped_or_ends_the_run(tmp_path, cache_dir, where, skip):
+    from qknorm.data import LMDataModule, prepare_data
+    from qknorm.train import build_trainer
+
+    bad_step, steps = 3, 8
+    cfg = compose_config(["model=nano", f"trainer.max_steps={steps}", "trainer.val_every_n_steps=8", "logger=none",
+                          "trainer.checkpoint_every_n_steps=null", "trainer.progress_bar=false", "callbacks.monitor.enabled=false",
+                          f"callbacks.divergence.skip_nonfinite_steps={str(skip).lower()}", f"paths.cache_dir={cache_dir}"])
+    data = prepare_data(cfg.data)
+    torch.manual_seed(0)
+    module = LMModule(cfg, data.vocab_size, data.token_bytes)
+    trainer = build_trainer(cfg, tmp_path)
+    weight = module.model.blocks[0].attn.qkv.weight
+    snapshots = {}
+
+    def poison(t):
+        return t * float("nan") if trainer.global_step == bad_step else t
+
+    if where == "loss":
+        loss = module.model.loss
+        module.model.loss = lambda x, y, z=0.0: tuple(poison(v) if i < 2 else v for i, v in enumerate(loss(x, y, z)))
+    else:
+        weight.register_hook(poison)
+
+    class Snapshot(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            snapshots[trainer.global_step] = weight.detach().clone()
+
+    trainer.callbacks.append(Snapshot())
+    trainer.fit(module, datamodule=LMDataModule(cfg.data, data, cfg.seed, steps, 8))
+    o = module.outcome
+    assert o.skipped_steps == 1
+    if skip:
+        assert o.status == "running" and trainer.global_step == steps  # completed: the summary says so
+        assert all(torch.isfinite(p).all() for p in module.parameters())
+        assert torch.equal(snapshots[bad_step], snapshots[bad_step + 1])  # the skipped step changed nothing
+        assert not torch.equal(snapshots[bad_step - 1], snapshots[bad_step])  # a normal step moves the weights
+    else:
+        assert o.status == "diverged" and o.step == bad_step and "non-finite" in o.reason

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import pytest
 
@@ -78,3 +79,38 @@ def test_every_attention_preset_trains_twenty_steps(tmp_path, cache_dir):
     for s in summaries:
         assert s["status"] == "completed" and s["steps"] == 20, (s["overrides"], s["status"], s["reason"])
         assert s["final_val_loss"] < s["initial_loss"]
+
+
+def _bad_data_inputs(root: Path) -> dict[str, tuple[list[str], str, dict]]:
+    """name -> (overrides, the path or name the one-line message must contain, extra environment)."""
+    root.mkdir()
+    (root / "empty.txt").write_text("\n \n")
+    (root / "latin1.txt").write_bytes("Le caf\u00e9 est ferm\u00e9.\n".encode("latin-1") * 50)
+    (root / "short.txt").write_text("".join(f"Line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(60)))
+    (root / "no_text").mkdir()
+    (root / "no_text" / "image.png").write_bytes(b"\x89PNG")
+    (root / "a_file").write_text("")
+    files = lambda p: ["data=text_files", f"data.paths=[{p}]"]  # noqa: E731
+    offline = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    return {
+        "missing path": (files(root / "missing.txt"), str(root / "missing.txt"), {}),
+        "empty file": (files(root / "empty.txt"), str(root / "empty.txt"), {}),
+        "shorter than a sequence": ([*files(root / "short.txt"), "data.vocab_size=300", "data.seq_len=1024"], str(root / "short.txt"), {}),
+        "not UTF-8": (files(root / "latin1.txt"), str(root / "latin1.txt"), {}),
+        "folder with no text": (files(root / "no_text"), str(root / "no_text"), {}),
+        "hub dataset while offline": (["data=hf_text", "data.name=someone/no_such_dataset"], "someone/no_such_dataset", offline),
+        "unwritable output dir": ([f"hydra.run.dir={root / 'a_file' / 'run'}"], str(root / "a_file" / "run"), {}),
+    }
+
+
+@pytest.mark.parametrize("case", ["missing path", "empty file", "shorter than a sequence", "not UTF-8",
+                                  "folder with no text", "hub dataset while offline", "unwritable output dir"])
+def test_bad_data_input_fails_early_with_one_line_naming_the_file(tmp_path, cache_dir, case):
+    args, name, env = _bad_data_inputs(tmp_path / "inputs")[case]
+    proc = run_cli(["model=nano", "trainer.max_steps=2", *args], tmp_path, cache_dir, timeout=120, env=env)
+    assert proc.returncode != 0
+    lines = [l for l in proc.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("qknorm-train: error: ") and name in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert not (tmp_path / "logs").exists() or all(
+        json.loads((r / "summary.json").read_text())["status"] == "failed" for r in run_dirs(tmp_path / "logs"))

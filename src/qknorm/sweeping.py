@@ -53,11 +53,28 @@ def threads_per_job(launcher_target: str, n_jobs: Any, cores: Optional[int] = No
     return max(1, cores // max(1, n))
 
 
+def ensure_writable_dir(path: Path, key: str) -> None:
+    """Create `path` (the run or sweep directory) or exit with one line naming it, before Hydra tries."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write_test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        print(f"qknorm-train: error: {path}: output directory cannot be written ({e.strerror or e}; {key})", file=sys.stderr)
+        sys.exit(2)
+
+
 class SweepProgress(Callback):
-    """Says, before a multirun starts, how many of its jobs already finished and will be skipped."""
+    """Checks the output directory can be written, and says before a multirun starts how many of its
+    jobs already finished and will be skipped."""
+
+    def on_run_start(self, config, **kwargs) -> None:
+        ensure_writable_dir(Path(config.hydra.run.dir), "hydra.run.dir")
 
     def on_multirun_start(self, config, **kwargs) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
+        ensure_writable_dir(sweep_dir, "hydra.sweep.dir")
         if not sweep_dir.exists():
             return
         done = [p for p in sweep_dir.iterdir() if p.is_dir() and finished_summary(p)]

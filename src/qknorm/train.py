@@ -44,22 +44,33 @@ def resolve_precision(precision: str, accelerator: str) -> str:
     return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
 
 
-def resumable_checkpoint(run_dir: Path) -> tuple[Optional[Path], int]:
-    """The newest readable checkpoint of the run and its step; a corrupt one is reported and skipped."""
+@dataclasses.dataclass(frozen=True)
+class Resume:
+    checkpoint: Optional[Path] = None
+    step: int = 0
+    validated: bool = False  # the checkpoint already holds the validation of its own step
+
+
+def resumable_checkpoint(run_dir: Path) -> Resume:
+    """The newest readable checkpoint of the run; a corrupt one is reported and skipped."""
     import torch
 
     for path in (run_dir / "checkpoints" / "last.ckpt", run_dir / "checkpoints" / "last.ckpt.prev"):
         if not path.exists():
             continue
         try:
-            return path, int(torch.load(path, map_location="cpu", weights_only=False)["global_step"])
+            ckpt = torch.load(path, map_location="cpu", weights_only=False)
+            step = int(ckpt["global_step"])
         except Exception as e:  # torn or foreign file: any unpickling error
             log.warning("checkpoint %s is unreadable (%s: %s); trying the previous one", path, type(e).__name__,
                         str(e).splitlines()[0] if str(e) else "")
-    return None, 0
+            continue
+        history = ckpt.get("qknorm_outcome", {}).get("val_history", [])
+        return Resume(path, step, any(h[0] == step for h in history))
+    return Resume()
 
 
-def build_trainer(cfg: RunConfig, run_dir: Path, resume_step: int = 0):
+def build_trainer(cfg: RunConfig, run_dir: Path, resume: Resume = Resume()):
     import pytorch_lightning as pl
     from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
     from pytorch_lightning.loggers import TensorBoardLogger
@@ -72,7 +83,8 @@ def build_trainer(cfg: RunConfig, run_dir: Path, resume_step: int = 0):
     if cfg.logger.tensorboard:
         loggers.append(TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version="", default_hp_metric=False))
     if cfg.logger.csv:
-        loggers.append(ResumableCSVLogger(save_dir=str(run_dir), resume_step=resume_step))
+        loggers.append(ResumableCSVLogger(save_dir=str(run_dir), resume_step=resume.step,
+                                          validated_at_resume=resume.validated))
     callbacks = []
     if t.checkpoint_every_n_steps:
         callbacks.append(ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), save_last=True, save_top_k=0,
@@ -82,7 +94,7 @@ def build_trainer(cfg: RunConfig, run_dir: Path, resume_step: int = 0):
     if cfg.callbacks.throughput:
         callbacks.append(Throughput(t.log_every_n_steps))
     if cfg.callbacks.monitor.enabled:
-        callbacks.append(StabilityMonitor(cfg.callbacks.monitor, run_dir, resume_step=resume_step))
+        callbacks.append(StabilityMonitor(cfg.callbacks.monitor, run_dir, resume_step=resume.step))
     if cfg.callbacks.divergence.enabled:
         callbacks.append(DivergenceDetector(cfg.callbacks.divergence))
     callbacks.append(FitResultWriter(str(run_dir)))
@@ -118,11 +130,11 @@ def train(cfg: RunConfig, run_dir: Path, summary) -> dict:
     summary.update(**params)
     log.info("model: %d parameters (%d without the embedding)", params["params"], params["params_non_embedding"])
     datamodule = LMDataModule(cfg.data, data, cfg.seed, cfg.trainer.max_steps, cfg.trainer.val_every_n_steps)
-    resume_from, resume_step = resumable_checkpoint(run_dir)
-    trainer = build_trainer(cfg, run_dir, resume_step=resume_step)
-    if resume_from:
-        log.info("resuming from %s (step %d)", resume_from, resume_step)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None)
+    resume = resumable_checkpoint(run_dir)
+    trainer = build_trainer(cfg, run_dir, resume)
+    if resume.checkpoint:
+        log.info("resuming from %s (step %d)", resume.checkpoint, resume.step)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume.checkpoint) if resume.checkpoint else None)
     if not trainer.is_global_zero:  # other ranks of a script-launched DDP run: rank zero reports
         return {"is_global_zero": False}
     result_path = run_dir / ".fit_result.json"

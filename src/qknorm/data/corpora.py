@@ -138,7 +138,8 @@ def load_text_files(cfg: DataConfig) -> Corpus:
             raise DataError(f"{p}: no such file or folder (data.paths)")
     docs = [read_text_file(f) for f in files]
     train, val = _split_documents(docs, cfg.val_fraction, "data.paths")
-    return Corpus(f"text_files({len(files)} files)", train, val)
+    shown = ", ".join(str(f) for f in files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+    return Corpus(f"text_files({shown})", train, val)
 
 
 # -- Hugging Face datasets ------------------------------------------------------------------------

@@ -144,7 +144,9 @@ def _train_tokenizer(corpus: Corpus, cfg: DataConfig, folder: Path, settings: di
             )
         except RuntimeError as e:
             msg = str(e).splitlines()[-1] if str(e) else repr(e)
-            raise DataError(f"data.vocab_size={cfg.vocab_size}: tokenizer training failed ({msg})") from None
+            msg = msg.rsplit("] ", 1)[-1]  # drop SentencePiece's source location and check expression
+            raise DataError(f"{corpus.name}: cannot train a data.vocab_size={cfg.vocab_size} tokenizer on it ({msg}); "
+                            "is the text too short for that vocabulary?") from None
         atomic_write_bytes(folder / "spm.model", (Path(tmp) / "spm.model").read_bytes())
     _seal_entry(folder, ("spm.model",), {"settings": settings, "corpus": corpus.name})
 

@@ -174,7 +174,9 @@ class Attention(nn.Module):
                 self.probe.on_attention(self.layer_idx, tensors)
                 self._probe_tensors = None
         elif self.cfg.softcap is not None:
-            if self.cfg.backend == "flex" or (self.cfg.backend == "auto" and q.is_cuda):
+            # FlexAttention has no CPU backward (torch 2.13): CPU training takes the explicit path
+            flex_ok = q.is_cuda or not torch.is_grad_enabled()
+            if flex_ok and (self.cfg.backend == "flex" or self.cfg.backend == "auto" and q.is_cuda):
                 y = _flex_softcap(q, k, v, scale, self.cfg.softcap)
             else:
                 y = explicit_attention(q, k, v, scale, self.cfg.softcap)

@@ -20,10 +20,12 @@ class ResumableCSVLogger(CSVLogger):
     """`<run>/metrics.csv` that, on resume from step s, keeps the rows logged before s and appends.
 
     Lightning's CSVLogger deletes an existing metrics.csv; here rows from after the checkpoint (which
-    will be logged again) are dropped instead, so every step appears exactly once.
+    will be logged again) are dropped instead, so every step appears exactly once. Validation of step
+    s is logged at s - 1; when the checkpoint of step s was taken before that validation ran, the
+    validation runs again on resume and its earlier values are dropped too.
     """
 
-    def __init__(self, save_dir: str, resume_step: int = 0):
+    def __init__(self, save_dir: str, resume_step: int = 0, validated_at_resume: bool = True):
         super().__init__(save_dir=save_dir, name="", version="")
         path = os.path.join(save_dir, "metrics.csv")
         previous = path + ".previous"
@@ -38,6 +40,11 @@ class ResumableCSVLogger(CSVLogger):
             reader = csv.DictReader(f)
             header = list(reader.fieldnames or [])
             kept = [row for row in reader if row.get("step") and int(float(row["step"])) < resume_step]
+        if not validated_at_resume:
+            for row in kept:
+                if int(float(row["step"])) == resume_step - 1:
+                    row.update({k: "" for k in row if k.startswith("val/")})
+            kept = [row for row in kept if any(v for k, v in row.items() if k not in ("step", "epoch"))]
         if kept:
             buf = io.StringIO()
             out = csv.DictWriter(buf, fieldnames=header)

@@ -95,6 +95,9 @@ def _two_steps(cfg) -> list[float]:
     x = torch.randint(0, VOCAB, (BATCH, SEQ + 1))
     losses = []
     for _ in range(2):
+        if cfg.attention.qk_clip_tau is not None:  # as LMModule.on_train_start: track this step's max logit
+            for layer in module.model.attention_layers():
+                layer.max_logit = torch.full((layer.n_heads,), -math.inf)
         total, nats, _ = module.model.loss(x[:, :-1], x[:, 1:], cfg.optim.z_loss)
         losses.append(float(nats.mean()))
         opt.zero_grad(set_to_none=True)

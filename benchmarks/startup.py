@@ -1,0 +1,63 @@
+"""Start-up time: from typing the command to the first training step, with a warm data cache.
+
+    python benchmarks/startup.py [--repeats 3] [overrides ...]
+
+Runs `qknorm-train model=nano trainer.max_steps=1` (the default data, cache already built by a first
+untimed run) and takes the moment the stability monitor writes its step-0 record, which happens just
+before the first optimizer step, as "first training step". Then prints where import time goes
+(`python -X importtime -c "import qknorm.train, qknorm.training, qknorm.data"`, top-level packages
+by cumulative time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+EXE = str(Path(sys.executable).parent / "qknorm-train")
+
+
+def first_step_seconds(overrides: list[str]) -> float:
+    with tempfile.TemporaryDirectory() as tmp:
+        run_dir = Path(tmp) / "run"
+        t0 = time.time()
+        subprocess.run([EXE, f"hydra.run.dir={run_dir}", "model=nano", "trainer.max_steps=1", "trainer.progress_bar=false",
+                        "logger=none", "trainer.checkpoint_every_n_steps=null", *overrides], check=True, capture_output=True)
+        return (run_dir / "stability.jsonl").stat().st_mtime - t0
+
+
+def import_breakdown(top: int = 12) -> list[tuple[str, float]]:
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-c", "import qknorm.train, qknorm.training, qknorm.data"],
+                          capture_output=True, text=True, check=True)
+    totals: dict[str, float] = {}
+    for line in proc.stderr.splitlines():
+        m = re.match(r"import time:\s+\d+ \|\s+(\d+) \|(\s*)(\S+)", line)
+        if m and len(m.group(2)) <= 1:  # top-level imports only (one space of indentation)
+            totals[m.group(3)] = int(m.group(1)) / 1e6
+    return sorted(totals.items(), key=lambda kv: -kv[1])[:top]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("overrides", nargs="*")
+    args = p.parse_args(argv)
+    first_step_seconds(args.overrides)  # warm the tokenizer/token cache and the OS file cache
+    times = [first_step_seconds(args.overrides) for _ in range(args.repeats)]
+    print(f"command -> first training step: median {statistics.median(times):.2f} s "
+          f"(runs: {', '.join(f'{t:.2f}' for t in times)}; nano model, warm data cache, {os.cpu_count()} cores)")
+    print("import time, top-level packages (cumulative seconds):")
+    for name, seconds in import_breakdown():
+        print(f"  {seconds:6.2f}  {name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,300 @@
+"""Training throughput per model size and attention preset, against transformers at the same shape.
+
+    python benchmarks/throughput.py                                   # CPU: tiny + small, every preset
+    python benchmarks/throughput.py --sizes small --presets baseline qwen3 --hf --compile
+    python benchmarks/throughput.py --device cuda --sizes base --precision bf16 --hf --compile
+
+Every row is one training step as the trainer takes it (forward, fused LM-head loss, backward, gradient
+clipping, AdamW), timed in a fresh worker process on random tokens. Prints a table and writes a CSV:
+tokens/s, median step time, peak memory (GPU: max allocated; CPU: the worker's peak RSS), and MFU
+against the machine's matmul peak measured at the start of the same run (a large fp32 matmul on CPU,
+bf16 on GPU).
+
+Model FLOPs are counted the same way for every implementation (PaLM, appendix B): 6 x (weight-matrix
+parameters, the LM head included, the input embedding excluded) per token, plus 12 x layers x seq_len
+x attention width per token for the attention scores and weighted values (the full square: the causal
+half is not discounted).
+
+`--hf` adds `transformers`' Qwen3ForCausalLM (the `qwen3` preset's exact architecture, same weights
+through `qknorm.interop.to_qwen3`) and LlamaForCausalLM (the same without QK-norm, for `baseline`),
+trained with the same AdamW, cross-entropy on the full logits as a user would write it.
+`--compile` adds torch.compile rows (per block for qknorm, as `model.compile=true` does; the whole
+model for transformers). `--repeats` runs every row that many times, rounds interleaved, and reports
+the median, so slow drifts in machine speed hit every row alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_PRESETS = ["baseline", "qwen3", "olmo2", "gemma3", "henry2020_l2", "vit22b_layernorm", "wortsman2023_qk_layernorm",
+                   "modded_nanogpt", "rybakov2024_qkv_norm", "qwen2_qkv_bias", "kimi_k2_qk_clip", "zloss",
+                   "gemma2_softcap", "rybakov2024_qk_norm_cap"]
+
+
+# -- the worker: one row, in its own process ---------------------------------------------------------
+
+def _run_config(size: str, preset: str, seq: int, batch: int, extra: list[str]):
+    from hydra import compose, initialize_config_module
+    from omegaconf import OmegaConf
+
+    from qknorm.config import load_run_config, register_defaults
+
+    register_defaults()
+    with initialize_config_module(config_module="qknorm.conf", version_base="1.3"):
+        raw = compose("train", overrides=[f"model={size}", f"attention={preset}", f"data.seq_len={seq}",
+                                          f"data.batch_size={batch}", "paths.cache_dir=/tmp/unused", *extra])
+    return load_run_config(OmegaConf.to_container(raw, resolve=True))
+
+
+def model_flops_per_token(m, vocab: int, seq: int) -> int:
+    d, hd = m.d_model, m.dim_head
+    attn_width = m.n_heads * hd
+    qkv = d * (m.n_heads + 2 * m.kv_heads) * hd
+    mlp = (3 if m.mlp == "swiglu" else 2) * d * m.hidden
+    matrices = m.n_layers * (qkv + attn_width * d + mlp) + vocab * d
+    return 6 * matrices + 12 * m.n_layers * seq * attn_width
+
+
+def _hf_model(cfg, vocab: int, impl: str):
+    """Qwen3ForCausalLM with our model's weights (qwen3 preset), or LlamaForCausalLM of the same shape."""
+    from qknorm.model import build_model
+
+    if impl == "hf_qwen3":
+        from qknorm.interop import to_qwen3
+
+        return to_qwen3(build_model(cfg, vocab)).train()
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    m = cfg.model
+    return LlamaForCausalLM(LlamaConfig(
+        vocab_size=vocab, hidden_size=m.d_model, intermediate_size=m.hidden, num_hidden_layers=m.n_layers,
+        num_attention_heads=m.n_heads, num_key_value_heads=m.kv_heads, head_dim=m.dim_head, hidden_act="silu",
+        max_position_embeddings=cfg.data.seq_len, rms_norm_eps=m.norm_eps, tie_word_embeddings=m.tie_embeddings,
+        rope_parameters={"rope_type": "default", "rope_theta": m.rope_theta}, attention_bias=False, mlp_bias=False,
+    )).train()
+
+
+def worker(spec: dict) -> dict:
+    import resource
+
+    import torch
+    import torch.nn.functional as F
+
+    torch.set_num_threads(spec["threads"])
+    torch.manual_seed(0)
+    device = torch.device(spec["device"])
+    vocab, seq, batch = spec["vocab"], spec["seq"], spec["batch"]
+    cfg = _run_config(spec["size"], spec["preset"], seq, batch, spec.get("overrides", []))
+    amp = torch.autocast(device.type, dtype=torch.bfloat16) if spec["precision"] == "bf16" else None
+
+    if spec["impl"] == "qknorm":
+        from qknorm.model import build_model
+        from qknorm.training.optim import build_optimizer
+
+        model = build_model(cfg, vocab).to(device)
+        if spec["compile"]:
+            for block in model.blocks:
+                block.compile()
+        opt = build_optimizer(model, cfg.optim, cfg.attention, on_cuda=device.type == "cuda")
+
+        def loss_fn(x, y):
+            return model.loss(x, y, cfg.optim.z_loss)[0]
+    else:
+        from qknorm.training.optim import parameter_groups
+
+        model = _hf_model(cfg, vocab, spec["impl"]).to(device)
+        fwd = torch.compile(model) if spec["compile"] else model
+        decay, no_decay = parameter_groups(model, cfg.attention)
+        o = cfg.optim
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+                                lr=o.lr, betas=tuple(o.betas), eps=o.eps,
+                                **({"fused": True} if device.type == "cuda" else {"foreach": True}))
+
+        def loss_fn(x, y):
+            logits = fwd(input_ids=x).logits
+            return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+
+    params = list(model.parameters())
+    clip = cfg.optim.grad_clip or float("inf")
+
+    def step(x, y):
+        if amp is not None:
+            with amp:
+                loss = loss_fn(x, y)
+        else:
+            loss = loss_fn(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, clip, foreach=True)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, vocab, (batch, seq + 1), generator=gen) for _ in range(4)]
+    batches = [(b[:, :-1].to(device), b[:, 1:].to(device)) for b in batches]
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    for i in range(spec["warmup"]):
+        step(*batches[i % len(batches)])
+    sync()
+    times, losses = [], []
+    for i in range(spec["steps"]):
+        t0 = time.perf_counter()
+        loss = step(*batches[i % len(batches)])
+        sync()
+        times.append(time.perf_counter() - t0)
+        losses.append(float(loss))
+    if device.type == "cuda":
+        peak_mb = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    step_s = statistics.median(times)
+    tokens = batch * seq
+    return {"step_s": step_s, "tokens_per_s": tokens / step_s, "peak_mb": peak_mb,
+            "flops_per_token": model_flops_per_token(cfg.model, vocab, seq), "final_loss": losses[-1],
+            "params": sum(p.numel() for p in model.parameters())}
+
+
+# -- the parent: peak, rows, table -----------------------------------------------------------------
+
+def matmul_peak(device: str, threads: int, precision: str) -> float:
+    """Best-of-N GFLOP/s of a large square matmul: fp32 2048^2 on CPU, bf16 8192^2 on GPU."""
+    import torch
+
+    torch.set_num_threads(threads)
+    n = 8192 if device == "cuda" else 2048
+    dtype = torch.bfloat16 if device == "cuda" and precision == "bf16" else torch.float32
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    for _ in range(3):
+        a @ b
+    sync()
+    best = float("inf")
+    for _ in range(10):
+        t0 = time.perf_counter()
+        a @ b
+        sync()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e9
+
+
+def run_worker(spec: dict) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"])}
+    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        return {"error": (proc.stderr.strip().splitlines() or ["?"])[-1]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sizes", nargs="+", default=["tiny", "small"])
+    p.add_argument("--presets", nargs="+", default=DEFAULT_PRESETS)
+    p.add_argument("--hf", action="store_true", help="add transformers Qwen3ForCausalLM / LlamaForCausalLM rows")
+    p.add_argument("--compile", action="store_true", help="add torch.compile rows")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--vocab", type=int, default=2048)
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--csv", type=Path, default=HERE / "results" / "throughput.csv")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return 0
+
+    peak = matmul_peak(args.device, args.threads, args.precision)
+    device_name = _device_name(args.device)
+    print(f"device: {device_name}, {args.threads} threads; matmul peak {peak:.1f} GFLOP/s "
+          f"({'bf16 8192^2' if args.device == 'cuda' and args.precision == 'bf16' else 'fp32 2048^2' if args.device == 'cpu' else 'fp32 8192^2'})")
+    rows = []
+    for size in args.sizes:
+        for preset in args.presets:
+            for compiled in ([False, True] if args.compile else [False]):
+                rows.append({"size": size, "preset": preset, "impl": "qknorm", "compile": compiled})
+        if args.hf:
+            for impl, preset in (("hf_llama", "baseline"), ("hf_qwen3", "qwen3")):
+                for compiled in ([False, True] if args.compile else [False]):
+                    rows.append({"size": size, "preset": preset, "impl": impl, "compile": compiled})
+    results: dict[int, list[dict]] = {i: [] for i in range(len(rows))}
+    for r in range(args.repeats):
+        order = list(range(len(rows))) if r % 2 == 0 else list(reversed(range(len(rows))))
+        for i in order:
+            spec = {**rows[i], "device": args.device, "precision": args.precision, "threads": args.threads,
+                    "batch": args.batch, "seq": args.seq, "vocab": args.vocab, "steps": args.steps, "warmup": args.warmup}
+            out = run_worker(spec)
+            results[i].append(out)
+            if "error" in out:
+                print(f"  {rows[i]}: {out['error']}", file=sys.stderr)
+
+    table = []
+    for i, row in enumerate(rows):
+        ok = [o for o in results[i] if "error" not in o]
+        if not ok:
+            table.append({**row, "error": results[i][0]["error"]})
+            continue
+        tps = statistics.median(o["tokens_per_s"] for o in ok)
+        flops = ok[0]["flops_per_token"]
+        table.append({**row, "tokens_per_s": tps, "step_ms": 1000 * args.batch * args.seq / tps,
+                      "peak_mb": max(o["peak_mb"] for o in ok), "gflops": tps * flops / 1e9,
+                      "mfu": tps * flops / 1e9 / peak, "params": ok[0]["params"], "repeats": len(ok)})
+    base = {(t["size"], t["compile"]): t["tokens_per_s"] for t in table
+            if t["impl"] == "qknorm" and t["preset"] == "baseline" and "tokens_per_s" in t}
+    hf = {(t["size"], t["compile"]): t["tokens_per_s"] for t in table if t["impl"] == "hf_qwen3" and "tokens_per_s" in t}
+    for t in table:
+        if "tokens_per_s" in t:
+            t["vs_baseline"] = t["tokens_per_s"] / base[(t["size"], t["compile"])] if (t["size"], t["compile"]) in base else None
+            t["vs_hf_qwen3"] = t["tokens_per_s"] / hf[(t["size"], t["compile"])] if (t["size"], t["compile"]) in hf else None
+
+    header = f"{'size':6} {'impl':9} {'preset':26} {'compile':7} {'tok/s':>9} {'step ms':>8} {'peak MB':>8} {'GFLOP/s':>8} {'MFU':>6} {'x base':>7} {'x hfQ3':>7}"
+    print(header)
+    print("-" * len(header))
+    fmt = lambda v, f: format(v, f) if isinstance(v, (int, float)) else "-"  # noqa: E731
+    for t in table:
+        if "error" in t:
+            print(f"{t['size']:6} {t['impl']:9} {t['preset']:26} {str(t['compile']):7} error: {t['error']}")
+            continue
+        print(f"{t['size']:6} {t['impl']:9} {t['preset']:26} {str(t['compile']):7} {t['tokens_per_s']:9.0f} {t['step_ms']:8.1f} "
+              f"{t['peak_mb']:8.0f} {t['gflops']:8.1f} {t['mfu']:6.1%} {fmt(t['vs_baseline'], '7.3f')} {fmt(t['vs_hf_qwen3'], '7.3f')}")
+    args.csv.parent.mkdir(parents=True, exist_ok=True)
+    fields = ["size", "impl", "preset", "compile", "tokens_per_s", "step_ms", "peak_mb", "gflops", "mfu", "vs_baseline",
+              "vs_hf_qwen3", "params", "repeats", "error"]
+    with open(args.csv, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["device", "threads", "precision", "batch", "seq", "matmul_peak_gflops", *fields])
+        w.writeheader()
+        for t in table:
+            w.writerow({"device": device_name, "threads": args.threads, "precision": args.precision, "batch": args.batch,
+                        "seq": args.seq, "matmul_peak_gflops": round(peak, 1), **{k: t.get(k) for k in fields}})
+    print(f"wrote {args.csv}")
+    return 0
+
+
+def _device_name(device: str) -> str:
+    import platform
+
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    return f"{platform.processor() or platform.machine()} CPU, torch {torch.__version__}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

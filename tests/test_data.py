@@ -84,6 +84,7 @@ def test_a_truncated_token_cache_is_rebuilt(tmp_path, caplog):
     assert "rebuilding" in caplog.text
 
 
+@pytest.mark.slow
 def test_two_runs_building_the_same_new_cache_at_once_both_train_on_one_valid_copy(tmp_path):
     corpus = tmp_path / "corpus"
     corpus.mkdir()

@@ -83,6 +83,7 @@ def test_a_kill_during_a_checkpoint_save_leaves_the_previous_checkpoint(tmp_path
     assert not (tmp_path / "checkpoints" / "last.ckpt.prev").exists()
 
 
+@pytest.mark.slow
 def test_a_torn_last_checkpoint_resumes_from_the_previous_one_exactly(tmp_path, cache_dir):
     env = {**os.environ, "QKNORM_CACHE_DIR": str(cache_dir)}
     run_dir = tmp_path / "run"

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import AttentionConfig, ModelConfig, ScaleConfig
-from .norms import QKNorm, build_norm
+from .norms import QKNorm, build_norm, norm_qk_jointly
 from .rope import apply_rope
 
 
@@ -124,29 +124,41 @@ class Attention(nn.Module):
     # -- the shared decision: normalization, RoPE, temperature ------------------------------------
 
     def project(self, x, cos, sin):
-        """x [B,T,C] -> q [B,H,T,D], k and v [B,Hkv,T,D], normalized and rotated as configured."""
+        """x [B,T,C] -> q [B,H,T,D], k and v [B,Hkv,T,D], normalized and rotated as configured.
+
+        q and k come out of one matmul side by side, [B, T, H + Hkv, D], and are normalized and rotated
+        together; v has its own matmul. Slicing the weight rather than the output keeps the backward
+        free of a concatenation of the q/k/v gradients (on CPU that copy cost more than the fused
+        matmul saved).
+        """
         b, t, _ = x.shape
-        q, k, v = self.qkv(x).split(self.split_sizes, dim=-1)
-        q = q.view(b, t, self.n_heads, self.head_dim)
-        k = k.view(b, t, self.n_kv_heads, self.head_dim)
+        q_size, kv_size, _ = self.split_sizes
+        weight, bias = self.qkv.weight, self.qkv.bias
+        qk = F.linear(x, weight[:q_size + kv_size], None if bias is None else bias[:q_size + kv_size])
+        v = F.linear(x, weight[q_size + kv_size:], None if bias is None else bias[q_size + kv_size:])
+        qk = qk.view(b, t, self.n_heads + self.n_kv_heads, self.head_dim)
         v = v.view(b, t, self.n_kv_heads, self.head_dim)
-        raw_q, raw_k = q, k
+        raw, raw_v = qk, v
         if self.cfg.position == "before_rope":
-            q, k = self._norm_qk(q, k)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            qk = apply_rope(self._norm_qk(qk), cos, sin)
         else:
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-            q, k = self._norm_qk(q, k)
+            qk = self._norm_qk(apply_rope(qk, cos, sin))
         if self.v_norm is not None:
             v = self.v_norm(v)
+        q, k = qk.split((self.n_heads, self.n_kv_heads), dim=2)
         if self.probe is not None:
-            self._probe_tensors = {"q_proj": raw_q, "k_proj": raw_k, "q": q, "k": k, "v": v}
+            raw_q, raw_k = raw.split((self.n_heads, self.n_kv_heads), dim=2)
+            self._probe_tensors = {"q_proj": raw_q, "k_proj": raw_k, "v_proj": raw_v, "q": q, "k": k, "v": v}
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
-    def _norm_qk(self, q, k):
+    def _norm_qk(self, qk):
         if self.q_norm is None:
-            return q, k
-        return self.q_norm(q), self.k_norm(k)
+            return qk
+        joint = norm_qk_jointly(self.q_norm, self.k_norm, qk)
+        if joint is not None:
+            return joint
+        q, k = qk.split((self.n_heads, self.n_kv_heads), dim=2)
+        return torch.cat([self.q_norm(q), self.k_norm(k)], dim=2)
 
     def logit_bound(self) -> float:
         """Analytic bound on |s q.k| for a normalized variant (inf without a qk_norm)."""

@@ -108,6 +108,37 @@ class L2QKNorm(QKNorm):
         return 1.0
 
 
+def norm_qk_jointly(q_norm: QKNorm, k_norm: QKNorm, qk: torch.Tensor) -> torch.Tensor | None:
+    """q and k normalized in one pass over `qk` [B, T, H + Hkv, D] (the two side by side), or None when
+    the scope makes that impossible (layer scope with H != Hkv: statistics over different sizes).
+
+    Same result as (q_norm(q), k_norm(k)): the statistics are per row either way; only the gains differ
+    between the q and the k rows, so they are stacked. One pass instead of two halves the kernel launches
+    and the autograd nodes of the cheapest but most memory-bound part of attention.
+    """
+    h_q, h_k = q_norm.n_heads, k_norm.n_heads
+    if q_norm.scope == "layer":
+        if h_q != h_k:
+            return None
+        x = qk.unflatten(2, (2, h_q)).flatten(-2)  # [B, T, 2, H*D]: one row per projection
+    else:
+        x = qk
+    y = q_norm.normalize(x, None)
+    gain_q, gain_k = q_norm.effective_gain(), k_norm.effective_gain()
+    if gain_q is not None:
+        rows = (1, 1) if q_norm.scope == "layer" else (h_q, h_k)
+        gain = torch.cat([gain_q.expand(rows[0], *gain_q.shape[-1:]) if gain_q.dim() == 1 else gain_q,
+                          gain_k.expand(rows[1], *gain_k.shape[-1:]) if gain_k.dim() == 1 else gain_k])
+        y = y * gain.to(y.dtype)
+    bias_q, bias_k = getattr(q_norm, "bias", None), getattr(k_norm, "bias", None)
+    if bias_q is not None:
+        rows = (1, 1) if q_norm.scope == "layer" else (h_q, h_k)
+        bias = torch.cat([bias_q.expand(rows[0], *bias_q.shape[-1:]) if bias_q.dim() == 1 else bias_q,
+                          bias_k.expand(rows[1], *bias_k.shape[-1:]) if bias_k.dim() == 1 else bias_k])
+        y = y + bias.to(y.dtype)
+    return y.view(qk.shape)
+
+
 NORMS: dict[str, type[QKNorm]] = {"rms": RMSQKNorm, "layernorm": LayerQKNorm, "l2": L2QKNorm}
 
 

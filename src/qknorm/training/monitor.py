@@ -65,6 +65,8 @@ class StabilityProbe:
             "q_rms_proj": rms(t["q_proj"]), "k_rms_proj": rms(t["k_proj"]),
             "q_rms": rms(t["q"]), "k_rms": rms(t["k"]),
             "qk_cosine": _per_head_masked(cosine, mask, "mean"),
+            # L2 norm of each token's whole q|k|v projection output, averaged over tokens
+            "qkv_out_l2": sum(t[n].float().pow(2).sum(dim=(2, 3)) for n in ("q_proj", "k_proj", "v_proj")).sqrt().mean(),
         }
 
 
@@ -136,7 +138,7 @@ class StabilityMonitor(pl.Callback):
     def measure(self, pl_module, step: int) -> dict:
         model = pl_module.model
         probe = StabilityProbe()
-        outputs: dict[str, list] = {"qkv_out_l2": [], "attn_proj_out_l2": [], "mlp_out_l2": []}
+        outputs: dict[str, list] = {"attn_proj_out_l2": [], "mlp_out_l2": []}
         hooks = []
 
         def norm_hook(name):
@@ -144,8 +146,7 @@ class StabilityMonitor(pl.Callback):
 
         attns = model.attention_layers()
         for block in model.blocks:
-            hooks += [block.attn.qkv.register_forward_hook(norm_hook("qkv_out_l2")),
-                      block.attn.proj.register_forward_hook(norm_hook("attn_proj_out_l2")),
+            hooks += [block.attn.proj.register_forward_hook(norm_hook("attn_proj_out_l2")),
                       block.mlp.fc2.register_forward_hook(norm_hook("mlp_out_l2"))]
         was_training = model.training
         model.eval()
@@ -164,7 +165,7 @@ class StabilityMonitor(pl.Callback):
         layers = []
         for i, a in enumerate(attns):
             stats = {k: _to_list(v) for k, v in probe.layers[i].items()}
-            stats.update(layer=i, qkv_out_l2=outputs["qkv_out_l2"][i], attn_proj_out_l2=outputs["attn_proj_out_l2"][i],
+            stats.update(layer=i, attn_proj_out_l2=outputs["attn_proj_out_l2"][i],
                          mlp_out_l2=outputs["mlp_out_l2"][i], logit_bound=a.logit_bound())
             for name in ("q_norm", "k_norm", "v_norm"):
                 norm = getattr(a, name)

@@ -123,19 +123,16 @@ def norm_qk_jointly(q_norm: QKNorm, k_norm: QKNorm, qk: torch.Tensor) -> torch.T
         x = qk.unflatten(2, (2, h_q)).flatten(-2)  # [B, T, 2, H*D]: one row per projection
     else:
         x = qk
+    rows = (1, 1) if q_norm.scope == "layer" else (h_q, h_k)
+
+    def stacked(p_q: torch.Tensor, p_k: torch.Tensor) -> torch.Tensor:  # q's rows, then k's
+        return torch.cat([p_q.expand(rows[0], p_q.shape[-1]), p_k.expand(rows[1], p_k.shape[-1])]).to(x.dtype)
+
     y = q_norm.normalize(x, None)
-    gain_q, gain_k = q_norm.effective_gain(), k_norm.effective_gain()
-    if gain_q is not None:
-        rows = (1, 1) if q_norm.scope == "layer" else (h_q, h_k)
-        gain = torch.cat([gain_q.expand(rows[0], *gain_q.shape[-1:]) if gain_q.dim() == 1 else gain_q,
-                          gain_k.expand(rows[1], *gain_k.shape[-1:]) if gain_k.dim() == 1 else gain_k])
-        y = y * gain.to(y.dtype)
-    bias_q, bias_k = getattr(q_norm, "bias", None), getattr(k_norm, "bias", None)
-    if bias_q is not None:
-        rows = (1, 1) if q_norm.scope == "layer" else (h_q, h_k)
-        bias = torch.cat([bias_q.expand(rows[0], *bias_q.shape[-1:]) if bias_q.dim() == 1 else bias_q,
-                          bias_k.expand(rows[1], *bias_k.shape[-1:]) if bias_k.dim() == 1 else bias_k])
-        y = y + bias.to(y.dtype)
+    if q_norm.weight is not None:
+        y = y * stacked(q_norm.effective_gain(), k_norm.effective_gain())
+    if getattr(q_norm, "bias", None) is not None:
+        y = y + stacked(q_norm.bias, k_norm.bias)
     return y.view(qk.shape)
 
 

@@ -163,6 +163,51 @@ def test_fast_path_matches_explicit_path_fp32(axes):
     torch.testing.assert_close(fast, run_layer(layer, x), rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize("n_kv", [N_HEADS, N_KV], ids=["mha", "gqa"])
+@pytest.mark.parametrize("scale", [ScaleConfig(), ScaleConfig(kind="learnable", per="head")], ids=["fixed", "learnable"])
+def test_chunked_softcap_gradients_match_float64_formula(n_kv, scale, monkeypatch):
+    """The CPU soft-cap kernel has a hand-written backward: every gradient against autograd of the formula
+    (the float64 reference for the input's gradient, the explicit path for every parameter's)."""
+    from qknorm.model import capped_attention
+    monkeypatch.setattr(capped_attention, "_CHUNK_ELEMENTS", 3 * T * T)  # chunks of 3 heads: 8 = 3 + 3 + 2
+    cfg = AttentionConfig(softcap=2.0, qk_norm="rms", scale=scale)
+    layer = make_attention(cfg, n_kv=n_kv)
+    x = torch.randn(2, T, D_MODEL, dtype=torch.float64) * 3
+    grad_y = torch.randn(2, T, D_MODEL, dtype=torch.float64)
+
+    def grads(fn):
+        layer.zero_grad()
+        xx = x.clone().requires_grad_()
+        (fn(xx) * grad_y).sum().backward()
+        return xx.grad, {n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None}
+
+    chunked_x, chunked_params = grads(lambda xx: run_layer(layer, xx))
+    ref_x, _ = grads(lambda xx: ref_attention(layer, cfg, xx))
+    layer.cfg = AttentionConfig(softcap=2.0, qk_norm="rms", scale=scale, backend="explicit")
+    _, explicit_params = grads(lambda xx: run_layer(layer, xx))
+    torch.testing.assert_close(chunked_x, ref_x, rtol=1e-10, atol=1e-10)
+    assert chunked_params.keys() == {n for n, _ in layer.named_parameters()}
+    torch.testing.assert_close(chunked_params, explicit_params, rtol=1e-10, atol=1e-10)
+
+
+def test_chunked_softcap_keeps_low_precision_inputs_in_fp32_logits():
+    from qknorm.model.capped_attention import capped_causal_attention
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, T, 8, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    y = capped_causal_attention(q, k, v, 8 ** -0.5, 3.0)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    z = 3.0 * torch.tanh(q64 @ k64.transpose(-1, -2) * 8 ** -0.5 / 3.0)
+    z = z.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
+    ref = z.softmax(-1) @ v64
+    ref.sum().backward()
+    torch.testing.assert_close(y.double(), ref, rtol=0, atol=2e-2)  # bf16 output rounding
+    for got, want in ((q.grad, q64.grad), (k.grad, k64.grad), (v.grad, v64.grad)):
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got.double(), want, rtol=0, atol=5e-2)
+
+
 def test_learnable_temperature_inits():
     henry = make_attention(AttentionConfig(qk_norm="l2", scale=ScaleConfig(kind="learnable", init="henry")), seed=1)
     henry.temperature.param.data.fill_(math.log2(T * T - T))  # undo the perturbation of make_attention

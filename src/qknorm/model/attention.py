@@ -1,8 +1,8 @@
 """Causal self-attention: the one place where q/k/v normalization, RoPE, temperature and the logit
 treatment (plain or soft-capped) are decided.
 
-The fast path (SDPA, or FlexAttention for a soft-cap on GPU) and the explicit path (full logit matrix,
-fp32 softmax; used for probing and for a soft-cap on CPU) share `Attention.project` and
+The fast paths (SDPA; for a soft-cap, FlexAttention on GPU and a chunked exact kernel on CPU) and the
+explicit path (full logit matrix, fp32 softmax; used for probing) share `Attention.project` and
 `Attention.temperature`, so they can only differ in how the softmax is evaluated.
 """
 
@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import AttentionConfig, ModelConfig, ScaleConfig
+from .capped_attention import capped_causal_attention
 from .norms import QKNorm, build_norm, norm_qk_jointly
 from .rope import apply_rope
 
@@ -186,12 +187,12 @@ class Attention(nn.Module):
                 self.probe.on_attention(self.layer_idx, tensors)
                 self._probe_tensors = None
         elif self.cfg.softcap is not None:
-            # FlexAttention has no CPU backward (torch 2.13): CPU training takes the explicit path
+            # FlexAttention has no CPU backward (torch 2.13): CPU training takes the chunked path
             flex_ok = q.is_cuda or not torch.is_grad_enabled()
             if flex_ok and (self.cfg.backend == "flex" or self.cfg.backend == "auto" and q.is_cuda):
                 y = _flex_softcap(q, k, v, scale, self.cfg.softcap)
             else:
-                y = explicit_attention(q, k, v, scale, self.cfg.softcap)
+                y = capped_causal_attention(q, k, v, scale, self.cfg.softcap)
         else:
             if isinstance(scale, torch.Tensor):
                 # SDPA takes a float scale: fold a learned one into q (x-transformers#190)

@@ -18,6 +18,9 @@ half is not discounted).
 `--hf` adds `transformers`' Qwen3ForCausalLM (the `qwen3` preset's exact architecture, same weights
 through `qknorm.interop.to_qwen3`) and LlamaForCausalLM (the same without QK-norm, for `baseline`),
 trained with the same AdamW, cross-entropy on the full logits as a user would write it.
+`--profile` runs one more step under torch.profiler and adds the share of the step spent in matrix
+multiplies (mm/addmm/bmm) and in SDPA's kernels: the part of a step that any PyTorch implementation
+calling the same kernels spends alike, so it bounds how much faster one can be than another.
 `--compile` adds torch.compile rows (per block for qknorm, as `model.compile=true` does; the whole
 model for transformers). `--repeats` runs every row that many times, rounds interleaved, and reports
 the median, so slow drifts in machine speed hit every row alike.
@@ -155,6 +158,7 @@ def worker(spec: dict) -> dict:
         sync()
         times.append(time.perf_counter() - t0)
         losses.append(float(loss))
+    shares = _profile_shares(lambda: step(*batches[0]), sync) if spec.get("profile") else {}
     if device.type == "cuda":
         peak_mb = torch.cuda.max_memory_allocated() / 2**20
     else:
@@ -163,7 +167,24 @@ def worker(spec: dict) -> dict:
     tokens = batch * seq
     return {"step_s": step_s, "tokens_per_s": tokens / step_s, "peak_mb": peak_mb,
             "flops_per_token": model_flops_per_token(cfg.model, vocab, seq), "final_loss": losses[-1],
-            "params": sum(p.numel() for p in model.parameters())}
+            "params": sum(p.numel() for p in model.parameters()), **shares}
+
+
+MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addbmm"}
+
+
+def _profile_shares(run_step, sync) -> dict:
+    """Fractions of one step's operator self-time in matmuls and in SDPA kernels (forward and backward)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        run_step()
+        sync()
+    events = [e for e in prof.key_averages() if e.key.startswith("aten::")]
+    total = sum(e.self_cpu_time_total for e in events)
+    mm = sum(e.self_cpu_time_total for e in events if e.key in MATMUL_OPS)
+    sdpa = sum(e.self_cpu_time_total for e in events if "scaled_dot_product" in e.key or "flash_attention" in e.key)
+    return {"matmul_share": mm / total, "sdpa_share": sdpa / total}
 
 
 # -- the parent: peak, rows, table -----------------------------------------------------------------
@@ -204,6 +225,7 @@ def main(argv=None) -> int:
     p.add_argument("--presets", nargs="+", default=DEFAULT_PRESETS)
     p.add_argument("--hf", action="store_true", help="add transformers Qwen3ForCausalLM / LlamaForCausalLM rows")
     p.add_argument("--compile", action="store_true", help="add torch.compile rows")
+    p.add_argument("--profile", action="store_true", help="add each step's share of time in matmuls and SDPA")
     p.add_argument("--device", default="cpu")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--threads", type=int, default=os.cpu_count())
@@ -238,7 +260,8 @@ def main(argv=None) -> int:
         order = list(range(len(rows))) if r % 2 == 0 else list(reversed(range(len(rows))))
         for i in order:
             spec = {**rows[i], "device": args.device, "precision": args.precision, "threads": args.threads,
-                    "batch": args.batch, "seq": args.seq, "vocab": args.vocab, "steps": args.steps, "warmup": args.warmup}
+                    "batch": args.batch, "seq": args.seq, "vocab": args.vocab, "steps": args.steps, "warmup": args.warmup,
+                    "profile": args.profile}
             out = run_worker(spec)
             results[i].append(out)
             if "error" in out:
@@ -259,7 +282,8 @@ def main(argv=None) -> int:
         flops = ok[0]["flops_per_token"]
         table.append({**row, "tokens_per_s": tps, "step_ms": 1000 * args.batch * args.seq / tps,
                       "peak_mb": max(o["peak_mb"] for o in ok), "gflops": tps * flops / 1e9,
-                      "mfu": tps * flops / 1e9 / peak, "params": ok[0]["params"], "repeats": len(ok)})
+                      "mfu": tps * flops / 1e9 / peak, "params": ok[0]["params"], "repeats": len(ok),
+                      **{k: statistics.median(o[k] for o in ok) for k in ("matmul_share", "sdpa_share") if k in ok[0]}})
     base = {(t["size"], t["compile"]): t["tokens_per_s"] for t in table
             if t["impl"] == "qknorm" and t["preset"] == "baseline" and "tokens_per_s" in t}
     hf = {(t["size"], t["compile"]): t["tokens_per_s"] for t in table if t["impl"] == "hf_qwen3" and "tokens_per_s" in t}
@@ -269,6 +293,8 @@ def main(argv=None) -> int:
             t["vs_hf_qwen3"] = t["tokens_per_s"] / hf[(t["size"], t["compile"])] if (t["size"], t["compile"]) in hf else None
 
     header = f"{'size':6} {'impl':9} {'preset':26} {'compile':7} {'tok/s':>9} {'step ms':>8} {'peak MB':>8} {'GFLOP/s':>8} {'MFU':>6} {'x base':>7} {'x hfQ3':>7}"
+    if args.profile:
+        header += f" {'mm':>5} {'sdpa':>5}"
     print(header)
     print("-" * len(header))
     fmt = lambda v, f: format(v, f) if isinstance(v, (int, float)) else "-"  # noqa: E731
@@ -277,10 +303,11 @@ def main(argv=None) -> int:
             print(f"{t['size']:6} {t['impl']:9} {t['preset']:26} {str(t['compile']):7} error: {t['error']}")
             continue
         print(f"{t['size']:6} {t['impl']:9} {t['preset']:26} {str(t['compile']):7} {t['tokens_per_s']:9.0f} {t['step_ms']:8.1f} "
-              f"{t['peak_mb']:8.0f} {t['gflops']:8.1f} {t['mfu']:6.1%} {fmt(t['vs_baseline'], '7.3f')} {fmt(t['vs_hf_qwen3'], '7.3f')}")
+              f"{t['peak_mb']:8.0f} {t['gflops']:8.1f} {t['mfu']:6.1%} {fmt(t['vs_baseline'], '7.3f')} {fmt(t['vs_hf_qwen3'], '7.3f')}"
+              + (f" {t.get('matmul_share', 0):5.0%} {t.get('sdpa_share', 0):5.0%}" if args.profile else ""))
     args.csv.parent.mkdir(parents=True, exist_ok=True)
     fields = ["size", "impl", "preset", "compile", "tokens_per_s", "step_ms", "peak_mb", "gflops", "mfu", "vs_baseline",
-              "vs_hf_qwen3", "params", "repeats", "error"]
+              "vs_hf_qwen3", "matmul_share", "sdpa_share", "params", "repeats", "error"]
     with open(args.csv, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["device", "threads", "precision", "batch", "seq", "matmul_peak_gflops", *fields])
         w.writeheader()

@@ -208,6 +208,35 @@ def test_chunked_softcap_keeps_low_precision_inputs_in_fp32_logits():
         torch.testing.assert_close(got.double(), want, rtol=0, atol=5e-2)
 
 
+@pytest.mark.parametrize("group", [1, 3], ids=["per_head", "per_layer"])
+@pytest.mark.parametrize("with_gain", [True, False], ids=["gain", "no_gain"])
+def test_fused_rms_norm_rope_matches_formula_and_finite_differences(group, with_gain):
+    """The hand-written backwards of the fused kernels, by float64 finite differences (gradcheck)."""
+    from qknorm.model.norm_rope import rms_norm_rope
+    from qknorm.model.rope import rope
+    torch.manual_seed(0)
+    b, t, r, d = 2, 5, 6, 8
+    x = torch.randn(b, t, r, d, dtype=torch.float64, requires_grad=True)
+    gain = (1 + 0.3 * torch.randn(r, d, dtype=torch.float64)).requires_grad_() if with_gain else None
+    cos, sin = rope_tables(t, d, 10000.0)
+    grouped = x.reshape(b, t, r // group, group * d)
+    normed = (grouped / torch.sqrt(grouped.pow(2).mean(-1, keepdim=True) + 1e-6)).view(b, t, r, d)
+    want = ref_rope(normed * gain if with_gain else normed)
+    torch.testing.assert_close(rms_norm_rope(x, gain, cos, sin, 1e-6, group), want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(rope(x, cos, sin), ref_rope(x), rtol=1e-12, atol=1e-12)
+    inputs = (x, gain) if with_gain else (x,)
+    assert torch.autograd.gradcheck(lambda *a: rms_norm_rope(a[0], a[1] if with_gain else None, cos, sin, 1e-6, group), inputs)
+    assert torch.autograd.gradcheck(lambda z: rope(z, cos, sin), (x,))
+
+
+def test_chunked_softcap_passes_gradcheck(monkeypatch):
+    from qknorm.model import capped_attention
+    monkeypatch.setattr(capped_attention, "_CHUNK_ELEMENTS", 2 * 7 * 7)
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 7, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    assert torch.autograd.gradcheck(lambda *a: capped_attention.capped_causal_attention(*a, 0.5, 1.5), (q, k, v))
+
+
 def test_learnable_temperature_inits():
     henry = make_attention(AttentionConfig(qk_norm="l2", scale=ScaleConfig(kind="learnable", init="henry")), seed=1)
     henry.temperature.param.data.fill_(math.log2(T * T - T))  # undo the perturbation of make_attention

@@ -17,8 +17,9 @@ from torch import nn
 
 from ..config import AttentionConfig, ModelConfig, ScaleConfig
 from .capped_attention import capped_causal_attention
-from .norms import QKNorm, build_norm, norm_qk_jointly
-from .rope import apply_rope
+from .norm_rope import rms_norm_rope
+from .norms import QKNorm, RMSQKNorm, build_norm, can_norm_jointly, norm_qk_jointly, stack_qk
+from .rope import rope
 
 
 class AttentionProbe(Protocol):
@@ -141,9 +142,9 @@ class Attention(nn.Module):
         v = v.view(b, t, self.n_kv_heads, self.head_dim)
         raw, raw_v = qk, v
         if self.cfg.position == "before_rope":
-            qk = apply_rope(self._norm_qk(qk), cos, sin)
+            qk = self._norm_then_rope(qk, cos, sin)
         else:
-            qk = self._norm_qk(apply_rope(qk, cos, sin))
+            qk = self._norm_qk(rope(qk, cos, sin))
         if self.v_norm is not None:
             v = self.v_norm(v)
         q, k = qk.split((self.n_heads, self.n_kv_heads), dim=2)
@@ -155,11 +156,19 @@ class Attention(nn.Module):
     def _norm_qk(self, qk):
         if self.q_norm is None:
             return qk
-        joint = norm_qk_jointly(self.q_norm, self.k_norm, qk)
-        if joint is not None:
-            return joint
+        if can_norm_jointly(self.q_norm, self.k_norm):
+            return norm_qk_jointly(self.q_norm, self.k_norm, qk)
         q, k = qk.split((self.n_heads, self.n_kv_heads), dim=2)
         return torch.cat([self.q_norm(q), self.k_norm(k)], dim=2)
+
+    def _norm_then_rope(self, qk, cos, sin):
+        q_norm, k_norm = self.q_norm, self.k_norm
+        if type(q_norm) is RMSQKNorm and can_norm_jointly(q_norm, k_norm):  # the common case, in one node
+            gain = q_norm.effective_gain()
+            gain = None if gain is None else stack_qk(q_norm, k_norm, gain, k_norm.effective_gain())
+            group = self.n_heads if q_norm.scope == "layer" else 1
+            return rms_norm_rope(qk, gain, cos, sin, q_norm.eps, group)
+        return rope(self._norm_qk(qk), cos, sin)
 
     def logit_bound(self) -> float:
         """Analytic bound on |s q.k| for a normalized variant (inf without a qk_norm)."""

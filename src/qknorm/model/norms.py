@@ -108,32 +108,34 @@ class L2QKNorm(QKNorm):
         return 1.0
 
 
-def norm_qk_jointly(q_norm: QKNorm, k_norm: QKNorm, qk: torch.Tensor) -> torch.Tensor | None:
-    """q and k normalized in one pass over `qk` [B, T, H + Hkv, D] (the two side by side), or None when
-    the scope makes that impossible (layer scope with H != Hkv: statistics over different sizes).
+def stack_qk(q_norm: QKNorm, k_norm: QKNorm, p_q: torch.Tensor, p_k: torch.Tensor) -> torch.Tensor:
+    """A q-norm parameter and its k-norm twin laid out as the rows of [B, T, H + Hkv, D]: shape [H + Hkv, D]."""
+    d = q_norm.head_dim
+    return torch.cat([p_q.expand(q_norm.n_heads, d) if q_norm.scope == "head" else p_q.reshape(q_norm.n_heads, d),
+                      p_k.expand(k_norm.n_heads, d) if k_norm.scope == "head" else p_k.reshape(k_norm.n_heads, d)])
+
+
+def can_norm_jointly(q_norm: QKNorm, k_norm: QKNorm) -> bool:
+    # layer scope with H != Hkv: the q and k statistics run over different sizes
+    return q_norm.scope != "layer" or q_norm.n_heads == k_norm.n_heads
+
+
+def norm_qk_jointly(q_norm: QKNorm, k_norm: QKNorm, qk: torch.Tensor) -> torch.Tensor:
+    """q and k normalized in one pass over `qk` [B, T, H + Hkv, D] (the two side by side); needs
+    `can_norm_jointly`.
 
     Same result as (q_norm(q), k_norm(k)): the statistics are per row either way; only the gains differ
     between the q and the k rows, so they are stacked. One pass instead of two halves the kernel launches
     and the autograd nodes of the cheapest but most memory-bound part of attention.
     """
-    h_q, h_k = q_norm.n_heads, k_norm.n_heads
-    if q_norm.scope == "layer":
-        if h_q != h_k:
-            return None
-        x = qk.unflatten(2, (2, h_q)).flatten(-2)  # [B, T, 2, H*D]: one row per projection
-    else:
-        x = qk
-    rows = (1, 1) if q_norm.scope == "layer" else (h_q, h_k)
-
-    def stacked(p_q: torch.Tensor, p_k: torch.Tensor) -> torch.Tensor:  # q's rows, then k's
-        return torch.cat([p_q.expand(rows[0], p_q.shape[-1]), p_k.expand(rows[1], p_k.shape[-1])]).to(x.dtype)
-
-    y = q_norm.normalize(x, None)
+    b, t, r, d = qk.shape
+    x = qk.view(b, t, 2, r // 2 * d) if q_norm.scope == "layer" else qk  # one row per projection
+    y = q_norm.normalize(x, None).view(qk.shape)
     if q_norm.weight is not None:
-        y = y * stacked(q_norm.effective_gain(), k_norm.effective_gain())
+        y = y * stack_qk(q_norm, k_norm, q_norm.effective_gain(), k_norm.effective_gain()).to(y.dtype)
     if getattr(q_norm, "bias", None) is not None:
-        y = y + stacked(q_norm.bias, k_norm.bias)
-    return y.view(qk.shape)
+        y = y + stack_qk(q_norm, k_norm, q_norm.bias, k_norm.bias).to(y.dtype)
+    return y
 
 
 NORMS: dict[str, type[QKNorm]] = {"rms": RMSQKNorm, "layernorm": LayerQKNorm, "l2": L2QKNorm}

@@ -1,4 +1,9 @@
-"""Rotary position embedding in the rotate-half convention (GPT-NeoX, Llama, Qwen3, OLMo 2)."""
+"""Rotary position embedding in the rotate-half convention (GPT-NeoX, Llama, Qwen3, OLMo 2).
+
+`rope` is one autograd node: the rotation is written half by half into one output, and its backward
+is the rotation by the opposite angle (the rotation is orthogonal), instead of eager PyTorch's
+negate, concatenate, two multiplies and an add, each kept for the backward.
+"""
 
 from __future__ import annotations
 
@@ -13,11 +18,37 @@ def rope_tables(seq_len: int, head_dim: int, theta: float) -> tuple[torch.Tensor
     return angles.cos(), angles.sin()
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x of shape [B, T, H, D] by position; cos/sin are [T, D]."""
+def rotate(x: torch.Tensor, cos_half: torch.Tensor, sin_half: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """[x1, x2] -> [x1 c - x2 s, x2 c + x1 s] (or by -angle), written half by half into one new tensor."""
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]
-    rotated = torch.cat([-x2, x1], dim=-1)
-    cos = cos[:, None, :].to(x.dtype)
-    sin = sin[:, None, :].to(x.dtype)
-    return x * cos + rotated * sin
+    out = torch.empty_like(x)
+    out1, out2 = out[..., :half], out[..., half:]
+    sign = 1.0 if inverse else -1.0
+    torch.mul(x1, cos_half, out=out1).addcmul_(x2, sin_half, value=sign)
+    torch.mul(x2, cos_half, out=out2).addcmul_(x1, sin_half, value=-sign)
+    return out
+
+
+def half_tables(cos: torch.Tensor, sin: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    # the tables repeat each angle in both halves ([angles, angles]), so one half carries all of them
+    half = cos.shape[-1] // 2
+    return cos[:, None, :half].to(dtype), sin[:, None, :half].to(dtype)
+
+
+class _Rope(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        c, s = half_tables(cos, sin, x.dtype)
+        ctx.save_for_backward(c, s)
+        return rotate(x, c, s)
+
+    @staticmethod
+    def backward(ctx, grad):
+        c, s = ctx.saved_tensors
+        return rotate(grad.contiguous(), c, s, inverse=True), None, None
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [B, T, H, D] by position (rotate-half convention); cos/sin are [T, D]."""
+    return _Rope.apply(x.contiguous(), cos, sin)

@@ -1,4 +1,4 @@
-"""Sweep throughput on this machine: 2 jobs x 1 thread (joblib) against 1 job x 2 threads (basic launcher).
+"""Sweep throughput on this machine: 2 jobs x 1 thread against 1 job x 2 threads (the sweeps' joblib launcher).
 
     python benchmarks/sweep_parallelism.py --size smoke
     python benchmarks/sweep_parallelism.py --size cpu --subset "attention=baseline,qwen3" "optim.lr=1e-3,1e-2" "seed=0"
@@ -24,7 +24,7 @@ EXE = str(Path(sys.executable).parent / "qknorm-train")
 
 def run(layout: str, size: str, subset: list[str], cores: int) -> dict:
     jobs = {"2x1": 2, "1x2": 1}[layout] if cores == 2 else {"parallel": cores, "serial": 1}[layout]
-    launcher = ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={jobs}"] if jobs > 1 else []
+    launcher = ["hydra/launcher=local_jobs", f"hydra.launcher.n_jobs={jobs}"]
     with tempfile.TemporaryDirectory() as tmp:
         env = {**os.environ, "QKNORM_LOG_DIR": tmp}
         t0 = time.perf_counter()

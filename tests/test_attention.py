@@ -190,11 +190,13 @@ def test_chunked_softcap_gradients_match_float64_formula(n_kv, scale, monkeypatc
     torch.testing.assert_close(chunked_params, explicit_params, rtol=1e-10, atol=1e-10)
 
 
-def test_chunked_softcap_keeps_low_precision_inputs_in_fp32_logits():
+@pytest.mark.parametrize("autocast", [False, True], ids=["bf16", "bf16_autocast"])
+def test_chunked_softcap_keeps_low_precision_inputs_in_fp32_logits(autocast):
     from qknorm.model.capped_attention import capped_causal_attention
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 4, T, 8, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
-    y = capped_causal_attention(q, k, v, 8 ** -0.5, 3.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):  # as under precision=bf16-mixed
+        y = capped_causal_attention(q, k, v, 8 ** -0.5, 3.0)
     assert y.dtype == torch.bfloat16
     y.float().sum().backward()
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))

@@ -26,6 +26,12 @@ def _additive_causal_mask(t_q: int, t_k: int, dtype, device) -> torch.Tensor:
 class _CappedCausalAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, scale: float, cap: float):
+        # the accumulation dtype is chosen here, so autocast must not recast the matmuls' operands
+        with torch.autocast(q.device.type, enabled=False):
+            return _CappedCausalAttention._forward(ctx, q, k, v, scale, cap)
+
+    @staticmethod
+    def _forward(ctx, q, k, v, scale: float, cap: float):
         b, h, t_q, d = q.shape
         t_k = k.shape[-2]
         acc = torch.promote_types(q.dtype, torch.float32)  # fp32 logits and softmax, fp64 when asked
@@ -44,6 +50,11 @@ class _CappedCausalAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        with torch.autocast(grad_out.device.type, enabled=False):
+            return _CappedCausalAttention._backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx, grad_out):
         qf, kf, vf, out = ctx.saved_tensors
         scale, cap = ctx.scale, ctx.cap
         b, h, t_q, t_k, d = ctx.shape

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import AttentionConfig, ModelConfig, ScaleConfig
-from .capped_attention import capped_causal_attention
+from .capped_attention import capped_causal_attention, causal_mask
 from .norm_rope import rms_norm_rope
 from .norms import QKNorm, RMSQKNorm, build_norm, can_norm_jointly, norm_qk_jointly, stack_qk
 from .rope import rope
@@ -63,10 +63,6 @@ class Temperature(nn.Module):
     def abs_max(self) -> float:
         s = self.forward()
         return abs(s) if isinstance(s, float) else float(s.detach().abs().max())
-
-
-def causal_mask(t_q: int, t_k: int, device) -> torch.Tensor:
-    return torch.ones(t_q, t_k, dtype=torch.bool, device=device).tril(diagonal=t_k - t_q)
 
 
 def explicit_attention(q, k, v, scale, softcap: Optional[float], probe_tensors: Optional[dict] = None):

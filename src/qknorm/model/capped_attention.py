@@ -18,9 +18,13 @@ import torch
 _CHUNK_ELEMENTS = 1 << 19
 
 
+def causal_mask(t_q: int, t_k: int, device) -> torch.Tensor:
+    """True where query i may attend to key j (the last query sees every key)."""
+    return torch.ones(t_q, t_k, dtype=torch.bool, device=device).tril(diagonal=t_k - t_q)
+
+
 def _additive_causal_mask(t_q: int, t_k: int, dtype, device) -> torch.Tensor:
-    keep = torch.ones(t_q, t_k, dtype=torch.bool, device=device).tril(diagonal=t_k - t_q)
-    return torch.zeros(t_q, t_k, dtype=dtype, device=device).masked_fill_(~keep, float("-inf"))
+    return torch.zeros(t_q, t_k, dtype=dtype, device=device).masked_fill_(~causal_mask(t_q, t_k, device), float("-inf"))
 
 
 class _CappedCausalAttention(torch.autograd.Function):

@@ -210,24 +210,36 @@ def test_chunked_softcap_keeps_low_precision_inputs_in_fp32_logits(autocast):
         torch.testing.assert_close(got.double(), want, rtol=0, atol=5e-2)
 
 
+@pytest.mark.parametrize("kind", ["rms", "layernorm", "l2"])
 @pytest.mark.parametrize("group", [1, 3], ids=["per_head", "per_layer"])
-@pytest.mark.parametrize("with_gain", [True, False], ids=["gain", "no_gain"])
-def test_fused_rms_norm_rope_matches_formula_and_finite_differences(group, with_gain):
+@pytest.mark.parametrize("affine", ["gain", "gain_bias", "bias", "none"])
+def test_fused_norm_rope_matches_formula_and_finite_differences(kind, group, affine):
     """The hand-written backwards of the fused kernels, by float64 finite differences (gradcheck)."""
-    from qknorm.model.norm_rope import rms_norm_rope
+    from qknorm.model.norm_rope import norm_rope
     from qknorm.model.rope import rope
     torch.manual_seed(0)
     b, t, r, d = 2, 5, 6, 8
     x = torch.randn(b, t, r, d, dtype=torch.float64, requires_grad=True)
-    gain = (1 + 0.3 * torch.randn(r, d, dtype=torch.float64)).requires_grad_() if with_gain else None
+    x_small = (x.detach() * 1e-8).requires_grad_()  # l2: norms below eps take the clamped branch
+    gain = (1 + 0.3 * torch.randn(r, d, dtype=torch.float64)).requires_grad_() if "gain" in affine else None
+    bias = (0.3 * torch.randn(r, d, dtype=torch.float64)).requires_grad_() if "bias" in affine else None
     cos, sin = rope_tables(t, d, 10000.0)
-    grouped = x.reshape(b, t, r // group, group * d)
-    normed = (grouped / torch.sqrt(grouped.pow(2).mean(-1, keepdim=True) + 1e-6)).view(b, t, r, d)
-    want = ref_rope(normed * gain if with_gain else normed)
-    torch.testing.assert_close(rms_norm_rope(x, gain, cos, sin, 1e-6, group), want, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(rope(x, cos, sin), ref_rope(x), rtol=1e-12, atol=1e-12)
-    inputs = (x, gain) if with_gain else (x,)
-    assert torch.autograd.gradcheck(lambda *a: rms_norm_rope(a[0], a[1] if with_gain else None, cos, sin, 1e-6, group), inputs)
+    eps = 1e-6
+    ref = ref_norm(x.reshape(b, t, r // group, group * d), kind, "head", "vector" if gain is not None else "none",
+                   None if gain is None else gain.reshape(r // group, group * d),
+                   None if bias is None else bias.reshape(r // group, group * d), eps)
+    torch.testing.assert_close(norm_rope(x, kind, gain, bias, cos, sin, eps, group),
+                               ref_rope(ref.reshape(b, t, r, d)), rtol=1e-12, atol=1e-12)
+    params = [p for p in (gain, bias) if p is not None]
+
+    def fused(z, *p):
+        it = iter(p)
+        return norm_rope(z, kind, next(it) if gain is not None else None, next(it) if bias is not None else None,
+                         cos, sin, eps, group)
+
+    assert torch.autograd.gradcheck(fused, (x, *params))
+    if kind == "l2":
+        assert torch.autograd.gradcheck(fused, (x_small, *params), eps=1e-11)
     assert torch.autograd.gradcheck(lambda z: rope(z, cos, sin), (x,))
 
 

@@ -17,8 +17,8 @@ from torch import nn
 
 from ..config import AttentionConfig, ModelConfig, ScaleConfig
 from .capped_attention import capped_causal_attention, causal_mask
-from .norm_rope import rms_norm_rope
-from .norms import QKNorm, RMSQKNorm, build_norm, can_norm_jointly, norm_qk_jointly, stack_qk
+from .norm_rope import norm_rope
+from .norms import QKNorm, build_norm, can_norm_jointly, norm_qk_jointly, stack_qk
 from .rope import rope
 
 
@@ -159,12 +159,15 @@ class Attention(nn.Module):
 
     def _norm_then_rope(self, qk, cos, sin):
         q_norm, k_norm = self.q_norm, self.k_norm
-        if type(q_norm) is RMSQKNorm and can_norm_jointly(q_norm, k_norm):  # the common case, in one node
-            gain = q_norm.effective_gain()
-            gain = None if gain is None else stack_qk(q_norm, k_norm, gain, k_norm.effective_gain())
-            group = self.n_heads if q_norm.scope == "layer" else 1
-            return rms_norm_rope(qk, gain, cos, sin, q_norm.eps, group)
-        return rope(self._norm_qk(qk), cos, sin)
+        if q_norm is None:
+            return rope(qk, cos, sin)
+        if not can_norm_jointly(q_norm, k_norm):
+            return rope(self._norm_qk(qk), cos, sin)
+        gain, bias = q_norm.effective_gain(), getattr(q_norm, "bias", None)
+        gain = None if gain is None else stack_qk(q_norm, k_norm, gain, k_norm.effective_gain())
+        bias = None if bias is None else stack_qk(q_norm, k_norm, bias, k_norm.bias)
+        group = self.n_heads if q_norm.scope == "layer" else 1
+        return norm_rope(qk, q_norm.kind, gain, bias, cos, sin, q_norm.eps, group)
 
     def logit_bound(self) -> float:
         """Analytic bound on |s q.k| for a normalized variant (inf without a qk_norm)."""

@@ -65,6 +65,8 @@ class QKNorm(nn.Module):
 class RMSQKNorm(QKNorm):
     """x / sqrt(mean(x^2) + eps) * gain (Qwen3, OLMo 2, Gemma 3, modded-nanogpt without gain)."""
 
+    kind = "rms"
+
     def normalize(self, x, gain):
         return F.rms_norm(x, (x.shape[-1],), gain.to(x.dtype) if gain is not None else None, self.eps)
 
@@ -75,6 +77,8 @@ class RMSQKNorm(QKNorm):
 
 class LayerQKNorm(QKNorm):
     """(x - mean) / sqrt(var + eps) * gain (+ bias) (ViT-22B, Wortsman et al. 2023)."""
+
+    kind = "layernorm"
 
     def __init__(self, n_heads, head_dim, scope, gain, eps, bias: bool = False):
         super().__init__(n_heads, head_dim, scope, gain, eps)
@@ -99,6 +103,8 @@ class LayerQKNorm(QKNorm):
 
 class L2QKNorm(QKNorm):
     """x / ||x||_2: cosine-similarity attention (Henry et al. 2020, nGPT)."""
+
+    kind = "l2"
 
     def normalize(self, x, gain):
         y = F.normalize(x, p=2.0, dim=-1, eps=self.eps)

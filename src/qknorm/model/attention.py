@@ -18,7 +18,7 @@ from torch import nn
 from ..config import AttentionConfig, ModelConfig, ScaleConfig
 from .capped_attention import capped_causal_attention, causal_mask
 from .norm_rope import norm_rope
-from .norms import QKNorm, build_norm, can_norm_jointly, norm_qk_jointly, stack_qk
+from .norms import QKNorm, build_norm, can_norm_jointly, norm_qk_jointly, stacked_affine
 from .rope import rope
 
 
@@ -163,9 +163,7 @@ class Attention(nn.Module):
             return rope(qk, cos, sin)
         if not can_norm_jointly(q_norm, k_norm):
             return rope(self._norm_qk(qk), cos, sin)
-        gain, bias = q_norm.effective_gain(), getattr(q_norm, "bias", None)
-        gain = None if gain is None else stack_qk(q_norm, k_norm, gain, k_norm.effective_gain())
-        bias = None if bias is None else stack_qk(q_norm, k_norm, bias, k_norm.bias)
+        gain, bias = stacked_affine(q_norm, k_norm)
         group = self.n_heads if q_norm.scope == "layer" else 1
         return norm_rope(qk, q_norm.kind, gain, bias, cos, sin, q_norm.eps, group)
 

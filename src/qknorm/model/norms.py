@@ -121,6 +121,13 @@ def stack_qk(q_norm: QKNorm, k_norm: QKNorm, p_q: torch.Tensor, p_k: torch.Tenso
                       p_k.expand(k_norm.n_heads, d) if k_norm.scope == "head" else p_k.reshape(k_norm.n_heads, d)])
 
 
+def stacked_affine(q_norm: QKNorm, k_norm: QKNorm) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The q and k norms' effective gains and biases, each stacked by `stack_qk` (None where absent)."""
+    gain, bias = q_norm.effective_gain(), getattr(q_norm, "bias", None)
+    return (None if gain is None else stack_qk(q_norm, k_norm, gain, k_norm.effective_gain()),
+            None if bias is None else stack_qk(q_norm, k_norm, bias, k_norm.bias))
+
+
 def can_norm_jointly(q_norm: QKNorm, k_norm: QKNorm) -> bool:
     # layer scope with H != Hkv: the q and k statistics run over different sizes
     return q_norm.scope != "layer" or q_norm.n_heads == k_norm.n_heads
@@ -137,10 +144,11 @@ def norm_qk_jointly(q_norm: QKNorm, k_norm: QKNorm, qk: torch.Tensor) -> torch.T
     b, t, r, d = qk.shape
     x = qk.view(b, t, 2, r // 2 * d) if q_norm.scope == "layer" else qk  # one row per projection
     y = q_norm.normalize(x, None).view(qk.shape)
-    if q_norm.weight is not None:
-        y = y * stack_qk(q_norm, k_norm, q_norm.effective_gain(), k_norm.effective_gain()).to(y.dtype)
-    if getattr(q_norm, "bias", None) is not None:
-        y = y + stack_qk(q_norm, k_norm, q_norm.bias, k_norm.bias).to(y.dtype)
+    gain, bias = stacked_affine(q_norm, k_norm)
+    if gain is not None:
+        y = y * gain.to(y.dtype)
+    if bias is not None:
+        y = y + bias.to(y.dtype)
     return y
 
 

@@ -38,6 +38,8 @@ import sys
 import time
 from pathlib import Path
 
+from qknorm.utils.flops import matmul_peak, model_flops_per_token
+
 HERE = Path(__file__).resolve().parent
 DEFAULT_PRESETS = ["baseline", "qwen3", "olmo2", "gemma3", "henry2020_l2", "vit22b_layernorm", "wortsman2023_qk_layernorm",
                    "modded_nanogpt", "rybakov2024_qkv_norm", "qwen2_qkv_bias", "kimi_k2_qk_clip", "zloss",
@@ -57,15 +59,6 @@ def _run_config(size: str, preset: str, seq: int, batch: int, extra: list[str]):
         raw = compose("train", overrides=[f"model={size}", f"attention={preset}", f"data.seq_len={seq}",
                                           f"data.batch_size={batch}", "paths.cache_dir=/tmp/unused", *extra])
     return load_run_config(OmegaConf.to_container(raw, resolve=True))
-
-
-def model_flops_per_token(m, vocab: int, seq: int) -> int:
-    d, hd = m.d_model, m.dim_head
-    attn_width = m.n_heads * hd
-    qkv = d * (m.n_heads + 2 * m.kv_heads) * hd
-    mlp = (3 if m.mlp == "swiglu" else 2) * d * m.hidden
-    matrices = m.n_layers * (qkv + attn_width * d + mlp) + vocab * d
-    return 6 * matrices + 12 * m.n_layers * seq * attn_width
 
 
 def _hf_model(cfg, vocab: int, impl: str):
@@ -188,28 +181,6 @@ def _profile_shares(run_step, sync) -> dict:
 
 
 # -- the parent: peak, rows, table -----------------------------------------------------------------
-
-def matmul_peak(device: str, threads: int, precision: str) -> float:
-    """Best-of-N GFLOP/s of a large square matmul: fp32 2048^2 on CPU, bf16 8192^2 on GPU."""
-    import torch
-
-    torch.set_num_threads(threads)
-    n = 8192 if device == "cuda" else 2048
-    dtype = torch.bfloat16 if device == "cuda" and precision == "bf16" else torch.float32
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    for _ in range(3):
-        a @ b
-    sync()
-    best = float("inf")
-    for _ in range(10):
-        t0 = time.perf_counter()
-        a @ b
-        sync()
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best / 1e9
-
 
 def run_worker(spec: dict) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"])}

@@ -45,11 +45,45 @@ def test_lr_metrics_on_a_table_worked_by_hand():
     assert math.isnan(t.loc["attention=qwen3", "first_diverging_lr"])
     assert t.loc["attention=qwen3", "lr_tolerance_ratio"] == pytest.approx(10.0)
     assert t.loc["attention=baseline", "lr_tolerance_ratio"] == pytest.approx(1.0)
-    # wild: [3.9, 7, 7] (9.0 capped at l0 = 7), l* = 3.9 -> mean(0, 3.1, 3.1); stable only at 1e-3
-    assert t.loc["attention=wild", "lr_sensitivity"] == pytest.approx(6.2 / 3)
+    # wild: [3.9, 7] (9.0 capped at l0 = 7; the failed run at 1e-1 is no result), l* = 3.9 -> mean(0, 3.1)
+    assert t.loc["attention=wild", "lr_sensitivity"] == pytest.approx(3.1 / 2)
     assert t.loc["attention=wild", "largest_stable_lr"] == 1e-3
     assert t.loc["attention=wild", "first_diverging_lr"] == 1e-2
     assert t.loc["attention=wild", "lr_tolerance_ratio"] == pytest.approx(0.1)
+    assert t.loc["attention=wild", "failed_runs"] == 1 and t.loc["attention=wild", "runs"] == 2
+    # qwen3 never diverged: its tolerance is censored by the grid, and its ratio only a lower bound
+    assert t.loc["attention=qwen3", "tolerance_censored"] and not t.loc["attention=baseline", "tolerance_censored"]
+    assert t.loc["attention=qwen3", "tolerance"] == "no divergence up to 0.1"
+    assert t.loc["attention=qwen3", "ratio_kind"] == "at least"
+    assert t.loc["attention=baseline", "ratio_kind"] == "grid"
+    assert t.loc["attention=baseline", "tolerance"] == "0.01 (diverges at 0.1)"
+
+
+def test_a_failed_run_is_not_a_divergence():
+    """A run that failed (a config error at the highest LR) must not make the variant look unstable."""
+    frame = _frame([
+        ("attention=baseline", 1e-3, 0, "completed", 4.0, 7.0),
+        ("attention=baseline", 1e-2, 0, "completed", 3.0, 7.0),
+        ("attention=baseline", 1e-1, 0, "failed", None, None),
+    ])
+    t = lr_table(frame).set_index("variant")
+    assert math.isnan(t.loc["attention=baseline", "first_diverging_lr"])
+    assert t.loc["attention=baseline", "largest_stable_lr"] == 1e-2
+    assert t.loc["attention=baseline", "failed_runs"] == 1
+    assert t.loc["attention=baseline", "lr_sensitivity"] == pytest.approx(0.5)  # mean(1, 0): the failure adds nothing
+
+
+def test_neither_variant_diverging_gives_no_tolerance_ratio():
+    frame = _frame([
+        ("attention=baseline", 1e-3, 0, "completed", 4.0, 7.0),
+        ("attention=baseline", 1e-2, 0, "completed", 3.0, 7.0),
+        ("attention=qwen3", 1e-3, 0, "completed", 4.1, 7.0),
+        ("attention=qwen3", 1e-2, 0, "completed", 3.1, 7.0),
+    ])
+    t = lr_table(frame).set_index("variant")
+    assert t["tolerance_censored"].all()
+    assert (t["ratio_kind"] == "unknown").all() and t["lr_tolerance_ratio"].isna().all()
+    assert t.loc["attention=qwen3", "tolerance"] == "no divergence up to 0.01"
 
 
 def test_confidence_intervals_and_test_need_two_seeds():
@@ -97,16 +131,18 @@ def test_analyze_a_real_sweep_writes_tables_report_and_figures(smoke_sweep, tmp_
 def test_damaged_runs_are_listed_as_incomplete_and_analysis_still_exits_zero(smoke_sweep, tmp_path):
     sweep = tmp_path / "sweep"
     shutil.copytree(smoke_sweep, sweep)
-    log = sweep / "0" / "stability.jsonl"
+    torn, lost, corrupt, _ = sorted(p for p in sweep.iterdir() if (p / "summary.json").exists())
+    log = torn / "stability.jsonl"
     log.write_text(log.read_text()[:-40])  # torn last line
-    (sweep / "1" / "summary.json").unlink()
-    (sweep / "2" / "summary.json").write_text('{"status": "compl')
+    (lost / "summary.json").unlink()
+    (corrupt / "summary.json").write_text('{"status": "compl')
     out = tmp_path / "out"
     assert analyze_main([str(sweep), "--out", str(out)]) == 0
     runs = pd.read_csv(out / "runs.csv").set_index(pd.read_csv(out / "runs.csv")["run_dir"].str.rsplit("/", n=1).str[-1])
-    assert runs.loc["1", "status"] == "incomplete" and "no summary.json" in runs.loc["1", "problem"]
-    assert runs.loc["2", "status"] == "incomplete" and "corrupt summary.json" in runs.loc["2", "problem"]
-    assert "truncated stability.jsonl" in runs.loc["0", "problem"] and runs.loc["0", "status"] in ("completed", "diverged")
+    assert runs.loc[lost.name, "status"] == "incomplete" and "no summary.json" in runs.loc[lost.name, "problem"]
+    assert runs.loc[corrupt.name, "status"] == "incomplete" and "corrupt summary.json" in runs.loc[corrupt.name, "problem"]
+    assert "truncated stability.jsonl" in runs.loc[torn.name, "problem"]
+    assert runs.loc[torn.name, "status"] in ("completed", "diverged")
     assert "Incomplete or damaged runs" in (out / "report.md").read_text()
     empty = tmp_path / "empty"
     empty.mkdir()

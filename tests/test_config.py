@@ -32,6 +32,16 @@ def test_default_config_is_the_cpu_quickstart():
     assert (cfg.model.d_model, cfg.model.n_layers, cfg.data.source, cfg.attention.qk_norm) == (128, 4, "shakespeare", "none")
 
 
+@pytest.mark.parametrize("steps,warmup,val_every,monitor_every", [(30, 2, 4, 2), (350, 18, 44, 14), (12, 1, 2, 1)])
+def test_warmup_and_intervals_scale_with_the_run(steps, warmup, val_every, monitor_every):
+    cfg = compose_config([f"trainer.max_steps={steps}"])
+    assert cfg.optim.warmup_steps == warmup  # 5% of the run, rounded up
+    assert (cfg.trainer.val_every_n_steps, cfg.callbacks.monitor.every_n_steps) == (val_every, monitor_every)
+    explicit = compose_config([f"trainer.max_steps={steps}", "optim.warmup_steps=0", "trainer.val_every_n_steps=5",
+                               "callbacks.monitor.every_n_steps=3"])
+    assert (explicit.optim.warmup_steps, explicit.trainer.val_every_n_steps, explicit.callbacks.monitor.every_n_steps) == (0, 5, 3)
+
+
 def test_any_axis_overrides_on_top_of_a_preset():
     cfg = compose_config(["attention=qwen3", "attention.softcap=30", "attention.scope=layer"])
     assert (cfg.attention.qk_norm, cfg.attention.softcap, cfg.attention.scope) == ("rms", 30.0, "layer")
@@ -60,6 +70,10 @@ def test_zloss_preset_sets_the_optimizer():
     (["optim.betas=[0.9]"], "optim.betas", "a list of 2 values"),
     (["optim.betas=[0.9,1.5]"], "optim.betas", "two numbers in [0, 1)"),
     (["optim.warmup_steps=1.5"], "optim.warmup_steps", "integer"),
+    (["optim.warmup_steps=50", "trainer.max_steps=20"], "optim.warmup_steps", "longer than the run"),
+    (["optim.warmup_fraction=1.5"], "optim.warmup_fraction", "[0, 1)"),
+    (["trainer.val_every_n_steps=0"], "trainer.val_every_n_steps", "null or >= 1"),
+    (["callbacks.monitor.points=0"], "callbacks.monitor.points", ">= 1"),
     (["data.seq_len=0"], "data.seq_len", ">= 2"),
     (["data.vocab_size=100"], "data.vocab_size", "[260, 65535]"),
     (["data=text_files"], "data.paths", "at least one file"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import signal
@@ -11,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from .conftest import REPO, run_cli, run_dirs
 
@@ -27,14 +29,18 @@ def _list(args, cwd, cache_dir):
     return subprocess.run([str(exe), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
 
 
-@pytest.mark.parametrize("name", SWEEPS)
-def test_listing_a_cpu_sweep_prints_its_job_count(name, tmp_path, cache_dir):
-    proc = _list([f"sweeps={name}", "sweeps.size=cpu"], tmp_path, cache_dir)
+def _job_dirs(listing: str) -> list[str]:
+    return [l.strip()[3:] for l in listing.splitlines() if l.strip().startswith("-> ")]
+
+
+def test_listing_the_full_cpu_grid_names_every_job_and_estimates_its_duration(tmp_path, cache_dir):
+    proc = _list(["sweeps=lr_tolerance", "sweeps.size=cpu"], tmp_path, cache_dir)
     assert proc.returncode == 0, proc.stderr[-2000:]
     last = proc.stdout.strip().splitlines()[-1]
-    count = int(last.split()[0])
-    assert count >= 4 and f"sweeps/{name}/cpu" in last
-    assert len([l for l in proc.stdout.splitlines() if l.strip()[:1].isdigit()]) == count + 1
+    assert last.startswith("84 jobs in ") and "sweeps/lr_tolerance/cpu" in last and "(0 finished, 84 to run" in last
+    assert "estimated " in last
+    dirs = _job_dirs(proc.stdout)
+    assert len(dirs) == len(set(dirs)) == 84  # every job its own directory
     assert not (tmp_path / "logs").exists()  # listing runs nothing
 
 
@@ -44,11 +50,74 @@ def test_every_sweep_runs_at_smoke_size(name, tmp_path, cache_dir):
     assert proc.returncode == 0, proc.stderr[-3000:]
     listing = _list([f"sweeps={name}"], tmp_path, cache_dir)
     n_jobs = int(listing.stdout.strip().splitlines()[-1].split()[0])
-    summaries = _summaries(tmp_path / "logs" / "sweeps" / name / "smoke")
+    sweep_dir = tmp_path / "logs" / "sweeps" / name / "smoke"
+    summaries = _summaries(sweep_dir)
     assert len(summaries) == n_jobs >= 2
+    assert sorted(summaries) == sorted(_job_dirs(listing.stdout))
     assert all(s["status"] in ("completed", "diverged") for s in summaries.values()), \
         {k: (s["status"], s["reason"]) for k, s in summaries.items()}
-    assert f"{n_jobs} finished" in listing.stdout
+    assert f"({n_jobs} finished, 0 to run" in listing.stdout
+
+
+def test_a_changed_grid_never_reuses_another_configs_result(tmp_path, cache_dir):
+    """The smoke sweep, then the same command with optim.lr=1e-2: the second command's jobs get their own
+    directories, every directory's summary and .hydra files describe one run, the analysis sees 6 runs."""
+    base = ["sweeps=lr_tolerance", "sweeps.grids.smoke.max_steps=4"]
+    first = run_cli(base, tmp_path, cache_dir)
+    assert first.returncode == 0, first.stderr[-3000:]
+    sweep_dir = tmp_path / "logs" / "sweeps" / "lr_tolerance" / "smoke"
+    before = _summaries(sweep_dir)
+    second = run_cli([*base, "optim.lr=1e-2"], tmp_path, cache_dir)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "will be skipped" not in second.stderr + second.stdout  # nothing of the first grid is this grid's
+    after = _summaries(sweep_dir)
+    assert len(after) == 6 and set(before) < set(after)
+    for name, s in before.items():
+        assert after[name]["finished_at"] == s["finished_at"]  # untouched
+    for name, s in after.items():
+        run = sweep_dir / name
+        overrides = yaml.safe_load((run / ".hydra" / "overrides.yaml").read_text())
+        config = yaml.safe_load((run / ".hydra" / "config.yaml").read_text())
+        lr = float(next(o for o in overrides if o.startswith("optim.lr=")).split("=")[1])
+        attention = next(o for o in overrides if o.startswith("attention=")).split("=")[1]
+        assert s["overrides"] == overrides
+        assert s["config"]["optim.lr"] == config["optim"]["lr"] == lr
+        assert (attention == "qwen3") == (s["config"]["attention.qk_norm"] == "rms")
+    from qknorm.analysis.report import analyze
+
+    runs = analyze([sweep_dir], tmp_path / "analysis")["runs"]
+    assert sorted(zip(runs["variant"], runs["lr"])) == sorted(
+        (f"attention={a}", lr) for a in ("baseline", "qwen3") for lr in (1e-3, 1e-2, 0.3))
+
+
+def test_listing_and_training_agree_on_a_narrowed_grid(tmp_path, cache_dir):
+    args = ["sweeps=lr_tolerance", "sweeps.grids.smoke.max_steps=3", "attention=baseline,qwen3", "optim.lr=1e-2",
+            "trainer.keep_checkpoint=false"]
+    listing = _list(args, tmp_path, cache_dir)
+    assert listing.returncode == 0, listing.stderr[-2000:]
+    listed = _job_dirs(listing.stdout)
+    assert len(listed) == 2 and listing.stdout.strip().splitlines()[-1].startswith("2 jobs in ")
+    proc = run_cli(args, tmp_path, cache_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sweep_dir = tmp_path / "logs" / "sweeps" / "lr_tolerance" / "smoke"
+    assert sorted(_summaries(sweep_dir)) == sorted(listed)
+    assert not any((sweep_dir / d / "checkpoints").exists() for d in listed)  # keep_checkpoint=false
+    again = _list(args, tmp_path, cache_dir)
+    assert "(2 finished, 0 to run" in again.stdout
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["sweeps=lr_tolerence"], "sweeps: unknown sweep 'lr_tolerence'; allowed: logit_drift, lr_tolerance"),
+    (["sweeps=lr_tolerance", "sweeps.size=huge"], "sweeps.size: unknown size 'huge' for sweeps=lr_tolerance; allowed: smoke, cpu, gpu"),
+])
+def test_an_unknown_sweep_or_size_fails_in_one_line(args, needle, tmp_path, cache_dir):
+    procs = [_list(args, tmp_path, cache_dir)]
+    if "sweeps.size=huge" in args:
+        procs.append(run_cli(args, tmp_path, cache_dir))
+    for proc in procs:
+        lines = [l for l in proc.stderr.splitlines() if l.strip()]
+        assert proc.returncode == 2 and len(lines) == 1 and needle in lines[0], proc.stderr
+        assert "Traceback" not in proc.stderr + proc.stdout
 
 
 def test_an_interrupted_sweep_resumes_and_skips_finished_jobs(tmp_path, cache_dir):
@@ -59,8 +128,9 @@ def test_an_interrupted_sweep_resumes_and_skips_finished_jobs(tmp_path, cache_di
                             start_new_session=True)
     deadline = time.time() + 300
     while time.time() < deadline:  # wait until one job finished and the next one is under way
-        done = [s for s in _summaries(sweep_dir).values() if s["status"] != "running"] if sweep_dir.exists() else []
-        if done and (sweep_dir / "1" / "summary.json").exists():
+        summaries = _summaries(sweep_dir) if sweep_dir.exists() else {}
+        done = [s for s in summaries.values() if s["status"] != "running"]
+        if done and len(summaries) >= 3:
             break
         time.sleep(0.5)
     os.killpg(proc.pid, signal.SIGKILL)
@@ -72,11 +142,69 @@ def test_an_interrupted_sweep_resumes_and_skips_finished_jobs(tmp_path, cache_di
     again = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"{len(finished)} finished job(s) will be skipped" in again.stderr + again.stdout
+    assert "being trained by" not in again.stderr + again.stdout  # the killed jobs' locks died with them
     after = _summaries(sweep_dir)
-    assert sorted(after) == ["0", "1", "2", "3"]  # no job directory duplicated
+    assert len(after) == 4 and set(before) <= set(after)  # no job directory duplicated
     assert all(s["status"] in ("completed", "diverged") for s in after.values())
     for k in finished:
         assert after[k]["finished_at"] == before[k]["finished_at"]  # not run again
+
+
+def test_two_launches_of_one_sweep_train_every_job_once(tmp_path, cache_dir):
+    env = {**os.environ, "QKNORM_CACHE_DIR": str(cache_dir), "QKNORM_LOG_DIR": str(tmp_path / "logs")}
+    cmd = [str(Path(sys.executable).parent / "qknorm-train"), "sweeps=lr_tolerance", "sweeps.grids.smoke.max_steps=20",
+           "trainer.log_every_n_steps=1"]
+    procs = [subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for _ in range(2)]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs[0][-2000:] + outputs[1][-2000:]
+    both = "".join(outputs)
+    assert both.count("model: ") == 4  # each of the 4 jobs built (trained) once, in one of the processes
+    assert both.count("skipped: ") == 4  # and left alone by the other: finished, or being trained by its owner
+    sweep_dir = tmp_path / "logs" / "sweeps" / "lr_tolerance" / "smoke"
+    summaries = _summaries(sweep_dir)
+    assert len(summaries) == 4 and all(s["status"] in ("completed", "diverged") for s in summaries.values())
+    for name in summaries:
+        with open(sweep_dir / name / "metrics.csv") as f:
+            steps = [int(r["step"]) for r in csv.DictReader(f) if r.get("train/loss")]
+        assert len(steps) == len(set(steps)) and steps, name
+        records = [json.loads(l)["step"] for l in (sweep_dir / name / "stability.jsonl").read_text().splitlines()]
+        assert len(records) == len(set(records)), name
+
+
+def test_a_killed_owner_does_not_block_the_resume(tmp_path, cache_dir):
+    env = {**os.environ, "QKNORM_CACHE_DIR": str(cache_dir), "QKNORM_LOG_DIR": str(tmp_path / "logs")}
+    run_dir = tmp_path / "run"
+    cmd = [str(Path(sys.executable).parent / "qknorm-train"), "model=nano", "trainer.max_steps=40",
+           "trainer.checkpoint_every_n_steps=5", "trainer.progress_bar=false", f"hydra.run.dir={run_dir}"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (run_dir / "checkpoints" / "last.ckpt").exists():
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert (run_dir / ".lock").exists() and json.loads((run_dir / "summary.json").read_text())["status"] == "running"
+    again = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming from" in again.stderr + again.stdout
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["steps"] == 40
+    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["last.ckpt"]  # .prev removed at the end
+
+
+def test_a_run_directory_holding_another_config_is_refused_and_left_alone(tmp_path, cache_dir):
+    common = ["model=nano", "trainer.max_steps=3", f"hydra.run.dir={tmp_path / 'run'}"]
+    first = run_cli(common, tmp_path, cache_dir)
+    assert first.returncode == 0, first.stderr[-3000:]
+    files = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file() and p.suffix != ".log" and p.name != ".lock"}
+    other = run_cli([*common, "optim.lr=0.03"], tmp_path, cache_dir)
+    lines = [l for l in other.stderr.splitlines() if l.strip()]
+    assert other.returncode == 2 and len(lines) == 1, other.stderr
+    assert "holds a run of another config (optim.lr=0.01 there, 0.03 here)" in lines[0]
+    assert all(p.read_bytes() == data for p, data in files.items())  # nothing written is lost
+    same = run_cli([*common, "trainer.threads=1"], tmp_path, cache_dir)  # not part of the identity
+    assert same.returncode == 0 and "already completed" in same.stderr + same.stdout
 
 
 def test_joblib_launcher_runs_jobs_in_parallel(tmp_path, cache_dir):

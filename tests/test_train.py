@@ -114,3 +114,27 @@ def test_bad_data_input_fails_early_with_one_line_naming_the_file(tmp_path, cach
     assert "Traceback" not in proc.stderr + proc.stdout
     assert not (tmp_path / "logs").exists() or all(
         json.loads((r / "summary.json").read_text())["status"] == "failed" for r in run_dirs(tmp_path / "logs"))
+
+
+def test_a_short_run_reaches_its_peak_lr_and_records_enough_points(tmp_path, cache_dir):
+    """30 steps with the defaults: warmup is 5% of the run, so the peak LR is trained and the last step's
+    LR is the cosine schedule of that peak; validation and the monitor give a curve, not one point."""
+    from qknorm.training.optim import lr_factor
+
+    peak, steps = 0.02, 30
+    proc = run_cli(["model=nano", f"trainer.max_steps={steps}", f"optim.lr={peak}", "trainer.log_every_n_steps=1"],
+                   tmp_path, cache_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run,) = run_dirs(tmp_path / "logs")
+    summary = json.loads((run / "summary.json").read_text())
+    warmup = summary["warmup_steps"]
+    assert warmup == 2
+    import csv
+
+    with open(run / "metrics.csv") as f:
+        lrs = {int(r["step"]): float(r["lr-AdamW/pg1"]) for r in csv.DictReader(f) if r.get("lr-AdamW/pg1")}
+    assert max(lrs.values()) == pytest.approx(peak, rel=1e-9)
+    assert lrs[steps - 1] == pytest.approx(peak * lr_factor(steps - 1, warmup, steps, 0.1), rel=1e-9)
+    assert len(summary["val_history"]) >= 2
+    assert len((run / "stability.jsonl").read_text().splitlines()) >= 5
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["last.ckpt"]  # one checkpoint kept, no .prev

@@ -198,7 +198,10 @@ class OptimConfig:
     weight_decay: float = 0.1
     # independent: decay by weight_decay * schedule(t), not by lr(t) * weight_decay (Wortsman et al. 2023, Fig. 6)
     independent_weight_decay: bool = False
-    warmup_steps: int = 100
+    # Linear warmup as a fraction of trainer.max_steps (Wortsman et al. 2023 warm up for 5% of training),
+    # so a short run still reaches its nominal peak LR; warmup_steps, when set, replaces the fraction.
+    warmup_fraction: float = 0.05
+    warmup_steps: Optional[int] = None
     min_lr_ratio: float = 0.1  # cosine floor as a fraction of the peak
     grad_clip: Optional[float] = 1.0
     z_loss: float = 0.0  # coefficient of log^2 Z (Wortsman et al. 2023; PaLM: 1e-4)
@@ -210,7 +213,15 @@ class OptimConfig:
                  f"must be two numbers in [0, 1), got {list(self.betas)}")
         _require(self.eps > 0, f"{path}.eps", f"must be positive, got {self.eps}")
         _require(self.weight_decay >= 0, f"{path}.weight_decay", f"must be >= 0, got {self.weight_decay}")
-        _require(self.warmup_steps >= 0, f"{path}.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        _require(0.0 <= self.warmup_fraction < 1.0, f"{path}.warmup_fraction", f"must be in [0, 1), got {self.warmup_fraction}")
+        if self.warmup_steps is not None:
+            _require(self.warmup_steps >= 0, f"{path}.warmup_steps", f"must be null or >= 0, got {self.warmup_steps}")
+
+    def warmup_for(self, max_steps: int) -> int:
+        """Warmup steps of a run of `max_steps` steps: warmup_steps if set, else the fraction (rounded up)."""
+        if self.warmup_steps is not None:
+            return self.warmup_steps
+        return math.ceil(self.warmup_fraction * max_steps - 1e-9)
         _require(0.0 <= self.min_lr_ratio <= 1.0, f"{path}.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
         if self.grad_clip is not None:
             _require(self.grad_clip > 0, f"{path}.grad_clip", f"must be null or positive, got {self.grad_clip}")
@@ -226,16 +237,24 @@ class TrainerConfig:
     precision: Literal["auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "64-true"] = "auto"
     max_steps: int = 1000
     max_time_minutes: Optional[float] = None
-    val_every_n_steps: int = 200
+    # Validation every val_every_n_steps steps or, when null, about val_points times per run (and always
+    # at the last step), so a run of any length has a validation curve.
+    val_every_n_steps: Optional[int] = None
+    val_points: int = 8
     log_every_n_steps: int = 10
     checkpoint_every_n_steps: Optional[int] = 500
+    # A finished run keeps its last checkpoint (for qknorm-probe, interop, fine-tuning) or, with false,
+    # none; the previous copy kept against a torn write is removed either way.
+    keep_checkpoint: bool = True
     threads: Optional[int] = None  # torch intra-op threads per process (None: torch's default)
     progress_bar: bool = True
     deterministic: bool = False
 
     def validate(self, path: str) -> None:
         _require(self.max_steps >= 1, f"{path}.max_steps", f"must be >= 1, got {self.max_steps}")
-        _require(self.val_every_n_steps >= 1, f"{path}.val_every_n_steps", f"must be >= 1, got {self.val_every_n_steps}")
+        if self.val_every_n_steps is not None:
+            _require(self.val_every_n_steps >= 1, f"{path}.val_every_n_steps", f"must be null or >= 1, got {self.val_every_n_steps}")
+        _require(self.val_points >= 1, f"{path}.val_points", f"must be >= 1, got {self.val_points}")
         _require(self.log_every_n_steps >= 1, f"{path}.log_every_n_steps", f"must be >= 1, got {self.log_every_n_steps}")
         _require(self.num_nodes >= 1, f"{path}.num_nodes", f"must be >= 1, got {self.num_nodes}")
         if self.max_time_minutes is not None:
@@ -261,11 +280,14 @@ class MonitorConfig:
     attention path, recording per-layer and per-head logit, entropy, q/k and activation statistics."""
 
     enabled: bool = True
-    every_n_steps: int = 50
+    every_n_steps: Optional[int] = None  # null: about `points` records per run, whatever its length
+    points: int = 25
     probe_sequences: int = 4
 
     def validate(self, path: str) -> None:
-        _require(self.every_n_steps >= 1, f"{path}.every_n_steps", f"must be >= 1, got {self.every_n_steps}")
+        if self.every_n_steps is not None:
+            _require(self.every_n_steps >= 1, f"{path}.every_n_steps", f"must be null or >= 1, got {self.every_n_steps}")
+        _require(self.points >= 1, f"{path}.points", f"must be >= 1, got {self.points}")
         _require(self.probe_sequences >= 1, f"{path}.probe_sequences", f"must be >= 1, got {self.probe_sequences}")
 
 
@@ -323,6 +345,10 @@ class RunConfig:
             if dataclasses.is_dataclass(value):
                 value.validate(f.name)
         _require(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
+        warmup = self.optim.warmup_for(self.trainer.max_steps)
+        key = "optim.warmup_steps" if self.optim.warmup_steps is not None else "optim.warmup_fraction"
+        _require(warmup <= self.trainer.max_steps, key,
+                 f"a warmup of {warmup} steps is longer than the run (trainer.max_steps={self.trainer.max_steps})")
         a, m = self.attention, self.model
         if not a.pre_attn_norm:
             _require(a.targets == "qkv", "attention.pre_attn_norm",
@@ -424,7 +450,8 @@ def default_tree() -> dict[str, Any]:
 
 def register_defaults() -> None:
     """Store the default tree in Hydra's ConfigStore as `qknorm_base` (first in conf/train.yaml), and
-    the resolver that puts the repository's sweeps/ folder on Hydra's search path (as group `sweeps`)."""
+    the resolvers that put the repository's sweeps/ folder on Hydra's search path (as group `sweeps`) and
+    name a multirun job's directory by its config."""
     from hydra.core.config_store import ConfigStore
     from omegaconf import OmegaConf
 
@@ -433,11 +460,33 @@ def register_defaults() -> None:
         from .sweeping import sweeps_search_root
 
         OmegaConf.register_new_resolver("qknorm_sweeps_root", lambda: str(sweeps_search_root()))
+    from .rundir import register_resolver
+
+    register_resolver()  # qknorm_job_dir: a multirun job's directory, named by its identity
+
+
+def every(interval: Optional[int], points: int, max_steps: int) -> int:
+    """An explicit interval, or the one that gives about `points` events over `max_steps` steps."""
+    return interval if interval is not None else max(1, math.ceil(max_steps / points))
+
+
+def resolve_schedule(cfg: RunConfig) -> RunConfig:
+    """The same config with the run-length-relative settings made concrete: warmup steps, validation
+    and monitor intervals. Everything downstream reads these as plain step counts."""
+    t, m = cfg.trainer, cfg.callbacks.monitor
+    return dataclasses.replace(
+        cfg,
+        optim=dataclasses.replace(cfg.optim, warmup_steps=cfg.optim.warmup_for(t.max_steps)),
+        trainer=dataclasses.replace(t, val_every_n_steps=every(t.val_every_n_steps, t.val_points, t.max_steps)),
+        callbacks=dataclasses.replace(cfg.callbacks, monitor=dataclasses.replace(
+            m, every_n_steps=every(m.every_n_steps, m.points, t.max_steps))),
+    )
 
 
 def load_run_config(raw: Mapping[str, Any]) -> RunConfig:
-    """Validate a composed config (a plain dict, e.g. `OmegaConf.to_container(cfg, resolve=True)`)."""
+    """Validate a composed config (a plain dict, e.g. `OmegaConf.to_container(cfg, resolve=True)`), and
+    resolve its relative schedule settings (see resolve_schedule)."""
     data = {k: v for k, v in raw.items() if k not in _NON_RUN_KEYS}
     cfg = from_mapping(RunConfig, data)
     cfg.validate()
-    return cfg
+    return resolve_schedule(cfg)

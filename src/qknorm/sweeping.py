@@ -1,20 +1,24 @@
 """Sweeps: the `sweeps` config group (files in sweeps/), resuming, and listing a sweep's jobs.
 
     qknorm-train sweeps=lr_tolerance sweeps.size=cpu          # run it (Hydra multirun)
-    qknorm-sweep sweeps=lr_tolerance sweeps.size=cpu          # list its jobs and how many are finished
+    qknorm-sweep sweeps=lr_tolerance sweeps.size=cpu          # list its jobs, what is finished, how long the rest takes
+    qknorm-sweep sweeps=lr_tolerance sweeps.size=cpu attention=baseline,qwen3 seed=0   # a narrowed grid
 
-A sweep writes to a fixed directory, `<log_dir>/sweeps/<name>/<size>/<job>`, so re-running the same
-command resumes it: jobs whose `summary.json` says completed or diverged are skipped, an interrupted
-job continues from its last checkpoint.
+A sweep writes to a fixed directory, `<log_dir>/sweeps/<name>/<size>/`, one folder per job named by
+the job's config (qknorm.rundir.job_dirname), so re-running a command resumes it: jobs whose
+`summary.json` says completed or diverged are skipped, an interrupted job continues from its last
+checkpoint, and a job of a changed grid gets a folder of its own. The listing and the multirun build
+their jobs with the same code (`sweep_jobs`, Hydra's own basic-sweeper expansion), so they agree.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.resources
-import itertools
 import json
 import logging
 import os
+import statistics
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -65,21 +69,165 @@ def ensure_writable_dir(path: Path, key: str) -> None:
         sys.exit(2)
 
 
+@dataclasses.dataclass
+class Job:
+    overrides: list[str]
+    run_dir: Path
+    cfg: Any  # the job's composed config, hydra node included
+    summary: Optional[dict]  # the summary of a finished run in run_dir, else None
+
+
+def sweep_jobs(master_cfg, config_loader) -> list[Job]:
+    """The jobs a multirun of `master_cfg` runs, in order, each with its directory: the sweeper's params
+    and the command line's overrides expanded exactly as Hydra's basic sweeper does, and each job's
+    config composed as its launcher will compose it."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    sweeper = str(master_cfg.hydra.sweeper.get("_target_", ""))
+    if not sweeper.endswith("BasicSweeper"):
+        raise SweepError(f"hydra/sweeper: listing needs Hydra's basic sweeper, got {sweeper}")
+    params = OmegaConf.to_container(master_cfg.hydra.sweeper.params or {}, resolve=True)
+    arguments = [f"{k}={v}" for k, v in params.items()] + list(master_cfg.hydra.overrides.task)
+    overrides = OverridesParser.create(config_loader=config_loader).parse_overrides(arguments)
+    (batch,) = BasicSweeper.split_arguments(overrides, None)
+    jobs = []
+    for job_overrides in batch:
+        cfg = config_loader.load_sweep_config(master_cfg, list(job_overrides))
+        run_dir = Path(cfg.hydra.sweep.dir) / str(OmegaConf.select(cfg, "hydra.sweep.subdir"))
+        jobs.append(Job(list(job_overrides), run_dir, cfg, finished_summary(run_dir)))
+    return jobs
+
+
+class SweepError(Exception):
+    """A sweep that cannot be listed or run as asked (reported as one line)."""
+
+
+def check_sweep_choice(master_cfg) -> None:
+    """An unknown `sweeps.size` fails here, in one line, not inside the sweeper's interpolation."""
+    sweeps = master_cfg.get("sweeps")
+    if sweeps is None or "grids" not in sweeps:
+        return
+    sizes = list(sweeps.grids.keys())
+    if sweeps.size not in sizes:
+        raise SweepError(f"sweeps.size: unknown size {sweeps.size!r} for sweeps={sweeps.name}; allowed: {', '.join(sizes)}")
+
+
+def sweep_names() -> list[str]:
+    folder = sweeps_search_root() / "sweeps"
+    return sorted(p.stem for p in folder.glob("*.yaml") if not p.stem.startswith("_"))
+
+
+# -- duration estimates -----------------------------------------------------------------------------
+
+def parallel_jobs(master_cfg) -> int:
+    launcher = master_cfg.hydra.launcher
+    target = str(launcher.get("_target_", "")).lower()
+    if "joblib" in target:
+        n = int(launcher.get("n_jobs") or 1)
+        return os.cpu_count() or 1 if n <= 0 else n
+    return 1 if "basic" in target else 0  # 0: a cluster launcher, as many as it schedules
+
+
+STARTUP_S, STEP_EFFICIENCY = 8.0, 0.6  # measured on 2 cores: lr_tolerance at smoke and cpu sizes
+
+
+def estimate_seconds(jobs: list[Job], parallel: int) -> tuple[float, str]:
+    """Wall-clock seconds for the unfinished jobs, and where the rate came from: finished runs of the same
+    model shape in the sweep directory (their tokens over wall time, start-up and validation included),
+    else the model's FLOPs against this machine's measured matmul rate at a small model's typical share."""
+    from .config import load_run_config
+    from .rundir import task_container
+
+    pending = [j for j in jobs if j.summary is None]
+    if not pending:
+        return 0.0, "nothing left to run"
+    threads = max(1, (os.cpu_count() or 1) // max(1, parallel))
+    measured: dict[tuple, list[float]] = {}
+    sweep_dirs = {j.run_dir.parent for j in jobs}
+    for folder in sweep_dirs:
+        for summary_path in folder.glob("*/summary.json"):
+            try:
+                s = json.loads(summary_path.read_text())
+                cfg = s.get("config") or {}
+                if s.get("status") == "completed" and s.get("wall_time_s") and s.get("tokens"):
+                    shape = tuple(cfg.get(k) for k in ("model.d_model", "model.n_layers", "data.seq_len"))
+                    measured.setdefault(shape, []).append(s["tokens"] / s["wall_time_s"])
+            except (OSError, ValueError, AttributeError):
+                continue
+    rate_peak = None
+    total, sources = 0.0, set()
+    for job in pending:
+        try:
+            cfg = load_run_config(task_container(job.cfg))
+        except Exception:
+            continue  # fails at once when run
+        tokens = cfg.trainer.max_steps * cfg.data.batch_size * cfg.data.seq_len
+        shape = (cfg.model.d_model, cfg.model.n_layers, cfg.data.seq_len)
+        if shape in measured:
+            total += tokens / statistics.median(measured[shape])
+            sources.add("finished runs")
+        else:
+            from .utils.flops import matmul_peak, model_flops_per_token
+
+            if rate_peak is None:
+                rate_peak = matmul_peak("cpu", threads, n=512, repeats=5) * 1e9
+            # A step of a small model runs at about 60% of this quick (512^2) matmul rate, validation and
+            # the monitor included, and a job's start-up (imports, data) takes seconds.
+            flops = tokens * model_flops_per_token(cfg.model, cfg.data.vocab_size, cfg.data.seq_len)
+            total += STARTUP_S + flops / (rate_peak * STEP_EFFICIENCY)
+            sources.add(f"FLOPs at {STEP_EFFICIENCY:.0%} of a {rate_peak / 1e9:.0f} GFLOP/s matmul on {threads} CPU thread(s)")
+    return total / max(1, parallel), " and ".join(sorted(sources)) or "no estimate"
+
+
+def format_duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def describe(jobs: list[Job], master_cfg) -> str:
+    """`N jobs in DIR (F finished, R to run, 2 at a time); estimated 40 min (from ...)`"""
+    parallel = parallel_jobs(master_cfg)
+    finished = sum(j.summary is not None for j in jobs)
+    seconds, source = estimate_seconds(jobs, parallel or 1)
+    how = f"{parallel} at a time" if parallel else "each its own cluster job"
+    where = jobs[0].run_dir.parent if jobs else Path(str(master_cfg.hydra.sweep.dir))
+    line = f"{len(jobs)} jobs in {where} ({finished} finished, {len(jobs) - finished} to run, {how})"
+    if finished < len(jobs):
+        per = "" if parallel else " per job in sequence"
+        line += f"; estimated {format_duration(seconds)}{per} (from {source})"
+    return line
+
+
 class SweepProgress(Callback):
     """Checks the output directory can be written, and says before a multirun starts how many of its
-    jobs already finished and will be skipped."""
+    jobs already finished (they will be skipped) and how long the rest should take."""
 
     def on_run_start(self, config, **kwargs) -> None:
         ensure_writable_dir(Path(config.hydra.run.dir), "hydra.run.dir")
 
     def on_multirun_start(self, config, **kwargs) -> None:
+        from hydra.core.global_hydra import GlobalHydra
+
         sweep_dir = Path(config.hydra.sweep.dir)
         ensure_writable_dir(sweep_dir, "hydra.sweep.dir")
-        if not sweep_dir.exists():
+        try:
+            check_sweep_choice(config)
+            jobs = sweep_jobs(config, GlobalHydra.instance().config_loader())
+        except SweepError as e:
+            print(f"qknorm-train: error: {e}", file=sys.stderr)
+            sys.exit(2)
+        except Exception as e:  # listing is a courtesy: the sweeper reports real problems itself
+            log.debug("could not list the sweep's jobs: %s", e)
             return
-        done = [p for p in sweep_dir.iterdir() if p.is_dir() and finished_summary(p)]
-        if done:
-            log.info("resuming sweep in %s: %d finished job(s) will be skipped", sweep_dir, len(done))
+        finished = sum(j.summary is not None for j in jobs)
+        if finished:
+            log.info("resuming sweep in %s: %d finished job(s) will be skipped", sweep_dir, finished)
+        log.info("%s", describe(jobs, config))
 
     def on_multirun_end(self, config, **kwargs) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
@@ -93,28 +241,23 @@ class SweepProgress(Callback):
                 except ValueError:
                     status = "unreadable"
                 counts[status] = counts.get(status, 0) + 1
-        log.info("sweep %s: %s", sweep_dir, ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) or "no runs")
+        log.info("sweep folder %s now holds: %s", sweep_dir,
+                 ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) or "no runs")
 
 
 # -- listing ---------------------------------------------------------------------------------------
 
-def expand_jobs(params: dict[str, str], extra: list[str]) -> list[list[str]]:
-    """The jobs of a basic-sweeper multirun: the cartesian product of its sweep parameters."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    parser = OverridesParser.create()
-    overrides = parser.parse_overrides([f"{k}={v}" for k, v in params.items()] + extra)
-    axes = []
-    for o in overrides:
-        key = o.get_key_element()
-        values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
-        axes.append([f"{key}={v}" for v in values])
-    return [list(job) for job in itertools.product(*axes)]
+def _fail(message: str) -> int:
+    print(f"qknorm-sweep: error: {message}", file=sys.stderr)
+    return 2
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from hydra import compose, initialize_config_module
-    from omegaconf import OmegaConf
+    from hydra import initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+    from hydra.types import RunMode
+    from omegaconf.errors import OmegaConfBaseException
 
     from .config import register_defaults
 
@@ -122,19 +265,26 @@ def main(argv: Optional[list[str]] = None) -> int:
     if not args or args[0] in ("-h", "--help"):
         print(__doc__)
         return 0 if args else 2
+    for a in args:
+        if a.startswith("sweeps=") and a.split("=", 1)[1] not in sweep_names():
+            return _fail(f"sweeps: unknown sweep {a.split('=', 1)[1]!r}; allowed: {', '.join(sweep_names())}")
     register_defaults()
-    with initialize_config_module(config_module="qknorm.conf", version_base="1.3"):
-        cfg = compose("train", overrides=args, return_hydra_config=True)
-    params = OmegaConf.to_container(cfg.hydra.sweeper.params or {}, resolve=True)
-    extra = [a for a in args if not a.startswith(("sweeps", "hydra"))]
-    jobs = expand_jobs(params, extra)
-    sweep_dir = Path(cfg.hydra.sweep.dir)
-    finished = 0
+    try:
+        with initialize_config_module(config_module="qknorm.conf", version_base="1.3"):
+            loader = GlobalHydra.instance().config_loader()
+            master = loader.load_configuration("train", overrides=args, run_mode=RunMode.MULTIRUN)
+            check_sweep_choice(master)
+            jobs = sweep_jobs(master, loader)
+    except SweepError as e:
+        return _fail(str(e))
+    except (HydraException, OmegaConfBaseException) as e:
+        return _fail(str(e).strip().splitlines()[0])
+    width = len(str(len(jobs)))
     for num, job in enumerate(jobs):
-        done = finished_summary(sweep_dir / str(num))
-        finished += done is not None
-        print(f"{num:4d}  {'done ' if done else '     '} {' '.join(job)}")
-    print(f"{len(jobs)} jobs in {sweep_dir} ({finished} finished)")
+        state = job.summary["status"] if job.summary else ""
+        print(f"{num:{width}d}  {state:9s} {' '.join(job.overrides)}")
+        print(f"{'':{width}s}  {'':9s} -> {job.run_dir.name}")
+    print(describe(jobs, master))
     return 0
 
 

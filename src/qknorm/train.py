@@ -167,20 +167,48 @@ def train(cfg: RunConfig, run_dir: Path, summary) -> dict:
 
 
 def run(raw_cfg: DictConfig) -> Optional[float]:
-    """The body of the Hydra app: one job, one run directory, one summary."""
+    """The body of the Hydra app: one job, one run directory (owned, checked, then used), one summary."""
     from hydra.core.hydra_config import HydraConfig
 
+    from .rundir import RunBusy, RunLock, is_launching_rank
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    if not is_launching_rank():  # a relaunched DDP rank: the launching process owns the directory
+        return _run_owned(raw_cfg, run_dir)
+    try:
+        with RunLock(run_dir):
+            return _run_owned(raw_cfg, run_dir)
+    except RunBusy as e:
+        if _is_multirun():
+            log.warning("skipped: %s", e)
+            return None
+        print(f"qknorm-train: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _run_owned(raw_cfg: DictConfig, run_dir: Path) -> Optional[float]:
+    from hydra.core.hydra_config import HydraConfig
+
+    from .rundir import RunDirConflict, check_identity, identity, identity_hash, is_launching_rank, tidy_checkpoints, \
+        write_hydra_files
     from .sweeping import finished_summary, threads_per_job
     from .training.summary import RunSummary
 
     hc = HydraConfig.get()
-    run_dir = Path(hc.runtime.output_dir)
     overrides = list(hc.overrides.task)
+    ident = identity(OmegaConf.to_container(raw_cfg, resolve=True))
+    try:
+        check_identity(run_dir, ident)
+    except RunDirConflict as e:  # nothing in the directory is touched
+        return _report_failure(str(e), run_dir)
     done = finished_summary(run_dir)
     if done is not None:  # a resumed sweep (or a rerun in the same directory): nothing to do
         log.info("skipped: %s already %s (val loss %s)", run_dir, done["status"], done.get("final_val_loss"))
         return done.get("final_val_loss")
+    if is_launching_rank():
+        write_hydra_files(run_dir, raw_cfg, overrides)
     summary = RunSummary(run_dir, overrides, raw_cfg.get("task_name", "train"), raw_cfg.get("seed"))
+    summary.data.update(config_id=identity_hash(ident), config=ident)
     try:
         cfg = load_run_config(OmegaConf.to_container(raw_cfg, resolve=True))
         if cfg.trainer.threads is None and _is_multirun():
@@ -188,7 +216,8 @@ def run(raw_cfg: DictConfig) -> Optional[float]:
             threads = threads_per_job(str(launcher.get("_target_", "")), launcher.get("n_jobs"))
             if threads:
                 cfg = dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, threads=threads))
-        summary.update()
+        summary.update(warmup_steps=cfg.optim.warmup_steps, val_every_n_steps=cfg.trainer.val_every_n_steps,
+                       monitor_every_n_steps=cfg.callbacks.monitor.every_n_steps)
         result = train(cfg, run_dir, summary)
     except QknormError as e:
         summary.finish("failed", str(e))
@@ -205,6 +234,7 @@ def run(raw_cfg: DictConfig) -> Optional[float]:
     if result.pop("is_global_zero", True):
         status, reason = result.pop("status"), result.pop("reason")
         summary.finish(status, reason, **result)
+        tidy_checkpoints(run_dir, keep=cfg.trainer.keep_checkpoint)
         log.info("%s after %d steps: val loss %s, val bpb %s (%s)", status, result["steps"], result["final_val_loss"],
                  result["final_val_bpb"], run_dir)
     return result["final_val_loss"]

@@ -36,7 +36,7 @@ def _save(fig, out: Path, name: str) -> list[Path]:
 
 def loss_vs_lr(frame: pd.DataFrame, out: Path) -> list[Path]:
     """Final (capped) loss vs LR per variant, diverged runs marked: Wortsman et al. 2023 Fig. 1 style."""
-    runs = frame[frame["lr"].notna() & frame["status"].isin(["completed", "diverged", "failed"])].copy()
+    runs = frame[frame["lr"].notna() & frame["status"].isin(["completed", "diverged"])].copy()  # failed: no result
     fig, ax = plt.subplots(figsize=(6.4, 4))
     for variant, group in runs.groupby("variant"):
         group = group.assign(capped=group.apply(capped_loss, axis=1))

@@ -7,7 +7,14 @@ Definitions (Wortsman et al. 2023 sec. 2.2; Rybakov et al. 2024 Table 1):
   over the grid of (capped loss - l*);
 - a run is stable when it completed with a finite loss below l0; the largest stable LR is the largest
   LR at which every seed is stable, the first diverging LR the smallest LR at which some seed is not;
-- the LR-tolerance ratio is a variant's largest stable LR over the baseline's.
+- a run that failed (a config error, a crash) says nothing about stability: it is counted in
+  `failed_runs` and left out of every other column, never taken as diverged;
+- a variant none of whose LRs diverged has a censored tolerance: `tolerance` reads "no divergence up to
+  <largest LR tried>" and `tolerance_censored` is true, since the grid did not find its limit;
+- the LR-tolerance ratio is a variant's largest stable LR over the baseline's; `ratio_kind` says what
+  it is worth: `grid` when both diverge inside the grid, `at least` when only the baseline does (the
+  variant's limit lies beyond the grid), `at most` when only the variant does, and `unknown` (ratio
+  empty) when neither does.
 Confidence intervals are bootstrap intervals of the mean over seeds (scipy.stats.bootstrap, 95%);
 the test between a variant and the baseline is Welch's t-test on per-seed sensitivities.
 """
@@ -61,9 +68,29 @@ def choose_baseline(variants: list[str], requested: str | None = None) -> str | 
     return variants[0] if variants else None
 
 
+def _fmt_lr(lr: float) -> str:
+    return f"{lr:g}"
+
+
+def tolerance_text(largest_stable: float, first_diverging: float, largest_tried: float) -> str:
+    if math.isnan(first_diverging):
+        return f"no divergence up to {_fmt_lr(largest_tried)}"
+    if math.isnan(largest_stable):
+        return f"unstable at every LR (from {_fmt_lr(first_diverging)})"
+    return f"{_fmt_lr(largest_stable)} (diverges at {_fmt_lr(first_diverging)})"
+
+
+def ratio_kind(variant_censored: bool, baseline_censored: bool) -> str:
+    return {(False, False): "grid", (True, False): "at least", (False, True): "at most"}.get(
+        (variant_censored, baseline_censored), "unknown")
+
+
 def lr_table(frame: pd.DataFrame, baseline: str | None = None) -> pd.DataFrame:
-    """One row per variant; finished runs only (incomplete ones are listed separately by the report)."""
-    runs = frame[frame["status"].isin(["completed", "diverged", "failed"]) & frame["lr"].notna()].copy()
+    """One row per variant, from its completed and diverged runs (failed runs are only counted;
+    incomplete ones are listed separately by the report)."""
+    finished = frame[frame["status"].isin(["completed", "diverged", "failed"]) & frame["lr"].notna()].copy()
+    failed = finished[finished["status"] == "failed"].groupby("variant").size()
+    runs = finished[finished["status"] != "failed"].copy()
     if runs.empty:
         return pd.DataFrame()
     runs["stable"] = runs.apply(is_stable, axis=1)
@@ -80,17 +107,24 @@ def lr_table(frame: pd.DataFrame, baseline: str | None = None) -> pd.DataFrame:
         sens = sensitivity_per_seed(group)
         per_seed[variant] = sens
         low, high = _bootstrap_ci(sens.to_numpy())
+        largest_stable = float(stable_lrs.max()) if len(stable_lrs) else math.nan
+        first_diverging = float(unstable_lrs.min()) if len(unstable_lrs) else math.nan
+        largest_tried = float(group["lr"].max())
         rows.append({
-            "variant": variant, "runs": len(group), "seeds": group["seed"].nunique(),
+            "variant": variant, "runs": len(group), "failed_runs": int(failed.get(variant, 0)),
+            "seeds": group["seed"].nunique(),
             "optimal_lr": best_lr, "optimal_loss": float(mean_loss.min()) if mean_loss.notna().any() else math.nan,
-            "largest_stable_lr": float(stable_lrs.max()) if len(stable_lrs) else math.nan,
-            "first_diverging_lr": float(unstable_lrs.min()) if len(unstable_lrs) else math.nan,
+            "largest_stable_lr": largest_stable, "first_diverging_lr": first_diverging,
+            "largest_lr_tried": largest_tried, "tolerance_censored": bool(math.isnan(first_diverging)),
+            "tolerance": tolerance_text(largest_stable, first_diverging, largest_tried),
             "lr_sensitivity": float(sens.mean()) if len(sens) else math.nan,
             "sensitivity_ci_low": low, "sensitivity_ci_high": high,
         })
     table = pd.DataFrame(rows).set_index("variant")
     base_lr = table.loc[base, "largest_stable_lr"] if base in table.index else math.nan
-    table["lr_tolerance_ratio"] = table["largest_stable_lr"] / base_lr
+    base_censored = bool(table.loc[base, "tolerance_censored"]) if base in table.index else True
+    table["ratio_kind"] = [ratio_kind(c, base_censored) for c in table["tolerance_censored"]]
+    table["lr_tolerance_ratio"] = (table["largest_stable_lr"] / base_lr).where(table["ratio_kind"] != "unknown")
     p_values = {}
     for variant, sens in per_seed.items():
         ref = per_seed.get(base)

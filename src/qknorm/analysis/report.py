@@ -81,21 +81,26 @@ def analyze(paths: list[str | Path], out: str | Path, baseline: str | None = Non
 def write_report(frame, lr, drift, pngs: list[Path], out: Path, baseline) -> None:
     counts = frame["status"].value_counts().rename_axis("status").reset_index(name="runs")
     problems = frame[frame["problem"].notna()][["run_dir", "status", "problem"]]
-    lr_cols = ["variant", "seeds", "optimal_lr", "optimal_loss", "largest_stable_lr", "first_diverging_lr",
-               "lr_tolerance_ratio", "lr_sensitivity", "sensitivity_ci_low", "sensitivity_ci_high", "p_vs_baseline"]
+    failed = frame[frame["status"] == "failed"][["run_dir", "variant", "lr", "reason"]]
+    lr_cols = ["variant", "seeds", "runs", "failed_runs", "optimal_lr", "optimal_loss", "tolerance", "lr_tolerance_ratio",
+               "ratio_kind", "lr_sensitivity", "sensitivity_ci_low", "sensitivity_ci_high", "p_vs_baseline"]
     drift_cols = [c for c in ("variant", "lr", "seed", "status", "layer0_max_logit_first", "layer0_max_logit_peak",
                               "layer0_growth_per_1000_steps", "layer0_norm_growth_per_1000_steps",
                               "layer0_cosine_growth_per_1000_steps", "entropy_collapse_ratio") if c in drift.columns]
     sections = [
         ("Runs by status", markdown_table(counts)),
         ("Incomplete or damaged runs", markdown_table(problems)),
+        ("Failed runs (a config error or a crash: not counted as diverged, left out of the LR metrics)",
+         markdown_table(failed)),
         ("Variants", markdown_table(config_differences(frame))),
         (f"Learning-rate tolerance and sensitivity (baseline: {baseline})",
          markdown_table(lr[[c for c in lr_cols if c in lr.columns]]) if not lr.empty else "_(no finished runs with an LR)_\n"),
         ("Attention-logit drift (layer 0)", markdown_table(drift[drift_cols]) if not drift.empty else "_(no stability logs)_\n"),
     ]
     md = ["# Sweep report", "", f"{len(frame)} run directories. LR sensitivity follows Wortsman et al. 2023 "
-          "(diverged runs capped at the loss at initialization); see qknorm.analysis.lr for every definition.", ""]
+          "(diverged runs capped at the loss at initialization); see qknorm.analysis.lr for every definition. "
+          "A tolerance that reads \"no divergence up to\" is censored by the grid: the ratio against the baseline is "
+          "then a bound (`ratio_kind`), or unknown when neither diverged.", ""]
     for title, body in sections:
         md += [f"## {title}", "", body]
     md += ["## Figures", ""] + [f"![{p.stem}]({p.name})" for p in pngs]
@@ -145,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     counts = ", ".join(f"{n} {s}" for s, n in runs["status"].value_counts().items())
     print(f"{len(runs)} runs ({counts}); wrote {out / 'report.md'}, {out / 'report.html'}, {out / 'runs.csv'}")
     if "lr" in result and not result["lr"].empty:
-        cols = ["variant", "optimal_lr", "largest_stable_lr", "first_diverging_lr", "lr_tolerance_ratio", "lr_sensitivity"]
+        cols = ["variant", "optimal_lr", "tolerance", "lr_tolerance_ratio", "ratio_kind", "lr_sensitivity"]
         print(result["lr"][cols].to_string(index=False))
     return 0
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 
-from ..config import RunConfig
+from ..config import RunConfig, resolve_schedule
 from ..model import build_model
 from .optim import build_optimizer, lr_factor
 
@@ -31,7 +31,7 @@ class Outcome:
 class LMModule(pl.LightningModule):
     def __init__(self, cfg: RunConfig, vocab_size: int, token_bytes: np.ndarray):
         super().__init__()
-        self.cfg = cfg
+        self.cfg = cfg = resolve_schedule(cfg)  # concrete warmup and intervals (a no-op for a loaded config)
         self.model = build_model(cfg, vocab_size)
         if cfg.model.compile:
             for block in self.model.blocks:  # per block, as torchtitan does: one graph reused L times

@@ -104,10 +104,15 @@ def ref_attention(layer: Attention, cfg: AttentionConfig, x):
     z = torch.einsum("bqhd,bkhd->bhqk", q, k)
     s = ref_scale(layer, cfg.scale, d)
     z = z * (s.reshape(-1, 1, 1) if isinstance(s, torch.Tensor) and s.dim() > 0 else s)
+    if cfg.soft_temp is not None:  # softmax(beta * z)
+        z = cfg.soft_temp * z
     if cfg.softcap is not None:
         z = cfg.softcap * torch.tanh(z / cfg.softcap)
     mask = torch.ones(t, t, dtype=torch.bool).tril()
     p = torch.softmax(z.masked_fill(~mask, float("-inf")), dim=-1)
+    if cfg.soft_clip is not None:  # Bondarenko et al. 2023: clip((zeta - gamma) p + gamma, 0, 1)
+        zeta, gamma = cfg.soft_clip
+        p = torch.clamp((zeta - gamma) * p + gamma, 0.0, 1.0)
     y = torch.einsum("bhqk,bkhd->bqhd", p, v).reshape(b, t, h * d)
     return y @ layer.proj.weight.detach().double().T
 
@@ -135,6 +140,8 @@ AXES = [
     dict(qk_norm="rms", scale=ScaleConfig(kind="learnable", init="sqrt_head_dim", per="head")),
     dict(softcap=5.0), dict(softcap=50.0, qk_norm="rms"), dict(softcap=2.0, scale=ScaleConfig(kind="learnable", per="head")),
     dict(qkv_bias=True), dict(qkv_bias=True, qk_norm="rms"),
+    dict(soft_temp=0.5), dict(soft_temp=0.5, scale=ScaleConfig(kind="learnable", per="head")),
+    dict(soft_clip=(1.03, -0.03)), dict(soft_clip=(1.2, -0.2), softcap=5.0, soft_temp=2.0),
 ]
 
 
@@ -298,6 +305,59 @@ def test_normalized_logits_stay_within_the_analytic_bound_at_any_input_scale(kin
         assert _max_logit(layer, x) <= bound * (1 + 1e-9)
 
 
+def _layernorm_bias_layer(scope: str, bias_scale: float) -> Attention:
+    """q and k projections the identity (d_model = H * D, MHA) and a zero-mean LayerNorm bias per head."""
+    torch.manual_seed(1)
+    cfg = AttentionConfig(qk_norm="layernorm", layernorm_bias=True, scope=scope)
+    layer = Attention(ModelConfig(d_model=D_MODEL, n_heads=N_HEADS), cfg, 0, T).double()
+    with torch.no_grad():
+        layer.qkv.weight[: 2 * D_MODEL] = torch.cat([torch.eye(D_MODEL), torch.eye(D_MODEL)]).double()
+        for norm in (layer.q_norm, layer.k_norm):
+            b = torch.randn(norm.bias.shape, dtype=torch.float64).reshape(-1, layer.head_dim)
+            norm.bias.copy_(bias_scale * (b - b.mean(-1, keepdim=True)).reshape(norm.bias.shape))
+    return layer
+
+
+@pytest.mark.parametrize("scope", ["head", "head_separate", "layer"])
+def test_layernorm_bias_is_in_the_bound_and_an_input_reaches_it(scope):
+    # x = the q bias (the same for k): LN(x) then points along the bias, so q = LN(q) + b has norm
+    # sqrt(D) + ||b|| and the diagonal logit s ||q||^2 is the bound (up to LayerNorm's eps)
+    layer = _layernorm_bias_layer(scope, bias_scale=2.0)
+    q_bias = layer.q_norm.bias.detach().reshape(-1, layer.head_dim)
+    k_bias = layer.k_norm.bias.detach().reshape(-1, layer.head_dim)
+    if scope != "layer":
+        with torch.no_grad():  # the same bias for q and k (shared per-head bias under scope=head)
+            layer.k_norm.bias.copy_(layer.q_norm.bias)
+        k_bias = q_bias
+    x = q_bias.expand(N_HEADS, -1).reshape(1, 1, D_MODEL).expand(2, T, -1).contiguous()
+    bound = layer.logit_bound()
+    biggest = float(q_bias.norm(dim=-1).max())
+    expected = (math.sqrt(8) + biggest) * (math.sqrt(8) + float(k_bias.norm(dim=-1).max())) / math.sqrt(8)
+    if scope == "layer":  # a head of a whole-projection LayerNorm may carry all of its norm: still a bound
+        assert bound >= expected
+    else:
+        assert bound == pytest.approx(expected)
+        assert _max_logit(layer, x) == pytest.approx(bound, rel=1e-5)  # reached: the bias counts
+    for scale in (1.0, 1e3):
+        assert _max_logit(layer, torch.randn(4, T, D_MODEL, dtype=torch.float64) * scale) <= bound * (1 + 1e-9)
+    assert _max_logit(layer, x) <= bound * (1 + 1e-9)
+
+
+def test_a_soft_cap_without_qk_norm_bounds_the_logits_by_the_cap():
+    torch.manual_seed(0)
+    layer = Attention(ModelConfig(d_model=D_MODEL, n_heads=N_HEADS), AttentionConfig(softcap=5.0), 0, T).double()
+    assert layer.logit_bound() == 5.0
+    cos, sin = rope_tables(T, layer.head_dim, 10000.0)
+    tensors = {}
+    layer.probe = type("P", (), {"on_attention": lambda self, i, t: tensors.update(t)})()
+    layer(torch.randn(2, T, D_MODEL, dtype=torch.float64) * 100, cos.double(), sin.double())
+    reached = float(tensors["logits"].masked_fill(~tensors["mask"], 0).abs().max())
+    assert 5.0 * (1 - 1e-6) < reached <= 5.0  # the cap is approached, never passed
+    # with a QK-norm the cap applies to the norm's bound: c tanh(bound / c)
+    layer = Attention(ModelConfig(d_model=D_MODEL, n_heads=N_HEADS), AttentionConfig(qk_norm="rms", softcap=5.0), 0, T)
+    assert layer.logit_bound() == pytest.approx(5.0 * math.tanh(math.sqrt(8) / 5.0))
+
+
 def test_unnormalized_logits_grow_with_the_input_scale():
     torch.manual_seed(0)
     layer = Attention(ModelConfig(d_model=D_MODEL, n_heads=N_HEADS), AttentionConfig(qk_norm="none"), 0, T).double()
@@ -335,6 +395,20 @@ def test_qk_clip_brings_every_head_to_tau_and_leaves_small_heads_alone(n_kv):
     expected = torch.where(before > tau, torch.full_like(before, tau), before)
     torch.testing.assert_close(after, expected, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(gamma, torch.clamp(tau / before, max=1.0))
+
+
+def test_qk_clip_sees_training_forwards_only():
+    layer = make_attention(AttentionConfig(qk_clip_tau=5.0), seed=2)
+    x = torch.randn(2, T, D_MODEL, dtype=torch.float64)
+    layer.max_logit = torch.full((N_HEADS,), float("-inf"), dtype=torch.float64)
+    with torch.no_grad():  # the stability monitor's probe and validation run without gradients
+        run_layer(layer, x * 100)
+    layer.eval()
+    run_layer(layer, x * 100)  # and in eval mode
+    assert torch.isinf(layer.max_logit).all()
+    layer.train()
+    run_layer(layer, x)
+    assert torch.isfinite(layer.max_logit).all()
 
 
 # ---------------------------------------------------------------- every preset

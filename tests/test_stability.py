@@ -67,7 +67,38 @@ def test_logged_max_logit_matches_float64_computation(preset, tmp_path):
         assert max(record["layers"][i]["max_logit"]) <= record["layers"][i]["logit_bound"] * (1 + 1e-6)
         if a.softcap is not None:
             assert max(record["layers"][i]["max_logit"]) <= a.softcap
+
+        # entropy / ln(visible keys) and the share of rows with a weight > 0.99, over rows seeing >= 16 keys
+        p = torch.softmax(z.masked_fill(~mask, float("-inf")), dim=-1)
+        visible = torch.arange(1, T + 1, dtype=torch.float64)
+        rows = visible >= 16
+        entropy = -(p * torch.log(p.clamp_min(1e-300))).sum(-1)[..., rows] / torch.log(visible[rows])
+        collapsed = (p.amax(-1)[..., rows] > 0.99).double().mean(dim=(0, 2))
+        for key, expected in (("entropy_norm_mean", entropy.mean(dim=(0, 2))), ("entropy_norm_min", entropy.amin(dim=(0, 2))),
+                              ("collapsed_rows", collapsed)):
+            torch.testing.assert_close(torch.tensor(record["layers"][i][key], dtype=torch.float64), expected, rtol=1e-5, atol=1e-6)
     assert np.isfinite(record["output_log_z_mean"])
+
+
+def test_tiny_statistics_are_recorded_not_rounded_to_zero(tmp_path):
+    cfg = compose_config(["model=nano", "model.n_heads=4", f"data.seq_len={T}"])
+    torch.manual_seed(0)
+    module = LMModule(cfg, 400, np.ones(400)).double()
+    with torch.no_grad():
+        for block in module.model.blocks:
+            block.attn.qkv.weight.mul_(1e-7)
+    module.last_grad_norm, module.last_train_loss = None, None
+    monitor = StabilityMonitor(MonitorConfig(probe_sequences=2), tmp_path)
+    monitor.probe_batch = torch.randint(0, 400, (2, T))
+    inputs = {}
+    hook = module.model.blocks[0].attn.register_forward_pre_hook(lambda m, args: inputs.__setitem__(0, args[0]))
+    record = monitor.measure(module, step=0)
+    hook.remove()
+    attn = module.model.blocks[0].attn
+    q = (inputs[0].detach().double() @ attn.qkv.weight.detach().double().T)[..., : attn.split_sizes[0]].view(2, T, 4, -1)
+    expected = q.pow(2).mean(dim=(0, 1, 3)).sqrt()  # about 1e-7
+    assert 0 < float(expected.max()) < 1e-5
+    torch.testing.assert_close(torch.tensor(record["layers"][0]["q_rms_proj"], dtype=torch.float64), expected, rtol=1e-5, atol=0)
 
 
 def test_a_diverging_run_is_a_result_and_a_multirun_goes_on(tmp_path, cache_dir):
@@ -96,9 +127,26 @@ def test_single_diverging_run_exits_zero(tmp_path, cache_dir):
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "diverged", summary
     fp = summary["stability"]
-    for key in ("peak_layer0_max_logit", "peak_layer0_step", "peak_max_logit", "final_entropy_min", "min_fp16_headroom",
-                "loss_spikes"):
+    for key in ("peak_layer0_max_logit", "peak_layer0_step", "peak_max_logit", "final_entropy_norm_min", "min_fp16_headroom",
+                "loss_spikes", "final_collapsed_rows"):
         assert key in fp
+    assert fp["final_step"] == summary["diverged_at_step"] - 1 or fp["final_step"] == summary["steps"] - 1, (fp, summary)
+
+
+def test_the_fingerprint_final_values_come_from_the_last_step(tmp_path, cache_dir):
+    proc = run_cli(["model=nano", "trainer.max_steps=8", "trainer.val_every_n_steps=8", "callbacks.monitor.every_n_steps=5",
+                    "logger=none"], tmp_path, cache_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run,) = run_dirs(tmp_path / "logs")
+    records = [json.loads(line) for line in (run / "stability.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 5, 7]
+    fp = json.loads((run / "summary.json").read_text())["stability"]
+    last = records[-1]["layers"]
+    assert fp["final_step"] == 7 and fp["monitored_steps"] == 3
+    assert fp["final_layer0_max_logit"] == max(last[0]["max_logit"])
+    assert fp["final_entropy_norm_min"] == min(min(layer["entropy_norm_min"]) for layer in last)
+    assert fp["final_collapsed_rows"] == max(max(layer["collapsed_rows"]) for layer in last)
+    assert "update_ratio" in last[0] and "grad_norm" in last[0]  # measured inside the step, as every record
 
 
 @pytest.mark.parametrize("where", ["loss", "gradient"])

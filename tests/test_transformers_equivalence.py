@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from qknorm.config import AttentionConfig, ConfigError
-from qknorm.interop import from_qwen3, gemma2_attention_state_dict, olmo2_attention_state_dict, to_qwen3
+from qknorm.interop import (UnsupportedModelError, from_olmo2, from_qwen3, gemma2_attention_state_dict,
+                            olmo2_attention_state_dict, to_olmo2, to_qwen3)
 from qknorm.model import build_model
 from qknorm.model.attention import Attention
 from qknorm.model.rope import rope_tables
@@ -133,3 +134,78 @@ def test_exporting_a_non_qwen3_model_names_the_mismatch():
     model = build_model(compose_config(["attention=olmo2", "model=nano"]), 300)
     with pytest.raises(ConfigError, match=r"cannot export to Qwen3: attention.scope='layer' \(needs 'head'\)"):
         to_qwen3(model)
+
+
+def _max_relative_difference(got: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((got - expected).abs().max() / expected.abs().max())
+
+
+@pytest.mark.parametrize("n_kv_heads", [None, 2])
+def test_olmo2_experiment_is_olmo2_for_causal_lm_both_ways(n_kv_heads):
+    from transformers import Olmo2Config, Olmo2ForCausalLM
+
+    # transformers -> ours: a randomly initialized Olmo2ForCausalLM (gains perturbed) imported
+    hf_cfg = Olmo2Config(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=n_kv_heads or 4, max_position_embeddings=T, rms_norm_eps=1e-6,
+                         rope_parameters={"rope_type": "default", "rope_theta": 500000.0}, tie_word_embeddings=False)
+    hf_cfg._attn_implementation = "eager"
+    torch.manual_seed(5)
+    hf = Olmo2ForCausalLM(hf_cfg).eval()
+    _perturb_gains(hf, seed=5)
+    idx = torch.randint(0, 512, (2, T))
+    ours = from_olmo2(hf).eval()
+    assert ours.cfg.block == "reordered_norm" and ours.attention_cfg.scope == "layer" and not ours.cfg.tie_embeddings
+    with torch.no_grad():
+        expected, got = hf(input_ids=idx).logits, ours(idx)
+    torch.testing.assert_close(got, expected, rtol=RTOL, atol=ATOL)
+    assert _max_relative_difference(got, expected) < 1e-5
+
+    # ours -> transformers: a model built from the experiment preset, exported
+    overrides = ["experiment=olmo2", "model=nano", "model.n_heads=4", f"data.seq_len={T}"]
+    if n_kv_heads:
+        overrides.append(f"model.n_kv_heads={n_kv_heads}")
+    torch.manual_seed(6)
+    ours = build_model(compose_config(overrides), vocab_size=512).eval()
+    _perturb_gains(ours, seed=6)
+    hf = to_olmo2(ours)
+    hf.config._attn_implementation = "eager"
+    with torch.no_grad():
+        expected, got = hf(input_ids=idx).logits, ours(idx)
+    torch.testing.assert_close(got, expected, rtol=RTOL, atol=ATOL)
+    assert _max_relative_difference(got, expected) < 1e-5
+    # the reordered norm matters: the same weights in pre-norm blocks compute something else
+    assert (build_model(compose_config([*overrides, "model.block=pre_norm"]), 512).eval()(idx) - got).abs().max() > 1e-2
+
+
+def test_exporting_a_pre_norm_model_to_olmo2_names_the_block():
+    model = build_model(compose_config(["attention=olmo2", "model=nano"]), 300)
+    with pytest.raises(ConfigError, match=r"cannot export to OLMo 2: model.block='pre_norm' \(needs 'reordered_norm'\)"):
+        to_olmo2(model)
+
+
+def _tiny(cls_name: str, **fields):
+    import transformers
+
+    config = getattr(transformers, f"{cls_name}Config")(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=T, **fields)
+    return getattr(transformers, f"{cls_name}ForCausalLM")(config)
+
+
+@pytest.mark.parametrize("arch,fields,named", [
+    ("Qwen3", dict(attention_bias=True), "config.attention_bias=True"),
+    ("Qwen3", dict(hidden_act="gelu"), "config.hidden_act='gelu'"),
+    ("Qwen3", dict(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}), "config.rope_parameters="),
+    ("Qwen3", dict(use_sliding_window=True, sliding_window=8, max_window_layers=0), "config.use_sliding_window=True"),
+    ("Qwen3", dict(layer_types=["full_attention", "sliding_attention"], sliding_window=8), "config.layer_types="),
+    ("Olmo2", dict(attention_bias=True), "config.attention_bias=True"),
+    ("Olmo2", dict(hidden_act="gelu_new"), "config.hidden_act='gelu_new'"),
+    ("Olmo2", dict(rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}), "config.rope_parameters="),
+])
+def test_importers_refuse_what_they_cannot_represent_naming_the_field(arch, fields, named):
+    hf = _tiny(arch, **fields)
+    importer = from_qwen3 if arch == "Qwen3" else from_olmo2
+    with pytest.raises(UnsupportedModelError) as err:
+        importer(hf)
+    message = str(err.value)
+    assert named in message and "\n" not in message, message
+    assert isinstance(err.value, ValueError)

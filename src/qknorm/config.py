@@ -77,10 +77,16 @@ class AttentionConfig:
     final_logit_softcap: Optional[float] = None  # Gemma 2: 30
     qkv_bias: bool = False  # Qwen2
     qk_clip_tau: Optional[float] = None  # Kimi K2 QK-Clip: 100
+    # Rybakov et al. 2024's other baselines (conf/attention/ has one preset each):
+    proj_fc2_norm: Literal["none", "layernorm"] = "none"  # QK_FC_norm: LayerNorm on the Proj and FC2 outputs
+    sigma_reparam: bool = False  # Zhai et al. 2023: every block matrix W -> gamma / sigma(W) * W
+    layerscale_init: Optional[float] = None  # Touvron et al. 2021: x + diag(lambda) f(x), lambda = init
+    soft_temp: Optional[float] = None  # beta in softmax(beta * z)
+    soft_clip: Optional[tuple[float, float]] = None  # (zeta, gamma): clip((zeta - gamma) softmax(z) + gamma, 0, 1)
     backend: Literal["auto", "sdpa", "flex", "explicit"] = "auto"
 
     def validate(self, path: str) -> None:
-        for key in ("softcap", "final_logit_softcap", "qk_clip_tau"):
+        for key in ("softcap", "final_logit_softcap", "qk_clip_tau", "layerscale_init", "soft_temp"):
             v = getattr(self, key)
             if v is not None:
                 _require(math.isfinite(v) and v > 0, f"{path}.{key}", f"must be null or a positive number, got {v}")
@@ -93,9 +99,17 @@ class AttentionConfig:
         if self.qk_clip_tau is not None:
             _require(self.qk_norm == "none", f"{path}.qk_clip_tau",
                      f"QK-Clip rescales W_q/W_k, which qk_norm={self.qk_norm} cancels; use it with qk_norm=none")
+            _require(not self.sigma_reparam, f"{path}.qk_clip_tau",
+                     "QK-Clip rescales W_q/W_k, which sigma_reparam's gamma / sigma(W) cancels")
         if self.softcap is not None:
             _require(self.backend != "sdpa", f"{path}.backend",
                      "sdpa cannot apply a logit soft-cap; allowed with softcap: auto, flex, explicit")
+        if self.soft_clip is not None:
+            zeta, gamma = self.soft_clip
+            _require(zeta >= 1.0 and gamma <= 0.0, f"{path}.soft_clip",
+                     f"must be [zeta, gamma] with zeta >= 1 and gamma <= 0 (Rybakov et al.: [1.03, -0.03]), got {list(self.soft_clip)}")
+            _require(self.backend in ("auto", "explicit"), f"{path}.backend",
+                     "only the explicit path clips the softmax; allowed with soft_clip: auto, explicit")
         self.scale.validate(f"{path}.scale")
 
 
@@ -105,6 +119,8 @@ class ModelConfig:
     n_layers: int = 4
     n_heads: int = 4
     n_kv_heads: Optional[int] = None  # None: as many as n_heads (no grouping)
+    # pre_norm: x + f(norm(x)); reordered_norm (OLMo 2): x + norm(f(x)), no norm on the sublayer inputs
+    block: Literal["pre_norm", "reordered_norm"] = "pre_norm"
     head_dim: Optional[int] = None  # None: d_model // n_heads
     mlp: Literal["swiglu", "gelu"] = "swiglu"
     mlp_hidden: Optional[int] = None  # None: 8/3 d (swiglu, rounded to 32) or 4 d (gelu)
@@ -353,6 +369,11 @@ class RunConfig:
         if not a.pre_attn_norm:
             _require(a.targets == "qkv", "attention.pre_attn_norm",
                      "may only be false with attention.targets=qkv (QKV-Norm normalizes the attention inputs instead)")
+        if m.block == "reordered_norm":
+            _require(a.pre_attn_norm, "attention.pre_attn_norm",
+                     "model.block=reordered_norm has no pre-attention norm to remove; leave it true")
+            _require(a.proj_fc2_norm == "none", "attention.proj_fc2_norm",
+                     "model.block=reordered_norm already normalizes the Proj and FC2 outputs; allowed: none")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -2,10 +2,14 @@
 
 - Qwen3: a whole model with the `qwen3` attention preset (per-head RMS QK-norm, SwiGLU, RoPE, pre-norm)
   is exactly a `Qwen3ForCausalLM`: `to_qwen3` / `from_qwen3` convert in both directions.
-- OLMo 2: the `olmo2` preset's attention is exactly `Olmo2Attention` (per-layer RMS QK-norm), but OLMo 2
-  blocks are post-norm while ours are pre-norm, so only attention weights convert
-  (`olmo2_attention_state_dict`).
+- OLMo 2: a whole model with `experiment=olmo2` (reordered-norm blocks, per-layer RMS QK-norm, SwiGLU)
+  is exactly an `Olmo2ForCausalLM`: `to_olmo2` / `from_olmo2`. `olmo2_attention_state_dict` converts
+  one attention layer of the `olmo2` preset in any block layout to `Olmo2Attention`.
 - Gemma 2's soft-capped attention is `Gemma2Attention` with `gemma2_attention_state_dict`.
+
+Each architecture is one table from transformers' parameter names to views of our parameters, used in
+both directions. An importer refuses a config it cannot represent, naming the field, rather than
+returning a model that computes something else.
 
 `transformers` is an optional dependency, imported only here.
 """
@@ -16,9 +20,13 @@ import dataclasses
 
 import torch
 
-from .config import AttentionConfig, ConfigError, ModelConfig
+from .config import AttentionConfig, ConfigError, ModelConfig, QknormError
 from .model.attention import Attention
 from .model.transformer import Transformer
+
+
+class UnsupportedModelError(QknormError, ValueError):
+    """A transformers config with a feature this project's model does not have."""
 
 
 def _split_qkv(attn: Attention) -> dict[str, torch.Tensor]:
@@ -30,96 +38,172 @@ def _split_qkv(attn: Attention) -> dict[str, torch.Tensor]:
     return out
 
 
-def _require_preset(attention: AttentionConfig, model: ModelConfig, target: str, **expected) -> None:
-    actual = {**dataclasses.asdict(attention), "mlp": model.mlp, "scale": attention.scale.kind}
-    wrong = {k: (actual[k], v) for k, v in expected.items() if actual[k] != v}
+# The axes a whole-model export needs besides the architecture's own (the switchboard's defaults).
+_PLAIN_AXES = dict(position="before_rope", targets="qk", pre_attn_norm=True, scale="inv_sqrt_head_dim", softcap=None,
+                   final_logit_softcap=None, qkv_bias=False, qk_clip_tau=None, proj_fc2_norm="none", sigma_reparam=False,
+                   layerscale_init=None, soft_temp=None, soft_clip=None)
+_ARCH = {
+    "Qwen3": (dict(qk_norm="rms", scope="head", gain="vector", **_PLAIN_AXES), dict(mlp="swiglu", block="pre_norm")),
+    "OLMo 2": (dict(qk_norm="rms", scope="layer", gain="vector", **_PLAIN_AXES), dict(mlp="swiglu", block="reordered_norm")),
+}
+
+
+def _require_preset(model: Transformer, target: str) -> None:
+    attention, arch = _ARCH[target]
+    m, a = model.cfg, model.attention_cfg
+    actual = {**dataclasses.asdict(a), "scale": a.scale.kind}
+    wrong = [f"attention.{k}={actual[k]!r} (needs {v!r})" for k, v in attention.items() if actual[k] != v]
+    wrong += [f"model.{k}={getattr(m, k)!r} (needs {v!r})" for k, v in arch.items() if getattr(m, k) != v]
+    if m.norm_eps != a.norm_eps:
+        wrong.append(f"model.norm_eps={m.norm_eps} and attention.norm_eps={a.norm_eps} must be equal (one rms_norm_eps)")
     if wrong:
-        detail = ", ".join(f"attention.{k}={a!r} (needs {e!r})" if k != "mlp" else f"model.mlp={a!r} (needs {e!r})"
-                           for k, (a, e) in wrong.items())
-        raise ConfigError(f"cannot export to {target}: {detail}")
+        raise ConfigError(f"cannot export to {target}: {', '.join(wrong)}")
 
 
-_QWEN3_AXES = dict(qk_norm="rms", scope="head", gain="vector", position="before_rope", targets="qk",
-                   pre_attn_norm=True, scale="inv_sqrt_head_dim", softcap=None, final_logit_softcap=None,
-                   qkv_bias=False, mlp="swiglu")
+def _hf_to_ours(model: Transformer, target: str) -> dict[str, torch.Tensor]:
+    """transformers parameter name -> the tensor (a view of our parameter) holding it."""
+    table = {"model.embed_tokens.weight": model.embed.weight, "model.norm.weight": model.norm.weight}
+    if not model.cfg.tie_embeddings:
+        table["lm_head.weight"] = model.lm_head.weight
+    for i, block in enumerate(model.blocks):
+        p, attn = f"model.layers.{i}.", block.attn
+        q, k, v = attn.qkv.weight.split(attn.split_sizes)
+        gate, up = block.mlp.fc1.weight.chunk(2, dim=0)
+        table.update({p + "self_attn.q_proj.weight": q, p + "self_attn.k_proj.weight": k, p + "self_attn.v_proj.weight": v,
+                      p + "self_attn.o_proj.weight": attn.proj.weight,
+                      p + "self_attn.q_norm.weight": attn.q_norm.weight, p + "self_attn.k_norm.weight": attn.k_norm.weight,
+                      p + "mlp.gate_proj.weight": gate, p + "mlp.up_proj.weight": up, p + "mlp.down_proj.weight": block.mlp.fc2.weight})
+        if target == "Qwen3":  # pre-norm: the norms before attention and before the MLP
+            table.update({p + "input_layernorm.weight": block.attn_norm.weight, p + "post_attention_layernorm.weight": block.mlp_norm.weight})
+        else:  # reordered norm: the norms after attention and after the MLP
+            table.update({p + "post_attention_layernorm.weight": block.attn_out_norm.weight,
+                          p + "post_feedforward_layernorm.weight": block.mlp_out_norm.weight})
+    return table
+
+
+def _export(model: Transformer, hf, target: str):
+    table = _hf_to_ours(model, target)
+    missing, unexpected = hf.to(model.embed.weight.dtype).load_state_dict(
+        {k: v.detach().clone() for k, v in table.items()}, strict=False)
+    missing = [k for k in missing if not (k == "lm_head.weight" and model.cfg.tie_embeddings)]
+    if missing or unexpected:  # pragma: no cover - a mapping bug, not a user error
+        raise RuntimeError(f"export mapping incomplete: missing {missing}, unexpected {unexpected}")
+    return hf.eval()
+
+
+def _rope_theta(c) -> float:
+    return float((getattr(c, "rope_parameters", None) or {}).get("rope_theta", getattr(c, "rope_theta", 10000.0)))
+
+
+def _hf_config_kwargs(model: Transformer) -> dict:
+    m = model.cfg
+    return dict(vocab_size=model.vocab_size, hidden_size=m.d_model, intermediate_size=m.hidden, num_hidden_layers=m.n_layers,
+                num_attention_heads=m.n_heads, num_key_value_heads=m.kv_heads, hidden_act="silu",
+                max_position_embeddings=model.seq_len, rms_norm_eps=m.norm_eps, tie_word_embeddings=m.tie_embeddings,
+                rope_parameters={"rope_type": "default", "rope_theta": m.rope_theta}, attention_bias=False)
 
 
 def qwen3_config(model: Transformer):
     from transformers import Qwen3Config
 
-    m, a = model.cfg, model.attention_cfg
-    _require_preset(a, m, "Qwen3", **_QWEN3_AXES)
-    if m.norm_eps != a.norm_eps:
-        raise ConfigError(f"cannot export to Qwen3: model.norm_eps={m.norm_eps} and attention.norm_eps={a.norm_eps} "
-                          "must be equal (Qwen3 has one rms_norm_eps)")
-    return Qwen3Config(
-        vocab_size=model.vocab_size, hidden_size=m.d_model, intermediate_size=m.hidden, num_hidden_layers=m.n_layers,
-        num_attention_heads=m.n_heads, num_key_value_heads=m.kv_heads, head_dim=m.dim_head, hidden_act="silu",
-        max_position_embeddings=model.seq_len, rms_norm_eps=m.norm_eps, tie_word_embeddings=m.tie_embeddings,
-        rope_parameters={"rope_type": "default", "rope_theta": m.rope_theta}, attention_bias=False,
-    )
+    _require_preset(model, "Qwen3")
+    return Qwen3Config(head_dim=model.cfg.dim_head, **_hf_config_kwargs(model))
+
+
+def olmo2_config(model: Transformer):
+    from transformers import Olmo2Config
+
+    _require_preset(model, "OLMo 2")
+    m = model.cfg
+    if m.dim_head * m.n_heads != m.d_model:  # Olmo2Config has no head_dim: it is hidden_size / heads
+        raise ConfigError(f"cannot export to OLMo 2: model.head_dim={m.dim_head} must be d_model / n_heads = {m.d_model // m.n_heads}")
+    return Olmo2Config(**_hf_config_kwargs(model))
 
 
 def to_qwen3(model: Transformer):
     """A `Qwen3ForCausalLM` computing the same function as `model` (which must use the qwen3 preset)."""
     from transformers import Qwen3ForCausalLM
 
-    hf = Qwen3ForCausalLM(qwen3_config(model)).to(model.embed.weight.dtype)
-    sd = {"model.embed_tokens.weight": model.embed.weight, "model.norm.weight": model.norm.weight,
-          "lm_head.weight": model.lm_head.weight}
-    for i, block in enumerate(model.blocks):
-        p = f"model.layers.{i}."
-        sd.update({p + "self_attn." + k: v for k, v in _split_qkv(block.attn).items()})
-        gate, up = block.mlp.fc1.weight.chunk(2, dim=0)
-        sd.update({p + "self_attn.q_norm.weight": block.attn.q_norm.weight, p + "self_attn.k_norm.weight": block.attn.k_norm.weight,
-                   p + "input_layernorm.weight": block.attn_norm.weight, p + "post_attention_layernorm.weight": block.mlp_norm.weight,
-                   p + "mlp.gate_proj.weight": gate, p + "mlp.up_proj.weight": up, p + "mlp.down_proj.weight": block.mlp.fc2.weight})
-    missing, unexpected = hf.load_state_dict({k: v.detach().clone() for k, v in sd.items()}, strict=False)
-    missing = [k for k in missing if not (k == "lm_head.weight" and model.cfg.tie_embeddings)]
-    if missing or unexpected:  # pragma: no cover - a mapping bug, not a user error
-        raise RuntimeError(f"Qwen3 export mapping incomplete: missing {missing}, unexpected {unexpected}")
-    return hf.eval()
+    return _export(model, Qwen3ForCausalLM(qwen3_config(model)), "Qwen3")
+
+
+def to_olmo2(model: Transformer):
+    """An `Olmo2ForCausalLM` computing the same function as `model` (built with experiment=olmo2)."""
+    from transformers import Olmo2ForCausalLM
+
+    return _export(model, Olmo2ForCausalLM(olmo2_config(model)), "OLMo 2")
+
+
+def _refuse_unrepresentable(c, source: str) -> None:
+    """Raise UnsupportedModelError naming the first config field whose value our model cannot compute."""
+
+    def refuse(field: str, value, need: str):
+        raise UnsupportedModelError(f"cannot import {source}: config.{field}={value!r} is not supported ({need})")
+
+    if getattr(c, "hidden_act", "silu") != "silu":
+        refuse("hidden_act", c.hidden_act, "SwiGLU with silu only")
+    if getattr(c, "attention_bias", False):
+        refuse("attention_bias", c.attention_bias, "no q/k/v/o biases with a QK-norm")
+    if getattr(c, "mlp_bias", False):
+        refuse("mlp_bias", c.mlp_bias, "no MLP biases")
+    # transformers >= 5 keeps RoPE's type and scaling in rope_parameters (rope_scaling is its old name)
+    field = "rope_parameters" if getattr(c, "rope_parameters", None) is not None else "rope_scaling"
+    rope = dict(getattr(c, field, None) or {})
+    if rope.get("rope_type", rope.get("type", "default")) != "default" or set(rope) - {"rope_type", "type", "rope_theta"}:
+        refuse(field, rope, "plain RoPE, no scaling")
+    if getattr(c, "partial_rotary_factor", 1.0) != 1.0:
+        refuse("partial_rotary_factor", c.partial_rotary_factor, "RoPE over the whole head")
+    if getattr(c, "use_sliding_window", False):
+        refuse("use_sliding_window", c.use_sliding_window, "full causal attention in every layer")
+    layer_types = getattr(c, "layer_types", None) or []
+    if any(t != "full_attention" for t in layer_types):
+        refuse("layer_types", sorted(set(layer_types)), "full causal attention in every layer")
+    if getattr(c, "clip_qkv", None) is not None:
+        refuse("clip_qkv", c.clip_qkv, "no clipping of the q/k/v activations")
+
+
+def _import(hf, target: str, seq_len: int | None) -> Transformer:
+    c = hf.config
+    _refuse_unrepresentable(c, target)
+    attention, arch = _ARCH[target]
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    model_cfg = ModelConfig(d_model=c.hidden_size, n_layers=c.num_hidden_layers, n_heads=c.num_attention_heads,
+                            n_kv_heads=c.num_key_value_heads, head_dim=head_dim, mlp_hidden=c.intermediate_size,
+                            tie_embeddings=bool(c.tie_word_embeddings), norm_eps=c.rms_norm_eps, rope_theta=_rope_theta(c), **arch)
+    attn_cfg = AttentionConfig(**{k: v for k, v in attention.items() if k != "scale"}, norm_eps=c.rms_norm_eps)
+    model = Transformer(model_cfg, attn_cfg, vocab_size=c.vocab_size, seq_len=seq_len or c.max_position_embeddings)
+    sd = hf.state_dict()
+    table = _hf_to_ours(model, target)
+    left = sorted(set(sd) - set(table) - ({"lm_head.weight"} if model.cfg.tie_embeddings else set()))
+    if left:  # a weight we would drop: the model would compute something else
+        raise UnsupportedModelError(f"cannot import {target}: no place for the weights {', '.join(left[:3])}")
+    with torch.no_grad():
+        for name, ours in table.items():
+            ours.copy_(sd[name])
+    return model
 
 
 def from_qwen3(hf, seq_len: int | None = None) -> Transformer:
     """Our Transformer (qwen3 preset) with the weights of a `Qwen3ForCausalLM`."""
-    c = hf.config
-    rope_theta = (getattr(c, "rope_parameters", None) or {}).get("rope_theta", getattr(c, "rope_theta", 10000.0))
-    model_cfg = ModelConfig(d_model=c.hidden_size, n_layers=c.num_hidden_layers, n_heads=c.num_attention_heads,
-                            n_kv_heads=c.num_key_value_heads, head_dim=c.head_dim, mlp="swiglu", mlp_hidden=c.intermediate_size,
-                            tie_embeddings=bool(c.tie_word_embeddings), norm_eps=c.rms_norm_eps, rope_theta=float(rope_theta))
-    attn_cfg = AttentionConfig(qk_norm="rms", scope="head", gain="vector", norm_eps=c.rms_norm_eps)
-    model = Transformer(model_cfg, attn_cfg, vocab_size=c.vocab_size, seq_len=seq_len or c.max_position_embeddings)
-    sd = hf.state_dict()
-    with torch.no_grad():
-        model.embed.weight.copy_(sd["model.embed_tokens.weight"])
-        model.norm.weight.copy_(sd["model.norm.weight"])
-        if not model.cfg.tie_embeddings:
-            model.lm_head.weight.copy_(sd["lm_head.weight"])
-        for i, block in enumerate(model.blocks):
-            p = f"model.layers.{i}."
-            block.attn.qkv.weight.copy_(torch.cat([sd[p + f"self_attn.{n}_proj.weight"] for n in "qkv"]))
-            block.attn.proj.weight.copy_(sd[p + "self_attn.o_proj.weight"])
-            block.attn.q_norm.weight.copy_(sd[p + "self_attn.q_norm.weight"])
-            block.attn.k_norm.weight.copy_(sd[p + "self_attn.k_norm.weight"])
-            block.attn_norm.weight.copy_(sd[p + "input_layernorm.weight"])
-            block.mlp_norm.weight.copy_(sd[p + "post_attention_layernorm.weight"])
-            block.mlp.fc1.weight.copy_(torch.cat([sd[p + "mlp.gate_proj.weight"], sd[p + "mlp.up_proj.weight"]]))
-            block.mlp.fc2.weight.copy_(sd[p + "mlp.down_proj.weight"])
-    return model
+    return _import(hf, "Qwen3", seq_len)
+
+
+def from_olmo2(hf, seq_len: int | None = None) -> Transformer:
+    """Our Transformer (experiment=olmo2) with the weights of an `Olmo2ForCausalLM`."""
+    return _import(hf, "OLMo 2", seq_len)
 
 
 def olmo2_attention_state_dict(attn: Attention) -> dict[str, torch.Tensor]:
     """Weights for `Olmo2Attention` from an attention layer with the olmo2 preset."""
     a = attn.cfg
-    if (a.qk_norm, a.scope, a.gain, a.position, a.qkv_bias, a.softcap) != ("rms", "layer", "vector", "before_rope", False, None) \
-            or a.scale.kind != "inv_sqrt_head_dim":
+    if (a.qk_norm, a.scope, a.gain, a.position, a.qkv_bias, a.softcap, a.soft_temp, a.soft_clip) != \
+            ("rms", "layer", "vector", "before_rope", False, None, None, None) or a.scale.kind != "inv_sqrt_head_dim":
         raise ConfigError("cannot export to Olmo2Attention: needs the olmo2 preset (rms, scope=layer, gain=vector, before_rope)")
     return {**_split_qkv(attn), "q_norm.weight": attn.q_norm.weight.detach(), "k_norm.weight": attn.k_norm.weight.detach()}
 
 
 def gemma2_attention_state_dict(attn: Attention) -> dict[str, torch.Tensor]:
     """Weights for `Gemma2Attention` from an attention layer without QK-norm (any soft-cap)."""
-    if attn.cfg.qk_norm != "none" or attn.cfg.qkv_bias:
-        raise ConfigError("cannot export to Gemma2Attention: needs qk_norm=none and qkv_bias=false")
+    if attn.cfg.qk_norm != "none" or attn.cfg.qkv_bias or attn.cfg.soft_temp is not None or attn.cfg.soft_clip is not None:
+        raise ConfigError("cannot export to Gemma2Attention: needs qk_norm=none, qkv_bias=false, no soft_temp or soft_clip")
     return _split_qkv(attn)

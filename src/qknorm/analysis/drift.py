@@ -4,7 +4,7 @@ growth rate: least-squares slope of log(max logit) against step (per 1000 steps)
 decomposition (Wortsman et al. 2023 Fig. E.1): the logit of a pair is s |q| |k| cos(q, k), so the
 growth of log max-logit splits into the growth of log(q_rms * k_rms) (norms, measured after any
 QK-norm) and of log(mean |cos|); both slopes are reported for layer 0.
-entropy collapse: the last record's minimum attention entropy over its first.
+entropy collapse: the last record's minimum normalized attention entropy over its first.
 """
 
 from __future__ import annotations
@@ -42,9 +42,10 @@ def drift_row(run_dir) -> dict:
     _, cos = layer_series(records, "qk_cosine", 0, reduce=lambda v: float(np.mean(np.abs(v))))
     row["layer0_norm_growth_per_1000_steps"] = _slope_per_1000(steps, np.asarray(q) * np.asarray(k))
     row["layer0_cosine_growth_per_1000_steps"] = _slope_per_1000(steps, cos)
-    _, ent = layer_series(records, "entropy_min", 0, reduce=min)
-    row["layer0_entropy_min_first"], row["layer0_entropy_min_last"] = ent[0], ent[-1]
-    row["entropy_collapse_ratio"] = ent[-1] / ent[0] if ent[0] > 0 else math.nan
+    _, ent = layer_series(records, "entropy_norm_min", 0, reduce=min)  # entropy / ln(visible keys)
+    if ent:  # logs written before the normalized entropy have none
+        row["layer0_entropy_min_first"], row["layer0_entropy_min_last"] = ent[0], ent[-1]
+        row["entropy_collapse_ratio"] = ent[-1] / ent[0] if ent[0] > 0 else math.nan
     return row
 
 

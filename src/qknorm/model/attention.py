@@ -22,6 +22,13 @@ from .norms import QKNorm, build_norm, can_norm_jointly, norm_qk_jointly, stacke
 from .rope import rope
 
 
+def training_forward(module: nn.Module) -> bool:
+    """A forward pass of a training step: the module in training mode with gradients on. Statistics that
+    steer training (QK-Clip's max logit, sigma-reparam's power iteration) are taken from these only, never
+    from validation or the stability monitor's probe."""
+    return module.training and torch.is_grad_enabled()
+
+
 class AttentionProbe(Protocol):
     """Receives the internals of an attention forward pass (used by the stability monitor)."""
 
@@ -29,14 +36,15 @@ class AttentionProbe(Protocol):
 
 
 class Temperature(nn.Module):
-    """The factor s in logits = s * q.k: fixed, or learned per layer or per head."""
+    """The factor s in logits = s * q.k: fixed, or learned per layer or per head; times soft_temp's beta
+    (softmax(beta * z)) when set."""
 
-    def __init__(self, cfg: ScaleConfig, n_heads: int, head_dim: int, seq_len: int):
+    def __init__(self, cfg: ScaleConfig, n_heads: int, head_dim: int, seq_len: int, beta: Optional[float] = None):
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.beta = cfg, beta
         fixed = {"inv_sqrt_head_dim": head_dim**-0.5, "inv_head_dim": 1.0 / head_dim, "constant": cfg.value}
         if cfg.kind != "learnable":
-            self.fixed: Optional[float] = float(fixed[cfg.kind])
+            self.fixed: Optional[float] = float(fixed[cfg.kind]) * (1.0 if beta is None else beta)
             self.register_parameter("param", None)
             return
         self.fixed = None
@@ -57,16 +65,23 @@ class Temperature(nn.Module):
             return self.fixed
         if self.cfg.parametrization == "log":
             p = self.param if self.cfg.max is None else self.param.clamp(max=math.log(self.cfg.max))
-            return p.exp()
-        return self.param if self.cfg.max is None else self.param.clamp(max=self.cfg.max)
+            s = p.exp()
+        else:
+            s = self.param if self.cfg.max is None else self.param.clamp(max=self.cfg.max)
+        return s if self.beta is None else s * self.beta
 
     def abs_max(self) -> float:
         s = self.forward()
         return abs(s) if isinstance(s, float) else float(s.detach().abs().max())
 
 
-def explicit_attention(q, k, v, scale, softcap: Optional[float], probe_tensors: Optional[dict] = None):
-    """softmax(cap(s * q k^T) + causal mask) v with fp32 logits and softmax. q: [B,H,T,D]; k, v: [B,Hkv,T,D]."""
+def explicit_attention(q, k, v, scale, softcap: Optional[float], probe_tensors: Optional[dict] = None,
+                       soft_clip: Optional[tuple[float, float]] = None):
+    """softmax(cap(s * q k^T) + causal mask) v with fp32 logits and softmax. q: [B,H,T,D]; k, v: [B,Hkv,T,D].
+
+    soft_clip (zeta, gamma): the clipped softmax of Bondarenko et al. 2023, clip((zeta - gamma) p + gamma, 0, 1),
+    which lets a weight reach exactly 0 or 1 with finite logits (masked keys stay at 0 as gamma <= 0).
+    """
     groups = q.shape[1] // k.shape[1]
     if groups > 1:
         k = k.repeat_interleave(groups, dim=1)
@@ -78,6 +93,9 @@ def explicit_attention(q, k, v, scale, softcap: Optional[float], probe_tensors: 
         logits = softcap * torch.tanh(logits / softcap)
     mask = causal_mask(q.shape[-2], k.shape[-2], q.device)
     weights = logits.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+    if soft_clip is not None:
+        zeta, gamma = soft_clip
+        weights = ((zeta - gamma) * weights + gamma).clamp(0.0, 1.0)
     if probe_tensors is not None:
         probe_tensors.update(raw_scores=raw, logits=logits, weights=weights, mask=mask)
     return (weights.to(v.dtype) @ v)
@@ -114,9 +132,9 @@ class Attention(nn.Module):
 
         self.q_norm, self.k_norm = norm(self.n_heads), norm(self.n_kv_heads)
         self.v_norm = norm(self.n_kv_heads) if cfg.targets == "qkv" else None
-        self.temperature = Temperature(cfg.scale, self.n_heads, self.head_dim, seq_len)
+        self.temperature = Temperature(cfg.scale, self.n_heads, self.head_dim, seq_len, beta=cfg.soft_temp)
         self.probe: Optional[AttentionProbe] = None
-        # QK-Clip needs this step's per-head max logit; None when the clip is off.
+        # QK-Clip needs this training step's per-head max logit; None when the clip is off.
         self.max_logit: Optional[torch.Tensor] = None
 
     # -- the shared decision: normalization, RoPE, temperature ------------------------------------
@@ -168,14 +186,14 @@ class Attention(nn.Module):
         return norm_rope(qk, q_norm.kind, gain, bias, cos, sin, q_norm.eps, group)
 
     def logit_bound(self) -> float:
-        """Analytic bound on |s q.k| for a normalized variant (inf without a qk_norm)."""
-        if self.q_norm is None:
-            return math.inf
-        q_bound = self.q_norm.output_norm_bound() * self.q_norm.gain_abs_max()
-        k_bound = self.k_norm.output_norm_bound() * self.k_norm.gain_abs_max()
-        bound = self.temperature.abs_max() * q_bound * k_bound
-        # a per-element gain bounds the norm by max|g| * ||x||: loose but safe
-        return bound if self.cfg.softcap is None else min(bound, self.cfg.softcap)
+        """Analytic bound on |logit|: |s q.k| <= |s| ||q|| ||k|| with ||q||, ||k|| bounded by the QK-norm
+        (inf without one), then through the soft-cap c tanh(z / c), which alone bounds it by c."""
+        bound = math.inf
+        if self.q_norm is not None:
+            bound = self.temperature.abs_max() * self.q_norm.head_norm_bound() * self.k_norm.head_norm_bound()
+        if self.cfg.softcap is not None:
+            bound = self.cfg.softcap * math.tanh(bound / self.cfg.softcap)
+        return bound
 
     # -- the softmax, on one of the paths -----------------------------------------------------
 
@@ -183,11 +201,11 @@ class Attention(nn.Module):
         b, t, _ = x.shape
         q, k, v = self.project(x, cos, sin)
         scale = self.temperature()
-        if self.max_logit is not None:
+        if self.max_logit is not None and training_forward(self):
             self._track_max_logit(q, k, scale)
-        if self.probe is not None or self.cfg.backend == "explicit":
+        if self.probe is not None or self.cfg.backend == "explicit" or self.cfg.soft_clip is not None:
             tensors = self._probe_tensors if self.probe is not None else None
-            y = explicit_attention(q, k, v, scale, self.cfg.softcap, tensors)
+            y = explicit_attention(q, k, v, scale, self.cfg.softcap, tensors, self.cfg.soft_clip)
             if self.probe is not None:
                 tensors["scale"] = scale if isinstance(scale, torch.Tensor) else torch.tensor(scale)
                 self.probe.on_attention(self.layer_idx, tensors)
@@ -221,7 +239,7 @@ class Attention(nn.Module):
 
     @torch.no_grad()
     def apply_qk_clip(self, tau: float) -> torch.Tensor:
-        """Rescale W_q/W_k (and q/k biases) so each head's max logit on the last batch is <= tau.
+        """Rescale W_q/W_k (and q/k biases) so each head's max logit on the last training batch is <= tau.
 
         Head h gets gamma_h = min(1, tau / S_h). With grouped KV heads, the group's k rows take
         sqrt(min gamma) and each q head the rest, so every head's logits scale by exactly gamma_h

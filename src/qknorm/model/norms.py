@@ -54,6 +54,15 @@ class QKNorm(nn.Module):
         """Largest L2 norm a normalized head vector can have before the gain (used for logit bounds)."""
         raise NotImplementedError
 
+    def head_norm_bound(self) -> float:
+        """Largest L2 norm one head's output can have: the normalized vector times max|gain| (a
+        per-element gain scales the norm by at most that: loose but safe), plus the head's bias norm."""
+        bound = self.output_norm_bound() * self.gain_abs_max()
+        bias = getattr(self, "bias", None)
+        if bias is not None:
+            bound += float(bias.detach().reshape(-1, self.head_dim).norm(dim=-1).max())
+        return bound
+
     def gain_abs_max(self) -> float:
         gain = self.effective_gain()
         return 1.0 if gain is None else float(gain.detach().abs().max())

@@ -1,4 +1,5 @@
-"""A small pre-norm decoder-only Transformer: RMSNorm, RoPE, SwiGLU or GELU MLP, grouped-query attention."""
+"""A small decoder-only Transformer: RMSNorm, RoPE, SwiGLU or GELU MLP, grouped-query attention; pre-norm
+blocks, or OLMo 2's reordered norm, and the block-level stabilizers of Rybakov et al. 2024's comparison."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from ..config import AttentionConfig, ModelConfig
 from .attention import Attention
 from .lm_loss import fused_lm_loss
 from .rope import rope_tables
+from .sigma_reparam import apply_sigma_reparam
 
 
 class RMSNorm(nn.Module):
@@ -22,6 +24,33 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+class LayerScale(nn.Module):
+    """diag(lambda) f(x) on a residual branch, lambda per channel (Touvron et al. 2021, CaiT)."""
+
+    def __init__(self, dim: int, init: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.full((dim,), init))
+
+    def forward(self, x):
+        return x * self.weight
+
+
+def _branch_norms(cfg: ModelConfig, attention: AttentionConfig) -> tuple[nn.Module | None, ...]:
+    """(attention input, MLP input, attention output, MLP output) norms of a block; None where absent.
+
+    pre_norm normalizes the sublayer inputs; OLMo 2's reordered norm their outputs instead, with RMSNorm;
+    QK_FC_norm (Rybakov et al. 2024) keeps the pre-norms and adds a LayerNorm after Proj and after FC2
+    (without a bias, as the project's other LayerNorms).
+    """
+    d, eps = cfg.d_model, cfg.norm_eps
+    if cfg.block == "reordered_norm":
+        return None, None, RMSNorm(d, eps), RMSNorm(d, eps)
+    attn_in = RMSNorm(d, eps) if attention.pre_attn_norm else None
+    if attention.proj_fc2_norm == "layernorm":
+        return attn_in, RMSNorm(d, eps), nn.LayerNorm(d, eps, bias=False), nn.LayerNorm(d, eps, bias=False)
+    return attn_in, RMSNorm(d, eps), None, None
 
 
 class MLP(nn.Module):
@@ -45,16 +74,28 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
+    """x + scale(out_norm(attn(in_norm(x)))), then the same for the MLP; absent parts are None, so the
+    default pre-norm block runs exactly x + attn(norm(x)), x + mlp(norm(x))."""
+
     def __init__(self, cfg: ModelConfig, attention: AttentionConfig, layer_idx: int, seq_len: int):
         super().__init__()
-        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps) if attention.pre_attn_norm else nn.Identity()
+        self.attn_norm, self.mlp_norm, self.attn_out_norm, self.mlp_out_norm = _branch_norms(cfg, attention)
         self.attn = Attention(cfg, attention, layer_idx, seq_len)
-        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = MLP(cfg)
+        ls = attention.layerscale_init
+        self.attn_scale = LayerScale(cfg.d_model, ls) if ls is not None else None
+        self.mlp_scale = LayerScale(cfg.d_model, ls) if ls is not None else None
+
+    @staticmethod
+    def _branch(f, x, in_norm, out_norm, scale, *args):
+        h = f(x if in_norm is None else in_norm(x), *args)
+        if out_norm is not None:
+            h = out_norm(h)
+        return x + (h if scale is None else scale(h))
 
     def forward(self, x, cos, sin):
-        x = x + self.attn(self.attn_norm(x), cos, sin)
-        return x + self.mlp(self.mlp_norm(x))
+        x = self._branch(self.attn, x, self.attn_norm, self.attn_out_norm, self.attn_scale, cos, sin)
+        return self._branch(self.mlp, x, self.mlp_norm, self.mlp_out_norm, self.mlp_scale)
 
 
 class Transformer(nn.Module):
@@ -72,6 +113,8 @@ class Transformer(nn.Module):
         self.register_buffer("rope_sin", sin.float(), persistent=False)
         self.final_logit_softcap = attention.final_logit_softcap
         self.reset_parameters()
+        if attention.sigma_reparam:
+            apply_sigma_reparam(self)  # after the init: gamma starts at sigma of the initialized weights
 
     def reset_parameters(self) -> None:
         d = self.cfg.d_model

@@ -1,7 +1,7 @@
 """Stability instrumentation: the attention-logit monitor and divergence detection.
 
-The monitor stays off the hot path: every N steps it runs the model once, in eval mode and without
-gradients, on a fixed probe batch (the first held-out windows) through the explicit attention path,
+The monitor stays off the hot path: every N steps and at the last step it runs the model once, in eval
+mode and without gradients, on a fixed probe batch (the first held-out windows) through the explicit attention path,
 which exposes every logit whatever path training uses. Each record is appended to
 `<run>/stability.jsonl` (one JSON object per monitored step, per-head values as lists) and the same
 numbers go to TensorBoard with stable tags (`stability/layer{L}/...`, `stability/layer{L}/head{H}/...`).
@@ -23,6 +23,10 @@ from ..config import DivergenceConfig, MonitorConfig
 from ..utils.files import atomic_write_bytes
 
 FP16_MAX = 65504.0
+# Attention entropy is judged on query rows that see at least this many keys: a row with n visible keys
+# has entropy at most ln n, so the first rows (ln 2, ln 3, ...) would otherwise set the minimum.
+ENTROPY_MIN_KEYS = 16
+COLLAPSED_WEIGHT = 0.99  # a row whose largest attention weight exceeds this attends to one key
 
 
 def _per_head_masked(values: torch.Tensor, mask: torch.Tensor, reduce: str) -> torch.Tensor:
@@ -42,8 +46,12 @@ class StabilityProbe:
     def on_attention(self, layer: int, t: dict) -> None:
         mask = t["mask"]
         logits, raw, weights = t["logits"], t["raw_scores"], t["weights"]
-        # [B,H,T-1]: the first query sees one key only, its entropy is always 0
-        entropy = -(weights * torch.log(weights.clamp_min(1e-30))).sum(-1)[..., 1:]
+        # entropy / ln(visible keys): 1 for uniform attention, 0 for one key; over rows with enough keys
+        visible = mask.sum(-1)
+        rows = visible >= min(ENTROPY_MIN_KEYS, int(visible.max()))
+        entropy = -(weights * torch.log(weights.clamp_min(1e-30))).sum(-1)[..., rows]  # [B,H,rows]
+        entropy_norm = entropy / torch.log(visible[rows].to(entropy.dtype)).clamp_min(math.log(2))
+        collapsed = (weights.amax(-1)[..., rows] > COLLAPSED_WEIGHT).to(entropy.dtype)
         q, k = t["q"].float(), t["k"].float()  # [B,T,H,D] after norm and RoPE
         groups = q.shape[2] // k.shape[2]
         kk = k.repeat_interleave(groups, dim=2) if groups > 1 else k
@@ -60,8 +68,9 @@ class StabilityProbe:
             "mean_abs_logit": _per_head_masked(logits.abs(), mask, "mean"),
             "raw_qk_max": raw_max,
             "fp16_headroom": FP16_MAX / raw_max.clamp_min(1e-30),
-            "entropy_mean": entropy.mean(dim=(0, 2)),
-            "entropy_min": entropy.amin(dim=(0, 2)),
+            "entropy_norm_mean": entropy_norm.mean(dim=(0, 2)),
+            "entropy_norm_min": entropy_norm.amin(dim=(0, 2)),
+            "collapsed_rows": collapsed.mean(dim=(0, 2)),  # fraction of those rows
             "q_rms_proj": rms(t["q_proj"]), "k_rms_proj": rms(t["k_proj"]),
             "q_rms": rms(t["q"]), "k_rms": rms(t["k"]),
             "qk_cosine": _per_head_masked(cosine, mask, "mean"),
@@ -77,9 +86,13 @@ def _record_step(line: str) -> float:
         return math.inf  # a torn line from a killed writer is dropped
 
 
+def _significant(v: float) -> float:
+    return float(f"{v:.7g}")  # fp32's precision, relative: a tiny value stays itself, never 0
+
+
 def _to_list(x):
     if isinstance(x, torch.Tensor):
-        return [round(float(v), 6) for v in x.flatten()] if x.numel() > 1 else round(float(x), 6)
+        return [_significant(float(v)) for v in x.flatten()] if x.numel() > 1 else _significant(float(x))
     return x
 
 
@@ -93,6 +106,7 @@ class StabilityMonitor(pl.Callback):
         self.probe_batch: Optional[torch.Tensor] = None
         self._pre_step: Optional[dict[str, torch.Tensor]] = None
         self._layer_grad_norms: Optional[dict[int, float]] = None
+        self._last_measured: Optional[int] = None
         self.fingerprint: dict = {}
 
     # -- checkpointed state: the fingerprint so far ------------------------------------------------
@@ -109,12 +123,13 @@ class StabilityMonitor(pl.Callback):
             n = min(self.cfg.probe_sequences, (len(tokens) - 1) // t)
             self.probe_batch = torch.from_numpy(np.asarray(tokens[: n * t]).astype(np.int64).reshape(n, t))
 
-    def _due(self, trainer) -> bool:
-        return trainer.global_step % self.cfg.every_n_steps == 0
+    def _due(self, trainer, step: int) -> bool:
+        # the last step too: the fingerprint's final_* values are the trained model's
+        return step % self.cfg.every_n_steps == 0 or step == trainer.max_steps - 1
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         # global_step is the index of the step about to be taken
-        if not self._due(trainer):
+        if not self._due(trainer, trainer.global_step):
             return
         model = pl_module.model
         self._pre_step = {n: p.detach().clone() for n, p in model.named_parameters() if p.dim() >= 2}
@@ -126,13 +141,23 @@ class StabilityMonitor(pl.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = trainer.global_step - 1  # the step just taken
-        if step % self.cfg.every_n_steps != 0 or self._pre_step is None:
+        if not self._due(trainer, step) or self._pre_step is None:
             return
-        record = self.measure(pl_module, step)
+        self._record(trainer, pl_module, step)
         self._pre_step, self._layer_grad_norms = None, None
+
+    def on_train_end(self, trainer, pl_module):
+        # a run stopped before max_steps (diverged, out of time): measure where it ended
+        step = trainer.global_step - 1
+        if step >= 0 and step != self._last_measured and self.probe_batch is not None:
+            self._record(trainer, pl_module, step)
+
+    def _record(self, trainer, pl_module, step: int) -> None:
+        record = self.measure(pl_module, step)
         if trainer.is_global_zero:
             self._write(trainer, record)
         self._update_fingerprint(record)
+        self._last_measured = step
 
     @torch.no_grad()
     def measure(self, pl_module, step: int) -> dict:
@@ -226,15 +251,19 @@ class StabilityMonitor(pl.Callback):
         layer0 = over_layers("max_logit", max, record["layers"][:1])
         overall = over_layers("max_logit", max)
         headroom = over_layers("fp16_headroom", min)
-        entropy_min = over_layers("entropy_min", min)
+        # a NaN (a diverged model) never becomes a peak or a minimum; an inf logit does
         if layer0 >= fp.get("peak_layer0_max_logit", -1.0):
             fp["peak_layer0_max_logit"], fp["peak_layer0_step"] = layer0, record["step"]
         if overall >= fp.get("peak_max_logit", -1.0):
             fp["peak_max_logit"], fp["peak_max_logit_step"] = overall, record["step"]
-        fp["min_fp16_headroom"] = min(headroom, fp.get("min_fp16_headroom", math.inf))
+        if not math.isnan(headroom):
+            fp["min_fp16_headroom"] = min(headroom, fp.get("min_fp16_headroom", math.inf))
         fp["first_layer0_max_logit"] = fp.get("first_layer0_max_logit", layer0)
+        fp["final_step"] = record["step"]
         fp["final_layer0_max_logit"] = layer0
-        fp["final_entropy_min"] = entropy_min
+        fp["final_entropy_norm_min"] = over_layers("entropy_norm_min", min)
+        fp["final_entropy_norm_mean"] = over_layers("entropy_norm_mean", min)  # the least spread-out head
+        fp["final_collapsed_rows"] = over_layers("collapsed_rows", max)  # the most collapsed head
         fp["monitored_steps"] = fp.get("monitored_steps", 0) + 1
 
 

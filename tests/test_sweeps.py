@@ -172,6 +172,7 @@ def test_two_launches_of_one_sweep_train_every_job_once(tmp_path, cache_dir):
         assert len(records) == len(set(records)), name
 
 
+@pytest.mark.slow
 def test_a_killed_owner_does_not_block_the_resume(tmp_path, cache_dir):
     env = {**os.environ, "QKNORM_CACHE_DIR": str(cache_dir), "QKNORM_LOG_DIR": str(tmp_path / "logs")}
     run_dir = tmp_path / "run"

@@ -64,8 +64,9 @@ def test_bad_input_exits_nonzero_fast_with_one_line(tmp_path, cache_dir, args, n
 
 def test_unknown_preset_lists_the_options(tmp_path, cache_dir):
     proc = run_cli(["attention=qwen4"], tmp_path, cache_dir, timeout=120)
-    assert proc.returncode != 0
-    assert "Could not find 'attention/qwen4'" in proc.stderr and "qwen3" in proc.stderr
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("qknorm-train: error: attention=qwen4: no such option in group attention")
+    assert "did you mean qwen3?" in proc.stderr and "olmo2" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 

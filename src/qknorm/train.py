@@ -219,8 +219,18 @@ def _report_failure(message: str, run_dir: Path) -> None:
 
 
 @hydra.main(version_base="1.3", config_path="pkg://qknorm.conf", config_name="train")
-def main(cfg: DictConfig) -> Optional[float]:
+def hydra_app(cfg: DictConfig) -> Optional[float]:
+    from .training.naming import announce_job
+
+    announce_job()
     return run(cfg)
+
+
+def main() -> None:
+    """The console script: the Hydra app behind our --help page and one-line errors (qknorm.cli)."""
+    from .cli import run_app
+
+    run_app(hydra_app)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,10 @@ def test_nano_run_from_outside_the_repo_writes_summary_and_tensorboard(tmp_path,
     assert summary["final_val_loss"] < summary["initial_loss"]
     assert summary["best_val_bpb"] <= summary["final_val_bpb"] + 1e-12
     assert (run / ".hydra" / "config.yaml").exists() and (run / ".hydra" / "overrides.yaml").exists()
-    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    # TensorBoard lists a run by its folder: <run>/tensorboard/<variant,lr,seed,overrides>/
+    (events,) = (run / "tensorboard").glob("*/events.out.tfevents.*")
+    assert events.parent.name == "baseline,lr=0.01,seed=0,model=nano,trainer.max_steps=20"
+    assert "variant: baseline" in (run / "hparams.yaml").read_text()
     header = (run / "metrics.csv").read_text().splitlines()[0]
     for column in ("train/loss", "val/loss", "val/bpb", "train/tokens", "train/tokens_per_s"):
         assert column in header

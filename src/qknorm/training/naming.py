@@ -27,22 +27,31 @@ def job_overrides() -> list[str]:
     return [o for o in overrides if not o.startswith("trainer.progress_bar")]
 
 
+def job_label() -> str:
+    """`job 3` in a multirun, where lines of parallel jobs interleave; empty otherwise."""
+    hc = _hydra_config()
+    if hc is None or str(hc.mode) != "RunMode.MULTIRUN":
+        return ""
+    return f"job {hc.job.get('num')}"
+
+
 def announce_job() -> None:
     """One line at the start of each job: which job, its overrides, where it writes."""
     hc = _hydra_config()
-    if hc is None:
-        return
-    num = hc.job.get("num")
-    label = f"job {num}" if num is not None and str(hc.mode) == "RunMode.MULTIRUN" else "run"
-    log.info("%s: %s -> %s", label, " ".join(job_overrides()) or "(defaults)", hc.runtime.output_dir)
+    if hc is not None:
+        log.info("%s: %s -> %s", job_label() or "run", " ".join(job_overrides()) or "(defaults)", hc.runtime.output_dir)
+
+
+def variant() -> str:
+    """The attention preset chosen (conf/attention/), as the analysis names variants."""
+    hc = _hydra_config()
+    return str(hc.runtime.choices.get("attention", "attention")) if hc is not None else "attention"
 
 
 def run_name(lr: float, seed: int) -> str:
     """A name that tells runs apart in TensorBoard: the attention preset, LR, seed, then the job's
     other overrides, e.g. `qwen3,lr=0.01,seed=0,model=small`."""
-    hc = _hydra_config()
-    variant = str(hc.runtime.choices.get("attention", "attention")) if hc is not None else "attention"
-    parts = [variant, f"lr={lr:g}", f"seed={seed}"]
+    parts = [variant(), f"lr={lr:g}", f"seed={seed}"]
     for override in job_overrides():
         key = override.split("=", 1)[0].lstrip("+~")
         if key in ("attention", "optim.lr", "seed") or key.startswith(_BOOKKEEPING):

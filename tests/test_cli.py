@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -84,3 +87,17 @@ def test_help_lists_every_group_option_sweep_and_command(tmp_path, cache_dir):
     for command in ("qknorm-sweep", "qknorm-analyze", "qknorm-probe", "logs/sweeps/<name>/<size>/<job>/"):
         assert command in page
     assert not any(tmp_path.rglob("*.yaml"))  # --help runs nothing
+
+
+@pytest.mark.parametrize("args", [["model.n_heads=3", "model.d_model=128"], ["attention=qwen4"]],
+                         ids=["validator", "hydra"])
+def test_config_errors_come_before_torch_and_lightning_are_imported(tmp_path, args):
+    env = {**os.environ, "QKNORM_LOG_DIR": str(tmp_path / "logs")}
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "qknorm.train", *args], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+    assert "omegaconf" in imported  # the measurement works
+    assert not imported & {"torch", "pytorch_lightning", "lightning_fabric"}
+    assert [line for line in proc.stderr.splitlines() if not line.startswith("import time:")][0].startswith(
+        "qknorm-train: error: ")

@@ -126,13 +126,22 @@ def test_probe_flags_a_planted_qkv_bias_overflow_in_fp16(tmp_path, capsys):
     qwen2.save_pretrained(tmp_path / "qwen2")
     Qwen3ForCausalLM(Qwen3Config(head_dim=16, **kw)).save_pretrained(tmp_path / "qwen3")
 
+    capsys.readouterr()  # transformers' own progress output while saving
+    # these folders hold no tokenizer: refused in one line unless random ids are asked for
+    assert probe_main([str(tmp_path / "qwen2"), "--out", str(tmp_path / "refused")]) == 2
+    refusal = capsys.readouterr().err.strip()
+    assert refusal.startswith(f"qknorm-probe: error: {tmp_path / 'qwen2'}: its tokenizer turned the sample text into 0 tokens")
+    assert "--random-ids" in refusal and "\n" not in refusal and not (tmp_path / "refused").exists()
+    printed = {}
     for name in ("qwen2", "qwen3"):
-        assert probe_main([str(tmp_path / name), "--out", str(tmp_path / f"{name}-out")]) == 0
+        assert probe_main([str(tmp_path / name), "--out", str(tmp_path / f"{name}-out"), "--random-ids"]) == 0
         assert (tmp_path / f"{name}-out" / "probe.png").exists()
+        printed[name] = capsys.readouterr().out
+        assert "text: 2 x 128 random token ids (--random-ids), not text" in printed[name]
     q2 = pd.read_csv(tmp_path / "qwen2-out" / "probe.csv").set_index("layer")
     assert list(q2["overflows_fp16_unscaled"]) == [False, True, False]
     assert not q2["overflows_fp16_prescaled"].any()
     assert q2.loc[1, "max_abs_qkv_bias"] == 100.0 and q2.loc[1, "fp16_headroom"] < 1
     q3 = pd.read_csv(tmp_path / "qwen3-out" / "probe.csv")
     assert len(q3) == 3 and not q3["overflows_fp16_unscaled"].any()
-    assert "OVERFLOW (unscaled order)" in capsys.readouterr().out
+    assert "OVERFLOW (unscaled order)" in printed["qwen2"]

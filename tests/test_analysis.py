@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
+from qknorm.analysis.figures import most_unstable_runs, note_if_sparse, sweep_title
 from qknorm.analysis.lr import lr_table
 from qknorm.analysis.report import analyze, main as analyze_main
 from qknorm.probe import main as probe_main
@@ -72,6 +73,29 @@ def smoke_sweep(tmp_path_factory, cache_dir):
                    root, cache_dir)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return root / "logs" / "sweeps" / "lr_tolerance" / "smoke"
+
+
+def test_heatmap_shows_each_variant_at_the_lr_with_the_highest_peak_logit():
+    frame = pd.DataFrame([dict(zip(("run_dir", "variant", "lr", "seed", "stability.peak_max_logit", "stability_records"), r))
+                          for r in [("s/a/0", "baseline", 1e-3, 0, 5.0, 3), ("s/a/1", "baseline", 1e-1, 0, 900.0, 3),
+                                    ("s/a/2", "baseline", 1e-1, 1, 1200.0, 3), ("s/a/3", "baseline", 1.0, 0, 1000.0, 3),
+                                    ("s/a/4", "qwen3", 1e-3, 0, 4.0, 3), ("s/a/5", "qwen3", 1.0, 0, 30.0, 3),
+                                    ("s/a/6", "qwen3", 3.0, 0, 99.0, 0)]])  # no stability records: not drawable
+    chosen = {run["variant"]: run["run_dir"] for run in most_unstable_runs(frame)}
+    # baseline: LR 0.1 has the highest mean peak (1050 > 1000), and of its seeds the higher peak
+    assert chosen == {"baseline": "s/a/2", "qwen3": "s/a/5"}
+    assert sweep_title(frame) == "s/a, 7 runs"
+
+
+def test_a_figure_with_one_point_per_line_says_so():
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    note_if_sparse(ax, [1, 1])
+    assert "too few to draw a curve" in ax.texts[0].get_text()
+    note_if_sparse(ax, [1, 3])
+    assert len(ax.texts) == 1
+    plt.close(fig)
 
 
 def test_analyze_a_real_sweep_writes_tables_report_and_figures(smoke_sweep, tmp_path):

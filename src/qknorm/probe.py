@@ -158,7 +158,7 @@ class NoUsableText(Exception):
 
 
 def make_batches(encode, vocab_size: int, n: int, seq_len: int, random_ids: bool = False,
-                 no_tokenizer: str = "no tokenizer") -> tuple[list[torch.Tensor], str]:
+                 no_tokenizer: str = "no tokenizer", tokenizer: str = "the model's tokenizer") -> tuple[list[torch.Tensor], str]:
     """n sequences of seq_len token ids, and a line saying what they are. Random ids only when asked:
     attention statistics on random ids say little about the model on text."""
     if random_ids:
@@ -175,10 +175,10 @@ def make_batches(encode, vocab_size: int, n: int, seq_len: int, random_ids: bool
         raise NoUsableText(f"its tokenizer gives token ids up to {max(ids)}, outside the model's vocabulary of {vocab_size}")
     t = torch.tensor(ids[: n * seq_len], dtype=torch.long)
     return ([t[i * seq_len:(i + 1) * seq_len][None] for i in range(n)],
-            f"{n} x {seq_len} tokens of Hamlet (the embedded Shakespeare plays), tokenized by the model's tokenizer")
+            f"{n} x {seq_len} tokens of Hamlet (the embedded Shakespeare plays), tokenized by {tokenizer}")
 
 
-def plot(result: ProbeResult, out: Path) -> Path:
+def plot(result: ProbeResult, out: Path, text: str = "") -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -192,14 +192,17 @@ def plot(result: ProbeResult, out: Path) -> Path:
     if any(not math.isnan(r["max_abs_qkv_bias"]) for r in rows):
         ax.plot(x, [r["max_abs_qkv_bias"] for r in rows], marker="^", label="max |QKV bias|")
     ax.axhline(FP16_MAX, color="red", ls="--", lw=1, label="fp16 max (65504)")
+    from .analysis.figures import legend_outside
+
     ax.set_yscale("log")
     ax.set_xlabel("layer")
-    ax.set_title(result.model, fontsize=8)
+    ax.set_xticks(x)
+    ax.set_ylabel("magnitude (fp16 overflows above the red line)", fontsize=8)
+    ax.set_title(f"{result.model}\n{text}", fontsize=7)
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
+    legend_outside(ax)
     path = out / "probe.png"
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
 
@@ -226,7 +229,7 @@ def probe(args: argparse.Namespace) -> tuple[ProbeResult, str]:
         except Exception as e:  # the training corpus may not be on this machine
             why = f"the tokenizer of its training corpus cannot be built here ({_first_line(e)})"
         batches, text = make_batches(encode, model.vocab_size, args.batches, min(args.seq_len, model.seq_len),
-                                     args.random_ids, why)
+                                     args.random_ids, why, "the tokenizer of its training corpus")
         return probe_qknorm(model, batches, args.model), text
     try:
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -283,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         flag += "  OVERFLOW (pre-scaled order)" if r["overflows_fp16_prescaled"] else ""
         print(f"{r['layer']:>5} {r['max_abs_qk_raw']:>12.4g} {r['max_abs_qkv_bias']:>10.4g} {r['max_abs_logit']:>11.4g} "
               f"{r['fp16_headroom']:>14.4g} {r['nonfinite_fp16_unscaled']:>18} {r['nonfinite_fp16_prescaled']:>18}{flag}")
-    print(f"wrote {args.out / 'probe.csv'}, {plot(result, args.out)}")
+    print(f"wrote {args.out / 'probe.csv'}, {plot(result, args.out, text)}")
     return 0
 
 

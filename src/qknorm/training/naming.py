@@ -10,7 +10,7 @@ import logging
 log = logging.getLogger("qknorm.train")
 
 # Overrides that say where or how often, not what is trained: left out of run names.
-_BOOKKEEPING = ("trainer.progress_bar", "trainer.val_every_n_steps", "trainer.log_every_n_steps",
+_BOOKKEEPING = ("trainer.val_every_n_steps", "trainer.log_every_n_steps",
                 "trainer.checkpoint_every_n_steps", "callbacks.monitor.every_n_steps", "logger", "paths.", "hydra")
 
 
@@ -29,8 +29,10 @@ def job_overrides() -> list[str]:
 
 def job_label() -> str:
     """`job 3` in a multirun, where lines of parallel jobs interleave; empty otherwise."""
+    from hydra.types import RunMode
+
     hc = _hydra_config()
-    if hc is None or str(hc.mode) != "RunMode.MULTIRUN":
+    if hc is None or hc.mode != RunMode.MULTIRUN:
         return ""
     return f"job {hc.job.get('num')}"
 
@@ -43,7 +45,7 @@ def announce_job() -> None:
 
 
 def variant() -> str:
-    """The attention preset chosen (conf/attention/), as the analysis names variants."""
+    """The attention preset chosen (a file of conf/attention/)."""
     hc = _hydra_config()
     return str(hc.runtime.choices.get("attention", "attention")) if hc is not None else "attention"
 

@@ -56,7 +56,7 @@ def main() -> None:
     ax.set_xlabel("step")
     ax.set_ylabel("layer-0 max |attention logit|")
     ax.grid(alpha=0.3, which="both")
-    note_if_sparse(ax, points, "record")
+    note_if_sparse(ax, points, "record", "a smaller callbacks.monitor.every_n_steps")
     title = args.title or (f"Layer-0 max attention logit; all runs: {shared}" if shared else "Layer-0 max attention logit")
     ax.set_title(textwrap.fill(title, 90), fontsize=8)
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=1, frameon=False)

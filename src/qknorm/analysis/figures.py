@@ -32,11 +32,11 @@ def legend_outside(ax, *handles_labels, **kwargs) -> None:
     ax.legend(*handles_labels, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, fontsize=7, **kwargs)
 
 
-def note_if_sparse(ax, points_per_line: list[int], what: str = "point") -> None:
+def note_if_sparse(ax, points_per_line: list[int], what: str = "point", remedy: str = "longer runs") -> None:
     """Say so on the figure when no line has two points (e.g. one validation per run), instead of a
     plot that looks empty or flat."""
     if points_per_line and max(points_per_line) < 2:
-        ax.text(0.5, 0.5, f"one {what} per line: too few to draw a curve\n(longer runs or more values give one)",
+        ax.text(0.5, 0.5, f"one {what} per line: too few to draw a curve\n({remedy} would give one)",
                 transform=ax.transAxes, ha="center", va="center", fontsize=8, color="0.35",
                 bbox={"boxstyle": "round", "facecolor": "white", "edgecolor": "0.7", "alpha": 0.9})
 
@@ -72,7 +72,7 @@ def loss_vs_lr(frame: pd.DataFrame, out: Path) -> list[Path]:
         bad = group[group["status"] != "completed"]
         ax.scatter(bad["lr"], bad["capped"], marker="x", color=line.get_color(), s=50)
     _label(ax, "peak learning rate", "final val loss\n(capped at loss at init; x: diverged)", "x")
-    note_if_sparse(ax, points, "learning rate")
+    note_if_sparse(ax, points, "learning rate", "a sweep over more learning rates")
     ax.set_title(f"Final validation loss vs learning rate ({sweep_title(runs)})", fontsize=9)
     return _save(fig, out, "loss_vs_lr")
 
@@ -121,7 +121,7 @@ def max_logit_vs_step(frame: pd.DataFrame, out: Path) -> list[Path]:
         runs = [s for s in series if s[0] == variant]
         for _, lr, steps, values in sorted(runs, key=lambda s: s[1]):
             ax.plot(steps, values, lw=1.2, marker="o" if len(steps) <= 20 else None, ms=3, color=colours.get(float(lr), "k"))
-        note_if_sparse(ax, [len(s[2]) for s in runs], "record")
+        note_if_sparse(ax, [len(s[2]) for s in runs], "record", "a smaller callbacks.monitor.every_n_steps")
         ax.set_yscale("log")
         ax.set_title(variant, fontsize=9)
         ax.set_xlabel("step")
@@ -213,7 +213,7 @@ def loss_vs_time(frame: pd.DataFrame, out: Path) -> list[Path]:
     ax_tok.set_ylabel("val loss")
     for ax in (ax_tok, ax_time):
         ax.grid(alpha=0.3)
-        note_if_sparse(ax, points, "validation")
+        note_if_sparse(ax, points, "validation", "a smaller trainer.val_every_n_steps")
     legend_outside(ax_time, *ax_tok.get_legend_handles_labels())
     fig.suptitle(f"Validation loss vs training tokens and time ({sweep_title(completed)})", fontsize=9)
     return _save(fig, out, "loss_vs_time")

@@ -49,7 +49,7 @@ def test_config_errors_are_one_line_exit_2_run_and_multirun(tmp_path, cache_dir,
 @pytest.mark.parametrize("key,guess", [
     ("model.nheads", "model.n_heads"), ("trainer.max_step", "trainer.max_steps"), ("n_heads", "model.n_heads"),
     ("attention.scale.knd", "attention.scale.kind"), ("optim.learning_rate", "optim.lr"),
-    ("norm_eps", "model.norm_eps or attention.norm_eps"),
+    ("norm_eps", "model.norm_eps or attention.norm_eps"), ("trainr.max_steps", "trainer.max_steps"),
 ])
 def test_unknown_key_guesses_the_meant_key(key, guess):
     assert f"did you mean {guess}?" in unknown_key_message(key)
@@ -58,6 +58,7 @@ def test_unknown_key_guesses_the_meant_key(key, guess):
 def test_unknown_key_without_a_close_name_lists_the_allowed_ones():
     message = unknown_key_message("optim.zzzzzz")
     assert "did you mean" not in message and "keys of optim: betas, eps," in message
+    assert "did you mean" not in unknown_key_message("experiment.foo")  # never the key itself
     assert unknown_key_message("sweeps.size").startswith("sweeps.size: only exists once a sweeps option is chosen")
 
 

@@ -153,7 +153,7 @@ def unknown_key_message(key: str) -> str:
         elsewhere = [k for k in _all_keys() if _same_name(parts[-1], k.rsplit(".", 1)[-1])]
         guess = " or ".join(elsewhere) or None
     where = f"keys of {node}" if node else "groups and keys at the top level"
-    hint = f"; did you mean {guess}?" if guess else ""
+    hint = f"; did you mean {guess}?" if guess and guess != key else ""
     return f"{key}: no such key{hint} ({where}: {', '.join(siblings)})"
 
 

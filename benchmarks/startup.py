@@ -1,6 +1,10 @@
-"""Start-up time: from typing the command to the first training step, with a warm data cache.
+"""Start-up time: from typing the command to a config error, and to the first training step.
 
     python benchmarks/startup.py [--repeats 3] [overrides ...]
+
+Command -> config error: how long a wrong command takes to say so, once for an error the project's
+validator finds (`qknorm-train model.n_heads=3 model.d_model=128`) and once for one Hydra finds
+(`qknorm-train attention=qwen4`); both must exit 2 with one line, before Lightning or torch load.
 
 Runs `qknorm-train model=nano trainer.max_steps=1` (the default data, cache already built by a first
 untimed run) and takes the moment the stability monitor writes its step-0 record, which happens just
@@ -22,6 +26,21 @@ import time
 from pathlib import Path
 
 EXE = str(Path(sys.executable).parent / "qknorm-train")
+
+
+CONFIG_ERRORS = (["model.n_heads=3", "model.d_model=128"], ["attention=qwen4"])
+
+
+def config_error_seconds(overrides: list[str]) -> float:
+    """Wall time of a command that must stop with one `qknorm-train: error:` line and exit code 2."""
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        proc = subprocess.run([EXE, *overrides], cwd=tmp, capture_output=True, text=True,
+                              env={**os.environ, "QKNORM_LOG_DIR": str(Path(tmp) / "logs")})
+        elapsed = time.perf_counter() - t0
+    if proc.returncode != 2 or not proc.stderr.startswith("qknorm-train: error: "):
+        raise SystemExit(f"expected a one-line config error from {overrides}, got exit {proc.returncode}: {proc.stderr}")
+    return elapsed
 
 
 def first_step_seconds(overrides: list[str]) -> float:
@@ -55,6 +74,11 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
+    for overrides in CONFIG_ERRORS:
+        config_error_seconds(overrides)  # warm the OS file cache
+        times = [config_error_seconds(overrides) for _ in range(args.repeats)]
+        print(f"command -> config error, qknorm-train {' '.join(overrides)}: median {statistics.median(times):.2f} s "
+              f"(runs: {', '.join(f'{t:.2f}' for t in times)}; {os.cpu_count()} cores)")
     first_step_seconds(args.overrides)  # warm the tokenizer/token cache and the OS file cache
     times = [first_step_seconds(args.overrides) for _ in range(args.repeats)]
     print(f"command -> first training step: median {statistics.median(times):.2f} s "

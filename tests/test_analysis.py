@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
+from qknorm.analysis.figures import most_unstable_runs, note_if_sparse, sweep_title
 from qknorm.analysis.lr import lr_table
 from qknorm.analysis.report import analyze, main as analyze_main
 from qknorm.probe import main as probe_main
@@ -108,6 +109,29 @@ def smoke_sweep(tmp_path_factory, cache_dir):
     return root / "logs" / "sweeps" / "lr_tolerance" / "smoke"
 
 
+def test_heatmap_shows_each_variant_at_the_lr_with_the_highest_peak_logit():
+    frame = pd.DataFrame([dict(zip(("run_dir", "variant", "lr", "seed", "stability.peak_max_logit", "stability_records"), r))
+                          for r in [("s/a/0", "baseline", 1e-3, 0, 5.0, 3), ("s/a/1", "baseline", 1e-1, 0, 900.0, 3),
+                                    ("s/a/2", "baseline", 1e-1, 1, 1200.0, 3), ("s/a/3", "baseline", 1.0, 0, 1000.0, 3),
+                                    ("s/a/4", "qwen3", 1e-3, 0, 4.0, 3), ("s/a/5", "qwen3", 1.0, 0, 30.0, 3),
+                                    ("s/a/6", "qwen3", 3.0, 0, 99.0, 0)]])  # no stability records: not drawable
+    chosen = {run["variant"]: run["run_dir"] for run in most_unstable_runs(frame)}
+    # baseline: LR 0.1 has the highest mean peak (1050 > 1000), and of its seeds the higher peak
+    assert chosen == {"baseline": "s/a/2", "qwen3": "s/a/5"}
+    assert sweep_title(frame) == "s/a, 7 runs"
+
+
+def test_a_figure_with_one_point_per_line_says_so():
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    note_if_sparse(ax, [1, 1])
+    assert "too few to draw a curve" in ax.texts[0].get_text()
+    note_if_sparse(ax, [1, 3])
+    assert len(ax.texts) == 1
+    plt.close(fig)
+
+
 def test_analyze_a_real_sweep_writes_tables_report_and_figures(smoke_sweep, tmp_path):
     out = tmp_path / "out"
     assert analyze_main([str(smoke_sweep), "--out", str(out)]) == 0
@@ -162,13 +186,22 @@ def test_probe_flags_a_planted_qkv_bias_overflow_in_fp16(tmp_path, capsys):
     qwen2.save_pretrained(tmp_path / "qwen2")
     Qwen3ForCausalLM(Qwen3Config(head_dim=16, **kw)).save_pretrained(tmp_path / "qwen3")
 
+    capsys.readouterr()  # transformers' own progress output while saving
+    # these folders hold no tokenizer: refused in one line unless random ids are asked for
+    assert probe_main([str(tmp_path / "qwen2"), "--out", str(tmp_path / "refused")]) == 2
+    refusal = capsys.readouterr().err.strip()
+    assert refusal.startswith(f"qknorm-probe: error: {tmp_path / 'qwen2'}: its tokenizer turned the sample text into 0 tokens")
+    assert "--random-ids" in refusal and "\n" not in refusal and not (tmp_path / "refused").exists()
+    printed = {}
     for name in ("qwen2", "qwen3"):
-        assert probe_main([str(tmp_path / name), "--out", str(tmp_path / f"{name}-out")]) == 0
+        assert probe_main([str(tmp_path / name), "--out", str(tmp_path / f"{name}-out"), "--random-ids"]) == 0
         assert (tmp_path / f"{name}-out" / "probe.png").exists()
+        printed[name] = capsys.readouterr().out
+        assert "text: 2 x 128 random token ids (--random-ids), not text" in printed[name]
     q2 = pd.read_csv(tmp_path / "qwen2-out" / "probe.csv").set_index("layer")
     assert list(q2["overflows_fp16_unscaled"]) == [False, True, False]
     assert not q2["overflows_fp16_prescaled"].any()
     assert q2.loc[1, "max_abs_qkv_bias"] == 100.0 and q2.loc[1, "fp16_headroom"] < 1
     q3 = pd.read_csv(tmp_path / "qwen3-out" / "probe.csv")
     assert len(q3) == 3 and not q3["overflows_fp16_unscaled"].any()
-    assert "OVERFLOW (unscaled order)" in capsys.readouterr().out
+    assert "OVERFLOW (unscaled order)" in printed["qwen2"]

@@ -1,9 +1,11 @@
 """qknorm-probe: would this model's attention overflow in fp16?
 
-    qknorm-probe MODEL [--batches 2] [--seq-len 128] [--out DIR]
+    qknorm-probe MODEL [--batches 2] [--seq-len 128] [--out DIR] [--random-ids]
 
 MODEL is one of our checkpoints (`.ckpt`) or a `transformers` causal LM (a local folder, or a hub name
-when online). For a few batches of text it reports per layer: max |q k^T| before the scale, max |QKV
+when online). It feeds the model the start of Hamlet through the model's own tokenizer (a checkpoint:
+the tokenizer of its training corpus) and says so; a model it cannot tokenize text for is refused
+unless --random-ids asks for random token ids. For those batches it reports per layer: max |q k^T| before the scale, max |QKV
 bias|, max attention logit, and the fp16 headroom (65504 / max |q k^T|); then it evaluates the logits in
 fp16 both as (q @ k^T) * s and as (q * s) @ k^T and counts non-finite values: the Qwen2 -> Qwen3 story,
 where moving the scale before the matmul (as PyTorch's SDPA does) removed the overflow and QK-norm
@@ -151,16 +153,32 @@ def sample_text() -> str:
     return strip_play_markup(shakespeare_plays()["hamlet"].read_text(encoding="utf-8"))
 
 
-def make_batches(encode, vocab_size: int, n: int, seq_len: int) -> list[torch.Tensor]:
-    if encode is not None:
-        ids = torch.tensor(encode(sample_text())[: n * 2 * seq_len], dtype=torch.long)
-        if len(ids) >= n * seq_len:
-            return [ids[i * seq_len:(i + 1) * seq_len][None] for i in range(n)]
-    g = torch.Generator().manual_seed(0)
-    return [torch.randint(0, vocab_size, (1, seq_len), generator=g) for _ in range(n)]
+class NoUsableText(Exception):
+    """The model's tokenizer is missing or cannot turn the sample text into enough valid token ids."""
 
 
-def plot(result: ProbeResult, out: Path) -> Path:
+def make_batches(encode, vocab_size: int, n: int, seq_len: int, random_ids: bool = False,
+                 no_tokenizer: str = "no tokenizer", tokenizer: str = "the model's tokenizer") -> tuple[list[torch.Tensor], str]:
+    """n sequences of seq_len token ids, and a line saying what they are. Random ids only when asked:
+    attention statistics on random ids say little about the model on text."""
+    if random_ids:
+        g = torch.Generator().manual_seed(0)
+        return ([torch.randint(0, vocab_size, (1, seq_len), generator=g) for _ in range(n)],
+                f"{n} x {seq_len} random token ids (--random-ids), not text")
+    if encode is None:
+        raise NoUsableText(no_tokenizer)
+    ids = list(encode(sample_text()))
+    if len(ids) < n * seq_len:
+        raise NoUsableText(f"its tokenizer turned the sample text into {len(ids)} tokens, fewer than "
+                           f"--batches x --seq-len = {n * seq_len}")
+    if max(ids) >= vocab_size or min(ids) < 0:
+        raise NoUsableText(f"its tokenizer gives token ids up to {max(ids)}, outside the model's vocabulary of {vocab_size}")
+    t = torch.tensor(ids[: n * seq_len], dtype=torch.long)
+    return ([t[i * seq_len:(i + 1) * seq_len][None] for i in range(n)],
+            f"{n} x {seq_len} tokens of Hamlet (the embedded Shakespeare plays), tokenized by {tokenizer}")
+
+
+def plot(result: ProbeResult, out: Path, text: str = "") -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -174,16 +192,63 @@ def plot(result: ProbeResult, out: Path) -> Path:
     if any(not math.isnan(r["max_abs_qkv_bias"]) for r in rows):
         ax.plot(x, [r["max_abs_qkv_bias"] for r in rows], marker="^", label="max |QKV bias|")
     ax.axhline(FP16_MAX, color="red", ls="--", lw=1, label="fp16 max (65504)")
+    from .analysis.figures import legend_outside
+
     ax.set_yscale("log")
     ax.set_xlabel("layer")
-    ax.set_title(result.model, fontsize=8)
+    ax.set_xticks(x)
+    ax.set_ylabel("magnitude (fp16 overflows above the red line)", fontsize=8)
+    ax.set_title(f"{result.model}\n{text}", fontsize=7)
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
+    legend_outside(ax)
     path = out / "probe.png"
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
+
+
+class _Refused(Exception):
+    """A model that cannot be loaded: reported as one line."""
+
+
+def _first_line(e: Exception) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0]}" if str(e) else type(e).__name__
+
+
+def probe(args: argparse.Namespace) -> tuple[ProbeResult, str]:
+    """Load the model named on the command line, feed it text, and return the probe and what text it was."""
+    if args.model.endswith(".ckpt"):
+        if not Path(args.model).is_file():
+            raise _Refused(f"{args.model}: no such checkpoint")
+        model, cfg = load_checkpoint(args.model)
+        from .data import prepare_data
+
+        encode, why = None, ""
+        try:
+            encode = prepare_data(cfg.data).tokenized.tokenizer.encode
+        except Exception as e:  # the training corpus may not be on this machine
+            why = f"the tokenizer of its training corpus cannot be built here ({_first_line(e)})"
+        batches, text = make_batches(encode, model.vocab_size, args.batches, min(args.seq_len, model.seq_len),
+                                     args.random_ids, why, "the tokenizer of its training corpus")
+        return probe_qknorm(model, batches, args.model), text
+    try:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+    except ImportError:
+        raise _Refused("probing a transformers model needs `pip install transformers`") from None
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a bar per weight file would bury the one-line answers
+    try:
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+    except (OSError, ValueError) as e:
+        raise _Refused(f"{args.model}: cannot load ({str(e).splitlines()[0]})") from None
+    encode, why = None, ""
+    try:
+        encode = AutoTokenizer.from_pretrained(args.model).encode
+    except Exception as e:  # a model folder without a tokenizer (e.g. built from a config)
+        why = f"no tokenizer could be loaded from it ({_first_line(e)})"
+    batches, text = make_batches(encode, model.config.vocab_size, args.batches, args.seq_len, args.random_ids, why)
+    return probe_transformers(model, batches, args.model), text
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -193,40 +258,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--out", type=Path, default=Path("probe"))
+    parser.add_argument("--random-ids", action="store_true",
+                        help="probe with random token ids when the model has no usable tokenizer")
     args = parser.parse_args(argv)
-    if args.model.endswith(".ckpt"):
-        if not Path(args.model).is_file():
-            print(f"qknorm-probe: error: {args.model}: no such checkpoint", file=sys.stderr)
-            return 2
-        model, cfg = load_checkpoint(args.model)
-        from .data import prepare_data
-
-        try:
-            tokenizer = prepare_data(cfg.data).tokenized.tokenizer
-            encode = tokenizer.encode
-        except Exception:  # the training corpus may not be here; random tokens still probe the weights
-            encode = None
-        batches = make_batches(encode, model.vocab_size, args.batches, min(args.seq_len, model.seq_len))
-        result = probe_qknorm(model, batches, args.model)
-    else:
-        try:
-            from transformers import AutoModelForCausalLM, AutoTokenizer
-        except ImportError:
-            print("qknorm-probe: error: probing a transformers model needs `pip install transformers`", file=sys.stderr)
-            return 2
-        try:
-            model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
-        except (OSError, ValueError) as e:
-            print(f"qknorm-probe: error: {args.model}: cannot load ({str(e).splitlines()[0]})", file=sys.stderr)
-            return 2
-        try:
-            encode = AutoTokenizer.from_pretrained(args.model).encode
-        except Exception:  # a model folder without a tokenizer (e.g. built from a config)
-            encode = None
-        batches = make_batches(encode, model.config.vocab_size, args.batches, args.seq_len)
-        result = probe_transformers(model, batches, args.model)
-    if encode is None:
-        print("note: no tokenizer found; probing with random token ids", file=sys.stderr)
+    try:
+        result, text = probe(args)
+    except NoUsableText as e:
+        print(f"qknorm-probe: error: {args.model}: {e}; --random-ids probes it with random token ids instead",
+              file=sys.stderr)
+        return 2
+    except _Refused as e:
+        print(f"qknorm-probe: error: {e}", file=sys.stderr)
+        return 2
+    print(f"text: {text}")
     args.out.mkdir(parents=True, exist_ok=True)
     import csv
 
@@ -242,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         flag += "  OVERFLOW (pre-scaled order)" if r["overflows_fp16_prescaled"] else ""
         print(f"{r['layer']:>5} {r['max_abs_qk_raw']:>12.4g} {r['max_abs_qkv_bias']:>10.4g} {r['max_abs_logit']:>11.4g} "
               f"{r['fp16_headroom']:>14.4g} {r['nonfinite_fp16_unscaled']:>18} {r['nonfinite_fp16_prescaled']:>18}{flag}")
-    print(f"wrote {args.out / 'probe.csv'}, {plot(result, args.out)}")
+    print(f"wrote {args.out / 'probe.csv'}, {plot(result, args.out, text)}")
     return 0
 
 

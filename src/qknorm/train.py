@@ -77,15 +77,22 @@ def build_trainer(cfg: RunConfig, run_dir: Path, resume: Resume = Resume()):
 
     from .training.callbacks import AtomicCheckpointIO, FitResultWriter, ResumableCSVLogger, Throughput
     from .training.monitor import DivergenceDetector, StabilityMonitor
+    from .training.naming import job_label, run_name, variant
+    from .training.progress import StepProgressBar, log_run_params, quiet_lightning
 
     t = cfg.trainer
+    quiet_lightning()
+    name = run_name(cfg.optim.lr, cfg.seed)
     loggers = []
-    if cfg.logger.tensorboard:
-        loggers.append(TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version="", default_hp_metric=False))
+    if cfg.logger.tensorboard:  # <run>/tensorboard/<name>/: TensorBoard lists runs by that folder
+        loggers.append(TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version=name, default_hp_metric=False))
     if cfg.logger.csv:
         loggers.append(ResumableCSVLogger(save_dir=str(run_dir), resume_step=resume.step,
                                           validated_at_resume=resume.validated))
+    log_run_params(loggers, {"run": name, "variant": variant(), "lr": cfg.optim.lr, "seed": cfg.seed})
     callbacks = []
+    if t.progress_bar:  # parallel jobs share a terminal: a line per validation instead of a bar each
+        callbacks.append(StepProgressBar(job_label(), as_lines=True if _is_multirun() else None))
     if t.checkpoint_every_n_steps:
         callbacks.append(ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), save_last=True, save_top_k=0,
                                          every_n_train_steps=t.checkpoint_every_n_steps))
@@ -106,6 +113,7 @@ def build_trainer(cfg: RunConfig, run_dir: Path, resume: Resume = Resume()):
         check_val_every_n_epoch=1, reload_dataloaders_every_n_epochs=1, num_sanity_val_steps=0,
         log_every_n_steps=t.log_every_n_steps, logger=loggers or False, callbacks=callbacks,
         enable_checkpointing=bool(t.checkpoint_every_n_steps), enable_progress_bar=t.progress_bar,
+        enable_model_summary=False,  # the parameter count is logged at start; the table only repeated it
         deterministic=t.deterministic, use_distributed_sampler=False, default_root_dir=str(run_dir),
         gradient_clip_val=None, plugins=[AtomicCheckpointIO()],
     )
@@ -249,8 +257,18 @@ def _report_failure(message: str, run_dir: Path) -> None:
 
 
 @hydra.main(version_base="1.3", config_path="pkg://qknorm.conf", config_name="train")
-def main(cfg: DictConfig) -> Optional[float]:
+def hydra_app(cfg: DictConfig) -> Optional[float]:
+    from .training.naming import announce_job
+
+    announce_job()
     return run(cfg)
+
+
+def main() -> None:
+    """The console script: the Hydra app behind our --help page and one-line errors (qknorm.cli)."""
+    from .cli import run_app
+
+    run_app(hydra_app)
 
 
 if __name__ == "__main__":

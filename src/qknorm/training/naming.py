@@ -1,0 +1,62 @@
+"""Which job this is, in words: the line each job starts with, and the run's name in TensorBoard.
+
+Light on purpose (Hydra only): it runs before the config is validated.
+"""
+
+from __future__ import annotations
+
+import logging
+
+log = logging.getLogger("qknorm.train")
+
+# Overrides that say where or how often, not what is trained: left out of run names.
+_BOOKKEEPING = ("trainer.val_every_n_steps", "trainer.log_every_n_steps",
+                "trainer.checkpoint_every_n_steps", "callbacks.monitor.every_n_steps", "logger", "paths.", "hydra")
+
+
+def _hydra_config():
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.get() if HydraConfig.initialized() else None
+
+
+def job_overrides() -> list[str]:
+    """The command-line overrides of this job (a multirun job: its own point of the sweep)."""
+    hc = _hydra_config()
+    overrides = list(hc.overrides.task) if hc is not None else []
+    return [o for o in overrides if not o.startswith("trainer.progress_bar")]
+
+
+def job_label() -> str:
+    """`job 3` in a multirun, where lines of parallel jobs interleave; empty otherwise."""
+    from hydra.types import RunMode
+
+    hc = _hydra_config()
+    if hc is None or hc.mode != RunMode.MULTIRUN:
+        return ""
+    return f"job {hc.job.get('num')}"
+
+
+def announce_job() -> None:
+    """One line at the start of each job: which job, its overrides, where it writes."""
+    hc = _hydra_config()
+    if hc is not None:
+        log.info("%s: %s -> %s", job_label() or "run", " ".join(job_overrides()) or "(defaults)", hc.runtime.output_dir)
+
+
+def variant() -> str:
+    """The attention preset chosen (a file of conf/attention/)."""
+    hc = _hydra_config()
+    return str(hc.runtime.choices.get("attention", "attention")) if hc is not None else "attention"
+
+
+def run_name(lr: float, seed: int) -> str:
+    """A name that tells runs apart in TensorBoard: the attention preset, LR, seed, then the job's
+    other overrides, e.g. `qwen3,lr=0.01,seed=0,model=small`."""
+    parts = [variant(), f"lr={lr:g}", f"seed={seed}"]
+    for override in job_overrides():
+        key = override.split("=", 1)[0].lstrip("+~")
+        if key in ("attention", "optim.lr", "seed") or key.startswith(_BOOKKEEPING):
+            continue
+        parts.append(override)
+    return ",".join(parts).replace("/", "_")[:200]  # one directory level, within any file system's limit

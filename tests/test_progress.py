@@ -1,0 +1,24 @@
+"""What a run prints: the job's overrides, a step-based progress line, no Lightning chatter."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+
+def test_a_run_prints_its_overrides_steps_and_no_lightning_chatter(tmp_path, cache_dir):
+    env = {**os.environ, "QKNORM_CACHE_DIR": str(cache_dir), "QKNORM_LOG_DIR": str(tmp_path / "logs")}
+    exe = str(Path(sys.executable).parent / "qknorm-train")
+    # stderr is a pipe here, as in a log file: one progress line per validation instead of a redrawn bar
+    proc = subprocess.run([exe, "model=nano", "trainer.max_steps=4", "trainer.val_every_n_steps=2", "attention=qwen3"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout + proc.stderr
+    assert "run: model=nano trainer.max_steps=4 trainer.val_every_n_steps=2 attention=qwen3 -> " in out
+    progress = [line for line in out.splitlines() if line.startswith("step ")]
+    assert [line.split(",")[0] for line in progress] == ["step 2/4", "step 4/4"], out
+    assert all("tok/s" in line and "left" in line and "val " in line for line in progress)
+    for chatter in ("Epoch", "💡", "litlogger", "Total FLOPs", "LeafSpec", "GPU available", "logging interval"):
+        assert chatter not in out, chatter

@@ -14,6 +14,7 @@ import torch
 
 from ..config import RunConfig, resolve_schedule
 from ..model import build_model
+from ..model.kernels import compile_training_loss
 from .optim import build_optimizer, lr_factor
 
 
@@ -33,9 +34,10 @@ class LMModule(pl.LightningModule):
         super().__init__()
         self.cfg = cfg = resolve_schedule(cfg)  # concrete warmup and intervals (a no-op for a loaded config)
         self.model = build_model(cfg, vocab_size)
-        if cfg.model.compile:
-            for block in self.model.blocks:  # per block, as torchtitan does: one graph reused L times
-                block.compile()
+        # model.compile: the training step's forward and loss as one compiled graph, built at the first
+        # training step (a compiled function does not pickle, and spawned DDP workers get this module
+        # pickled); validation and the stability monitor's probe run the uncompiled model
+        self._train_loss = None
         self.register_buffer("token_bytes", torch.as_tensor(token_bytes, dtype=torch.float64), persistent=False)
         self.outcome = Outcome()
         self.initial_loss: Optional[float] = None
@@ -62,7 +64,9 @@ class LMModule(pl.LightningModule):
 
     def training_step(self, batch, batch_idx):
         x, y = batch
-        total, nats, z_sq = self.model.loss(x, y, self.cfg.optim.z_loss)
+        if self._train_loss is None:
+            self._train_loss = compile_training_loss(self.model) if self.cfg.model.compile else self.model.loss
+        total, nats, z_sq = self._train_loss(x, y, self.cfg.optim.z_loss)
         loss = nats.mean()
         # every process must take the same stop decision: judge the mean loss over all of them
         mean_loss = self.trainer.strategy.reduce(loss.detach(), reduce_op="mean") if self.trainer.world_size > 1 else loss

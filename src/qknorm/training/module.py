@@ -15,6 +15,7 @@ import torch
 from ..config import RunConfig, resolve_schedule
 from ..model import build_model
 from ..model.kernels import compile_training_loss
+from ..utils.flops import device_name
 from .optim import build_optimizer, lr_factor
 
 
@@ -45,6 +46,7 @@ class LMModule(pl.LightningModule):
         self.last_grad_norm: Optional[torch.Tensor] = None
         self._val_sums: Optional[torch.Tensor] = None
         self._qk_clip = cfg.attention.qk_clip_tau is not None
+        self.train_device: dict = {}  # where fit trained: Lightning moves the module back to the CPU after it
         self._grads_guarded = cfg.trainer.precision != "16-mixed"  # AMP's scaler skips inf steps itself
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
@@ -53,6 +55,7 @@ class LMModule(pl.LightningModule):
     # -- training ----------------------------------------------------------------------------------
 
     def on_train_start(self) -> None:
+        self.train_device = {"device": str(self.device), "device_name": device_name(self.device)}
         # A run resumed from a checkpoint taken at a validation step, before that validation ran:
         # validate now, so the history holds every validation step exactly once.
         step, every = self.global_step, self.cfg.trainer.val_every_n_steps
@@ -133,7 +136,7 @@ class LMModule(pl.LightningModule):
         o = self.outcome
         return {"status": o.status, "reason": o.reason, "step": o.step, "skipped_steps": o.skipped_steps,
                 "val_history": o.val_history, "initial_loss": self.initial_loss, "global_step": self.global_step,
-                "stability": fingerprint}
+                "stability": fingerprint, **self.train_device}
 
     def mark_diverged(self, reason: str) -> None:
         if self.outcome.status == "running":

@@ -13,12 +13,17 @@ from qknorm.model.lm_loss import lm_loss
 from .conftest import compose_config
 
 
-@pytest.mark.parametrize("size,low,high", [("nano", 0.15e6, 0.3e6), ("tiny", 0.9e6, 1.3e6), ("small", 4.5e6, 6e6),
-                                           ("base", 17e6, 23e6)])
-def test_model_sizes(size, low, high):
-    cfg = compose_config([f"model={size}"])
-    n = build_model(cfg, vocab_size=cfg.data.vocab_size).num_params()
+@pytest.mark.parametrize("size,vocab,low,high", [("nano", 2048, 0.15e6, 0.3e6), ("tiny", 2048, 0.9e6, 1.3e6),
+                                                 ("small", 2048, 4.5e6, 6e6), ("base", 2048, 17e6, 23e6),
+                                                 ("gpt2_small", 32768, 105e6, 115e6), ("gpt2_medium", 32768, 330e6, 345e6)])
+def test_model_sizes(size, vocab, low, high):
+    cfg = compose_config([f"model={size}", f"data.vocab_size={vocab}"])
+    with torch.device("meta"):  # shapes only: the GPU sizes would take seconds to initialize
+        model = build_model(cfg, vocab_size=vocab)
+    n = model.num_params()
     assert low <= n <= high, f"{size}: {n} parameters"
+    if size.startswith("gpt2"):
+        assert model.cfg.dim_head == 64
 
 
 # every path of the LM-head loss, forced on the CPU: cache-sized chunks (the last one partial), one chunk

@@ -151,3 +151,15 @@ def test_compiled_run_with_monitor_and_validation(tmp_path, cache_dir):
     assert summary["status"] == "completed" and summary["steps"] == 3 and summary["device"] == "cpu"
     monitor = [json.loads(line) for line in (run / "stability.jsonl").read_text().splitlines()]
     assert [r["step"] for r in monitor] == [0, 1, 2]  # the probe ran after every compiled step
+
+
+def test_adamw_is_fused_on_cuda_under_auto():
+    """optim.fused=auto: the fused AdamW kernel where the module is on a GPU when the optimizer is built
+    (Lightning moves it there before configure_optimizers), foreach elsewhere."""
+    cfg = compose_config(["model=nano"])
+    model = build_model(cfg, 64)
+    assert cfg.optim.fused == "auto"
+    on_gpu = build_optimizer(model, cfg.optim, cfg.attention, on_cuda=True)
+    on_cpu = build_optimizer(model, cfg.optim, cfg.attention, on_cuda=False)
+    assert on_gpu.defaults["fused"] and not on_gpu.defaults["foreach"]
+    assert on_cpu.defaults["foreach"] and not on_cpu.defaults["fused"]

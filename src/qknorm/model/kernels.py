@@ -12,7 +12,9 @@ The same arithmetic has two forms here, and which one is faster depends on the d
   waits on Python).
 - The soft-cap: SDPA cannot cap logits, so on a GPU it goes through FlexAttention, compiled once
   (uncompiled FlexAttention is a slow reference implementation); FlexAttention has no CPU backward,
-  so CPU training takes the chunked exact kernel (capped_attention.py).
+  so CPU training takes the chunked exact kernel (capped_attention.py), which a compiled graph calls
+  as it is.
+- AdamW (training/optim.py, `optim.fused=auto`): the fused kernel on a GPU, foreach on a CPU.
 
 `force` overrides any choice (tests run every path on the CPU and compare them).
 """

@@ -2,7 +2,7 @@
 
     python benchmarks/throughput.py                                   # CPU: tiny + small, every preset
     python benchmarks/throughput.py --sizes small --presets baseline qwen3 --hf --compile
-    python benchmarks/throughput.py --device cuda --sizes base --precision bf16 --hf --compile
+    python benchmarks/throughput.py --device cuda --sizes gpt2_small --precision bf16 --hf --compile
 
 Every row is one training step as the trainer takes it (forward, fused LM-head loss, backward, gradient
 clipping, AdamW), timed in a fresh worker process on random tokens. Prints a table and writes a CSV:
@@ -21,8 +21,10 @@ trained with the same AdamW, cross-entropy on the full logits as a user would wr
 `--profile` runs one more step under torch.profiler and adds the share of the step spent in matrix
 multiplies (mm/addmm/bmm) and in SDPA's kernels: the part of a step that any PyTorch implementation
 calling the same kernels spends alike, so it bounds how much faster one can be than another.
-`--compile` adds torch.compile rows (per block for qknorm, as `model.compile=true` does; the whole
-model for transformers). `--repeats` runs every row that many times, rounds interleaved, and reports
+`--compile` adds torch.compile rows (qknorm: the whole training loss, as `model.compile=true` does;
+transformers: the whole model). On `--device cuda` the defaults are the GPU shapes: `gpt2_small`
+(768 wide, 12 layers), batch 16 x 1024 tokens, vocabulary 32768, and the table adds MFU against the
+accelerator's dense bf16 spec (`--spec-tflops`, 989 for an H100/H200) next to the measured peak. `--repeats` runs every row that many times, rounds interleaved, and reports
 the median, so slow drifts in machine speed hit every row alike.
 """
 
@@ -38,7 +40,8 @@ import sys
 import time
 from pathlib import Path
 
-from qknorm.utils.flops import matmul_peak, model_flops_per_token
+from qknorm.model.kernels import compile_training_loss
+from qknorm.utils.flops import device_name, matmul_peak, model_flops_per_token
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_PRESETS = ["baseline", "qwen3", "olmo2", "gemma3", "henry2020_l2", "vit22b_layernorm", "wortsman2023_qk_layernorm",
@@ -98,13 +101,11 @@ def worker(spec: dict) -> dict:
         from qknorm.training.optim import build_optimizer
 
         model = build_model(cfg, vocab).to(device)
-        if spec["compile"]:
-            for block in model.blocks:
-                block.compile()
+        train_loss = compile_training_loss(model) if spec["compile"] else model.loss
         opt = build_optimizer(model, cfg.optim, cfg.attention, on_cuda=device.type == "cuda")
 
         def loss_fn(x, y):
-            return model.loss(x, y, cfg.optim.z_loss)[0]
+            return train_loss(x, y, cfg.optim.z_loss)[0]
     else:
         from qknorm.training.optim import parameter_groups
 
@@ -192,7 +193,7 @@ def run_worker(spec: dict) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--sizes", nargs="+", default=["tiny", "small"])
+    p.add_argument("--sizes", nargs="+", help="model presets (default: tiny small on cpu, gpt2_small on cuda)")
     p.add_argument("--presets", nargs="+", default=DEFAULT_PRESETS)
     p.add_argument("--hf", action="store_true", help="add transformers Qwen3ForCausalLM / LlamaForCausalLM rows")
     p.add_argument("--compile", action="store_true", help="add torch.compile rows")
@@ -200,9 +201,11 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--threads", type=int, default=os.cpu_count())
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--seq", type=int, default=256)
-    p.add_argument("--vocab", type=int, default=2048)
+    p.add_argument("--batch", type=int, help="sequences per step (default: 32 on cpu, 16 on cuda)")
+    p.add_argument("--seq", type=int, help="tokens per sequence (default: 256 on cpu, 1024 on cuda)")
+    p.add_argument("--vocab", type=int, help="vocabulary (default: 2048 on cpu, 32768 on cuda)")
+    p.add_argument("--spec-tflops", type=float, default=989.0,
+                   help="the accelerator's dense bf16 peak in TFLOP/s, for a second MFU column on cuda")
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=1)
@@ -212,11 +215,16 @@ def main(argv=None) -> int:
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return 0
+    gpu = args.device == "cuda"
+    for name, cpu_default, gpu_default in (("sizes", ["tiny", "small"], ["gpt2_small"]), ("batch", 32, 16),
+                                           ("seq", 256, 1024), ("vocab", 2048, 32768)):
+        if getattr(args, name) is None:
+            setattr(args, name, gpu_default if gpu else cpu_default)
 
     # the peak is measured before and after every round and the best is kept: on a shared machine a
     # single measurement can land in a slow moment and inflate every MFU figure
     peaks = [matmul_peak(args.device, args.threads, args.precision)]
-    device_name = _device_name(args.device)
+    device = device_name(args.device)
     rows = []
     for size in args.sizes:
         for preset in args.presets:
@@ -240,7 +248,7 @@ def main(argv=None) -> int:
         peaks.append(matmul_peak(args.device, args.threads, args.precision))
     peak = max(peaks)
     kind = "bf16 8192^2" if args.device == "cuda" and args.precision == "bf16" else "fp32 2048^2" if args.device == "cpu" else "fp32 8192^2"
-    print(f"device: {device_name}, {args.threads} threads; matmul peak {peak:.1f} GFLOP/s ({kind}; best of "
+    print(f"device: {device}, {args.threads} threads; matmul peak {peak:.1f} GFLOP/s ({kind}; best of "
           f"{', '.join(f'{p:.0f}' for p in peaks)} measured before and after each round)")
 
     table = []
@@ -253,7 +261,8 @@ def main(argv=None) -> int:
         flops = ok[0]["flops_per_token"]
         table.append({**row, "tokens_per_s": tps, "step_ms": 1000 * args.batch * args.seq / tps,
                       "peak_mb": max(o["peak_mb"] for o in ok), "gflops": tps * flops / 1e9,
-                      "mfu": tps * flops / 1e9 / peak, "params": ok[0]["params"], "repeats": len(ok),
+                      "mfu": tps * flops / 1e9 / peak, "mfu_spec": tps * flops / 1e12 / args.spec_tflops if gpu else None,
+                      "params": ok[0]["params"], "repeats": len(ok),
                       **{k: statistics.median(o[k] for o in ok) for k in ("matmul_share", "sdpa_share") if k in ok[0]}})
     base = {(t["size"], t["compile"]): t["tokens_per_s"] for t in table
             if t["impl"] == "qknorm" and t["preset"] == "baseline" and "tokens_per_s" in t}
@@ -263,7 +272,9 @@ def main(argv=None) -> int:
             t["vs_baseline"] = t["tokens_per_s"] / base[(t["size"], t["compile"])] if (t["size"], t["compile"]) in base else None
             t["vs_hf_qwen3"] = t["tokens_per_s"] / hf[(t["size"], t["compile"])] if (t["size"], t["compile"]) in hf else None
 
-    header = f"{'size':6} {'impl':9} {'preset':26} {'compile':7} {'tok/s':>9} {'step ms':>8} {'peak MB':>8} {'GFLOP/s':>8} {'MFU':>6} {'x base':>7} {'x hfQ3':>7}"
+    header = f"{'size':11} {'impl':9} {'preset':26} {'compile':7} {'tok/s':>9} {'step ms':>8} {'peak MB':>8} {'GFLOP/s':>8} {'MFU':>6} {'x base':>7} {'x hfQ3':>7}"
+    if gpu:
+        header += f" {'MFU spec':>8}"
     if args.profile:
         header += f" {'mm':>5} {'sdpa':>5}"
     print(header)
@@ -271,32 +282,23 @@ def main(argv=None) -> int:
     fmt = lambda v, f: format(v, f) if isinstance(v, (int, float)) else "-"  # noqa: E731
     for t in table:
         if "error" in t:
-            print(f"{t['size']:6} {t['impl']:9} {t['preset']:26} {str(t['compile']):7} error: {t['error']}")
+            print(f"{t['size']:11} {t['impl']:9} {t['preset']:26} {str(t['compile']):7} error: {t['error']}")
             continue
-        print(f"{t['size']:6} {t['impl']:9} {t['preset']:26} {str(t['compile']):7} {t['tokens_per_s']:9.0f} {t['step_ms']:8.1f} "
+        print(f"{t['size']:11} {t['impl']:9} {t['preset']:26} {str(t['compile']):7} {t['tokens_per_s']:9.0f} {t['step_ms']:8.1f} "
               f"{t['peak_mb']:8.0f} {t['gflops']:8.1f} {t['mfu']:6.1%} {fmt(t['vs_baseline'], '7.3f')} {fmt(t['vs_hf_qwen3'], '7.3f')}"
+              + (f" {t['mfu_spec']:8.1%}" if gpu else "")
               + (f" {t.get('matmul_share', 0):5.0%} {t.get('sdpa_share', 0):5.0%}" if args.profile else ""))
     args.csv.parent.mkdir(parents=True, exist_ok=True)
-    fields = ["size", "impl", "preset", "compile", "tokens_per_s", "step_ms", "peak_mb", "gflops", "mfu", "vs_baseline",
+    fields = ["size", "impl", "preset", "compile", "tokens_per_s", "step_ms", "peak_mb", "gflops", "mfu", "mfu_spec", "vs_baseline",
               "vs_hf_qwen3", "matmul_share", "sdpa_share", "params", "repeats", "error"]
     with open(args.csv, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["device", "threads", "precision", "batch", "seq", "matmul_peak_gflops", *fields])
+        w = csv.DictWriter(f, fieldnames=["device", "threads", "precision", "batch", "seq", "vocab", "matmul_peak_gflops", *fields])
         w.writeheader()
         for t in table:
-            w.writerow({"device": device_name, "threads": args.threads, "precision": args.precision, "batch": args.batch,
-                        "seq": args.seq, "matmul_peak_gflops": round(peak, 1), **{k: t.get(k) for k in fields}})
+            w.writerow({"device": device, "threads": args.threads, "precision": args.precision, "batch": args.batch,
+                        "seq": args.seq, "vocab": args.vocab, "matmul_peak_gflops": round(peak, 1), **{k: t.get(k) for k in fields}})
     print(f"wrote {args.csv}")
     return 0
-
-
-def _device_name(device: str) -> str:
-    import platform
-
-    import torch
-
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    return f"{platform.processor() or platform.machine()} CPU, torch {torch.__version__}"
 
 
 if __name__ == "__main__":

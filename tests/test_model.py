@@ -5,43 +5,75 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qknorm.model import build_model
-from qknorm.model.lm_loss import fused_lm_loss, reference_lm_loss
+import torch.nn.functional as F
+
+from qknorm.model import build_model, kernels
+from qknorm.model.lm_loss import lm_loss
 
 from .conftest import compose_config
 
 
-@pytest.mark.parametrize("size,low,high", [("nano", 0.15e6, 0.3e6), ("tiny", 0.9e6, 1.3e6), ("small", 4.5e6, 6e6),
-                                           ("base", 17e6, 23e6)])
-def test_model_sizes(size, low, high):
-    cfg = compose_config([f"model={size}"])
-    n = build_model(cfg, vocab_size=cfg.data.vocab_size).num_params()
+@pytest.mark.parametrize("size,vocab,low,high", [("nano", 2048, 0.15e6, 0.3e6), ("tiny", 2048, 0.9e6, 1.3e6),
+                                                 ("small", 2048, 4.5e6, 6e6), ("base", 2048, 17e6, 23e6),
+                                                 ("gpt2_small", 32768, 105e6, 115e6), ("gpt2_medium", 32768, 330e6, 345e6)])
+def test_model_sizes(size, vocab, low, high):
+    cfg = compose_config([f"model={size}", f"data.vocab_size={vocab}"])
+    with torch.device("meta"):  # shapes only: the GPU sizes would take seconds to initialize
+        model = build_model(cfg, vocab_size=vocab)
+    n = model.num_params()
     assert low <= n <= high, f"{size}: {n} parameters"
+    if size.startswith("gpt2"):
+        assert model.cfg.dim_head == 64
 
 
+# every path of the LM-head loss, forced on the CPU: cache-sized chunks (the last one partial), one chunk
+# for all rows (a GPU's large chunks), and the composite loss that torch.compile fuses
+LOSS_PATHS = {"chunks_of_64": 64, "one_chunk": 1 << 20, "composite": None}
+
+
+@pytest.mark.parametrize("path", LOSS_PATHS)
 @pytest.mark.parametrize("z_loss,softcap", [(0.0, None), (1e-2, None), (1e-2, 3.0)])
-def test_fused_loss_matches_materialized_logits_in_float64(z_loss, softcap):
+def test_every_loss_path_matches_cross_entropy_in_float64(path, z_loss, softcap):
     torch.manual_seed(0)
-    n, d, vocab = 1500, 16, 300  # several chunks, the last one partial
-    hidden = torch.randn(n, d, dtype=torch.float64, requires_grad=True)
+    b, t, d, vocab = 3, 500, 16, 300
+    hidden = torch.randn(b, t, d, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(vocab, d, dtype=torch.float64, requires_grad=True)
-    targets = torch.randint(0, vocab, (n,))
-    total, nats, z_sq = fused_lm_loss(hidden, weight, targets, z_loss, softcap)
+    targets = torch.randint(0, vocab, (b, t))
+    with kernels.force(lm_loss_chunk_rows=LOSS_PATHS[path]):
+        total, nats, z_sq = lm_loss(hidden, weight, targets, z_loss, softcap)
     gh, gw = torch.autograd.grad(3.0 * total, [hidden, weight])
+    assert nats.shape == (b, t) and not nats.requires_grad and not z_sq.requires_grad
 
     logits = hidden @ weight.T
     if softcap is not None:
         logits = softcap * torch.tanh(logits / softcap)
-    ref_total, ref_nats, ref_z = reference_lm_loss(logits, targets, z_loss)
+    ref_nats = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+    ref_z = (torch.logsumexp(logits, dim=-1) ** 2).mean()
+    ref_total = ref_nats.mean() + z_loss * ref_z
     rh, rw = torch.autograd.grad(3.0 * ref_total, [hidden, weight])
     for got, want in ((total, ref_total), (nats, ref_nats.float()), (z_sq, ref_z.float()), (gh, rh), (gw, rw)):
         torch.testing.assert_close(got, want.to(got.dtype), rtol=1e-6, atol=1e-9)
 
 
-def test_fused_loss_without_grad_needs_no_backward_buffers():
+def test_loss_path_by_device():
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert kernels.lm_loss_chunk_rows(cpu, 2048) == 512  # 4 MB of fp32 logits: cache-sized
+    assert kernels.lm_loss_chunk_rows(gpu, 32768) == 4096  # 4 launches for 16 x 1024 tokens, not 512
+    assert kernels.norm_rope_kernel(cpu) == "fused" and kernels.norm_rope_kernel(gpu) == "composite"
+    assert kernels.softcap_kernel(cpu, "auto") == "chunked" and kernels.softcap_kernel(gpu, "auto") == "flex"
+    with kernels.force(lm_loss_chunk_rows=None, norm_rope="composite"):
+        assert kernels.lm_loss_chunk_rows(cpu, 2048) is None and kernels.norm_rope_kernel(cpu) == "composite"
+    assert kernels.lm_loss_chunk_rows(cpu, 2048) == 512
+    with pytest.raises(ValueError, match="unknown kernel choices"):
+        with kernels.force(loss="composite"):
+            pass
+
+
+@pytest.mark.parametrize("path", LOSS_PATHS)
+def test_loss_without_grad_needs_no_backward_buffers(path):
     hidden, weight = torch.randn(10, 4), torch.randn(7, 4)
-    with torch.no_grad():
-        total, nats, _ = fused_lm_loss(hidden, weight, torch.zeros(10, dtype=torch.long))
+    with torch.no_grad(), kernels.force(lm_loss_chunk_rows=LOSS_PATHS[path]):
+        total, nats, _ = lm_loss(hidden, weight, torch.zeros(10, dtype=torch.long))
     assert nats.shape == (10,) and torch.isfinite(total)
 
 

@@ -169,7 +169,7 @@ def train(cfg: RunConfig, run_dir: Path, summary) -> dict:
         "best_val_bpb": min(h[2] for h in finite) if finite else None,
         "val_history": [{"step": s, "loss": l, "bpb": b} for s, l, b in history],
         "skipped_steps": fit["skipped_steps"], "world_size": trainer.world_size, "stability": fit["stability"],
-        "precision": str(trainer.precision), "device": str(module.device),
+        "precision": str(trainer.precision), "device": fit.get("device"), "device_name": fit.get("device_name"),
         "is_global_zero": trainer.is_global_zero,
     }
 

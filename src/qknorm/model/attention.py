@@ -1,7 +1,8 @@
 """Causal self-attention: the one place where q/k/v normalization, RoPE, temperature and the logit
 treatment (plain or soft-capped) are decided.
 
-The fast paths (SDPA; for a soft-cap, FlexAttention on GPU and a chunked exact kernel on CPU) and the
+The fast paths (SDPA; for a soft-cap, FlexAttention on GPU and a chunked exact kernel on CPU, chosen in
+kernels.py) and the
 explicit path (full logit matrix, fp32 softmax; used for probing) share `Attention.project` and
 `Attention.temperature`, so they can only differ in how the softmax is evaluated.
 """
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import AttentionConfig, ModelConfig, ScaleConfig
+from . import kernels
 from .capped_attention import capped_causal_attention, causal_mask
 from .norm_rope import norm_rope
 from .norms import QKNorm, build_norm, can_norm_jointly, norm_qk_jointly, stacked_affine
@@ -102,19 +104,11 @@ def explicit_attention(q, k, v, scale, softcap: Optional[float], probe_tensors: 
 
 
 def _flex_softcap(q, k, v, scale, softcap):
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-
-    def score_mod(score, b, h, q_idx, kv_idx):
-        return softcap * torch.tanh(score / softcap)
-
-    def causal(b, h, q_idx, kv_idx):
-        return q_idx >= kv_idx
-
     if isinstance(scale, torch.Tensor):  # fold a learned scale into q, as for SDPA
         q, scale = q * scale.to(q.dtype), 1.0
-    block_mask = create_block_mask(causal, None, None, q.shape[-2], k.shape[-2], device=q.device)
-    return flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale,
-                          enable_gqa=q.shape[1] != k.shape[1])
+    block_mask = kernels.causal_block_mask(q.shape[-2], k.shape[-2], q.device)
+    return kernels.flex_attention(q, k, v, score_mod=kernels.softcap_score_mod(float(softcap)), block_mask=block_mask,
+                                  scale=scale, enable_gqa=q.shape[1] != k.shape[1])
 
 
 class Attention(nn.Module):
@@ -179,7 +173,7 @@ class Attention(nn.Module):
         q_norm, k_norm = self.q_norm, self.k_norm
         if q_norm is None:
             return rope(qk, cos, sin)
-        if not can_norm_jointly(q_norm, k_norm):
+        if not can_norm_jointly(q_norm, k_norm) or kernels.norm_rope_kernel(qk.device) == "composite":
             return rope(self._norm_qk(qk), cos, sin)
         gain, bias = stacked_affine(q_norm, k_norm)
         group = self.n_heads if q_norm.scope == "layer" else 1
@@ -211,9 +205,7 @@ class Attention(nn.Module):
                 self.probe.on_attention(self.layer_idx, tensors)
                 self._probe_tensors = None
         elif self.cfg.softcap is not None:
-            # FlexAttention has no CPU backward (torch 2.13): CPU training takes the chunked path
-            flex_ok = q.is_cuda or not torch.is_grad_enabled()
-            if flex_ok and (self.cfg.backend == "flex" or self.cfg.backend == "auto" and q.is_cuda):
+            if kernels.softcap_kernel(q.device, self.cfg.backend) == "flex":
                 y = _flex_softcap(q, k, v, scale, self.cfg.softcap)
             else:
                 y = capped_causal_attention(q, k, v, scale, self.cfg.softcap)

@@ -87,6 +87,9 @@ class _CappedCausalAttention(torch.autograd.Function):
                 dv.to(vf.dtype).view(shape_k), None, None)
 
 
+# opaque to torch.compile: the kernel is fused by hand already, and tracing its loops (unrolled per
+# chunk, forward and backward) doubled the compile time of a soft-capped model for nothing
+@torch.compiler.disable
 def capped_causal_attention(q, k, v, scale, softcap: float) -> torch.Tensor:
     """q: [B, H, T, D]; k, v: [B, Hkv, T, D]; scale a float or a learned 0-dim tensor."""
     if isinstance(scale, torch.Tensor):  # fold a learned scale into q so its gradient flows

@@ -8,6 +8,9 @@ is one or two reductions and a few passes written into one output, the backward 
 by hand, and only the input and the per-row statistics are saved. Same arithmetic as the composite
 version; `tests/test_attention.py` checks values and gradients against the float64 formulas.
 
+This is the CPU path (`kernels.norm_rope_kernel`): on a GPU and under torch.compile, attention.py
+takes the composite norm (norms.py) and RoPE instead, which the compiler fuses.
+
 Rows are laid out [B, T, R, D] (R = query heads then key heads). A statistic covers `group`
 consecutive heads: 1 for per-head scope, H for per-layer scope (OLMo 2), where the statistic runs over
 the whole projection but the rotation is still per head.

@@ -1,13 +1,17 @@
 """Rotary position embedding in the rotate-half convention (GPT-NeoX, Llama, Qwen3, OLMo 2).
 
-`rope` is one autograd node: the rotation is written half by half into one output, and its backward
-is the rotation by the opposite angle (the rotation is orthogonal), instead of eager PyTorch's
-negate, concatenate, two multiplies and an add, each kept for the backward.
+On a CPU in eager mode `rope` is one autograd node: the rotation is written half by half into one
+output, and its backward is the rotation by the opposite angle (the rotation is orthogonal), instead
+of eager PyTorch's negate, concatenate, two multiplies and an add, each kept for the backward. On a
+GPU and under torch.compile it is those composite ops, which the compiler fuses into the
+surrounding kernels (`kernels.norm_rope_kernel` decides).
 """
 
 from __future__ import annotations
 
 import torch
+
+from . import kernels
 
 
 def rope_tables(seq_len: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,4 +55,8 @@ class _Rope(torch.autograd.Function):
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate x [B, T, H, D] by position (rotate-half convention); cos/sin are [T, D]."""
-    return _Rope.apply(x.contiguous(), cos, sin)
+    if kernels.norm_rope_kernel(x.device) == "fused":
+        return _Rope.apply(x.contiguous(), cos, sin)
+    half = x.shape[-1] // 2
+    c, s = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)
+    return x * c + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * s

@@ -11,7 +11,7 @@ from torch import nn
 
 from ..config import AttentionConfig, ModelConfig
 from .attention import Attention
-from .lm_loss import fused_lm_loss
+from .lm_loss import head_logits, lm_loss
 from .rope import rope_tables
 from .sigma_reparam import apply_sigma_reparam
 
@@ -149,16 +149,12 @@ class Transformer(nn.Module):
         return self.logits(x)
 
     def loss(self, idx: torch.Tensor, targets: torch.Tensor, z_loss: float = 0.0):
-        """(mean CE + z_loss * mean log^2 Z, per-token CE in nats, mean log^2 Z), without materializing
-        the full logit matrix (see lm_loss.py)."""
-        return fused_lm_loss(self(idx, return_hidden=True), self.lm_head.weight, targets, z_loss, self.final_logit_softcap)
+        """(mean CE + z_loss * mean log^2 Z, per-token CE in nats, mean log^2 Z); on a CPU without
+        materializing the full logit matrix (see lm_loss.py)."""
+        return lm_loss(self(idx, return_hidden=True), self.lm_head.weight, targets, z_loss, self.final_logit_softcap)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.lm_head(hidden).float()
-        if self.final_logit_softcap is not None:
-            c = self.final_logit_softcap
-            logits = c * torch.tanh(logits / c)
-        return logits
+        return head_logits(hidden, self.lm_head.weight, self.final_logit_softcap)
 
     def num_params(self, exclude_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())

@@ -14,6 +14,8 @@ import torch
 
 from ..config import RunConfig, resolve_schedule
 from ..model import build_model
+from ..model.kernels import compile_training_loss
+from ..utils.flops import device_name
 from .optim import build_optimizer, lr_factor
 
 
@@ -33,9 +35,10 @@ class LMModule(pl.LightningModule):
         super().__init__()
         self.cfg = cfg = resolve_schedule(cfg)  # concrete warmup and intervals (a no-op for a loaded config)
         self.model = build_model(cfg, vocab_size)
-        if cfg.model.compile:
-            for block in self.model.blocks:  # per block, as torchtitan does: one graph reused L times
-                block.compile()
+        # model.compile: the training step's forward and loss as one compiled graph, built at the first
+        # training step (a compiled function does not pickle, and spawned DDP workers get this module
+        # pickled); validation and the stability monitor's probe run the uncompiled model
+        self._train_loss = None
         self.register_buffer("token_bytes", torch.as_tensor(token_bytes, dtype=torch.float64), persistent=False)
         self.outcome = Outcome()
         self.initial_loss: Optional[float] = None
@@ -43,6 +46,7 @@ class LMModule(pl.LightningModule):
         self.last_grad_norm: Optional[torch.Tensor] = None
         self._val_sums: Optional[torch.Tensor] = None
         self._qk_clip = cfg.attention.qk_clip_tau is not None
+        self.train_device: dict = {}  # where fit trained: Lightning moves the module back to the CPU after it
         self._grads_guarded = cfg.trainer.precision != "16-mixed"  # AMP's scaler skips inf steps itself
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
@@ -51,6 +55,7 @@ class LMModule(pl.LightningModule):
     # -- training ----------------------------------------------------------------------------------
 
     def on_train_start(self) -> None:
+        self.train_device = {"device": str(self.device), "device_name": device_name(self.device)}
         # A run resumed from a checkpoint taken at a validation step, before that validation ran:
         # validate now, so the history holds every validation step exactly once.
         step, every = self.global_step, self.cfg.trainer.val_every_n_steps
@@ -62,7 +67,9 @@ class LMModule(pl.LightningModule):
 
     def training_step(self, batch, batch_idx):
         x, y = batch
-        total, nats, z_sq = self.model.loss(x, y, self.cfg.optim.z_loss)
+        if self._train_loss is None:
+            self._train_loss = compile_training_loss(self.model) if self.cfg.model.compile else self.model.loss
+        total, nats, z_sq = self._train_loss(x, y, self.cfg.optim.z_loss)
         loss = nats.mean()
         # every process must take the same stop decision: judge the mean loss over all of them
         mean_loss = self.trainer.strategy.reduce(loss.detach(), reduce_op="mean") if self.trainer.world_size > 1 else loss
@@ -129,7 +136,7 @@ class LMModule(pl.LightningModule):
         o = self.outcome
         return {"status": o.status, "reason": o.reason, "step": o.step, "skipped_steps": o.skipped_steps,
                 "val_history": o.val_history, "initial_loss": self.initial_loss, "global_step": self.global_step,
-                "stability": fingerprint}
+                "stability": fingerprint, **self.train_device}
 
     def mark_diverged(self, reason: str) -> None:
         if self.outcome.status == "running":

@@ -43,3 +43,15 @@ def matmul_peak(device: str = "cpu", threads: int | None = None, precision: str 
         sync()
         best = min(best, time.perf_counter() - t0)
     return 2 * n**3 / best / 1e9
+
+
+def device_name(device) -> str:
+    """What a device is, for reports: the GPU's name on CUDA, the processor (and torch version) on CPU."""
+    import platform
+
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} CPU, torch {torch.__version__}"

@@ -452,7 +452,7 @@ def from_mapping(cls: type, data: Mapping[str, Any], path: str = "") -> Any:
 
 
 # Top-level keys that Hydra or the run directory own; they are not part of the typed run config.
-_NON_RUN_KEYS = {"hydra", "paths", "experiment", "sweeps"}
+NON_RUN_KEYS = {"hydra", "paths", "experiment", "sweeps"}
 
 
 def default_tree() -> dict[str, Any]:
@@ -507,7 +507,7 @@ def resolve_schedule(cfg: RunConfig) -> RunConfig:
 def load_run_config(raw: Mapping[str, Any]) -> RunConfig:
     """Validate a composed config (a plain dict, e.g. `OmegaConf.to_container(cfg, resolve=True)`), and
     resolve its relative schedule settings (see resolve_schedule)."""
-    data = {k: v for k, v in raw.items() if k not in _NON_RUN_KEYS}
+    data = {k: v for k, v in raw.items() if k not in NON_RUN_KEYS}
     cfg = from_mapping(RunConfig, data)
     cfg.validate()
     return resolve_schedule(cfg)

@@ -29,7 +29,7 @@ import socket
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-from .config import QknormError, load_run_config
+from .config import NON_RUN_KEYS, QknormError, load_run_config
 
 # Keys that do not change what a run computes: paths and caches, logging, threads, checkpoint cadence,
 # and the relative settings whose concrete value (warmup steps, intervals) stays in the identity.
@@ -66,7 +66,7 @@ def identity(raw: Mapping[str, Any]) -> dict[str, Any]:
         cfg = load_run_config(raw)
         tree = json.loads(json.dumps(dataclasses.asdict(cfg)))
     except QknormError:
-        tree = {k: v for k, v in raw.items() if k not in ("hydra", "paths", "experiment", "sweeps")}
+        tree = {k: v for k, v in raw.items() if k not in NON_RUN_KEYS}
     flat = flatten(tree)
     return {k: v for k, v in sorted(flat.items()) if not any(k == p or k.startswith(p + ".") for p in NOT_IDENTITY)}
 

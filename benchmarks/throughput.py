@@ -183,12 +183,31 @@ def _profile_shares(run_step, sync) -> dict:
 
 # -- the parent: peak, rows, table -----------------------------------------------------------------
 
-def run_worker(spec: dict) -> dict:
+def run_worker(spec: dict, timeout: float | None = None) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"])}
-    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True, env=env)
+    try:
+        proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True,
+                              env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
     if proc.returncode != 0:
         return {"error": (proc.stderr.strip().splitlines() or ["?"])[-1]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def prewarm(specs: list[dict], timeout: float | None) -> None:
+    """Compile every compiled row once, all at the same time, before any row is timed: each worker fills
+    the compiler's on-disk caches (Inductor's FX-graph and autotuning caches), so the timed workers load
+    their kernels instead of compiling them one after another. Compile time is never part of a row's
+    timing either way (warm-up steps come first); this only shortens the run."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(len(specs)) as pool:
+        outs = list(pool.map(lambda s: run_worker({**s, "steps": 1, "warmup": 1, "profile": False}, timeout), specs))
+    bad = [f"{s['impl']}/{s['preset']}: {o['error']}" for s, o in zip(specs, outs) if "error" in o]
+    print(f"prewarmed {len(specs)} compiled rows in {time.perf_counter() - t0:.0f} s"
+          + (f"; failed: {'; '.join(bad)}" if bad else ""), flush=True)
 
 
 def main(argv=None) -> int:
@@ -197,6 +216,10 @@ def main(argv=None) -> int:
     p.add_argument("--presets", nargs="+", default=DEFAULT_PRESETS)
     p.add_argument("--hf", action="store_true", help="add transformers Qwen3ForCausalLM / LlamaForCausalLM rows")
     p.add_argument("--compile", action="store_true", help="add torch.compile rows")
+    p.add_argument("--compile-presets", nargs="+", help="the presets that get a compiled row (default: all of --presets)")
+    p.add_argument("--prewarm", action="store_true",
+                   help="compile every compiled row in parallel first, filling the compile caches (shortens a GPU run)")
+    p.add_argument("--timeout", type=float, help="seconds one worker may take before its row is an error")
     p.add_argument("--profile", action="store_true", help="add each step's share of time in matmuls and SDPA")
     p.add_argument("--device", default="cpu")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
@@ -227,24 +250,30 @@ def main(argv=None) -> int:
     device = device_name(args.device)
     rows = []
     for size in args.sizes:
-        for preset in args.presets:
-            for compiled in ([False, True] if args.compile else [False]):
-                rows.append({"size": size, "preset": preset, "impl": "qknorm", "compile": compiled})
+        # transformers' rows first: every ratio needs them, so a run cut short should still have them
         if args.hf:
             for impl, preset in (("hf_llama", "baseline"), ("hf_qwen3", "qwen3")):
                 for compiled in ([False, True] if args.compile else [False]):
                     rows.append({"size": size, "preset": preset, "impl": impl, "compile": compiled})
+        for preset in args.presets:
+            compile_this = args.compile and (args.compile_presets is None or preset in args.compile_presets)
+            for compiled in ([False, True] if compile_this else [False]):
+                rows.append({"size": size, "preset": preset, "impl": "qknorm", "compile": compiled})
+    specs = [{**row, "device": args.device, "precision": args.precision, "threads": args.threads, "batch": args.batch,
+              "seq": args.seq, "vocab": args.vocab, "steps": args.steps, "warmup": args.warmup, "profile": args.profile}
+             for row in rows]
+    if args.prewarm:
+        prewarm([s for s in specs if s["compile"]], args.timeout and 2 * args.timeout)
     results: dict[int, list[dict]] = {i: [] for i in range(len(rows))}
     for r in range(args.repeats):
         order = list(range(len(rows))) if r % 2 == 0 else list(reversed(range(len(rows))))
         for i in order:
-            spec = {**rows[i], "device": args.device, "precision": args.precision, "threads": args.threads,
-                    "batch": args.batch, "seq": args.seq, "vocab": args.vocab, "steps": args.steps, "warmup": args.warmup,
-                    "profile": args.profile}
-            out = run_worker(spec)
+            out = run_worker(specs[i], args.timeout)
             results[i].append(out)
-            if "error" in out:
-                print(f"  {rows[i]}: {out['error']}", file=sys.stderr)
+            # each row as it finishes: a run cut short still leaves its figures
+            what = f"{rows[i]['size']} {rows[i]['impl']} {rows[i]['preset']} compile={rows[i]['compile']}"
+            print(f"  [{r + 1}/{args.repeats}] {what}: "
+                  + (f"error: {out['error']}" if "error" in out else f"{out['tokens_per_s']:.0f} tok/s"), flush=True)
         peaks.append(matmul_peak(args.device, args.threads, args.precision))
     peak = max(peaks)
     kind = "bf16 8192^2" if args.device == "cuda" and args.precision == "bf16" else "fp32 2048^2" if args.device == "cpu" else "fp32 8192^2"

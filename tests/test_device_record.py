@@ -30,3 +30,26 @@ def test_a_cpu_run_records_its_device_and_precision(tmp_path, cache_dir):
     (run,) = run_dirs(tmp_path / "logs")
     summary = json.loads((run / "summary.json").read_text())
     assert summary["device"] == "cpu" and "CPU" in summary["device_name"] and summary["precision"] == "32-true"
+
+
+def test_model_compile_auto_compiles_on_a_gpu_only():
+    """model.compile=auto (the default) resolves by the device the module trains on; true and false win."""
+    for value, on_cpu, on_cuda in (("auto", False, True), ("true", True, True), ("false", False, False)):
+        module = LMModule(compose_config(["model=nano", f"model.compile={value}"]), 64, np.ones(64))
+        assert module.compiled is on_cpu
+        module._device = torch.device("cuda", 0)  # where Lightning records the device it moved the module to
+        assert module.compiled is on_cuda
+
+
+def test_compilation_is_not_part_of_a_runs_identity():
+    """Compiled and eager runs compute the same function: a sweep re-run with model.compile changed finds
+    the same job directories (as with trainer.threads)."""
+    from qknorm.rundir import identity
+
+    from omegaconf import OmegaConf
+
+    from .conftest import compose_raw
+
+    a, b = (identity(OmegaConf.to_container(compose_raw(["paths.cache_dir=/tmp/unused", "model=nano", *extra]), resolve=True))
+            for extra in ([], ["model.compile=true"]))
+    assert a == b and not any(k.startswith("model.compile") for k in a)

@@ -128,7 +128,9 @@ class ModelConfig:
     init: Literal["wortsman", "gpt2"] = "wortsman"
     norm_eps: float = 1e-6
     rope_theta: float = 10000.0
-    compile: bool = False
+    # the training loss as one compiled graph: "auto" compiles on a GPU, where it is 1.7-2x faster
+    # (benchmarks/RESULTS.md), and not on a CPU, where compiling costs more than a short run gains
+    compile: Literal["auto", True, False] = "auto"
 
     @property
     def kv_heads(self) -> int:

@@ -170,6 +170,7 @@ def train(cfg: RunConfig, run_dir: Path, summary) -> dict:
         "val_history": [{"step": s, "loss": l, "bpb": b} for s, l, b in history],
         "skipped_steps": fit["skipped_steps"], "world_size": trainer.world_size, "stability": fit["stability"],
         "precision": str(trainer.precision), "device": fit.get("device"), "device_name": fit.get("device_name"),
+        "compiled": fit.get("compiled"),
         "is_global_zero": trainer.is_global_zero,
     }
 

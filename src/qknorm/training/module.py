@@ -55,7 +55,7 @@ class LMModule(pl.LightningModule):
     # -- training ----------------------------------------------------------------------------------
 
     def on_train_start(self) -> None:
-        self.train_device = {"device": str(self.device), "device_name": device_name(self.device)}
+        self.train_device = {"device": str(self.device), "device_name": device_name(self.device), "compiled": self.compiled}
         # A run resumed from a checkpoint taken at a validation step, before that validation ran:
         # validate now, so the history holds every validation step exactly once.
         step, every = self.global_step, self.cfg.trainer.val_every_n_steps
@@ -65,10 +65,16 @@ class LMModule(pl.LightningModule):
             for layer in self.model.attention_layers():
                 layer.max_logit = torch.full((layer.n_heads,), float("-inf"), device=self.device)
 
+    @property
+    def compiled(self) -> bool:
+        """model.compile, with "auto" resolved by the device the module trains on."""
+        c = self.cfg.model.compile
+        return c is True or (c == "auto" and self.device.type == "cuda")
+
     def training_step(self, batch, batch_idx):
         x, y = batch
         if self._train_loss is None:
-            self._train_loss = compile_training_loss(self.model) if self.cfg.model.compile else self.model.loss
+            self._train_loss = compile_training_loss(self.model) if self.compiled else self.model.loss
         total, nats, z_sq = self._train_loss(x, y, self.cfg.optim.z_loss)
         loss = nats.mean()
         # every process must take the same stop decision: judge the mean loss over all of them

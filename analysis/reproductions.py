@@ -655,7 +655,7 @@ def e8(frame: pd.DataFrame, sec: Section, figdir: Path, rel: Path) -> None:
     for r in frame.itertuples():
         c = r.cfg
         name = ("QKV bias (Qwen2)" if c.get("attention.qkv_bias") else attention_label(c)) + f", {c.get('trainer.precision')}"
-        probe = Path(r.run_dir) / "probe" / "probe.csv"
+        probe = Path(r.run_dir) / "fp16_probe" / "probe.csv"
         p = pd.read_csv(probe) if probe.exists() else None
         s, raw = series(r.run_dir, "raw_qk_max")
         raw_max = float(np.nanmax(raw)) if len(raw) else math.nan

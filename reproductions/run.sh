@@ -72,7 +72,7 @@ e8() {
     "hydra.sweep.dir=$RUNS/e8_precision"
   for ckpt in "$RUNS"/e8_precision/*/checkpoints/last.ckpt; do
     run=$(dirname "$(dirname "$ckpt")")
-    [ -f "$run/probe/probe.csv" ] || qknorm-probe "$ckpt" --out "$run/probe"
+    [ -f "$run/fp16_probe/probe.csv" ] || qknorm-probe "$ckpt" --out "$run/fp16_probe"
     rm -f "$ckpt"  # the probe's table stays; the checkpoint is too large to keep with the results
   done
 }

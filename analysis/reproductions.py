@@ -831,7 +831,28 @@ def corpus_tokens(frames: list[pd.DataFrame]) -> Optional[int]:
     return None
 
 
-def build(runs: Path, out: Path, figdir: Path) -> list[Section]:
+README_BEGIN, README_END = "<!-- reproductions:begin -->", "<!-- reproductions:end -->"
+
+
+def summary_table(sections: list[Section], page: str) -> list[str]:
+    rows = ["| | claim | source | verdict | compute |", "|---|---|---|---|---|"]
+    for s in sections:
+        anchor = f"{s.key.lower()}-" + "".join(c for c in s.title.lower().replace(" ", "-") if c.isalnum() or c == "-")
+        rows.append(f"| [{s.key}]({page}#{anchor}) | {s.title} | {s.source} | **{s.verdict}** | {s.compute or '-'} |")
+    return rows
+
+
+def update_readme(readme: Path, sections: list[Section], page: str) -> None:
+    """Replace the summary table between the README's markers (left alone when it has none)."""
+    text = readme.read_text()
+    if README_BEGIN not in text or README_END not in text:
+        return
+    head, rest = text.split(README_BEGIN, 1)
+    _, tail = rest.split(README_END, 1)
+    readme.write_text(head + README_BEGIN + "\n" + "\n".join(summary_table(sections, page)) + "\n" + README_END + tail)
+
+
+def build(runs: Path, out: Path, figdir: Path, readme: Optional[Path] = None) -> list[Section]:
     rel = Path(os.path.relpath(figdir, out.parent))
     frames = {d: load(runs / d) for _, d, *_ in EXPERIMENTS}
     tokens = corpus_tokens(list(frames.values()))
@@ -852,6 +873,8 @@ def build(runs: Path, out: Path, figdir: Path) -> list[Section]:
         sections.append(sec)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(render(sections, runs))
+    if readme is not None:
+        update_readme(readme, sections, os.path.relpath(out, readme.parent))
     return sections
 
 
@@ -873,12 +896,8 @@ def render(sections: list[Section], runs: Path) -> str:
         "Shakespeare: a proxy for the papers' settings, which are 10^2-10^4 times larger and run 10^2 times "
         "longer. A verdict here says what this proxy shows, not whether the paper is right.",
         "",
-        "| | claim | source | verdict | compute |",
-        "|---|---|---|---|---|",
+        *summary_table(sections, ""),
     ]
-    for s in sections:
-        lines.append(f"| [{s.key}](#{s.key.lower()}-{s.title.lower().replace(' ', '-').replace('/', '').replace(',', '').replace('^', '')}) "
-                     f"| {s.title} | {s.source} | **{s.verdict}** | {s.compute or '-'} |")
     for s in sections:
         lines += ["", f"## {s.key}: {s.title}", "", f"**Claim** ({s.source}): {s.claim}", "",
                   f"**Command**: `{s.command}`", "", f"**Scale**: {s.scale or 'no runs yet'}", "",
@@ -893,8 +912,9 @@ def main(argv=None) -> int:
     p.add_argument("--runs", type=Path, default=REPO / "reproductions" / "runs")
     p.add_argument("--out", type=Path, default=REPO / "docs" / "reproductions.md")
     p.add_argument("--figures", type=Path, default=REPO / "docs" / "reproductions")
+    p.add_argument("--readme", type=Path, default=REPO / "README.md", help="whose summary table to update ('' : none)")
     args = p.parse_args(argv)
-    sections = build(args.runs, args.out, args.figures)
+    sections = build(args.runs, args.out, args.figures, args.readme if str(args.readme) else None)
     for s in sections:
         print(f"{s.key:4} {s.verdict:15} {s.title}")
     print(f"wrote {args.out}")

@@ -129,3 +129,13 @@ def test_e5_z_loss(tmp_path):
     # log Z drifts without z-loss; the fixture's val history falls steadily, so no late rise: partly
     assert sections["E5"].verdict == "partly", sections["E5"].reason
     assert "log Z drifts (|log Z| at the end 10x the z-loss run's) | yes" in body
+
+
+def test_the_readme_table_is_rewritten_between_its_markers(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- reproductions:begin -->\nstale\n<!-- reproductions:end -->\nafter\n")
+    repro.build(tmp_path / "runs", tmp_path / "docs" / "reproductions.md", tmp_path / "docs" / "figs", readme)
+    text = readme.read_text()
+    assert "stale" not in text and text.startswith("intro\n") and text.endswith("after\n")
+    assert "| [E4](docs/reproductions.md#e4-the-ladder-of-first-diverging-lr) |" in text
+    assert text.count("| **inconclusive** |") == 10

@@ -28,9 +28,12 @@ KINDS = ("rms", "layernorm", "l2")
 
 
 class _NormRope(torch.autograd.Function):
+    # forward and setup_context apart, and generate_vmap_rule: vmap runs this node per member as it is
+    # (a stack of runs, model/stack.py); the per-row statistics leave forward as extra outputs to be saved
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, x, gain: Optional[torch.Tensor], bias: Optional[torch.Tensor], cos, sin,
-                kind: str, eps: float, group: int):
+    def forward(x, gain: Optional[torch.Tensor], bias: Optional[torch.Tensor], cos, sin, kind: str, eps: float, group: int):
         b, t, r, d = x.shape
         n = group * d
         acc = torch.promote_types(x.dtype, torch.float32)
@@ -48,14 +51,21 @@ class _NormRope(torch.autograd.Function):
         if bias is not None:
             y.add_(bias.to(x.dtype))
         c, s = half_tables(cos, sin, x.dtype)
-        ctx.save_for_backward(x, gain, mean, inv, c, s)
-        ctx.kind, ctx.eps, ctx.group = kind, eps, group
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        return rotate(y, c, s)
+        return rotate(y, c, s), inv, (mean if mean is not None else inv)
 
     @staticmethod
-    def backward(ctx, grad):
-        x, gain, mean, inv, c, s = ctx.saved_tensors
+    def setup_context(ctx, inputs, output):
+        x, gain, bias, cos, sin, kind, eps, group = inputs
+        _, inv, mean = output
+        ctx.mark_non_differentiable(inv, mean)
+        ctx.save_for_backward(x, gain, mean if kind == "layernorm" else None, inv, cos, sin)
+        ctx.kind, ctx.eps, ctx.group = kind, eps, group
+        ctx.bias_dtype = None if bias is None else bias.dtype
+
+    @staticmethod
+    def backward(ctx, grad, _grad_inv, _grad_mean):
+        x, gain, mean, inv, cos, sin = ctx.saved_tensors
+        c, s = half_tables(cos, sin, x.dtype)
         b, t, r, d = x.shape
         kind, group = ctx.kind, ctx.group
         acc = inv.dtype
@@ -91,4 +101,4 @@ def norm_rope(x: torch.Tensor, kind: str, gain: Optional[torch.Tensor], bias: Op
     """rope(norm(x) * gain + bias): x [B, T, R, D]; gain and bias [R, D] or None; statistics over `group` heads."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    return _NormRope.apply(x.contiguous(), gain, bias, cos, sin, kind, eps, group)
+    return _NormRope.apply(x.contiguous(), gain, bias, cos, sin, kind, eps, group)[0]

@@ -26,9 +26,12 @@ def rotate(x: torch.Tensor, cos_half: torch.Tensor, sin_half: torch.Tensor, inve
     """[x1, x2] -> [x1 c - x2 s, x2 c + x1 s] (or by -angle), written half by half into one new tensor."""
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]
+    sign = 1.0 if inverse else -1.0
+    if is_batched(x):  # under vmap (a stack of runs, model/stack.py): the same ops, without out=
+        return torch.cat([torch.addcmul(x1.mul(cos_half), x2, sin_half, value=sign),
+                          torch.addcmul(x2.mul(cos_half), x1, sin_half, value=-sign)], dim=-1)
     out = torch.empty_like(x)
     out1, out2 = out[..., :half], out[..., half:]
-    sign = 1.0 if inverse else -1.0
     torch.mul(x1, cos_half, out=out1).addcmul_(x2, sin_half, value=sign)
     torch.mul(x2, cos_half, out=out2).addcmul_(x1, sin_half, value=-sign)
     return out
@@ -40,17 +43,27 @@ def half_tables(cos: torch.Tensor, sin: torch.Tensor, dtype) -> tuple[torch.Tens
     return cos[:, None, :half].to(dtype), sin[:, None, :half].to(dtype)
 
 
+def is_batched(x: torch.Tensor) -> bool:
+    """Whether x is a tensor inside torch.func.vmap (one member's view of a stacked tensor)."""
+    return torch._C._functorch.is_batchedtensor(x)
+
+
 class _Rope(torch.autograd.Function):
+    # forward and setup_context apart, and generate_vmap_rule: vmap runs this node per member as it is
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, x, cos, sin):
-        c, s = half_tables(cos, sin, x.dtype)
-        ctx.save_for_backward(c, s)
-        return rotate(x, c, s)
+    def forward(x, cos, sin):
+        return rotate(x, *half_tables(cos, sin, x.dtype))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[1], inputs[2])
 
     @staticmethod
     def backward(ctx, grad):
-        c, s = ctx.saved_tensors
-        return rotate(grad.contiguous(), c, s, inverse=True), None, None
+        cos, sin = ctx.saved_tensors
+        return rotate(grad.contiguous(), *half_tables(cos, sin, grad.dtype), inverse=True), None, None
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ from ..config import RunConfig, resolve_schedule
 from ..model import build_model
 from ..model.kernels import compile_training_loss
 from ..utils.flops import device_name
-from .optim import build_optimizer, lr_factor
+from .optim import optimizer_and_schedule
 
 
 @dataclass
@@ -150,10 +150,7 @@ class LMModule(pl.LightningModule):
         self.trainer.should_stop = True
 
     def configure_optimizers(self):
-        opt = build_optimizer(self.model, self.cfg.optim, self.cfg.attention, on_cuda=self.device.type == "cuda")
-        o, total = self.cfg.optim, self.cfg.trainer.max_steps
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda step: lr_factor(step, o.warmup_steps, total, o.min_lr_ratio))
+        opt, sched = optimizer_and_schedule(self.model, self.cfg, on_cuda=self.device.type == "cuda")
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # -- validation: loss per token and bits per byte ---------------------------------------------

@@ -42,3 +42,11 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, attention: AttentionConf
     fused = {"on": True, "off": False, "auto": on_cuda}[cfg.fused]
     kwargs = {"fused": True} if fused else {"foreach": True}
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, **kwargs)
+
+
+def optimizer_and_schedule(model: nn.Module, cfg, on_cuda: bool):
+    """The run's optimizer and its per-step LR scheduler (warmup + cosine): what a solo run trains with
+    (LMModule.configure_optimizers), and each member of a stack with its own config (training/stack.py)."""
+    opt = build_optimizer(model, cfg.optim, cfg.attention, on_cuda=on_cuda)
+    o, total = cfg.optim, cfg.trainer.max_steps
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, o.warmup_steps, total, o.min_lr_ratio))

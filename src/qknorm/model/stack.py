@@ -1,0 +1,132 @@
+"""K runs of one shape as one model with a leading member axis: the arithmetic of stacked sweeps.
+
+A stack is the same `Transformer`, not a second one: each member's parameters are stacked along a new
+first axis, and `torch.func.vmap` maps the model's own `loss` over that axis (`functional_call` with the
+member's parameters). Every op then runs once for K members (a batched matmul instead of K small
+ones), and members stay independent: nothing mixes the member axis, so member k's loss and gradients
+are its solo run's (tests/test_stack.py checks them against solo models to float rounding).
+
+Members must agree on everything that sets a shape or a code path (model, attention variant, data
+shapes); `training.stack.stack_conflict` names the first key that does not. They may differ in their
+initialization (seed) and in the optimizer's scalars: each member is updated by its own optimizer,
+the one its solo run builds, over views of its slice of the stack (`member_views`).
+
+Inside the vmapped loss every part of the step takes the path it takes in a solo run on the same
+device (`kernels.py`): the CPU's hand-written autograd nodes (norm + RoPE, the chunked LM-head loss)
+declare `generate_vmap_rule`, so vmap runs them per member as they are, and a member's arithmetic is
+its solo run's op for op. (The soft-cap's chunked CPU kernel does not yet: soft-capped variants do
+not stack on a CPU.)
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from typing import Sequence
+
+import torch
+from torch import nn
+from torch.func import functional_call, stack_module_state, vmap
+
+from .transformer import Transformer
+
+
+class _Loss(nn.Module):
+    """`model.loss` as a module's forward, so that functional_call can run it with other parameters."""
+
+    def __init__(self, model: Transformer):
+        super().__init__()
+        self.model = model
+
+    def forward(self, idx, targets, z_loss):
+        return self.model.loss(idx, targets, z_loss)
+
+
+def _key(name: str) -> str:
+    return name.replace(".", "__")  # ParameterDict keys cannot hold dots
+
+
+class StackedModel(nn.Module):
+    """Members' parameters stacked as [K, ...]; `loss` maps the one model over them."""
+
+    def __init__(self, members: Sequence[Transformer]):
+        super().__init__()
+        if not members:
+            raise ValueError("a stack needs at least one member")
+        self.k = len(members)
+        params, buffers = stack_module_state(list(members))
+        self.names = list(params)
+        self.params = nn.ParameterDict({_key(n): nn.Parameter(p.detach().clone()) for n, p in params.items()})
+        self.buffer_names = list(buffers)
+        for n, b in buffers.items():
+            self.register_buffer(_key(n), b.clone(), persistent=False)
+        # the template whose code runs for every member; its own tensors are never read (functional_call
+        # substitutes the members'), and it is kept out of self.parameters() so no optimizer sees it
+        self._template = [_Loss(copy.deepcopy(members[0]))]
+        self._views: list[Transformer] | None = None
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self._template[0]._apply(fn, recurse)
+        self._views = None  # views of the old storage: rebuilt on the next use
+        return self
+
+    def member_views(self) -> list[Transformer]:
+        """One solo Transformer per member whose parameters are views into the stack: what the member's
+        own optimizer (training/optim.py's, as in its solo run), gradient clipping, stability monitor
+        and validation work on. Built once; writes through them are writes to the stack."""
+        if self._views is None:
+            self._views = [self._view(k) for k in range(self.k)]
+        return self._views
+
+    def _view(self, k: int) -> Transformer:
+        model = copy.deepcopy(self._template[0].model)
+        by_old = {}
+        for name in self.names:
+            old = model.get_parameter(name)
+            by_old[id(old)] = nn.Parameter(self.params[_key(name)].data[k], requires_grad=old.requires_grad)
+        for module in model.modules():  # every reference to a parameter, tied ones included
+            for attr, p in list(module._parameters.items()):
+                if p is not None and id(p) in by_old:
+                    module._parameters[attr] = by_old[id(p)]
+        for name in self.buffer_names:
+            owner, _, attr = name.rpartition(".")
+            model.get_submodule(owner)._buffers[attr] = getattr(self, _key(name))[k]
+        return model
+
+    def share_gradients(self, k: int) -> None:
+        """Point member k's view parameters' .grad at its slice of the stack's gradients."""
+        view = dict(self.member_views()[k].named_parameters())
+        for name in self.names:
+            g = self.params[_key(name)].grad
+            view[name].grad = None if g is None else g[k]
+
+    def named_member_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """(the member model's parameter name, the stacked [K, ...] parameter)."""
+        return [(n, self.params[_key(n)]) for n in self.names]
+
+    def member_state(self, k: int) -> dict[str, torch.Tensor]:
+        """Member k's parameters under the model's own names: loads into a solo Transformer."""
+        return {n: self.params[_key(n)][k].detach() for n in self.names}
+
+    def load_member(self, k: int, model: Transformer) -> Transformer:
+        """Copy member k's parameters into `model` (a solo Transformer of the same config)."""
+        model.load_state_dict(self.member_state(k), strict=False)
+        return model
+
+    def loss(self, idx: torch.Tensor, targets: torch.Tensor, z_loss: torch.Tensor):
+        """idx, targets [K, B, T]; z_loss [K] -> per member (mean CE + z_loss * mean log^2 Z [K],
+        per-token CE [K, B, T] (no grad), mean log^2 Z [K] (no grad))."""
+        params = {"model." + n: self.params[_key(n)] for n in self.names}
+        buffers = {"model." + n: getattr(self, _key(n)) for n in self.buffer_names}
+        template = self._template[0]
+
+        def one(p, b, x, y, z):
+            return functional_call(template, (p, b), (x, y, z))
+
+        with warnings.catch_warnings():
+            # vmap loops over members for the few ops without a batching rule (SDPA on a CPU, addcmul_):
+            # correct, and said once here rather than on every step
+            warnings.filterwarnings("ignore", message="There is a performance drop")
+            total, nats, z_sq = vmap(one, randomness="error")(params, buffers, idx, targets, z_loss)
+        return total, nats.detach(), z_sq.detach()

@@ -1,0 +1,160 @@
+"""Stacked runs (model/stack.py, training/stack.py): every member of a stack computes what its solo run
+computes. The solo side is the project's own: build_model after seeding, the optimizer and schedule
+(optim.optimizer_and_schedule: torch AdamW, decay groups, warmup + cosine), clip_grad_norm_, the
+default CPU kernels, and the batches RandomWindowBatches draws for the member's seed."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from qknorm.data.datamodule import RandomWindowBatches
+from qknorm.model import build_model
+from qknorm.model.stack import StackedModel
+from qknorm.training.optim import optimizer_and_schedule
+from qknorm.training.stack import stack_conflict
+
+from .conftest import compose_config
+
+VOCAB = 96
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Models this small run fastest on one thread (and a loaded machine cannot stall them)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+SMALL = ["model=nano", "data.seq_len=32", "data.batch_size=4", "trainer.max_steps=50"]
+
+
+def member_configs(members: list[list[str]], common=SMALL):
+    return [compose_config([*common, *m]) for m in members]
+
+
+def build(cfg):
+    torch.manual_seed(cfg.seed)  # what pl.seed_everything does for the model's initialization
+    return build_model(cfg, VOCAB)
+
+
+TOKENS = np.random.default_rng(0).integers(0, VOCAB, size=20_000)
+
+
+def batch(cfg, step):
+    return RandomWindowBatches(TOKENS, cfg.data.seq_len, cfg.data.batch_size, cfg.seed)[step]
+
+
+def solo_losses(cfg, steps: int) -> list[float]:
+    model = build(cfg)
+    opt, sched = optimizer_and_schedule(model, cfg, on_cuda=False)
+    losses = []
+    for step in range(steps):
+        x, y = batch(cfg, step)
+        total, nats, _ = model.loss(x, y, cfg.optim.z_loss)
+        losses.append(float(nats.mean()))
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(list(model.parameters()), cfg.optim.grad_clip or float("inf"), foreach=True)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sched.step()
+    return losses
+
+
+def stacked_losses(cfgs, steps: int, freeze_when=lambda loss: False) -> list[list[float]]:
+    stack = StackedModel([build(c) for c in cfgs])
+    views = stack.member_views()
+    optims = [optimizer_and_schedule(v, c, on_cuda=False) for v, c in zip(views, cfgs)]
+    z = torch.tensor([c.optim.z_loss for c in cfgs])
+    active = [True] * len(cfgs)
+    losses = [[] for _ in cfgs]
+    for step in range(steps):
+        xs, ys = zip(*(batch(c, step) for c in cfgs))
+        total, nats, _ = stack.loss(torch.stack(xs), torch.stack(ys), z)
+        total.sum().backward()
+        for k, (cfg, view, (opt, sched)) in enumerate(zip(cfgs, views, optims)):
+            if not active[k]:
+                continue
+            loss = float(nats[k].mean())
+            losses[k].append(loss)
+            if freeze_when(loss):
+                active[k] = False
+                continue
+            stack.share_gradients(k)
+            torch.nn.utils.clip_grad_norm_(list(view.parameters()), cfg.optim.grad_clip or float("inf"), foreach=True)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            sched.step()
+        stack.zero_grad(set_to_none=True)
+    return losses
+
+
+def test_member_loss_and_gradients_are_the_solo_models():
+    cfgs = member_configs([["seed=0"], ["seed=1"], ["seed=2"]])
+    models = [build(c) for c in cfgs]
+    stack = StackedModel(models)
+    xs, ys = zip(*(batch(c, 0) for c in cfgs))
+    total, nats, z_sq = stack.loss(torch.stack(xs), torch.stack(ys), torch.tensor([0.0, 1e-4, 0.0]))
+    total.sum().backward()
+    for k, (model, x, y) in enumerate(zip(models, xs, ys)):
+        solo_total, solo_nats, _ = model.loss(x, y, [0.0, 1e-4, 0.0][k])
+        solo_total.backward()
+        torch.testing.assert_close(total[k], solo_total.detach(), rtol=1e-6, atol=0)
+        torch.testing.assert_close(nats[k], solo_nats, rtol=1e-5, atol=1e-6)
+        for name, p in stack.named_member_parameters():
+            ref = dict(model.named_parameters())[name].grad
+            torch.testing.assert_close(p.grad[k], ref, rtol=1e-4, atol=1e-6 * float(ref.abs().max()))
+
+
+@pytest.mark.parametrize("preset", ["baseline", "qwen3"])
+def test_a_stack_of_two_lrs_and_two_seeds_trains_as_its_solo_runs(preset):
+    """Acceptance 1's arithmetic: 4 members (2 LRs x 2 seeds), 50 steps in fp32, each member's loss at
+    every step equal to its solo run's to 1e-5 relative."""
+    grid = [[f"attention={preset}", f"optim.lr={lr}", f"seed={s}"] for lr in (1e-2, 3e-2) for s in (0, 1)]
+    cfgs = member_configs(grid)
+    stacked = stacked_losses(cfgs, 50)
+    for cfg, losses in zip(cfgs, stacked):
+        np.testing.assert_allclose(losses, solo_losses(cfg, 50), rtol=1e-5)
+
+
+def test_members_differ_in_their_own_optimizer_scalars():
+    """Weight decay (coupled and independent), warmup, betas, eps, clip and z-loss per member."""
+    grid = [["optim.weight_decay=0.0", "optim.grad_clip=0.05"],
+            ["optim=wortsman", "optim.warmup_steps=10"],
+            ["optim.betas=[0.8,0.99]", "optim.eps=1e-6", "optim.z_loss=1e-3", "seed=3"]]
+    cfgs = member_configs(grid)
+    for cfg, losses in zip(cfgs, stacked_losses(cfgs, 20)):
+        np.testing.assert_allclose(losses, solo_losses(cfg, 20), rtol=1e-5)
+
+
+def test_a_frozen_member_leaves_the_others_untouched():
+    """Acceptance 2's arithmetic: a member driven to divergence by a huge LR is frozen; the others'
+    losses equal a stack without it."""
+    cfgs = member_configs([["optim.lr=1e-2"], ["optim.lr=1e4", "optim.grad_clip=0"], ["optim.lr=3e-2", "seed=1"]])
+    with_it = stacked_losses(cfgs, 30, freeze_when=lambda loss: not np.isfinite(loss) or loss > 20)
+    without = stacked_losses([cfgs[0], cfgs[2]], 30)
+    assert len(with_it[1]) < 30  # it diverged and stopped counting
+    np.testing.assert_allclose(with_it[0], without[0], rtol=1e-6)
+    np.testing.assert_allclose(with_it[2], without[1], rtol=1e-6)
+
+
+def test_member_views_are_the_stack():
+    """A member's view model holds its slice of the stack: a solo model's state loads into it, an
+    in-place update through it is an update of the stack, and tied weights stay tied."""
+    cfgs = member_configs([["seed=0"], ["seed=1"]])
+    models = [build(c) for c in cfgs]
+    stack = StackedModel(models)
+    for k, (view, model) in enumerate(zip(stack.member_views(), models)):
+        for (name, p), (_, ref) in zip(view.named_parameters(), model.named_parameters()):
+            torch.testing.assert_close(p, ref, rtol=0, atol=0)
+        assert view.lm_head.weight is view.embed.weight
+        with torch.no_grad():
+            view.embed.weight.add_(1.0)
+        torch.testing.assert_close(stack.member_state(k)["embed.weight"], model.embed.weight + 1.0, rtol=0, atol=0)
+
+
+def test_only_shape_preserving_differences_stack():
+    assert stack_conflict(member_configs([["seed=0", "optim.lr=1e-2"], ["seed=1", "optim=wortsman"]])) is None
+    assert "model.d_model" in stack_conflict(member_configs([["model=nano"], ["model=tiny"]], common=[]))
+    assert "attention.qk_norm" in stack_conflict(member_configs([["attention=baseline"], ["attention=qwen3"]]))

@@ -150,7 +150,7 @@ def scale_of(frame: pd.DataFrame, corpus_tokens: Optional[int]) -> str:
               if span else "")
     wall = frame["wall_time_s"].dropna().sum() / 3600
     return (f"{len(frame)} runs; models (d_model, layers, heads) {', '.join(str(m) for m in models)}"
-            + (f" ({', '.join(f'{p / 1e6:.2f}M' for p in params)} parameters without the embedding)" if params else "")
+            + (f" ({', '.join(dict.fromkeys(f'{p / 1e6:.2f}M' for p in params))} parameters without the embedding)" if params else "")
             + f"; {'/'.join(map(str, steps))} steps of {' / '.join(f'{b} x {s}' for b, s in batch)} tokens{epochs}; "
             f"seeds {', '.join(map(str, seeds))}; {wall:.2f} h of training wall time (2 jobs at a time on 2 cores)")
 
@@ -912,9 +912,9 @@ def main(argv=None) -> int:
     p.add_argument("--runs", type=Path, default=REPO / "reproductions" / "runs")
     p.add_argument("--out", type=Path, default=REPO / "docs" / "reproductions.md")
     p.add_argument("--figures", type=Path, default=REPO / "docs" / "reproductions")
-    p.add_argument("--readme", type=Path, default=REPO / "README.md", help="whose summary table to update ('' : none)")
+    p.add_argument("--readme", default=str(REPO / "README.md"), help="whose summary table to update ('': none)")
     args = p.parse_args(argv)
-    sections = build(args.runs, args.out, args.figures, args.readme if str(args.readme) else None)
+    sections = build(args.runs, args.out, args.figures, Path(args.readme) if args.readme else None)
     for s in sections:
         print(f"{s.key:4} {s.verdict:15} {s.title}")
     print(f"wrote {args.out}")

@@ -620,31 +620,38 @@ def e6(frame: pd.DataFrame, sec: Section, figdir: Path, rel: Path) -> None:
 
 
 def e7(frame: pd.DataFrame, sec: Section, figdir: Path, rel: Path) -> None:
+    def warmup(c) -> str:
+        steps = c.get("optim.warmup_steps")
+        return f"{steps} steps" if steps is not None else f"{c.get('optim.warmup_fraction'):.0%}"
+
     def arm(c):
-        if not c.get("optim.independent_weight_decay", True):
-            return f"coupled decay {c.get('optim.weight_decay'):g}, warmup {c.get('optim.warmup_steps')} steps"
-        return f"independent decay {c.get('optim.weight_decay'):g}, warmup {c.get('optim.warmup_steps')} steps"
+        kind = "independent" if c.get("optim.independent_weight_decay", True) else "coupled"
+        return f"{kind} decay {c.get('optim.weight_decay'):g}, warmup {warmup(c)}"
+
     frame, tol = lr_ladder(frame, arm)
-    sens = {v: sensitivity(frame[frame["variant"] == v]) for v in tol}
+    sens = {v: sensitivity(frame[frame["variant"] == v])[0] for v in tol}
     sec.figures.append(ladder_figure(tol, "E7: warmup and weight decay, with qk-layernorm (Wortsman Figs. 5-6)", figdir,
                                      "e7_optim.png", rel))
-    sec.body += ladder_rows(tol) + ["", "| arm | LR sensitivity |", "|---|---:|", *[f"| {v} | {fmt(s[0])} |" for v, s in sens.items()]]
-    indep = {int(c.get("optim.warmup_steps")): v for v, c in
-             ((arm(c), c) for c in frame["cfg"]) if c.get("optim.independent_weight_decay", True)}
-    coupled = [v for v in tol if v.startswith("coupled")]
+    sec.body += ladder_rows(tol) + ["", "| arm | LR sensitivity |", "|---|---:|", *[f"| {v} | {fmt(s)} |" for v, s in sens.items()]]
+    # the independent-decay arms by warmup fraction, and the coupled arm(s)
+    indep = {}
+    for c in frame["cfg"]:
+        if c.get("optim.independent_weight_decay", True) and c.get("optim.warmup_steps") is None:
+            indep[float(c.get("optim.warmup_fraction"))] = arm(c)
+    coupled = [(c, arm(c)) for c in frame["cfg"] if not c.get("optim.independent_weight_decay", True)]
     checks: dict[str, Optional[bool]] = {}
     if len(indep) >= 2:
-        order = [sens[indep[w]][0] for w in sorted(indep)]
-        checks["longer warmup lowers LR sensitivity (shortest vs longest)"] = order[-1] < order[0]
+        short, long = indep[min(indep)], indep[max(indep)]
+        checks[f"longer warmup lowers LR sensitivity ({max(indep):.0%} vs {min(indep):.0%})"] = sens[long] < sens[short]
     else:
         checks["longer warmup lowers LR sensitivity"] = None
-    five = [v for w, v in indep.items() if v in sens and "warmup 15 " in v + " "]
-    ref = indep.get(sorted(indep)[len(indep) // 2]) if indep else None
-    if coupled and ref:
-        checks[f"independent decay 1e-4 has lower LR sensitivity than coupled 0.1 (same warmup)"] = sens[ref][0] < sens[coupled[0]][0]
+    if coupled:
+        c, name = coupled[0]
+        same = indep.get(float(c.get("optim.warmup_fraction")))
+        checks["independent decay 1e-4 has lower LR sensitivity than coupled 0.1 (same warmup)"] = (
+            sens[same] < sens[name] if same else None)
     else:
-        checks["independent decay 1e-4 has lower LR sensitivity than coupled 0.1"] = None
-    del five
+        checks["independent decay 1e-4 has lower LR sensitivity than coupled 0.1 (same warmup)"] = None
     sec.body += ["", *checks_md(checks)]
     sec.verdict = verdict_of(checks)
     sec.reason = "; ".join(f"{k}: {'yes' if v else 'no' if v is not None else 'undecided'}" for k, v in checks.items()) + seeds_note(frame)

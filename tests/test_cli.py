@@ -102,3 +102,11 @@ def test_config_errors_come_before_torch_and_lightning_are_imported(tmp_path, ar
     assert not imported & {"torch", "pytorch_lightning", "lightning_fabric"}
     assert [line for line in proc.stderr.splitlines() if not line.startswith("import time:")][0].startswith(
         "qknorm-train: error: ")
+
+
+def test_conflicting_hydra_flags_are_one_line(tmp_path, cache_dir):
+    """Hydra refuses -m with --cfg by raising a plain ValueError: it still reads as one line."""
+    proc = run_cli(["-m", "--cfg=job", "model=nano"], tmp_path, cache_dir)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("qknorm-train: error: Only one of --run, --multirun") and "qknorm-sweep" in line

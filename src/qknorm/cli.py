@@ -204,6 +204,9 @@ def explain(exc: BaseException, overrides: list[str]) -> Optional[str]:
     if isinstance(exc, (HydraException, OmegaConfBaseException)):
         key = getattr(exc, "full_key", None)
         return f"{key}: {_first_line(exc)}" if key else _first_line(exc)
+    if isinstance(exc, ValueError) and str(exc).startswith("Only one of --run, --multirun"):
+        # Hydra's own check of its flags, e.g. `-m ... --cfg job`
+        return f"{_first_line(exc)} (--cfg prints the config of a single run: drop -m, or list a sweep with qknorm-sweep)"
     return None
 
 

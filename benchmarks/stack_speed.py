@@ -4,8 +4,9 @@
     python benchmarks/stack_speed.py --sizes tiny --members 4 --threads 1
 
 Each row is K members (seeds 0..K-1, LR 1e-2) at one model size: the time of one training step of all
-K, stacked (one vmapped loss, backward, then each member's own clipping and AdamW step) and solo (K
-separate models, each its own loss, backward, clipping and AdamW step), median of `--steps` steps
+K, stacked (the loss of all members vmapped as one model, the GPU's path, or looped over the members'
+views, the CPU's; then each member's own clipping and AdamW step) and solo (K separate models, each its
+own loss, backward, clipping and AdamW step), median of `--steps` steps
 after `--warmup`, on random tokens. This is the step alone: a stacked sweep also saves each job's
 start-up, validation set-up and process, which this does not count. Prints a table.
 """
@@ -37,8 +38,8 @@ def configs(size: str, k: int, batch: int, seq: int):
     return out
 
 
-def measure(size: str, k: int, batch: int, seq: int, vocab: int, steps: int, warmup: int) -> tuple[float, float]:
-    from qknorm.model import build_model
+def measure(size: str, k: int, batch: int, seq: int, vocab: int, steps: int, warmup: int) -> tuple[float, float, float]:
+    from qknorm.model import build_model, kernels
     from qknorm.model.stack import StackedModel
     from qknorm.training.optim import optimizer_and_schedule
 
@@ -67,9 +68,11 @@ def measure(size: str, k: int, batch: int, seq: int, vocab: int, steps: int, war
     views = stack.member_views()
     opts = [optimizer_and_schedule(v, c, on_cuda=False) for v, c in zip(views, cfgs)]
     z = torch.zeros(k)
+    mode = "vmap"
 
     def stacked_step():
-        stack.loss(x, y, z)[0].sum().backward()
+        with kernels.force(stack=mode):
+            stack.loss(x, y, z)[0].sum().backward()
         for i, (v, (opt, sched)) in enumerate(zip(views, opts)):
             stack.share_gradients(i)
             torch.nn.utils.clip_grad_norm_(list(v.parameters()), 1.0, foreach=True)
@@ -88,7 +91,9 @@ def measure(size: str, k: int, batch: int, seq: int, vocab: int, steps: int, war
             times.append(time.perf_counter() - t0)
         return statistics.median(times)
 
-    return timed(stacked_step), timed(solo_step)
+    vmapped = timed(stacked_step)
+    mode = "loop"
+    return vmapped, timed(stacked_step), timed(solo_step)
 
 
 def main(argv=None) -> int:
@@ -104,11 +109,12 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(f"CPU, torch {torch.__version__}, {args.threads} threads; batch {args.batch} x {args.seq}, vocab {args.vocab}")
-    print(f"{'size':6} {'K':>3} {'stacked ms':>11} {'solo ms':>9} {'speed-up':>9}")
+    print(f"{'size':6} {'K':>3} {'vmap ms':>9} {'loop ms':>9} {'solo ms':>9} {'vmap x':>7} {'loop x':>7}")
     for size in args.sizes:
         for k in args.members:
-            stacked, solo = measure(size, k, args.batch, args.seq, args.vocab, args.steps, args.warmup)
-            print(f"{size:6} {k:3d} {1000 * stacked:11.1f} {1000 * solo:9.1f} {solo / stacked:8.2f}x", flush=True)
+            vmapped, looped, solo = measure(size, k, args.batch, args.seq, args.vocab, args.steps, args.warmup)
+            print(f"{size:6} {k:3d} {1000 * vmapped:9.1f} {1000 * looped:9.1f} {1000 * solo:9.1f} {solo / vmapped:6.2f}x "
+                  f"{solo / looped:6.2f}x", flush=True)
     return 0
 
 

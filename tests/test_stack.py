@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from qknorm.data.datamodule import RandomWindowBatches
-from qknorm.model import build_model
+from qknorm.model import build_model, kernels
 from qknorm.model.stack import StackedModel
 from qknorm.training.optim import optimizer_and_schedule
 from qknorm.training.stack import stack_conflict
@@ -62,7 +62,12 @@ def solo_losses(cfg, steps: int) -> list[float]:
     return losses
 
 
-def stacked_losses(cfgs, steps: int, freeze_when=lambda loss: False) -> list[list[float]]:
+def stacked_losses(cfgs, steps: int, freeze_when=lambda loss: False, mode: str = "vmap") -> list[list[float]]:
+    with kernels.force(stack=mode):
+        return _stacked_losses(cfgs, steps, freeze_when)
+
+
+def _stacked_losses(cfgs, steps, freeze_when):
     stack = StackedModel([build(c) for c in cfgs])
     views = stack.member_views()
     optims = [optimizer_and_schedule(v, c, on_cuda=False) for v, c in zip(views, cfgs)]
@@ -90,30 +95,37 @@ def stacked_losses(cfgs, steps: int, freeze_when=lambda loss: False) -> list[lis
     return losses
 
 
-def test_member_loss_and_gradients_are_the_solo_models():
+MODES = ["vmap", "loop"]  # the GPU's path and the CPU's (kernels.stack_kernel), both run here
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_member_loss_and_gradients_are_the_solo_models(mode):
     cfgs = member_configs([["seed=0"], ["seed=1"], ["seed=2"]])
     models = [build(c) for c in cfgs]
     stack = StackedModel(models)
     xs, ys = zip(*(batch(c, 0) for c in cfgs))
-    total, nats, z_sq = stack.loss(torch.stack(xs), torch.stack(ys), torch.tensor([0.0, 1e-4, 0.0]))
+    with kernels.force(stack=mode):
+        total, nats, z_sq = stack.loss(torch.stack(xs), torch.stack(ys), torch.tensor([0.0, 1e-4, 0.0]))
     total.sum().backward()
     for k, (model, x, y) in enumerate(zip(models, xs, ys)):
         solo_total, solo_nats, _ = model.loss(x, y, [0.0, 1e-4, 0.0][k])
         solo_total.backward()
         torch.testing.assert_close(total[k], solo_total.detach(), rtol=1e-6, atol=0)
         torch.testing.assert_close(nats[k], solo_nats, rtol=1e-5, atol=1e-6)
-        for name, p in stack.named_member_parameters():
-            ref = dict(model.named_parameters())[name].grad
-            torch.testing.assert_close(p.grad[k], ref, rtol=1e-4, atol=1e-6 * float(ref.abs().max()))
+        stack.share_gradients(k)
+        view = dict(stack.member_views()[k].named_parameters())
+        for name, ref in model.named_parameters():
+            torch.testing.assert_close(view[name].grad, ref.grad, rtol=1e-4, atol=1e-6 * float(ref.grad.abs().max()))
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("preset", ["baseline", "qwen3"])
-def test_a_stack_of_two_lrs_and_two_seeds_trains_as_its_solo_runs(preset):
+def test_a_stack_of_two_lrs_and_two_seeds_trains_as_its_solo_runs(preset, mode):
     """Acceptance 1's arithmetic: 4 members (2 LRs x 2 seeds), 50 steps in fp32, each member's loss at
     every step equal to its solo run's to 1e-5 relative."""
     grid = [[f"attention={preset}", f"optim.lr={lr}", f"seed={s}"] for lr in (1e-2, 3e-2) for s in (0, 1)]
     cfgs = member_configs(grid)
-    stacked = stacked_losses(cfgs, 50)
+    stacked = stacked_losses(cfgs, 50, mode=mode)
     for cfg, losses in zip(cfgs, stacked):
         np.testing.assert_allclose(losses, solo_losses(cfg, 50), rtol=1e-5)
 
@@ -128,12 +140,13 @@ def test_members_differ_in_their_own_optimizer_scalars():
         np.testing.assert_allclose(losses, solo_losses(cfg, 20), rtol=1e-5)
 
 
-def test_a_frozen_member_leaves_the_others_untouched():
+@pytest.mark.parametrize("mode", MODES)
+def test_a_frozen_member_leaves_the_others_untouched(mode):
     """Acceptance 2's arithmetic: a member driven to divergence by a huge LR is frozen; the others'
     losses equal a stack without it."""
     cfgs = member_configs([["optim.lr=1e-2"], ["optim.lr=1e4", "optim.grad_clip=0"], ["optim.lr=3e-2", "seed=1"]])
-    with_it = stacked_losses(cfgs, 30, freeze_when=lambda loss: not np.isfinite(loss) or loss > 20)
-    without = stacked_losses([cfgs[0], cfgs[2]], 30)
+    with_it = stacked_losses(cfgs, 30, freeze_when=lambda loss: not np.isfinite(loss) or loss > 20, mode=mode)
+    without = stacked_losses([cfgs[0], cfgs[2]], 30, mode=mode)
     assert len(with_it[1]) < 30  # it diverged and stopped counting
     np.testing.assert_allclose(with_it[0], without[0], rtol=1e-6)
     np.testing.assert_allclose(with_it[2], without[1], rtol=1e-6)

@@ -15,6 +15,10 @@ The same arithmetic has two forms here, and which one is faster depends on the d
   so CPU training takes the chunked exact kernel (capped_attention.py), which a compiled graph calls
   as it is.
 - AdamW (training/optim.py, `optim.fused=auto`): the fused kernel on a GPU, foreach on a CPU.
+- A stack of runs (model/stack.py): on a GPU one vmapped model over the member axis (one batched
+  launch for K members); on a CPU a loop over the members' own models, whose ops are already large
+  enough to keep the cores busy and which vmap slows down (batched matmul and the elementwise ops on
+  batched tensors: 0.79x at `tiny`, benchmarks/stack_speed.py).
 
 `force` overrides any choice (tests run every path on the CPU and compare them).
 """
@@ -33,8 +37,9 @@ _forced: dict[str, object] = {}
 @contextlib.contextmanager
 def force(**choices) -> Iterator[None]:
     """Within the block, take the given paths whatever the device: norm_rope="fused" | "composite",
-    lm_loss_chunk_rows=<int> | None (None: the composite loss), softcap="chunked" | "flex"."""
-    unknown = set(choices) - {"norm_rope", "lm_loss_chunk_rows", "softcap"}
+    lm_loss_chunk_rows=<int> | None (None: the composite loss), softcap="chunked" | "flex",
+    stack="vmap" | "loop"."""
+    unknown = set(choices) - {"norm_rope", "lm_loss_chunk_rows", "softcap", "stack"}
     if unknown:
         raise ValueError(f"unknown kernel choices: {sorted(unknown)}")
     saved = dict(_forced)
@@ -68,6 +73,13 @@ def lm_loss_chunk_rows(device: torch.device, vocab: int) -> Optional[int]:
         return max(32, (1 << 20) // vocab)  # ~4 MB of fp32 logits per chunk: stays in cache
     # a GPU: ~512 MB of fp32 logits per chunk, so a step of 16 x 1024 tokens at vocab 32768 is 4 chunks
     return max(1024, (1 << 27) // vocab)
+
+
+def stack_kernel(device: torch.device) -> str:
+    """"vmap": a stack's members as one batched model; "loop": each member's own model in turn."""
+    if "stack" in _forced:
+        return _forced["stack"]
+    return "vmap" if device.type == "cuda" else "loop"
 
 
 def softcap_kernel(device: torch.device, backend: str) -> str:

@@ -4,7 +4,9 @@ A stack is the same `Transformer`, not a second one: each member's parameters ar
 first axis, and `torch.func.vmap` maps the model's own `loss` over that axis (`functional_call` with the
 member's parameters). Every op then runs once for K members (a batched matmul instead of K small
 ones), and members stay independent: nothing mixes the member axis, so member k's loss and gradients
-are its solo run's (tests/test_stack.py checks them against solo models to float rounding).
+are its solo run's (tests/test_stack.py checks them against solo models to float rounding). On a CPU,
+where vmap costs more than it saves, the same stack loops over its members' views instead
+(`kernels.stack_kernel`).
 
 Members must agree on everything that sets a shape or a code path (model, attention variant, data
 shapes); `training.stack.stack_conflict` names the first key that does not. They may differ in their
@@ -28,6 +30,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
+from . import kernels
 from .transformer import Transformer
 
 
@@ -95,7 +98,10 @@ class StackedModel(nn.Module):
         return model
 
     def share_gradients(self, k: int) -> None:
-        """Point member k's view parameters' .grad at its slice of the stack's gradients."""
+        """Point member k's view parameters' .grad at its slice of the stack's gradients (after a
+        vmapped backward; a looped one already left them there)."""
+        if all(self.params[_key(n)].grad is None for n in self.names):
+            return
         view = dict(self.member_views()[k].named_parameters())
         for name in self.names:
             g = self.params[_key(name)].grad
@@ -116,7 +122,12 @@ class StackedModel(nn.Module):
 
     def loss(self, idx: torch.Tensor, targets: torch.Tensor, z_loss: torch.Tensor):
         """idx, targets [K, B, T]; z_loss [K] -> per member (mean CE + z_loss * mean log^2 Z [K],
-        per-token CE [K, B, T] (no grad), mean log^2 Z [K] (no grad))."""
+        per-token CE [K, B, T] (no grad), mean log^2 Z [K] (no grad)). On the path kernels.stack_kernel
+        picks: vmapped (gradients land on the stacked parameters) or looped over the member views
+        (gradients land on the views)."""
+        if kernels.stack_kernel(idx.device) == "loop":
+            outs = [view.loss(x, y, z) for view, x, y, z in zip(self.member_views(), idx, targets, z_loss)]
+            return tuple(torch.stack(parts) for parts in zip(*outs))
         params = {"model." + n: self.params[_key(n)] for n in self.names}
         buffers = {"model." + n: getattr(self, _key(n)) for n in self.buffer_names}
         template = self._template[0]

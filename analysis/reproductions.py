@@ -493,8 +493,10 @@ def e4(frame: pd.DataFrame, sec: Section, figdir: Path, rel: Path) -> None:
     if len(groups) == 3:
         g0, g1, g2 = groups[0], groups[1], groups[2]
         checks["the baseline fails first (critical LR below every stabilizer's)"] = max(g0) < min(g1 + g2)
-        checks["soft-cap, QK-norm and QK_FC_norm fail at about the same LR (one grid step)"] = (
-            len({x for x in g1 if math.isfinite(x)}) <= 1 and (max(g1) / min(g1) <= 3.0 if all(map(math.isfinite, g1)) else len(set(g1)) == 1))
+        finite = [x for x in g1 if math.isfinite(x)]
+        # within one step of the ~3x grid, or none of them failing inside it
+        checks["soft-cap, QK-norm and QK_FC_norm fail at about the same LR (within one grid step)"] = (
+            not finite or (len(finite) == len(g1) and max(g1) / min(g1) <= 3.5))
         checks["QKV-norm and QK-norm + cap last longest"] = min(g2) >= max(g1) and min(g2) > min(g1)
     else:
         checks["the ladder's three groups are present"] = None

@@ -186,7 +186,7 @@ def test_e10_and_e9_and_e7_and_e3_and_e8_read_their_runs(tmp_path):
             write_run(runs / "e8_precision", ["model=tiny", f"attention={preset}", "optim.lr=0.1", f"trainer.precision={precision}"], 3.5)
     sections = {s.key: s for s in repro.build(runs, tmp_path / "r.md", tmp_path / "figs")}
     assert sections["E10"].verdict == "reproduced", sections["E10"].reason
-    assert "-0.0500 +- 0.0000" in "\n".join(sections["E10"].body)
+    assert "-0.0500 [-0.0500, -0.0500]" in "\n".join(sections["E10"].body)
     assert sections["E9"].verdict == "reproduced", sections["E9"].reason
     assert sections["E7"].verdict == "reproduced", sections["E7"].reason
     assert sections["E3"].verdict == "reproduced", sections["E3"].reason

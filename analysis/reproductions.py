@@ -609,11 +609,13 @@ def e6(frame: pd.DataFrame, sec: Section, figdir: Path, rel: Path) -> None:
     sec.body += ["| kappa | final val loss |", "|---:|---:|", *[f"| {k:g} | {v:.3f} |" for k, v in by.items()], "",
                  f"Bigram model on the same tokens: {fmt(bigram)} nats ({how})."]
     checks: dict[str, Optional[bool]] = {}
-    small = by[by.index <= 10]
-    if len(small) and 1000 in by.index:
-        checks["loss degrades by kappa 1e3 (0.1 nats above kappa <= 10)"] = by.loc[1000] > small.min() + 0.1
-    else:
-        checks["loss degrades by kappa 1e3"] = None
+    worse = by[by > by.min() + 0.1]
+    onset = float(worse.index.min()) if len(worse) else math.nan
+    above_bigram = by[by > bigram] if not math.isnan(bigram) else by[:0]
+    sec.body += ["", f"Degradation onset (the first kappa whose loss is 0.1 nats above the best): {fmt(onset)}; the first kappa "
+                 f"worse than the bigram model: {fmt(float(above_bigram.index.min()) if len(above_bigram) else math.nan)}."]
+    checks["the loss degrades around kappa 1e3 (onset within a decade of it: 1e2 to 1e4)"] = (
+        None if len(by) < 3 else (not math.isnan(onset) and 100 <= onset <= 10000))
     checks["by kappa 1e4 the loss is worse than a bigram model"] = (
         by.loc[10000] > bigram if 10000 in by.index and not math.isnan(bigram) else None)
     sec.body += ["", *checks_md(checks)]

@@ -538,10 +538,10 @@ def e5(frame: pd.DataFrame, sec: Section, figdir: Path, rel: Path) -> None:
             _, mean_logit = series(r.run_dir, "output_logit_mean", layer=None)
             ax.plot(s, logz, ls="-" if z > 0 else "--", label=f"z-loss {z:g} seed {r.seed}")
             ax2.plot(s, mean_logit, ls="-" if z > 0 else "--", label=f"z-loss {z:g} seed {r.seed}")
-            drift.append(abs(float(logz[-1])) if len(logz) else math.nan)
+            drift.append(abs(float(logz[-1] - logz[0])) if len(logz) else math.nan)
             hist = json.loads(r.val_history)
             degrade.append(hist[-1]["loss"] - min(h["loss"] for h in hist) if hist else math.nan)
-        stats[z] = {"abs_logz_end": float(np.nanmean(drift)), "late_rise": float(np.nanmean(degrade)),
+        stats[z] = {"logz_drift": float(np.nanmean(drift)), "late_rise": float(np.nanmean(degrade)),
                     "final": float(sub["capped"].mean())}
     for a, t in ((ax, "mean log Z of the output softmax"), (ax2, "mean output logit")):
         a.set_title(t, fontsize=9)
@@ -550,16 +550,17 @@ def e5(frame: pd.DataFrame, sec: Section, figdir: Path, rel: Path) -> None:
         a.legend(fontsize=7)
     fig.suptitle("E5: output-logit drift without weight decay, with and without z-loss (Wortsman Figs. 3-4)", fontsize=9)
     sec.figures.append(save(fig, figdir, "e5_zloss.png", rel))
-    sec.body += ["| z-loss | mean abs log Z at the end | loss rise from its best to the end (nats) | final val loss |",
+    sec.body += ["| z-loss | drift of the mean log Z (end - start, absolute) | loss rise from its best to the end (nats) | final val loss |",
                  "|---:|---:|---:|---:|",
-                 *[f"| {z:g} | {fmt(s['abs_logz_end'])} | {fmt(s['late_rise'])} | {fmt(s['final'])} |" for z, s in stats.items()]]
+                 *[f"| {z:g} | {fmt(s['logz_drift'])} | {fmt(s['late_rise'])} | {fmt(s['final'])} |" for z, s in stats.items()]]
     checks: dict[str, Optional[bool]] = {}
     if 0.0 in stats and len(stats) == 2:
         zs = [z for z in stats if z > 0][0]
         a, b = stats[0.0], stats[zs]
-        checks["without z-loss log Z drifts (|log Z| at the end 10x the z-loss run's)"] = a["abs_logz_end"] > 10 * b["abs_logz_end"]
+        checks["without z-loss log Z drifts (at least 2x the z-loss run's drift)"] = a["logz_drift"] >= 2 * b["logz_drift"]
         checks["without z-loss the loss degrades late (rises >= 0.05 nats from its best)"] = a["late_rise"] >= 0.05
-        checks["z-loss 1e-4 prevents the late rise (< 0.05 nats)"] = b["late_rise"] < 0.05
+        # only testable where there is a late rise to prevent
+        checks["z-loss 1e-4 prevents the late rise (< 0.05 nats)"] = b["late_rise"] < 0.05 if a["late_rise"] >= 0.05 else None
     else:
         checks["both arms (z-loss 0 and 1e-4) ran"] = None
     sec.body += ["", *checks_md(checks)]

@@ -128,7 +128,7 @@ def test_e5_z_loss(tmp_path):
     body = "\n".join(sections["E5"].body)
     # log Z drifts without z-loss; the fixture's val history falls steadily, so no late rise: partly
     assert sections["E5"].verdict == "partly", sections["E5"].reason
-    assert "log Z drifts (|log Z| at the end 10x the z-loss run's) | yes" in body
+    assert "log Z drifts (at least 2x the z-loss run's drift) | yes" in body
 
 
 def test_the_readme_table_is_rewritten_between_its_markers(tmp_path):

@@ -95,4 +95,7 @@ for e in "${@:-${all[@]}}"; do
   echo "== $e $(date -u +%FT%TZ)"
   "$e"
 done
+# the run directories are committed: the resolved cache path names the home directory as ~ (the data
+# code expands it; the path is outside a run's identity), and Hydra's record and the log stay untracked
+find "$RUNS" -path '*/.hydra/config.yaml' -exec sed -i "s#$HOME/#~/#g" {} +
 echo "== done $(date -u +%FT%TZ)"

@@ -32,6 +32,7 @@ import yaml
 from qknorm.analysis.lr import capped_loss, sensitivity_per_seed
 from qknorm.analysis.runs import collect_runs, is_stable
 from qknorm.analysis.stability import read_stability
+from qknorm.rundir import flatten
 
 REPO = Path(__file__).resolve().parents[1]
 JUMP_NATS = 0.3  # a run is "degraded" when its capped loss is this far above the best of its curve
@@ -53,23 +54,13 @@ def load(root: Path) -> pd.DataFrame:
     cfgs = []
     for run in frame["run_dir"]:
         try:
-            cfgs.append(_flat(yaml.safe_load((Path(run) / ".hydra" / "config.yaml").read_text())))
+            cfgs.append(flatten(yaml.safe_load((Path(run) / ".hydra" / "config.yaml").read_text())))
         except (OSError, yaml.YAMLError):
             cfgs.append({})
     frame["cfg"] = cfgs
     frame["stable"] = frame.apply(is_stable, axis=1) if len(frame) else []
     frame["capped"] = frame.apply(capped_loss, axis=1) if len(frame) else []
     return frame.reset_index(drop=True)
-
-
-def _flat(tree, prefix=""):
-    out = {}
-    for k, v in (tree or {}).items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def cfg(frame: pd.DataFrame, key: str) -> pd.Series:
@@ -132,9 +123,18 @@ def verdict_of(checks: dict[str, Optional[bool]]) -> str:
     return "partly"
 
 
+MARK = {True: "yes", False: "no", None: "undecided"}
+
+
 def checks_md(checks: dict[str, Optional[bool]]) -> list[str]:
-    mark = {True: "yes", False: "no", None: "undecided"}
-    return ["| check | holds |", "|---|---|"] + [f"| {name} | {mark[v]} |" for name, v in checks.items()]
+    return ["| check | holds |", "|---|---|"] + [f"| {name} | {MARK[v]} |" for name, v in checks.items()]
+
+
+def conclude(sec: Section, checks: dict[str, Optional[bool]], frame: pd.DataFrame) -> None:
+    """A section's ending: the checks' table, the verdict they give, and the reason naming each."""
+    sec.body += ["", *checks_md(checks)]
+    sec.verdict = verdict_of(checks)
+    sec.reason = "; ".join(f"{k}: {MARK[v]}" for k, v in checks.items()) + seeds_note(frame)
 
 
 def scale_of(frame: pd.DataFrame, corpus_tokens: Optional[int]) -> str:
@@ -302,14 +302,13 @@ def e1(frame: pd.DataFrame, sec: Section, figdir: Path, rel: Path) -> None:
     checks["with qk-LN, LR sensitivity still grows with width"] = (
         all(a <= b for a, b in zip([sens[(w, True)] for w in complete], [sens[(w, True)] for w in complete][1:]))
         and sens[(complete[-1], True)] > sens[(complete[0], True)] if len(complete) >= 3 else None)
-    sec.verdict = verdict_of(checks) if len(complete) >= 3 else "inconclusive"
-    sec.reason = (f"{len(complete)} width(s) complete, 3 needed" if len(complete) < 3 else
-                  "; ".join(f"{k}: {'yes' if v else 'no' if v is not None else 'undecided'}" for k, v in checks.items()))
-    sec.reason += seeds_note(frame)
     sec.body += ["| d_model | params | attention | best LR | best loss | critical LR | first unstable LR | LR sensitivity |",
                  "|---:|---:|---|---:|---:|---:|---:|---:|", *rows, "",
                  f"Largest loss gap between the two curves at LRs up to the no-qk-LN optimum, per width: "
-                 + ", ".join(f"d={w}: {fmt(agree.get(w, math.nan))} nats" for w in complete) + ".", "", *checks_md(checks)]
+                 + ", ".join(f"d={w}: {fmt(agree.get(w, math.nan))} nats" for w in complete) + "."]
+    conclude(sec, checks, frame)
+    if len(complete) < 3:
+        sec.verdict, sec.reason = "inconclusive", f"{len(complete)} width(s) complete, 3 needed" + seeds_note(frame)
 
 
 def e2(frame: pd.DataFrame, sec: Section, figdir: Path, rel: Path) -> None:
@@ -358,9 +357,6 @@ def e2(frame: pd.DataFrame, sec: Section, figdir: Path, rel: Path) -> None:
     paper_acc = float(((x >= 4.0) == y).mean())
     checks["an early layer-0 max logit threshold predicts failing runs (accuracy >= 0.8)"] = (
         best_acc >= 0.8 if y.any() and not y.all() else None)
-    sec.verdict = verdict_of(checks)
-    sec.reason = ("; ".join(f"{k}: {'yes' if v else 'no' if v is not None else 'undecided'}" for k, v in checks.items())
-                  + seeds_note(frame))
     sec.body += [
         f"Failing runs (diverged, or past their curve's optimum LR and {JUMP_NATS} nats above its best): {int(y.sum())} of {len(y)}; "
         f"without qk-LN {len(base_fail)}.",
@@ -375,8 +371,8 @@ def e2(frame: pd.DataFrame, sec: Section, figdir: Path, rel: Path) -> None:
          f"tells failing from healthy runs with accuracy **{best_acc:.2f}** ({len(y)} runs, {int(y.sum())} failing). "
          if y.any() and not y.all() else f"Early warning: not testable, {int(y.sum())} of {len(y)} runs fail. ")
         + f"The paper's threshold, 1e4 (on models 1000x larger, at step 2e3 of 1e5), gives accuracy {paper_acc:.2f} here"
-        + (f"; the largest early logit here is {fmt(float(t['early'].max()))}." if t["early"].max() < 1e4 else "."),
-        "", *checks_md(checks)]
+        + (f"; the largest early logit here is {fmt(float(t['early'].max()))}." if t["early"].max() < 1e4 else ".")]
+    conclude(sec, checks, frame)
     pyplot = plt()
     fig, axes = pyplot.subplots(1, 3, figsize=(13, 3.8))
     wmax = t["width"].max()
@@ -470,9 +466,7 @@ def e3(frame: pd.DataFrame, sec: Section, figdir: Path, rel: Path) -> None:
         sec.body += ["", f"Before vs after RoPE (RMSNorm per head): best loss {before['best']:.3f} vs {after['best']:.3f}, "
                      f"critical LR {lr_fmt(before['critical'])} vs {lr_fmt(after['critical'])} (reported, not a check: "
                      "the papers do not predict a direction)."]
-    sec.verdict = verdict_of(checks)
-    sec.reason = "; ".join(f"{k}: {'yes' if v else 'no' if v is not None else 'undecided'}" for k, v in checks.items()) + seeds_note(frame)
-    sec.body += ["", *checks_md(checks)]
+    conclude(sec, checks, frame)
 
 
 RYBAKOV_GROUPS = {
@@ -521,9 +515,8 @@ def e4(frame: pd.DataFrame, sec: Section, figdir: Path, rel: Path) -> None:
     checks["failing runs show QKV/Proj/FC2 outputs over 2x a stable run's early"] = (
         all(v > 2 for v in ratios.values()) if ratios else None)
     sec.body += ["", "The grid steps by about 3x, so the paper's 1.5x between the last two groups cannot be resolved "
-                 "here; a finer grid near the edge (as the paper's) would.", "", *checks_md(checks)]
-    sec.verdict = verdict_of(checks)
-    sec.reason = "; ".join(f"{k}: {'yes' if v else 'no' if v is not None else 'undecided'}" for k, v in checks.items()) + seeds_note(frame)
+                 "here; a finer grid near the edge (as the paper's) would."]
+    conclude(sec, checks, frame)
 
 
 def e5(frame: pd.DataFrame, sec: Section, figdir: Path, rel: Path) -> None:
@@ -563,9 +556,7 @@ def e5(frame: pd.DataFrame, sec: Section, figdir: Path, rel: Path) -> None:
         checks["z-loss 1e-4 prevents the late rise (< 0.05 nats)"] = b["late_rise"] < 0.05 if a["late_rise"] >= 0.05 else None
     else:
         checks["both arms (z-loss 0 and 1e-4) ran"] = None
-    sec.body += ["", *checks_md(checks)]
-    sec.verdict = verdict_of(checks)
-    sec.reason = "; ".join(f"{k}: {'yes' if v else 'no' if v is not None else 'undecided'}" for k, v in checks.items()) + seeds_note(frame)
+    conclude(sec, checks, frame)
 
 
 def bigram_loss(frame: pd.DataFrame) -> tuple[float, str]:
@@ -619,9 +610,7 @@ def e6(frame: pd.DataFrame, sec: Section, figdir: Path, rel: Path) -> None:
         None if len(by) < 3 else (not math.isnan(onset) and 100 <= onset <= 10000))
     checks["by kappa 1e4 the loss is worse than a bigram model"] = (
         by.loc[10000] > bigram if 10000 in by.index and not math.isnan(bigram) else None)
-    sec.body += ["", *checks_md(checks)]
-    sec.verdict = verdict_of(checks)
-    sec.reason = "; ".join(f"{k}: {'yes' if v else 'no' if v is not None else 'undecided'}" for k, v in checks.items()) + seeds_note(frame)
+    conclude(sec, checks, frame)
 
 
 def e7(frame: pd.DataFrame, sec: Section, figdir: Path, rel: Path) -> None:
@@ -657,9 +646,7 @@ def e7(frame: pd.DataFrame, sec: Section, figdir: Path, rel: Path) -> None:
             sens[same] < sens[name] if same else None)
     else:
         checks["independent decay 1e-4 has lower LR sensitivity than coupled 0.1 (same warmup)"] = None
-    sec.body += ["", *checks_md(checks)]
-    sec.verdict = verdict_of(checks)
-    sec.reason = "; ".join(f"{k}: {'yes' if v else 'no' if v is not None else 'undecided'}" for k, v in checks.items()) + seeds_note(frame)
+    conclude(sec, checks, frame)
 
 
 def e8(frame: pd.DataFrame, sec: Section, figdir: Path, rel: Path) -> None:
@@ -686,15 +673,12 @@ def e8(frame: pd.DataFrame, sec: Section, figdir: Path, rel: Path) -> None:
         "but not as (q s) k^T": (not any(v[1] for v in no_norm.values())) if no_norm and any(v[0] for v in no_norm.values()) else None,
         "QK-norm (Qwen3) removes the overflow": (not any(v[0] for v in with_norm.values())) if with_norm else None,
     }
-    sec.body += ["", *checks_md(checks)]
+    conclude(sec, checks, frame)
     if no_norm and not any(v[0] for v in no_norm.values()):
         sec.verdict = "not reproduced"
         sec.reason = ("no model trained here reaches fp16's limit: the largest q k^T stays far below 65504, so the overflow "
-                      "that needs large logits in large models cannot appear at this scale; QK-norm keeps its logits bounded either way")
-    else:
-        sec.verdict = verdict_of(checks)
-        sec.reason = "; ".join(f"{k}: {'yes' if v else 'no' if v is not None else 'undecided'}" for k, v in checks.items())
-    sec.reason += seeds_note(frame)
+                      "that needs large logits in large models cannot appear at this scale; QK-norm keeps its logits "
+                      "bounded either way" + seeds_note(frame))
 
 
 def e9(frame: pd.DataFrame, sec: Section, figdir: Path, rel: Path) -> None:
@@ -740,9 +724,7 @@ def e9(frame: pd.DataFrame, sec: Section, figdir: Path, rel: Path) -> None:
         "zero-centred gains with decay curb it (max-logit growth at least 20% lower)": (
             b["logit_growth"] <= 0.8 * a["logit_growth"] if a and b else None),
     }
-    sec.body += ["", *checks_md(checks)]
-    sec.verdict = verdict_of(checks)
-    sec.reason = "; ".join(f"{k}: {'yes' if v else 'no' if v is not None else 'undecided'}" for k, v in checks.items()) + seeds_note(frame)
+    conclude(sec, checks, frame)
 
 
 def t_interval(values: np.ndarray) -> tuple[float, float]:
@@ -828,9 +810,7 @@ def e10(frame: pd.DataFrame, sec: Section, figdir: Path, rel: Path) -> None:
                  "benchmarks/throughput.py:", *step_cost_rows()]
     if not checks:
         checks["both variants ran"] = None
-    sec.body += ["", *checks_md(checks)]
-    sec.verdict = verdict_of(checks)
-    sec.reason = "; ".join(f"{k}: {'yes' if v else 'no' if v is not None else 'undecided'}" for k, v in checks.items()) + seeds_note(frame)
+    conclude(sec, checks, frame)
 
 
 EXPERIMENTS = [

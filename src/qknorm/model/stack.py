@@ -115,11 +115,6 @@ class StackedModel(nn.Module):
         """Member k's parameters under the model's own names: loads into a solo Transformer."""
         return {n: self.params[_key(n)][k].detach() for n in self.names}
 
-    def load_member(self, k: int, model: Transformer) -> Transformer:
-        """Copy member k's parameters into `model` (a solo Transformer of the same config)."""
-        model.load_state_dict(self.member_state(k), strict=False)
-        return model
-
     def loss(self, idx: torch.Tensor, targets: torch.Tensor, z_loss: torch.Tensor):
         """idx, targets [K, B, T]; z_loss [K] -> per member (mean CE + z_loss * mean log^2 Z [K],
         per-token CE [K, B, T] (no grad), mean log^2 Z [K] (no grad)). On the path kernels.stack_kernel

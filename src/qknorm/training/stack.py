@@ -12,34 +12,24 @@ import dataclasses
 from typing import Sequence
 
 from ..config import RunConfig
+from ..rundir import NOT_IDENTITY, flatten
 
 # What members of one stack may differ in: their initialization and the optimizer's scalars. Everything
-# else sets a shape or a code path and must be equal (the identity's keys outside the run are ignored).
+# else sets a shape or a code path and must be equal, except what lies outside a run's identity
+# (rundir.NOT_IDENTITY) and the callbacks, which each member runs for itself.
 MEMBER_KEYS = ("seed", "optim.lr", "optim.weight_decay", "optim.independent_weight_decay", "optim.betas", "optim.eps",
                "optim.warmup_steps", "optim.warmup_fraction", "optim.min_lr_ratio", "optim.grad_clip", "optim.z_loss")
-IGNORED_PREFIXES = ("paths.", "callbacks.", "trainer.threads", "trainer.progress_bar", "trainer.log_every_n_steps",
-                    "trainer.checkpoint_every_n_steps", "trainer.keep_checkpoint", "trainer.val_points", "logger.",
-                    "task_name", "data.cache_dir", "model.compile")
-
-
-def _flat(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
+IGNORED = (*NOT_IDENTITY, "callbacks", "paths")
 
 
 def stack_conflict(configs: Sequence[RunConfig]) -> str | None:
     """None when the configs can train as one stack; else the first key that differs, with its values."""
-    flats = [_flat(dataclasses.asdict(c)) for c in configs]
+    flats = [flatten(dataclasses.asdict(c)) for c in configs]
     for key in flats[0]:
-        if key in MEMBER_KEYS or key.startswith(IGNORED_PREFIXES):
+        if key in MEMBER_KEYS or any(key == p or key.startswith(p + ".") for p in IGNORED):
             continue
         values = [f.get(key) for f in flats]
         if any(v != values[0] for v in values[1:]):
-            return f"{key} differs ({', '.join(map(repr, dict.fromkeys(map(repr, values))))})"
+            return f"{key} differs ({', '.join(dict.fromkeys(map(repr, values)))})"
     return None
 

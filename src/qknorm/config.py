@@ -486,6 +486,19 @@ def register_defaults() -> None:
     from .rundir import register_resolver
 
     register_resolver()  # qknorm_job_dir: a multirun job's directory, named by its identity
+    register_stacked_launcher()
+
+
+def register_stacked_launcher() -> None:
+    """Make hydra/launcher=stacked instantiable. Hydra finds plugins by walking the `hydra_plugins`
+    namespace's folders, and an editable install (pip install -e) adds ours through an import hook
+    that the walk does not see; the class is registered the way the walk would register it."""
+    from hydra.core.plugins import Plugins
+
+    from hydra_plugins.qknorm_stacked import StackedLauncher
+
+    name = f"{StackedLauncher.__module__}.{StackedLauncher.__name__}"
+    Plugins.instance().class_name_to_class.setdefault(name, StackedLauncher)
 
 
 def every(interval: Optional[int], points: int, max_steps: int) -> int:

@@ -177,9 +177,10 @@ class RunLock:
 
 # -- files -----------------------------------------------------------------------------------------
 
-def write_hydra_files(run_dir: Path, task_cfg, overrides: list[str]) -> None:
+def write_hydra_files(run_dir: Path, task_cfg, overrides: list[str], hydra_record: bool = True) -> None:
     """`.hydra/config.yaml` (the resolved config), `hydra.yaml` and `overrides.yaml`, written by the job
-    once it owns the directory and has checked it (Hydra's own copy would be written before either)."""
+    once it owns the directory and has checked it (Hydra's own copy would be written before either).
+    A stack's member has no Hydra job of its own: no `hydra.yaml` (hydra_record=False)."""
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
 
@@ -189,7 +190,7 @@ def write_hydra_files(run_dir: Path, task_cfg, overrides: list[str]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out / "config.yaml", OmegaConf.to_yaml(task_cfg, resolve=True).encode())
     atomic_write_bytes(out / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(list(overrides))).encode())
-    if HydraConfig.initialized():
+    if hydra_record and HydraConfig.initialized():
         atomic_write_bytes(out / "hydra.yaml", OmegaConf.to_yaml(HydraConfig.instance().cfg).encode())
 
 

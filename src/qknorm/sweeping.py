@@ -3,6 +3,7 @@
     qknorm-train sweeps=lr_tolerance sweeps.size=cpu          # run it (Hydra multirun)
     qknorm-sweep sweeps=lr_tolerance sweeps.size=cpu          # list its jobs, what is finished, how long the rest takes
     qknorm-sweep sweeps=lr_tolerance sweeps.size=cpu attention=baseline,qwen3 seed=0   # a narrowed grid
+    qknorm-sweep hydra/launcher=stacked sweeps=lr_tolerance sweeps.size=cpu            # and its stacks
 
 A sweep writes to a fixed directory, `<log_dir>/sweeps/<name>/<size>/`, one folder per job named by
 the job's config (qknorm.rundir.job_dirname), so re-running a command resumes it: jobs whose
@@ -123,6 +124,8 @@ def sweep_names() -> list[str]:
 
 def parallel_jobs(master_cfg) -> int:
     launcher = master_cfg.hydra.launcher
+    if launcher.get("inner") is not None:  # hydra/launcher=stacked: its inner launcher runs the jobs
+        launcher = launcher.inner
     target = str(launcher.get("_target_", "")).lower()
     if "joblib" in target:
         n = int(launcher.get("n_jobs") or 1)
@@ -284,6 +287,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         state = job.summary["status"] if job.summary else ""
         print(f"{num:{width}d}  {state:9s} {' '.join(job.overrides)}")
         print(f"{'':{width}s}  {'':9s} -> {job.run_dir.name}")
+    launcher = master.hydra.launcher
+    if str(launcher.get("_target_", "")).endswith("StackedLauncher"):  # hydra/launcher=stacked: the stacks
+        from .stacking import describe_stacks
+
+        for line in describe_stacks(jobs, launcher.get("stack_size", "auto")):
+            print(line)
     print(describe(jobs, master))
     return 0
 

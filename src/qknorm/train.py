@@ -181,6 +181,10 @@ def run(raw_cfg: DictConfig) -> Optional[float]:
 
     from .rundir import RunBusy, RunLock, is_launching_rank
 
+    if raw_cfg.get("qknorm_stack") is not None:  # a stack of jobs (hydra/launcher=stacked): qknorm.stacking
+        from .stacking import main_stack_job
+
+        return main_stack_job(raw_cfg)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     if not is_launching_rank():  # a relaunched DDP rank: the launching process owns the directory
         return _run_owned(raw_cfg, run_dir)

@@ -115,13 +115,16 @@ class StackedModel(nn.Module):
         """Member k's parameters under the model's own names: loads into a solo Transformer."""
         return {n: self.params[_key(n)][k].detach() for n in self.names}
 
-    def loss(self, idx: torch.Tensor, targets: torch.Tensor, z_loss: torch.Tensor):
-        """idx, targets [K, B, T]; z_loss [K] -> per member (mean CE + z_loss * mean log^2 Z [K],
-        per-token CE [K, B, T] (no grad), mean log^2 Z [K] (no grad)). On the path kernels.stack_kernel
-        picks: vmapped (gradients land on the stacked parameters) or looped over the member views
-        (gradients land on the views)."""
+    def loss(self, idx: torch.Tensor, targets: torch.Tensor, z_loss: torch.Tensor, members: Sequence[int] | None = None):
+        """idx, targets [K, B, T]; z_loss [K] -> for each member in `members` (default: all): mean CE +
+        z_loss * mean log^2 Z [M], per-token CE [M, B, T] (no grad), mean log^2 Z [M] (no grad). On the
+        path kernels.stack_kernel picks: vmapped over all K (gradients land on the stacked parameters;
+        the members left out get none) or looped over the chosen members' views (gradients land on the
+        views)."""
+        members = list(range(self.k)) if members is None else list(members)
         if kernels.stack_kernel(idx.device) == "loop":
-            outs = [view.loss(x, y, z) for view, x, y, z in zip(self.member_views(), idx, targets, z_loss)]
+            views = self.member_views()
+            outs = [views[k].loss(idx[k], targets[k], z_loss[k]) for k in members]
             return tuple(torch.stack(parts) for parts in zip(*outs))
         params = {"model." + n: self.params[_key(n)] for n in self.names}
         buffers = {"model." + n: getattr(self, _key(n)) for n in self.buffer_names}
@@ -135,4 +138,6 @@ class StackedModel(nn.Module):
             # correct, and said once here rather than on every step
             warnings.filterwarnings("ignore", message="There is a performance drop")
             total, nats, z_sq = vmap(one, randomness="error")(params, buffers, idx, targets, z_loss)
+        if members != list(range(self.k)):
+            total, nats, z_sq = total[members], nats[members], z_sq[members]
         return total, nats.detach(), z_sq.detach()

@@ -30,6 +30,14 @@ class Outcome:
     val_history: list = field(default_factory=list)  # (step, loss, bpb)
 
 
+def val_batch_sums(model, x: torch.Tensor, y: torch.Tensor, token_bytes: torch.Tensor) -> torch.Tensor:
+    """A validation batch's (nats, tokens, UTF-8 bytes), in float64: loss per token and bits per byte
+    are sums over the whole held-out set divided at the end (a solo run's and a stack member's)."""
+    _, nats, _ = model.loss(x, y)
+    return torch.stack([nats.double().sum(), torch.tensor(float(y.numel()), dtype=torch.float64, device=y.device),
+                        token_bytes[y].sum()])
+
+
 class LMModule(pl.LightningModule):
     def __init__(self, cfg: RunConfig, vocab_size: int, token_bytes: np.ndarray):
         super().__init__()
@@ -159,9 +167,7 @@ class LMModule(pl.LightningModule):
         self._val_sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # nats, tokens, bytes
 
     def _val_batch_sums(self, x, y) -> torch.Tensor:
-        _, nats, _ = self.model.loss(x, y)
-        return torch.stack([nats.double().sum(), torch.tensor(float(y.numel()), dtype=torch.float64, device=self.device),
-                            self.token_bytes[y].sum()])
+        return val_batch_sums(self.model, x, y, self.token_bytes)
 
     def _val_metrics(self, sums: torch.Tensor) -> tuple[float, float] | None:
         nats, tokens, nbytes = (float(v) for v in self.trainer.strategy.reduce(sums, reduce_op="sum"))

@@ -22,6 +22,17 @@ MEMBER_KEYS = ("seed", "optim.lr", "optim.weight_decay", "optim.independent_weig
 IGNORED = (*NOT_IDENTITY, "callbacks", "paths")
 
 
+def stack_key(cfg: RunConfig) -> str:
+    """Equal for configs that can train as one stack (what stack_conflict compares), else different."""
+    import hashlib
+    import json
+
+    flat = flatten(dataclasses.asdict(cfg))
+    kept = {k: v for k, v in flat.items()
+            if k not in MEMBER_KEYS and not any(k == p or k.startswith(p + ".") for p in IGNORED)}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def stack_conflict(configs: Sequence[RunConfig]) -> str | None:
     """None when the configs can train as one stack; else the first key that differs, with its values."""
     flats = [flatten(dataclasses.asdict(c)) for c in configs]

@@ -1,0 +1,361 @@
+"""Training a stack (model/stack.py): K runs of one shape in one process, each still its own run.
+
+This is the stacked counterpart of Lightning's fit loop over `LMModule`, step for step: a member's
+batch of step s is the one its solo run draws (RandomWindowBatches, its seed), its loss is the model's
+own `loss`, its gradients are clipped by its own norm, it is stepped by the optimizer and schedule its
+solo run builds (`optim.optimizer_and_schedule`), validated on the same held-out windows at the same
+steps, and watched by the same `StabilityMonitor` and `DivergenceDetector` callbacks, which see a
+`Member` where a solo run gives them the LightningModule. Precision and the device come from Lightning
+Fabric. A member that diverges is frozen (never stepped again) and its run directory finished at once;
+the others go on.
+
+Each member checkpoints into its own run directory (`checkpoints/last.ckpt`, its model, optimizer,
+schedule, callbacks and history). A killed stack resumes from them; a member whose checkpoint is ahead
+of the others (a kill between two members' saves, or a regrouped stack) waits, frozen, until the stack
+reaches its step, so every member resumes exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ..config import RunConfig
+from ..model import build_model, kernels
+from ..model.stack import StackedModel
+from ..utils.flops import device_name
+from .module import Outcome, val_batch_sums
+from .optim import optimizer_and_schedule
+
+log = logging.getLogger("qknorm.stack")
+STACKED_CHECKPOINT = "qknorm_stacked"  # the key that marks a stack member's checkpoint
+
+
+@dataclass
+class MemberSpec:
+    cfg: RunConfig  # validated, schedule resolved
+    run_dir: Path
+    summary: object  # training.summary.RunSummary
+    name: str  # TensorBoard's version name for the run
+
+
+class _MemberTrainer:
+    """What the callbacks read from a Lightning Trainer, for one member."""
+
+    is_global_zero = True
+    world_size = 1
+
+    def __init__(self, max_steps: int, loggers: list, datamodule):
+        self.global_step, self.max_steps = 0, max_steps
+        self.loggers, self.datamodule = loggers, datamodule
+        self.should_stop = False
+
+
+class Member:
+    """One run of a stack: its view of the stacked model, its optimizer, callbacks and loggers, and
+    what the callbacks read from a LightningModule (model, device, losses, mark_diverged)."""
+
+    def __init__(self, k: int, spec: MemberSpec, model, data, device: torch.device):
+        from ..data import LMDataModule
+        from ..data.datamodule import RandomWindowBatches
+        from .monitor import DivergenceDetector, StabilityMonitor
+
+        cfg = spec.cfg
+        self.k, self.spec, self.cfg, self.model, self.device = k, spec, cfg, model, device
+        self.outcome = Outcome()
+        self.initial_loss: Optional[float] = None
+        self.last_train_loss: Optional[float] = None
+        self.last_grad_norm: Optional[torch.Tensor] = None
+        self.finished = False
+        self.vocab_size = data.vocab_size
+        self.batches = RandomWindowBatches(data.tokenized.train_tokens(), cfg.data.seq_len, cfg.data.batch_size, cfg.seed)
+        self.datamodule = LMDataModule(cfg.data, data, cfg.seed, cfg.trainer.max_steps, cfg.trainer.val_every_n_steps)
+        self.optimizer, self.scheduler = optimizer_and_schedule(model, cfg, on_cuda=device.type == "cuda")
+        resume = _load_member_checkpoint(spec.run_dir)
+        step = self._restore(resume) if resume else 0
+        self.callbacks = []
+        if cfg.callbacks.monitor.enabled:
+            self.callbacks.append(StabilityMonitor(cfg.callbacks.monitor, spec.run_dir, resume_step=step))
+        if cfg.callbacks.divergence.enabled:
+            self.callbacks.append(DivergenceDetector(cfg.callbacks.divergence))
+        if resume:
+            for cb in self.callbacks:
+                cb.load_state_dict(resume["callbacks"].get(type(cb).__name__, {}))
+        self.trainer = _MemberTrainer(cfg.trainer.max_steps, self._loggers(step), self.datamodule)
+        self.trainer.global_step = step
+        self.resumed_from = step
+        for cb in self.callbacks:
+            if hasattr(cb, "setup"):
+                cb.setup(self.trainer, self, "fit")
+
+    def _loggers(self, step: int) -> list:
+        from pytorch_lightning.loggers import TensorBoardLogger
+
+        from .callbacks import ResumableCSVLogger
+
+        loggers = []
+        run_dir = str(self.spec.run_dir)
+        if self.cfg.logger.tensorboard:
+            loggers.append(TensorBoardLogger(save_dir=run_dir, name="tensorboard", version=self.spec.name,
+                                             default_hp_metric=False))
+        if self.cfg.logger.csv:
+            loggers.append(ResumableCSVLogger(save_dir=run_dir, resume_step=step, validated_at_resume=True))
+        return loggers
+
+    # -- what the callbacks read ---------------------------------------------------------------------
+    @property
+    def global_step(self) -> int:
+        return self.trainer.global_step
+
+    @property
+    def running(self) -> bool:
+        return not self.finished and not self.trainer.should_stop and self.global_step < self.cfg.trainer.max_steps
+
+    def mark_diverged(self, reason: str) -> None:
+        if self.outcome.status == "running":
+            self.outcome.status, self.outcome.reason, self.outcome.step = "diverged", reason, self.global_step
+        self.trainer.should_stop = True
+
+    def nonfinite(self, reason: str) -> None:
+        self.outcome.skipped_steps += 1
+        if not self.cfg.callbacks.divergence.skip_nonfinite_steps:
+            self.mark_diverged(reason)
+
+    # -- logging, validation, checkpoints -------------------------------------------------------------
+    def log_metrics(self, metrics: dict, step: int) -> None:
+        for logger in self.trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+
+    @torch.no_grad()
+    def validate(self, autocast) -> None:
+        token_bytes = getattr(self, "_token_bytes", None)
+        if token_bytes is None:
+            token_bytes = self._token_bytes = torch.as_tensor(self.datamodule.data.token_bytes, dtype=torch.float64,
+                                                              device=self.device)
+        self.model.eval()
+        sums = torch.zeros(3, dtype=torch.float64, device=self.device)
+        with autocast():
+            for x, y in self.datamodule.val_dataloader():
+                sums += val_batch_sums(self.model, x.to(self.device), y.to(self.device), token_bytes)
+        self.model.train()
+        nats, tokens, nbytes = (float(v) for v in sums)
+        if not tokens:
+            return
+        loss, bpb = nats / tokens, nats / (math.log(2) * nbytes)
+        self.outcome.val_history.append((self.global_step, loss, bpb))
+        # at global_step - 1, where Lightning logs a validation at an epoch's end
+        self.log_metrics({"val/loss": loss, "val/bpb": bpb}, step=self.global_step - 1)
+
+    def checkpoint(self) -> None:
+        from .callbacks import AtomicCheckpointIO
+
+        ckpt = {
+            STACKED_CHECKPOINT: True, "global_step": self.global_step,
+            "state_dict": {"model." + n: t.detach().cpu().clone() for n, t in self.model.state_dict().items()},
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "callbacks": {type(cb).__name__: cb.state_dict() for cb in self.callbacks},
+            "qknorm_config": json.loads(json.dumps(dataclasses.asdict(self.cfg))),
+            "qknorm_vocab_size": self.vocab_size,
+            "qknorm_outcome": {"initial_loss": self.initial_loss, "skipped_steps": self.outcome.skipped_steps,
+                               "val_history": list(self.outcome.val_history)},
+        }
+        AtomicCheckpointIO().save_checkpoint(ckpt, self.spec.run_dir / "checkpoints" / "last.ckpt")
+
+    def _restore(self, ckpt: dict) -> int:
+        state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()}
+        with torch.no_grad():  # into the views: writes through to the stack
+            for name, t in self.model.state_dict(keep_vars=True).items():
+                if name in state:
+                    t.copy_(state[name])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        saved = ckpt.get("qknorm_outcome", {})
+        self.initial_loss = saved.get("initial_loss")
+        self.outcome.skipped_steps = saved.get("skipped_steps", 0)
+        self.outcome.val_history = [tuple(v) for v in saved.get("val_history", [])]
+        log.info("%s: resuming from its checkpoint at step %d", self.spec.run_dir.name, ckpt["global_step"])
+        return int(ckpt["global_step"])
+
+
+def _load_member_checkpoint(run_dir: Path) -> Optional[dict]:
+    """The newest readable stack-member checkpoint of a run (a torn one is skipped), else None."""
+    for path in (run_dir / "checkpoints" / "last.ckpt", run_dir / "checkpoints" / "last.ckpt.prev"):
+        if not path.exists():
+            continue
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e:  # torn or foreign file
+            log.warning("checkpoint %s is unreadable (%s); trying the previous one", path, type(e).__name__)
+            continue
+        if not ckpt.get(STACKED_CHECKPOINT):
+            log.warning("%s was written by a run trained alone; this member starts again from step 0", path)
+            return None
+        return ckpt
+    return None
+
+
+def train_stack(specs: list[MemberSpec], precision: str, accelerator: str = "auto",
+                on_member_end=lambda member, result: None) -> list[dict]:
+    """Train the members together; returns each member's summary fields (train.train's), in order.
+    `on_member_end(member, result)` is called as soon as a member ends (a diverged one at once)."""
+    import pytorch_lightning as pl
+    from lightning_fabric import Fabric
+
+    from ..data import prepare_data
+
+    cfg0 = specs[0].cfg
+    if cfg0.trainer.threads:
+        torch.set_num_threads(cfg0.trainer.threads)
+    fabric = Fabric(accelerator=accelerator, devices=1, precision=precision)
+    device = fabric.device
+    data = prepare_data(cfg0.data)
+    models = []
+    for spec in specs:
+        pl.seed_everything(spec.cfg.seed, workers=True, verbose=False)  # what a solo run seeds its model with
+        models.append(build_model(spec.cfg, data.vocab_size))
+    params = {"params": models[0].num_params(), "params_non_embedding": models[0].num_params(exclude_embedding=True),
+              "vocab_size": data.vocab_size, "corpus": data.corpus_name,
+              "train_tokens_available": int(len(data.tokenized.train_tokens()))}
+    stack = StackedModel(models).to(device)
+    del models
+    members = [Member(k, spec, view, data, device) for k, (spec, view) in enumerate(zip(specs, stack.member_views()))]
+    for m in members:
+        m.spec.summary.update(**params, stack_size=len(members))
+    path = kernels.stack_kernel(device)
+    log.info("stack of %d members on %s (%s): %d parameters each", len(members), device, path, params["params"])
+    info = {"device": str(device), "device_name": device_name(device), "compiled": False}
+    z_loss = torch.tensor([m.cfg.optim.z_loss for m in members], device=device)
+    max_steps, every = cfg0.trainer.max_steps, cfg0.trainer.val_every_n_steps
+    log_every, ckpt_every = cfg0.trainer.log_every_n_steps, cfg0.trainer.checkpoint_every_n_steps
+    deadline = time.monotonic() + 60 * cfg0.trainer.max_time_minutes if cfg0.trainer.max_time_minutes else None
+    results: list[Optional[dict]] = [None] * len(members)
+
+    def end(m: Member) -> None:
+        for cb in m.callbacks:
+            if hasattr(cb, "on_train_end"):
+                cb.on_train_end(m.trainer, m)
+        results[m.k] = _result(m, params, info, fabric.autocast)
+        m.finished = True
+        for logger in m.trainer.loggers:
+            logger.finalize("success")
+        on_member_end(m, results[m.k])
+
+    for m in members:  # a checkpoint taken at a validation step holds its validation: see Member.validate
+        if m.cfg.attention.qk_clip_tau is not None:
+            for layer in m.model.attention_layers():
+                layer.max_logit = torch.full((layer.n_heads,), float("-inf"), device=device)
+        if not m.running:
+            end(m)
+    step = min((m.global_step for m in members if m.running), default=max_steps)
+    while any(m.running for m in members):
+        if deadline and time.monotonic() > deadline:
+            for m in members:
+                if m.running:
+                    m.trainer.should_stop = True
+                    end(m)
+            break
+        active = [m for m in members if m.running and m.global_step == step]  # one ahead waits for the stack
+        if not active:
+            step += 1
+            continue
+        xs, ys = zip(*(m.batches[step] for m in members))
+        idx, targets = torch.stack(xs).to(device), torch.stack(ys).to(device)
+        with fabric.autocast():
+            total, nats, _ = stack.loss(idx, targets, z_loss, members=[m.k for m in active])
+        losses = nats.float().mean(dim=(1, 2)).tolist()
+        finite = [math.isfinite(v) for v in losses]
+        if any(finite):
+            fabric.backward(total[torch.tensor(finite, device=device)].sum())
+        for i, m in enumerate(active):
+            m.last_train_loss = losses[i]
+            if m.initial_loss is None:
+                m.initial_loss = losses[i]
+            if not finite[i]:
+                m.nonfinite(f"non-finite loss ({losses[i]}) at step {step}")
+            else:
+                if path == "vmap":
+                    stack.share_gradients(m.k)
+                _optimizer_step(m, step)
+            m.trainer.global_step = step + 1
+            if m.cfg.attention.qk_clip_tau is not None:
+                for layer in m.model.attention_layers():
+                    layer.apply_qk_clip(m.cfg.attention.qk_clip_tau)
+            for cb in m.callbacks:
+                cb.on_train_batch_end(m.trainer, m, None, None, step)
+            if (step + 1) % log_every == 0 or m.trainer.should_stop:
+                metrics = {"train/loss": losses[i], "epoch": step // every,
+                           "train/tokens": float((step + 1) * idx[0].numel())}
+                if m.last_grad_norm is not None:
+                    metrics["train/grad_norm"] = float(m.last_grad_norm)
+                lrs = m.scheduler.get_last_lr()
+                m.log_metrics({f"lr-AdamW/pg{g + 1}": lr for g, lr in enumerate(lrs)}, step=step)
+                m.log_metrics(metrics, step=step)
+            if m.running and (step + 1) % every == 0:
+                m.validate(fabric.autocast)
+            if ckpt_every and m.running and (step + 1) % ckpt_every == 0:
+                m.checkpoint()
+            for logger in m.trainer.loggers:
+                logger.save()
+            if not m.running:
+                end(m)
+        for p in stack.parameters():
+            p.grad = None
+        for m in active:
+            m.optimizer.zero_grad(set_to_none=True)
+        step += 1
+    return results
+
+
+def _optimizer_step(m: Member, step: int) -> None:
+    """The solo run's order: callbacks' on_before_optimizer_step, clipping by the member's own norm, step."""
+    for cb in m.callbacks:
+        if hasattr(cb, "on_before_optimizer_step"):
+            cb.on_before_optimizer_step(m.trainer, m, m.optimizer)
+    grads = [p for p in m.model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(grads, m.cfg.optim.grad_clip or math.inf, foreach=True)
+    m.last_grad_norm = norm.detach()
+    if not torch.isfinite(norm):
+        m.nonfinite(f"non-finite gradient norm ({float(norm)}) at step {step}")
+        return
+    m.optimizer.step()
+    m.scheduler.step()
+
+
+def _result(m: Member, params: dict, info: dict, autocast) -> dict:
+    """A member's summary fields, as train.train returns them for a solo run."""
+    cfg, o = m.cfg, m.outcome
+    steps = m.global_step
+    status, reason = o.status, o.reason
+    if status == "running":
+        if not o.val_history or o.val_history[-1][0] != steps:
+            m.validate(autocast)
+        status = "completed"
+        if steps < cfg.trainer.max_steps:
+            reason = f"stopped at step {steps} of {cfg.trainer.max_steps} (trainer.max_time_minutes)"
+    history = o.val_history
+    finite = [h for h in history if math.isfinite(h[1])]
+    fingerprint = {}
+    for cb in m.callbacks:
+        fingerprint.update(getattr(cb, "fingerprint", {}))
+        if hasattr(cb, "spikes"):
+            fingerprint["loss_spikes"] = cb.spikes
+    return {
+        **params,
+        "status": status, "reason": reason, "diverged_at_step": o.step if status == "diverged" else None,
+        "steps": steps, "tokens": steps * cfg.data.batch_size * cfg.data.seq_len,
+        "initial_loss": m.initial_loss,
+        "final_val_loss": history[-1][1] if history else None, "final_val_bpb": history[-1][2] if history else None,
+        "best_val_loss": min(h[1] for h in finite) if finite else None,
+        "best_val_bpb": min(h[2] for h in finite) if finite else None,
+        "val_history": [{"step": s, "loss": l, "bpb": b} for s, l, b in history],
+        "skipped_steps": o.skipped_steps, "world_size": 1, "stability": fingerprint,
+        "precision": None, **info,
+    }

@@ -1,0 +1,132 @@
+"""Stacked sweeps end to end (hydra/launcher=stacked): through `qknorm-train -m`, every member of a stack
+writes the run directory its solo job would, with the same numbers; a diverging member is frozen and
+recorded while the others go on unaffected; a stack killed with SIGKILL resumes exactly."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from .conftest import run_cli, run_dirs
+
+COMMON = ["model=nano", "data.seq_len=64", "data.batch_size=4", "data.val_max_tokens=4096", "trainer.max_steps=50",
+          "trainer.precision=32-true", "logger=csv", "attention=qwen3", "trainer.checkpoint_every_n_steps=20"]
+GRID = ["optim.lr=1e-3,3e-2", "seed=0,1"]
+STACKED = ["hydra/launcher=stacked", "hydra.launcher.inner.n_jobs=1"]
+
+
+def sweep(tmp: Path, cache_dir: Path, name: str, args: list[str]) -> Path:
+    out = tmp / name
+    proc = run_cli(["-m", *COMMON, *args, f"hydra.sweep.dir={out}"], tmp, cache_dir, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def by_config(root: Path) -> dict[str, Path]:
+    """Run directories keyed by their config's hash (the same for a member and its solo job)."""
+    return {json.loads((d / "summary.json").read_text())["config_id"]: d for d in run_dirs(root) if ".stacks" not in d.parts}
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    with open(run_dir / "metrics.csv", newline="") as f:
+        return {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")}
+
+
+def summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, cache_dir):
+    tmp = tmp_path_factory.mktemp("stacked")
+    solo = sweep(tmp, cache_dir, "solo", [*GRID, "hydra/launcher=basic"])
+    stacked = sweep(tmp, cache_dir, "stacked", [*GRID, *STACKED])
+    return tmp, solo, stacked
+
+
+def test_each_member_of_a_stack_matches_its_solo_run(runs):
+    _, solo, stacked = runs
+    solo_runs, members = by_config(solo), by_config(stacked)
+    assert len(solo_runs) == 4 and set(members) == set(solo_runs)
+    manifests = list((stacked / ".stacks").glob("*/stack.json"))
+    assert len(manifests) == 1 and len(json.loads(manifests[0].read_text())["members"]) == 4  # one stack of 4
+    for config_id, run in members.items():
+        ref = solo_runs[config_id]
+        got, want = train_losses(run), train_losses(ref)
+        assert sorted(got) == sorted(want) and len(got) >= 5  # every logged step
+        for step, loss in want.items():
+            assert got[step] == pytest.approx(loss, rel=1e-5), (run.name, step)
+        s, r = summary(run), summary(ref)
+        assert (s["status"], s["steps"], s["stack_size"]) == (r["status"], r["steps"], 4)
+        assert s["final_val_loss"] == pytest.approx(r["final_val_loss"], rel=1e-5)
+        assert [h["step"] for h in s["val_history"]] == [h["step"] for h in r["val_history"]]
+        assert (run / ".hydra" / "config.yaml").exists() and (run / ".hydra" / "overrides.yaml").exists()
+        monitored = [json.loads(line)["step"] for line in (run / "stability.jsonl").read_text().splitlines()]
+        assert monitored == [json.loads(line)["step"] for line in (ref / "stability.jsonl").read_text().splitlines()]
+        assert s["stability"]["peak_max_logit"] == pytest.approx(r["stability"]["peak_max_logit"], rel=1e-4)
+
+
+def test_a_rerun_stacked_sweep_skips_its_finished_members(runs, cache_dir):
+    tmp, _, stacked = runs
+    before = {d: (d / "summary.json").stat().st_mtime_ns for d in run_dirs(stacked)}
+    proc = run_cli(["-m", *COMMON, *GRID, *STACKED, f"hydra.sweep.dir={stacked}"], tmp, cache_dir, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "4 finished (not launched)" in proc.stderr + proc.stdout
+    assert {d: (d / "summary.json").stat().st_mtime_ns for d in run_dirs(stacked)} == before
+
+
+def test_a_diverging_member_is_frozen_and_the_others_are_unaffected(tmp_path, cache_dir):
+    calm = sweep(tmp_path, cache_dir, "calm", ["optim.lr=1e-3,3e-3", "seed=0", *STACKED])
+    mixed = sweep(tmp_path, cache_dir, "mixed", ["optim.lr=1e-3,3e-3,1e4", "seed=0", "callbacks.divergence.patience=3",
+                                                  *STACKED])
+    calm_runs, mixed_runs = by_config(calm), by_config(mixed)
+    assert len(calm_runs) == 2 and len(mixed_runs) == 3
+    diverged = [summary(d) for d in mixed_runs.values() if summary(d)["status"] == "diverged"]
+    assert len(diverged) == 1 and diverged[0]["reason"] and diverged[0]["diverged_at_step"] < 50
+    assert diverged[0]["config"]["optim.lr"] == 1e4
+    # calm's members carry the default patience: their config ids differ; match them by LR
+    by_lr = {summary(d)["config"]["optim.lr"]: summary(d) for d in mixed_runs.values()}
+    for d in calm_runs.values():
+        s = summary(d)
+        assert s["status"] == "completed"
+        assert by_lr[s["config"]["optim.lr"]]["final_val_loss"] == pytest.approx(s["final_val_loss"], rel=1e-6)
+
+
+def test_a_killed_stack_resumes_exactly(runs, cache_dir):
+    tmp, _, stacked = runs
+    out = tmp / "killed"
+    env = {**os.environ, "QKNORM_CACHE_DIR": str(cache_dir), "QKNORM_LOG_DIR": str(tmp / "logs")}
+    cmd = [str(Path(sys.executable).parent / "qknorm-train"), "-m", *COMMON, *GRID, *STACKED, "trainer.progress_bar=false",
+           f"hydra.sweep.dir={out}"]
+    proc = subprocess.Popen(cmd, cwd=tmp, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.monotonic() + 300
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if len(list(out.glob("*/checkpoints/last.ckpt"))) == 4:
+                break
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and its worker: nothing gets to clean up
+        proc.wait()
+    assert len(list(out.glob("*/checkpoints/last.ckpt"))) == 4, "no checkpoint before the kill"
+    assert not any(summary(d)["status"] in ("completed", "diverged") for d in run_dirs(out) if ".stacks" not in d.parts)
+    resumed = run_cli(["-m", *COMMON, *GRID, *STACKED, f"hydra.sweep.dir={out}"], tmp, cache_dir, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from its checkpoint" in resumed.stderr + resumed.stdout
+    want, got = by_config(stacked), by_config(out)
+    assert set(got) == set(want)
+    for config_id, run in got.items():
+        s, r = summary(run), summary(want[config_id])
+        assert s["status"] == r["status"] == "completed" and s["steps"] == r["steps"]
+        assert math.isclose(s["final_val_loss"], r["final_val_loss"], rel_tol=1e-6), run.name
+        assert train_losses(run) == pytest.approx(train_losses(want[config_id]), rel=1e-6)

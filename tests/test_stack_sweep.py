@@ -21,7 +21,7 @@ from .conftest import run_cli, run_dirs
 COMMON = ["model=nano", "data.seq_len=64", "data.batch_size=4", "data.val_max_tokens=4096", "trainer.max_steps=50",
           "trainer.precision=32-true", "logger=csv", "attention=qwen3", "trainer.checkpoint_every_n_steps=20"]
 GRID = ["optim.lr=1e-3,3e-2", "seed=0,1"]
-STACKED = ["hydra/launcher=stacked", "hydra.launcher.inner.n_jobs=1"]
+STACKED = ["hydra/launcher=stacked", "hydra/launcher@hydra.launcher.inner=basic"]  # stacks run in this process
 
 
 def sweep(tmp: Path, cache_dir: Path, name: str, args: list[str]) -> Path:
@@ -130,3 +130,53 @@ def test_a_killed_stack_resumes_exactly(runs, cache_dir):
         assert s["status"] == r["status"] == "completed" and s["steps"] == r["steps"]
         assert math.isclose(s["final_val_loss"], r["final_val_loss"], rel_tol=1e-6), run.name
         assert train_losses(run) == pytest.approx(train_losses(want[config_id]), rel=1e-6)
+
+
+def _slurm_up() -> bool:
+    import shutil
+
+    if not shutil.which("sinfo"):
+        return False
+    proc = subprocess.run(["sinfo", "-h", "-p", "local", "-o", "%a"], capture_output=True, text=True)
+    return proc.returncode == 0 and "up" in proc.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _slurm_up(), reason="no SLURM partition `local` (start one: ../shared/slurm/start-local-slurm.sh)")
+def test_a_stacked_sweep_runs_its_stacks_as_slurm_jobs(tmp_path, cache_dir):
+    out = tmp_path / "slurm"
+    proc = run_cli(["-m", "hydra/launcher=stacked_slurm", "hydra.launcher.inner.partition=local",
+                    "hydra.launcher.inner.timeout_min=10", "hydra.launcher.inner.cpus_per_task=1", "hydra.launcher.inner.mem_gb=4",
+                    "model=nano", "trainer.max_steps=12", "data.val_max_tokens=4096", "logger=csv", "optim.lr=1e-3,1e-2",
+                    "seed=0,1", f"hydra.sweep.dir={out}"], tmp_path, cache_dir, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    members = [d for d in run_dirs(out) if ".stacks" not in d.parts]
+    assert len(members) == 4
+    for run in members:
+        s = summary(run)
+        assert s["status"] == "completed" and s["steps"] == 12 and s["stack_size"] == 4
+        for name in ("metrics.csv", "stability.jsonl", ".hydra/config.yaml", ".hydra/overrides.yaml"):
+            assert (run / name).exists(), (run, name)
+    jobs = [p for p in (out / ".submitit").iterdir() if p.is_dir()]
+    assert len(jobs) == 1  # one SLURM job: the stack
+    logs = "".join(p.read_text() for p in jobs[0].glob("*_log.*"))
+    assert "stack of 4 members" in logs
+
+
+def _stack_lines(capsys, args: list[str]) -> list[str]:
+    from qknorm.sweeping import main
+
+    assert main(["hydra/launcher=stacked", "model=nano", "hydra.sweep.dir=/nonexistent/sweep", *args]) == 0
+    return [line for line in capsys.readouterr().out.splitlines() if line.startswith(("stack ", "alone"))]
+
+
+def test_listing_a_stacked_sweep_shows_its_stacks(capsys):
+    # members may differ in seed and LR; the attention variant splits the sweep into one stack each
+    lines = _stack_lines(capsys, ["attention=baseline,qwen3", "optim.lr=1e-3,1e-2", "seed=0,1", "hydra.launcher.stack_size=4"])
+    assert [line.split(": ")[1] for line in lines] == ["jobs 0, 1, 2, 3", "jobs 4, 5, 6, 7"]
+    # at most stack_size members; a group of one runs alone
+    lines = _stack_lines(capsys, ["optim.lr=1e-3,1e-2,1e-1", "hydra.launcher.stack_size=2", "hydra.launcher.inner.n_jobs=1"])
+    assert [line.split(": ")[1] for line in lines] == ["jobs 0, 1", "jobs 2"]
+    # a pool with more slots than stacks splits them: no slot idles
+    lines = _stack_lines(capsys, ["optim.lr=1e-3,1e-2,1e-1,1", "hydra.launcher.stack_size=4", "hydra.launcher.inner.n_jobs=2"])
+    assert [line.split(": ")[1] for line in lines] == ["jobs 0, 1", "jobs 2, 3"]

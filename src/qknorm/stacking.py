@@ -53,9 +53,11 @@ def default_stack_size(cfg, accelerator: str = "auto") -> int:
     return 16 if d <= 256 else 8 if d <= 512 else 4 if d <= 1024 else 1
 
 
-def plan(jobs: Sequence, stack_size: Union[int, str] = "auto") -> list[Union[Stack, Any]]:
+def plan(jobs: Sequence, stack_size: Union[int, str] = "auto", slots: int = 1) -> list[Union[Stack, Any]]:
     """The launch units of a sweep's jobs, in order: Stacks, and Jobs that run alone. Finished jobs
-    are left out (their run directories already hold their results)."""
+    are left out (their run directories already hold their results). With `slots` units running at
+    once (a local pool), stacks are split until every slot has one: a stack trains its members one
+    after another on a CPU, so a pool with an idle slot would be slower than no stacking."""
     from .config import QknormError, load_run_config
     from .rundir import identity, identity_hash, task_container
     from .training.stack import stack_key
@@ -78,6 +80,13 @@ def plan(jobs: Sequence, stack_size: Union[int, str] = "auto") -> list[Union[Sta
             group = open_groups[key] = []
             units.append(group)
         group.append((job, identity_hash(identity(raw))))
+    groups = [u for u in units if isinstance(u, list)]
+    while len(units) < slots and any(len(g) > 1 for g in groups):
+        big = max(groups, key=len)
+        half = big[len(big) // 2:]
+        del big[len(big) // 2:]
+        units.insert(next(i for i, u in enumerate(units) if u is big) + 1, half)
+        groups.append(half)
     out: list = []
     for unit in units:
         if not isinstance(unit, list):
@@ -97,19 +106,22 @@ def launch_batch(master_cfg, config_loader, job_overrides: Sequence[Sequence[str
     from .rundir import task_container
     from .sweeping import Job, finished_summary, threads_per_job
 
+    inner = OmegaConf.to_container(inner_cfg, resolve=True) if inner_cfg is not None else {}
+    slots = 1
+    if "n_jobs" in inner:  # a local pool: its cores shared by the stacks that run at once
+        slots = int(inner.get("n_jobs") or 1)
+        slots = os.cpu_count() or 1 if slots <= 0 else slots
     jobs = []
     for overrides in job_overrides:
         cfg = config_loader.load_sweep_config(master_cfg, list(overrides))
         run_dir = Path(cfg.hydra.sweep.dir) / str(OmegaConf.select(cfg, "hydra.sweep.subdir"))
         jobs.append(Job(list(overrides), run_dir, cfg, finished_summary(run_dir)))
-    units = plan(jobs, stack_size)
+    units = plan(jobs, stack_size, slots)
     skipped = sum(j.summary is not None for j in jobs)
     stacks = [u for u in units if isinstance(u, Stack)]
     log.info("%d jobs: %d stacks of %s members, %d alone, %d finished (not launched)", len(jobs), len(stacks),
              "/".join(str(len(s.jobs)) for s in stacks) or "no", len(units) - len(stacks), skipped)
-    inner = OmegaConf.to_container(inner_cfg, resolve=True) if inner_cfg is not None else {}
-    threads = threads_per_job(str(inner.get("_target_", "")), min(int(inner.get("n_jobs") or 1), max(1, len(units)))) \
-        if "n_jobs" in inner else None
+    threads = threads_per_job(str(inner.get("_target_", "")), min(slots, max(1, len(units)))) if "n_jobs" in inner else None
     batch = []
     for unit in units:
         if not isinstance(unit, Stack):
@@ -125,9 +137,9 @@ def launch_batch(master_cfg, config_loader, job_overrides: Sequence[Sequence[str
     return batch
 
 
-def describe_stacks(jobs: Sequence, stack_size) -> list[str]:
+def describe_stacks(jobs: Sequence, stack_size, slots: int = 1) -> list[str]:
     """Lines for `qknorm-sweep`: each stack and its members' job numbers."""
-    units = plan(jobs, stack_size)
+    units = plan(jobs, stack_size, slots)
     number = {id(j): n for n, j in enumerate(jobs)}
     lines = []
     for unit in units:

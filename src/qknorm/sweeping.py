@@ -89,7 +89,8 @@ def sweep_jobs(master_cfg, config_loader) -> list[Job]:
     sweeper = str(master_cfg.hydra.sweeper.get("_target_", ""))
     if not sweeper.endswith("BasicSweeper"):
         raise SweepError(f"hydra/sweeper: listing needs Hydra's basic sweeper, got {sweeper}")
-    params = OmegaConf.to_container(master_cfg.hydra.sweeper.params or {}, resolve=True)
+    node = master_cfg.hydra.sweeper.params
+    params = OmegaConf.to_container(node, resolve=True) if node else {}
     arguments = [f"{k}={v}" for k, v in params.items()] + list(master_cfg.hydra.overrides.task)
     overrides = OverridesParser.create(config_loader=config_loader).parse_overrides(arguments)
     (batch,) = BasicSweeper.split_arguments(overrides, None)
@@ -291,7 +292,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if str(launcher.get("_target_", "")).endswith("StackedLauncher"):  # hydra/launcher=stacked: the stacks
         from .stacking import describe_stacks
 
-        for line in describe_stacks(jobs, launcher.get("stack_size", "auto")):
+        for line in describe_stacks(jobs, launcher.get("stack_size", "auto"), max(1, parallel_jobs(master))):
             print(line)
     print(describe(jobs, master))
     return 0

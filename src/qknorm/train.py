@@ -65,6 +65,9 @@ def resumable_checkpoint(run_dir: Path) -> Resume:
             log.warning("checkpoint %s is unreadable (%s: %s); trying the previous one", path, type(e).__name__,
                         str(e).splitlines()[0] if str(e) else "")
             continue
+        if ckpt.get("qknorm_stacked"):  # a stack member's (training/stack_trainer.py), not Lightning's
+            log.warning("%s was written by a stack (hydra/launcher=stacked); this run starts again from step 0", path)
+            return Resume()
         history = ckpt.get("qknorm_outcome", {}).get("val_history", [])
         return Resume(path, step, any(h[0] == step for h in history))
     return Resume()

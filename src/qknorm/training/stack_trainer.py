@@ -275,6 +275,7 @@ def train_stack(specs: list[MemberSpec], precision: str, accelerator: str = "aut
         if any(finite):
             fabric.backward(total[torch.tensor(finite, device=device)].sum())
         for i, m in enumerate(active):
+            lrs = m.scheduler.get_last_lr()  # this step's LR, as Lightning's LearningRateMonitor logs it
             m.last_train_loss = losses[i]
             if m.initial_loss is None:
                 m.initial_loss = losses[i]
@@ -295,7 +296,6 @@ def train_stack(specs: list[MemberSpec], precision: str, accelerator: str = "aut
                            "train/tokens": float((step + 1) * idx[0].numel())}
                 if m.last_grad_norm is not None:
                     metrics["train/grad_norm"] = float(m.last_grad_norm)
-                lrs = m.scheduler.get_last_lr()
                 m.log_metrics({f"lr-AdamW/pg{g + 1}": lr for g, lr in enumerate(lrs)}, step=step)
                 m.log_metrics(metrics, step=step)
             if m.running and (step + 1) % every == 0:

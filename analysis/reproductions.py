@@ -658,8 +658,9 @@ def e8(frame: pd.DataFrame, sec: Section, figdir: Path, rel: Path) -> None:
         p = pd.read_csv(probe) if probe.exists() else None
         s, raw = series(r.run_dir, "raw_qk_max")
         raw_max = float(np.nanmax(raw)) if len(raw) else math.nan
-        if p is not None:
-            over[name] = (bool(p["overflows_fp16_unscaled"].any()), bool(p["overflows_fp16_prescaled"].any()))
+        if p is not None:  # (overflows as (q k^T) s in training (monitor) or at the end (probe), as (q s) k^T at the end)
+            over[name] = (bool(p["overflows_fp16_unscaled"].any()) or raw_max > 65504,
+                          bool(p["overflows_fp16_prescaled"].any()))
         rows.append(f"| {name} | {r.status} | {fmt(raw_max)} | {fmt(65504 / raw_max if raw_max else math.nan)} | "
                     + (f"{fmt(float(p['max_abs_qk_raw'].max()))} | {'yes' if over[name][0] else 'no'} | {'yes' if over[name][1] else 'no'} |"
                        if p is not None else "- | - | - |"))
@@ -668,9 +669,11 @@ def e8(frame: pd.DataFrame, sec: Section, figdir: Path, rel: Path) -> None:
                  "fp16 training itself needs a GPU (Lightning trains `16-mixed` on CUDA only) and is not part of this CPU run."]
     no_norm = {k: v for k, v in over.items() if "no QK-norm" in k or "QKV bias" in k}
     with_norm = {k: v for k, v in over.items() if "RMSNorm" in k}
+    n_over = sum(v[0] for v in no_norm.values())
     checks: dict[str, Optional[bool]] = {
-        "models without QK-norm overflow fp16 as (q k^T) s": any(v[0] for v in no_norm.values()) if no_norm else None,
-        "but not as (q s) k^T": (not any(v[1] for v in no_norm.values())) if no_norm and any(v[0] for v in no_norm.values()) else None,
+        f"every model without QK-norm overflows fp16 as (q k^T) s, in training (monitor) or at its end (probe) "
+        f"({n_over} of {len(no_norm)})": n_over == len(no_norm) if no_norm else None,
+        "none overflows as (q s) k^T (probe)": (not any(v[1] for v in no_norm.values())) if no_norm and n_over else None,
         "QK-norm (Qwen3) removes the overflow": (not any(v[0] for v in with_norm.values())) if with_norm else None,
     }
     conclude(sec, checks, frame)

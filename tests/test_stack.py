@@ -171,3 +171,32 @@ def test_only_shape_preserving_differences_stack():
     assert stack_conflict(member_configs([["seed=0", "optim.lr=1e-2"], ["seed=1", "optim=wortsman"]])) is None
     assert "model.d_model" in stack_conflict(member_configs([["model=nano"], ["model=tiny"]], common=[]))
     assert "attention.qk_norm" in stack_conflict(member_configs([["attention=baseline"], ["attention=qwen3"]]))
+
+
+@pytest.mark.parametrize("preset", ["baseline", "qwen3"])
+def test_the_stack_trainer_takes_the_same_steps_vmapped_and_looped(tmp_path, cache_dir, preset):
+    """The trainer's two paths (vmap: a GPU's; loop: a CPU's) give each member the same run: the vmapped
+    one is what a GPU stack runs, checked here on the CPU."""
+    import json
+
+    from qknorm.training.stack_trainer import MemberSpec, train_stack
+    from qknorm.training.summary import RunSummary
+
+    common = [*SMALL, "trainer.max_steps=12", "data.val_max_tokens=2048", f"paths.cache_dir={cache_dir}",
+              f"attention={preset}", "logger=csv", "trainer.checkpoint_every_n_steps=null"]
+    results = {}
+    for mode in ("loop", "vmap"):
+        cfgs = member_configs([["optim.lr=1e-3", "seed=0"], ["optim.lr=3e-2", "seed=1"]], common)
+        specs = []
+        for k, cfg in enumerate(cfgs):
+            run_dir = tmp_path / mode / str(k)
+            run_dir.mkdir(parents=True)
+            specs.append(MemberSpec(cfg, run_dir, RunSummary(run_dir, [], "train", cfg.seed), f"m{k}"))
+        with kernels.force(stack=mode):
+            results[mode] = train_stack(specs, "32-true", "cpu")
+        assert (tmp_path / mode / "1" / "metrics.csv").exists()
+        assert len((tmp_path / mode / "1" / "stability.jsonl").read_text().splitlines()) >= 2
+    for looped, vmapped in zip(results["loop"], results["vmap"]):
+        assert looped["status"] == vmapped["status"] == "completed" and looped["steps"] == vmapped["steps"] == 12
+        assert vmapped["final_val_loss"] == pytest.approx(looped["final_val_loss"], rel=1e-5)
+        assert json.dumps([h["step"] for h in looped["val_history"]]) == json.dumps([h["step"] for h in vmapped["val_history"]])

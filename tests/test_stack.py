@@ -200,3 +200,15 @@ def test_the_stack_trainer_takes_the_same_steps_vmapped_and_looped(tmp_path, cac
         assert looped["status"] == vmapped["status"] == "completed" and looped["steps"] == vmapped["steps"] == 12
         assert vmapped["final_val_loss"] == pytest.approx(looped["final_val_loss"], rel=1e-5)
         assert json.dumps([h["step"] for h in looped["val_history"]]) == json.dumps([h["step"] for h in vmapped["val_history"]])
+
+
+def test_a_run_alone_does_not_resume_from_a_stack_members_checkpoint(tmp_path):
+    """A stack member's checkpoint is not Lightning's: a solo job in that directory starts from step 0."""
+    from qknorm.train import resumable_checkpoint
+    from qknorm.training.stack_trainer import STACKED_CHECKPOINT
+
+    (tmp_path / "checkpoints").mkdir()
+    torch.save({STACKED_CHECKPOINT: True, "global_step": 20, "state_dict": {}}, tmp_path / "checkpoints" / "last.ckpt")
+    assert resumable_checkpoint(tmp_path).checkpoint is None and resumable_checkpoint(tmp_path).step == 0
+    torch.save({"global_step": 20, "state_dict": {}}, tmp_path / "checkpoints" / "last.ckpt")  # Lightning's
+    assert resumable_checkpoint(tmp_path).step == 20

@@ -55,6 +55,8 @@ def resumable_checkpoint(run_dir: Path) -> Resume:
     """The newest readable checkpoint of the run; a corrupt one is reported and skipped."""
     import torch
 
+    from .training.stack_trainer import STACKED_CHECKPOINT
+
     for path in (run_dir / "checkpoints" / "last.ckpt", run_dir / "checkpoints" / "last.ckpt.prev"):
         if not path.exists():
             continue
@@ -65,7 +67,7 @@ def resumable_checkpoint(run_dir: Path) -> Resume:
             log.warning("checkpoint %s is unreadable (%s: %s); trying the previous one", path, type(e).__name__,
                         str(e).splitlines()[0] if str(e) else "")
             continue
-        if ckpt.get("qknorm_stacked"):  # a stack member's (training/stack_trainer.py), not Lightning's
+        if ckpt.get(STACKED_CHECKPOINT):  # a stack member's (training/stack_trainer.py), not Lightning's
             log.warning("%s was written by a stack (hydra/launcher=stacked); this run starts again from step 0", path)
             return Resume()
         history = ckpt.get("qknorm_outcome", {}).get("val_history", [])

@@ -180,3 +180,13 @@ def test_listing_a_stacked_sweep_shows_its_stacks(capsys):
     # a pool with more slots than stacks splits them: no slot idles
     lines = _stack_lines(capsys, ["optim.lr=1e-3,1e-2,1e-1,1", "hydra.launcher.stack_size=4", "hydra.launcher.inner.n_jobs=2"])
     assert [line.split(": ")[1] for line in lines] == ["jobs 0, 1", "jobs 2, 3"]
+
+
+def test_local_multiruns_share_a_gpu_between_four_jobs_or_give_a_stack_the_whole_gpu(monkeypatch):
+    import torch
+
+    from qknorm.sweeping import local_jobs
+
+    assert (local_jobs(), local_jobs("stacks")) == (2, 2)  # this CPU machine
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert (local_jobs(), local_jobs("stacks")) == (4, 1)

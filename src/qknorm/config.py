@@ -483,6 +483,10 @@ def register_defaults() -> None:
         from .sweeping import sweeps_search_root
 
         OmegaConf.register_new_resolver("qknorm_sweeps_root", lambda: str(sweeps_search_root()))
+    if not OmegaConf.has_resolver("qknorm_local_jobs"):
+        from .sweeping import local_jobs
+
+        OmegaConf.register_new_resolver("qknorm_local_jobs", lambda kind="jobs": local_jobs(kind))
     from .rundir import register_resolver
 
     register_resolver()  # qknorm_job_dir: a multirun job's directory, named by its identity

@@ -58,6 +58,24 @@ def threads_per_job(launcher_target: str, n_jobs: Any, cores: Optional[int] = No
     return max(1, cores // max(1, n))
 
 
+# Jobs at a time on this machine (resolver `qknorm_local_jobs`, conf/hydra/launcher/local_jobs.yaml and
+# stacked.yaml). CPU: 2 jobs x 1 thread on 2 cores beat 1 x 2 (benchmarks/RESULTS.md). GPU: small models
+# leave a GPU idle; on one H100 (bf16, benchmarks/throughput.py's worker), 4 processes sharing it trained
+# 3.7x (tiny) and 2.8x (base) the tokens per second of one, and 16 processes hardly more (4.4x, 2.6x): the
+# CPU's kernel launches cap packing. A stack packs inside its process: one stack at a time per GPU.
+LOCAL_JOBS = {"cpu": 2, "gpu": 4}
+LOCAL_STACKS = {"cpu": 2, "gpu": 1}
+
+
+def local_jobs(kind: str = "jobs") -> int:
+    """How many jobs (or stacks, kind="stacks") a local multirun runs at once on this machine. Local jobs
+    share the first GPU; on a machine with several, use a cluster launcher or CUDA_VISIBLE_DEVICES."""
+    import torch
+
+    device = "gpu" if torch.cuda.is_available() else "cpu"
+    return (LOCAL_STACKS if kind == "stacks" else LOCAL_JOBS)[device]
+
+
 def ensure_writable_dir(path: Path, key: str) -> None:
     """Create `path` (the run or sweep directory) or exit with one line naming it, before Hydra tries."""
     try:

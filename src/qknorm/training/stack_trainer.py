@@ -100,6 +100,7 @@ class Member:
         from pytorch_lightning.loggers import TensorBoardLogger
 
         from .callbacks import ResumableCSVLogger
+        from .progress import log_run_params
 
         loggers = []
         run_dir = str(self.spec.run_dir)
@@ -108,6 +109,8 @@ class Member:
                                              default_hp_metric=False))
         if self.cfg.logger.csv:
             loggers.append(ResumableCSVLogger(save_dir=run_dir, resume_step=step, validated_at_resume=True))
+        variant = self.spec.name.split(",")[0]
+        log_run_params(loggers, {"run": self.spec.name, "variant": variant, "lr": self.cfg.optim.lr, "seed": self.cfg.seed})
         return loggers
 
     # -- what the callbacks read ---------------------------------------------------------------------
@@ -248,7 +251,8 @@ def train_stack(specs: list[MemberSpec], precision: str, accelerator: str = "aut
             logger.finalize("success")
         on_member_end(m, results[m.k])
 
-    for m in members:  # a checkpoint taken at a validation step holds its validation: see Member.validate
+    # No validation is owed at a resumed step (a solo run's on_train_start): a member checkpoints after it validates.
+    for m in members:
         if m.cfg.attention.qk_clip_tau is not None:
             for layer in m.model.attention_layers():
                 layer.max_logit = torch.full((layer.n_heads,), float("-inf"), device=device)
@@ -291,7 +295,8 @@ def train_stack(specs: list[MemberSpec], precision: str, accelerator: str = "aut
                     layer.apply_qk_clip(m.cfg.attention.qk_clip_tau)
             for cb in m.callbacks:
                 cb.on_train_batch_end(m.trainer, m, None, None, step)
-            if (step + 1) % log_every == 0 or m.trainer.should_stop:
+            logged = (step + 1) % log_every == 0 or m.trainer.should_stop
+            if logged:
                 metrics = {"train/loss": losses[i], "epoch": step // every,
                            "train/tokens": float((step + 1) * idx[0].numel())}
                 if m.last_grad_norm is not None:
@@ -300,10 +305,12 @@ def train_stack(specs: list[MemberSpec], precision: str, accelerator: str = "aut
                 m.log_metrics(metrics, step=step)
             if m.running and (step + 1) % every == 0:
                 m.validate(fabric.autocast)
+                logged = True
             if ckpt_every and m.running and (step + 1) % ckpt_every == 0:
                 m.checkpoint()
-            for logger in m.trainer.loggers:
-                logger.save()
+            if logged:
+                for logger in m.trainer.loggers:
+                    logger.save()
             if not m.running:
                 end(m)
         for p in stack.parameters():

@@ -101,8 +101,8 @@ MODES = ["vmap", "loop"]  # the GPU's path and the CPU's (kernels.stack_kernel),
 @pytest.mark.parametrize("mode", MODES)
 def test_member_loss_and_gradients_are_the_solo_models(mode):
     cfgs = member_configs([["seed=0"], ["seed=1"], ["seed=2"]])
-    models = [build(c) for c in cfgs]
-    stack = StackedModel(models)
+    stack = StackedModel([build(c) for c in cfgs])  # its members' modules become its views
+    models = [build(c) for c in cfgs]  # the solo models: the same initialization
     xs, ys = zip(*(batch(c, 0) for c in cfgs))
     with kernels.force(stack=mode):
         total, nats, z_sq = stack.loss(torch.stack(xs), torch.stack(ys), torch.tensor([0.0, 1e-4, 0.0]))
@@ -140,6 +140,28 @@ def test_members_differ_in_their_own_optimizer_scalars():
         np.testing.assert_allclose(losses, solo_losses(cfg, 20), rtol=1e-5)
 
 
+def test_members_differ_in_their_attention_scalars_and_then_run_their_own_modules():
+    """Soft-cap values (and the other shape-keeping attention scalars) may differ between members: such
+    a stack runs each member's own modules, even where it would otherwise be vmapped."""
+    from qknorm.training.stack import needs_own_code
+
+    cfgs = member_configs([["attention=gemma2_softcap", "attention.softcap=5"],
+                           ["attention=gemma2_softcap", "attention.softcap=50", "seed=1"]])
+    assert stack_conflict(cfgs) is None and needs_own_code(cfgs)
+    assert not needs_own_code([cfgs[0], cfgs[0]])
+    with kernels.force(stack="vmap"):
+        assert kernels.stack_kernel(torch.device("cpu"), own_code=True) == "loop"
+    stack = StackedModel([build(c) for c in cfgs])
+    xs, ys = zip(*(batch(c, 0) for c in cfgs))
+    total, nats, _ = stack.loss(torch.stack(xs), torch.stack(ys), torch.zeros(2), own_code=True)
+    for k, cfg in enumerate(cfgs):
+        _, solo_nats, _ = build(cfg).loss(xs[k], ys[k], 0.0)
+        torch.testing.assert_close(nats[k], solo_nats, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(nats[0], nats[1])
+    # whether a soft-cap is set is a code path, not a member's scalar
+    assert "attention.softcap" in stack_conflict([cfgs[0], compose_config([*SMALL, "attention=baseline"])])
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_a_frozen_member_leaves_the_others_untouched(mode):
     """Acceptance 2's arithmetic: a member driven to divergence by a huge LR is frozen; the others'
@@ -156,8 +178,8 @@ def test_member_views_are_the_stack():
     """A member's view model holds its slice of the stack: a solo model's state loads into it, an
     in-place update through it is an update of the stack, and tied weights stay tied."""
     cfgs = member_configs([["seed=0"], ["seed=1"]])
-    models = [build(c) for c in cfgs]
-    stack = StackedModel(models)
+    stack = StackedModel([build(c) for c in cfgs])
+    models = [build(c) for c in cfgs]  # solo models with the same initialization
     for k, (view, model) in enumerate(zip(stack.member_views(), models)):
         for (name, p), (_, ref) in zip(view.named_parameters(), model.named_parameters()):
             torch.testing.assert_close(p, ref, rtol=0, atol=0)

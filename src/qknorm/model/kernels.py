@@ -75,8 +75,13 @@ def lm_loss_chunk_rows(device: torch.device, vocab: int) -> Optional[int]:
     return max(1024, (1 << 27) // vocab)
 
 
-def stack_kernel(device: torch.device) -> str:
-    """"vmap": a stack's members as one batched model; "loop": each member's own model in turn."""
+def stack_kernel(device: torch.device, own_code: bool = False) -> str:
+    """"vmap": a stack's members as one batched model; "loop": each member's own model in turn. A stack
+    whose members need their own code (attention scalars that differ, QK-Clip's running max logit, both
+    Python state of a member's modules that vmap, running member 0's modules for all, would not see)
+    always loops."""
+    if own_code:
+        return "loop"
     if "stack" in _forced:
         return _forced["stack"]
     return "vmap" if device.type == "cuda" else "loop"

@@ -16,8 +16,9 @@ the one its solo run builds, over views of its slice of the stack (`member_views
 Inside the vmapped loss every part of the step takes the path it takes in a solo run on the same
 device (`kernels.py`): the CPU's hand-written autograd nodes (norm + RoPE, the chunked LM-head loss)
 declare `generate_vmap_rule`, so vmap runs them per member as they are, and a member's arithmetic is
-its solo run's op for op. (The soft-cap's chunked CPU kernel does not yet: soft-capped variants do
-not stack on a CPU.)
+its solo run's op for op. A stack whose members need their own modules (attention scalars that
+differ, QK-Clip, the soft-cap's kernels) loops over its member views on every device
+(`training.stack.needs_own_code`).
 """
 
 from __future__ import annotations
@@ -66,11 +67,15 @@ class StackedModel(nn.Module):
         # the template whose code runs for every member; its own tensors are never read (functional_call
         # substitutes the members'), and it is kept out of self.parameters() so no optimizer sees it
         self._template = [_Loss(copy.deepcopy(members[0]))]
+        # each member's own modules (their tensors are replaced by views into the stack): what a looped
+        # stack runs, with the member's own attention scalars
+        self._skeletons = list(members)
         self._views: list[Transformer] | None = None
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
-        self._template[0]._apply(fn, recurse)
+        for module in (self._template[0], *self._skeletons):  # their other state (caches) moves too
+            module._apply(fn, recurse)
         self._views = None  # views of the old storage: rebuilt on the next use
         return self
 
@@ -83,7 +88,7 @@ class StackedModel(nn.Module):
         return self._views
 
     def _view(self, k: int) -> Transformer:
-        model = copy.deepcopy(self._template[0].model)
+        model = self._skeletons[k]
         by_old = {}
         for name in self.names:
             old = model.get_parameter(name)
@@ -115,14 +120,15 @@ class StackedModel(nn.Module):
         """Member k's parameters under the model's own names: loads into a solo Transformer."""
         return {n: self.params[_key(n)][k].detach() for n in self.names}
 
-    def loss(self, idx: torch.Tensor, targets: torch.Tensor, z_loss: torch.Tensor, members: Sequence[int] | None = None):
+    def loss(self, idx: torch.Tensor, targets: torch.Tensor, z_loss: torch.Tensor, members: Sequence[int] | None = None,
+             own_code: bool = False):
         """idx, targets [K, B, T]; z_loss [K] -> for each member in `members` (default: all): mean CE +
         z_loss * mean log^2 Z [M], per-token CE [M, B, T] (no grad), mean log^2 Z [M] (no grad). On the
         path kernels.stack_kernel picks: vmapped over all K (gradients land on the stacked parameters;
         the members left out get none) or looped over the chosen members' views (gradients land on the
         views)."""
         members = list(range(self.k)) if members is None else list(members)
-        if kernels.stack_kernel(idx.device) == "loop":
+        if kernels.stack_kernel(idx.device, own_code) == "loop":
             views = self.member_views()
             outs = [views[k].loss(idx[k], targets[k], z_loss[k]) for k in members]
             return tuple(torch.stack(parts) for parts in zip(*outs))

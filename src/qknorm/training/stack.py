@@ -20,6 +20,26 @@ from ..rundir import NOT_IDENTITY, flatten
 MEMBER_KEYS = ("seed", "optim.lr", "optim.weight_decay", "optim.independent_weight_decay", "optim.betas", "optim.eps",
                "optim.warmup_steps", "optim.warmup_fraction", "optim.min_lr_ratio", "optim.grad_clip", "optim.z_loss")
 IGNORED = (*NOT_IDENTITY, "callbacks", "paths")
+# Attention scalars that keep every shape: members may differ in their values (not in whether they are
+# set, which changes the code path). Held by a member's own modules, so such a stack loops over its
+# members (kernels.stack_kernel's own_code), as does one with QK-Clip, whose running max logit is too.
+OWN_CODE_KEYS = ("attention.softcap", "attention.final_logit_softcap", "attention.qk_clip_tau", "attention.scale.value")
+
+
+def _compared(cfg: RunConfig) -> dict:
+    flat = flatten(dataclasses.asdict(cfg))
+    return {k: (v is None if k in OWN_CODE_KEYS else v) for k, v in flat.items()
+            if k not in MEMBER_KEYS and not any(k == p or k.startswith(p + ".") for p in IGNORED)}
+
+
+def needs_own_code(configs: Sequence[RunConfig]) -> bool:
+    """Whether the members must each run their own modules (see OWN_CODE_KEYS)."""
+    flats = [flatten(dataclasses.asdict(c)) for c in configs]
+    differ = any(len({repr(f.get(k)) for f in flats}) > 1 for k in OWN_CODE_KEYS)
+    a = configs[0].attention
+    # QK-Clip: its running max logit; the soft-cap: its kernels (chunked on a CPU, FlexAttention on a
+    # GPU) are not written for vmap
+    return differ or a.qk_clip_tau is not None or a.softcap is not None
 
 
 def stack_key(cfg: RunConfig) -> str:
@@ -27,20 +47,15 @@ def stack_key(cfg: RunConfig) -> str:
     import hashlib
     import json
 
-    flat = flatten(dataclasses.asdict(cfg))
-    kept = {k: v for k, v in flat.items()
-            if k not in MEMBER_KEYS and not any(k == p or k.startswith(p + ".") for p in IGNORED)}
-    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(_compared(cfg), sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def stack_conflict(configs: Sequence[RunConfig]) -> str | None:
     """None when the configs can train as one stack; else the first key that differs, with its values."""
+    compared = [_compared(c) for c in configs]
     flats = [flatten(dataclasses.asdict(c)) for c in configs]
-    for key in flats[0]:
-        if key in MEMBER_KEYS or any(key == p or key.startswith(p + ".") for p in IGNORED):
-            continue
-        values = [f.get(key) for f in flats]
-        if any(v != values[0] for v in values[1:]):
+    for key in compared[0]:
+        if any(c.get(key) != compared[0].get(key) for c in compared[1:]):
+            values = [f.get(key) for f in flats]
             return f"{key} differs ({', '.join(dict.fromkeys(map(repr, values)))})"
     return None
-

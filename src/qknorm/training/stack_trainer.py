@@ -34,6 +34,7 @@ from ..model.stack import StackedModel
 from ..utils.flops import device_name
 from .module import Outcome, val_batch_sums
 from .optim import optimizer_and_schedule
+from .stack import needs_own_code
 
 log = logging.getLogger("qknorm.stack")
 STACKED_CHECKPOINT = "qknorm_stacked"  # the key that marks a stack member's checkpoint
@@ -232,7 +233,8 @@ def train_stack(specs: list[MemberSpec], precision: str, accelerator: str = "aut
     members = [Member(k, spec, view, data, device) for k, (spec, view) in enumerate(zip(specs, stack.member_views()))]
     for m in members:
         m.spec.summary.update(**params, stack_size=len(members))
-    path = kernels.stack_kernel(device)
+    own_code = needs_own_code([s.cfg for s in specs])
+    path = kernels.stack_kernel(device, own_code)
     log.info("stack of %d members on %s (%s): %d parameters each", len(members), device, path, params["params"])
     info = {"device": str(device), "device_name": device_name(device), "compiled": False}
     z_loss = torch.tensor([m.cfg.optim.z_loss for m in members], device=device)
@@ -273,7 +275,7 @@ def train_stack(specs: list[MemberSpec], precision: str, accelerator: str = "aut
         xs, ys = zip(*(m.batches[step] for m in members))
         idx, targets = torch.stack(xs).to(device), torch.stack(ys).to(device)
         with fabric.autocast():
-            total, nats, _ = stack.loss(idx, targets, z_loss, members=[m.k for m in active])
+            total, nats, _ = stack.loss(idx, targets, z_loss, members=[m.k for m in active], own_code=own_code)
         losses = nats.float().mean(dim=(1, 2)).tolist()
         finite = [math.isfinite(v) for v in losses]
         if any(finite):

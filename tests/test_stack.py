@@ -148,7 +148,9 @@ def test_members_differ_in_their_attention_scalars_and_then_run_their_own_module
     cfgs = member_configs([["attention=gemma2_softcap", "attention.softcap=5"],
                            ["attention=gemma2_softcap", "attention.softcap=50", "seed=1"]])
     assert stack_conflict(cfgs) is None and needs_own_code(cfgs)
-    assert not needs_own_code([cfgs[0], cfgs[0]])
+    assert not needs_own_code(member_configs([["seed=0"], ["seed=1", "optim.lr=1e-2"]]))
+    scaled = member_configs([["attention.scale.kind=constant", f"attention.scale.value={v}"] for v in (0.1, 0.2)])
+    assert stack_conflict(scaled) is None and needs_own_code(scaled)
     with kernels.force(stack="vmap"):
         assert kernels.stack_kernel(torch.device("cpu"), own_code=True) == "loop"
     stack = StackedModel([build(c) for c in cfgs])

@@ -452,12 +452,16 @@ def e3(frame: pd.DataFrame, sec: Section, figdir: Path, rel: Path) -> None:
         checks["LayerNorm, RMSNorm and L2 (learned g) tolerate the same LRs (same critical LR in the grid)"] = None
     pairs = [(get("LayerNorm per head"), get("LayerNorm full width")), (get("RMSNorm per head"), get("RMSNorm full width"))]
     pairs = [(a, b) for a, b in pairs if a and b]
-    if pairs:
-        top = max(float(lr) for a, _ in pairs for lr in a["curve"]["lr"])
+    # compared at the largest LR where all of them are stable: a diverged loss says nothing of this claim
+    stable_lrs = [set(t["curve"].loc[t["curve"]["stable"], "lr"].astype(float)) for pair in pairs for t in pair]
+    common = set.intersection(*stable_lrs) if stable_lrs else set()
+    if common:
+        top = max(common)
         at = lambda t: float(t["curve"].set_index("lr").loc[top, "capped"])  # noqa: E731
-        checks[f"per head at least as good as full width at the top LR ({top:g})"] = all(at(a) <= at(b) for a, b in pairs)
+        checks[f"per head at least as good as full width at the largest LR all are stable at ({top:g})"] = all(
+            at(a) <= at(b) for a, b in pairs)
     else:
-        checks["per head at least as good as full width at the top LR"] = None
+        checks["per head at least as good as full width at the largest LR all are stable at"] = None
     fixed, others = get("L2 per head fixed g=1"), [t for n, t in tol.items() if n != "L2 per head fixed g=1"]
     checks[f"L2 with a fixed g=1 underfits (best loss {UNDERFIT_NATS} nats above the others' best)"] = (
         fixed["best"] > min(t["best"] for t in others) + UNDERFIT_NATS if fixed and others else None)

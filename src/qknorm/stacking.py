@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import sys
 import traceback
 from dataclasses import dataclass
@@ -98,30 +97,24 @@ def plan(jobs: Sequence, stack_size: Union[int, str] = "auto", slots: int = 1) -
     return out
 
 
-def launch_batch(master_cfg, config_loader, job_overrides: Sequence[Sequence[str]], stack_size, inner_cfg) -> list[list[str]]:
+def launch_batch(master_cfg, config_loader, job_overrides: Sequence[Sequence[str]], stack_size) -> list[list[str]]:
     """The inner launcher's jobs for a batch of sweep jobs: one per stack (its `stack.json` written),
     one per job that runs alone."""
     from omegaconf import OmegaConf
 
     from .rundir import task_container
-    from .sweeping import Job, finished_summary, threads_per_job
+    from .sweeping import compose_job, parallel_jobs, threads_per_job
 
-    inner = OmegaConf.to_container(inner_cfg, resolve=True) if inner_cfg is not None else {}
-    slots = 1
-    if "n_jobs" in inner:  # a local pool: its cores shared by the stacks that run at once
-        slots = int(inner.get("n_jobs") or 1)
-        slots = os.cpu_count() or 1 if slots <= 0 else slots
-    jobs = []
-    for overrides in job_overrides:
-        cfg = config_loader.load_sweep_config(master_cfg, list(overrides))
-        run_dir = Path(cfg.hydra.sweep.dir) / str(OmegaConf.select(cfg, "hydra.sweep.subdir"))
-        jobs.append(Job(list(overrides), run_dir, cfg, finished_summary(run_dir)))
+    slots = max(1, parallel_jobs(master_cfg))  # stacks at once in a local pool (a cluster: 0, no split)
+    jobs = [compose_job(master_cfg, config_loader, overrides) for overrides in job_overrides]
     units = plan(jobs, stack_size, slots)
     skipped = sum(j.summary is not None for j in jobs)
     stacks = [u for u in units if isinstance(u, Stack)]
     log.info("%d jobs: %d stacks of %s members, %d alone, %d finished (not launched)", len(jobs), len(stacks),
              "/".join(str(len(s.jobs)) for s in stacks) or "no", len(units) - len(stacks), skipped)
-    threads = threads_per_job(str(inner.get("_target_", "")), min(slots, max(1, len(units)))) if "n_jobs" in inner else None
+    # a local pool's cores shared by the stacks that run at once (None: not a local pool)
+    inner_target = str(master_cfg.hydra.launcher.inner.get("_target_", ""))
+    threads = threads_per_job(inner_target, min(slots, max(1, len(units))))
     batch = []
     for unit in units:
         if not isinstance(unit, Stack):

@@ -112,12 +112,17 @@ def sweep_jobs(master_cfg, config_loader) -> list[Job]:
     arguments = [f"{k}={v}" for k, v in params.items()] + list(master_cfg.hydra.overrides.task)
     overrides = OverridesParser.create(config_loader=config_loader).parse_overrides(arguments)
     (batch,) = BasicSweeper.split_arguments(overrides, None)
-    jobs = []
-    for job_overrides in batch:
-        cfg = config_loader.load_sweep_config(master_cfg, list(job_overrides))
-        run_dir = Path(cfg.hydra.sweep.dir) / str(OmegaConf.select(cfg, "hydra.sweep.subdir"))
-        jobs.append(Job(list(job_overrides), run_dir, cfg, finished_summary(run_dir)))
-    return jobs
+    return [compose_job(master_cfg, config_loader, job_overrides) for job_overrides in batch]
+
+
+def compose_job(master_cfg, config_loader, overrides) -> Job:
+    """One job of a multirun, composed as its launcher composes it, with its directory and, if it
+    finished, its summary."""
+    from omegaconf import OmegaConf
+
+    cfg = config_loader.load_sweep_config(master_cfg, list(overrides))
+    run_dir = Path(cfg.hydra.sweep.dir) / str(OmegaConf.select(cfg, "hydra.sweep.subdir"))
+    return Job(list(overrides), run_dir, cfg, finished_summary(run_dir))
 
 
 class SweepError(Exception):

@@ -11,7 +11,6 @@ import dataclasses
 import datetime as _dt
 import json
 import logging
-import math
 import sys
 import traceback
 from pathlib import Path
@@ -53,26 +52,19 @@ class Resume:
 
 def resumable_checkpoint(run_dir: Path) -> Resume:
     """The newest readable checkpoint of the run; a corrupt one is reported and skipped."""
-    import torch
-
+    from .training.callbacks import newest_checkpoint
     from .training.stack_trainer import STACKED_CHECKPOINT
 
-    for path in (run_dir / "checkpoints" / "last.ckpt", run_dir / "checkpoints" / "last.ckpt.prev"):
-        if not path.exists():
-            continue
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=False)
-            step = int(ckpt["global_step"])
-        except Exception as e:  # torn or foreign file: any unpickling error
-            log.warning("checkpoint %s is unreadable (%s: %s); trying the previous one", path, type(e).__name__,
-                        str(e).splitlines()[0] if str(e) else "")
-            continue
-        if ckpt.get(STACKED_CHECKPOINT):  # a stack member's (training/stack_trainer.py), not Lightning's
-            log.warning("%s was written by a stack (hydra/launcher=stacked); this run starts again from step 0", path)
-            return Resume()
-        history = ckpt.get("qknorm_outcome", {}).get("val_history", [])
-        return Resume(path, step, any(h[0] == step for h in history))
-    return Resume()
+    found = newest_checkpoint(run_dir)
+    if found is None:
+        return Resume()
+    path, ckpt = found
+    if ckpt.get(STACKED_CHECKPOINT):  # a stack member's (training/stack_trainer.py), not Lightning's
+        log.warning("%s was written by a stack (hydra/launcher=stacked); this run starts again from step 0", path)
+        return Resume()
+    step = int(ckpt["global_step"])
+    history = ckpt.get("qknorm_outcome", {}).get("val_history", [])
+    return Resume(Path(path), step, any(h[0] == step for h in history))
 
 
 def build_trainer(cfg: RunConfig, run_dir: Path, resume: Resume = Resume()):
@@ -131,6 +123,7 @@ def train(cfg: RunConfig, run_dir: Path, summary) -> dict:
 
     from .data import LMDataModule, prepare_data
     from .training import LMModule
+    from .training.summary import result_fields
 
     if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)
@@ -153,27 +146,18 @@ def train(cfg: RunConfig, run_dir: Path, summary) -> dict:
     result_path = run_dir / ".fit_result.json"
     fit = json.loads(result_path.read_text())
     result_path.unlink()
-    status, reason, history = fit["status"], fit["reason"], [tuple(h) for h in fit["val_history"]]
+    history = [tuple(h) for h in fit["val_history"]]
     steps = fit["global_step"]
-    if status == "running":
-        if not history or history[-1][0] != steps:
-            trainer.validate(module, datamodule=datamodule, verbose=False)
-            history.append((steps, float(trainer.callback_metrics["val/loss"]), float(trainer.callback_metrics["val/bpb"])))
-        status = "completed"
-        if steps < cfg.trainer.max_steps:
-            reason = f"stopped at step {steps} of {cfg.trainer.max_steps} (trainer.max_time_minutes)"
-    finite = [h for h in history if math.isfinite(h[1])]
-    tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * trainer.world_size
+    if fit["status"] == "running" and (not history or history[-1][0] != steps):
+        trainer.validate(module, datamodule=datamodule, verbose=False)
+        history.append((steps, float(trainer.callback_metrics["val/loss"]), float(trainer.callback_metrics["val/bpb"])))
     return {
         **params,
-        "status": status, "reason": reason, "diverged_at_step": fit["step"] if status == "diverged" else None,
-        "steps": steps, "tokens": steps * tokens_per_step,
-        "initial_loss": fit["initial_loss"],
-        "final_val_loss": history[-1][1] if history else None, "final_val_bpb": history[-1][2] if history else None,
-        "best_val_loss": min(h[1] for h in finite) if finite else None,
-        "best_val_bpb": min(h[2] for h in finite) if finite else None,
-        "val_history": [{"step": s, "loss": l, "bpb": b} for s, l, b in history],
-        "skipped_steps": fit["skipped_steps"], "world_size": trainer.world_size, "stability": fit["stability"],
+        **result_fields(status=fit["status"], reason=fit["reason"], diverged_at_step=fit["step"], steps=steps,
+                        max_steps=cfg.trainer.max_steps,
+                        tokens_per_step=cfg.data.batch_size * cfg.data.seq_len * trainer.world_size,
+                        initial_loss=fit["initial_loss"], val_history=history, skipped_steps=fit["skipped_steps"],
+                        world_size=trainer.world_size, stability=fit["stability"]),
         "precision": str(trainer.precision), "device": fit.get("device"), "device_name": fit.get("device_name"),
         "compiled": fit.get("compiled"),
         "is_global_zero": trainer.is_global_zero,

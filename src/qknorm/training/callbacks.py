@@ -110,3 +110,23 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if os.path.exists(path):
             os.replace(path, f"{path}.prev")
         os.replace(tmp, path)
+
+
+def newest_checkpoint(run_dir) -> tuple[str, dict] | None:
+    """The run's newest readable checkpoint, `last.ckpt` else the `last.ckpt.prev` AtomicCheckpointIO
+    kept, with its path; a torn or foreign file is reported and skipped. None when there is none."""
+    import logging
+
+    for path in (os.path.join(run_dir, "checkpoints", "last.ckpt"), os.path.join(run_dir, "checkpoints", "last.ckpt.prev")):
+        if not os.path.exists(path):
+            continue
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=False)
+            int(ckpt["global_step"])
+        except Exception as e:  # torn or foreign file: any unpickling error
+            logging.getLogger("qknorm.train").warning(
+                "checkpoint %s is unreadable (%s: %s); trying the previous one", path, type(e).__name__,
+                str(e).splitlines()[0] if str(e) else "")
+            continue
+        return path, ckpt
+    return None

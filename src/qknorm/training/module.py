@@ -16,6 +16,7 @@ from ..config import RunConfig, resolve_schedule
 from ..model import build_model
 from ..model.kernels import compile_training_loss
 from ..utils.flops import device_name
+from .monitor import callbacks_fingerprint
 from .optim import optimizer_and_schedule
 
 
@@ -142,15 +143,10 @@ class LMModule(pl.LightningModule):
     def fit_result(self) -> dict:
         """What the summary needs from this process's fit (read back by the launching process, which
         under spawn-based DDP is not the one that trained)."""
-        fingerprint = {}
-        for cb in self.trainer.callbacks:
-            fingerprint.update(getattr(cb, "fingerprint", {}))
-            if hasattr(cb, "spikes"):
-                fingerprint["loss_spikes"] = cb.spikes
         o = self.outcome
         return {"status": o.status, "reason": o.reason, "step": o.step, "skipped_steps": o.skipped_steps,
                 "val_history": o.val_history, "initial_loss": self.initial_loss, "global_step": self.global_step,
-                "stability": fingerprint, **self.train_device}
+                "stability": callbacks_fingerprint(self.trainer.callbacks), **self.train_device}
 
     def mark_diverged(self, reason: str) -> None:
         if self.outcome.status == "running":

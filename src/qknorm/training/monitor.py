@@ -306,3 +306,13 @@ class DivergenceDetector(pl.Callback):
         else:
             self._spiking = 0
             self.window.append(loss)  # spikes do not widen their own reference window
+
+
+def callbacks_fingerprint(callbacks) -> dict:
+    """The run's stability fingerprint for its summary: the monitor's values and the detector's spike count."""
+    fingerprint = {}
+    for cb in callbacks:
+        fingerprint.update(getattr(cb, "fingerprint", {}))
+        if hasattr(cb, "spikes"):
+            fingerprint["loss_spikes"] = cb.spikes
+    return fingerprint

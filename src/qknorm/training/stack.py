@@ -12,7 +12,7 @@ import dataclasses
 from typing import Sequence
 
 from ..config import RunConfig
-from ..rundir import NOT_IDENTITY, flatten
+from ..rundir import NOT_IDENTITY, flatten, identity_hash
 
 # What members of one stack may differ in: their initialization and the optimizer's scalars. Everything
 # else sets a shape or a code path and must be equal, except what lies outside a run's identity
@@ -44,10 +44,7 @@ def needs_own_code(configs: Sequence[RunConfig]) -> bool:
 
 def stack_key(cfg: RunConfig) -> str:
     """Equal for configs that can train as one stack (what stack_conflict compares), else different."""
-    import hashlib
-    import json
-
-    return hashlib.sha256(json.dumps(_compared(cfg), sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return identity_hash(_compared(cfg))
 
 
 def stack_conflict(configs: Sequence[RunConfig]) -> str | None:

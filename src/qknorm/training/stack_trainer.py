@@ -33,8 +33,11 @@ from ..model import build_model, kernels
 from ..model.stack import StackedModel
 from ..utils.flops import device_name
 from .module import Outcome, val_batch_sums
+from .callbacks import newest_checkpoint
+from .monitor import DivergenceDetector, StabilityMonitor, callbacks_fingerprint
 from .optim import optimizer_and_schedule
 from .stack import needs_own_code
+from .summary import result_fields
 
 log = logging.getLogger("qknorm.stack")
 STACKED_CHECKPOINT = "qknorm_stacked"  # the key that marks a stack member's checkpoint
@@ -67,7 +70,6 @@ class Member:
     def __init__(self, k: int, spec: MemberSpec, model, data, device: torch.device):
         from ..data import LMDataModule
         from ..data.datamodule import RandomWindowBatches
-        from .monitor import DivergenceDetector, StabilityMonitor
 
         cfg = spec.cfg
         self.k, self.spec, self.cfg, self.model, self.device = k, spec, cfg, model, device
@@ -77,6 +79,7 @@ class Member:
         self.last_grad_norm: Optional[torch.Tensor] = None
         self.finished = False
         self.vocab_size = data.vocab_size
+        self.token_bytes = torch.as_tensor(data.token_bytes, dtype=torch.float64, device=device)
         self.batches = RandomWindowBatches(data.tokenized.train_tokens(), cfg.data.seq_len, cfg.data.batch_size, cfg.seed)
         self.datamodule = LMDataModule(cfg.data, data, cfg.seed, cfg.trainer.max_steps, cfg.trainer.val_every_n_steps)
         self.optimizer, self.scheduler = optimizer_and_schedule(model, cfg, on_cuda=device.type == "cuda")
@@ -92,7 +95,6 @@ class Member:
                 cb.load_state_dict(resume["callbacks"].get(type(cb).__name__, {}))
         self.trainer = _MemberTrainer(cfg.trainer.max_steps, self._loggers(step), self.datamodule)
         self.trainer.global_step = step
-        self.resumed_from = step
         for cb in self.callbacks:
             if hasattr(cb, "setup"):
                 cb.setup(self.trainer, self, "fit")
@@ -140,15 +142,11 @@ class Member:
 
     @torch.no_grad()
     def validate(self, autocast) -> None:
-        token_bytes = getattr(self, "_token_bytes", None)
-        if token_bytes is None:
-            token_bytes = self._token_bytes = torch.as_tensor(self.datamodule.data.token_bytes, dtype=torch.float64,
-                                                              device=self.device)
         self.model.eval()
         sums = torch.zeros(3, dtype=torch.float64, device=self.device)
         with autocast():
             for x, y in self.datamodule.val_dataloader():
-                sums += val_batch_sums(self.model, x.to(self.device), y.to(self.device), token_bytes)
+                sums += val_batch_sums(self.model, x.to(self.device), y.to(self.device), self.token_bytes)
         self.model.train()
         nats, tokens, nbytes = (float(v) for v in sums)
         if not tokens:
@@ -190,20 +188,15 @@ class Member:
 
 
 def _load_member_checkpoint(run_dir: Path) -> Optional[dict]:
-    """The newest readable stack-member checkpoint of a run (a torn one is skipped), else None."""
-    for path in (run_dir / "checkpoints" / "last.ckpt", run_dir / "checkpoints" / "last.ckpt.prev"):
-        if not path.exists():
-            continue
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as e:  # torn or foreign file
-            log.warning("checkpoint %s is unreadable (%s); trying the previous one", path, type(e).__name__)
-            continue
-        if not ckpt.get(STACKED_CHECKPOINT):
-            log.warning("%s was written by a run trained alone; this member starts again from step 0", path)
-            return None
-        return ckpt
-    return None
+    """The newest readable stack-member checkpoint of a run, else None (none, or a solo run's)."""
+    found = newest_checkpoint(run_dir)
+    if found is None:
+        return None
+    path, ckpt = found
+    if not ckpt.get(STACKED_CHECKPOINT):
+        log.warning("%s was written by a run trained alone; this member starts again from step 0", path)
+        return None
+    return ckpt
 
 
 def train_stack(specs: list[MemberSpec], precision: str, accelerator: str = "auto",
@@ -340,31 +333,14 @@ def _optimizer_step(m: Member, step: int) -> None:
 
 def _result(m: Member, params: dict, info: dict, autocast) -> dict:
     """A member's summary fields, as train.train returns them for a solo run."""
-    cfg, o = m.cfg, m.outcome
-    steps = m.global_step
-    status, reason = o.status, o.reason
-    if status == "running":
-        if not o.val_history or o.val_history[-1][0] != steps:
-            m.validate(autocast)
-        status = "completed"
-        if steps < cfg.trainer.max_steps:
-            reason = f"stopped at step {steps} of {cfg.trainer.max_steps} (trainer.max_time_minutes)"
-    history = o.val_history
-    finite = [h for h in history if math.isfinite(h[1])]
-    fingerprint = {}
-    for cb in m.callbacks:
-        fingerprint.update(getattr(cb, "fingerprint", {}))
-        if hasattr(cb, "spikes"):
-            fingerprint["loss_spikes"] = cb.spikes
+    o = m.outcome
+    if o.status == "running" and (not o.val_history or o.val_history[-1][0] != m.global_step):
+        m.validate(autocast)
     return {
         **params,
-        "status": status, "reason": reason, "diverged_at_step": o.step if status == "diverged" else None,
-        "steps": steps, "tokens": steps * cfg.data.batch_size * cfg.data.seq_len,
-        "initial_loss": m.initial_loss,
-        "final_val_loss": history[-1][1] if history else None, "final_val_bpb": history[-1][2] if history else None,
-        "best_val_loss": min(h[1] for h in finite) if finite else None,
-        "best_val_bpb": min(h[2] for h in finite) if finite else None,
-        "val_history": [{"step": s, "loss": l, "bpb": b} for s, l, b in history],
-        "skipped_steps": o.skipped_steps, "world_size": 1, "stability": fingerprint,
+        **result_fields(status=o.status, reason=o.reason, diverged_at_step=o.step, steps=m.global_step,
+                        max_steps=m.cfg.trainer.max_steps, tokens_per_step=m.cfg.data.batch_size * m.cfg.data.seq_len,
+                        initial_loss=m.initial_loss, val_history=o.val_history, skipped_steps=o.skipped_steps,
+                        world_size=1, stability=callbacks_fingerprint(m.callbacks)),
         "precision": None, **info,
     }

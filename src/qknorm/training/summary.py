@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import math
 import os
 import time
 from pathlib import Path
@@ -34,3 +35,27 @@ class RunSummary:
 
     def finish(self, status: str, reason: str | None = None, **fields: Any) -> None:
         self.update(status=status, reason=reason, finished_at=_now(), **fields)
+
+
+def result_fields(*, status: str, reason: str | None, diverged_at_step: int | None, steps: int, max_steps: int,
+                  tokens_per_step: int, initial_loss: float | None, val_history: list, skipped_steps: int,
+                  world_size: int, stability: dict) -> dict:
+    """The summary's fields for how a fit ended (a solo run's, train.train, and a stack member's,
+    training.stack_trainer): a run still "running" when its fit returned completed (short of max_steps
+    only when trainer.max_time_minutes stopped it); the validation history's last and best values."""
+    if status == "running":
+        status = "completed"
+        if steps < max_steps:
+            reason = f"stopped at step {steps} of {max_steps} (trainer.max_time_minutes)"
+    finite = [h for h in val_history if math.isfinite(h[1])]
+    return {
+        "status": status, "reason": reason, "diverged_at_step": diverged_at_step if status == "diverged" else None,
+        "steps": steps, "tokens": steps * tokens_per_step,
+        "initial_loss": initial_loss,
+        "final_val_loss": val_history[-1][1] if val_history else None,
+        "final_val_bpb": val_history[-1][2] if val_history else None,
+        "best_val_loss": min(h[1] for h in finite) if finite else None,
+        "best_val_bpb": min(h[2] for h in finite) if finite else None,
+        "val_history": [{"step": s, "loss": l, "bpb": b} for s, l, b in val_history],
+        "skipped_steps": skipped_steps, "world_size": world_size, "stability": stability,
+    }

@@ -21,6 +21,7 @@ import json
 import math
 import os
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -108,6 +109,8 @@ class Section:
     body: list[str] = field(default_factory=list)
     figures: list[str] = field(default_factory=list)
     compute: str = ""
+    checks: dict[str, Optional[bool]] = field(default_factory=dict)
+    seed_checks: dict[int, list[Optional[bool]]] = field(default_factory=dict)  # each seed's own answers, in order
 
 
 def verdict_of(checks: dict[str, Optional[bool]]) -> str:
@@ -126,15 +129,53 @@ def verdict_of(checks: dict[str, Optional[bool]]) -> str:
 MARK = {True: "yes", False: "no", None: "undecided"}
 
 
-def checks_md(checks: dict[str, Optional[bool]]) -> list[str]:
-    return ["| check | holds |", "|---|---|"] + [f"| {name} | {MARK[v]} |" for name, v in checks.items()]
-
-
 def conclude(sec: Section, checks: dict[str, Optional[bool]], frame: pd.DataFrame) -> None:
-    """A section's ending: the checks' table, the verdict they give, and the reason naming each."""
-    sec.body += ["", *checks_md(checks)]
+    """A section's ending: its checks (rendered as a table after its body), the verdict they give, and the
+    reason naming each."""
+    sec.checks = dict(checks)
     sec.verdict = verdict_of(checks)
     sec.reason = "; ".join(f"{k}: {MARK[v]}" for k, v in checks.items()) + seeds_note(frame)
+
+
+def checks_md(sec: Section) -> list[str]:
+    """The checks' table; with several seeds, each seed's own answer beside the one the verdict uses."""
+    if not sec.checks:
+        return []
+    seeds = sorted(sec.seed_checks)
+    if not seeds:
+        return ["| check | holds |", "|---|---|"] + [f"| {name} | {MARK[v]} |" for name, v in sec.checks.items()]
+    rows = ["| check | holds (every seed) | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+            "|---|---|" + "---|" * len(seeds)]
+    for i, (name, v) in enumerate(sec.checks.items()):
+        rows.append(f"| {name} | {MARK[v]} | " + " | ".join(MARK[sec.seed_checks[s][i]] for s in seeds) + " |")
+    return rows
+
+
+def check_each_seed(fn: Callable, frame: pd.DataFrame, sec: Section) -> None:
+    """Run an experiment's checks again on each seed's runs alone. A check holds (or fails) only where the
+    seeds' mean curves and every seed say the same; where they split it is undecided, since the difference
+    it tests is then within seed noise. The verdict and reason are taken again from the agreed checks."""
+    seeds = sorted({int(s) for s in frame["seed"].dropna()})
+    if len(seeds) < 2 or not sec.checks:
+        return
+    pooled = list(sec.checks.items())
+    for seed in seeds:
+        alone = Section(sec.key, sec.title, sec.claim, sec.source, sec.command)
+        with tempfile.TemporaryDirectory() as scratch:  # its figures are not kept
+            try:
+                fn(frame[frame["seed"] == seed].reset_index(drop=True), alone, Path(scratch), Path(scratch))
+            except Exception:  # too few runs in this seed to decide: undecided, not a crash
+                alone.checks = {}
+        answers = list(alone.checks.values())
+        sec.seed_checks[seed] = answers if len(answers) == len(pooled) else [None] * len(pooled)
+    agreed = {name: (v if all(sec.seed_checks[s][i] == v for s in seeds) else None)
+              for i, (name, v) in enumerate(pooled)}
+    split = [name for name, v in pooled if v is not None and agreed[name] is None]
+    if sec.verdict != "inconclusive":  # an experiment's own reason for inconclusive stands
+        sec.verdict = verdict_of(agreed)
+        sec.reason = "; ".join(f"{k}: {'seeds disagree' if k in split else MARK[v]}" for k, v in agreed.items()) + (
+            f" ({len(seeds)} seeds: a check counts where the seeds' mean and every seed agree)")
+    sec.checks = agreed
 
 
 def scale_of(frame: pd.DataFrame, corpus_tokens: Optional[int]) -> str:
@@ -403,18 +444,27 @@ def lr_ladder(frame: pd.DataFrame, label=attention_label) -> tuple[pd.DataFrame,
         t = tolerance(curve)
         t["sensitivity"] = sensitivity(sub)[0]
         t["curve"] = curve
+        t["critical_per_seed"] = {int(seed): tolerance(lr_curves(one, lambda r: "x"))["critical"]
+                                  for seed, one in sub.groupby("seed")}
         out[v] = t
     return frame, out
 
 
 def ladder_rows(tol: dict) -> list[str]:
+    """Loss per LR (the seeds' mean, "(div)" where any seed diverged), and where each curve fails; with
+    several seeds, also each seed's own critical LR."""
     lrs = sorted({float(lr) for t in tol.values() for lr in t["curve"]["lr"]})
-    head = "| attention | " + " | ".join(f"LR {lr:g}" for lr in lrs) + " | largest stable LR | critical LR |"
-    rows = [head, "|---|" + "---:|" * (len(lrs) + 2)]
+    seeds = sorted({s for t in tol.values() for s in t.get("critical_per_seed", {})})
+    per_seed = len(seeds) > 1
+    head = ("| attention | " + " | ".join(f"LR {lr:g}" for lr in lrs) + " | largest stable LR | critical LR |"
+            + (" critical LR per seed |" if per_seed else ""))
+    rows = [head, "|---|" + "---:|" * (len(lrs) + 2) + ("---|" if per_seed else "")]
     for v, t in tol.items():
         c = t["curve"].set_index("lr")
         cells = [(f"{c.loc[lr, 'capped']:.3f}" + ("" if c.loc[lr, "stable"] else " (div)")) if lr in c.index else "-" for lr in lrs]
-        rows.append(f"| {v} | " + " | ".join(cells) + f" | {lr_fmt(t['largest_stable'])} | {lr_fmt(t['critical'])} |")
+        each = ", ".join(f"{s}: {lr_fmt(t['critical_per_seed'][s]) if s in t['critical_per_seed'] else '-'}" for s in seeds)
+        rows.append(f"| {v} | " + " | ".join(cells) + f" | {lr_fmt(t['largest_stable'])} | {lr_fmt(t['critical'])} |"
+                    + (f" {each} |" if per_seed else ""))
     return rows
 
 
@@ -868,6 +918,9 @@ def corpus_tokens(frames: list[pd.DataFrame]) -> Optional[int]:
     return None
 
 
+# the experiments whose checks compare runs that differ by a seed's noise or less: each seed is checked alone too
+SEED_CHECKED = {"E1", "E2", "E3", "E4", "E7"}
+
 README_BEGIN, README_END = "<!-- reproductions:begin -->", "<!-- reproductions:end -->"
 
 
@@ -905,6 +958,8 @@ def build(runs: Path, out: Path, figdir: Path, readme: Optional[Path] = None) ->
             sec.compute = f"{frame['wall_time_s'].dropna().sum() / 3600:.2f} h"
             try:
                 fn(frame, sec, figdir, rel)
+                if key in SEED_CHECKED:
+                    check_each_seed(fn, frame, sec)
             except Exception as e:  # one experiment's incomplete data must not hide the others
                 sec.verdict = "inconclusive"
                 sec.reason = f"its analysis could not run on the runs present ({type(e).__name__}: {e})"
@@ -942,6 +997,7 @@ def render(sections: list[Section], runs: Path) -> str:
                   f"**Command**: `{s.command}`", "", f"**Scale**: {s.scale or 'no runs yet'}", "",
                   f"**Verdict: {s.verdict}.** {s.reason}", ""]
         lines += s.body
+        lines += ["", *checks_md(s)] if s.checks else []
         lines += [""] + [f"![{s.key}]({f})" for f in s.figures]
     return "\n".join(lines).rstrip() + "\n"
 

@@ -20,24 +20,24 @@ sweep() { local name=$1; shift; qknorm-train -m "$@" "${COMMON[@]}" "hydra.sweep
 # (head_dim 32; width, depth and heads together), with and without qk-layernorm, their optimizer.
 e1() {
   sweep e1_wortsman_fig1 optim=wortsman model=ladder_64,ladder_96,ladder_128 \
-    attention=baseline,wortsman2023_qk_layernorm optim.lr=1e-3,3e-3,1e-2,3e-2,1e-1,3e-1 seed=0 trainer.max_steps=300
+    attention=baseline,wortsman2023_qk_layernorm optim.lr=1e-3,3e-3,1e-2,3e-2,1e-1,3e-1 seed=0,1 trainer.max_steps=300
 }
 e2() { e1; }
 
 # E3: norm kinds and scopes (Wortsman Fig. E.8, Henry 2020): LayerNorm / RMS / L2 with learned g, per head vs
 # full width, before vs after RoPE, and L2 with a fixed gain of 1 (the logits bounded by 1/sqrt(d_h)).
 e3() {
-  sweep e3_norm_variants model=tiny trainer.max_steps=300 seed=0 optim.lr=1e-2,3e-1,3 \
+  sweep e3_norm_variants model=tiny trainer.max_steps=300 seed=0,1 optim.lr=1e-2,3e-1,3 \
     attention=wortsman2023_qk_layernorm,vit22b_layernorm,qwen3,olmo2,henry2020_l2
-  sweep e3_norm_variants model=tiny trainer.max_steps=300 seed=0 optim.lr=1e-2,3e-1,3 \
+  sweep e3_norm_variants model=tiny trainer.max_steps=300 seed=0,1 optim.lr=1e-2,3e-1,3 \
     attention=qwen3 attention.position=after_rope
-  sweep e3_norm_variants model=tiny trainer.max_steps=300 seed=0 optim.lr=1e-2,3e-1,3 \
+  sweep e3_norm_variants model=tiny trainer.max_steps=300 seed=0,1 optim.lr=1e-2,3e-1,3 \
     attention=baseline attention.qk_norm=l2 attention.gain=none
 }
 
 # E4: Rybakov et al. 2024, the ladder of first-diverging LR, with the QKV / Proj / FC2 output norms.
 e4() {
-  sweep e4_rybakov_ladder model=tiny trainer.max_steps=300 seed=0 optim.lr=3e-2,1e-1,3e-1,1,3 \
+  sweep e4_rybakov_ladder model=tiny trainer.max_steps=300 seed=0,1 optim.lr=3e-2,1e-1,3e-1,1,3 \
     attention=baseline,rybakov2024_soft_cap,wortsman2023_qk_layernorm,rybakov2024_qk_fc_norm,rybakov2024_qkv_norm,rybakov2024_qk_norm_cap
 }
 
@@ -58,9 +58,9 @@ e6() {
 # E7: Wortsman Figs. 5-6, with qk-layernorm: warmup 1% / 5% / 25%, and independent decay 1e-4 against the
 # coupled (PyTorch) decay 0.1.
 e7() {
-  sweep e7_optim model=tiny trainer.max_steps=300 seed=0 optim=wortsman attention=wortsman2023_qk_layernorm \
+  sweep e7_optim model=tiny trainer.max_steps=300 seed=0,1 optim=wortsman attention=wortsman2023_qk_layernorm \
     optim.lr=1e-2,1e-1,1 optim.warmup_fraction=0.01,0.05,0.25
-  sweep e7_optim model=tiny trainer.max_steps=300 seed=0 optim=wortsman attention=wortsman2023_qk_layernorm \
+  sweep e7_optim model=tiny trainer.max_steps=300 seed=0,1 optim=wortsman attention=wortsman2023_qk_layernorm \
     optim.lr=1e-2,1e-1,1 optim.independent_weight_decay=false optim.weight_decay=0.1
 }
 

@@ -109,6 +109,7 @@ class Section:
     body: list[str] = field(default_factory=list)
     figures: list[str] = field(default_factory=list)
     compute: str = ""
+    seeds: int = 0
     checks: dict[str, Optional[bool]] = field(default_factory=dict)
     seed_checks: dict[int, list[Optional[bool]]] = field(default_factory=dict)  # each seed's own answers, in order
 
@@ -925,10 +926,11 @@ README_BEGIN, README_END = "<!-- reproductions:begin -->", "<!-- reproductions:e
 
 
 def summary_table(sections: list[Section], page: str) -> list[str]:
-    rows = ["| | claim | source | verdict | compute |", "|---|---|---|---|---|"]
+    rows = ["| | claim | source | verdict | seeds | compute |", "|---|---|---|---|---:|---|"]
     for s in sections:
         anchor = f"{s.key.lower()}-" + "".join(c for c in s.title.lower().replace(" ", "-") if c.isalnum() or c == "-")
-        rows.append(f"| [{s.key}]({page}#{anchor}) | {s.title} | {s.source} | **{s.verdict}** | {s.compute or '-'} |")
+        rows.append(f"| [{s.key}]({page}#{anchor}) | {s.title} | {s.source} | **{s.verdict}** | {s.seeds or '-'} | "
+                    f"{s.compute or '-'} |")
     return rows
 
 
@@ -956,6 +958,7 @@ def build(runs: Path, out: Path, figdir: Path, readme: Optional[Path] = None) ->
         else:
             sec.scale = scale_of(frame, tokens)
             sec.compute = f"{frame['wall_time_s'].dropna().sum() / 3600:.2f} h"
+            sec.seeds = frame["seed"].nunique()
             try:
                 fn(frame, sec, figdir, rel)
                 if key in SEED_CHECKED:
@@ -984,7 +987,9 @@ def render(sections: list[Section], runs: Path) -> str:
         f"*stable* when it completed below its initial loss; a curve's *critical LR* is the first LR above its optimum "
         f"whose loss is {JUMP_NATS} nats above its best; two curves *agree* within {AGREE_NATS} nats; LR sensitivity is "
         "Wortsman et al.'s mean over the LR grid of min(loss, initial loss) minus the best loss. *Compute* is the "
-        "runs' wall time summed (they ran two at a time on 2 cores, so the machine time is about half).",
+        "runs' wall time summed (they ran two at a time on 2 cores, so the machine time is about half). With "
+        "several *seeds*, a curve is the seeds' mean, and a check that compares curves (E1-E4, E7) holds only "
+        "where it holds on that mean and on every seed alone; where the seeds split it is undecided.",
         "",
         "These are small models (0.1-1M parameters without the embedding) trained for a few hundred steps on "
         "Shakespeare: a proxy for the papers' settings, which are 10^2-10^4 times larger and run 10^2 times "

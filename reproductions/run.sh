@@ -35,9 +35,11 @@ e3() {
     attention=baseline attention.qk_norm=l2 attention.gain=none
 }
 
-# E4: Rybakov et al. 2024, the ladder of first-diverging LR, with the QKV / Proj / FC2 output norms.
+# E4: Rybakov et al. 2024, the ladder of first-diverging LR, with the QKV / Proj / FC2 output norms. Every
+# variant is stable at 0.3 and diverges by 1 here, so the grid steps by 1.5x between them (the paper's
+# groups are 1.33-1.5x apart).
 e4() {
-  sweep e4_rybakov_ladder model=tiny trainer.max_steps=300 seed=0,1 optim.lr=3e-2,1e-1,3e-1,1,3 \
+  sweep e4_rybakov_ladder model=tiny trainer.max_steps=300 seed=0,1 optim.lr=3e-2,1e-1,3e-1,4.5e-1,6.7e-1,1,3 \
     attention=baseline,rybakov2024_soft_cap,wortsman2023_qk_layernorm,rybakov2024_qk_fc_norm,rybakov2024_qkv_norm,rybakov2024_qk_norm_cap
 }
 

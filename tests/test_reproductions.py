@@ -163,7 +163,7 @@ def test_e4_rybakov_ladder_in_order(tmp_path):
 
 def test_two_seeds_decide_a_check_only_where_both_agree(tmp_path):
     """Seed 1 repeats the ladder, except that its QK-norm + cap fails at LR 1 with the middle group. The
-    seeds disagree on whether that group lasts longest, so the check is undecided and the verdict no
+    seeds disagree on whether that group diverges last, so the check is undecided and the verdict no
     longer says reproduced; the checks the seeds agree on stay decided."""
     folder = tmp_path / "runs" / "e4_rybakov_ladder"
     e4_fixture(folder, LADDER, seed=0)
@@ -171,14 +171,14 @@ def test_two_seeds_decide_a_check_only_where_both_agree(tmp_path):
     sections = {s.key: s for s in repro.build(tmp_path / "runs", tmp_path / "r.md", tmp_path / "figs")}
     e4 = sections["E4"]
     assert e4.seed_checks[0] != e4.seed_checks[1]
-    ladder = next(k for k in e4.checks if k.startswith("QKV-norm and QK-norm + cap last longest"))
-    baseline_first = next(k for k in e4.checks if k.startswith("the baseline fails first"))
+    ladder = next(k for k in e4.checks if k.startswith("QKV-norm and QK-norm + cap diverge last"))
+    baseline_first = next(k for k in e4.checks if k.startswith("the baseline diverges first"))
     assert e4.checks[ladder] is None and e4.checks[baseline_first] is True
     assert e4.verdict == "partly", e4.reason
-    assert "last longest: seeds disagree" in e4.reason and "2 seeds" in e4.reason
+    assert "diverge last (above every one of soft-cap, QK-norm, QK_FC_norm): seeds disagree" in e4.reason and "2 seeds" in e4.reason
     text = (tmp_path / "r.md").read_text()
     assert "| check | holds (every seed) | seed 0 | seed 1 |" in text
-    assert "critical LR per seed" in text and "0: none in the grid, 1: 1" in text
+    assert "first unstable LR per seed" in text and "0: none in the grid, 1: 1" in text
 
 
 def test_two_seeds_that_agree_keep_the_verdict(tmp_path):

@@ -20,6 +20,7 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -152,30 +153,47 @@ def checks_md(sec: Section) -> list[str]:
     return rows
 
 
+def check_name(name: str) -> str:
+    """A check's name without the figures in its parentheses, which each seed fills in from its own runs."""
+    return re.sub(r"\s*\([^)]*\)", "", name).strip()
+
+
 def check_each_seed(fn: Callable, frame: pd.DataFrame, sec: Section) -> None:
-    """Run an experiment's checks again on each seed's runs alone. A check holds (or fails) only where the
-    seeds' mean curves and every seed say the same; where they split it is undecided, since the difference
-    it tests is then within seed noise. The verdict and reason are taken again from the agreed checks."""
+    """Run an experiment's checks again on each seed's runs alone. A check stays decided only where no seed
+    decides it the other way; where seeds split it is undecided ("seeds disagree"), since the difference
+    it tests is then within seed noise. A seed that cannot decide a check alone (too few of its runs) is
+    named beside it. The verdict and reason are taken again from the result."""
     seeds = sorted({int(s) for s in frame["seed"].dropna()})
     if len(seeds) < 2 or not sec.checks:
         return
     pooled = list(sec.checks.items())
+    failures = {}
     for seed in seeds:
         alone = Section(sec.key, sec.title, sec.claim, sec.source, sec.command)
         with tempfile.TemporaryDirectory() as scratch:  # its figures are not kept
             try:
                 fn(frame[frame["seed"] == seed].reset_index(drop=True), alone, Path(scratch), Path(scratch))
-            except Exception:  # too few runs in this seed to decide: undecided, not a crash
-                alone.checks = {}
-        answers = list(alone.checks.values())
-        sec.seed_checks[seed] = answers if len(answers) == len(pooled) else [None] * len(pooled)
-    agreed = {name: (v if all(sec.seed_checks[s][i] == v for s in seeds) else None)
-              for i, (name, v) in enumerate(pooled)}
-    split = [name for name, v in pooled if v is not None and agreed[name] is None]
+            except Exception as e:  # this seed's runs alone decide nothing; the others still count
+                failures[seed] = f"{type(e).__name__}: {e}"
+            finally:
+                plt().close("all")
+        answers = {check_name(k): v for k, v in alone.checks.items()}
+        sec.seed_checks[seed] = [answers.get(check_name(name)) for name, _ in pooled]
+    agreed, notes = {}, {}
+    for i, (name, v) in enumerate(pooled):
+        answers = [sec.seed_checks[s][i] for s in seeds]
+        if v is not None and any(a is not None and a != v for a in answers):
+            agreed[name], notes[name] = None, "seeds disagree"
+            continue
+        agreed[name] = v
+        silent = [str(s) for s, a in zip(seeds, answers) if a is None]
+        if v is not None and silent:
+            notes[name] = f"{MARK[v]} (seed {', '.join(silent)} alone: undecided)"
     if sec.verdict != "inconclusive":  # an experiment's own reason for inconclusive stands
         sec.verdict = verdict_of(agreed)
-        sec.reason = "; ".join(f"{k}: {'seeds disagree' if k in split else MARK[v]}" for k, v in agreed.items()) + (
-            f" ({len(seeds)} seeds: a check counts where the seeds' mean and every seed agree)")
+        sec.reason = "; ".join(f"{k}: {notes.get(k, MARK[v])}" for k, v in agreed.items()) + (
+            f" ({len(seeds)} seeds: a check holds where the seeds' mean says so and no seed alone says otherwise)"
+            + "".join(f"; seed {s}'s runs alone could not be analysed ({why})" for s, why in failures.items()))
     sec.checks = agreed
 
 
@@ -536,14 +554,37 @@ def first_diverging(t: dict) -> float:
     return t["first_unstable"] if not math.isnan(t["first_unstable"]) else math.inf
 
 
+def output_norm_ratios(frame: pd.DataFrame, variant: str, lr_bad: float) -> list[dict]:
+    """Rybakov's diagnostic, per seed: the QKV / Proj / FC2 output norms (largest layer) of the run at its
+    first diverging LR over those of the same seed's largest stable run below it, both read at one early
+    step: 30% of the run, or the diverging run's last record before then."""
+    out = []
+    for seed, runs in frame[frame["variant"] == variant].groupby("seed"):
+        bad = runs[runs["lr"] == lr_bad]
+        good = runs[(runs["lr"] < lr_bad) & runs["stable"]].sort_values("lr")
+        if not len(bad) or not len(good) or not records(bad.iloc[0]["run_dir"]):
+            continue
+        bad_run, good_run = bad.iloc[0], good.iloc[-1]
+        steps = int(bad_run["cfg"].get("trainer.max_steps", 300))
+        last = series(bad_run["run_dir"], "qkv_out_l2")[0]
+        at = min(0.3 * steps, float(last.max())) if len(last) else 0.3 * steps
+        layers = len(records(bad_run["run_dir"])[0]["layers"])
+        row = {"seed": int(seed), "bad_lr": float(bad_run["lr"]), "good_lr": float(good_run["lr"]), "step": at}
+        for key in ("qkv_out_l2", "attn_proj_out_l2", "mlp_out_l2"):
+            vals = [at_fraction(bad_run["run_dir"], key, at / steps, steps, layer=i)
+                    / at_fraction(good_run["run_dir"], key, at / steps, steps, layer=i) for i in range(layers)]
+            row[key] = max(vals) if vals else math.nan
+        out.append(row)
+    return out
+
+
 def e4(frame: pd.DataFrame, sec: Section, figdir: Path, rel: Path) -> None:
     frame, tol = lr_ladder(frame)
     sec.figures.append(ladder_figure(tol, "E4: Rybakov et al. 2024 ladder", figdir, "e4_rybakov_ladder.png", rel))
     sec.body += ladder_rows(tol, per_seed="first_unstable")
     lrs = sorted({float(lr) for lr in frame["lr"]})
-    # the grid's resolution where it matters: the step below each LR at which some variant first diverged
-    edges = {first_diverging(t) for t in tol.values()}
-    step = max((b / a for a, b in zip(lrs, lrs[1:]) if b in edges), default=math.nan)
+    # a variant's place on the grid: the index of its first diverging LR, len(lrs) when it never diverges
+    place = lambda x: lrs.index(x) if math.isfinite(x) else len(lrs)  # noqa: E731
     groups: dict[int, list[float]] = {}
     for v, t in tol.items():
         if v in RYBAKOV_GROUPS:
@@ -551,43 +592,38 @@ def e4(frame: pd.DataFrame, sec: Section, figdir: Path, rel: Path) -> None:
     checks: dict[str, Optional[bool]] = {}
     if len(groups) == 3:
         g0, g1, g2 = groups[0], groups[1], groups[2]
-        checks["the baseline diverges first (its first diverging LR below every stabilizer's)"] = max(g0) < min(g1 + g2)
-        decided = any(math.isfinite(x) for x in g1 + g2)  # if no stabilizer diverges in the grid, the grid says nothing
-        # "about the same": within one step of the grid where they diverge (1.5x near the edge, as the paper's)
+        # where neither side of a comparison diverges inside the grid, the grid cannot order them
+        checks["the baseline diverges first (its first diverging LR below every stabilizer's)"] = (
+            max(g0) < min(g1 + g2) if math.isfinite(min(g0 + g1 + g2)) else None)
         checks["soft-cap, QK-norm and QK_FC_norm diverge at about the same LR (within one grid step)"] = (
-            (all(math.isfinite(x) for x in g1) and max(g1) / min(g1) <= 1.01 * step) or not any(map(math.isfinite, g1))
-            if decided else None)
+            max(map(place, g1)) - min(map(place, g1)) <= 1)
         checks["QKV-norm and QK-norm + cap diverge last (above every one of soft-cap, QK-norm, QK_FC_norm)"] = (
-            min(g2) > max(g1) if decided else None)
-        if decided and math.isfinite(max(g1)):
-            sec.body += ["", f"First diverging LR: the later group's lowest {lr_fmt(min(g2) if math.isfinite(min(g2)) else math.nan)} "
-                         f"against the middle group's highest {max(g1):g} (the paper: 80e-3 against 60e-3, 1.33x; "
-                         "its abstract says 1.5x more LR without divergence)."]
+            min(g2) > max(g1) if math.isfinite(max(g1)) or math.isfinite(min(g2)) else None)
+        edges = [x for x in g1 + g2 if math.isfinite(x) and lrs.index(x) > 0]
+        steps = [lrs[lrs.index(x)] / lrs[lrs.index(x) - 1] for x in edges]
+        sec.body += ["", f"First diverging LR: the later group's lowest {lr_fmt(min(g2) if math.isfinite(min(g2)) else math.nan)}, "
+                     f"the middle group's highest {lr_fmt(max(g1) if math.isfinite(max(g1)) else math.nan)} (the paper: 80e-3 "
+                     "against 60e-3; its abstract: 1.5x more LR without divergence). Where the stabilizers diverge the grid "
+                     f"steps by {'-'.join(dict.fromkeys(fmt(x, '.2g') for x in sorted(steps))) or '-'}x, so a smaller "
+                     "difference cannot be resolved. A run diverges here when the divergence detector stopped it or it "
+                     "ended above its initial loss (the paper judged its curves by eye)."]
+        order = sorted(tol, key=lambda v: (limit(tol[v]), v))
+        sec.body += ["", "Reported, not a check: by critical LR (where the loss is first "
+                     f"{JUMP_NATS} nats above its curve's best, a quality limit rather than divergence) the order is "
+                     + ", ".join(f"{v} {lr_fmt(tol[v]['critical'])}" for v in order) + "."]
     else:
         checks["the ladder's three groups are present"] = None
-    # Rybakov's diagnostic: output norms early in a failing run against a healthy run at the next lower LR
-    base = frame[frame["variant"] == "no QK-norm"].sort_values("lr")
-    crit = tol.get("no QK-norm", {}).get("critical", math.nan)
-    ratios = {}
-    if not math.isnan(crit) and len(base):
-        bad = base[base["lr"] == crit]
-        good = base[(base["lr"] < crit) & base["stable"]]
-        if len(bad) and len(good):
-            bad_run, good_run = bad.iloc[0], good.iloc[-1]
-            steps = int(bad_run["cfg"].get("trainer.max_steps", 300))
-            for key in ("qkv_out_l2", "attn_proj_out_l2", "mlp_out_l2"):
-                layers = len(records(bad_run["run_dir"])[0]["layers"]) if records(bad_run["run_dir"]) else 0
-                vals = [at_fraction(bad_run["run_dir"], key, 0.3, steps, layer=i) / at_fraction(good_run["run_dir"], key, 0.3, steps, layer=i)
-                        for i in range(layers)]
-                ratios[key] = max(vals) if vals else math.nan
-            sec.body += ["", f"Output norms at 30% of the run, the baseline at its critical LR {crit:g} over the baseline at "
-                         f"LR {good_run['lr']:g} (largest layer ratio): "
-                         + ", ".join(f"{k} {fmt(v)}x" for k, v in ratios.items()) + "."]
-    checks["failing runs show QKV/Proj/FC2 outputs over 2x a stable run's early"] = (
-        all(v > 2 for v in ratios.values()) if ratios else None)
-    sec.body += ["", f"Where the runs diverge the grid steps by up to {fmt(step, '.2g')}x; a difference smaller than one step "
-                 "(the paper's groups are 1.33-1.5x apart) cannot be resolved. A run diverges here when the divergence "
-                 "detector stopped it or it ended above its initial loss (the paper judged its curves by eye)."]
+    # Rybakov's diagnostic: output norms early in a diverging run against a stable run of the same seed
+    crit = first_diverging(tol["no QK-norm"]) if "no QK-norm" in tol else math.inf
+    ratios = output_norm_ratios(frame, "no QK-norm", crit) if math.isfinite(crit) else []
+    if ratios:
+        sec.body += ["", "Output norms early in the baseline's first diverging run over the same seed's largest stable "
+                     "run below it (largest layer ratio):", "",
+                     "| seed | diverging LR | stable LR | at step | QKV out | Proj out | FC2 out |", "|---:|---:|---:|---:|---:|---:|---:|",
+                     *[f"| {r['seed']} | {r['bad_lr']:g} | {r['good_lr']:g} | {r['step']:.0f} | {fmt(r['qkv_out_l2'])}x | "
+                       f"{fmt(r['attn_proj_out_l2'])}x | {fmt(r['mlp_out_l2'])}x |" for r in ratios]]
+    checks["the diverging baseline's QKV/Proj/FC2 outputs are over 2x a stable run's early"] = (
+        all(r[k] > 2 for r in ratios for k in ("qkv_out_l2", "attn_proj_out_l2", "mlp_out_l2")) if ratios else None)
     conclude(sec, checks, frame)
 
 
@@ -936,7 +972,7 @@ def corpus_tokens(frames: list[pd.DataFrame]) -> Optional[int]:
     return None
 
 
-# the experiments whose checks compare runs that differ by a seed's noise or less: each seed is checked alone too
+# the experiments whose checks test differences that seed noise could make: each seed is checked alone too
 SEED_CHECKED = {"E1", "E2", "E3", "E4", "E7"}
 
 README_BEGIN, README_END = "<!-- reproductions:begin -->", "<!-- reproductions:end -->"
@@ -1005,8 +1041,9 @@ def render(sections: list[Section], runs: Path) -> str:
         f"whose loss is {JUMP_NATS} nats above its best; two curves *agree* within {AGREE_NATS} nats; LR sensitivity is "
         "Wortsman et al.'s mean over the LR grid of min(loss, initial loss) minus the best loss. *Compute* is the "
         "runs' wall time summed (they ran two at a time on 2 cores, so the machine time is about half). With "
-        "several *seeds*, a curve is the seeds' mean, and a check that compares curves (E1-E4, E7) holds only "
-        "where it holds on that mean and on every seed alone; where the seeds split it is undecided.",
+        "several *seeds*, a curve is the seeds' mean, and a check of E1-E4 and E7 (differences that seed noise "
+        "could make) holds where it holds on the mean and no seed alone says otherwise; where seeds split it is "
+        "undecided.",
         "",
         "These are small models (0.1-1M parameters without the embedding) trained for a few hundred steps on "
         "Shakespeare: a proxy for the papers' settings, which are 10^2-10^4 times larger and run 10^2 times "

@@ -157,8 +157,44 @@ def test_e4_rybakov_ladder_in_order(tmp_path):
     e4_fixture(tmp_path / "runs" / "e4_rybakov_ladder", LADDER)
     sections = {s.key: s for s in repro.build(tmp_path / "runs", tmp_path / "r.md", tmp_path / "figs")}
     assert sections["E4"].verdict == "reproduced", sections["E4"].reason
-    assert "qkv_out_l2" in "\n".join(sections["E4"].body)
+    # the diagnostic: the baseline's first diverging run (0.1) against its stable run at 0.03, at 30% of the run
+    assert "| 0 | 0.1 | 0.03 | 90 | 6.3x | 6.3x | 6.3x |" in "\n".join(sections["E4"].body)
     assert "| check | holds |" in (tmp_path / "r.md").read_text()
+
+
+def e4_fixture_lrs(folder: Path, fail_at: dict, lrs: list, seed: int) -> None:
+    for preset, limit in fail_at.items():
+        for lr in lrs:
+            write_run(folder, ["model=tiny", f"attention={preset}", f"optim.lr={lr:g}"], 7.0 if lr >= limit else 3.0,
+                      logit=(1.0, 300.0) if lr >= limit else (1.0, 1.2), seed=seed)
+
+
+def test_e4_orders_only_what_diverges_inside_its_grid(tmp_path):
+    """The baseline diverges at 0.1, soft-cap at 1 (the grid's last LR), QK-norm, QK_FC_norm and the later
+    group never: soft-cap is within a step of the others, and the grid cannot order the later group against
+    QK-norm (both past it). With nothing diverging, it cannot order anything."""
+    e4_fixture_lrs(tmp_path / "runs" / "e4_rybakov_ladder", {**LADDER, "rybakov2024_soft_cap": 1.0,
+                   "wortsman2023_qk_layernorm": 9.0, "rybakov2024_qk_fc_norm": 9.0}, [3e-2, 1e-1, 3e-1, 1.0], seed=0)
+    e4 = {s.key: s for s in repro.build(tmp_path / "runs", tmp_path / "r.md", tmp_path / "figs")}["E4"]
+    by_name = {repro.check_name(k): v for k, v in e4.checks.items()}
+    assert by_name["the baseline diverges first"] is True
+    assert by_name["soft-cap, QK-norm and QK_FC_norm diverge at about the same LR"] is True  # 1 and past 1: one step
+    assert by_name["QKV-norm and QK-norm + cap diverge last"] is None
+    e4_fixture_lrs(tmp_path / "runs2" / "e4_rybakov_ladder", {p: 9.0 for p in LADDER}, [3e-2, 1e-1], seed=0)
+    e4 = {s.key: s for s in repro.build(tmp_path / "runs2", tmp_path / "r.md", tmp_path / "figs")}["E4"]
+    by_name = {repro.check_name(k): v for k, v in e4.checks.items()}
+    assert by_name["the baseline diverges first"] is None and by_name["QKV-norm and QK-norm + cap diverge last"] is None
+
+
+def test_a_seed_that_cannot_decide_alone_does_not_split_the_seeds(tmp_path):
+    """Seed 1 has only the LRs up to 0.3, where only the baseline diverges: alone it cannot say which
+    stabilizers last longest, so that check keeps seed 0's and the mean's answer and names seed 1."""
+    folder = tmp_path / "runs" / "e4_rybakov_ladder"
+    e4_fixture(folder, LADDER, seed=0)
+    e4_fixture_lrs(folder, LADDER, [3e-2, 1e-1, 3e-1], seed=1)
+    e4 = {s.key: s for s in repro.build(tmp_path / "runs", tmp_path / "r.md", tmp_path / "figs")}["E4"]
+    assert e4.verdict == "reproduced", e4.reason
+    assert "seeds disagree" not in e4.reason and "yes (seed 1 alone: undecided)" in e4.reason
 
 
 def test_two_seeds_decide_a_check_only_where_both_agree(tmp_path):

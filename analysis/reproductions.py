@@ -554,14 +554,16 @@ def first_diverging(t: dict) -> float:
     return t["first_unstable"] if not math.isnan(t["first_unstable"]) else math.inf
 
 
-def output_norm_ratios(frame: pd.DataFrame, variant: str, lr_bad: float) -> list[dict]:
-    """Rybakov's diagnostic, per seed: the QKV / Proj / FC2 output norms (largest layer) of the run at its
-    first diverging LR over those of the same seed's largest stable run below it, both read at one early
-    step: 30% of the run, or the diverging run's last record before then."""
+def output_norm_ratios(frame: pd.DataFrame, variant: str) -> list[dict]:
+    """Rybakov's diagnostic, per seed: the QKV / Proj / FC2 output norms (largest layer) of the seed's run at
+    its own first diverging LR over those of the same seed's largest stable run below it, both read at one
+    early step: 30% of the run, or the diverging run's last record before then."""
     out = []
     for seed, runs in frame[frame["variant"] == variant].groupby("seed"):
-        bad = runs[runs["lr"] == lr_bad]
-        good = runs[(runs["lr"] < lr_bad) & runs["stable"]].sort_values("lr")
+        if runs["stable"].all():
+            continue
+        bad = runs[runs["lr"] == runs.loc[~runs["stable"], "lr"].min()]
+        good = runs[(runs["lr"] < bad.iloc[0]["lr"]) & runs["stable"]].sort_values("lr")
         if not len(bad) or not len(good) or not records(bad.iloc[0]["run_dir"]):
             continue
         bad_run, good_run = bad.iloc[0], good.iloc[-1]
@@ -614,8 +616,7 @@ def e4(frame: pd.DataFrame, sec: Section, figdir: Path, rel: Path) -> None:
     else:
         checks["the ladder's three groups are present"] = None
     # Rybakov's diagnostic: output norms early in a diverging run against a stable run of the same seed
-    crit = first_diverging(tol["no QK-norm"]) if "no QK-norm" in tol else math.inf
-    ratios = output_norm_ratios(frame, "no QK-norm", crit) if math.isfinite(crit) else []
+    ratios = output_norm_ratios(frame, "no QK-norm")
     if ratios:
         sec.body += ["", "Output norms early in the baseline's first diverging run over the same seed's largest stable "
                      "run below it (largest layer ratio):", "",

@@ -261,3 +261,15 @@ def test_e10_and_e9_and_e7_and_e3_and_e8_read_their_runs(tmp_path):
     assert sections["E3"].verdict == "reproduced", sections["E3"].reason
     # no probe tables and logits far below fp16's limit: the overflow cannot show at this scale
     assert sections["E8"].verdict == "inconclusive", sections["E8"].reason
+
+
+def test_the_output_norm_diagnostic_reads_each_seeds_own_first_diverging_run(tmp_path):
+    """Seed 0's baseline diverges at 0.1, seed 1's at 0.3: each seed's row compares its own diverging run
+    with its own largest stable run below it."""
+    folder = tmp_path / "runs" / "e4_rybakov_ladder"
+    e4_fixture(folder, LADDER, seed=0)
+    e4_fixture(folder, {**LADDER, "baseline": 3e-1}, seed=1)
+    e4 = {s.key: s for s in repro.build(tmp_path / "runs", tmp_path / "r.md", tmp_path / "figs")}["E4"]
+    body = "\n".join(e4.body)
+    assert "| 0 | 0.1 | 0.03 | 90 | 6.3x |" in body and "| 1 | 0.3 | 0.1 | 90 | 6.3x |" in body
+    assert {repro.check_name(k): v for k, v in e4.checks.items()}["the diverging baseline's QKV/Proj/FC2 outputs are over 2x a stable run's early"]

@@ -5,6 +5,7 @@ have a known answer."""
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import sys
@@ -26,11 +27,19 @@ STEPS = 300
 RECORD_STEPS = [0, 60, 150, 299]
 
 
+@functools.lru_cache(maxsize=None)
+def composed(overrides: tuple[str, ...]) -> dict:
+    """The resolved config of a run (its seed aside): composed once per set of overrides, the seeds of a
+    fixture differing only in the top-level `seed`."""
+    return OmegaConf.to_container(compose_raw(["paths.cache_dir=/tmp/unused", *overrides, "seed=0",
+                                               f"trainer.max_steps={STEPS}"]), resolve=True)
+
+
 def write_run(folder: Path, overrides: list[str], loss: float, *, initial: float = 7.0, logit=(1.0, 1.0),
               qk=(1.0, 1.0), wall: float = 10.0, seed: int = 0, log_z=(0.0, 0.0), gain=(1.0, 1.0)) -> None:
     """One run directory. Values given as (start, end) grow geometrically over the monitor's records."""
+    raw = {**composed(tuple(overrides)), "seed": seed}
     overrides = [*overrides, f"seed={seed}", f"trainer.max_steps={STEPS}"]
-    raw = OmegaConf.to_container(compose_raw(["paths.cache_dir=/tmp/unused", *overrides]), resolve=True)
     run = folder / ("-".join(o.replace("/", "_") for o in overrides))
     (run / ".hydra").mkdir(parents=True)
     (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump(raw))

@@ -502,9 +502,14 @@ def ladder_figure(tol: dict, title: str, figdir: Path, name: str, rel: Path) -> 
     return save(fig, figdir, name, rel)
 
 
+def past_grid(lr: float) -> float:
+    """An LR that the grid never reached (nan) as inf, so that it orders after every LR in the grid."""
+    return math.inf if math.isnan(lr) else lr
+
+
 def limit(t: dict) -> float:
     """Where a variant's curve fails: its critical LR, else past the grid (inf)."""
-    return t["critical"] if not math.isnan(t["critical"]) else math.inf
+    return past_grid(t["critical"])
 
 
 def e3(frame: pd.DataFrame, sec: Section, figdir: Path, rel: Path) -> None:
@@ -551,7 +556,7 @@ RYBAKOV_GROUPS = {
 def first_diverging(t: dict) -> float:
     """Rybakov's measure: the first LR at which a run is unstable (diverged, or ended above its initial
     loss), else past the grid (inf)."""
-    return t["first_unstable"] if not math.isnan(t["first_unstable"]) else math.inf
+    return past_grid(t["first_unstable"])
 
 
 def output_norm_ratios(frame: pd.DataFrame, variant: str) -> list[dict]:
@@ -564,7 +569,7 @@ def output_norm_ratios(frame: pd.DataFrame, variant: str) -> list[dict]:
             continue
         bad = runs[runs["lr"] == runs.loc[~runs["stable"], "lr"].min()]
         good = runs[(runs["lr"] < bad.iloc[0]["lr"]) & runs["stable"]].sort_values("lr")
-        if not len(bad) or not len(good) or not records(bad.iloc[0]["run_dir"]):
+        if not len(good) or not records(bad.iloc[0]["run_dir"]):
             continue
         bad_run, good_run = bad.iloc[0], good.iloc[-1]
         steps = int(bad_run["cfg"].get("trainer.max_steps", 300))
@@ -602,7 +607,7 @@ def e4(frame: pd.DataFrame, sec: Section, figdir: Path, rel: Path) -> None:
         checks["QKV-norm and QK-norm + cap diverge last (above every one of soft-cap, QK-norm, QK_FC_norm)"] = (
             min(g2) > max(g1) if math.isfinite(max(g1)) or math.isfinite(min(g2)) else None)
         edges = [x for x in g1 + g2 if math.isfinite(x) and lrs.index(x) > 0]
-        steps = [lrs[lrs.index(x)] / lrs[lrs.index(x) - 1] for x in edges]
+        steps = [x / lrs[lrs.index(x) - 1] for x in edges]
         sec.body += ["", f"First diverging LR: the later group's lowest {lr_fmt(min(g2) if math.isfinite(min(g2)) else math.nan)}, "
                      f"the middle group's highest {lr_fmt(max(g1) if math.isfinite(max(g1)) else math.nan)} (the paper: 80e-3 "
                      "against 60e-3; its abstract: 1.5x more LR without divergence). Where the stabilizers diverge the grid "

@@ -69,8 +69,21 @@ def cfg(frame: pd.DataFrame, key: str) -> pd.Series:
     return frame["cfg"].map(lambda c: c.get(key))
 
 
+_RECORDS: dict[tuple, list[dict]] = {}
+
+
 def records(run_dir: str) -> list[dict]:
-    return read_stability(run_dir)[0]
+    """A run's stability records, parsed once per version of the file: E2's and E4's diagnostics read
+    the same run for many keys and layers. Keyed by size and mtime, so a rewritten file is read again."""
+    path = Path(run_dir) / "stability.jsonl"
+    try:
+        st = path.stat()
+        key = (str(path.resolve()), st.st_mtime_ns, st.st_size)
+    except OSError:
+        return []
+    if key not in _RECORDS:
+        _RECORDS[key] = read_stability(run_dir)[0]
+    return _RECORDS[key]
 
 
 def series(run_dir: str, key: str, layer: int = 0, reduce=max) -> tuple[np.ndarray, np.ndarray]:

@@ -100,6 +100,17 @@ def series(run_dir: str, key: str, layer: int = 0, reduce=max) -> tuple[np.ndarr
     return np.asarray(steps, float), np.asarray(values, float)
 
 
+def max_over_layers(run_dir: str, key: str) -> tuple[np.ndarray, np.ndarray]:
+    """(steps, the largest value of a per-layer, per-head key over every layer and head) at each record."""
+    steps, values = [], []
+    for r in records(run_dir):
+        vals = [max(v) if isinstance(v, list) else v for layer in r["layers"] if (v := layer.get(key)) is not None]
+        if vals:
+            steps.append(r["step"])
+            values.append(max(vals))
+    return np.asarray(steps, float), np.asarray(values, float)
+
+
 def at_fraction(run_dir: str, key: str, fraction: float, max_steps: int, layer: int = 0, reduce=max) -> float:
     """The record nearest `fraction` of the run (an early-warning reading)."""
     steps, values = series(run_dir, key, layer, reduce)
@@ -776,22 +787,38 @@ def e7(frame: pd.DataFrame, sec: Section, figdir: Path, rel: Path) -> None:
     conclude(sec, checks, frame)
 
 
+FP16_MAX = 65504.0
+
+
 def e8(frame: pd.DataFrame, sec: Section, figdir: Path, rel: Path) -> None:
+    pyplot = plt()
+    fig, ax = pyplot.subplots(figsize=(6.5, 3.8))
     rows, over = [], {}
-    for r in frame.itertuples():
+    for r in frame.sort_values("run_dir").itertuples():
         c = r.cfg
         name = ("QKV bias (Qwen2)" if c.get("attention.qkv_bias") else attention_label(c)) + f", {c.get('trainer.precision')}"
         probe = Path(r.run_dir) / "fp16_probe" / "probe.csv"
         p = pd.read_csv(probe) if probe.exists() else None
-        s, raw = series(r.run_dir, "raw_qk_max")
+        s, raw = max_over_layers(r.run_dir, "raw_qk_max")  # the largest |q k^T| of any layer and head
         raw_max = float(np.nanmax(raw)) if len(raw) else math.nan
+        if len(raw):
+            color = "C0" if "no QK-norm" in name else "C2" if "QKV bias" in name else "C4"  # one colour a variant
+            ax.plot(s, raw, label=name, color=color, linestyle="--" if "32-true" in name else "-")
         if p is not None:  # (overflows as (q k^T) s in training (monitor) or at the end (probe), as (q s) k^T at the end)
-            over[name] = (bool(p["overflows_fp16_unscaled"].any()) or raw_max > 65504,
+            over[name] = (bool(p["overflows_fp16_unscaled"].any()) or raw_max > FP16_MAX,
                           bool(p["overflows_fp16_prescaled"].any()))
-        rows.append(f"| {name} | {r.status} | {fmt(raw_max)} | {fmt(65504 / raw_max if raw_max else math.nan)} | "
+        rows.append(f"| {name} | {r.status} | {fmt(raw_max)} | {fmt(FP16_MAX / raw_max if raw_max else math.nan)} | "
                     + (f"{fmt(float(p['max_abs_qk_raw'].max()))} | {'yes' if over[name][0] else 'no'} | {'yes' if over[name][1] else 'no'} |"
                        if p is not None else "- | - | - |"))
-    sec.body += ["| run | status | max q k^T in training (monitor) | fp16 headroom | probe: max q k^T | (q k^T) s overflows fp16 | (q s) k^T overflows fp16 |",
+    ax.axhline(FP16_MAX, color="k", linewidth=0.8, linestyle=":", label="fp16 max (65504)")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("max |q k^T| over layers and heads")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title("E8: the unscaled q k^T in training against fp16's limit (monitor)", fontsize=9)
+    sec.figures.append(save(fig, figdir, "e8_fp16_overflow.png", rel))
+    sec.body += ["| run | status | max q k^T in training (monitor, any layer) | fp16 headroom | probe: max q k^T | (q k^T) s overflows fp16 | (q s) k^T overflows fp16 |",
                  "|---|---|---:|---:|---:|---|---|", *rows, "",
                  "fp16 training itself needs a GPU (Lightning trains `16-mixed` on CUDA only) and is not part of this CPU run."]
     no_norm = {k: v for k, v in over.items() if "no QK-norm" in k or "QKV bias" in k}

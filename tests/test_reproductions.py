@@ -36,8 +36,10 @@ def composed(overrides: tuple[str, ...]) -> dict:
 
 
 def write_run(folder: Path, overrides: list[str], loss: float, *, initial: float = 7.0, logit=(1.0, 1.0),
-              qk=(1.0, 1.0), wall: float = 10.0, seed: int = 0, log_z=(0.0, 0.0), gain=(1.0, 1.0)) -> None:
-    """One run directory. Values given as (start, end) grow geometrically over the monitor's records."""
+              qk=(1.0, 1.0), wall: float = 10.0, seed: int = 0, log_z=(0.0, 0.0), gain=(1.0, 1.0),
+              raw_qk=None) -> None:
+    """One run directory. Values given as (start, end) grow geometrically over the monitor's records;
+    `raw_qk` (the unscaled q k^T) is the last layer's, the first layer's staying at 1."""
     raw = {**composed(tuple(overrides)), "seed": seed}
     overrides = [*overrides, f"seed={seed}", f"trainer.max_steps={STEPS}"]
     run = folder / ("-".join(o.replace("/", "_") for o in overrides))
@@ -61,8 +63,11 @@ def write_run(folder: Path, overrides: list[str], loss: float, *, initial: float
         layer = {"max_logit": [grow(logit, i), grow(logit, i) / 2], "q_rms": [grow(qk, i)] * 2, "k_rms": [grow(qk, i)] * 2,
                  "qk_cosine": [0.1, 0.1], "qkv_out_l2": grow(logit, i), "attn_proj_out_l2": grow(logit, i),
                  "mlp_out_l2": grow(logit, i), "q_norm_gain_l2": grow(gain, i)}
+        last = layer if raw_qk is None else {**layer, "raw_qk_max": [grow(raw_qk, i)] * 2}
+        if raw_qk is not None:
+            layer = {**layer, "raw_qk_max": [1.0, 1.0]}
         records.append({"step": step, "output_log_z_mean": grow((log_z[0] + 1e-3, log_z[1] + 1e-3), i) if log_z[1] else 0.0,
-                        "output_logit_mean": -grow((1.0, 1.0 + abs(log_z[1])), i), "layers": [layer, layer]})
+                        "output_logit_mean": -grow((1.0, 1.0 + abs(log_z[1])), i), "layers": [layer, last]})
     (run / "stability.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
@@ -270,6 +275,24 @@ def test_e10_and_e9_and_e7_and_e3_and_e8_read_their_runs(tmp_path):
     assert sections["E3"].verdict == "reproduced", sections["E3"].reason
     # no probe tables and logits far below fp16's limit: the overflow cannot show at this scale
     assert sections["E8"].verdict == "inconclusive", sections["E8"].reason
+
+
+def test_e8_reads_the_unscaled_qk_of_every_layer_and_draws_it(tmp_path):
+    """Only the last layer's q k^T passes fp16's 65504 without QK-norm: the overflow is found there, and the
+    probe's (q s) k^T table decides the second check."""
+    runs = tmp_path / "runs" / "e8_precision"
+    for preset, raw in (("baseline", (50.0, 9e4)), ("qwen2_qkv_bias", (50.0, 1.2e5)), ("qwen3", (50.0, 150.0))):
+        write_run(runs, ["model=tiny", f"attention={preset}", "optim.lr=0.1", "trainer.precision=32-true"], 3.5, raw_qk=raw)
+        run = next(d for d in runs.iterdir() if f"attention={preset}-" in d.name)
+        (run / "fp16_probe").mkdir()
+        (run / "fp16_probe" / "probe.csv").write_text(
+            "layer,max_abs_qk_raw,overflows_fp16_unscaled,overflows_fp16_prescaled\n"
+            f"0,1.0,False,False\n1,{raw[1] / 2},False,False\n")
+    e8 = {s.key: s for s in repro.build(tmp_path / "runs", tmp_path / "r.md", tmp_path / "figs")}["E8"]
+    assert e8.verdict == "reproduced", e8.reason
+    assert "| no QK-norm, 32-true | completed | 9e+04 |" in "\n".join(e8.body)
+    assert (tmp_path / "figs" / "e8_fp16_overflow.png").stat().st_size > 0
+    assert "e8_fp16_overflow.png" in (tmp_path / "r.md").read_text()
 
 
 def test_the_output_norm_diagnostic_reads_each_seeds_own_first_diverging_run(tmp_path):

@@ -45,14 +45,14 @@ e4() {
 
 # E5: Wortsman Figs. 3-4, output-logit drift without weight decay, and z-loss 1e-4 against it (a longer run).
 e5() {
-  sweep e5_zloss model=tiny trainer.max_steps=1000 seed=0 attention=wortsman2023_qk_layernorm \
+  sweep e5_zloss model=tiny trainer.max_steps=1000 seed=0,1 attention=wortsman2023_qk_layernorm \
     optim.lr=1e-1 optim.weight_decay=0 optim.z_loss=0,1e-4
 }
 
 # E6: Wortsman Fig. 10, q and k forced to RMS sqrt(kappa): RMS-normalized, no gain, and a constant scale
 # kappa / sqrt(d_h) (d_h = 32), which gives the same logits as q, k of RMS sqrt(kappa) under 1/sqrt(d_h).
 e6() {
-  sweep e6_kappa model=tiny trainer.max_steps=300 seed=0 optim.lr=1e-2 attention=baseline attention.qk_norm=rms \
+  sweep e6_kappa model=tiny trainer.max_steps=300 seed=0,1 optim.lr=1e-2 attention=baseline attention.qk_norm=rms \
     attention.gain=none attention.scale.kind=constant \
     attention.scale.value=0.1767767,1.767767,17.67767,176.7767,1767.767
 }
@@ -82,8 +82,8 @@ e8() {
 # E9: Qwen3-Next: under QK-norm the max logit still drifts through the learned gains; zero-centred gains
 # with weight decay on them curb it. A longer run.
 e9() {
-  sweep e9_gain_drift model=tiny trainer.max_steps=1000 seed=0 optim.lr=1e-2 attention=qwen3
-  sweep e9_gain_drift model=tiny trainer.max_steps=1000 seed=0 optim.lr=1e-2 attention=qwen3 \
+  sweep e9_gain_drift model=tiny trainer.max_steps=1000 seed=0,1 optim.lr=1e-2 attention=qwen3
+  sweep e9_gain_drift model=tiny trainer.max_steps=1000 seed=0,1 optim.lr=1e-2 attention=qwen3 \
     attention.gain=zero_centered attention.gain_weight_decay=true
 }
 

@@ -305,3 +305,21 @@ def test_the_output_norm_diagnostic_reads_each_seeds_own_first_diverging_run(tmp
     body = "\n".join(e4.body)
     assert "| 0 | 0.1 | 0.03 | 90 | 6.3x |" in body and "| 1 | 0.3 | 0.1 | 90 | 6.3x |" in body
     assert {repro.check_name(k): v for k, v in e4.checks.items()}["the diverging baseline's QKV/Proj/FC2 outputs are over 2x a stable run's early"]
+
+
+def test_e9_with_two_seeds_reports_their_mean_and_each_seeds_answer(tmp_path):
+    """Zero-centred gains curb the growth in seed 0 only: the table shows both seeds' mean growth, and the
+    third check is undecided because the seeds split; the two checks they share stay decided."""
+    runs = tmp_path / "runs" / "e9_gain_drift"
+    zero = ["model=tiny", "attention=qwen3", "attention.gain=zero_centered", "attention.gain_weight_decay=true"]
+    for seed, curbed_end in ((0, 6.0), (1, 20.0)):
+        write_run(runs, ["model=tiny", "attention=qwen3"], 3.0, logit=(5.0, 20.0), gain=(8.0, 16.0), seed=seed)
+        write_run(runs, zero, 3.0, logit=(5.0, curbed_end), gain=(8.0, 8.5), seed=seed)
+    e9 = {s.key: s for s in repro.build(tmp_path / "runs", tmp_path / "r.md", tmp_path / "figs")}["E9"]
+    body = "\n".join(e9.body)
+    assert "| zero-centred gains + decay | 2.6 |" in body  # (6/5 + 20/5) / 2, not the last run's 4
+    checks = {repro.check_name(k): v for k, v in e9.checks.items()}
+    assert checks == {"under QK-norm the max logit still grows": True, "with the gains growing with it": True,
+                      "zero-centred gains with decay curb it": None}
+    assert e9.seed_checks == {0: [True, True, True], 1: [True, True, False]}
+    assert e9.verdict == "partly", e9.reason

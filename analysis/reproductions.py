@@ -184,7 +184,7 @@ def check_name(name: str) -> str:
 
 def check_each_seed(fn: Callable, frame: pd.DataFrame, sec: Section) -> None:
     """Run an experiment's checks again on each seed's runs alone. A check stays decided only where no seed
-    decides it the other way; where seeds split it is undecided ("seeds disagree"), since the difference
+    decides it the other way; where seeds split, or all answer against their mean, it is undecided, since the difference
     it tests is then within seed noise. A seed that cannot decide a check alone (too few of its runs) is
     named beside it. The verdict and reason are taken again from the result."""
     seeds = sorted({int(s) for s in frame["seed"].dropna()})
@@ -206,8 +206,13 @@ def check_each_seed(fn: Callable, frame: pd.DataFrame, sec: Section) -> None:
     agreed, notes = {}, {}
     for i, (name, v) in enumerate(pooled):
         answers = [sec.seed_checks[s][i] for s in seeds]
-        if v is not None and any(a is not None and a != v for a in answers):
-            agreed[name], notes[name] = None, "seeds disagree"
+        decided = {a for a in answers if a is not None}
+        if v is not None and decided - {v}:
+            # the seeds split, or every seed alone answers against their mean (a mean trend that no seed
+            # shows on its own): either way the difference is within seed noise
+            agreed[name] = None
+            notes[name] = ("seeds disagree" if len(decided) > 1 else
+                           f"undecided (the seeds' mean: {MARK[v]}, each seed alone: {MARK[decided.pop()]})")
             continue
         agreed[name] = v
         silent = [str(s) for s, a in zip(seeds, answers) if a is None]

@@ -323,3 +323,21 @@ def test_e9_with_two_seeds_reports_their_mean_and_each_seeds_answer(tmp_path):
                       "zero-centred gains with decay curb it": None}
     assert e9.seed_checks == {0: [True, True, True], 1: [True, True, False]}
     assert e9.verdict == "partly", e9.reason
+
+
+def test_a_mean_trend_that_no_seed_shows_alone_is_undecided():
+    """The seeds' mean says yes (say, a sensitivity that grows with width) but each seed alone says no: the
+    check is undecided, and the reason says why rather than calling the seeds split."""
+    import pandas as pd
+
+    def fn(frame, sec, figdir, rel):
+        pooled = frame["seed"].nunique() > 1
+        repro.conclude(sec, {"grows with width (mean over layers)": pooled, "other": True}, frame)
+
+    frame = pd.DataFrame({"seed": [0, 0, 1, 1]})
+    sec = repro.Section("E1", "t", "c", "s", "cmd")
+    fn(frame, sec, None, None)
+    repro.check_each_seed(fn, frame, sec)
+    assert sec.seed_checks == {0: [False, True], 1: [False, True]}
+    assert list(sec.checks.values()) == [None, True]
+    assert "undecided (the seeds' mean: yes, each seed alone: no)" in sec.reason and "seeds disagree" not in sec.reason

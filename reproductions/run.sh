@@ -69,7 +69,7 @@ e7() {
 # E8: fp16 overflow of q k^T. Runs without QK-norm (baseline, Qwen2-style QKV bias) and with it (qwen3),
 # fp32 and bf16 autocast, checkpoints kept for qknorm-probe.
 e8() {
-  qknorm-train -m model=tiny trainer.max_steps=300 seed=0 optim.lr=1e-1 attention=baseline,qwen2_qkv_bias,qwen3 \
+  qknorm-train -m model=tiny trainer.max_steps=300 seed=0,1 optim.lr=1e-1 attention=baseline,qwen2_qkv_bias,qwen3 \
     trainer.precision=32-true,bf16-mixed data.batch_size=16 logger=csv trainer.progress_bar=false \
     "hydra.sweep.dir=$RUNS/e8_precision"
   for ckpt in "$RUNS"/e8_precision/*/checkpoints/last.ckpt; do

@@ -741,7 +741,11 @@ def e6(frame: pd.DataFrame, sec: Section, figdir: Path, rel: Path) -> None:
     ax.grid(alpha=0.3)
     ax.set_title("E6: the kappa transplant (Wortsman et al. 2023 Fig. 10)", fontsize=9)
     sec.figures.append(save(fig, figdir, "e6_kappa.png", rel))
-    sec.body += ["| kappa | final val loss |", "|---:|---:|", *[f"| {k:g} | {v:.3f} |" for k, v in by.items()], "",
+    per_seed = frame.pivot_table(index="kappa", columns="seed", values="capped")
+    seeds = list(per_seed.columns) if len(per_seed.columns) > 1 else []
+    sec.body += ["| kappa | final val loss" + (" (seeds' mean)" if seeds else "") + " |" + "".join(f" seed {s} |" for s in seeds),
+                 "|---:|---:|" + "---:|" * len(seeds),
+                 *[f"| {k:g} | {v:.3f} |" + "".join(f" {per_seed.loc[k, s]:.3f} |" for s in seeds) for k, v in by.items()], "",
                  f"Bigram model on the same tokens: {fmt(bigram)} nats ({how})."]
     checks: dict[str, Optional[bool]] = {}
     worse = by[by > by.min() + 0.1]

@@ -241,7 +241,7 @@ def scale_of(frame: pd.DataFrame, corpus_tokens: Optional[int]) -> str:
     return (f"{len(frame)} runs; models (d_model, layers, heads) {', '.join(str(m) for m in models)}"
             + (f" ({', '.join(dict.fromkeys(f'{p / 1e6:.2f}M' for p in params))} parameters without the embedding)" if params else "")
             + f"; {'/'.join(map(str, steps))} steps of {' / '.join(f'{b} x {s}' for b, s in batch)} tokens{epochs}; "
-            f"seeds {', '.join(map(str, seeds))}; {wall:.2f} h of training wall time (2 jobs at a time on 2 cores)")
+            f"seeds {', '.join(map(str, seeds))}; {wall:.2f} h of training wall time (up to 2 jobs at a time on 2 cores)")
 
 
 def lr_curves(frame: pd.DataFrame, group_key: Callable[[pd.Series], str]) -> pd.DataFrame:
@@ -1101,7 +1101,7 @@ def render(sections: list[Section], runs: Path) -> str:
         f"*stable* when it completed below its initial loss; a curve's *critical LR* is the first LR above its optimum "
         f"whose loss is {JUMP_NATS} nats above its best; two curves *agree* within {AGREE_NATS} nats; LR sensitivity is "
         "Wortsman et al.'s mean over the LR grid of min(loss, initial loss) minus the best loss. *Compute* is the "
-        "runs' wall time summed (they ran two at a time on 2 cores, so the machine time is about half). With "
+        "runs' wall time summed (most ran two at a time on 2 cores, so the machine time is about half). With "
         "several *seeds*, a curve is the seeds' mean, and a check of E1-E9 holds where it holds on the mean and "
         "no seed alone says otherwise; where seeds split, or every seed alone answers against the mean, it is "
         "undecided (E10 gives 95% intervals over its seeds instead).",

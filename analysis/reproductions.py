@@ -333,7 +333,7 @@ def attention_label(c: dict) -> str:
 def e1(frame: pd.DataFrame, sec: Section, figdir: Path, rel: Path) -> None:
     frame = frame.assign(width=cfg(frame, "model.d_model"), qkln=cfg(frame, "attention.qk_norm") != "none")
     widths = sorted(frame["width"].unique())
-    rows, sens, crit, agree = [], {}, {}, {}
+    rows, sens, spread, crit, agree = [], {}, {}, {}, {}
     pyplot = plt()
     fig, (ax, ax2) = pyplot.subplots(1, 2, figsize=(10, 4))
     colors = pyplot.cm.viridis(np.linspace(0, 0.85, len(widths)))
@@ -348,6 +348,7 @@ def e1(frame: pd.DataFrame, sec: Section, figdir: Path, rel: Path) -> None:
             t = tolerance(curve)
             s, lo, hi = sensitivity(sub)
             sens[(w, ln)] = s
+            spread[(w, ln)] = (s - lo, hi - s)
             crit[(w, ln)] = t["critical"]
             params = sub["params_non_embedding"].dropna()
             rows.append(f"| {w} | {fmt(params.iloc[0] / 1e6 if len(params) else math.nan)}M | {'qk-LN' if ln else 'none'} | "
@@ -367,9 +368,10 @@ def e1(frame: pd.DataFrame, sec: Section, figdir: Path, rel: Path) -> None:
     ax.grid(alpha=0.3)
     for ln, marker in ((False, "s"), (True, "o")):
         xs = [w for w in widths if (w, ln) in sens]
-        ax2.plot(xs, [sens[(w, ln)] for w in xs], marker=marker, ls="-" if ln else "--", label="qk-LN" if ln else "no qk-LN")
+        ax2.errorbar(xs, [sens[(w, ln)] for w in xs], yerr=np.array([spread[(w, ln)] for w in xs]).T.reshape(2, -1),
+                     marker=marker, ls="-" if ln else "--", capsize=3, label="qk-LN" if ln else "no qk-LN")
     ax2.set_xlabel("d_model (depth and heads scale with it)")
-    ax2.set_ylabel("LR sensitivity (nats)")
+    ax2.set_ylabel("LR sensitivity (nats; bars: the seeds' range)")
     ax2.legend(fontsize=8)
     ax2.grid(alpha=0.3)
     fig.suptitle("E1: final loss vs LR, with and without qk-layernorm (Wortsman et al. 2023 Fig. 1)", fontsize=9)
@@ -391,7 +393,9 @@ def e1(frame: pd.DataFrame, sec: Section, figdir: Path, rel: Path) -> None:
     checks["with qk-LN, LR sensitivity still grows with width"] = (
         all(a <= b for a, b in zip([sens[(w, True)] for w in complete], [sens[(w, True)] for w in complete][1:]))
         and sens[(complete[-1], True)] > sens[(complete[0], True)] if len(complete) >= 3 else None)
-    sec.body += ["| d_model | params | attention | best LR | best loss | critical LR | first unstable LR | LR sensitivity |",
+    several = frame["seed"].nunique() > 1
+    sec.body += ["| d_model | params | attention | best LR | best loss | critical LR | first unstable LR | LR sensitivity"
+                 + (" (seeds' mean [min, max])" if several else "") + " |",
                  "|---:|---:|---|---:|---:|---:|---:|---:|", *rows, "",
                  f"Largest loss gap between the two curves at LRs up to the no-qk-LN optimum, per width: "
                  + ", ".join(f"d={w}: {fmt(agree.get(w, math.nan))} nats" for w in complete) + "."]
@@ -770,10 +774,14 @@ def e7(frame: pd.DataFrame, sec: Section, figdir: Path, rel: Path) -> None:
         return f"{kind} decay {c.get('optim.weight_decay'):g}, warmup {warmup(c)}"
 
     frame, tol = lr_ladder(frame, arm)
-    sens = {v: sensitivity(frame[frame["variant"] == v])[0] for v in tol}
+    spread = {v: sensitivity(frame[frame["variant"] == v]) for v in tol}
+    sens = {v: m for v, (m, _, _) in spread.items()}
     sec.figures.append(ladder_figure(tol, "E7: warmup and weight decay, with qk-layernorm (Wortsman Figs. 5-6)", figdir,
                                      "e7_optim.png", rel))
-    sec.body += ladder_rows(tol) + ["", "| arm | LR sensitivity |", "|---|---:|", *[f"| {v} | {fmt(s)} |" for v, s in sens.items()]]
+    several = frame["seed"].nunique() > 1
+    sec.body += ladder_rows(tol) + [
+        "", "| arm | LR sensitivity" + (" (seeds' mean [min, max])" if several else "") + " |", "|---|---:|",
+        *[f"| {v} | {fmt(m)}{f' [{fmt(lo)}, {fmt(hi)}]' if several else ''} |" for v, (m, lo, hi) in spread.items()]]
     # the independent-decay arms by warmup fraction, and the coupled arm(s)
     indep = {}
     for c in frame["cfg"]:

@@ -122,7 +122,8 @@ def test_an_unknown_sweep_or_size_fails_in_one_line(args, needle, tmp_path, cach
 
 def test_an_interrupted_sweep_resumes_and_skips_finished_jobs(tmp_path, cache_dir):
     env = {**os.environ, "QKNORM_CACHE_DIR": str(cache_dir), "QKNORM_LOG_DIR": str(tmp_path / "logs")}
-    cmd = [str(Path(sys.executable).parent / "qknorm-train"), "sweeps=lr_tolerance", "sweeps.grids.smoke.max_steps=40"]
+    cmd = [str(Path(sys.executable).parent / "qknorm-train"), "sweeps=lr_tolerance", "sweeps.grids.smoke.max_steps=40",
+           "data.batch_size=4"]  # small batches: the test is about which jobs run, not what they learn
     sweep_dir = tmp_path / "logs" / "sweeps" / "lr_tolerance" / "smoke"
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
@@ -153,7 +154,7 @@ def test_an_interrupted_sweep_resumes_and_skips_finished_jobs(tmp_path, cache_di
 def test_two_launches_of_one_sweep_train_every_job_once(tmp_path, cache_dir):
     env = {**os.environ, "QKNORM_CACHE_DIR": str(cache_dir), "QKNORM_LOG_DIR": str(tmp_path / "logs")}
     cmd = [str(Path(sys.executable).parent / "qknorm-train"), "sweeps=lr_tolerance", "sweeps.grids.smoke.max_steps=20",
-           "trainer.log_every_n_steps=1"]
+           "trainer.log_every_n_steps=1", "data.batch_size=4"]
     procs = [subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for _ in range(2)]
     outputs = [p.communicate(timeout=600)[0] for p in procs]

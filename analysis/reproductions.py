@@ -811,10 +811,11 @@ def e8(frame: pd.DataFrame, sec: Section, figdir: Path, rel: Path) -> None:
     pyplot = plt()
     fig, ax = pyplot.subplots(figsize=(6.5, 3.8))
     rows, over = [], {}
+    several = frame["seed"].nunique() > 1
     for r in frame.sort_values("run_dir").itertuples():
         c = r.cfg
         name = ("QKV bias (Qwen2)" if c.get("attention.qkv_bias") else attention_label(c)) + f", {c.get('trainer.precision')}"
-        if frame["seed"].nunique() > 1:
+        if several:
             name += f", seed {r.seed}"
         probe = Path(r.run_dir) / "fp16_probe" / "probe.csv"
         p = pd.read_csv(probe) if probe.exists() else None

@@ -37,7 +37,7 @@ def composed(overrides: tuple[str, ...]) -> dict:
 
 def write_run(folder: Path, overrides: list[str], loss: float, *, initial: float = 7.0, logit=(1.0, 1.0),
               qk=(1.0, 1.0), wall: float = 10.0, seed: int = 0, log_z=(0.0, 0.0), gain=(1.0, 1.0),
-              raw_qk=None) -> None:
+              raw_qk=None) -> Path:
     """One run directory. Values given as (start, end) grow geometrically over the monitor's records;
     `raw_qk` (the unscaled q k^T) is the last layer's, the first layer's staying at 1."""
     raw = {**composed(tuple(overrides)), "seed": seed}
@@ -69,6 +69,7 @@ def write_run(folder: Path, overrides: list[str], loss: float, *, initial: float
         records.append({"step": step, "output_log_z_mean": grow((log_z[0] + 1e-3, log_z[1] + 1e-3), i) if log_z[1] else 0.0,
                         "output_logit_mean": -grow((1.0, 1.0 + abs(log_z[1])), i), "layers": [layer, last]})
     (run / "stability.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return run
 
 
 LRS = [1e-3, 1e-2, 1e-1, 3e-1]
@@ -277,17 +278,23 @@ def test_e10_and_e9_and_e7_and_e3_and_e8_read_their_runs(tmp_path):
     assert sections["E8"].verdict == "inconclusive", sections["E8"].reason
 
 
+def e8_run(runs: Path, preset: str, raw: tuple, seed: int = 0) -> None:
+    """An E8 run whose last layer's unscaled q k^T grows as `raw`, with a probe table that finds no overflow
+    at the end (half that peak), so that only the monitor's reading can show one."""
+    run = write_run(runs, ["model=tiny", f"attention={preset}", "optim.lr=0.1", "trainer.precision=32-true"], 3.5,
+                    raw_qk=raw, seed=seed)
+    (run / "fp16_probe").mkdir()
+    (run / "fp16_probe" / "probe.csv").write_text(
+        "layer,max_abs_qk_raw,overflows_fp16_unscaled,overflows_fp16_prescaled\n"
+        f"0,1.0,False,False\n1,{raw[1] / 2},False,False\n")
+
+
 def test_e8_reads_the_unscaled_qk_of_every_layer_and_draws_it(tmp_path):
     """Only the last layer's q k^T passes fp16's 65504 without QK-norm: the overflow is found there, and the
     probe's (q s) k^T table decides the second check."""
     runs = tmp_path / "runs" / "e8_precision"
     for preset, raw in (("baseline", (50.0, 9e4)), ("qwen2_qkv_bias", (50.0, 1.2e5)), ("qwen3", (50.0, 150.0))):
-        write_run(runs, ["model=tiny", f"attention={preset}", "optim.lr=0.1", "trainer.precision=32-true"], 3.5, raw_qk=raw)
-        run = next(d for d in runs.iterdir() if f"attention={preset}-" in d.name)
-        (run / "fp16_probe").mkdir()
-        (run / "fp16_probe" / "probe.csv").write_text(
-            "layer,max_abs_qk_raw,overflows_fp16_unscaled,overflows_fp16_prescaled\n"
-            f"0,1.0,False,False\n1,{raw[1] / 2},False,False\n")
+        e8_run(runs, preset, raw)
     e8 = {s.key: s for s in repro.build(tmp_path / "runs", tmp_path / "r.md", tmp_path / "figs")}["E8"]
     assert e8.verdict == "reproduced", e8.reason
     assert "| no QK-norm, 32-true | completed | 9e+04 |" in "\n".join(e8.body)
@@ -350,13 +357,7 @@ def test_e8_with_two_seeds_keeps_every_run(tmp_path):
     for seed in (0, 1):
         for preset, raw in (("baseline", (50.0, 9e4)), ("qwen2_qkv_bias", (50.0, 1.2e5 if seed == 0 else 3e4)),
                             ("qwen3", (50.0, 150.0))):
-            write_run(runs, ["model=tiny", f"attention={preset}", "optim.lr=0.1", "trainer.precision=32-true"], 3.5,
-                      raw_qk=raw, seed=seed)
-            run = next(d for d in runs.iterdir() if f"attention={preset}-" in d.name and f"seed={seed}" in d.name)
-            (run / "fp16_probe").mkdir()
-            (run / "fp16_probe" / "probe.csv").write_text(
-                "layer,max_abs_qk_raw,overflows_fp16_unscaled,overflows_fp16_prescaled\n"
-                f"0,1.0,False,False\n1,{raw[1] / 2},False,False\n")
+            e8_run(runs, preset, raw, seed)
     e8 = {s.key: s for s in repro.build(tmp_path / "runs", tmp_path / "r.md", tmp_path / "figs")}["E8"]
     body = "\n".join(e8.body)
     assert body.count("| QKV bias (Qwen2), 32-true, seed ") == 2

@@ -19,14 +19,24 @@ sweep() { local name=$1; shift; qknorm-train -m "$@" "${COMMON[@]}" "hydra.sweep
 # E1 (and E2, from the same runs' stability logs): Wortsman et al. 2023 Fig. 1, 2, E.1, 9. A width ladder
 # (head_dim 32; width, depth and heads together), with and without qk-layernorm, their optimizer.
 e1() {
-  sweep e1_wortsman_fig1 optim=wortsman model=ladder_64,ladder_96,ladder_128 \
+  sweep e1_wortsman_fig1 optim=wortsman model=ladder_64,ladder_96,ladder_128,ladder_192 \
     attention=baseline,wortsman2023_qk_layernorm optim.lr=1e-3,3e-3,1e-2,3e-2,1e-1,3e-1 seed=0,1 trainer.max_steps=300
 }
 e2() { e1; }
 
 # E3: norm kinds and scopes (Wortsman Fig. E.8, Henry 2020): LayerNorm / RMS / L2 with learned g, per head vs
-# full width, before vs after RoPE, and L2 with a fixed gain of 1 (the logits bounded by 1/sqrt(d_h)).
+# full width, before vs after RoPE, and L2 with a fixed gain of 1 (the logits bounded by 1/sqrt(d_h)). A grid
+# 1.5x apart over the range where these variants go from stable to diverged, 3 seeds, and a 60-step warmup
+# (as E4) so that divergence at the peak LR is not the warmup's.
+E3_FINE=(model=tiny trainer.max_steps=300 optim.warmup_steps=60 seed=0,1,2 optim.lr=0.1,0.15,0.22,0.33,0.5)
 e3() {
+  sweep e3_fine_grid "${E3_FINE[@]}" \
+    attention=wortsman2023_qk_layernorm,vit22b_layernorm,qwen3,olmo2,henry2020_l2
+  sweep e3_fine_grid "${E3_FINE[@]}" attention=qwen3 attention.position=after_rope
+  sweep e3_fine_grid "${E3_FINE[@]}" attention=baseline attention.qk_norm=l2 attention.gain=none
+}
+# The first E3 round: three LRs 30x apart, a 15-step warmup, 2 seeds. Kept to compare against.
+e3_coarse() {
   sweep e3_norm_variants model=tiny trainer.max_steps=300 seed=0,1 optim.lr=1e-2,3e-1,3 \
     attention=wortsman2023_qk_layernorm,vit22b_layernorm,qwen3,olmo2,henry2020_l2
   sweep e3_norm_variants model=tiny trainer.max_steps=300 seed=0,1 optim.lr=1e-2,3e-1,3 \
@@ -35,10 +45,19 @@ e3() {
     attention=baseline attention.qk_norm=l2 attention.gain=none
 }
 
-# E4: Rybakov et al. 2024, the ladder of first-diverging LR, with the QKV / Proj / FC2 output norms. Every
-# variant is stable at 0.3 and diverges by 1 here, so the grid steps by 1.5x between them (the paper's
-# groups are 1.33-1.5x apart).
+# E4: Rybakov et al. 2024, the ladder of first-diverging LR, with the QKV / Proj / FC2 output norms. The warmup
+# is 60 steps of 600, so that a run diverging at its peak LR does so after the warmup, where the paper's
+# attention-logit growth happens, rather than in the generic early blow-up of a short warmup; the LR grid
+# steps by about 1.5x over the range where every variant goes from stable to diverged (the paper's groups
+# are 1.33-1.5x apart).
 e4() {
+  sweep e4_ladder_w60 model=tiny trainer.max_steps=600 optim.warmup_steps=60 seed=0,1 \
+    optim.lr=0.1,0.15,0.22,0.33,0.5,0.75,1 \
+    attention=baseline,rybakov2024_soft_cap,wortsman2023_qk_layernorm,rybakov2024_qk_fc_norm,rybakov2024_qkv_norm,rybakov2024_qk_norm_cap
+}
+# The first E4 round (300 steps, a 15-step warmup, a coarser grid): every divergence fell inside or just
+# after the warmup. Kept to compare against.
+e4_w15() {
   sweep e4_rybakov_ladder model=tiny trainer.max_steps=300 seed=0,1 optim.lr=3e-2,1e-1,3e-1,4.5e-1,6.7e-1,1,3 \
     attention=baseline,rybakov2024_soft_cap,wortsman2023_qk_layernorm,rybakov2024_qk_fc_norm,rybakov2024_qkv_norm,rybakov2024_qk_norm_cap
 }
@@ -67,12 +86,23 @@ e7() {
 }
 
 # E8: fp16 overflow of q k^T. Runs without QK-norm (baseline, Qwen2-style QKV bias) and with it (qwen3),
-# fp32 and bf16 autocast, checkpoints kept for qknorm-probe.
+# fp32 and bf16 autocast, checkpoints kept for qknorm-probe. At healthy LRs: the best LR here (1e-2) and 3x it,
+# so that the overflow, if any, is that of a model that learned, not of a collapsed one.
 e8() {
-  qknorm-train -m model=tiny trainer.max_steps=300 seed=0,1 optim.lr=1e-1 attention=baseline,qwen2_qkv_bias,qwen3 \
+  e8_sweep e8_healthy_lr optim.lr=1e-2,3e-2
+}
+# The first E8 round, at LR 0.1 (10x the best LR: the models end worse than the bigram model). Kept to
+# compare against.
+e8_high_lr() {
+  e8_sweep e8_precision optim.lr=1e-1
+}
+e8_sweep() {
+  local name=$1; shift
+  qknorm-train -m model=tiny trainer.max_steps=300 seed=0,1 "$@" attention=baseline,qwen2_qkv_bias,qwen3 \
     trainer.precision=32-true,bf16-mixed data.batch_size=16 logger=csv trainer.progress_bar=false \
-    "hydra.sweep.dir=$RUNS/e8_precision"
-  for ckpt in "$RUNS"/e8_precision/*/checkpoints/last.ckpt; do
+    "hydra.sweep.dir=$RUNS/$name"
+  for ckpt in "$RUNS/$name"/*/checkpoints/last.ckpt; do
+    [ -f "$ckpt" ] || continue
     run=$(dirname "$(dirname "$ckpt")")
     [ -f "$run/fp16_probe/probe.csv" ] || qknorm-probe "$ckpt" --out "$run/fp16_probe"
     rm -f "$ckpt"  # the probe's table stays; the checkpoint is too large to keep with the results
@@ -93,6 +123,8 @@ e10() {
 }
 
 all=(e1 e10 e4 e6 e5 e3 e7 e9 e8)
+# The CPU round that decides (in this order, about 11 machine hours): bash reproductions/run.sh round
+round() { e8; e4; e3; e1; }
 for e in "${@:-${all[@]}}"; do
   echo "== $e $(date -u +%FT%TZ)"
   "$e"

@@ -294,7 +294,8 @@ def _max_logit(layer: Attention, x) -> float:
 @pytest.mark.parametrize("kind,scope", list(itertools.product(["l2", "rms", "layernorm"], ["head", "head_separate", "layer"])))
 def test_normalized_logits_stay_within_the_analytic_bound_at_any_input_scale(kind, scope):
     torch.manual_seed(0)
-    layer = Attention(ModelConfig(d_model=D_MODEL, n_heads=N_HEADS, n_kv_heads=N_KV), AttentionConfig(qk_norm=kind, scope=scope), 0, T).double()
+    model = ModelConfig(d_model=D_MODEL, n_heads=N_HEADS, n_kv_heads=N_KV)
+    layer = Attention(model, AttentionConfig(qk_norm=kind, scope=scope), 0, T).double()
     bound = layer.logit_bound()
     expected = {"l2": 1.0, "rms": 8.0, "layernorm": 8.0}[kind] / math.sqrt(8)  # head_dim 8, unit gains
     if scope == "layer" and kind != "l2":
@@ -369,6 +370,17 @@ def test_unnormalized_logits_grow_with_the_input_scale():
 
 # ---------------------------------------------------------------- QK-Clip
 
+def _per_head_max(layer: Attention, x) -> torch.Tensor:
+    """Each head's max (signed) logit over the batch and the visible keys, from the formula."""
+    cos, sin = rope_tables(T, layer.head_dim, 10000.0)
+    with torch.no_grad():
+        q, k, _ = layer.project(x, cos.double(), sin.double())
+        k = k.repeat_interleave(layer.n_heads // layer.n_kv_heads, dim=1)
+        z = (q @ k.transpose(-1, -2)) * layer.temperature()
+    mask = torch.ones(T, T, dtype=torch.bool).tril()
+    return z.masked_fill(~mask, float("-inf")).amax(dim=(0, 2, 3))
+
+
 @pytest.mark.parametrize("n_kv", [N_HEADS, N_KV], ids=["mha", "gqa"])
 def test_qk_clip_brings_every_head_to_tau_and_leaves_small_heads_alone(n_kv):
     tau = 5.0
@@ -376,25 +388,64 @@ def test_qk_clip_brings_every_head_to_tau_and_leaves_small_heads_alone(n_kv):
     with torch.no_grad():
         layer.qkv.weight[: layer.head_dim].mul_(30.0)  # head 0 far above tau
     x = torch.randn(2, T, D_MODEL, dtype=torch.float64)
-
-    def per_head_max():
-        cos, sin = rope_tables(T, layer.head_dim, 10000.0)
-        q, k, _ = layer.project(x, cos.double(), sin.double())
-        k = k.repeat_interleave(layer.n_heads // layer.n_kv_heads, dim=1)
-        z = (q @ k.transpose(-1, -2)) * layer.temperature()
-        mask = torch.ones(T, T, dtype=torch.bool).tril()
-        return z.masked_fill(~mask, float("-inf")).amax(dim=(0, 2, 3))
-
-    before = per_head_max()
+    before = _per_head_max(layer, x)
     assert before[0] > tau
     layer.max_logit = torch.full((N_HEADS,), float("-inf"), dtype=torch.float64)
     run_layer(layer, x)  # tracks this batch's max logit
     torch.testing.assert_close(layer.max_logit, before)
     gamma = layer.apply_qk_clip(tau)
-    after = per_head_max()
+    after = _per_head_max(layer, x)
     expected = torch.where(before > tau, torch.full_like(before, tau), before)
     torch.testing.assert_close(after, expected, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(gamma, torch.clamp(tau / before, max=1.0))
+
+
+@pytest.mark.parametrize("targets", [(30.0, 0.5, 0.5, 0.8), (30.0, 1.5, 0.5, 0.8)], ids=["one_head_of_a_group", "whole_group"])
+def test_qk_clip_with_grouped_kv_heads_clips_only_what_exceeded(targets):
+    """Heads 0 and 1 share key head 0 (4 query heads, 2 KV heads). Each head's max logit is set to targets * tau;
+    an exceeding head alone has its W_q rows scaled by the whole gamma and the shared key is left alone; when the
+    whole group exceeded, the key takes sqrt(max gamma) and nothing is scaled up (Kimi K2's rule, attention.py)."""
+    tau, d = 5.0, D_MODEL // N_HEADS
+    layer = make_attention(AttentionConfig(qk_clip_tau=tau), n_kv=N_KV, seed=2)
+    x = torch.randn(2, T, D_MODEL, dtype=torch.float64)
+    base = _per_head_max(layer, x)
+    assert (base > 0).all()
+    with torch.no_grad():  # the max logit is linear in a head's W_q rows (no QK-norm, no bias)
+        layer.qkv.weight[: N_HEADS * d].mul_((torch.tensor(targets, dtype=torch.float64) * tau / base).repeat_interleave(d)[:, None])
+    before = _per_head_max(layer, x)
+    torch.testing.assert_close(before, torch.tensor(targets, dtype=torch.float64) * tau, rtol=1e-12, atol=0)
+    exceeded = before > tau
+    w0 = layer.qkv.weight.detach().clone()
+    layer.max_logit = torch.full((N_HEADS,), float("-inf"), dtype=torch.float64)
+    run_layer(layer, x)
+    gamma = layer.apply_qk_clip(tau)
+    after = _per_head_max(layer, x)
+    w = layer.qkv.weight.detach()
+
+    torch.testing.assert_close(gamma, torch.clamp(tau / before, max=1.0), rtol=1e-12, atol=0)
+    assert (after <= tau * (1 + 1e-5)).all()
+    torch.testing.assert_close(after[exceeded], torch.full_like(after[exceeded], tau), rtol=1e-10, atol=0)
+    assert torch.equal(after[~exceeded], before[~exceeded])
+
+    def q_rows(h):
+        return slice(h * d, (h + 1) * d)
+
+    def k_rows(g):
+        return slice((N_HEADS + g) * d, (N_HEADS + g + 1) * d)
+
+    for h in range(N_HEADS):
+        if not exceeded[h]:
+            assert torch.equal(w[q_rows(h)], w0[q_rows(h)]), f"query head {h} did not exceed tau"
+    assert torch.equal(w[k_rows(1)], w0[k_rows(1)]) and torch.equal(w[N_HEADS * d + N_KV * d:], w0[N_HEADS * d + N_KV * d:])
+    assert (w.abs() <= w0.abs()).all()  # no row is scaled up to make up for a shared key
+    if exceeded[:2].all():
+        k_factor = float(gamma[:2].max()) ** 0.5
+        torch.testing.assert_close(w[k_rows(0)], w0[k_rows(0)] * k_factor, rtol=1e-14, atol=0)
+        for h in (0, 1):
+            torch.testing.assert_close(w[q_rows(h)], w0[q_rows(h)] * float(gamma[h]) / k_factor, rtol=1e-14, atol=0)
+    else:
+        assert torch.equal(w[k_rows(0)], w0[k_rows(0)]), "a key shared with a head below tau is left alone"
+        torch.testing.assert_close(w[q_rows(0)], w0[q_rows(0)] * float(gamma[0]), rtol=1e-14, atol=0)
 
 
 def test_qk_clip_sees_training_forwards_only():

@@ -121,7 +121,7 @@ def _compiled_matches_eager(preset: str, tmp_path):
     assert grads.keys() == eager_grads.keys()
     for name, value in eager_grads.items():
         scale = float(value.abs().max())  # fp32 sums in another order: relative to the tensor's largest entry
-        torch.testing.assert_close(grads[name], value, rtol=1e-3, atol=1e-4 * scale + 1e-9, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(grads[name], value, rtol=1e-3, atol=1e-4 * scale + 1e-9, msg=lambda m, name=name: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("preset", ["qwen3", "gemma2_softcap"])

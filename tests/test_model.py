@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 import torch.nn.functional as F
 
 from qknorm.model import build_model, kernels
 from qknorm.model.lm_loss import lm_loss
+from qknorm.model.rope import rope_tables
+from qknorm.model.stack import StackedModel
 
 from .conftest import compose_config
+from .test_attention import ref_attention
 
 
 @pytest.mark.parametrize("size,vocab,low,high", [("nano", 2048, 0.15e6, 0.3e6), ("tiny", 2048, 0.9e6, 1.3e6),
@@ -106,3 +108,45 @@ def test_wortsman_init_scales_with_fan_in():
     assert w.std().item() == pytest.approx(w.shape[1] ** -0.5 * 0.88, rel=0.05)  # truncation at 2 sd: x0.88
     assert model.embed.weight.std().item() == pytest.approx(256**-0.5, rel=0.05)
     assert model.blocks[0].attn.qkv.bias is None and model.blocks[0].mlp.fc1.bias is None
+
+
+def _ref_rms(x, weight, eps):
+    return x / torch.sqrt((x**2).mean(-1, keepdim=True) + eps) * weight.detach()
+
+
+def _ref_forward(model, idx):
+    """The pre-norm SwiGLU model in plain float64 from the formulas (attention: test_attention.ref_attention,
+    with RoPE angles computed in float64)."""
+    eps = model.cfg.norm_eps
+    x = model.embed.weight.detach()[idx]
+    for block in model.blocks:
+        x = x + ref_attention(block.attn, model.attention_cfg, _ref_rms(x, block.attn_norm.weight, eps))
+        h = _ref_rms(x, block.mlp_norm.weight, eps)
+        gate, up = block.mlp.fc1.weight.detach().chunk(2, dim=0)
+        x = x + (F.silu(h @ gate.T) * (h @ up.T)) @ block.mlp.fc2.weight.detach().T
+    return _ref_rms(x, model.norm.weight, eps) @ model.lm_head.weight.detach().T
+
+
+def test_a_float64_model_rotates_by_float64_angles():
+    """.double() (what trainer.precision=64-true does) recomputes the RoPE tables from float64 angles rather than
+    upcasting float32 ones; a float32 model's tables are the float64 ones rounded once, as they always were."""
+    t = 16
+    cfg = compose_config(["model=nano", "model.n_heads=4", "model.n_kv_heads=2", "attention=qwen3", f"data.seq_len={t}"])
+    torch.manual_seed(0)
+    model = build_model(cfg, vocab_size=300)
+    cos64, sin64 = rope_tables(t, model.cfg.dim_head, model.cfg.rope_theta)
+    assert model.rope_cos.dtype == torch.float32
+    assert torch.equal(model.rope_cos, cos64.float()) and torch.equal(model.rope_sin, sin64.float())
+    model = model.double().eval()
+    assert torch.equal(model.rope_cos, cos64) and torch.equal(model.rope_sin, sin64)
+    with torch.no_grad():
+        for p in model.parameters():  # gains away from 1, so the norms' gains are part of the check
+            if p.dim() == 1:
+                p.add_(0.2 * torch.randn_like(p))
+        idx = torch.randint(0, 300, (2, t))
+        torch.testing.assert_close(model(idx), _ref_forward(model, idx), rtol=1e-12, atol=1e-12)
+    # through float32 and back: the tables are computed again, not carried through float32
+    assert torch.equal(model.float().rope_cos, cos64.float()) and torch.equal(model.double().rope_sin, sin64)
+    # a stack reads the same tables: they are not stacked (and cast) with the members' state
+    stack = StackedModel([model]).double()
+    assert "rope_cos" not in stack.buffer_names and torch.equal(stack.member_views()[0].rope_cos, cos64)

@@ -21,6 +21,7 @@ from . import kernels
 from .capped_attention import capped_causal_attention, causal_mask
 from .norm_rope import norm_rope
 from .norms import QKNorm, build_norm, can_norm_jointly, norm_qk_jointly, stacked_affine
+from .roles import declare
 from .rope import rope
 
 
@@ -61,6 +62,7 @@ class Temperature(nn.Module):
         value = math.log(init) if cfg.parametrization == "log" else init
         shape = (n_heads, 1, 1) if cfg.per == "head" else ()
         self.param = nn.Parameter(torch.full(shape, float(value)))
+        declare(self, param="scalar")
 
     def forward(self) -> float | torch.Tensor:
         if self.fixed is not None:
@@ -117,8 +119,8 @@ class Attention(nn.Module):
         self.cfg, self.layer_idx = cfg, layer_idx
         self.n_heads, self.n_kv_heads, self.head_dim = model.n_heads, model.kv_heads, model.dim_head
         q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-        self.qkv = nn.Linear(model.d_model, q_size + 2 * kv_size, bias=cfg.qkv_bias)
-        self.proj = nn.Linear(q_size, model.d_model, bias=False)
+        self.qkv = declare(nn.Linear(model.d_model, q_size + 2 * kv_size, bias=cfg.qkv_bias), weight="matrix", bias="bias")
+        self.proj = declare(nn.Linear(q_size, model.d_model, bias=False), weight="matrix")
         self.split_sizes = (q_size, kv_size, kv_size)
 
         def norm(heads: int) -> Optional[QKNorm]:
@@ -183,7 +185,7 @@ class Attention(nn.Module):
         """Analytic bound on |logit|: |s q.k| <= |s| ||q|| ||k|| with ||q||, ||k|| bounded by the QK-norm
         (inf without one), then through the soft-cap c tanh(z / c), which alone bounds it by c."""
         bound = math.inf
-        if self.q_norm is not None:
+        if self.q_norm is not None and self.k_norm is not None:
             bound = self.temperature.abs_max() * self.q_norm.head_norm_bound() * self.k_norm.head_norm_bound()
         if self.cfg.softcap is not None:
             bound = self.cfg.softcap * math.tanh(bound / self.cfg.softcap)
@@ -231,22 +233,30 @@ class Attention(nn.Module):
 
     @torch.no_grad()
     def apply_qk_clip(self, tau: float) -> torch.Tensor:
-        """Rescale W_q/W_k (and q/k biases) so each head's max logit on the last training batch is <= tau.
+        """Kimi K2's QK-Clip: rescale W_q/W_k (and the q/k biases) so that each head's max logit on the last
+        training batch, S_h, is at most tau; only what exceeded tau is touched.
 
-        Head h gets gamma_h = min(1, tau / S_h). With grouped KV heads, the group's k rows take
-        sqrt(min gamma) and each q head the rest, so every head's logits scale by exactly gamma_h
-        (for plain multi-head attention both sides take sqrt(gamma_h), as in Kimi K2).
-        Returns gamma per head.
+        Head h gets gamma_h = min(1, tau / S_h). A head with its own key (plain multi-head attention) takes
+        sqrt(gamma_h) on its q rows and on its k rows, as in Kimi K2. A key shared by a group of query heads
+        (GQA) is left alone, as Kimi K2 leaves MLA's shared rotary key, and an exceeding head takes all of
+        gamma_h on its q rows; unless every head of the group exceeded tau: then the key takes
+        sqrt(max gamma) of the group and each q head gamma_h / sqrt(max gamma) <= sqrt(max gamma), so every
+        head's logits scale by exactly gamma_h and no weight is scaled up. Returns gamma per head.
         """
+        if self.max_logit is None:
+            raise RuntimeError("QK-Clip needs the max logit tracked: set max_logit to -inf per head before training")
         gamma = (tau / self.max_logit.clamp(min=1e-30)).clamp(max=1.0)
         groups = self.n_heads // self.n_kv_heads
-        k_gamma = gamma.view(self.n_kv_heads, groups).amin(dim=1).sqrt()
+        by_group = gamma.view(self.n_kv_heads, groups)
+        all_clipped = (by_group < 1.0).all(dim=1)
+        k_gamma = torch.where(all_clipped, by_group.amax(dim=1).sqrt(), torch.ones_like(all_clipped, dtype=gamma.dtype))
         q_gamma = gamma / k_gamma.repeat_interleave(groups)
         d = self.head_dim
         q_rows = q_gamma.repeat_interleave(d)
         k_rows = k_gamma.repeat_interleave(d)
-        q_size, kv_size, _ = self.split_sizes
-        factors = torch.cat([q_rows, k_rows, torch.ones(kv_size, device=q_rows.device)]).to(self.qkv.weight.dtype)
+        _, kv_size, _ = self.split_sizes
+        factors = torch.cat([q_rows, k_rows, torch.ones(kv_size, dtype=q_rows.dtype, device=q_rows.device)])
+        factors = factors.to(self.qkv.weight.dtype)
         self.qkv.weight.mul_(factors[:, None])
         if self.qkv.bias is not None:
             self.qkv.bias.mul_(factors)

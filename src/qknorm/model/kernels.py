@@ -27,11 +27,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Iterator, Optional
+from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 import torch
 
-_forced: dict[str, object] = {}
+if TYPE_CHECKING:
+    from .transformer import Transformer
+
+_forced: dict[str, Any] = {}
 
 
 @contextlib.contextmanager
@@ -142,7 +145,7 @@ def flex_attention(q, k, v, **kwargs):
     return _compiled_flex(q, k, v, **kwargs)
 
 
-def compile_training_loss(model: torch.nn.Module):
+def compile_training_loss(model: Transformer):
     """`model.loss` compiled as one graph (forward, LM-head loss and, through AOTAutograd, the backward):
     what `model.compile=true` trains with. Shapes are static (training batches all have one shape);
     validation and the stability monitor call the uncompiled model, so their shapes and their

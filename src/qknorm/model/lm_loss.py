@@ -53,11 +53,11 @@ class _FusedHeadLoss(torch.autograd.Function):
                 grad_h.append((g @ w).to(hidden.dtype))
                 chunk_w = (g.t() @ h).to(acc)
                 grad_w = chunk_w if grad_w is None else grad_w + chunk_w
-        nats = torch.cat(nats)
+        all_nats = torch.cat(nats)
         z_mean = z_sq / n
-        total = nats.mean() + z_coef * z_mean
-        none = nats[:0]  # a placeholder output where no gradient was asked for
-        return total, nats, z_mean, torch.cat(grad_h) if need_grad else none, grad_w if need_grad else none
+        total = all_nats.mean() + z_coef * z_mean
+        none = all_nats[:0]  # a placeholder output where no gradient was asked for
+        return total, all_nats, z_mean, torch.cat(grad_h) if need_grad else none, grad_w if need_grad else none
 
     @staticmethod
     def setup_context(ctx, inputs, output):

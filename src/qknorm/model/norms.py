@@ -15,9 +15,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .roles import declare
+
 
 class QKNorm(nn.Module):
     """Base class: subclasses implement `normalize(x, dims)` over the trailing `dims` dimensions."""
+
+    weight: nn.Parameter | None
 
     def __init__(self, n_heads: int, head_dim: int, scope: str, gain: str, eps: float):
         super().__init__()
@@ -28,6 +32,7 @@ class QKNorm(nn.Module):
         else:
             init = torch.zeros if gain == "zero_centered" else torch.ones
             self.weight = nn.Parameter(init(self.param_shape))
+        declare(self, weight="qk_gain")
 
     def effective_gain(self) -> torch.Tensor | None:
         if self.weight is None:
@@ -88,6 +93,7 @@ class LayerQKNorm(QKNorm):
     """(x - mean) / sqrt(var + eps) * gain (+ bias) (ViT-22B, Wortsman et al. 2023)."""
 
     kind = "layernorm"
+    bias: nn.Parameter | None
 
     def __init__(self, n_heads, head_dim, scope, gain, eps, bias: bool = False):
         super().__init__(n_heads, head_dim, scope, gain, eps)
@@ -95,6 +101,7 @@ class LayerQKNorm(QKNorm):
             self.bias = nn.Parameter(torch.zeros(self.param_shape))
         else:
             self.register_parameter("bias", None)
+        declare(self, bias="bias")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = super().forward(x)
@@ -132,9 +139,10 @@ def stack_qk(q_norm: QKNorm, k_norm: QKNorm, p_q: torch.Tensor, p_k: torch.Tenso
 
 def stacked_affine(q_norm: QKNorm, k_norm: QKNorm) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """The q and k norms' effective gains and biases, each stacked by `stack_qk` (None where absent)."""
-    gain, bias = q_norm.effective_gain(), getattr(q_norm, "bias", None)
-    return (None if gain is None else stack_qk(q_norm, k_norm, gain, k_norm.effective_gain()),
-            None if bias is None else stack_qk(q_norm, k_norm, bias, k_norm.bias))
+    gain_q, gain_k = q_norm.effective_gain(), k_norm.effective_gain()
+    bias_q, bias_k = getattr(q_norm, "bias", None), getattr(k_norm, "bias", None)
+    return (None if gain_q is None or gain_k is None else stack_qk(q_norm, k_norm, gain_q, gain_k),
+            None if bias_q is None or bias_k is None else stack_qk(q_norm, k_norm, bias_q, bias_k))
 
 
 def can_norm_jointly(q_norm: QKNorm, k_norm: QKNorm) -> bool:

@@ -10,16 +10,26 @@ separate matrices in the paper, so each block of rows gets its own sigma and gam
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, cast
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
 from .attention import training_forward
+from .roles import declare
+
+if TYPE_CHECKING:
+    from .transformer import Block, Transformer
 
 
 class SigmaReparam(nn.Module):
     """A parametrization of a Linear weight [out, in] whose rows split into blocks of `sizes`."""
+
+    u: torch.Tensor
+    v: torch.Tensor
+    repeats: torch.Tensor
 
     def __init__(self, weight: torch.Tensor, sizes: tuple[int, ...]):
         super().__init__()
@@ -35,6 +45,7 @@ class SigmaReparam(nn.Module):
         self.register_buffer("v", torch.stack(vs).to(weight.dtype))  # [blocks, in]
         # gamma starts at sigma(W_0), so W_hat = W at initialization and the model's init is kept
         self.gamma = nn.Parameter(torch.stack(sigmas).to(weight.dtype))
+        declare(self, gamma="scalar")
         self.register_buffer("repeats", torch.tensor(self.sizes), persistent=False)
 
     def sigma(self, weight: torch.Tensor) -> torch.Tensor:
@@ -42,20 +53,20 @@ class SigmaReparam(nn.Module):
         blocks = weight.split(self.sizes)
         if training_forward(self):
             with torch.no_grad():
-                for w, u, v in zip(blocks, self.u.split(self.sizes), self.v):
+                for w, u, v in zip(blocks, self.u.split(self.sizes), self.v, strict=True):
                     v.copy_(F.normalize(w.t().to(v.dtype) @ u, dim=0))
                     u.copy_(F.normalize(w.to(u.dtype) @ v, dim=0))
         # clones: a later step's in-place update must not touch vectors this graph saved
-        return torch.stack([u.clone() @ (w @ v.clone()) for w, u, v in zip(blocks, self.u.split(self.sizes), self.v)])
+        return torch.stack([u.clone() @ (w @ v.clone()) for w, u, v in zip(blocks, self.u.split(self.sizes), self.v, strict=True)])
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         scale = (self.gamma / self.sigma(weight)).repeat_interleave(self.repeats, output_size=weight.shape[0])
         return weight * scale[:, None].to(weight.dtype)
 
 
-def apply_sigma_reparam(model: nn.Module) -> None:
+def apply_sigma_reparam(model: Transformer) -> None:
     """Reparametrize QKV, Proj, FC1 and FC2 of every block (not the embedding or the output head)."""
-    for block in model.blocks:
+    for block in cast("list[Block]", model.blocks):
         attn, mlp = block.attn, block.mlp
         fc1_rows = mlp.fc1.weight.shape[0]
         for linear, sizes in ((attn.qkv, attn.split_sizes), (attn.proj, (attn.proj.weight.shape[0],)),

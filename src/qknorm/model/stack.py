@@ -61,6 +61,9 @@ class StackedModel(nn.Module):
         params, buffers = stack_module_state(list(members))
         self.names = list(params)
         self.params = nn.ParameterDict({_key(n): nn.Parameter(p.detach().clone()) for n, p in params.items()})
+        # the config's own tables (RoPE) are not stacked: every member reads the template's or its own, which
+        # follow a dtype change from float64 (Transformer._apply) where a stacked copy would only be cast
+        buffers = {n: b for n, b in buffers.items() if n not in Transformer.config_buffers}
         self.buffer_names = list(buffers)
         for n, b in buffers.items():
             self.register_buffer(_key(n), b.clone(), persistent=False)
@@ -131,7 +134,7 @@ class StackedModel(nn.Module):
         if kernels.stack_kernel(idx.device, own_code) == "loop":
             views = self.member_views()
             outs = [views[k].loss(idx[k], targets[k], z_loss[k]) for k in members]
-            return tuple(torch.stack(parts) for parts in zip(*outs))
+            return tuple(torch.stack(parts) for parts in zip(*outs, strict=True))
         params = {"model." + n: self.params[_key(n)] for n in self.names}
         buffers = {"model." + n: getattr(self, _key(n)) for n in self.buffer_names}
         template = self._template[0]

@@ -4,6 +4,7 @@ blocks, or OLMo 2's reordered norm, and the block-level stabilizers of Rybakov e
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -12,6 +13,7 @@ from torch import nn
 from ..config import AttentionConfig, ModelConfig
 from .attention import Attention
 from .lm_loss import head_logits, lm_loss
+from .roles import DRAWN, declare, roles
 from .rope import rope_tables
 from .sigma_reparam import apply_sigma_reparam
 
@@ -21,6 +23,7 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        declare(self, weight="gain")
 
     def forward(self, x):
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
@@ -32,6 +35,7 @@ class LayerScale(nn.Module):
     def __init__(self, dim: int, init: float):
         super().__init__()
         self.weight = nn.Parameter(torch.full((dim,), init))
+        declare(self, weight="scalar")
 
     def forward(self, x):
         return x * self.weight
@@ -49,7 +53,8 @@ def _branch_norms(cfg: ModelConfig, attention: AttentionConfig) -> tuple[nn.Modu
         return None, None, RMSNorm(d, eps), RMSNorm(d, eps)
     attn_in = RMSNorm(d, eps) if attention.pre_attn_norm else None
     if attention.proj_fc2_norm == "layernorm":
-        return attn_in, RMSNorm(d, eps), nn.LayerNorm(d, eps, bias=False), nn.LayerNorm(d, eps, bias=False)
+        return (attn_in, RMSNorm(d, eps), declare(nn.LayerNorm(d, eps, bias=False), weight="gain"),
+                declare(nn.LayerNorm(d, eps, bias=False), weight="gain"))
     return attn_in, RMSNorm(d, eps), None, None
 
 
@@ -59,8 +64,8 @@ class MLP(nn.Module):
         self.kind = cfg.mlp
         hidden = cfg.hidden
         # SwiGLU's gate and up projections as one matmul
-        self.fc1 = nn.Linear(cfg.d_model, 2 * hidden if cfg.mlp == "swiglu" else hidden, bias=False)
-        self.fc2 = nn.Linear(hidden, cfg.d_model, bias=False)
+        self.fc1 = declare(nn.Linear(cfg.d_model, 2 * hidden if cfg.mlp == "swiglu" else hidden, bias=False), weight="matrix")
+        self.fc2 = declare(nn.Linear(hidden, cfg.d_model, bias=False), weight="matrix")
 
     def forward(self, x):
         if self.kind == "swiglu":
@@ -99,29 +104,53 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
+    rope_cos: torch.Tensor
+    rope_sin: torch.Tensor
+    # buffers that are a function of the config alone, the same in every member of a stack (model/stack.py)
+    config_buffers = ("rope_cos", "rope_sin")
+
     def __init__(self, cfg: ModelConfig, attention: AttentionConfig, vocab_size: int, seq_len: int):
         super().__init__()
         self.cfg, self.attention_cfg, self.vocab_size, self.seq_len = cfg, attention, vocab_size, seq_len
-        self.embed = nn.Embedding(vocab_size, cfg.d_model)
+        self.embed = declare(nn.Embedding(vocab_size, cfg.d_model), weight="embedding")
         self.blocks = nn.ModuleList(Block(cfg, attention, i, seq_len) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.d_model, vocab_size, bias=False)
+        # tied, the head's weight is the embedding's and named by it alone (named_parameters lists it once)
+        self.lm_head = declare(nn.Linear(cfg.d_model, vocab_size, bias=False), weight="matrix")
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
-        cos, sin = rope_tables(seq_len, cfg.dim_head, cfg.rope_theta)
-        self.register_buffer("rope_cos", cos.float(), persistent=False)
-        self.register_buffer("rope_sin", sin.float(), persistent=False)
+        self._set_rope_tables(torch.float32, None)
         self.final_logit_softcap = attention.final_logit_softcap
         self.reset_parameters()
         if attention.sigma_reparam:
             apply_sigma_reparam(self)  # after the init: gamma starts at sigma of the initialized weights
 
+    def _set_rope_tables(self, dtype: torch.dtype, device: torch.device | None) -> None:
+        """The RoPE tables in `dtype`, from float64 angles: a float64 model rotates by float64 angles; any
+        other dtype gets the float32 tables (cast on from there, as a conversion of a float32 model would)."""
+        cos, sin = rope_tables(self.seq_len, self.cfg.dim_head, self.cfg.rope_theta)
+        if dtype != torch.float64:
+            cos, sin = cos.float(), sin.float()
+        self.register_buffer("rope_cos", cos.to(device=device, dtype=dtype), persistent=False)
+        self.register_buffer("rope_sin", sin.to(device=device, dtype=dtype), persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        # recomputed rather than converted: .double() of float32 tables would keep their float32 rounding
+        self._set_rope_tables(self.rope_cos.dtype, self.rope_cos.device)
+        return self
+
     def reset_parameters(self) -> None:
+        """Draw the matrices and the embedding in named_parameters order (the order seeded runs depend on)
+        and zero the biases; gains and scalars keep the init their modules gave them (model/roles.py)."""
         d = self.cfg.d_model
-        for name, p in self.named_parameters():
-            if p.dim() < 2:
-                continue  # norm gains, temperatures and biases keep their own init
-            if name == "embed.weight":
+        for name, role in roles(self).items():
+            p = self.get_parameter(name)
+            if role == "bias":
+                nn.init.zeros_(p)
+            if role not in DRAWN:
+                continue
+            if role == "embedding":
                 std = d**-0.5 if self.cfg.init == "wortsman" else 0.02
                 nn.init.normal_(p, std=std)
             elif self.cfg.init == "wortsman":
@@ -131,9 +160,6 @@ class Transformer(nn.Module):
             else:
                 residual_out = name.endswith("attn.proj.weight") or name.endswith("mlp.fc2.weight")
                 nn.init.normal_(p, std=0.02 / math.sqrt(2 * self.cfg.n_layers) if residual_out else 0.02)
-        for block in self.blocks:
-            if block.attn.qkv.bias is not None:
-                nn.init.zeros_(block.attn.qkv.bias)
 
     def forward(self, idx: torch.Tensor, return_hidden: bool = False) -> torch.Tensor:
         t = idx.shape[1]
@@ -148,7 +174,7 @@ class Transformer(nn.Module):
             return x
         return self.logits(x)
 
-    def loss(self, idx: torch.Tensor, targets: torch.Tensor, z_loss: float = 0.0):
+    def loss(self, idx: torch.Tensor, targets: torch.Tensor, z_loss: float | torch.Tensor = 0.0):
         """(mean CE + z_loss * mean log^2 Z, per-token CE in nats, mean log^2 Z); on a CPU without
         materializing the full logit matrix (see lm_loss.py)."""
         return lm_loss(self(idx, return_hidden=True), self.lm_head.weight, targets, z_loss, self.final_logit_softcap)
@@ -163,4 +189,4 @@ class Transformer(nn.Module):
         return n
 
     def attention_layers(self) -> list[Attention]:
-        return [block.attn for block in self.blocks]
+        return [cast(Block, block).attn for block in self.blocks]

@@ -20,6 +20,7 @@ import pytorch_lightning as pl
 import torch
 
 from ..config import DivergenceConfig, MonitorConfig
+from ..model.roles import roles
 from ..utils.files import atomic_write_bytes
 
 FP16_MAX = 65504.0
@@ -132,7 +133,10 @@ class StabilityMonitor(pl.Callback):
         if not self._due(trainer, trainer.global_step):
             return
         model = pl_module.model
-        self._pre_step = {n: p.detach().clone() for n, p in model.named_parameters() if p.dim() >= 2}
+        # the update/weight ratio is over weight matrices (and the embedding), by their declared role: a
+        # per-head gain or temperature has two or more dimensions too, but is not a matrix
+        matrices = {n for n, role in roles(model).items() if role in ("matrix", "embedding")}
+        self._pre_step = {n: p.detach().clone() for n, p in model.named_parameters() if n in matrices}
         norms = {}
         for i, block in enumerate(model.blocks):
             grads = [p.grad for p in block.parameters() if p.grad is not None]

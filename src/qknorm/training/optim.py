@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..config import AttentionConfig, OptimConfig
+from ..model.roles import roles
 
 
 def lr_factor(step: int, warmup: int, total: int, floor: float) -> float:
@@ -19,17 +20,16 @@ def lr_factor(step: int, warmup: int, total: int, floor: float) -> float:
 
 
 def parameter_groups(model: nn.Module, attention: AttentionConfig) -> tuple[list, list]:
-    """Matrices (and embeddings) decay; block norm gains, biases and temperatures do not; QK-norm
-    gains decay only when attention.gain_weight_decay is set (Qwen3-Next's fix for growing gains)."""
-    decay, no_decay = [], []
+    """(decayed, not decayed) by each parameter's declared role (model/roles.py): matrices and the embedding
+    decay; block norm gains, biases and scalars (temperatures, LayerScale, sigma-reparam's gamma) do not;
+    QK-norm gains decay only when attention.gain_weight_decay is set (Qwen3-Next's fix for growing gains)."""
+    decayed = {"matrix", "embedding", *(("qk_gain",) if attention.gain_weight_decay else ())}
+    role = roles(model)
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        is_qk_gain = any(f"attn.{n}_norm." in name for n in "qkv")
-        if p.dim() >= 2 or (is_qk_gain and attention.gain_weight_decay and name.endswith("weight")):
-            decay.append(p)
-        else:
-            no_decay.append(p)
+        if p.requires_grad:
+            (decay if role[name] in decayed else no_decay).append(p)
     return decay, no_decay
 
 
@@ -41,7 +41,8 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, attention: AttentionConf
     groups = [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]
     fused = {"on": True, "off": False, "auto": on_cuda}[cfg.fused]
     kwargs = {"fused": True} if fused else {"foreach": True}
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, **kwargs)
+    beta1, beta2 = cfg.betas
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(beta1, beta2), eps=cfg.eps, **kwargs)
 
 
 def optimizer_and_schedule(model: nn.Module, cfg, on_cuda: bool):

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import math
+import re
+import types
+import typing
+from typing import Any, Literal
+
 import pytest
 
-from qknorm.config import ConfigError
+from qknorm.config import MAX_SEED, ConfigError, RunConfig, default_tree, load_run_config
 
-from .conftest import CONF, compose_config
+from .conftest import CONF, compose_config, run_cli
 
 GROUPS = ["model", "attention", "data", "optim", "trainer", "logger", "callbacks"]
 
@@ -91,6 +99,28 @@ def test_zloss_preset_sets_the_optimizer():
     (["trainer.precision=fp8"], "trainer.precision", "allowed: auto, 32-true"),
     (["model.mlp=relu"], "model.mlp", "allowed: swiglu, gelu"),
     (["+model.n_expert=4"], "model", "unknown key(s) n_expert"),
+    (["optim.grad_clip=0"], "optim.grad_clip", "null or positive"),
+    (["optim.grad_clip=inf"], "optim.grad_clip", "null turns clipping off"),
+    (["optim.z_loss=nan"], "optim.z_loss", ">= 0"),
+    (["optim.min_lr_ratio=-0.1"], "optim.min_lr_ratio", "[0, 1]"),
+    (["optim.eps=0"], "optim.eps", "positive"),
+    (["optim.weight_decay=inf"], "optim.weight_decay", ">= 0"),
+    (["optim=wortsman", "optim.weight_decay=1.0"], "optim.weight_decay", "below 1 with optim.independent_weight_decay=true"),
+    (["model.rope_theta=1"], "model.rope_theta", "above 1"),
+    (["attention.soft_clip=[inf,-0.03]"], "attention.soft_clip", "zeta >= 1"),
+    (["attention.scale.kind=learnable", "attention.scale.max=inf"], "attention.scale.max", "positive"),
+    (["data.max_tokens=256"], "data.max_tokens", "exceed data.seq_len=256"),
+    (["data.val_plays=[]"], "data.val_plays", "at least one play"),
+    (["data.glob=''"], "data.glob", "non-empty"),
+    (["data=hf_text", "data.name=text", "data.data_files=[]"], "data.data_files", "at least one file"),
+    (["trainer.devices=0"], "trainer.devices", "device count >= 1"),
+    (["trainer.devices=[0,0]"], "trainer.devices", "distinct device ids"),
+    (["trainer.strategy=' '"], "trainer.strategy", "non-empty"),
+    (["trainer.max_time_minutes=inf"], "trainer.max_time_minutes", "null or a positive number"),
+    (["callbacks.divergence.loss_margin=nan"], "callbacks.divergence.loss_margin", "positive"),
+    (["callbacks.divergence.spike_window=7"], "callbacks.divergence.spike_window", ">= 8"),
+    ([f"seed={MAX_SEED + 1}"], "seed", "numpy's seed range"),
+    (["task_name=../elsewhere"], "task_name", "one folder"),
 ])
 def test_bad_values_name_the_key(overrides, key, fragment):
     with pytest.raises(ConfigError) as err:
@@ -99,3 +129,175 @@ def test_bad_values_name_the_key(overrides, key, fragment):
     assert message.startswith(key), message
     assert fragment in message, message
     assert "\n" not in message
+
+
+@pytest.mark.parametrize("overrides", [["trainer.devices=auto"], ["trainer.devices=-1"], ["trainer.devices=[0,1]"],
+                                       ["trainer.devices='0,1'"], [f"seed={MAX_SEED}"], ["optim.grad_clip=null"],
+                                       ["optim=wortsman", "optim.weight_decay=0.5"], ["optim.weight_decay=2.0"]])
+def test_edge_values_that_are_settings(overrides):
+    compose_config(overrides)
+
+
+# --------------------------------------------------------------------------------------------------
+# Every field has a check: values its type allows but no setting can mean are refused by key
+# --------------------------------------------------------------------------------------------------
+
+UNKNOWN = "no-such-value"
+
+# Fields whose every value of the right type is valid: named here with the reason, so an unchecked field
+# is a decision, not an oversight. None at present: names and paths refuse a blank, counts their minimum,
+# numbers nan and inf.
+FREE_FIELDS: dict[str, str] = {}
+
+# A valid value for the fields whose default is null and whose invalid values are built from a valid one
+VALID_EXAMPLES = {"attention.soft_clip": [1.03, -0.03]}
+
+
+def config_fields(cls: type = RunConfig, prefix: str = ""):
+    """(dotted key, type) of every field of the run config, nested groups flattened."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp, key = hints[f.name], f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(tp):
+            yield from config_fields(tp, f"{key}.")
+        else:
+            yield key, tp
+
+
+def optional_inner(tp):
+    """X for Optional[X] (null is then a valid value: the field's `unset`), else None."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        (inner,) = [a for a in typing.get_args(tp) if a is not type(None)]
+        return inner
+    return None
+
+
+def out_of_range(tp, valid) -> list:
+    """Values of the field's own type that no setting can mean: a negative count, a nan or infinite
+    number, a blank name, a choice not on the list. A field that accepts all of them has no check."""
+    if (inner := optional_inner(tp)) is not None:
+        return out_of_range(inner, valid)
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is bool:
+        return []  # both values are settings
+    if tp is int:
+        return [-1]  # every count, index and seed starts at 0 or 1
+    if tp is float:
+        return [math.nan, math.inf, -math.inf]
+    if tp is str:
+        return ["", "  "]
+    if tp is Any:
+        return [None, {"not": "a value"}, UNKNOWN]
+    if origin is Literal:
+        return [UNKNOWN]
+    if origin is tuple and args[-1] is Ellipsis:
+        return [[v] for v in out_of_range(args[0], None)]
+    if origin is tuple:
+        assert valid is not None, f"fixed-length {tp} with a null default: add a valid value to VALID_EXAMPLES"
+        base = list(valid)
+        return [base[:i] + [v] + base[i + 1:] for i, a in enumerate(args) for v in out_of_range(a, base[i])]
+    raise TypeError(f"no invalid values known for {tp}: teach out_of_range this type")
+
+
+def wrong_type(tp, valid) -> list:
+    """Values of another type than the field's: refused by the conversion whatever the field's range."""
+    if (inner := optional_inner(tp)) is not None:
+        return [v for v in wrong_type(inner, valid) if v is not None]
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    bad: list = [None]
+    if tp is int:
+        bad += [1.5, "3", True]
+    elif tp is float:
+        bad += [UNKNOWN, True]
+    elif tp is bool:
+        bad += [UNKNOWN, 1]
+    elif tp is str:
+        bad += [7]
+    elif origin is tuple:
+        bad += [UNKNOWN]
+        if args[-1] is not Ellipsis:
+            bad += [list(valid)[:-1]]
+    elif tp is Any:
+        bad = []
+    return bad
+
+
+def _field_value(tree: dict, key: str):
+    *groups, name = key.split(".")
+    for g in groups:
+        tree = tree[g]
+    return tree[name]
+
+
+def _with(key: str, value) -> dict:
+    tree = copy.deepcopy(default_tree())
+    *groups, name = key.split(".")
+    node = tree
+    for g in groups:
+        node = node[g]
+    node[name] = value
+    return tree
+
+
+def refusal(tree: dict, key: str) -> str | None:
+    """The one-line error naming `key` (or one of its items) if the config is refused, None if accepted;
+    a refusal by another key fails the test, as it would hide a missing check."""
+    try:
+        load_run_config(tree)
+    except ConfigError as e:
+        message = str(e)
+        assert re.match(rf"{re.escape(key)}(\[\d+\])?: ", message) and "\n" not in message, (key, message)
+        return message
+    return None
+
+
+FIELDS = list(config_fields())
+
+
+@pytest.mark.parametrize("key,tp", FIELDS, ids=[k for k, _ in FIELDS])
+def test_every_field_refuses_what_it_cannot_mean(key, tp):
+    valid = _field_value(default_tree(), key)
+    if valid is None:
+        valid = VALID_EXAMPLES.get(key)
+    assert valid is None or refusal(_with(key, valid), key) is None
+    for value in wrong_type(tp, valid):
+        assert refusal(_with(key, value), key), f"{key}={value!r} accepted"
+    bad = out_of_range(tp, valid)
+    if key in FREE_FIELDS:
+        assert any(refusal(_with(key, v), key) is None for v in bad), f"{key} has a check: take it off FREE_FIELDS"
+        return
+    assert bad or tp is bool, f"{key}: no invalid value derived from {tp}; give it a check or list it in FREE_FIELDS"
+    for value in bad:
+        assert refusal(_with(key, value), key), f"{key}={value!r} accepted: add a check or list {key} in FREE_FIELDS"
+
+
+def test_free_fields_are_fields_with_a_reason():
+    keys = {k for k, _ in FIELDS}
+    assert set(FREE_FIELDS) <= keys and all(reason.strip() for reason in FREE_FIELDS.values())
+
+
+# --------------------------------------------------------------------------------------------------
+# The optimizer settings whose checks never ran: refused in one line, in Python and on the command line
+# --------------------------------------------------------------------------------------------------
+
+OPTIMIZER_REFUSALS = [
+    ("optim.grad_clip=-1", "optim.grad_clip: must be null or positive, got -1.0"),
+    ("optim.z_loss=-0.01", "optim.z_loss: must be a number >= 0, got -0.01"),
+    ("optim.min_lr_ratio=5", "optim.min_lr_ratio: must be in [0, 1], got 5.0"),
+]
+
+
+@pytest.mark.parametrize("override,message", OPTIMIZER_REFUSALS)
+def test_optimizer_settings_are_refused_by_key(override, message):
+    with pytest.raises(ConfigError) as err:
+        compose_config([override])
+    assert str(err.value) == message
+
+
+@pytest.mark.parametrize("override,message", OPTIMIZER_REFUSALS)
+def test_optimizer_settings_are_refused_by_the_command_line(override, message, tmp_path, cache_dir):
+    proc = run_cli([override, "model=nano", "logger=none"], tmp_path, cache_dir, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert [line for line in proc.stderr.splitlines() if line.strip()] == [f"qknorm-train: error: {message}"]
+    assert not any(tmp_path.rglob("*.ckpt")) and not any(tmp_path.rglob("events.out.*"))  # nothing trained

@@ -3,21 +3,30 @@
 Hypothesis draws attention axes, model shapes and optimizer values, valid and invalid alike. Each draw
 must either be rejected by `load_run_config` with a message that starts with the offending key, or build
 a model that takes two optimizer steps with finite losses. An exception from inside torch fails the test.
+
+Then every bound of every numeric field, one at a time: the value exactly at the bound is accepted or
+refused as the rule says, the next value past it is refused, and (for a bound the rule excludes) the next
+value inside is accepted.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+import re
+import typing
 from collections import Counter
 
 import numpy as np
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from qknorm.config import ConfigError, default_tree, load_run_config
+from qknorm.config import MAX_SEED, MIN_SPIKE_WINDOW, ConfigError, default_tree, load_run_config
 from qknorm.training import LMModule
+
+from .test_config import config_fields, optional_inner
 
 VOCAB, BATCH, SEQ = 64, 2, 12
 EXAMPLES = 500
@@ -65,16 +74,21 @@ model = st.fixed_dictionaries({
     "mlp_hidden": mostly(st.sampled_from([None, 16]), 0),
     "tie_embeddings": st.booleans(),
     "init": mostly(st.sampled_from(["wortsman", "gpt2"]), "xavier"),
+    "norm_eps": mostly(1e-6, 0.0, math.nan),
+    "rope_theta": mostly(st.sampled_from([10000.0, 500000.0]), 1.0, 0.5, math.inf),
 })
 
 optim = st.fixed_dictionaries({
     "lr": mostly(st.floats(1e-5, 1.0), 0.0, -1e-3, math.nan, math.inf, "1e-3x"),
-    "betas": mostly(st.sampled_from([[0.9, 0.95], [0.9, 0.999]]), [0.9, 1.0], [0.9]),
-    "weight_decay": mostly(st.sampled_from([0.0, 0.1]), -0.1),
+    "betas": mostly(st.sampled_from([[0.9, 0.95], [0.9, 0.999], [0.0, 0.0]]), [0.9, 1.0], [0.9], [math.nan, 0.95]),
+    "eps": mostly(st.sampled_from([1e-8, 1e-6]), 0.0, -1e-8, math.inf),
+    "weight_decay": mostly(st.sampled_from([0.0, 0.1]), -0.1, 1.0, math.inf),
     "independent_weight_decay": st.booleans(),
-    "warmup_steps": mostly(st.sampled_from([0, 1, 5]), -1),
-    "grad_clip": mostly(st.sampled_from([None, 1.0]), 0.0),
-    "z_loss": mostly(st.sampled_from([0.0, 1e-4]), -1e-4),
+    "warmup_fraction": mostly(st.sampled_from([0.0, 0.05]), 1.0, -0.05, math.nan),
+    "warmup_steps": mostly(st.sampled_from([None, 0, 1, 5]), -1),
+    "min_lr_ratio": mostly(st.sampled_from([0.0, 0.1, 1.0]), 5.0, -0.1, math.nan),
+    "grad_clip": mostly(st.sampled_from([None, 1.0]), 0.0, -1.0, math.inf, math.nan),
+    "z_loss": mostly(st.sampled_from([0.0, 1e-4]), -1e-4, -0.01, math.inf, math.nan),
 })
 
 
@@ -133,3 +147,136 @@ def test_random_configs_train_or_are_rejected_by_key():
           f"{outcomes['rejected']} rejected at config time")
     assert sum(outcomes.values()) == EXAMPLES
     assert outcomes["trained"] >= EXAMPLES // 10 and outcomes["rejected"] >= EXAMPLES // 10
+
+
+# --------------------------------------------------------------------------------------------------
+# Bounds: exactly at each bound of each numeric field, and one step either side of it
+# --------------------------------------------------------------------------------------------------
+
+# (key, bound, whether the bound itself is allowed, the side the allowed values lie on: +1 above,
+# -1 below, other settings the rule needs to be reached). Keys name tuple items as key[i].
+BOUNDS = [
+    ("attention.scale.value", 0.0, False, +1, {}),
+    ("attention.scale.max", 0.0, False, +1, {"attention.scale.kind": "learnable"}),
+    ("attention.norm_eps", 0.0, False, +1, {}),
+    ("attention.softcap", 0.0, False, +1, {}),
+    ("attention.final_logit_softcap", 0.0, False, +1, {}),
+    ("attention.qk_clip_tau", 0.0, False, +1, {}),
+    ("attention.layerscale_init", 0.0, False, +1, {}),
+    ("attention.soft_temp", 0.0, False, +1, {}),
+    ("attention.soft_clip[0]", 1.0, True, +1, {"attention.soft_clip": [1.03, -0.03]}),
+    ("attention.soft_clip[1]", 0.0, True, -1, {"attention.soft_clip": [1.03, -0.03]}),
+    ("model.d_model", 1, True, +1, {"model.n_heads": 1, "model.head_dim": 2}),
+    ("model.n_layers", 1, True, +1, {}),
+    ("model.n_heads", 1, True, +1, {}),
+    ("model.n_kv_heads", 1, True, +1, {}),
+    ("model.head_dim", 2, True, +1, {}),
+    ("model.mlp_hidden", 1, True, +1, {}),
+    ("model.norm_eps", 0.0, False, +1, {}),
+    ("model.rope_theta", 1.0, False, +1, {}),
+    ("data.seq_len", 2, True, +1, {}),
+    ("data.batch_size", 1, True, +1, {}),
+    ("data.vocab_size", 260, True, +1, {}),
+    ("data.vocab_size", 65535, True, -1, {}),
+    ("data.tokenizer_max_chars", 1, True, +1, {}),
+    ("data.val_fraction", 0.0, False, +1, {}),
+    ("data.val_fraction", 1.0, False, -1, {}),
+    ("data.val_max_tokens", SEQ, False, +1, {}),  # windows of data.seq_len + 1 tokens
+    ("data.max_tokens", SEQ, False, +1, {}),
+    ("optim.lr", 0.0, False, +1, {}),
+    ("optim.betas[0]", 0.0, True, +1, {}),
+    ("optim.betas[0]", 1.0, False, -1, {}),
+    ("optim.betas[1]", 0.0, True, +1, {}),
+    ("optim.betas[1]", 1.0, False, -1, {}),
+    ("optim.eps", 0.0, False, +1, {}),
+    ("optim.weight_decay", 0.0, True, +1, {}),
+    ("optim.weight_decay", 1.0, False, -1, {"optim.independent_weight_decay": True}),
+    ("optim.warmup_fraction", 0.0, True, +1, {}),
+    ("optim.warmup_fraction", 1.0, False, -1, {}),
+    ("optim.warmup_steps", 0, True, +1, {}),
+    ("optim.warmup_steps", 2, True, -1, {}),  # trainer.max_steps=2: a warmup as long as the run, not longer
+    ("optim.min_lr_ratio", 0.0, True, +1, {}),
+    ("optim.min_lr_ratio", 1.0, True, -1, {}),
+    ("optim.grad_clip", 0.0, False, +1, {}),
+    ("optim.z_loss", 0.0, True, +1, {}),
+    ("trainer.num_nodes", 1, True, +1, {}),
+    ("trainer.max_steps", 1, True, +1, {}),
+    ("trainer.max_time_minutes", 0.0, False, +1, {}),
+    ("trainer.val_every_n_steps", 1, True, +1, {}),
+    ("trainer.val_points", 1, True, +1, {}),
+    ("trainer.log_every_n_steps", 1, True, +1, {}),
+    ("trainer.checkpoint_every_n_steps", 1, True, +1, {}),
+    ("trainer.threads", 1, True, +1, {}),
+    ("callbacks.monitor.every_n_steps", 1, True, +1, {}),
+    ("callbacks.monitor.points", 1, True, +1, {}),
+    ("callbacks.monitor.probe_sequences", 1, True, +1, {}),
+    ("callbacks.divergence.loss_margin", 0.0, False, +1, {}),
+    ("callbacks.divergence.spike_sigma", 0.0, False, +1, {}),
+    ("callbacks.divergence.spike_window", MIN_SPIKE_WINDOW, True, +1, {}),
+    ("callbacks.divergence.patience", 1, True, +1, {}),
+    ("seed", 0, True, +1, {}),
+    ("seed", MAX_SEED, True, -1, {}),
+]
+
+
+def numeric_fields() -> set[str]:
+    """Every int or float of the run config (optional or not), tuple items as key[i]."""
+    keys = set()
+    for key, tp in config_fields():
+        inner = optional_inner(tp) or tp
+        if inner in (int, float):
+            keys.add(key)
+        elif typing.get_origin(inner) is tuple and Ellipsis not in typing.get_args(inner):
+            keys.update(f"{key}[{i}]" for i, a in enumerate(typing.get_args(inner)) if a in (int, float))
+    return keys
+
+
+def test_every_numeric_field_has_its_bounds_tested():
+    tested = {key for key, *_ in BOUNDS}
+    assert numeric_fields() - tested == set(), "numeric fields without a row in BOUNDS"
+    assert tested - numeric_fields() == set(), "rows in BOUNDS for no field"
+
+
+def _set(tree: dict, key: str, value) -> None:
+    match = re.fullmatch(r"(.+)\[(\d+)\]", key)
+    name = match.group(1) if match else key
+    *groups, last = name.split(".")
+    for g in groups:
+        tree = tree[g]
+    if match:
+        tree[last] = list(tree[last])
+        tree[last][int(match.group(2))] = value
+    else:
+        tree[last] = value
+
+
+def _load(key: str, value, needs: dict):
+    """The validated config, or the refusal, which must name `key` in one line."""
+    tree = _config({}, {}, {})
+    for k, v in needs.items():
+        _set(tree, k, v)
+    _set(tree, key, value)
+    try:
+        return load_run_config(tree)
+    except ConfigError as e:
+        field = key.split("[")[0]
+        assert re.match(rf"{re.escape(field)}(\[\d+\])?: ", str(e)) and "\n" not in str(e), (key, value, str(e))
+        return e
+
+
+def _step(bound, direction: int):
+    """The next value after `bound` toward `direction`: one for a count, one float spacing for a number."""
+    return bound + direction if isinstance(bound, int) else math.nextafter(bound, direction * math.inf)
+
+
+@pytest.mark.parametrize("key,bound,allowed,side,needs", BOUNDS,
+                         ids=[f"{k}{'>' if s > 0 else '<'}{'=' if a else ''}{b}" for k, b, a, s, _ in BOUNDS])
+def test_each_bound_is_where_the_rule_says(key, bound, allowed, side, needs):
+    at, past = _load(key, bound, needs), _load(key, _step(bound, -side), needs)
+    assert isinstance(past, ConfigError), f"{key}={_step(bound, -side)!r} accepted past the bound {bound}"
+    assert isinstance(at, ConfigError) is not allowed, f"{key}={bound!r}: {at}"
+    if not allowed:  # the rule excludes the bound itself: the next value inside it is a setting
+        inside = _load(key, _step(bound, side), needs)
+        assert not isinstance(inside, ConfigError), f"{key}={_step(bound, side)!r} refused inside the bound: {inside}"
+    if allowed and key.startswith(("attention.", "model.", "optim.")):  # a setting at its bound trains
+        assert all(math.isfinite(l) for l in _two_steps(at)), (key, bound)

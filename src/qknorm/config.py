@@ -30,6 +30,12 @@ QKNormKind = Literal["none", "l2", "rms", "layernorm"]
 QKNormScope = Literal["head", "head_separate", "layer"]
 GainKind = Literal["none", "vector", "zero_centered"]
 
+# Lightning's seed_everything refuses seeds outside numpy's uint32 seed range (a crash after the run started)
+MAX_SEED = 2**32 - 1
+# the spike test compares a loss with the mean and std of the last spike_window losses: the std of fewer
+# than 8 losses is too noisy to call anything a spike
+MIN_SPIKE_WINDOW = 8
+
 
 @dataclass(frozen=True)
 class ScaleConfig:
@@ -55,7 +61,7 @@ class ScaleConfig:
         if self.kind == "learnable" and self.init == "value":
             _require(self.value is not None, f"{path}.value", "must be set when scale.init=value")
         if self.max is not None:
-            _require(self.max > 0, f"{path}.max", f"must be positive, got {self.max}")
+            _require(math.isfinite(self.max) and self.max > 0, f"{path}.max", f"must be null or a positive number, got {self.max}")
             _require(self.kind == "learnable", f"{path}.max", "only applies to scale.kind=learnable")
 
 
@@ -90,7 +96,7 @@ class AttentionConfig:
             v = getattr(self, key)
             if v is not None:
                 _require(math.isfinite(v) and v > 0, f"{path}.{key}", f"must be null or a positive number, got {v}")
-        _require(self.norm_eps > 0, f"{path}.norm_eps", f"must be positive, got {self.norm_eps}")
+        _require(math.isfinite(self.norm_eps) and self.norm_eps > 0, f"{path}.norm_eps", f"must be a positive number, got {self.norm_eps}")
         if self.qk_norm == "none":
             _require(self.targets == "qk", f"{path}.targets", "targets=qkv needs a qk_norm (one of l2, rms, layernorm)")
             _require(self.layernorm_bias is False, f"{path}.layernorm_bias", "only applies to qk_norm=layernorm")
@@ -106,7 +112,7 @@ class AttentionConfig:
                      "sdpa cannot apply a logit soft-cap; allowed with softcap: auto, flex, explicit")
         if self.soft_clip is not None:
             zeta, gamma = self.soft_clip
-            _require(zeta >= 1.0 and gamma <= 0.0, f"{path}.soft_clip",
+            _require(math.isfinite(zeta) and math.isfinite(gamma) and zeta >= 1.0 and gamma <= 0.0, f"{path}.soft_clip",
                      f"must be [zeta, gamma] with zeta >= 1 and gamma <= 0 (Rybakov et al.: [1.03, -0.03]), got {list(self.soft_clip)}")
             _require(self.backend in ("auto", "explicit"), f"{path}.backend",
                      "only the explicit path clips the softmax; allowed with soft_clip: auto, explicit")
@@ -162,8 +168,11 @@ class ModelConfig:
                      f"n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads}")
         if self.mlp_hidden is not None:
             _require(self.mlp_hidden >= 1, f"{path}.mlp_hidden", f"must be >= 1, got {self.mlp_hidden}")
-        _require(self.norm_eps > 0, f"{path}.norm_eps", f"must be positive, got {self.norm_eps}")
-        _require(self.rope_theta > 0, f"{path}.rope_theta", f"must be positive, got {self.rope_theta}")
+        _require(math.isfinite(self.norm_eps) and self.norm_eps > 0, f"{path}.norm_eps", f"must be a positive number, got {self.norm_eps}")
+        # RoPE rotates pair i at theta^(-2i/d): at 1 every pair turns at the same rate, below 1 the
+        # wavelengths shrink instead of growing, so no pair carries long-range position
+        _require(math.isfinite(self.rope_theta) and self.rope_theta > 1, f"{path}.rope_theta",
+                 f"must be a number above 1 (the base of RoPE's wavelengths), got {self.rope_theta}")
 
 
 @dataclass(frozen=True)
@@ -196,16 +205,38 @@ class DataConfig:
         _require(self.batch_size >= 1, f"{path}.batch_size", f"must be >= 1, got {self.batch_size}")
         _require(260 <= self.vocab_size <= 65535, f"{path}.vocab_size",
                  f"must be in [260, 65535] (256 byte-fallback pieces + specials; uint16 token cache), got {self.vocab_size}")
+        # a count of characters sampled: at 0 the tokenizer has no text to learn from
+        _require(self.tokenizer_max_chars >= 1, f"{path}.tokenizer_max_chars", f"must be >= 1, got {self.tokenizer_max_chars}")
         _require(0.0 < self.val_fraction < 1.0, f"{path}.val_fraction", f"must be in (0, 1), got {self.val_fraction}")
+        # a window is seq_len + 1 tokens: a cap at or below seq_len leaves no window to train or validate on
         if self.val_max_tokens is not None:
             _require(self.val_max_tokens > self.seq_len, f"{path}.val_max_tokens", f"must exceed data.seq_len={self.seq_len}")
-        if self.source == "text_files":
-            _require(len(self.paths) > 0, f"{path}.paths", "data=text_files needs at least one file or folder, e.g. data.paths=[my_corpus/]")
-        if self.source == "hf_text":
-            _require(bool(self.name), f"{path}.name",
-                     "data=hf_text needs a dataset name or builder (e.g. roneneldan/TinyStories, or text/json/parquet with data.data_files)")
         if self.max_tokens is not None:
-            _require(self.max_tokens > 0, f"{path}.max_tokens", f"must be positive, got {self.max_tokens}")
+            _require(self.max_tokens > self.seq_len, f"{path}.max_tokens",
+                     f"must exceed data.seq_len={self.seq_len}, got {self.max_tokens}")
+        if self.source == "text_files":
+            _require(len(self.paths) > 0, f"{path}.paths",
+                     "data=text_files needs at least one file or folder, e.g. data.paths=[my_corpus/]")
+        if self.source == "hf_text":
+            _require(bool(self.name), f"{path}.name", "data=hf_text needs a dataset name or builder "
+                     "(e.g. roneneldan/TinyStories, or text/json/parquet with data.data_files)")
+        if self.source == "shakespeare":
+            _require(len(self.val_plays) > 0, f"{path}.val_plays",
+                     "data=shakespeare holds out at least one play for validation, e.g. data.val_plays=[hamlet]")
+        # names and paths: what each one means is only known to the corpus reader, but a blank one is always
+        # a mistake (an unset variable, a stray comma), never the current folder or a default
+        for key in ("cache_dir", "glob", "split", "text_field"):
+            _require_text(getattr(self, key), f"{path}.{key}")
+        for key in ("name", "config_name", "val_split"):
+            if getattr(self, key) is not None:
+                _require_text(getattr(self, key), f"{path}.{key}", nullable=True)
+        for key in ("val_plays", "paths"):
+            for i, item in enumerate(getattr(self, key)):
+                _require_text(item, f"{path}.{key}[{i}]")
+        if self.data_files is not None:
+            _require(len(self.data_files) > 0, f"{path}.data_files", "must be null or a list of at least one file")
+            for i, item in enumerate(self.data_files):
+                _require_text(item, f"{path}.data_files[{i}]")
 
 
 @dataclass(frozen=True)
@@ -229,21 +260,32 @@ class OptimConfig:
         _require(math.isfinite(self.lr) and self.lr > 0, f"{path}.lr", f"must be a positive number, got {self.lr}")
         _require(len(self.betas) == 2 and all(0.0 <= b < 1.0 for b in self.betas), f"{path}.betas",
                  f"must be two numbers in [0, 1), got {list(self.betas)}")
-        _require(self.eps > 0, f"{path}.eps", f"must be positive, got {self.eps}")
-        _require(self.weight_decay >= 0, f"{path}.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        _require(math.isfinite(self.eps) and self.eps > 0, f"{path}.eps", f"must be a positive number, got {self.eps}")
+        _require(math.isfinite(self.weight_decay) and self.weight_decay >= 0, f"{path}.weight_decay",
+                 f"must be a number >= 0, got {self.weight_decay}")
+        if self.independent_weight_decay:
+            # each step multiplies the weights by 1 - weight_decay * schedule(t): at 1 or above, the peak
+            # steps zero or flip them, whatever the LR (coupled decay, lr * weight_decay, is left free: a
+            # diverging LR is what the LR sweeps are after)
+            _require(self.weight_decay < 1, f"{path}.weight_decay",
+                     f"must be below 1 with optim.independent_weight_decay=true, got {self.weight_decay}")
         _require(0.0 <= self.warmup_fraction < 1.0, f"{path}.warmup_fraction", f"must be in [0, 1), got {self.warmup_fraction}")
         if self.warmup_steps is not None:
             _require(self.warmup_steps >= 0, f"{path}.warmup_steps", f"must be null or >= 0, got {self.warmup_steps}")
+        # the cosine ends at min_lr_ratio * lr: above 1 the LR would rise after the warmup, below 0 turn negative
+        _require(0.0 <= self.min_lr_ratio <= 1.0, f"{path}.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+        if self.grad_clip is not None:
+            # a negative max norm flips every gradient (clip_grad_norm_ scales by max_norm / norm): gradient ascent
+            _require(self.grad_clip > 0, f"{path}.grad_clip", f"must be null or positive, got {self.grad_clip}")
+            _require(math.isfinite(self.grad_clip), f"{path}.grad_clip", f"must be finite (null turns clipping off), got {self.grad_clip}")
+        # a negative coefficient rewards a large log Z: the drift the z-loss is there to stop
+        _require(math.isfinite(self.z_loss) and self.z_loss >= 0, f"{path}.z_loss", f"must be a number >= 0, got {self.z_loss}")
 
     def warmup_for(self, max_steps: int) -> int:
         """Warmup steps of a run of `max_steps` steps: warmup_steps if set, else the fraction (rounded up)."""
         if self.warmup_steps is not None:
             return self.warmup_steps
         return math.ceil(self.warmup_fraction * max_steps - 1e-9)
-        _require(0.0 <= self.min_lr_ratio <= 1.0, f"{path}.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
-        if self.grad_clip is not None:
-            _require(self.grad_clip > 0, f"{path}.grad_clip", f"must be null or positive, got {self.grad_clip}")
-        _require(self.z_loss >= 0, f"{path}.z_loss", f"must be >= 0, got {self.z_loss}")
 
 
 @dataclass(frozen=True)
@@ -269,6 +311,11 @@ class TrainerConfig:
     deterministic: bool = False
 
     def validate(self, path: str) -> None:
+        _require(_devices_ok(self.devices), f"{path}.devices",
+                 f"must be a device count >= 1 (-1: every device), a list of distinct device ids, or auto, got {self.devices!r}")
+        # a Lightning strategy name (auto, ddp, ddp_spawn, fsdp, ...): Lightning's registry checks the name
+        # itself, and it is not imported before the config is valid
+        _require_text(self.strategy, f"{path}.strategy")
         _require(self.max_steps >= 1, f"{path}.max_steps", f"must be >= 1, got {self.max_steps}")
         if self.val_every_n_steps is not None:
             _require(self.val_every_n_steps >= 1, f"{path}.val_every_n_steps", f"must be null or >= 1, got {self.val_every_n_steps}")
@@ -276,9 +323,12 @@ class TrainerConfig:
         _require(self.log_every_n_steps >= 1, f"{path}.log_every_n_steps", f"must be >= 1, got {self.log_every_n_steps}")
         _require(self.num_nodes >= 1, f"{path}.num_nodes", f"must be >= 1, got {self.num_nodes}")
         if self.max_time_minutes is not None:
-            _require(self.max_time_minutes > 0, f"{path}.max_time_minutes", f"must be positive, got {self.max_time_minutes}")
+            # null is the run without a time limit
+            _require(math.isfinite(self.max_time_minutes) and self.max_time_minutes > 0, f"{path}.max_time_minutes",
+                     f"must be null or a positive number, got {self.max_time_minutes}")
         if self.checkpoint_every_n_steps is not None:
-            _require(self.checkpoint_every_n_steps >= 1, f"{path}.checkpoint_every_n_steps", "must be null or >= 1")
+            _require(self.checkpoint_every_n_steps >= 1, f"{path}.checkpoint_every_n_steps",
+                     f"must be null or >= 1, got {self.checkpoint_every_n_steps}")
         if self.threads is not None:
             _require(self.threads >= 1, f"{path}.threads", f"must be >= 1, got {self.threads}")
 
@@ -327,9 +377,12 @@ class DivergenceConfig:
     skip_nonfinite_steps: bool = False
 
     def validate(self, path: str) -> None:
-        _require(self.loss_margin > 0, f"{path}.loss_margin", f"must be positive, got {self.loss_margin}")
-        _require(self.spike_sigma > 0, f"{path}.spike_sigma", f"must be positive, got {self.spike_sigma}")
-        _require(self.spike_window >= 8, f"{path}.spike_window", f"must be >= 8, got {self.spike_window}")
+        # finite: a criterion is switched off by callbacks.divergence.enabled=false, or by a large number
+        _require(math.isfinite(self.loss_margin) and self.loss_margin > 0, f"{path}.loss_margin",
+                 f"must be a positive number, got {self.loss_margin}")
+        _require(math.isfinite(self.spike_sigma) and self.spike_sigma > 0, f"{path}.spike_sigma",
+                 f"must be a positive number, got {self.spike_sigma}")
+        _require(self.spike_window >= MIN_SPIKE_WINDOW, f"{path}.spike_window", f"must be >= {MIN_SPIKE_WINDOW}, got {self.spike_window}")
         _require(self.patience >= 1, f"{path}.patience", f"must be >= 1, got {self.patience}")
 
 
@@ -359,10 +412,15 @@ class RunConfig:
 
     def validate(self, path: str = "") -> None:
         for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if dataclasses.is_dataclass(value):
-                value.validate(f.name)
-        _require(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
+            group: Any = getattr(self, f.name)
+            if dataclasses.is_dataclass(type(group)):
+                group.validate(f.name)
+        _require(0 <= self.seed <= MAX_SEED, "seed",
+                 f"must be in [0, {MAX_SEED}] (numpy's seed range, and so Lightning's), got {self.seed}")
+        # logs/<task_name>/runs/...: one folder name, which can neither be blank nor climb out of the log folder
+        _require_text(self.task_name, "task_name")
+        _require(not any(c in self.task_name for c in "/\\") and self.task_name not in (".", ".."), "task_name",
+                 f"must name one folder (no /, not . or ..), got {self.task_name!r}")
         warmup = self.optim.warmup_for(self.trainer.max_steps)
         key = "optim.warmup_steps" if self.optim.warmup_steps is not None else "optim.warmup_fraction"
         _require(warmup <= self.trainer.max_steps, key,
@@ -387,6 +445,32 @@ def _require(ok: bool, key: str, message: str) -> None:
         raise ConfigError(f"{key}: {message}")
 
 
+def _require_text(value: str, key: str, nullable: bool = False) -> None:
+    """A name or path: not blank (what it names is checked where it is used)."""
+    _require(bool(value.strip()), key, f"must be {'null or ' if nullable else ''}a non-empty string, got {value!r}")
+
+
+def _devices_ok(devices: Any) -> bool:
+    """What Lightning's Trainer(devices=...) takes: a count (-1: every device), a list of device ids, "auto",
+    or the same as text ("2", "0,1"). A count of 0 trains on nothing."""
+    if isinstance(devices, str):
+        if devices.strip() == "auto":
+            return True
+        try:
+            return _devices_ok([int(d) for d in devices.split(",") if d.strip()] if "," in devices else int(devices))
+        except ValueError:
+            return False
+    if isinstance(devices, bool):  # True is an int to Python, not a device count
+        return False
+    if isinstance(devices, int):
+        return devices >= 1 or devices == -1
+    if isinstance(devices, (list, tuple)):
+        ids = list(devices)
+        return (len(ids) > 0 and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in ids)
+                and len(set(ids)) == len(ids))
+    return False
+
+
 def _convert(tp: Any, value: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
@@ -406,7 +490,7 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
             allowed = ", ".join(str(a) for a in args)
             raise ConfigError(f"{key}: unknown value {value!r}; allowed: {allowed}")
         return value
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if not isinstance(value, Mapping):
             raise ConfigError(f"{key}: expected a group of keys, got {value!r}")
         return from_mapping(tp, value, key)
@@ -417,7 +501,7 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
             return tuple(_convert(args[0], v, f"{key}[{i}]") for i, v in enumerate(value))
         if len(value) != len(args):
             raise ConfigError(f"{key}: expected a list of {len(args)} values, got {list(value)}")
-        return tuple(_convert(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+        return tuple(_convert(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=True)))
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{key}: expected true or false, got {value!r}")

@@ -42,7 +42,7 @@ def main() -> None:
     labels = args.labels or labels
     fig, ax = plt.subplots(figsize=(6.4, 3.8), dpi=110)
     points = []
-    for run, label in zip(args.runs, labels):
+    for run, label in zip(args.runs, labels, strict=False):
         records, _ = read_stability(run)
         steps, values = layer_series(records, "max_logit")
         points.append(len(steps))

@@ -12,14 +12,15 @@ import torch
 
 from qknorm.analysis.figures import most_unstable_runs, note_if_sparse, sweep_title
 from qknorm.analysis.lr import lr_table
-from qknorm.analysis.report import analyze, main as analyze_main
+from qknorm.analysis.report import main as analyze_main
 from qknorm.probe import main as probe_main
 
 from .conftest import run_cli
 
 
 def _frame(rows):
-    return pd.DataFrame([dict(zip(("variant", "lr", "seed", "status", "final_val_loss", "initial_loss"), r)) for r in rows])
+    return pd.DataFrame([dict(zip(("variant", "lr", "seed", "status", "final_val_loss", "initial_loss"), r, strict=True))
+                         for r in rows])
 
 
 def test_lr_metrics_on_a_table_worked_by_hand():
@@ -110,7 +111,8 @@ def smoke_sweep(tmp_path_factory, cache_dir):
 
 
 def test_heatmap_shows_each_variant_at_the_lr_with_the_highest_peak_logit():
-    frame = pd.DataFrame([dict(zip(("run_dir", "variant", "lr", "seed", "stability.peak_max_logit", "stability_records"), r))
+    frame = pd.DataFrame([dict(zip(("run_dir", "variant", "lr", "seed", "stability.peak_max_logit", "stability_records"), r,
+                                   strict=True))
                           for r in [("s/a/0", "baseline", 1e-3, 0, 5.0, 3), ("s/a/1", "baseline", 1e-1, 0, 900.0, 3),
                                     ("s/a/2", "baseline", 1e-1, 1, 1200.0, 3), ("s/a/3", "baseline", 1.0, 0, 1000.0, 3),
                                     ("s/a/4", "qwen3", 1e-3, 0, 4.0, 3), ("s/a/5", "qwen3", 1.0, 0, 30.0, 3),
@@ -205,3 +207,99 @@ def test_probe_flags_a_planted_qkv_bias_overflow_in_fp16(tmp_path, capsys):
     q3 = pd.read_csv(tmp_path / "qwen3-out" / "probe.csv")
     assert len(q3) == 3 and not q3["overflows_fp16_unscaled"].any()
     assert "OVERFLOW (unscaled order)" in printed["qwen2"]
+
+
+def _fixture_run(sweep, lr: float, seed: int, final: float, *, train: list[tuple[int, float]], status: str = "completed",
+                 diverged_at=None, data=None) -> None:
+    """A run directory as qknorm-train writes it, reduced to what qknorm-analyze reads: initial loss 8, a
+    10-step warmup, train losses (metrics.csv) as given."""
+    import yaml
+
+    run = sweep / f"lr{lr:g}-seed{seed}"
+    (run / ".hydra").mkdir(parents=True)
+    config = {"optim": {"lr": lr}, "seed": seed, "trainer": {"max_steps": 100},
+              "data": data or {"source": "text_files", "paths": [str(sweep / "no-such-corpus.txt")]}}
+    (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
+    (run / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([f"optim.lr={lr:g}", f"seed={seed}", "attention=baseline"]))
+    (run / "metrics.csv").write_text("step,train/loss\n" + "".join(f"{s},{v}\n" for s, v in train))
+    (run / "summary.json").write_text(json.dumps({
+        "status": status, "reason": "loss 20 above the initial loss + margin (9) for 10 steps" if status == "diverged" else None,
+        "diverged_at_step": diverged_at, "initial_loss": 8.0, "final_val_loss": final, "warmup_steps": 10, "steps": 100,
+        "config": {"callbacks.divergence.patience": 10},
+        "val_history": [{"step": 100, "loss": final, "bpb": final / 2}]}))
+
+
+@pytest.fixture
+def fixture_sweep(tmp_path):
+    """An LR sweep of four runs: healthy; above the bigram reference; diverged inside its warmup (stopped by
+    the detector at step 14, its loss over the margin from step 5); diverged after it (its train loss above
+    the initial loss from step 49 to the end)."""
+    sweep = tmp_path / "sweep"
+    falling = [(s, 8.0 - 0.03 * s) for s in range(9, 100, 10)]
+    _fixture_run(sweep, 1e-3, 0, 4.0, train=falling)
+    _fixture_run(sweep, 1e-2, 0, 5.5, train=[(s, 8.0 - 0.02 * s) for s in range(9, 100, 10)])
+    _fixture_run(sweep, 1.0, 0, 20.0, train=[(9, 20.0)], status="diverged", diverged_at=14)
+    _fixture_run(sweep, 0.3, 0, 9.0, train=[(s, 7.0 if s < 49 else 9.0) for s in range(9, 100, 10)])
+    return sweep
+
+
+def test_analyze_prints_per_run_whether_it_diverged_where_and_whether_it_failed(fixture_sweep, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("QKNORM_BIGRAM_NATS", "5.0")
+    assert analyze_main([str(fixture_sweep), "--out", str(tmp_path / "out")]) == 0
+    printed = capsys.readouterr().out
+    lines = {line.split(" (")[0].strip(): line for line in printed.splitlines() if line.startswith("  lr")}
+    assert "bigram reference: 5.0000 nats (given by QKNORM_BIGRAM_NATS)" in printed
+    assert lines["lr0.001-seed0"].endswith("not diverged; not failed (final loss 4.000 vs bigram 5.000)")
+    assert lines["lr0.01-seed0"].endswith("not diverged; failed (final loss 5.500 vs bigram 5.000)")
+    assert ": diverged at step 5, in the warmup (10 steps) (" in lines["lr1-seed0"]
+    assert lines["lr1-seed0"].endswith("; failed (final loss 20.000 vs bigram 5.000)")
+    assert lines["lr0.3-seed0"].endswith(": diverged at step 49, after the warmup (10 steps) (train loss above the initial "
+                                         "loss to the end); failed (final loss 9.000 vs bigram 5.000)")
+    runs = pd.read_csv(tmp_path / "out" / "runs.csv").set_index("lr")
+    assert runs.loc[1.0, "diverged"] and runs.loc[1.0, "diverged_in_warmup"] and runs.loc[1.0, "diverged_step"] == 5
+    assert runs.loc[0.3, "diverged"] and not runs.loc[0.3, "diverged_in_warmup"]
+    assert list(runs.sort_index()["failed"]) == [False, True, True, True]
+    # the run that ended above its initial loss counts as diverged in the LR table too
+    assert pd.read_csv(tmp_path / "out" / "lr_table.csv").loc[0, "first_diverging_lr"] == 0.3
+    assert "Divergence and failure per run" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_analyze_says_when_the_bigram_reference_cannot_be_computed(fixture_sweep, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("QKNORM_BIGRAM_NATS", raising=False)
+    assert analyze_main([str(fixture_sweep), "--out", str(tmp_path / "out")]) == 0
+    printed = capsys.readouterr().out
+    assert "bigram reference: the bigram reference cannot be computed (" in printed
+    healthy = next(line for line in printed.splitlines() if line.startswith("  lr0.001-seed0"))
+    assert "not diverged; failed: unknown (the bigram reference cannot be computed" in healthy
+
+
+def test_the_bigram_reference_is_counted_once_and_kept_with_the_token_cache(tmp_path):
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from qknorm.data.tokens import TokenizedCorpus, _seal_entry, bigram_reference
+
+    folder = tmp_path / "tokens" / "key"
+    folder.mkdir(parents=True)
+
+    def seal(train, val):
+        (folder / "train.bin").write_bytes(np.array(train, dtype=np.uint16).tobytes())
+        (folder / "val.bin").write_bytes(np.array(val, dtype=np.uint16).tobytes())
+        _seal_entry(folder, ("train.bin", "val.bin"), {})
+
+    seal([0, 1, 2, 0, 1, 2, 0, 1], [0, 1, 2, 2])
+    tokens = TokenizedCorpus(folder / "train.bin", folder / "val.bin", SimpleNamespace(vocab_size=3))
+    # by hand: counts of (a, b) in train + 1, over the row's total + V; val pairs (0,1) (1,2) (2,2)
+    counts = np.ones((3, 3))
+    for a, b in [(0, 1), (1, 2), (2, 0), (0, 1), (1, 2), (2, 0), (0, 1)]:
+        counts[a, b] += 1
+    p = counts / counts.sum(axis=1, keepdims=True)
+    expected = -np.mean(np.log([p[0, 1], p[1, 2], p[2, 2]]))
+    ref = bigram_reference(tokens)
+    assert ref["nats"] == pytest.approx(expected) and ref["train_tokens"] == 8 and ref["vocab_size"] == 3
+    cached = json.loads((folder / "bigram.json").read_text())
+    (folder / "bigram.json").write_text(json.dumps({**cached, "nats": 99.0}))
+    assert bigram_reference(tokens)["nats"] == 99.0  # read from the cache, not counted again
+    seal([0, 1, 0, 1, 0, 1, 0, 1], [0, 1, 2, 2])  # the entry rebuilt: counted again
+    assert bigram_reference(tokens)["nats"] != 99.0

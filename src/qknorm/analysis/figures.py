@@ -10,9 +10,9 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.colors import LogNorm  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.colors import LogNorm  # noqa: E402
 
 from .lr import capped_loss  # noqa: E402
 from .stability import layer_series, read_stability  # noqa: E402
@@ -117,7 +117,7 @@ def max_logit_vs_step(frame: pd.DataFrame, out: Path) -> list[Path]:
     variants = sorted({v for v, *_ in series})
     colours = _lr_colours([lr for _, lr, *_ in series])
     fig, axes = _panels(len(variants), 3.4, 3.2, sharey=True)
-    for ax, variant in zip(axes, variants):
+    for ax, variant in zip(axes, variants, strict=False):
         runs = [s for s in series if s[0] == variant]
         for _, lr, steps, values in sorted(runs, key=lambda s: s[1]):
             ax.plot(steps, values, lw=1.2, marker="o" if len(steps) <= 20 else None, ms=3, color=colours.get(float(lr), "k"))
@@ -168,7 +168,7 @@ def max_logit_heatmap(frame: pd.DataFrame, out: Path) -> list[Path]:
     fig, axes = _panels(len(panels), 1.8 + 0.75 * heads, 1.8 + 0.55 * layers, layout="constrained")
     positive = np.concatenate([g[g > 0].ravel() for *_, g in panels])
     norm = LogNorm(vmin=positive.min(), vmax=positive.max()) if positive.size else None
-    for index, (ax, (run, step, grid)) in enumerate(zip(axes, panels)):
+    for index, (ax, (run, step, grid)) in enumerate(zip(axes, panels, strict=False)):
         im = ax.imshow(grid, cmap="viridis", norm=norm, aspect="auto")
         for (i, j), v in np.ndenumerate(grid):
             light = norm is not None and v > 0 and norm(v) > 0.6  # dark text on the bright end of viridis

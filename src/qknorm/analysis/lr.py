@@ -5,8 +5,10 @@ Definitions (Wortsman et al. 2023 sec. 2.2; Rybakov et al. 2024 Table 1):
   non-finite run counts as l0;
 - per variant and seed, l* is the lowest capped loss over the LR grid, and the LR sensitivity is the mean
   over the grid of (capped loss - l*);
-- a run is stable when it completed with a finite loss below l0; the largest stable LR is the largest
-  LR at which every seed is stable, the first diverging LR the smallest LR at which some seed is not;
+- a run is stable when it completed and did not diverge (qknorm.analysis.failure: no non-finite loss, no
+  stop by the divergence detector, no train loss that rose above l0 for good); the largest stable LR is
+  the largest LR at which every seed is stable, the first diverging LR the smallest LR at which some seed
+  is not;
 - a run that failed (a config error, a crash) says nothing about stability: it is counted in
   `failed_runs` and left out of every other column, never taken as diverged;
 - a variant none of whose LRs diverged has a censored tolerance: `tolerance` reads "no divergence up to

@@ -21,6 +21,7 @@ import pandas as pd
 
 from . import figures
 from .drift import drift_table
+from .failure import describe_row, failure_columns
 from .lr import lr_table
 from .runs import collect_runs, tidy
 
@@ -57,6 +58,8 @@ def analyze(paths: list[str | Path], out: str | Path, baseline: str | None = Non
     if frame.empty:
         return {"runs": frame}
     frame = tidy(frame.drop_duplicates("run_dir").reset_index(drop=True))
+    # diverged (and where: in or after the warmup) and failed (above the bigram reference), defined once in failure.py
+    frame = failure_columns(frame)
     frame.to_csv(out / "runs.csv", index=False)
     try:
         frame.to_parquet(out / "runs.parquet", index=False)
@@ -89,6 +92,8 @@ def write_report(frame, lr, drift, pngs: list[Path], out: Path, baseline) -> Non
                               "layer0_cosine_growth_per_1000_steps", "entropy_collapse_ratio") if c in drift.columns]
     sections = [
         ("Runs by status", markdown_table(counts)),
+        ("Divergence and failure per run (qknorm.analysis.failure: diverged, its onset step and whether inside the "
+         "warmup; failed when the final loss is above the corpus's bigram reference)", markdown_table(failure_table(frame))),
         ("Incomplete or damaged runs", markdown_table(problems)),
         ("Failed runs (a config error or a crash: not counted as diverged, left out of the LR metrics)",
          markdown_table(failed)),
@@ -101,12 +106,12 @@ def write_report(frame, lr, drift, pngs: list[Path], out: Path, baseline) -> Non
           "(diverged runs capped at the loss at initialization); see qknorm.analysis.lr for every definition. "
           "A tolerance that reads \"no divergence up to\" is censored by the grid: the ratio against the baseline is "
           "then a bound (`ratio_kind`), or unknown when neither diverged.", ""]
-    for title, body in sections:
-        md += [f"## {title}", "", body]
+    for title, text in sections:
+        md += [f"## {title}", "", text]
     md += ["## Figures", ""] + [f"![{p.stem}]({p.name})" for p in pngs]
     (out / "report.md").write_text("\n".join(md) + "\n")
 
-    body = []
+    body: list[str] = []
     for title, table in sections:
         body.append(f"<h2>{html.escape(title)}</h2>{_md_table_to_html(table)}")
     for p in pngs:
@@ -119,8 +124,25 @@ def write_report(frame, lr, drift, pngs: list[Path], out: Path, baseline) -> Non
         + "".join(body) + "</body></html>")
 
 
+def failure_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """One row per run that ended: diverged (step, in or after the warmup), failed, against which reference."""
+    ended = frame[frame["status"].isin(["completed", "diverged"])]
+    rows = []
+    for _, r in ended.sort_values(["variant", "lr", "seed"], na_position="last").iterrows():
+        div = "no"
+        if r["diverged"]:
+            step = "" if pd.isna(r["diverged_step"]) else f" at step {int(r['diverged_step'])}"
+            where = "" if pd.isna(r["diverged_in_warmup"]) else (" (in the warmup)" if r["diverged_in_warmup"] else " (after the warmup)")
+            div = f"yes{step}{where}"
+        failed = "unknown" if pd.isna(r["failed"]) else "yes" if r["failed"] else "no"
+        rows.append({"run": Path(r["run_dir"]).name, "variant": r["variant"], "lr": r["lr"], "seed": r["seed"],
+                     "diverged": div, "warmup steps": r["warmup_steps"], "final val loss": r["final_val_loss"],
+                     "failed": failed, "bigram reference": r["bigram_nats"] if not pd.isna(r["bigram_nats"]) else r["bigram_note"]})
+    return pd.DataFrame(rows)
+
+
 def _md_table_to_html(md: str) -> str:
-    lines = [l for l in md.strip().splitlines() if l.startswith("|")]
+    lines = [line for line in md.strip().splitlines() if line.startswith("|")]
     if not lines:
         return f"<p>{html.escape(md.strip())}</p>"
     rows = [[html.escape(c.strip().replace("\\|", "|")) for c in l.strip("|").split(" | ")] for l in lines if not l.startswith("|---")]
@@ -149,6 +171,18 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     counts = ", ".join(f"{n} {s}" for s, n in runs["status"].value_counts().items())
     print(f"{len(runs)} runs ({counts}); wrote {out / 'report.md'}, {out / 'report.html'}, {out / 'runs.csv'}")
+    references = runs["bigram_note"].dropna().unique()
+    for note, nats in runs[["bigram_note", "bigram_nats"]].drop_duplicates("bigram_note").itertuples(index=False):
+        if note != "the run did not end":
+            print(f"bigram reference: {f'{nats:.4f} nats ({note})' if not pd.isna(nats) else note}")
+    if not len(references):
+        print("bigram reference: none (no run ended)")
+    print("per run (diverged: non-finite, stopped by the detector, or a train loss above the initial loss to the end; "
+          "failed: final loss above the bigram reference):")
+    for _, r in runs.sort_values(["variant", "lr", "seed"], na_position="last").iterrows():
+        lr = "" if pd.isna(r["lr"]) else f" lr {r['lr']:g}"
+        seed = "" if pd.isna(r["seed"]) else f" seed {int(r['seed'])}"
+        print(f"  {Path(r['run_dir']).name} ({r['variant']}{lr}{seed}, {r['status']}): {describe_row(r)}")
     if "lr" in result and not result["lr"].empty:
         cols = ["variant", "optimal_lr", "tolerance", "lr_tolerance_ratio", "ratio_kind", "lr_sensitivity"]
         print(result["lr"][cols].to_string(index=False))

@@ -10,6 +10,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
+from .failure import divergence
 from .stability import read_stability
 
 # Overrides that do not define a variant: the LR and seed axes, and bookkeeping.
@@ -87,6 +88,12 @@ def read_run(run_dir: Path) -> dict:
     for key, value in (s.get("stability") or {}).items():
         row[f"stability.{key}"] = value
     row["val_history"] = json.dumps(s.get("val_history") or [])
+    # the one definition of divergence (failure.py), for runs that ended; anything else has no answer yet
+    ended = summary is not None and row["status"] in ("completed", "diverged")
+    d = divergence(run_dir, summary) if ended else {}
+    for key, col in (("diverged", "diverged"), ("step", "diverged_step"), ("in_warmup", "diverged_in_warmup"),
+                     ("warmup_steps", "warmup_steps"), ("how", "divergence"), ("excursions", "excursions")):
+        row[col] = d.get(key)
     records, complete = read_stability(run_dir)
     row["stability_records"] = len(records)
     if (run_dir / "stability.jsonl").exists() and not complete:
@@ -117,7 +124,12 @@ def tidy(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def is_stable(row) -> bool:
-    """Completed with a finite final loss below the loss at initialization."""
+    """Completed and not diverged (failure.py's definition, when the row carries it: read_run adds it);
+    for a row without it, completed with a finite final loss below the loss at initialization, which is
+    that definition read from the summary alone."""
+    diverged = row.get("diverged") if hasattr(row, "get") else None
+    if diverged is not None and not pd.isna(diverged):
+        return row["status"] == "completed" and not bool(diverged)
     loss, l0 = row["final_val_loss"], row["initial_loss"]
     return (row["status"] == "completed" and loss is not None and not pd.isna(loss) and math.isfinite(loss)
             and (l0 is None or pd.isna(l0) or loss < l0))

@@ -9,7 +9,8 @@ from pathlib import Path
 def read_stability(run_dir: str | Path) -> tuple[list[dict], bool]:
     """The monitor's records in step order, and whether the file was complete (no unreadable line)."""
     path = Path(run_dir) / "stability.jsonl"
-    records, complete = [], True
+    records: list[dict] = []
+    complete = True
     if not path.exists():
         return records, False
     for line in path.read_text().splitlines():

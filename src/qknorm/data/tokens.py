@@ -3,6 +3,7 @@
 Cache layout (under data.cache_dir):
   tokenizers/<key>/spm.model, meta.json      key = corpus fingerprint + tokenizer settings
   tokens/<key>/train.bin, val.bin, meta.json  uint16 ids, memory-mapped by the data module
+  tokens/<key>/bigram.json                     the corpus's bigram reference (bigram_reference), on demand
 
 Every entry is built under a file lock, written to temporary files and renamed into place, and its
 meta.json (written last) records sizes and SHA-256 checksums that are verified on every read; a
@@ -182,6 +183,46 @@ def get_tokenized(corpus: Corpus, cfg: DataConfig, tokenizer: Tokenizer) -> Toke
             raise DataError(f"{corpus.name}: the {split} split has {len(arr)} tokens, fewer than one "
                             f"sequence (data.seq_len + 1 = {need})")
     return out
+
+
+BIGRAM_VERSION = 1  # bump when the bigram model below changes
+
+
+def bigram_reference(tokenized: TokenizedCorpus) -> dict:
+    """The loss of a bigram model of the corpus: next-token probabilities counted on the training split,
+    add-one smoothed, scored on the validation split (nats per token). This is the 'zero-layer' model a
+    trained LM must beat (Wortsman et al. 2023, Fig. 10), so analyses call a run whose final validation
+    loss is above it failed.
+
+    Computed once per tokenized corpus and kept beside its token files as bigram.json. That file names
+    the checksums of the token files it was counted on (from the entry's meta.json), so a rebuilt entry
+    is counted again; it takes no part in any run's identity."""
+    folder = tokenized.train_path.parent
+    path = folder / "bigram.json"
+    with file_lock(folder.parent / f"{folder.name}.lock"):
+        meta = json.loads((folder / "meta.json").read_text())
+        source = {n: meta["files"][n]["sha256"] for n in ("train.bin", "val.bin")}
+        try:
+            cached = json.loads(path.read_text())
+            if cached.get("version") == BIGRAM_VERSION and cached.get("source") == source:
+                return cached
+        except (OSError, ValueError):
+            pass
+        train = tokenized.train_tokens().astype(np.int64)
+        val = tokenized.val_tokens().astype(np.int64)
+        vocab = tokenized.tokenizer.vocab_size
+        # sparse counts (pair codes a * V + b), so that a large vocabulary needs no V x V table
+        pairs, counts = np.unique(train[:-1] * vocab + train[1:], return_counts=True)
+        row_totals = np.bincount(train[:-1], minlength=vocab)
+        wanted = val[:-1] * vocab + val[1:]
+        at = np.clip(np.searchsorted(pairs, wanted), 0, len(pairs) - 1)
+        seen = np.where(pairs[at] == wanted, counts[at], 0)
+        nats = float(-np.mean(np.log((seen + 1.0) / (row_totals[val[:-1]] + vocab))))
+        result = {"version": BIGRAM_VERSION, "nats": nats, "train_tokens": int(len(train)),
+                  "val_tokens": int(len(val)), "vocab_size": int(vocab), "smoothing": "add-one",
+                  "source": source}
+        atomic_write_json(path, result)
+    return result
 
 
 def clear_cache(cfg: DataConfig) -> None:

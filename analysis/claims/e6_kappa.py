@@ -1,0 +1,69 @@
+"""E6: Wortsman et al. 2023, Fig. 10: q and k forced to RMS sqrt(kappa)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+from repro.core import Check, Context, Section, cfg, compare, conclude, fmt, headline, plt, save
+from repro.thresholds import KAPPA_BIGRAM, KAPPA_ONSET, KAPPA_WINDOW_DECADES
+
+KEY = "E6"
+TITLE = "forcing q and k to RMS sqrt(kappa)"
+CLAIM = "The loss degrades around kappa 1e3 and is worse than a bigram model by 1e4."
+SOURCE = "Wortsman et al. 2023, Fig. 10"
+COMMAND = "e6"
+RUNS = "e6_kappa"
+HEADLINE = ("The loss starts to degrade around kappa 1e3 (the first kappa whose loss is above the best by more than "
+            "AGREE_NATS lies within KAPPA_WINDOW_DECADES of KAPPA_ONSET), and at kappa 1e4 it is worse than the bigram "
+            "model by more than AGREE_NATS.")
+
+
+def analyse(frame: pd.DataFrame, sec: Section, ctx: Context) -> None:
+    d_h = (cfg(frame, "model.d_model") / cfg(frame, "model.n_heads")).astype(float)
+    frame = frame.assign(kappa=(cfg(frame, "attention.scale.value").astype(float) * np.sqrt(d_h)).round(3))
+    frame = frame.sort_values("kappa")
+    by = frame.groupby("kappa")["capped"].mean()
+    bigram, how = ctx.reference.nats, ctx.reference.note
+    bar = ctx.noise.bar
+    pyplot = plt()
+    fig, ax = pyplot.subplots(figsize=(6, 3.8))
+    ax.plot(by.index, by.values, marker="o", label="final val loss (seeds' mean)")
+    for seed, one in frame.groupby("seed"):
+        if frame["seed"].nunique() > 1:
+            ax.plot(one["kappa"], one["capped"], ls=":", marker=".", alpha=0.7, label=f"seed {seed}")
+    if bigram is not None:
+        ax.axhline(bigram, color="grey", ls="--", label="bigram model")
+    ax.axvspan(KAPPA_ONSET / 10 ** KAPPA_WINDOW_DECADES, KAPPA_ONSET * 10 ** KAPPA_WINDOW_DECADES, color="0.9",
+               label="'around 1e3'")
+    ax.set_xscale("log")
+    ax.set_xlabel("kappa (q and k forced to RMS sqrt(kappa))")
+    ax.set_ylabel("final val loss")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.set_title("E6: the kappa transplant (Wortsman et al. 2023 Fig. 10)", fontsize=9)
+    sec.figures.append(save(fig, ctx, "e6_kappa.png"))
+    per_seed = frame.pivot_table(index="kappa", columns="seed", values="capped")
+    seeds = list(per_seed.columns) if len(per_seed.columns) > 1 else []
+    sec.body += ["| kappa | final val loss" + (" (seeds' mean)" if seeds else "") + " |" + "".join(f" seed {s} |" for s in seeds),
+                 "|---:|---:|" + "---:|" * len(seeds),
+                 *[f"| {k:g} | {v:.3f} |" + "".join(f" {per_seed.loc[k, s]:.3f} |" for s in seeds) for k, v in by.items()], "",
+                 f"Bigram model on the same tokens: {fmt(bigram)} nats ({how})."]
+    worse = by[by > by.min() + bar] if not math.isnan(bar) else by[:0]
+    onset = float(worse.index.min()) if len(worse) else math.nan
+    above = by[by > bigram] if bigram is not None else by[:0]
+    sec.body += ["", f"Degradation onset (the first kappa whose loss is more than AGREE_NATS, {fmt(bar)} nats, above the best): "
+                 f"{fmt(onset)}; the first kappa worse than the bigram model: "
+                 f"{fmt(float(above.index.min()) if len(above) else math.nan)}."]
+    lo, hi = KAPPA_ONSET / 10 ** KAPPA_WINDOW_DECADES, KAPPA_ONSET * 10 ** KAPPA_WINDOW_DECADES
+    checks: list[Check] = [
+        headline(f"the loss starts to degrade around kappa {KAPPA_ONSET:g} (onset {fmt(onset)}, within {lo:g} to {hi:g})",
+                 None if len(by) < 3 or math.isnan(bar) else (not math.isnan(onset) and lo <= onset <= hi),
+                 "fewer than 3 kappas" if len(by) < 3 else "no seed noise measured"),
+        headline(f"at kappa {KAPPA_BIGRAM:g} the loss is worse than the bigram model",
+                 compare(bigram, float(by.loc[KAPPA_BIGRAM]), bar) if KAPPA_BIGRAM in by.index and bigram is not None else None,
+                 f"no run at kappa {KAPPA_BIGRAM:g}" if KAPPA_BIGRAM not in by.index else
+                 "no bigram reference" if bigram is None else "within the seed noise of the bigram model"),
+    ]
+    conclude(sec, checks, frame)

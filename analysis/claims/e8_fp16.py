@@ -1,0 +1,130 @@
+"""E8: the Qwen2 -> Qwen3 account of fp16 overflow of q k^T, decided by the fp16 probe of trained models."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import pandas as pd
+from repro.core import (
+    Check,
+    Context,
+    Section,
+    attention_label,
+    conclude,
+    diagnostic,
+    fmt,
+    headline,
+    lr_fmt,
+    max_over_layers,
+    plt,
+    save,
+)
+from repro.thresholds import FP16_MAX, HEALTHY_LR_FACTOR
+
+KEY = "E8"
+TITLE = "fp16 overflow of q k^T"
+CLAIM = ("Models trained without QK-norm (baseline, Qwen2-style QKV bias) overflow fp16 when attention is computed as "
+         "(q @ k^T) * s but not as (q * s) @ k^T; QK-norm (Qwen3) removes the overflow.")
+SOURCE = "the Qwen2 -> Qwen3 account of fp16 overflow on device (\"Qwen3 QK-Norm: Improved On-Device AI Stability\")"
+RUNS = "e8_precision"  # the first round, at LR 0.1; the round at healthy LRs (1e-2, 3e-2) is e8_healthy_lr
+COMMAND = {"e8_precision": "e8_high_lr", "e8_healthy_lr": "e8"}[RUNS]  # the run.sh function that writes RUNS
+HEADLINE = ("Read by the fp16 probe of the final models trained at healthy LRs (at most HEALTHY_LR_FACTOR x the variant's "
+            "best LR, and not failed): every model without QK-norm (baseline; Qwen2's QKV bias) overflows fp16 as "
+            "(q k^T) s but not as (q s) k^T, and no QK-norm (Qwen3) model overflows.")
+# this project's labels (core.attention_label) and the names the claim uses
+NAMES = {"no QK-norm": "baseline (no QK-norm)", "QKV bias (Qwen2)": "Qwen2-style QKV bias", "RMSNorm per head": "Qwen3 QK-norm"}
+WITHOUT = ("baseline (no QK-norm)", "Qwen2-style QKV bias")
+WITH = "Qwen3 QK-norm"
+
+
+def probe(run_dir: str) -> Optional[pd.DataFrame]:
+    path = Path(run_dir) / "fp16_probe" / "probe.csv"
+    return pd.read_csv(path) if path.exists() else None
+
+
+def analyse(frame: pd.DataFrame, sec: Section, ctx: Context) -> None:
+    frame = frame.assign(variant=frame["cfg"].map(lambda c: NAMES.get(attention_label(c), attention_label(c))))
+    # a variant's best LR in this folder, and the healthy scope around it
+    best_lr = {v: float(sub.groupby("lr")["capped"].mean().idxmin()) for v, sub in frame.groupby("variant")}
+    several = frame["seed"].nunique() > 1
+    rows, runs = [], []
+    pyplot = plt()
+    fig, ax = pyplot.subplots(figsize=(7, 3.9))
+    colors = {v: f"C{i}" for i, v in enumerate(sorted(frame["variant"].unique()))}
+    for r in frame.sort_values(["variant", "lr", "seed", "run_dir"]).itertuples():
+        precision = r.summary.get("precision") or r.cfg.get("trainer.precision")
+        name = f"{r.variant}, LR {r.lr:g}, {precision}" + (f", seed {r.seed}" if several else "")
+        p = probe(r.run_dir)
+        s, raw = max_over_layers(r.run_dir, "raw_qk_max")
+        monitor = float(np.nanmax(raw)) if len(raw) else math.nan
+        if len(raw):
+            ax.plot(s, raw, color=colors[r.variant], ls="--" if precision == "32-true" else "-", alpha=0.85,
+                    marker="o" if r.lr == best_lr[r.variant] else None, ms=2, label=name)
+        healthy = (not r.failed) and r.lr <= HEALTHY_LR_FACTOR * best_lr[r.variant]
+        entropy = (r.summary.get("stability") or {}).get("final_entropy_norm_mean")
+        run = {"variant": r.variant, "healthy": healthy, "probe": p is not None, "monitor": monitor,
+               "unscaled": bool(p["overflows_fp16_unscaled"].any()) if p is not None else None,
+               "prescaled": bool(p["overflows_fp16_prescaled"].any()) if p is not None else None,
+               "lr": float(r.lr), "final": r.final_val_loss, "failed": bool(r.failed)}
+        runs.append(run)
+        rows.append(f"| {name} | {fmt(r.final_val_loss, '.3f')} | {'yes' if r.failed else 'no'} | {fmt(entropy)} | "
+                    f"{'yes' if healthy else 'no'} | {fmt(monitor)} | "
+                    + (f"{fmt(float(p['max_abs_qk_raw'].max()))} | {'yes' if run['unscaled'] else 'no'} | "
+                       f"{'yes' if run['prescaled'] else 'no'} |" if p is not None else "- | - | - |"))
+    ax.axhline(FP16_MAX, color="k", linewidth=0.8, linestyle=":", label="fp16 max (65504)")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("max |q k^T| over layers and heads")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.set_title("E8: the unscaled q k^T in training against fp16's limit (monitor; dashed: fp32, solid: bf16)", fontsize=9)
+    sec.figures.append(save(fig, ctx, "e8_fp16_overflow.png"))
+    ref = ctx.reference.nats
+    sec.body += ["| run | final val loss | failed | final attention entropy (normalized, mean of the least spread-out head) | "
+                 "healthy LR (in the headline) | max q k^T in training (monitor) | probe: max q k^T | (q k^T) s overflows fp16 "
+                 "(probe) | (q s) k^T overflows fp16 (probe) |",
+                 "|---|---:|---|---:|---|---:|---:|---|---|", *rows, "",
+                 f"Best LR per variant here: {', '.join(f'{v} {lr_fmt(lr)}' for v, lr in best_lr.items())}; a run is at a "
+                 f"healthy LR when its LR is at most {HEALTHY_LR_FACTOR:g}x that and it did not fail (final loss below the "
+                 f"bigram reference, {fmt(ref)} nats). fp16 training itself needs a GPU (Lightning trains `16-mixed` on CUDA "
+                 "only) and is not part of this CPU run."]
+    t = pd.DataFrame(runs)
+    checks: list[Check] = []
+    overflowed = False
+    for v in WITHOUT:
+        name = f"{v} models at healthy LRs overflow fp16 as (q k^T) s, not as (q s) k^T"
+        mine = t[(t["variant"] == v) & t["probe"]]
+        scope = mine[mine["healthy"]]
+        if mine.empty:
+            checks.append(headline(name, None, f"no {v} model with a probe table"))
+        elif scope.empty:
+            lrs = "/".join(f"{x:g}" for x in sorted(mine["lr"].unique()))
+            failed = int(mine["failed"].sum())
+            checks.append(headline(name, None, (
+                f"no {v} model was trained at a healthy LR: of its {len(mine)} models (LR {lrs}), {failed} end above the "
+                f"bigram reference ({fmt(ref)} nats)" + (f" and {len(mine) - failed} trained above {HEALTHY_LR_FACTOR:g}x its "
+                                                         "best LR" if failed < len(mine) else "")
+                + ", so an overflow there would be a collapsed model's, not one that learned")))
+        else:
+            overflowed = overflowed or bool(scope["unscaled"].any())
+            checks.append(headline(f"{name} ({int(scope['unscaled'].sum())} of {len(scope)})",
+                                   bool(scope["unscaled"].all() and not scope["prescaled"].any())))
+    name = "Qwen3 QK-norm models at healthy LRs do not overflow"
+    mine = t[(t["variant"] == WITH) & t["probe"] & t["healthy"]]
+    if mine.empty:
+        checks.append(headline(name, None, "no QK-norm model with a probe table at a healthy LR"))
+    elif not overflowed:
+        checks.append(headline(name, None, "no model without QK-norm at a healthy LR overflowed: no overflow to remove"))
+    else:
+        checks.append(headline(name, not bool(mine["unscaled"].any())))
+    if all(c.value is None and "healthy LR" in c.why for c in checks[:len(WITHOUT)]):
+        sec.short = ("no model without QK-norm was trained at a healthy LR: each ends above the bigram reference, so an "
+                     "overflow there is a collapsed model's")
+    without = t[t["variant"].isin(WITHOUT)]
+    checks.append(diagnostic(f"every model without QK-norm, at any LR, reaches fp16's limit in training (monitor) "
+                             f"({int((without['monitor'] > FP16_MAX).sum())} of {len(without)})",
+                             bool((without["monitor"] > FP16_MAX).all()) if len(without) else None, "no runs without QK-norm"))
+    conclude(sec, checks, frame)

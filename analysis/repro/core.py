@@ -1,0 +1,554 @@
+"""What every claim of the reproduction page shares: its section, its checks and the verdict rule, the
+per-seed rule, reading the runs (with the package's failure definitions), the seed noise, and the LR
+ladders that several claims draw.
+
+The verdict rule. Each claim has one **headline** check, its paper's claim read literally, possibly in
+parts (one per width, one per variant of the headline's own scope); every other check is a
+**diagnostic**, shown, never voting. The verdict is
+- **reproduced** when every part of the headline holds,
+- **not reproduced** when the parts that are decided all fail,
+- **partly** when some parts hold and others fail or cannot be decided,
+- **inconclusive** when no part can be decided: the reason, computed from the runs, says why (no run
+  diverged after its warmup, a horizon shorter than the effect's, a grid that cannot resolve the
+  difference, an effect within the seed noise, seeds that disagree).
+With several seeds a check holds where it holds on the seeds' mean and no seed alone says otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from qknorm.analysis.failure import Reference
+from qknorm.analysis.lr import capped_loss, sensitivity_per_seed
+from qknorm.analysis.runs import collect_runs, is_stable
+from qknorm.analysis.stability import read_stability
+from qknorm.rundir import flatten
+
+from .thresholds import GRID_RESOLUTION, JUMP_NATS, NOISE_QUANTILE
+
+REPO = Path(__file__).resolve().parents[2]
+MARK = {True: "yes", False: "no", None: "undecided"}
+
+
+# -- checks, sections, verdicts --------------------------------------------------------------------------
+
+@dataclass
+class Check:
+    """One yes / no / undecided answer. `why` says why it is undecided (computed from the runs); `note`
+    qualifies a decided answer (e.g. a seed that could not decide alone)."""
+
+    name: str
+    value: Optional[bool]
+    headline: bool = False
+    why: str = ""
+    note: str = ""
+
+    def answer(self) -> str:
+        text = MARK[self.value]
+        if self.value is None and self.why:
+            return f"{text} ({self.why})"
+        return f"{text} ({self.note})" if self.note else text
+
+
+def headline(name: str, value: Optional[bool], why: str = "") -> Check:
+    return Check(name, value, headline=True, why=why if value is None else "")
+
+
+def diagnostic(name: str, value: Optional[bool], why: str = "") -> Check:
+    return Check(name, value, headline=False, why=why if value is None else "")
+
+
+@dataclass
+class Context:
+    """What a claim's analysis needs besides its runs."""
+
+    figdir: Path
+    rel: Path
+    noise: "SeedNoise"
+    reference: Reference
+    corpus_tokens: Optional[int] = None
+
+
+@dataclass
+class Section:
+    key: str
+    title: str
+    claim: str
+    source: str
+    command: str
+    runs: str = ""
+    headline: str = ""
+    verdict: str = "inconclusive"
+    reason: str = ""  # why the verdict is what it is (from the headline's parts)
+    note: str = ""  # how seeds entered it
+    scale: str = ""
+    body: list[str] = field(default_factory=list)
+    figures: list[str] = field(default_factory=list)
+    compute: str = ""
+    seeds: int = 0
+    checks: list[Check] = field(default_factory=list)
+    seed_checks: dict[int, list[Optional[bool]]] = field(default_factory=dict)  # each seed's own answers, in order
+    findings: list[str] = field(default_factory=list)  # one-line results worth the page's summary
+    short: str = ""  # the verdict's reason in one line for the page's summary, where a claim gives one
+
+
+def verdict_of(checks: list[Check]) -> tuple[str, str]:
+    """The verdict and its reason from the headline's parts alone (see the module's docstring)."""
+    parts = [c for c in checks if c.headline]
+    if not parts:
+        return "inconclusive", "no headline check could be formed from these runs"
+    values = [c.value for c in parts]
+    if all(v is None for v in values):
+        whys = list(dict.fromkeys(c.why or "undecided" for c in parts))
+        if len(whys) == 1:  # one reason for every part: say it once
+            return "inconclusive", whys[0]
+        return "inconclusive", "; ".join(f"{c.name}: {c.why or 'undecided'}" for c in parts)
+    reason = "; ".join(f"{c.name}: {c.answer()}" for c in parts)
+    if all(v is True for v in values):
+        return "reproduced", reason
+    if not any(v is True for v in values):
+        return "not reproduced", reason
+    return "partly", reason
+
+
+def conclude(sec: Section, checks: list[Check], frame: pd.DataFrame) -> None:
+    """A section's ending: its checks (a table after its body) and the verdict the headline gives."""
+    sec.checks = list(checks)
+    sec.verdict, sec.reason = verdict_of(sec.checks)
+    sec.note = seeds_note(frame)
+
+
+def seeds_note(frame: pd.DataFrame) -> str:
+    n = frame["seed"].nunique() if "seed" in frame else 0
+    return " (one seed: no interval, and a difference within seed noise cannot be told apart)" if n < 2 else ""
+
+
+def check_name(name: str) -> str:
+    """A check's name without the figures in its parentheses, which each seed fills in from its own runs."""
+    return re.sub(r"\s*\([^)]*\)", "", name).strip()
+
+
+Analysis = Callable[[pd.DataFrame, Section, Context], None]
+
+
+def check_each_seed(fn: Analysis, frame: pd.DataFrame, sec: Section, ctx: Context) -> None:
+    """Run a claim's checks again on each seed's runs alone. A check stays decided only where no seed
+    decides it the other way; where seeds split, or all answer against their mean, it is undecided, since
+    the difference it tests is then within seed noise. A seed that cannot decide a check alone (too few of
+    its runs) is named beside it. The verdict is taken again from the result."""
+    seeds = sorted({int(s) for s in frame["seed"].dropna()})
+    if len(seeds) < 2 or not sec.checks:
+        return
+    failures = {}
+    for seed in seeds:
+        alone = Section(sec.key, sec.title, sec.claim, sec.source, sec.command)
+        with tempfile.TemporaryDirectory() as scratch:  # its figures are not kept
+            one = Context(Path(scratch), Path(scratch), ctx.noise, ctx.reference, ctx.corpus_tokens)
+            try:
+                fn(frame[frame["seed"] == seed].reset_index(drop=True), alone, one)
+            except Exception as e:  # this seed's runs alone decide nothing; the others still count
+                failures[seed] = f"{type(e).__name__}: {e}"
+            finally:
+                plt().close("all")
+        by_name = {check_name(c.name): c.value for c in alone.checks}
+        sec.seed_checks[seed] = [by_name.get(check_name(c.name)) for c in sec.checks]
+    for i, c in enumerate(sec.checks):
+        answers = [sec.seed_checks[s][i] for s in seeds]
+        decided: set[bool] = {a for a in answers if a is not None}
+        if c.value is not None and decided - {c.value}:
+            # the seeds split, or every seed alone answers against their mean (a mean trend that no seed
+            # shows on its own): either way the difference is within seed noise
+            c.why = ("seeds disagree" if len(decided) > 1 else
+                     f"the seeds' mean: {MARK[c.value]}, each seed alone: {MARK[next(iter(decided))]}")
+            c.value = None
+            continue
+        silent = [str(s) for s, a in zip(seeds, answers, strict=True) if a is None]
+        if c.value is not None and silent:
+            c.note = f"seed {', '.join(silent)} alone: undecided"
+    sec.verdict, sec.reason = verdict_of(sec.checks)
+    sec.note = (f" ({len(seeds)} seeds: a check holds where the seeds' mean says so and no seed alone says otherwise)"
+                   + "".join(f"; seed {s}'s runs alone could not be analysed ({why})" for s, why in failures.items()))
+
+
+# -- reading the runs ---------------------------------------------------------------------------------------
+
+def read_summary(run_dir: str) -> dict:
+    try:
+        return json.loads((Path(run_dir) / "summary.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def load(root: Path, reference: Reference) -> pd.DataFrame:
+    """The finished runs of one folder, one row each: the run table (qknorm.analysis.runs, with the
+    package's divergence columns), the config (flat, dotted) in `cfg`, the summary in `summary`, and
+    `failed` against the bigram reference (None when there is none)."""
+    if not root.is_dir():
+        return pd.DataFrame()
+    frame = collect_runs(root)
+    if frame.empty:
+        return frame
+    frame = frame[frame["status"].isin(["completed", "diverged"])].copy()
+    if frame.empty:
+        return frame.reset_index(drop=True)
+    cfgs = []
+    for run in frame["run_dir"]:
+        try:
+            cfgs.append(flatten(yaml.safe_load((Path(run) / ".hydra" / "config.yaml").read_text())))
+        except (OSError, yaml.YAMLError):
+            cfgs.append({})
+    frame["cfg"] = cfgs
+    frame["summary"] = [read_summary(r) for r in frame["run_dir"]]
+    frame["diverged"] = frame["diverged"].fillna(False).astype(bool)
+    frame["after_warmup"] = frame["diverged"] & frame["diverged_in_warmup"].map(lambda v: v is False)
+    frame["stable"] = frame.apply(is_stable, axis=1)
+    frame["capped"] = frame.apply(capped_loss, axis=1)
+    frame["failed"] = [failed_of(r, reference.nats) for r in frame.itertuples()]
+    return frame.reset_index(drop=True)
+
+
+def failed_of(run: Any, reference: Optional[float]) -> Optional[bool]:
+    """qknorm.analysis.failure's `failed` on a loaded row: diverged, no finite final loss, or a final
+    loss above the bigram reference (None without one)."""
+    loss = run.final_val_loss
+    if run.diverged or loss is None or pd.isna(loss) or not math.isfinite(loss):
+        return True
+    return None if reference is None else bool(loss > reference)
+
+
+def cfg(frame: pd.DataFrame, key: str) -> pd.Series:
+    return frame["cfg"].map(lambda c: c.get(key))
+
+
+_RECORDS: dict[tuple, list[dict]] = {}
+
+
+def records(run_dir: str) -> list[dict]:
+    """A run's stability records, parsed once per version of the file (keyed by size and mtime)."""
+    path = Path(run_dir) / "stability.jsonl"
+    try:
+        st = path.stat()
+        key = (str(path.resolve()), st.st_mtime_ns, st.st_size)
+    except OSError:
+        return []
+    if key not in _RECORDS:
+        _RECORDS[key] = read_stability(run_dir)[0]
+    return _RECORDS[key]
+
+
+def series(run_dir: str, key: str, layer: Optional[int] = 0, reduce: Callable = max) -> tuple[np.ndarray, np.ndarray]:
+    """(steps, values) of one monitor key: a layer's (per-head lists reduced), or a top-level one (layer None)."""
+    steps, values = [], []
+    for r in records(run_dir):
+        if layer is None:
+            v = r.get(key)
+        else:
+            v = r["layers"][layer].get(key) if layer < len(r["layers"]) else None
+        if v is None:
+            continue
+        steps.append(r["step"])
+        values.append(reduce(v) if isinstance(v, list) else v)
+    return np.asarray(steps, float), np.asarray(values, float)
+
+
+def max_over_layers(run_dir: str, key: str) -> tuple[np.ndarray, np.ndarray]:
+    """(steps, the largest value of a per-layer, per-head key over every layer and head) at each record."""
+    steps, values = [], []
+    for r in records(run_dir):
+        vals = [max(v) if isinstance(v, list) else v for layer in r["layers"] if (v := layer.get(key)) is not None]
+        if vals:
+            steps.append(r["step"])
+            values.append(max(vals))
+    return np.asarray(steps, float), np.asarray(values, float)
+
+
+def value_at(run_dir: str, key: str, step: float, layer: Optional[int] = 0, reduce: Callable = max) -> float:
+    """The record nearest `step`."""
+    steps, values = series(run_dir, key, layer, reduce)
+    if not len(steps):
+        return math.nan
+    return float(values[np.argmin(np.abs(steps - step))])
+
+
+def max_steps(frame: pd.DataFrame) -> pd.Series:
+    return cfg(frame, "trainer.max_steps").astype(float)
+
+
+# -- seed noise -------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SeedNoise:
+    """|seed 0 - seed 1| of the final validation loss over every pair of runs that differ only in their
+    seed, across every experiment's folder; pairs where either run diverged are left out (their loss
+    measures the blow-up, not the training)."""
+
+    pairs: int
+    median: float
+    quantile: float  # at NOISE_QUANTILE: the agreement bar
+
+    @property
+    def bar(self) -> float:
+        return self.quantile
+
+    def describe(self) -> str:
+        if not self.pairs:
+            return "no pair of runs differing only in their seed: the seed noise is unknown"
+        return (f"|seed 0 - seed 1| of the final validation loss over {self.pairs} pairs of runs that differ only in "
+                f"their seed (neither diverged): median {self.median:.3f} nats, {NOISE_QUANTILE:.0%} quantile "
+                f"{self.quantile:.3f} nats")
+
+
+def seed_noise(frames: list[pd.DataFrame]) -> SeedNoise:
+    gaps = []
+    for frame in frames:
+        if frame.empty:
+            continue
+        keyed: dict[str, dict[int, float]] = {}
+        for r in frame.itertuples():
+            if r.diverged or pd.isna(r.final_val_loss):
+                continue
+            identity = json.dumps({k: v for k, v in r.cfg.items() if k != "seed"}, sort_keys=True, default=str)
+            keyed.setdefault(identity, {})[int(r.seed)] = float(r.final_val_loss)
+        gaps += [abs(s[0] - s[1]) for s in keyed.values() if 0 in s and 1 in s]
+    if not gaps:
+        return SeedNoise(0, math.nan, math.nan)
+    return SeedNoise(len(gaps), float(np.median(gaps)), float(np.quantile(gaps, NOISE_QUANTILE)))
+
+
+# -- formatting and figures --------------------------------------------------------------------------------
+
+def fmt(v, spec: str = ".3g") -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return format(v, spec)
+
+
+def lr_fmt(v) -> str:
+    return "none in the grid" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:g}"
+
+
+def plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as pyplot
+
+    return pyplot
+
+
+def save(fig, ctx: Context, name: str) -> str:
+    ctx.figdir.mkdir(parents=True, exist_ok=True)
+    fig.savefig(ctx.figdir / name, dpi=100, bbox_inches="tight")
+    plt().close(fig)
+    return str(ctx.rel / name)
+
+
+def distinct_colors(n: int) -> list:
+    """n colours that a reader can tell apart (tab10, then tab20 past 10)."""
+    pyplot = plt()
+    cmap = pyplot.get_cmap("tab10" if n <= 10 else "tab20")
+    return [cmap(i % cmap.N) for i in range(n)]
+
+
+def attention_label(c: dict) -> str:
+    """A readable name for an attention config, from its values (not from which preset named it)."""
+    norm = c.get("attention.qk_norm", "none")
+    if c.get("attention.softcap") and norm == "none":
+        return f"soft-cap {c['attention.softcap']:g}"
+    if norm == "none":
+        return "QKV bias (Qwen2)" if c.get("attention.qkv_bias") else "no QK-norm"
+    kind = {"layernorm": "LayerNorm", "rms": "RMSNorm", "l2": "L2"}[norm]
+    scope = {"head": "per head", "head_separate": "per head (own gains)", "layer": "full width"}[c.get("attention.scope", "head")]
+    parts = [kind, scope]
+    if c.get("attention.targets") == "qkv":
+        parts = ["QKV-norm", kind, "no pre-attn norm" if not c.get("attention.pre_attn_norm", True) else ""]
+    if c.get("attention.proj_fc2_norm") == "layernorm":
+        parts.append("+ Proj/FC2 LN")
+    if c.get("attention.softcap"):
+        parts.append(f"+ cap {c['attention.softcap']:g}")
+    if c.get("attention.position") == "after_rope":
+        parts.append("after RoPE")
+    if norm == "l2":
+        parts.append("learned g" if c.get("attention.scale.kind") == "learnable" else "fixed g=1")
+    return " ".join(p for p in parts if p)
+
+
+# -- LR curves and ladders ---------------------------------------------------------------------------------
+
+def lr_curves(frame: pd.DataFrame) -> pd.DataFrame:
+    """Per LR: the seeds' mean capped loss, whether every seed is stable, whether any run diverged after
+    its warmup, and how many seeds."""
+    out = frame.groupby("lr").agg(capped=("capped", "mean"), stable=("stable", "all"), after=("after_warmup", "any"),
+                                  seeds=("seed", "nunique"), initial=("initial_loss", "mean"))
+    return out.reset_index().sort_values("lr").reset_index(drop=True)
+
+
+def tolerance(curve: pd.DataFrame) -> dict:
+    """For one LR curve: the best loss and its LR, the largest stable LR, the first diverging LR (any
+    seed diverged there) and whether that divergence came after the warmup, the critical LR (first LR above
+    the optimum whose loss is JUMP_NATS above the best), and the grid step at the first divergence."""
+    curve = curve.sort_values("lr").reset_index(drop=True)
+    best_i = curve["capped"].idxmin()
+    best, best_lr = float(curve.loc[best_i, "capped"]), float(curve.loc[best_i, "lr"])
+    unstable = curve[~curve["stable"]]
+    stable = curve[curve["stable"]]["lr"]
+    above = curve[(curve["lr"] > best_lr) & (curve["capped"] > best + JUMP_NATS)]["lr"]
+    first = float(unstable["lr"].min()) if len(unstable) else math.inf
+    lrs = list(curve["lr"].astype(float))
+    step = (first / lrs[lrs.index(first) - 1]) if math.isfinite(first) and lrs.index(first) > 0 else math.nan
+    return {"best": best, "best_lr": best_lr, "largest_stable": float(stable.max()) if len(stable) else math.nan,
+            "first_div": first, "first_after": bool(unstable.iloc[0]["after"]) if len(unstable) else None,
+            "critical": float(above.min()) if len(above) else math.inf, "largest_tried": float(curve["lr"].max()),
+            "grid_step": step, "curve": curve}
+
+
+def sensitivity(frame: pd.DataFrame) -> tuple[float, float, float]:
+    """Wortsman's LR sensitivity (capped at l0): the mean over seeds and the seeds' (min, max)."""
+    s = sensitivity_per_seed(frame)
+    if not len(s):
+        return math.nan, math.nan, math.nan
+    return float(s.mean()), float(s.min()), float(s.max())
+
+
+def ladder_by(frame: pd.DataFrame, column: str) -> dict:
+    """Each group's (by `column`) curve and tolerance, pooled over seeds, and each seed's own in `per_seed`."""
+    out = {}
+    for v, sub in frame.groupby(column):
+        t = tolerance(lr_curves(sub))
+        t["sensitivity"] = sensitivity(sub)[0]
+        t["per_seed"] = {int(seed): tolerance(lr_curves(one)) for seed, one in sub.groupby("seed")}
+        out[v] = t
+    return out
+
+
+def lr_ladder(frame: pd.DataFrame, label: Callable[[dict], str] = attention_label) -> tuple[pd.DataFrame, dict]:
+    """The runs with their `variant` (label of the config), and each variant's ladder_by."""
+    frame = frame.assign(variant=frame["cfg"].map(label))
+    return frame, ladder_by(frame, "variant")
+
+
+def ladder_rows(tol: dict, per_seed: str = "first_div") -> list[str]:
+    """Loss per LR (the seeds' mean; "(div)" where a seed diverged, "(div, warmup)" when only inside its
+    warmup), and where each curve fails; with several seeds, also each seed's own `per_seed` LR."""
+    lrs = sorted({float(lr) for t in tol.values() for lr in t["curve"]["lr"]})
+    seeds = sorted({s for t in tol.values() for s in t.get("per_seed", {})})
+    several = len(seeds) > 1
+    name = {"critical": "critical LR", "first_div": "first diverging LR"}[per_seed]
+    head = ("| variant | " + " | ".join(f"LR {lr:g}" for lr in lrs) + " | largest stable LR | first diverging LR | critical LR |"
+            + (f" {name} per seed |" if several else ""))
+    rows = [head, "|---|" + "---:|" * (len(lrs) + 3) + ("---|" if several else "")]
+    def cell(c: pd.DataFrame, lr: float) -> str:
+        if lr not in c.index:
+            return "-"
+        mark = "" if c.loc[lr, "stable"] else " (div)" if c.loc[lr, "after"] else " (div, warmup)"
+        return f"{c.loc[lr, 'capped']:.3f}{mark}"
+
+    for v, t in tol.items():
+        c = t["curve"].set_index("lr")
+        each = ", ".join(f"{s}: {lr_fmt(t['per_seed'][s][per_seed]) if s in t['per_seed'] else '-'}" for s in seeds)
+        rows.append(f"| {v} | " + " | ".join(cell(c, lr) for lr in lrs) + f" | {lr_fmt(t['largest_stable'])} | "
+                    f"{lr_fmt(t['first_div'])} | {lr_fmt(t['critical'])} |" + (f" {each} |" if several else ""))
+    return rows + ["", "Losses are the seeds' mean, capped at the initial loss. (div): a seed diverged there, after its "
+                   "warmup; (div, warmup): only inside its warmup."]
+
+
+def ladder_figure(tol: dict, title: str, ctx: Context, name: str) -> str:
+    pyplot = plt()
+    fig, ax = pyplot.subplots(figsize=(7.5, 4))
+    for (v, t), color in zip(tol.items(), distinct_colors(len(tol)), strict=True):
+        c = t["curve"]
+        ax.plot(c["lr"], c["capped"], marker="o", color=color, label=v)
+        bad = c[~c["stable"]]
+        ax.scatter(bad["lr"], bad["capped"], marker="x", s=60, color=color, zorder=3)
+    ax.set_xscale("log")
+    ax.set_xlabel("peak learning rate")
+    ax.set_ylabel("final val loss (capped at initial loss; x: diverged)")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.grid(alpha=0.3)
+    ax.set_title(title, fontsize=9)
+    return save(fig, ctx, name)
+
+
+def no_divergence_after_warmup(frame: pd.DataFrame) -> Optional[str]:
+    """The reason a divergence claim cannot be tested on these runs, or None when some run diverged after
+    its warmup."""
+    if frame["after_warmup"].any():
+        return None
+    div = frame[frame["diverged"]]
+    if div.empty:
+        return f"no run diverged (0 of {len(frame)})"
+    warm = sorted({int(w) for w in div["warmup_steps"].dropna()})
+    return (f"no run diverged after its warmup: all {len(div)} divergences (of {len(frame)} runs) began inside the "
+            f"{'/'.join(map(str, warm))}-step warmup, while the LR was still rising")
+
+
+def later(a: dict, b: dict, name_a: str, name_b: str) -> tuple[Optional[bool], str]:
+    """Whether variant a first diverges at a higher LR than variant b. Decided by the divergence that
+    orders them (the lower of the two first divergences), and only when that one came after its warmup;
+    undecided when neither diverges in the grid."""
+    fa, fb = a["first_div"], b["first_div"]
+    if not math.isfinite(fa) and not math.isfinite(fb):
+        return None, f"neither {name_a} nor {name_b} diverges in the grid (up to {lr_fmt(max(a['largest_tried'], b['largest_tried']))})"
+    if fa > fb:
+        decider, name = b, name_b
+    elif fa < fb:
+        decider, name = a, name_a
+    else:
+        if a["first_after"] or b["first_after"]:
+            return False, ""
+        return None, f"both first diverge at LR {lr_fmt(fa)}, inside their warmup"
+    if not decider["first_after"]:
+        return None, f"the divergence that orders them ({name} at LR {lr_fmt(decider['first_div'])}) began inside its warmup"
+    return fa > fb, ""
+
+
+def about_same(points: dict[str, dict], lrs: list[float]) -> tuple[Optional[bool], str]:
+    """Whether variants first diverge at about the same LR: within one grid step of each other, on a grid
+    no coarser than GRID_RESOLUTION there, with the divergences after the warmup."""
+    firsts = {v: t["first_div"] for v, t in points.items()}
+    if all(not math.isfinite(f) for f in firsts.values()):
+        return None, f"none of them diverges in the grid (up to {lr_fmt(max(lrs))})"
+    finite = [t for t in points.values() if math.isfinite(t["first_div"])]
+    if not any(t["first_after"] for t in finite):
+        return None, "their divergences all began inside the warmup"
+    place = {v: lrs.index(f) if math.isfinite(f) else len(lrs) for v, f in firsts.items()}
+    lo, hi = min(place.values()), max(place.values())
+    around = lrs[max(lo, 1) - 1:min(hi, len(lrs) - 1) + 1]
+    steps = [b / a for a, b in zip(around, around[1:], strict=False)]
+    if steps and max(steps) > GRID_RESOLUTION:
+        return None, (f"the grid steps by up to {max(steps):.2g}x there, too coarse to tell 'about the same' from one "
+                      f"group apart (GRID_RESOLUTION {GRID_RESOLUTION:g}x)")
+    return hi - lo <= 1, ""
+
+
+def compare(a: float, b: float, noise: float) -> Optional[bool]:
+    """a below b, against a noise bar: yes when lower by more than the bar, no when higher by more than it,
+    undecided (None) within it."""
+    if math.isnan(a) or math.isnan(b):
+        return None
+    bar = 0.0 if math.isnan(noise) else noise
+    if a < b - bar:
+        return True
+    if a > b + bar:
+        return False
+    return None
+
+
+def t_interval(values: np.ndarray, level: float) -> tuple[float, float]:
+    """Two-sided t-interval of the mean at `level` (nan, nan with fewer than two values)."""
+    from scipy import stats
+
+    if len(values) < 2:
+        return math.nan, math.nan
+    half = float(stats.t.ppf(0.5 + level / 2, len(values) - 1) * values.std(ddof=1) / math.sqrt(len(values)))
+    return float(values.mean()) - half, float(values.mean()) + half

@@ -1,0 +1,98 @@
+"""Every number that turns a measurement into a yes or a no on the reproduction page, with its reason.
+The page lists them all (name, value, why); the claims import them from here. Two more bars are
+measured, not chosen: the seed noise (core.SeedNoise) and the bigram reference (qknorm.analysis.failure)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Threshold:
+    name: str
+    value: float
+    why: str
+    used_by: str
+
+
+THRESHOLDS: list[Threshold] = []
+
+
+def threshold(name: str, value: float, why: str, used_by: str) -> float:
+    THRESHOLDS.append(Threshold(name, value, why, used_by))
+    return value
+
+
+NOISE_QUANTILE = threshold(
+    "NOISE_QUANTILE", 0.9,
+    "Two losses agree when they differ by less than this quantile of |seed 0 - seed 1| over every pair of runs "
+    "that differ only in their seed: 9 in 10 reruns of one config land closer than that, so a gap beyond it is "
+    "unlikely to be seed noise. Its value in nats, measured on the runs, is AGREE_NATS.", "E1, E3, E5, E6")
+JUMP_NATS = threshold(
+    "JUMP_NATS", 0.3,
+    "A curve's critical LR is the first LR above its optimum whose loss is this far above its best: twice the "
+    "seed-noise bar, and about the gap between the best model here and the bigram model, so a jump this size "
+    "means the LR lost most of what attention adds.", "E1, E3, E4 (diagnostics)")
+GROWTH_ORDERS = threshold(
+    "GROWTH_ORDERS", 1.0,
+    "'Grows by orders of magnitude' (Wortsman et al. 2023, Fig. 2) read as at least one order: 10x from the first "
+    "record to its peak.", "E2 (diagnostic)")
+PAPER_LOGIT = threshold(
+    "PAPER_LOGIT", 1e4,
+    "Wortsman et al. 2023, Fig. 9: 'all points with logits above 1e4 diverged', the layer-0 max logit read early.",
+    "E2 (headline)")
+EARLY_FRACTION = threshold(
+    "EARLY_FRACTION", 0.02,
+    "Where Wortsman et al. read the early logit: step 2e3 of 1e5 (2% of the run). Here the first monitor record "
+    "at or after 2% of the run, never the initialization's.", "E2")
+GRID_RESOLUTION = threshold(
+    "GRID_RESOLUTION", 1.6,
+    "The largest LR grid step at which 'about the same first diverging LR' means anything: Rybakov et al.'s groups "
+    "are 1.33-1.5x apart, so a grid coarser than ~1.5x cannot tell one group from the next.", "E3, E4")
+OUTPUT_NORM_RATIO = threshold(
+    "OUTPUT_NORM_RATIO", 2.0,
+    "Rybakov et al. 2024: diverging runs' QKV/Proj/FC2 outputs are more than 2x a converged run's well before "
+    "the divergence.", "E4 (diagnostic)")
+EARLY_NORM_FRACTION = threshold(
+    "EARLY_NORM_FRACTION", 0.5,
+    "E4's output norms are read at one fixed step, at most this fraction of the way to the earliest divergence "
+    "compared (and never the initialization's record), so that the reading comes before the blow-up, not from it.",
+    "E4 (diagnostic)")
+LOGZ_DRIFT_RATIO = threshold(
+    "LOGZ_DRIFT_RATIO", 2.0,
+    "'Output logits drift' without z-loss read as a change of the mean log Z at least twice the z-loss run's.",
+    "E5 (diagnostic)")
+KAPPA_ONSET = threshold(
+    "KAPPA_ONSET", 1e3,
+    "Wortsman et al. 2023, Fig. 10: the loss degrades 'around kappa = 1e3'.", "E6 (headline)")
+KAPPA_WINDOW_DECADES = threshold(
+    "KAPPA_WINDOW_DECADES", 1.0,
+    "'Around 1e3' on a grid one decade apart: the onset must be within one grid step of 1e3 (1e2 to 1e4).",
+    "E6 (headline)")
+KAPPA_BIGRAM = threshold(
+    "KAPPA_BIGRAM", 1e4,
+    "Wortsman et al. 2023, Fig. 10: by kappa = 1e4 the loss is worse than a bigram model.", "E6 (headline)")
+MIN_DECAY_SHRINK = threshold(
+    "MIN_DECAY_SHRINK", 0.10,
+    "The least total shrink (1 - prod(1 - lambda s_t) over the run's schedule) at which an independent decay "
+    "can act as it does in the paper (there 1e-4 over 1e5 steps shrinks weights by ~99%); below it the arm is, "
+    "for the run's length, an arm without decay, and comparing it with coupled decay tests decay against no decay.",
+    "E7 (headline)")
+HEALTHY_LR_FACTOR = threshold(
+    "HEALTHY_LR_FACTOR", 3.0,
+    "E8 judges models trained at healthy LRs: at most 3x the variant's best LR in the folder, and not failed (below "
+    "the bigram reference), so that an overflow is that of a model that learned, not of a collapsed one.", "E8 (headline)")
+FP16_MAX = threshold(
+    "FP16_MAX", 65504.0,
+    "The largest finite float16 value: a q k^T above it overflows to inf when the product is taken in fp16.", "E8")
+DRIFT_FROM = threshold(
+    "DRIFT_FROM", 0.3,
+    "E9 measures drift from 30% of the run to its end: past the warmup and the first fast fall of the loss, where "
+    "a slow drift of the gains, not the initial learning, moves the max logit.", "E9")
+DRIFT_MIN_GROWTH = threshold(
+    "DRIFT_MIN_GROWTH", 1.5,
+    "'The max logit still drifts' read as at least 1.5x over that span; with less there is nothing for the "
+    "zero-centred gains to curb.", "E9")
+INTERVAL = threshold(
+    "INTERVAL", 0.95,
+    "E10's paired differences over seeds: a two-sided t-interval at this level must exclude 0.", "E10")

@@ -21,8 +21,9 @@ import torch
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
-from qknorm.config import load_run_config, register_defaults
+from qknorm.config import load_run_config
 from qknorm.data import LMDataModule, prepare_data
+from qknorm.hydra_wiring import register_defaults
 from qknorm.training import LMModule
 from qknorm.training.monitor import StabilityMonitor
 

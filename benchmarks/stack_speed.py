@@ -25,7 +25,8 @@ def configs(size: str, k: int, batch: int, seq: int):
     from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf
 
-    from qknorm.config import load_run_config, register_defaults
+    from qknorm.config import load_run_config
+    from qknorm.hydra_wiring import register_defaults
 
     register_defaults()
     GlobalHydra.instance().clear()
@@ -52,12 +53,12 @@ def measure(size: str, k: int, batch: int, seq: int, vocab: int, steps: int, war
     y = torch.randint(0, vocab, (k, batch, seq))
 
     solo_models = [build_model(c, vocab) for c in cfgs]
-    for m, ref in zip(solo_models, models):
+    for m, ref in zip(solo_models, models, strict=True):
         m.load_state_dict(ref.state_dict())
-    solo_opts = [optimizer_and_schedule(m, c, on_cuda=False) for m, c in zip(solo_models, cfgs)]
+    solo_opts = [optimizer_and_schedule(m, c, on_cuda=False) for m, c in zip(solo_models, cfgs, strict=True)]
 
     def solo_step():
-        for i, (m, (opt, sched)) in enumerate(zip(solo_models, solo_opts)):
+        for i, (m, (opt, sched)) in enumerate(zip(solo_models, solo_opts, strict=True)):
             m.loss(x[i], y[i])[0].backward()
             torch.nn.utils.clip_grad_norm_(list(m.parameters()), 1.0, foreach=True)
             opt.step()
@@ -66,14 +67,14 @@ def measure(size: str, k: int, batch: int, seq: int, vocab: int, steps: int, war
 
     stack = StackedModel(models)
     views = stack.member_views()
-    opts = [optimizer_and_schedule(v, c, on_cuda=False) for v, c in zip(views, cfgs)]
+    opts = [optimizer_and_schedule(v, c, on_cuda=False) for v, c in zip(views, cfgs, strict=True)]
     z = torch.zeros(k)
     mode = "vmap"
 
     def stacked_step():
         with kernels.force(stack=mode):
             stack.loss(x, y, z)[0].sum().backward()
-        for i, (v, (opt, sched)) in enumerate(zip(views, opts)):
+        for i, (v, (opt, sched)) in enumerate(zip(views, opts, strict=True)):
             stack.share_gradients(i)
             torch.nn.utils.clip_grad_norm_(list(v.parameters()), 1.0, foreach=True)
             opt.step()

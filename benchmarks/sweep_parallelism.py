@@ -33,7 +33,8 @@ def run(layout: str, size: str, subset: list[str], cores: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         env = {**os.environ, "QKNORM_LOG_DIR": tmp}
         t0 = time.perf_counter()
-        proc = subprocess.run([EXE, "sweeps=lr_tolerance", f"sweeps.size={size}", *launcher, "logger=none", *subset], env=env, capture_output=True, text=True)
+        proc = subprocess.run([EXE, "sweeps=lr_tolerance", f"sweeps.size={size}", *launcher, "logger=none", *subset],
+                              env=env, capture_output=True, text=True)
         wall = time.perf_counter() - t0
         if proc.returncode != 0:
             raise SystemExit(proc.stderr[-2000:])
@@ -57,7 +58,8 @@ def main(argv=None) -> int:
     for layout in args.layouts:
         r = run(layout, args.size, args.subset, cores)
         jt = f"{r['mean_job_tokens_per_s']:.0f}" if r["mean_job_tokens_per_s"] else "-"
-        print(f"  {layout}{'' if layout == 'stacked' else ' (jobs x threads)'}: {r['runs']} runs in {r['wall_s']:.1f} s = {r['runs_per_hour']:.0f} runs/hour "
+        print(f"  {layout}{'' if layout == 'stacked' else ' (jobs x threads)'}: {r['runs']} runs in {r['wall_s']:.1f} s "
+              f"= {r['runs_per_hour']:.0f} runs/hour "
               f"(statuses {', '.join(r['statuses'])}; mean tokens/s per job incl. start-up and validation {jt})")
     return 0
 

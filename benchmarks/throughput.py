@@ -24,8 +24,9 @@ calling the same kernels spends alike, so it bounds how much faster one can be t
 `--compile` adds torch.compile rows (qknorm: the whole training loss, as `model.compile=true` does;
 transformers: the whole model). On `--device cuda` the defaults are the GPU shapes: `gpt2_small`
 (768 wide, 12 layers), batch 16 x 1024 tokens, vocabulary 32768, and the table adds MFU against the
-accelerator's dense bf16 spec (`--spec-tflops`, 989 for an H100/H200) next to the measured peak. `--repeats` runs every row that many times, rounds interleaved, and reports
-the median, so slow drifts in machine speed hit every row alike.
+accelerator's dense bf16 spec (`--spec-tflops`, 989 for an H100/H200) next to the measured peak.
+`--repeats` runs every row that many times, rounds interleaved, and reports the median, so slow drifts
+in machine speed hit every row alike.
 """
 
 from __future__ import annotations
@@ -55,7 +56,8 @@ def _run_config(size: str, preset: str, seq: int, batch: int, extra: list[str]):
     from hydra import compose, initialize_config_module
     from omegaconf import OmegaConf
 
-    from qknorm.config import load_run_config, register_defaults
+    from qknorm.config import load_run_config
+    from qknorm.hydra_wiring import register_defaults
 
     register_defaults()
     with initialize_config_module(config_module="qknorm.conf", version_base="1.3"):
@@ -205,7 +207,7 @@ def prewarm(specs: list[dict], timeout: float | None) -> None:
     t0 = time.perf_counter()
     with ThreadPoolExecutor(len(specs)) as pool:
         outs = list(pool.map(lambda s: run_worker({**s, "steps": 1, "warmup": 1, "profile": False}, timeout), specs))
-    bad = [f"{s['impl']}/{s['preset']}: {o['error']}" for s, o in zip(specs, outs) if "error" in o]
+    bad = [f"{s['impl']}/{s['preset']}: {o['error']}" for s, o in zip(specs, outs, strict=True) if "error" in o]
     print(f"prewarmed {len(specs)} compiled rows in {time.perf_counter() - t0:.0f} s"
           + (f"; failed: {'; '.join(bad)}" if bad else ""), flush=True)
 
@@ -301,7 +303,8 @@ def main(argv=None) -> int:
             t["vs_baseline"] = t["tokens_per_s"] / base[(t["size"], t["compile"])] if (t["size"], t["compile"]) in base else None
             t["vs_hf_qwen3"] = t["tokens_per_s"] / hf[(t["size"], t["compile"])] if (t["size"], t["compile"]) in hf else None
 
-    header = f"{'size':11} {'impl':9} {'preset':26} {'compile':7} {'tok/s':>9} {'step ms':>8} {'peak MB':>8} {'GFLOP/s':>8} {'MFU':>6} {'x base':>7} {'x hfQ3':>7}"
+    header = (f"{'size':11} {'impl':9} {'preset':26} {'compile':7} {'tok/s':>9} {'step ms':>8} {'peak MB':>8} "
+              f"{'GFLOP/s':>8} {'MFU':>6} {'x base':>7} {'x hfQ3':>7}")
     if gpu:
         header += f" {'MFU spec':>8}"
     if args.profile:

@@ -66,7 +66,7 @@ def test_block_matches_float64_formula(case):
     torch.manual_seed(0)
     block = Block(model, attention, 0, T).double()
     with torch.no_grad():  # non-trivial norm gains and LayerScale weights, so each one is really used
-        for name, p in block.named_parameters():
+        for _name, p in block.named_parameters():
             if p.dim() == 1:
                 p.mul_(1 + 0.3 * torch.randn_like(p))
     x = torch.randn(2, T, D_MODEL, dtype=torch.float64) * 3
@@ -108,7 +108,7 @@ def test_sigma_reparam_is_gamma_over_spectral_norm_times_w(mlp):
         w = linear.parametrizations.weight.original.detach()
         gamma = linear.parametrizations.weight[0].gamma.detach()
         blocks = w.split(sizes) if sizes else (w,)
-        expected = torch.cat([g / torch.linalg.matrix_norm(b, ord=2) * b for g, b in zip(gamma, blocks)])
+        expected = torch.cat([g / torch.linalg.matrix_norm(b, ord=2) * b for g, b in zip(gamma, blocks, strict=True)])
         torch.testing.assert_close(linear.weight, expected, rtol=1e-6, atol=1e-9)
     # the estimate moves in training forwards only: the monitor's probe and validation leave it alone
     u = attn.qkv.parametrizations.weight[0].u.clone()

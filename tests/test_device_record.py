@@ -44,9 +44,9 @@ def test_model_compile_auto_compiles_on_a_gpu_only():
 def test_compilation_is_not_part_of_a_runs_identity():
     """Compiled and eager runs compute the same function: a sweep re-run with model.compile changed finds
     the same job directories (as with trainer.threads)."""
-    from qknorm.rundir import identity
-
     from omegaconf import OmegaConf
+
+    from qknorm.rundir import identity
 
     from .conftest import compose_raw
 

@@ -86,7 +86,7 @@ def test_a_changed_grid_never_reuses_another_configs_result(tmp_path, cache_dir)
     from qknorm.analysis.report import analyze
 
     runs = analyze([sweep_dir], tmp_path / "analysis")["runs"]
-    assert sorted(zip(runs["variant"], runs["lr"])) == sorted(
+    assert sorted(zip(runs["variant"], runs["lr"], strict=True)) == sorted(
         (f"attention={a}", lr) for a in ("baseline", "qwen3") for lr in (1e-3, 1e-2, 0.3))
 
 

@@ -9,8 +9,15 @@ import pytest
 import torch
 
 from qknorm.config import AttentionConfig, ConfigError
-from qknorm.interop import (UnsupportedModelError, from_olmo2, from_qwen3, gemma2_attention_state_dict,
-                            olmo2_attention_state_dict, to_olmo2, to_qwen3)
+from qknorm.interop import (
+    UnsupportedModelError,
+    from_olmo2,
+    from_qwen3,
+    gemma2_attention_state_dict,
+    olmo2_attention_state_dict,
+    to_olmo2,
+    to_qwen3,
+)
 from qknorm.model import build_model
 from qknorm.model.attention import Attention
 from qknorm.model.rope import rope_tables
@@ -26,7 +33,7 @@ T = 24
 def _perturb_gains(module: torch.nn.Module, seed: int = 0) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in module.named_parameters():
+        for _name, p in module.named_parameters():
             if p.dim() == 1:  # norm gains start at 1; make them non-trivial so the mapping is really checked
                 p.add_(0.2 * torch.randn(p.shape, generator=g))
 

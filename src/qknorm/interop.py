@@ -17,12 +17,14 @@ returning a model that computes something else.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any, cast
 
 import torch
+from torch import nn
 
 from .config import AttentionConfig, ConfigError, ModelConfig, QknormError
 from .model.attention import Attention
-from .model.transformer import Transformer
+from .model.transformer import Block, Transformer
 
 
 class UnsupportedModelError(QknormError, ValueError):
@@ -39,10 +41,11 @@ def _split_qkv(attn: Attention) -> dict[str, torch.Tensor]:
 
 
 # The axes a whole-model export needs besides the architecture's own (the switchboard's defaults).
-_PLAIN_AXES = dict(position="before_rope", targets="qk", pre_attn_norm=True, scale="inv_sqrt_head_dim", softcap=None,
+_PLAIN_AXES: dict[str, Any] = dict(position="before_rope", targets="qk", pre_attn_norm=True, scale="inv_sqrt_head_dim", softcap=None,
                    final_logit_softcap=None, qkv_bias=False, qk_clip_tau=None, proj_fc2_norm="none", sigma_reparam=False,
                    layerscale_init=None, soft_temp=None, soft_clip=None)
-_ARCH = {
+# target -> (AttentionConfig fields, ModelConfig fields); mixed value types, checked by the configs themselves
+_ARCH: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "Qwen3": (dict(qk_norm="rms", scope="head", gain="vector", **_PLAIN_AXES), dict(mlp="swiglu", block="pre_norm")),
     "OLMo 2": (dict(qk_norm="rms", scope="layer", gain="vector", **_PLAIN_AXES), dict(mlp="swiglu", block="reordered_norm")),
 }
@@ -60,24 +63,35 @@ def _require_preset(model: Transformer, target: str) -> None:
         raise ConfigError(f"cannot export to {target}: {', '.join(wrong)}")
 
 
+def _gain(norm: nn.Module | None, name: str) -> torch.Tensor:
+    """The weight of a norm the architecture's preset has (checked before a table is built)."""
+    weight = None if norm is None else norm.weight
+    if not isinstance(weight, torch.Tensor):  # pragma: no cover - a preset check missed a layout
+        raise RuntimeError(f"export mapping: the model has no {name} weight")
+    return weight
+
+
 def _hf_to_ours(model: Transformer, target: str) -> dict[str, torch.Tensor]:
     """transformers parameter name -> the tensor (a view of our parameter) holding it."""
     table = {"model.embed_tokens.weight": model.embed.weight, "model.norm.weight": model.norm.weight}
     if not model.cfg.tie_embeddings:
         table["lm_head.weight"] = model.lm_head.weight
-    for i, block in enumerate(model.blocks):
+    for i, module in enumerate(model.blocks):
+        block = cast(Block, module)  # Transformer.blocks holds Blocks only; a ModuleList yields plain Modules
         p, attn = f"model.layers.{i}.", block.attn
         q, k, v = attn.qkv.weight.split(attn.split_sizes)
         gate, up = block.mlp.fc1.weight.chunk(2, dim=0)
         table.update({p + "self_attn.q_proj.weight": q, p + "self_attn.k_proj.weight": k, p + "self_attn.v_proj.weight": v,
                       p + "self_attn.o_proj.weight": attn.proj.weight,
-                      p + "self_attn.q_norm.weight": attn.q_norm.weight, p + "self_attn.k_norm.weight": attn.k_norm.weight,
+                      p + "self_attn.q_norm.weight": _gain(attn.q_norm, "q_norm"),
+                      p + "self_attn.k_norm.weight": _gain(attn.k_norm, "k_norm"),
                       p + "mlp.gate_proj.weight": gate, p + "mlp.up_proj.weight": up, p + "mlp.down_proj.weight": block.mlp.fc2.weight})
         if target == "Qwen3":  # pre-norm: the norms before attention and before the MLP
-            table.update({p + "input_layernorm.weight": block.attn_norm.weight, p + "post_attention_layernorm.weight": block.mlp_norm.weight})
+            table.update({p + "input_layernorm.weight": _gain(block.attn_norm, "attention input norm"),
+                          p + "post_attention_layernorm.weight": _gain(block.mlp_norm, "MLP input norm")})
         else:  # reordered norm: the norms after attention and after the MLP
-            table.update({p + "post_attention_layernorm.weight": block.attn_out_norm.weight,
-                          p + "post_feedforward_layernorm.weight": block.mlp_out_norm.weight})
+            table.update({p + "post_attention_layernorm.weight": _gain(block.attn_out_norm, "attention output norm"),
+                          p + "post_feedforward_layernorm.weight": _gain(block.mlp_out_norm, "MLP output norm")})
     return table
 
 
@@ -199,7 +213,8 @@ def olmo2_attention_state_dict(attn: Attention) -> dict[str, torch.Tensor]:
     if (a.qk_norm, a.scope, a.gain, a.position, a.qkv_bias, a.softcap, a.soft_temp, a.soft_clip) != \
             ("rms", "layer", "vector", "before_rope", False, None, None, None) or a.scale.kind != "inv_sqrt_head_dim":
         raise ConfigError("cannot export to Olmo2Attention: needs the olmo2 preset (rms, scope=layer, gain=vector, before_rope)")
-    return {**_split_qkv(attn), "q_norm.weight": attn.q_norm.weight.detach(), "k_norm.weight": attn.k_norm.weight.detach()}
+    return {**_split_qkv(attn), "q_norm.weight": _gain(attn.q_norm, "q_norm").detach(),
+            "k_norm.weight": _gain(attn.k_norm, "k_norm").detach()}
 
 
 def gemma2_attention_state_dict(attn: Attention) -> dict[str, torch.Tensor]:

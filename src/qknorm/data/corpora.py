@@ -82,7 +82,8 @@ def load_shakespeare(cfg: DataConfig) -> Corpus:
         raise DataError(f"data.val_plays: unknown play(s) {', '.join(unknown)}; allowed: {', '.join(plays)}")
     if len(set(cfg.val_plays)) >= len(plays):
         raise DataError("data.val_plays: at least one play must stay in the training split")
-    train, val = [], []
+    train: list[str] = []
+    val: list[str] = []
     for name, path in plays.items():
         (val if name in cfg.val_plays else train).append(strip_play_markup(path.read_text(encoding="utf-8")))
     return Corpus(f"shakespeare(val={','.join(cfg.val_plays)})", tuple(train), tuple(val))

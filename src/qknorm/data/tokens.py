@@ -17,14 +17,18 @@ import json
 import logging
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..config import DataConfig
 from ..utils.files import atomic_write_bytes, atomic_write_json, file_lock
 from .corpora import Corpus, DataError
+
+if TYPE_CHECKING:
+    import sentencepiece as spm
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +79,8 @@ class Tokenizer:
     """A trained SentencePiece model plus the UTF-8 byte length of every piece (for bits per byte)."""
 
     path: Path
+    # loaded from `path` in __post_init__; not an argument, and not part of the repr, equality or hash
+    sp: spm.SentencePieceProcessor = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
         import sentencepiece as spm
@@ -172,7 +178,7 @@ def get_tokenized(corpus: Corpus, cfg: DataConfig, tokenizer: Tokenizer) -> Toke
     with file_lock(folder.parent / f"{folder.name}.lock"):
         if not _entry_is_valid(folder, names):
             folder.mkdir(parents=True, exist_ok=True)
-            for name, docs in zip(names, (corpus.train, corpus.val)):
+            for name, docs in zip(names, (corpus.train, corpus.val), strict=True):
                 ids = np.fromiter((i for d in docs for i in tokenizer.encode(d)), dtype=np.uint16)
                 atomic_write_bytes(folder / name, ids.tobytes())
             _seal_entry(folder, names, {"corpus": corpus.name})

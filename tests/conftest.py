@@ -10,7 +10,8 @@ from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
-from qknorm.config import RunConfig, load_run_config, register_defaults
+from qknorm.config import RunConfig, load_run_config
+from qknorm.hydra_wiring import register_defaults
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
@@ -38,7 +39,7 @@ def run_cli(args: list[str], cwd: Path, cache_dir: Path, timeout: float = 600, m
             env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """Run qknorm-train as a user would, from `cwd`, with the shared test cache."""
     env = {**os.environ, "QKNORM_CACHE_DIR": str(cache_dir), "QKNORM_LOG_DIR": str(cwd / "logs"), **(env or {})}
-    exe = [sys.executable, "-m", "qknorm.train"] if module else [str(Path(sys.executable).parent / "qknorm-train")]
+    exe = [sys.executable, "-m", "qknorm"] if module else [str(Path(sys.executable).parent / "qknorm-train")]
     flags = [a for a in args if a.startswith("-")]
     overrides = [a for a in args if not a.startswith("-")]
     return subprocess.run([*exe, *flags, "trainer.progress_bar=false", *overrides], cwd=cwd, env=env, capture_output=True,

@@ -63,7 +63,8 @@ def test_sigkill_then_rerun_matches_an_uninterrupted_run(tmp_path, cache_dir, mo
         logged = _steps_logged(killed_dir / "metrics.csv", key)
         assert logged == sorted(set(logged)) == _steps_logged(tmp_path / "whole" / "metrics.csv", key)
     records = [json.loads(l)["step"] for l in (killed_dir / "stability.jsonl").read_text().splitlines()]
-    assert records == sorted(set(records)) == list(range(0, steps, 10))
+    whole_records = [json.loads(l)["step"] for l in (tmp_path / "whole" / "stability.jsonl").read_text().splitlines()]
+    assert records == sorted(set(records)) == whole_records == [*range(0, steps, 10), steps - 1]  # and the last step's
 
 
 def test_a_kill_during_a_checkpoint_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
@@ -86,26 +87,62 @@ def test_a_kill_during_a_checkpoint_save_leaves_the_previous_checkpoint(tmp_path
 @pytest.mark.slow
 def test_a_torn_last_checkpoint_resumes_from_the_previous_one_exactly(tmp_path, cache_dir):
     env = {**os.environ, "QKNORM_CACHE_DIR": str(cache_dir)}
+    steps = 60
+    cmd = lambda run_dir: [*_cmd(run_dir, "nano", steps), "trainer.val_every_n_steps=10"]  # noqa: E731
+    whole = subprocess.run(cmd(tmp_path / "whole"), env=env, capture_output=True, text=True, timeout=900)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+
+    # killed once a checkpoint has replaced another (a finished run keeps only its final one)
     run_dir = tmp_path / "run"
-    cmd = [*_cmd(run_dir, "nano", 30), "trainer.val_every_n_steps=10"]
+    last, prev = run_dir / "checkpoints" / "last.ckpt", run_dir / "checkpoints" / "last.ckpt.prev"
+    proc = subprocess.Popen(cmd(run_dir), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None and not prev.exists():
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "running"
+    prev_step = torch.load(prev, weights_only=False)["global_step"]
+
+    # the state a kill during a save leaves when the new checkpoint was torn on disk: half a file
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    again = subprocess.run(cmd(run_dir), env=env, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
+    log = again.stderr + again.stdout
+    assert "last.ckpt is unreadable" in log and "resuming from" in log and f"last.ckpt.prev (step {prev_step})" in log
+    a = json.loads((tmp_path / "whole" / "summary.json").read_text())
+    b = json.loads((run_dir / "summary.json").read_text())
+    assert b["status"] == "completed" and b["steps"] == steps
+    assert abs(a["final_val_loss"] - b["final_val_loss"]) <= 1e-6
+    assert [h["step"] for h in b["val_history"]] == [h["step"] for h in a["val_history"]] == list(range(10, steps + 1, 10))
+    for key in ("train/loss", "val/loss"):
+        logged = _steps_logged(run_dir / "metrics.csv", key)
+        assert logged == sorted(set(logged)) == _steps_logged(tmp_path / "whole" / "metrics.csv", key)
+    assert torch.load(last, weights_only=False)["global_step"] == steps
+    assert not prev.exists()
+
+
+def test_a_rerun_from_a_diverged_runs_final_checkpoint_ends_where_the_run_ended(tmp_path, cache_dir):
+    """A diverged run's final checkpoint is the state it stopped in. Killed after writing it and before
+    its summary, the run is rerun from it and trains no step more: the same result, each step logged once."""
+    env = {**os.environ, "QKNORM_CACHE_DIR": str(cache_dir)}
+    run_dir = tmp_path / "run"
+    cmd = [str(Path(sys.executable).parent / "qknorm-train"), f"hydra.run.dir={run_dir}", "model=nano", "data.seq_len=64",
+           "data.batch_size=4", "data.val_max_tokens=2048", "trainer.max_steps=12", "trainer.val_every_n_steps=2",
+           "trainer.checkpoint_every_n_steps=5", "optim.lr=1e4", "trainer.progress_bar=false", "logger=csv"]
     first = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stderr[-3000:]
     done = json.loads((run_dir / "summary.json").read_text())
-    last, prev = run_dir / "checkpoints" / "last.ckpt", run_dir / "checkpoints" / "last.ckpt.prev"
-    assert torch.load(prev, weights_only=False)["global_step"] == 20
+    assert done["status"] == "diverged" and done["steps"] < 12
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["global_step"] == done["steps"] and ckpt["qknorm_outcome"]["status"] == "diverged"
+    logs = {name: (run_dir / name).read_text() for name in ("metrics.csv", "stability.jsonl")}
 
-    # the state a kill leaves when a checkpoint was torn on disk: half a file, the run still 'running'
-    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
-    (run_dir / "summary.json").write_text(json.dumps({**done, "status": "running"}))
+    (run_dir / "summary.json").write_text(json.dumps({**done, "status": "running"}))  # what such a kill leaves
     again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
-    log = again.stderr + again.stdout
-    assert "last.ckpt is unreadable" in log and "resuming from" in log and "last.ckpt.prev (step 20)" in log
-    resumed = json.loads((run_dir / "summary.json").read_text())
-    assert resumed["status"] == "completed" and resumed["steps"] == 30
-    assert abs(resumed["final_val_loss"] - done["final_val_loss"]) <= 1e-6
-    assert [h["step"] for h in resumed["val_history"]] == [10, 20, 30]
-    for key in ("train/loss", "val/loss"):
-        logged = _steps_logged(run_dir / "metrics.csv", key)
-        assert logged == sorted(set(logged)) and len(logged) > 0
-    assert torch.load(last, weights_only=False)["global_step"] == 30
+    assert "resuming from" in again.stderr + again.stdout
+    rerun = json.loads((run_dir / "summary.json").read_text())
+    for key in ("status", "reason", "diverged_at_step", "steps", "val_history", "stability", "device", "initial_loss"):
+        assert rerun[key] == done[key], key
+    assert {name: (run_dir / name).read_text() for name in logs} == logs

@@ -153,7 +153,7 @@ def test_the_fingerprint_final_values_come_from_the_last_step(tmp_path, cache_di
 @pytest.mark.parametrize("skip", [True, False])
 def test_a_single_non_finite_step_is_skipped_or_ends_the_run(tmp_path, cache_dir, where, skip):
     from qknorm.data import LMDataModule, prepare_data
-    from qknorm.train import build_trainer
+    from qknorm.training.fit import build_trainer
 
     bad_step, steps = 3, 8
     cfg = compose_config(["model=nano", f"trainer.max_steps={steps}", "trainer.val_every_n_steps=8", "logger=none",

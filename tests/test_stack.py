@@ -70,15 +70,15 @@ def stacked_losses(cfgs, steps: int, freeze_when=lambda loss: False, mode: str =
 def _stacked_losses(cfgs, steps, freeze_when):
     stack = StackedModel([build(c) for c in cfgs])
     views = stack.member_views()
-    optims = [optimizer_and_schedule(v, c, on_cuda=False) for v, c in zip(views, cfgs)]
+    optims = [optimizer_and_schedule(v, c, on_cuda=False) for v, c in zip(views, cfgs, strict=True)]
     z = torch.tensor([c.optim.z_loss for c in cfgs])
     active = [True] * len(cfgs)
     losses = [[] for _ in cfgs]
     for step in range(steps):
-        xs, ys = zip(*(batch(c, step) for c in cfgs))
+        xs, ys = zip(*(batch(c, step) for c in cfgs), strict=True)
         total, nats, _ = stack.loss(torch.stack(xs), torch.stack(ys), z)
         total.sum().backward()
-        for k, (cfg, view, (opt, sched)) in enumerate(zip(cfgs, views, optims)):
+        for k, (cfg, view, (opt, sched)) in enumerate(zip(cfgs, views, optims, strict=True)):
             if not active[k]:
                 continue
             loss = float(nats[k].mean())
@@ -103,11 +103,11 @@ def test_member_loss_and_gradients_are_the_solo_models(mode):
     cfgs = member_configs([["seed=0"], ["seed=1"], ["seed=2"]])
     stack = StackedModel([build(c) for c in cfgs])  # its members' modules become its views
     models = [build(c) for c in cfgs]  # the solo models: the same initialization
-    xs, ys = zip(*(batch(c, 0) for c in cfgs))
+    xs, ys = zip(*(batch(c, 0) for c in cfgs), strict=True)
     with kernels.force(stack=mode):
         total, nats, z_sq = stack.loss(torch.stack(xs), torch.stack(ys), torch.tensor([0.0, 1e-4, 0.0]))
     total.sum().backward()
-    for k, (model, x, y) in enumerate(zip(models, xs, ys)):
+    for k, (model, x, y) in enumerate(zip(models, xs, ys, strict=True)):
         solo_total, solo_nats, _ = model.loss(x, y, [0.0, 1e-4, 0.0][k])
         solo_total.backward()
         torch.testing.assert_close(total[k], solo_total.detach(), rtol=1e-6, atol=0)
@@ -126,7 +126,7 @@ def test_a_stack_of_two_lrs_and_two_seeds_trains_as_its_solo_runs(preset, mode):
     grid = [[f"attention={preset}", f"optim.lr={lr}", f"seed={s}"] for lr in (1e-2, 3e-2) for s in (0, 1)]
     cfgs = member_configs(grid)
     stacked = stacked_losses(cfgs, 50, mode=mode)
-    for cfg, losses in zip(cfgs, stacked):
+    for cfg, losses in zip(cfgs, stacked, strict=True):
         np.testing.assert_allclose(losses, solo_losses(cfg, 50), rtol=1e-5)
 
 
@@ -136,7 +136,7 @@ def test_members_differ_in_their_own_optimizer_scalars():
             ["optim=wortsman", "optim.warmup_steps=10"],
             ["optim.betas=[0.8,0.99]", "optim.eps=1e-6", "optim.z_loss=1e-3", "seed=3"]]
     cfgs = member_configs(grid)
-    for cfg, losses in zip(cfgs, stacked_losses(cfgs, 20)):
+    for cfg, losses in zip(cfgs, stacked_losses(cfgs, 20), strict=True):
         np.testing.assert_allclose(losses, solo_losses(cfg, 20), rtol=1e-5)
 
 
@@ -154,7 +154,7 @@ def test_members_differ_in_their_attention_scalars_and_then_run_their_own_module
     with kernels.force(stack="vmap"):
         assert kernels.stack_kernel(torch.device("cpu"), own_code=True) == "loop"
     stack = StackedModel([build(c) for c in cfgs])
-    xs, ys = zip(*(batch(c, 0) for c in cfgs))
+    xs, ys = zip(*(batch(c, 0) for c in cfgs), strict=True)
     total, nats, _ = stack.loss(torch.stack(xs), torch.stack(ys), torch.zeros(2), own_code=True)
     for k, cfg in enumerate(cfgs):
         _, solo_nats, _ = build(cfg).loss(xs[k], ys[k], 0.0)
@@ -182,8 +182,8 @@ def test_member_views_are_the_stack():
     cfgs = member_configs([["seed=0"], ["seed=1"]])
     stack = StackedModel([build(c) for c in cfgs])
     models = [build(c) for c in cfgs]  # solo models with the same initialization
-    for k, (view, model) in enumerate(zip(stack.member_views(), models)):
-        for (name, p), (_, ref) in zip(view.named_parameters(), model.named_parameters()):
+    for k, (view, model) in enumerate(zip(stack.member_views(), models, strict=True)):
+        for (_name, p), (_, ref) in zip(view.named_parameters(), model.named_parameters(), strict=True):
             torch.testing.assert_close(p, ref, rtol=0, atol=0)
         assert view.lm_head.weight is view.embed.weight
         with torch.no_grad():
@@ -220,7 +220,7 @@ def test_the_stack_trainer_takes_the_same_steps_vmapped_and_looped(tmp_path, cac
             results[mode] = train_stack(specs, "32-true", "cpu")
         assert (tmp_path / mode / "1" / "metrics.csv").exists()
         assert len((tmp_path / mode / "1" / "stability.jsonl").read_text().splitlines()) >= 2
-    for looped, vmapped in zip(results["loop"], results["vmap"]):
+    for looped, vmapped in zip(results["loop"], results["vmap"], strict=True):
         assert looped["status"] == vmapped["status"] == "completed" and looped["steps"] == vmapped["steps"] == 12
         assert vmapped["final_val_loss"] == pytest.approx(looped["final_val_loss"], rel=1e-5)
         assert json.dumps([h["step"] for h in looped["val_history"]]) == json.dumps([h["step"] for h in vmapped["val_history"]])
@@ -228,7 +228,7 @@ def test_the_stack_trainer_takes_the_same_steps_vmapped_and_looped(tmp_path, cac
 
 def test_a_run_alone_does_not_resume_from_a_stack_members_checkpoint(tmp_path):
     """A stack member's checkpoint is not Lightning's: a solo job in that directory starts from step 0."""
-    from qknorm.train import resumable_checkpoint
+    from qknorm.training.fit import resumable_checkpoint
     from qknorm.training.stack_trainer import STACKED_CHECKPOINT
 
     (tmp_path / "checkpoints").mkdir()

@@ -6,15 +6,19 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from .conftest import run_cli, run_dirs
 
@@ -73,6 +77,87 @@ def test_each_member_of_a_stack_matches_its_solo_run(runs):
         monitored = [json.loads(line)["step"] for line in (run / "stability.jsonl").read_text().splitlines()]
         assert monitored == [json.loads(line)["step"] for line in (ref / "stability.jsonl").read_text().splitlines()]
         assert s["stability"]["peak_max_logit"] == pytest.approx(r["stability"]["peak_max_logit"], rel=1e-4)
+
+
+def _listing(run: Path) -> list[str]:
+    """The files of a run directory, TensorBoard's event file names (time, host, pid) aside."""
+    return sorted(re.sub(r"tfevents\..*", "tfevents", str(p.relative_to(run))) for p in run.rglob("*") if p.is_file())
+
+
+def _rows(run: Path) -> tuple[list[str], list[dict]]:
+    with open(run / "metrics.csv", newline="") as f:
+        reader = csv.DictReader(f)
+        return list(reader.fieldnames or []), list(reader)
+
+
+def test_a_members_run_directory_is_its_solo_runs(runs):
+    """The same files (its own checkpoints/, train.log, .hydra/hydra.yaml, TensorBoard run name), the same
+    metrics.csv rows and columns with values as Lightning logs them (float32), and a wall time of its own:
+    the members' times add up to the stack's, recorded beside each."""
+    _, solo, stacked = runs
+    solo_runs, members = by_config(solo), by_config(stacked)
+    for config_id, run in members.items():
+        ref = solo_runs[config_id]
+        assert _listing(run) == _listing(ref)
+        (header, got), (ref_header, want) = _rows(run), _rows(ref)
+        assert header == ref_header and "train/z_loss" in header
+        filled = lambda rows: sorted((r["step"], tuple(k for k, v in r.items() if v)) for r in rows)  # noqa: E731
+        assert filled(got) == filled(want)
+        for row in got:
+            assert row["step"] and (row["epoch"] or row.get("lr-AdamW/pg1"))  # every Lightning row has its epoch
+            for key in ("train/loss", "train/z_loss", "val/loss", "val/bpb"):
+                if row[key]:
+                    assert float(np.float32(row[key])) == float(row[key]), (key, row[key])
+        assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == summary(run)["steps"] == 50
+        log = (run / "train.log").read_text()
+        assert f"-> {run}" in log and "completed after 50 steps" in log
+        assert not any(str(other) in log for other in members.values() if other != run)
+    totals = {summary(run)["stack_wall_time_s"] for run in members.values()}
+    assert len(totals) == 1
+    (total,) = totals
+    assert sum(summary(run)["wall_time_s"] for run in members.values()) == pytest.approx(total, abs=0.01)
+    assert all(0 < summary(run)["wall_time_s"] < total for run in members.values())
+
+
+def test_a_members_final_checkpoint_and_log_are_its_own(tmp_path, cache_dir, caplog):
+    """A stack's job run in this process: each member's last.ckpt is its state at its last step (12, with
+    checkpoints every 5), or none with trainer.keep_checkpoint=false; its train.log holds the stack's lines
+    and its own, none of the other member's."""
+    from omegaconf import OmegaConf
+
+    from qknorm.stacking import run_stack_job
+
+    from .conftest import compose_raw
+    from .test_train import fresh_val_loss
+
+    caplog.set_level(logging.INFO)
+    common = ["model=nano", "data.seq_len=64", "data.batch_size=4", "data.val_max_tokens=2048", "trainer.max_steps=12",
+              "trainer.checkpoint_every_n_steps=5", "trainer.val_every_n_steps=6", "callbacks.monitor.every_n_steps=6",
+              "logger=csv", f"paths.cache_dir={cache_dir}"]
+    manifest: dict = {"members": [], "threads": None}
+    for name, extra in (("kept", ["optim.lr=1e-2"]), ("not_kept", ["optim.lr=2e-2", "trainer.keep_checkpoint=false"])):
+        overrides = [*common, *extra]
+        raw = OmegaConf.to_container(compose_raw(overrides), resolve=True)
+        manifest["members"].append({"overrides": overrides, "run_dir": str(tmp_path / name), "config": raw, "attention": "baseline"})
+    stack_dir = tmp_path / ".stacks" / "s"
+    stack_dir.mkdir(parents=True)
+    (stack_dir / "stack.json").write_text(json.dumps(manifest))
+    run_stack_job(stack_dir, accelerator_override="cpu")
+    kept, not_kept = tmp_path / "kept", tmp_path / "not_kept"
+    for run in (kept, not_kept):
+        s = summary(run)
+        assert (s["status"], s["steps"], s["stack_size"]) == ("completed", 12, 2)
+    ckpt = kept / "checkpoints" / "last.ckpt"
+    assert [p.name for p in ckpt.parent.iterdir()] == ["last.ckpt"]
+    assert torch.load(ckpt, weights_only=False)["global_step"] == 12
+    assert fresh_val_loss(ckpt) == pytest.approx(summary(kept)["final_val_loss"], rel=1e-5)
+    assert not (not_kept / "checkpoints").exists()
+    for run, other in ((kept, not_kept), (not_kept, kept)):
+        log = (run / "train.log").read_text()
+        assert f"-> {run}" in log and "stack of 2 members" in log
+        assert f"completed after 12 steps: val loss {summary(run)['final_val_loss']}" in log
+        assert str(other) not in log
+    assert summary(kept)["wall_time_s"] + summary(not_kept)["wall_time_s"] == pytest.approx(summary(kept)["stack_wall_time_s"], abs=0.01)
 
 
 def test_a_rerun_stacked_sweep_skips_its_finished_members(runs, cache_dir):
@@ -185,7 +270,7 @@ def test_listing_a_stacked_sweep_shows_its_stacks(capsys):
 def test_local_multiruns_share_a_gpu_between_four_jobs_or_give_a_stack_the_whole_gpu(monkeypatch):
     import torch
 
-    from qknorm.sweeping import local_jobs
+    from qknorm.jobs import local_jobs
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert (local_jobs(), local_jobs("stacks")) == (2, 2)

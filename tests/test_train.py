@@ -143,3 +143,59 @@ def test_a_short_run_reaches_its_peak_lr_and_records_enough_points(tmp_path, cac
     assert len(summary["val_history"]) >= 2
     assert len((run / "stability.jsonl").read_text().splitlines()) >= 5
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["last.ckpt"]  # one checkpoint kept, no .prev
+
+
+def fresh_val_loss(checkpoint: Path) -> float:
+    """The held-out loss of a checkpoint's weights, loaded as qknorm-probe loads them and evaluated afresh."""
+    import torch
+
+    from qknorm.data import LMDataModule, prepare_data
+    from qknorm.probe import load_checkpoint
+    from qknorm.training.module import val_batch_sums
+
+    model, cfg = load_checkpoint(checkpoint)
+    data = prepare_data(cfg.data)
+    token_bytes = torch.as_tensor(data.token_bytes, dtype=torch.float64)
+    sums = torch.zeros(3, dtype=torch.float64)
+    with torch.no_grad():
+        for x, y in LMDataModule(cfg.data, data, cfg.seed, cfg.trainer.max_steps, cfg.trainer.val_every_n_steps).val_dataloader():
+            sums += val_batch_sums(model, x, y, token_bytes)
+    return float(sums[0] / sums[1])
+
+
+SHORT = ["model=nano", "data.seq_len=64", "data.batch_size=4", "data.val_max_tokens=4096", "logger=csv",
+         "trainer.val_every_n_steps=6", "callbacks.monitor.every_n_steps=6"]
+
+
+def test_the_final_checkpoint_is_the_final_state_and_a_diverged_job_is_a_result(tmp_path, cache_dir):
+    """Checkpoints every 5 of 12 steps: last.ckpt is step 12's, the weights the summary describes (not
+    step 10's); a run that diverges keeps the state it stopped in; and the multirun exits 0."""
+    import torch
+
+    out = tmp_path / "sweep"
+    proc = run_cli(["-m", *SHORT, "trainer.max_steps=12", "trainer.checkpoint_every_n_steps=5", "optim.lr=1e-2,1e4",
+                    "hydra/launcher=basic", f"hydra.sweep.dir={out}"], tmp_path, cache_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = {json.loads((r / "summary.json").read_text())["status"]: r for r in run_dirs(out)}
+    assert set(runs) == {"completed", "diverged"}
+    for status, run in runs.items():
+        summary = json.loads((run / "summary.json").read_text())
+        assert [p.name for p in (run / "checkpoints").iterdir()] == ["last.ckpt"]
+        ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+        assert ckpt["global_step"] == summary["steps"]
+        assert [h[0] for h in ckpt["qknorm_outcome"]["val_history"]] == [h["step"] for h in summary["val_history"]]
+        assert ckpt["qknorm_outcome"].get("status", "completed") == status
+    assert json.loads((runs["completed"] / "summary.json").read_text())["steps"] == 12
+    assert json.loads((runs["diverged"] / "summary.json").read_text())["steps"] < 12
+    final = json.loads((runs["completed"] / "summary.json").read_text())["final_val_loss"]
+    assert fresh_val_loss(runs["completed"] / "checkpoints" / "last.ckpt") == pytest.approx(final, rel=1e-5)
+
+
+def test_keep_checkpoint_false_leaves_no_checkpoint(tmp_path, cache_dir):
+    run = tmp_path / "run"
+    proc = run_cli([*SHORT, "trainer.max_steps=6", "trainer.checkpoint_every_n_steps=5", "trainer.keep_checkpoint=false",
+                    f"hydra.run.dir={run}"], tmp_path, cache_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["steps"] == 6
+    assert not (run / "checkpoints").exists()  # the step-5 checkpoint went with the finished run, and none at step 6

@@ -5,7 +5,8 @@ several lines, exits 1 and suggests `+key=value`, which adds the misspelt key in
 `run_app` lets Hydra raise instead (HYDRA_FULL_ERROR) and says what went wrong in the same one-line form
 as the config validator: `qknorm-train: error: <key or group>: ...; did you mean ...? allowed: ...`,
 exit code 2. Everything here reads the config folders and the typed defaults only: no torch, no
-Lightning, so an error is reported in well under a second.
+Lightning, so an error is reported in well under a second. A multirun whose jobs ran but some failed
+(qknorm.sweeping.job_failed) exits 1 with one line naming them.
 """
 
 from __future__ import annotations
@@ -19,6 +20,14 @@ import textwrap
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, NoReturn, Optional
+
+import hydra
+from omegaconf import DictConfig
+
+from . import sweeping
+from .hydra_wiring import register_defaults
+from .jobs import STACK_KEY
+from .training.naming import announce_job
 
 PROG = "qknorm-train"
 
@@ -68,7 +77,9 @@ def default_options() -> dict[str, Optional[str]]:
     """Group -> the option conf/train.yaml selects (None: nothing unless asked)."""
     from omegaconf import OmegaConf
 
-    defaults = OmegaConf.to_container(OmegaConf.load(_package_dir("qknorm.conf") / "train.yaml"))["defaults"]
+    tree = OmegaConf.to_container(OmegaConf.load(_package_dir("qknorm.conf") / "train.yaml"))
+    assert isinstance(tree, dict)
+    defaults = tree["defaults"]
     return {k: v for entry in defaults if isinstance(entry, dict) for k, v in entry.items()}
 
 
@@ -187,12 +198,11 @@ def _unparsable_override(overrides: list[str]) -> Optional[str]:
 
 def explain(exc: BaseException, overrides: list[str]) -> Optional[str]:
     """One line for an error in the user's command line or config; None for anything else (a bug)."""
-    from hydra.errors import (ConfigCompositionException, HydraException, MissingConfigException,
-                              OverrideParseException)
+    from hydra.errors import ConfigCompositionException, HydraException, MissingConfigException, OverrideParseException
     from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
     if isinstance(exc, MissingConfigException):
-        return missing_option_message(exc.missing_cfg_file or "", exc.options)
+        return missing_option_message(exc.missing_cfg_file or "", list(exc.options) if exc.options is not None else None)
     if isinstance(exc, OverrideParseException):
         return _unparsable_override(overrides) or f"cannot parse the overrides ({_first_line(exc)})"
     if isinstance(exc, ConfigCompositionException):
@@ -225,12 +235,19 @@ def run_app(hydra_main: Callable[[], Any], argv: Optional[list[str]] = None) -> 
     user_wants_traceback = os.environ.get("HYDRA_FULL_ERROR") == "1"
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
-        hydra_main()
+        try:
+            hydra_main()
+        except sweeping.JobConfigError as e:  # a job of a multirun that does not compose, found before launching
+            raise e.error from e.error.__cause__
     except Exception as e:
         message = None if user_wants_traceback else explain(e, [a for a in args if not a.startswith("-")])
         if message is None:
             raise
         fail(message)
+    outcome = sweeping.last_multirun
+    if outcome is not None and outcome.failed:  # a script or CI must see it; a diverged run is a result, exit 0
+        print(f"{PROG}: error: {outcome.line()}", file=sys.stderr)
+        sys.exit(1)
 
 
 # -- the help page ---------------------------------------------------------------------------------
@@ -280,3 +297,35 @@ def help_page() -> str:
     out += [f"  {command:<44}{what}" for command, what in COMMANDS.items()]
     out += ["", "Hydra's own options: --hydra-help, --cfg job|hydra|all, --info, --multirun (-m)"]
     return "\n".join(out)
+
+
+# -- the console scripts ---------------------------------------------------------------------------
+
+@hydra.main(version_base="1.3", config_path="pkg://qknorm.conf", config_name="train")
+def hydra_app(cfg: DictConfig) -> Optional[float]:
+    """One Hydra job: a stack of jobs (hydra/launcher=stacked) or one run. The job layers are imported
+    here, at the entry point, so that the command line and the config are checked before torch loads."""
+    announce_job()
+    if cfg.get(STACK_KEY) is not None:
+        from .stacking import main_stack_job
+
+        return main_stack_job(cfg)
+    from .train import run
+
+    return run(cfg)
+
+
+def main() -> None:
+    """qknorm-train."""
+    register_defaults()
+    run_app(hydra_app)
+
+
+def sweep_main() -> None:
+    """qknorm-sweep: list a sweep's jobs (qknorm.sweeping)."""
+    register_defaults()
+    sys.exit(sweeping.main())
+
+
+if __name__ == "__main__":
+    main()

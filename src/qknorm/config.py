@@ -555,40 +555,6 @@ def default_tree() -> dict[str, Any]:
     return plain(dataclasses.asdict(RunConfig()))
 
 
-def register_defaults() -> None:
-    """Store the default tree in Hydra's ConfigStore as `qknorm_base` (first in conf/train.yaml), and
-    the resolvers that put the repository's sweeps/ folder on Hydra's search path (as group `sweeps`) and
-    name a multirun job's directory by its config."""
-    from hydra.core.config_store import ConfigStore
-    from omegaconf import OmegaConf
-
-    ConfigStore.instance().store(name="qknorm_base", node=default_tree())
-    if not OmegaConf.has_resolver("qknorm_sweeps_root"):
-        from .sweeping import sweeps_search_root
-
-        OmegaConf.register_new_resolver("qknorm_sweeps_root", lambda: str(sweeps_search_root()))
-    if not OmegaConf.has_resolver("qknorm_local_jobs"):
-        from .sweeping import local_jobs
-
-        OmegaConf.register_new_resolver("qknorm_local_jobs", lambda kind="jobs": local_jobs(kind))
-    from .rundir import register_resolver
-
-    register_resolver()  # qknorm_job_dir: a multirun job's directory, named by its identity
-    register_stacked_launcher()
-
-
-def register_stacked_launcher() -> None:
-    """Make hydra/launcher=stacked instantiable. Hydra finds plugins by walking the `hydra_plugins`
-    namespace's folders, and an editable install (pip install -e) adds ours through an import hook
-    that the walk does not see; the class is registered the way the walk would register it."""
-    from hydra.core.plugins import Plugins
-
-    from hydra_plugins.qknorm_stacked import StackedLauncher
-
-    name = f"{StackedLauncher.__module__}.{StackedLauncher.__name__}"
-    Plugins.instance().class_name_to_class.setdefault(name, StackedLauncher)
-
-
 def every(interval: Optional[int], points: int, max_steps: int) -> int:
     """An explicit interval, or the one that gives about `points` events over `max_steps` steps."""
     return interval if interval is not None else max(1, math.ceil(max_steps / points))

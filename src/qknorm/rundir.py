@@ -80,7 +80,9 @@ def task_container(root) -> dict:
     from omegaconf import OmegaConf
 
     keys = [k for k in root.keys() if k != "hydra"]
-    return OmegaConf.to_container(OmegaConf.masked_copy(root, keys), resolve=True)
+    tree = OmegaConf.to_container(OmegaConf.masked_copy(root, keys), resolve=True)
+    assert isinstance(tree, dict)  # a job's config is a mapping
+    return tree
 
 
 def job_dirname(root) -> str:
@@ -177,10 +179,11 @@ class RunLock:
 
 # -- files -----------------------------------------------------------------------------------------
 
-def write_hydra_files(run_dir: Path, task_cfg, overrides: list[str], hydra_record: bool = True) -> None:
+def write_hydra_files(run_dir: Path, task_cfg, overrides: list[str], hydra_cfg: Optional[Mapping[str, Any]] = None) -> None:
     """`.hydra/config.yaml` (the resolved config), `hydra.yaml` and `overrides.yaml`, written by the job
     once it owns the directory and has checked it (Hydra's own copy would be written before either).
-    A stack's member has no Hydra job of its own: no `hydra.yaml` (hydra_record=False)."""
+    `hydra.yaml` holds this process's Hydra job's settings, or `hydra_cfg`: a stack member's own job's,
+    as the stacked launcher composed it (the process is the stack's job; empty: none is known)."""
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
 
@@ -190,7 +193,9 @@ def write_hydra_files(run_dir: Path, task_cfg, overrides: list[str], hydra_recor
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out / "config.yaml", OmegaConf.to_yaml(task_cfg, resolve=True).encode())
     atomic_write_bytes(out / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(list(overrides))).encode())
-    if hydra_record and HydraConfig.initialized():
+    if hydra_cfg:
+        atomic_write_bytes(out / "hydra.yaml", OmegaConf.to_yaml(OmegaConf.create({"hydra": dict(hydra_cfg)})).encode())
+    elif hydra_cfg is None and HydraConfig.initialized():
         atomic_write_bytes(out / "hydra.yaml", OmegaConf.to_yaml(HydraConfig.instance().cfg).encode())
 
 
@@ -207,11 +212,3 @@ def tidy_checkpoints(run_dir: Path, keep: bool) -> None:
             folder.rmdir()
         except OSError:
             pass
-
-
-def register_resolver() -> None:
-    from omegaconf import OmegaConf
-
-    if not OmegaConf.has_resolver("qknorm_job_dir"):
-        OmegaConf.register_new_resolver("qknorm_job_dir", lambda *, _root_: job_dirname(_root_))
-

@@ -15,65 +15,31 @@ their jobs with the same code (`sweep_jobs`, Hydra's own basic-sweeper expansion
 from __future__ import annotations
 
 import dataclasses
-import importlib.resources
 import json
 import logging
 import os
 import statistics
 import sys
+import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
+from hydra import initialize_config_module
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import ConfigCompositionException, HydraException, MissingConfigException, OverrideParseException
 from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from .config import load_run_config
+from .jobs import Job, compose_job, describe_stacks, finished_summary, parallel_jobs, sweeps_search_root
+from .rundir import RunBusy, RunLock, identity, identity_hash, task_container
+from .utils.flops import matmul_peak, model_flops_per_token
 
 log = logging.getLogger("qknorm.sweep")
-
-FINISHED = ("completed", "diverged")
-
-
-def sweeps_search_root() -> Path:
-    """The folder holding `sweeps/` (the repository root, or the installed qknorm package)."""
-    return Path(str(importlib.resources.files("qknorm.sweeps"))).parent
-
-
-def finished_summary(run_dir: Path) -> Optional[dict]:
-    """The run's summary if it finished (completed or diverged), else None."""
-    try:
-        summary = json.loads((Path(run_dir) / "summary.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return summary if summary.get("status") in FINISHED else None
-
-
-def threads_per_job(launcher_target: str, n_jobs: Any, cores: Optional[int] = None) -> Optional[int]:
-    """Torch threads for one job of a local-parallel launcher, so jobs x threads <= cores."""
-    if "joblib" not in launcher_target.lower():
-        return None
-    cores = cores or os.cpu_count() or 1
-    try:
-        n = int(n_jobs)
-    except (TypeError, ValueError):
-        return None
-    n = cores if n <= 0 else n  # joblib: -1 means one job per core
-    return max(1, cores // max(1, n))
-
-
-# Jobs at a time on this machine (resolver `qknorm_local_jobs`, conf/hydra/launcher/local_jobs.yaml and
-# stacked.yaml). CPU: 2 jobs x 1 thread on 2 cores beat 1 x 2 (benchmarks/RESULTS.md). GPU: small models
-# leave a GPU idle; on one H100 (bf16, benchmarks/throughput.py's worker), 4 processes sharing it trained
-# 3.7x (tiny) and 2.8x (base) the tokens per second of one, and 16 processes hardly more (4.4x, 2.6x): the
-# CPU's kernel launches cap packing. A stack packs inside its process: one stack at a time per GPU.
-LOCAL_JOBS = {"cpu": 2, "gpu": 4}
-LOCAL_STACKS = {"cpu": 2, "gpu": 1}
-
-
-def local_jobs(kind: str = "jobs") -> int:
-    """How many jobs (or stacks, kind="stacks") a local multirun runs at once on this machine. Local jobs
-    share the first GPU; on a machine with several, use a cluster launcher or CUDA_VISIBLE_DEVICES."""
-    import torch
-
-    device = "gpu" if torch.cuda.is_available() else "cpu"
-    return (LOCAL_STACKS if kind == "stacks" else LOCAL_JOBS)[device]
 
 
 def ensure_writable_dir(path: Path, key: str) -> None:
@@ -88,45 +54,34 @@ def ensure_writable_dir(path: Path, key: str) -> None:
         sys.exit(2)
 
 
-@dataclasses.dataclass
-class Job:
-    overrides: list[str]
-    run_dir: Path
-    cfg: Any  # the job's composed config, hydra node included
-    summary: Optional[dict]  # the summary of a finished run in run_dir, else None
-
-
 def sweep_jobs(master_cfg, config_loader) -> list[Job]:
     """The jobs a multirun of `master_cfg` runs, in order, each with its directory: the sweeper's params
     and the command line's overrides expanded exactly as Hydra's basic sweeper does, and each job's
     config composed as its launcher will compose it."""
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from omegaconf import OmegaConf
-
     sweeper = str(master_cfg.hydra.sweeper.get("_target_", ""))
     if not sweeper.endswith("BasicSweeper"):
         raise SweepError(f"hydra/sweeper: listing needs Hydra's basic sweeper, got {sweeper}")
     node = master_cfg.hydra.sweeper.params
     params = OmegaConf.to_container(node, resolve=True) if node else {}
-    arguments = [f"{k}={v}" for k, v in params.items()] + list(master_cfg.hydra.overrides.task)
+    assert isinstance(params, dict)  # hydra.sweeper.params maps keys to values
+    arguments = [f"{k!s}={v}" for k, v in params.items()] + list(master_cfg.hydra.overrides.task)
     overrides = OverridesParser.create(config_loader=config_loader).parse_overrides(arguments)
     (batch,) = BasicSweeper.split_arguments(overrides, None)
     return [compose_job(master_cfg, config_loader, job_overrides) for job_overrides in batch]
 
 
-def compose_job(master_cfg, config_loader, overrides) -> Job:
-    """One job of a multirun, composed as its launcher composes it, with its directory and, if it
-    finished, its summary."""
-    from omegaconf import OmegaConf
-
-    cfg = config_loader.load_sweep_config(master_cfg, list(overrides))
-    run_dir = Path(cfg.hydra.sweep.dir) / str(OmegaConf.select(cfg, "hydra.sweep.subdir"))
-    return Job(list(overrides), run_dir, cfg, finished_summary(run_dir))
-
-
 class SweepError(Exception):
     """A sweep that cannot be listed or run as asked (reported as one line)."""
+
+
+class JobConfigError(BaseException):
+    """A job of a multirun does not compose (an option or key in the sweep's values that does not exist),
+    found while its jobs are listed, before the launcher starts and so before torch loads; qknorm.cli
+    reports `error` in one line. A BaseException: Hydra turns a callback's Exception into a warning."""
+
+    def __init__(self, error: Exception):
+        super().__init__(str(error))
+        self.error = error
 
 
 def check_sweep_choice(master_cfg) -> None:
@@ -146,17 +101,6 @@ def sweep_names() -> list[str]:
 
 # -- duration estimates -----------------------------------------------------------------------------
 
-def parallel_jobs(master_cfg) -> int:
-    launcher = master_cfg.hydra.launcher
-    if launcher.get("inner") is not None:  # hydra/launcher=stacked: its inner launcher runs the jobs
-        launcher = launcher.inner
-    target = str(launcher.get("_target_", "")).lower()
-    if "joblib" in target:
-        n = int(launcher.get("n_jobs") or 1)
-        return os.cpu_count() or 1 if n <= 0 else n
-    return 1 if "basic" in target else 0  # 0: a cluster launcher, as many as it schedules
-
-
 STARTUP_S, STEP_EFFICIENCY = 8.0, 0.6  # measured on 2 cores: lr_tolerance at smoke and cpu sizes
 
 
@@ -164,9 +108,6 @@ def estimate_seconds(jobs: list[Job], parallel: int) -> tuple[float, str]:
     """Wall-clock seconds for the unfinished jobs, and where the rate came from: finished runs of the same
     model shape in the sweep directory (their tokens over wall time, start-up and validation included),
     else the model's FLOPs against this machine's measured matmul rate at a small model's typical share."""
-    from .config import load_run_config
-    from .rundir import task_container
-
     pending = [j for j in jobs if j.summary is None]
     if not pending:
         return 0.0, "nothing left to run"
@@ -196,8 +137,6 @@ def estimate_seconds(jobs: list[Job], parallel: int) -> tuple[float, str]:
             total += tokens / statistics.median(measured[shape])
             sources.add("finished runs")
         else:
-            from .utils.flops import matmul_peak, model_flops_per_token
-
             if rate_peak is None:
                 rate_peak = matmul_peak("cpu", threads, n=512, repeats=5) * 1e9
             # A step of a small model runs at about 60% of this quick (512^2) matmul rate, validation and
@@ -230,16 +169,60 @@ def describe(jobs: list[Job], master_cfg) -> str:
     return line
 
 
+# -- how a multirun ended ----------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class MultirunOutcome:
+    """The jobs of a multirun that failed (a diverged run is a result, not a failure), for the exit code."""
+
+    jobs: int
+    failed: list[Path]
+    sweep_dir: Path
+
+    def line(self, shown: int = 3) -> str:
+        dirs = ", ".join(str(p) for p in self.failed[:shown])
+        more = f" and {len(self.failed) - shown} more in {self.sweep_dir}" if len(self.failed) > shown else ""
+        return (f"{len(self.failed)} of {self.jobs} jobs failed: {dirs}{more} "
+                "(each run directory's summary.json and train.log say why)")
+
+
+# Set by SweepProgress when a multirun ends, read by qknorm.cli.run_app for the exit code: Hydra's
+# multirun returns nothing to its caller.
+last_multirun: Optional[MultirunOutcome] = None
+
+
+def job_failed(job: Job) -> bool:
+    """Whether a multirun job ended without a result of its own config: its summary says failed, or it
+    holds another config's run (the job refused its directory), or it is still `running` (or absent)
+    while no process trains it (the job died). A run another process is training is not a failure."""
+    done = finished_summary(job.run_dir)
+    if done is not None:
+        stored = done.get("config_id")
+        return stored is not None and stored != identity_hash(identity(task_container(job.cfg)))
+    if _status(job.run_dir) == "failed" or not job.run_dir.is_dir():
+        return True
+    try:
+        with RunLock(job.run_dir):
+            return True
+    except RunBusy:
+        return False
+
+
 class SweepProgress(Callback):
-    """Checks the output directory can be written, and says before a multirun starts how many of its
-    jobs already finished (they will be skipped) and how long the rest should take."""
+    """Checks the output directory can be written, says before a multirun starts how many of its jobs
+    already finished (they will be skipped) and how long the rest should take, and when it ends, which
+    of its jobs failed (`last_multirun`: qknorm-train then exits 1)."""
+
+    def __init__(self) -> None:
+        self.jobs: Optional[list[Job]] = None
+        self.started = 0.0
 
     def on_run_start(self, config, **kwargs) -> None:
         ensure_writable_dir(Path(config.hydra.run.dir), "hydra.run.dir")
 
     def on_multirun_start(self, config, **kwargs) -> None:
-        from hydra.core.global_hydra import GlobalHydra
-
+        global last_multirun
+        last_multirun, self.jobs, self.started = None, None, time.time()
         sweep_dir = Path(config.hydra.sweep.dir)
         ensure_writable_dir(sweep_dir, "hydra.sweep.dir")
         try:
@@ -248,28 +231,41 @@ class SweepProgress(Callback):
         except SweepError as e:
             print(f"qknorm-train: error: {e}", file=sys.stderr)
             sys.exit(2)
+        except (MissingConfigException, ConfigCompositionException, OverrideParseException) as e:
+            raise JobConfigError(e) from e  # the launcher would fail on it too, after importing torch
         except Exception as e:  # listing is a courtesy: the sweeper reports real problems itself
             log.debug("could not list the sweep's jobs: %s", e)
             return
+        self.jobs = jobs
         finished = sum(j.summary is not None for j in jobs)
         if finished:
             log.info("resuming sweep in %s: %d finished job(s) will be skipped", sweep_dir, finished)
         log.info("%s", describe(jobs, config))
 
     def on_multirun_end(self, config, **kwargs) -> None:
+        global last_multirun
         sweep_dir = Path(config.hydra.sweep.dir)
         if not sweep_dir.exists():
             return
+        if self.jobs is not None:
+            last_multirun = MultirunOutcome(len(self.jobs), [j.run_dir for j in self.jobs if job_failed(j)], sweep_dir)
+        else:  # jobs not listed (another sweeper): the runs this multirun wrote
+            touched = sorted(p.parent for p in sweep_dir.glob("*/summary.json") if p.stat().st_mtime >= self.started)
+            last_multirun = MultirunOutcome(len(touched), [d for d in touched if _status(d) == "failed"], sweep_dir)
         counts: dict[str, int] = {}
         for p in sweep_dir.iterdir():
             if (p / "summary.json").exists():
-                try:
-                    status = json.loads((p / "summary.json").read_text()).get("status", "unreadable")
-                except ValueError:
-                    status = "unreadable"
+                status = _status(p) or "unreadable"
                 counts[status] = counts.get(status, 0) + 1
         log.info("sweep folder %s now holds: %s", sweep_dir,
                  ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) or "no runs")
+
+
+def _status(run_dir: Path) -> Optional[str]:
+    try:
+        return json.loads((run_dir / "summary.json").read_text()).get("status")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 # -- listing ---------------------------------------------------------------------------------------
@@ -280,14 +276,7 @@ def _fail(message: str) -> int:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from hydra import initialize_config_module
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.errors import HydraException
-    from hydra.types import RunMode
-    from omegaconf.errors import OmegaConfBaseException
-
-    from .config import register_defaults
-
+    """qknorm-sweep's body; the console script (qknorm.cli.sweep_main) wires Hydra first."""
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help"):
         print(__doc__)
@@ -295,7 +284,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     for a in args:
         if a.startswith("sweeps=") and a.split("=", 1)[1] not in sweep_names():
             return _fail(f"sweeps: unknown sweep {a.split('=', 1)[1]!r}; allowed: {', '.join(sweep_names())}")
-    register_defaults()
     try:
         with initialize_config_module(config_module="qknorm.conf", version_base="1.3"):
             loader = GlobalHydra.instance().config_loader()
@@ -313,13 +301,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"{'':{width}s}  {'':9s} -> {job.run_dir.name}")
     launcher = master.hydra.launcher
     if str(launcher.get("_target_", "")).endswith("StackedLauncher"):  # hydra/launcher=stacked: the stacks
-        from .stacking import describe_stacks
-
         for line in describe_stacks(jobs, launcher.get("stack_size", "auto"), max(1, parallel_jobs(master))):
             print(line)
     print(describe(jobs, master))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,4 @@
-"""Small training callbacks and loggers: throughput, a CSV logger that survives a resume."""
+"""Small training callbacks and loggers: throughput, a CSV logger that survives a resume, checkpoints."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import warnings
 import pytorch_lightning as pl
 import torch
 from lightning_fabric.plugins import TorchCheckpointIO
+from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
 
 from ..utils.files import atomic_write_bytes
@@ -110,6 +111,24 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if os.path.exists(path):
             os.replace(path, f"{path}.prev")
         os.replace(tmp, path)
+
+
+class FinalCheckpoint(ModelCheckpoint):
+    """`checkpoints/last.ckpt` every `every_n_steps` steps (what a killed run resumes from) and once more
+    when training ends, whatever the step (ModelCheckpoint itself saves at the end only when it saved
+    nothing before): a finished run's checkpoint is its final state, the weights its summary describes
+    (qknorm-probe, interop), and a diverged run's is the state it stopped in. `final=False`
+    (trainer.keep_checkpoint=false): the finished run deletes its checkpoint, so none is written at the end.
+    Lightning runs checkpoint callbacks after the others, so the state holds the monitor's last record."""
+
+    def __init__(self, dirpath: str, every_n_steps: int, final: bool = True):
+        super().__init__(dirpath=dirpath, save_last=True, save_top_k=0, every_n_train_steps=every_n_steps)
+        self.final = final
+
+    def on_train_end(self, trainer, pl_module):
+        if self.final:
+            path = os.path.join(str(self.dirpath), self.CHECKPOINT_NAME_LAST + self.FILE_EXTENSION)
+            trainer.save_checkpoint(path, weights_only=self.save_weights_only)
 
 
 def newest_checkpoint(run_dir) -> tuple[str, dict] | None:

@@ -6,7 +6,7 @@ import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import pytorch_lightning as pl
@@ -29,6 +29,26 @@ class Outcome:
     step: Optional[int] = None
     skipped_steps: int = 0
     val_history: list = field(default_factory=list)  # (step, loss, bpb)
+
+
+def outcome_record(outcome: Outcome, initial_loss: Optional[float]) -> dict:
+    """A checkpoint's `qknorm_outcome`: the history so far and, for the final checkpoint of a diverged
+    run, that it diverged (a rerun from it ends there instead of training on)."""
+    record: dict[str, Any] = {"initial_loss": initial_loss, "skipped_steps": outcome.skipped_steps,
+                              "val_history": list(outcome.val_history)}
+    if outcome.status == "diverged":
+        record.update(status=outcome.status, reason=outcome.reason, step=outcome.step)
+    return record
+
+
+def restore_outcome(outcome: Outcome, checkpoint: dict) -> Optional[float]:
+    """`outcome_record` back into `outcome`; returns the initial loss."""
+    saved = checkpoint.get("qknorm_outcome", {})
+    outcome.skipped_steps = saved.get("skipped_steps", 0)
+    outcome.val_history = [tuple(v) for v in saved.get("val_history", [])]
+    if saved.get("status") == "diverged":
+        outcome.status, outcome.reason, outcome.step = "diverged", saved.get("reason"), saved.get("step")
+    return saved.get("initial_loss")
 
 
 def val_batch_sums(model, x: torch.Tensor, y: torch.Tensor, token_bytes: torch.Tensor) -> torch.Tensor:
@@ -63,11 +83,18 @@ class LMModule(pl.LightningModule):
 
     # -- training ----------------------------------------------------------------------------------
 
-    def on_train_start(self) -> None:
+    def _record_device(self) -> None:
         self.train_device = {"device": str(self.device), "device_name": device_name(self.device), "compiled": self.compiled}
+
+    def on_fit_start(self) -> None:
+        self._record_device()  # on the training device already, and called when a rerun from a final checkpoint trains no step
+
+    def on_train_start(self) -> None:
+        self._record_device()
         # A run resumed from a checkpoint taken at a validation step, before that validation ran:
         # validate now, so the history holds every validation step exactly once.
         step, every = self.global_step, self.cfg.trainer.val_every_n_steps
+        assert every is not None, "val_every_n_steps is set by config.resolve_schedule"
         if step > 0 and step % every == 0 and not any(h[0] == step for h in self.outcome.val_history):
             self._validate_now()
         if self._qk_clip:
@@ -115,7 +142,9 @@ class LMModule(pl.LightningModule):
             self.log("train/grad_norm", self.last_grad_norm)
         if self._qk_clip:
             for layer in self.model.attention_layers():
-                gamma = layer.apply_qk_clip(self.cfg.attention.qk_clip_tau)
+                tau = self.cfg.attention.qk_clip_tau
+                assert tau is not None  # self._qk_clip is set only when it is
+                gamma = layer.apply_qk_clip(tau)
                 if self.global_step % self.cfg.trainer.log_every_n_steps == 0:
                     self.log(f"qk_clip/layer{layer.layer_idx}_min_gamma", gamma.min())
 
@@ -131,22 +160,19 @@ class LMModule(pl.LightningModule):
         # enough to rebuild the model without the run directory (qknorm-probe, interop)
         checkpoint["qknorm_config"] = json.loads(json.dumps(dataclasses.asdict(self.cfg)))
         checkpoint["qknorm_vocab_size"] = self.model.vocab_size
-        checkpoint["qknorm_outcome"] = {"initial_loss": self.initial_loss, "skipped_steps": self.outcome.skipped_steps,
-                                        "val_history": list(self.outcome.val_history)}
+        checkpoint["qknorm_outcome"] = outcome_record(self.outcome, self.initial_loss)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        saved = checkpoint.get("qknorm_outcome", {})
-        self.initial_loss = saved.get("initial_loss")
-        self.outcome.skipped_steps = saved.get("skipped_steps", 0)
-        self.outcome.val_history = [tuple(v) for v in saved.get("val_history", [])]
+        self.initial_loss = restore_outcome(self.outcome, checkpoint)
 
     def fit_result(self) -> dict:
         """What the summary needs from this process's fit (read back by the launching process, which
         under spawn-based DDP is not the one that trained)."""
         o = self.outcome
+        fingerprint = callbacks_fingerprint(self.trainer.callbacks)  # type: ignore[attr-defined]  # Trainer's stubs
         return {"status": o.status, "reason": o.reason, "step": o.step, "skipped_steps": o.skipped_steps,
                 "val_history": o.val_history, "initial_loss": self.initial_loss, "global_step": self.global_step,
-                "stability": callbacks_fingerprint(self.trainer.callbacks), **self.train_device}
+                "stability": fingerprint, **self.train_device}
 
     def mark_diverged(self, reason: str) -> None:
         if self.outcome.status == "running":
@@ -163,7 +189,7 @@ class LMModule(pl.LightningModule):
         self._val_sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # nats, tokens, bytes
 
     def _val_batch_sums(self, x, y) -> torch.Tensor:
-        return val_batch_sums(self.model, x, y, self.token_bytes)
+        return val_batch_sums(self.model, x, y, self.token_bytes)  # type: ignore[arg-type]  # a registered buffer
 
     def _val_metrics(self, sums: torch.Tensor) -> tuple[float, float] | None:
         nats, tokens, nbytes = (float(v) for v in self.trainer.strategy.reduce(sums, reduce_op="sum"))
@@ -173,6 +199,7 @@ class LMModule(pl.LightningModule):
         self._val_sums += self._val_batch_sums(*batch)
 
     def on_validation_epoch_end(self) -> None:
+        assert self._val_sums is not None  # set by on_validation_epoch_start
         metrics = self._val_metrics(self._val_sums)
         if metrics is None:
             return
@@ -187,7 +214,7 @@ class LMModule(pl.LightningModule):
         """The validation pass outside Lightning's loop (see on_train_start)."""
         self.model.eval()
         sums = torch.zeros(3, dtype=torch.float64, device=self.device)
-        for x, y in self.trainer.datamodule.val_dataloader():
+        for x, y in self.trainer.datamodule.val_dataloader():  # type: ignore[attr-defined]
             sums += self._val_batch_sums(x.to(self.device), y.to(self.device))
         self.model.train()
         metrics = self._val_metrics(sums)

@@ -13,7 +13,7 @@ import json
 import math
 from collections import deque
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import pytorch_lightning as pl
@@ -41,7 +41,7 @@ def _per_head_masked(values: torch.Tensor, mask: torch.Tensor, reduce: str) -> t
 class StabilityProbe:
     """Collects per-layer statistics from `Attention.forward` (see AttentionProbe)."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.layers: dict[int, dict] = {}
 
     def on_attention(self, layer: int, t: dict) -> None:
@@ -126,7 +126,11 @@ class StabilityMonitor(pl.Callback):
 
     def _due(self, trainer, step: int) -> bool:
         # the last step too: the fingerprint's final_* values are the trained model's
-        return step % self.cfg.every_n_steps == 0 or step == trainer.max_steps - 1
+        every = self.cfg.every_n_steps
+        if every is None:
+            raise ValueError("callbacks.monitor.every_n_steps is unresolved: the monitor needs a config from "
+                             "load_run_config (resolve_schedule makes the interval concrete)")
+        return step % every == 0 or step == trainer.max_steps - 1
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         # global_step is the index of the step about to be taken
@@ -165,6 +169,8 @@ class StabilityMonitor(pl.Callback):
 
     @torch.no_grad()
     def measure(self, pl_module, step: int) -> dict:
+        if self.probe_batch is None:
+            raise RuntimeError("StabilityMonitor.measure before setup: no probe batch yet")
         model = pl_module.model
         probe = StabilityProbe()
         outputs: dict[str, list] = {"attn_proj_out_l2": [], "mlp_out_l2": []}
@@ -314,7 +320,7 @@ class DivergenceDetector(pl.Callback):
 
 def callbacks_fingerprint(callbacks) -> dict:
     """The run's stability fingerprint for its summary: the monitor's values and the detector's spike count."""
-    fingerprint = {}
+    fingerprint: dict[str, Any] = {}
     for cb in callbacks:
         fingerprint.update(getattr(cb, "fingerprint", {}))
         if hasattr(cb, "spikes"):

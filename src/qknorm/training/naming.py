@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import logging
 
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+
 log = logging.getLogger("qknorm.train")
 
 # Overrides that say where or how often, not what is trained: left out of run names.
@@ -15,22 +18,27 @@ _BOOKKEEPING = ("trainer.val_every_n_steps", "trainer.log_every_n_steps",
 
 
 def _hydra_config():
-    from hydra.core.hydra_config import HydraConfig
-
     return HydraConfig.get() if HydraConfig.initialized() else None
+
+
+def is_multirun() -> bool:
+    hc = _hydra_config()
+    return hc is not None and hc.mode == RunMode.MULTIRUN
 
 
 def job_overrides() -> list[str]:
     """The command-line overrides of this job (a multirun job: its own point of the sweep)."""
     hc = _hydra_config()
-    overrides = list(hc.overrides.task) if hc is not None else []
+    return shown_overrides(list(hc.overrides.task) if hc is not None else [])
+
+
+def shown_overrides(overrides: list[str]) -> list[str]:
+    """A job's overrides as its first line and its run name show them: without the progress bar's switch."""
     return [o for o in overrides if not o.startswith("trainer.progress_bar")]
 
 
 def job_label() -> str:
     """`job 3` in a multirun, where lines of parallel jobs interleave; empty otherwise."""
-    from hydra.types import RunMode
-
     hc = _hydra_config()
     if hc is None or hc.mode != RunMode.MULTIRUN:
         return ""
@@ -50,11 +58,12 @@ def variant() -> str:
     return str(hc.runtime.choices.get("attention", "attention")) if hc is not None else "attention"
 
 
-def run_name(lr: float, seed: int) -> str:
+def run_name(lr: float, seed: int, attention: str | None = None, overrides: list[str] | None = None) -> str:
     """A name that tells runs apart in TensorBoard: the attention preset, LR, seed, then the job's
-    other overrides, e.g. `qwen3,lr=0.01,seed=0,model=small`."""
-    parts = [variant(), f"lr={lr:g}", f"seed={seed}"]
-    for override in job_overrides():
+    other overrides, e.g. `qwen3,lr=0.01,seed=0,model=small`. A stack member passes its own job's
+    preset and overrides (this process's Hydra job is the stack's), so it is named as its solo run."""
+    parts = [attention or variant(), f"lr={lr:g}", f"seed={seed}"]
+    for override in job_overrides() if overrides is None else shown_overrides(overrides):
         key = override.split("=", 1)[0].lstrip("+~")
         if key in ("attention", "optim.lr", "seed") or key.startswith(_BOOKKEEPING):
             continue

@@ -11,7 +11,7 @@ import logging
 import sys
 import time
 import warnings
-from typing import Optional
+from typing import Any, Optional
 
 from pytorch_lightning.callbacks import ProgressBar
 
@@ -49,7 +49,7 @@ class StepProgressBar(ProgressBar):
         self.label = label
         self.as_lines = as_lines
         self._enabled = True
-        self._bar = None
+        self._bar: Optional[Any] = None  # a tqdm bar on a terminal, else None (lines instead)
         self._t0 = 0.0
         self._step0 = 0
         self._tokens_per_step = 0

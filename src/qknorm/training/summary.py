@@ -7,7 +7,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .. import __version__
 from ..utils.files import atomic_write_json
@@ -21,6 +21,9 @@ class RunSummary:
     def __init__(self, run_dir: Path, overrides: list[str], task_name: str, seed: int | None):
         self.path = Path(run_dir) / "summary.json"
         self.t0 = time.perf_counter()
+        # this run's wall time so far: since the job started; a stack member's is its share of the stack's
+        # (training.stack_trainer.StackClock), so that adding runs' times never counts one stack K times
+        self.clock: Callable[[], float] = lambda: time.perf_counter() - self.t0
         self.data: dict[str, Any] = {
             "status": "running", "reason": None, "task_name": task_name, "seed": seed,
             "overrides": list(overrides), "started_at": _now(), "qknorm_version": __version__,
@@ -30,7 +33,7 @@ class RunSummary:
         self.data.update(fields)
         if int(os.environ.get("LOCAL_RANK", 0)) or int(os.environ.get("NODE_RANK", 0)):
             return  # a relaunched DDP rank: rank zero owns the summary
-        self.data["wall_time_s"] = round(time.perf_counter() - self.t0, 3)
+        self.data["wall_time_s"] = round(self.clock(), 3)
         atomic_write_json(self.path, self.data)
 
     def finish(self, status: str, reason: str | None = None, **fields: Any) -> None:

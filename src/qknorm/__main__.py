@@ -1,0 +1,5 @@
+"""`python -m qknorm ...` is qknorm-train."""
+
+from .cli import main
+
+main()

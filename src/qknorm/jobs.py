@@ -1,0 +1,226 @@
+"""A sweep's jobs below the layers that run them: how a job is composed and where its directory is,
+whether it already finished, how many run at once on this machine with how many threads each, and which
+unfinished jobs can train together as one stack (the stacked launcher's batches).
+
+Both the sweep layer (listing, estimates) and the job layers (train: one job; stacking: one stack) read
+these, so they live here rather than in either. Nothing here imports torch at import time: the CLI
+wires these helpers into Hydra before it validates a config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.resources
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+from omegaconf import OmegaConf
+
+from .config import QknormError, load_run_config
+from .rundir import identity, identity_hash, task_container
+from .training.stack import stack_key
+
+log = logging.getLogger("qknorm.stack")
+
+FINISHED = ("completed", "diverged")
+
+
+def sweeps_search_root() -> Path:
+    """The folder holding `sweeps/` (the repository root, or the installed qknorm package)."""
+    return Path(str(importlib.resources.files("qknorm.sweeps"))).parent
+
+
+def finished_summary(run_dir: Path) -> Optional[dict]:
+    """The run's summary if it finished (completed or diverged), else None."""
+    try:
+        summary = json.loads((Path(run_dir) / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return summary if summary.get("status") in FINISHED else None
+
+
+
+def threads_per_job(launcher_target: str, n_jobs: Any, cores: Optional[int] = None) -> Optional[int]:
+    """Torch threads for one job of a local-parallel launcher, so jobs x threads <= cores."""
+    if "joblib" not in launcher_target.lower():
+        return None
+    cores = cores or os.cpu_count() or 1
+    try:
+        n = int(n_jobs)
+    except (TypeError, ValueError):
+        return None
+    n = cores if n <= 0 else n  # joblib: -1 means one job per core
+    return max(1, cores // max(1, n))
+
+
+# Jobs at a time on this machine (resolver `qknorm_local_jobs`, conf/hydra/launcher/local_jobs.yaml and
+# stacked.yaml). CPU: 2 jobs x 1 thread on 2 cores beat 1 x 2 (benchmarks/RESULTS.md). GPU: small models
+# leave a GPU idle; on one H100 (bf16, benchmarks/throughput.py's worker), 4 processes sharing it trained
+# 3.7x (tiny) and 2.8x (base) the tokens per second of one, and 16 processes hardly more (4.4x, 2.6x): the
+# CPU's kernel launches cap packing. A stack packs inside its process: one stack at a time per GPU.
+LOCAL_JOBS = {"cpu": 2, "gpu": 4}
+LOCAL_STACKS = {"cpu": 2, "gpu": 1}
+
+
+def local_jobs(kind: str = "jobs") -> int:
+    """How many jobs (or stacks, kind="stacks") a local multirun runs at once on this machine. Local jobs
+    share the first GPU; on a machine with several, use a cluster launcher or CUDA_VISIBLE_DEVICES."""
+    import torch  # here, not at the top: resolved for multiruns only, after the config is validated
+
+    device = "gpu" if torch.cuda.is_available() else "cpu"
+    return (LOCAL_STACKS if kind == "stacks" else LOCAL_JOBS)[device]
+
+
+
+@dataclasses.dataclass
+class Job:
+    overrides: list[str]
+    run_dir: Path
+    cfg: Any  # the job's composed config, hydra node included
+    summary: Optional[dict]  # the summary of a finished run in run_dir, else None
+
+
+
+def compose_job(master_cfg, config_loader, overrides) -> Job:
+    """One job of a multirun, composed as its launcher composes it, with its directory and, if it
+    finished, its summary."""
+    cfg = config_loader.load_sweep_config(master_cfg, list(overrides))
+    run_dir = Path(cfg.hydra.sweep.dir) / str(OmegaConf.select(cfg, "hydra.sweep.subdir"))
+    return Job(list(overrides), run_dir, cfg, finished_summary(run_dir))
+
+
+
+def parallel_jobs(master_cfg) -> int:
+    launcher = master_cfg.hydra.launcher
+    if launcher.get("inner") is not None:  # hydra/launcher=stacked: its inner launcher runs the jobs
+        launcher = launcher.inner
+    target = str(launcher.get("_target_", "")).lower()
+    if "joblib" in target:
+        n = int(launcher.get("n_jobs") or 1)
+        return os.cpu_count() or 1 if n <= 0 else n
+    return 1 if "basic" in target else 0  # 0: a cluster launcher, as many as it schedules
+
+
+
+STACK_KEY = "qknorm_stack"  # the root key that marks a stack's job
+STACKS_DIR = ".stacks"
+
+
+@dataclass
+class Stack:
+    id: str
+    jobs: list[Job]
+
+
+def default_stack_size(cfg, accelerator: str = "auto") -> int:
+    """Members per stack when stack_size is auto. On a CPU a stack loops over its members (vmap costs
+    more than it saves there): 4 shares one process's start-up, data and validation without making a
+    job long. On a GPU the batched step is the point, and a stack's memory grows with its members:
+    more members for narrower models."""
+    import torch  # here, not at the top: the CLI imports this module before it validates a config
+
+    on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    if not on_gpu:
+        return 4
+    d = cfg.model.d_model
+    return 16 if d <= 256 else 8 if d <= 512 else 4 if d <= 1024 else 1
+
+
+def plan(jobs: Sequence, stack_size: Union[int, str] = "auto", slots: int = 1) -> list[Union[Stack, Any]]:
+    """The launch units of a sweep's jobs, in order: Stacks, and Jobs that run alone. Finished jobs
+    are left out (their run directories already hold their results). With `slots` units running at
+    once (a local pool), stacks are split until every slot has one: a stack trains its members one
+    after another on a CPU, so a pool with an idle slot would be slower than no stacking."""
+
+    units: list = []
+    open_groups: dict[str, list] = {}
+    for job in jobs:
+        if job.summary is not None:
+            continue
+        try:
+            raw = task_container(job.cfg)
+            cfg = load_run_config(raw)
+        except QknormError:
+            units.append(job)  # it fails in its own directory, with its own error
+            continue
+        size = default_stack_size(cfg, cfg.trainer.accelerator) if stack_size == "auto" else int(stack_size)
+        key = stack_key(cfg)
+        group = open_groups.get(key)
+        if group is None or len(group) >= size:
+            group = open_groups[key] = []
+            units.append(group)
+        group.append((job, identity_hash(identity(raw))))
+    groups = [u for u in units if isinstance(u, list)]
+    while len(units) < slots and any(len(g) > 1 for g in groups):
+        big = max(groups, key=len)
+        half = big[len(big) // 2:]
+        del big[len(big) // 2:]
+        units.insert(next(i for i, u in enumerate(units) if u is big) + 1, half)
+        groups.append(half)
+    out: list = []
+    for unit in units:
+        if not isinstance(unit, list):
+            out.append(unit)
+        elif len(unit) == 1:
+            out.append(unit[0][0])
+        else:
+            out.append(Stack(identity_hash({"members": sorted(h for _, h in unit)}), [job for job, _ in unit]))
+    return out
+
+
+def launch_batch(master_cfg, config_loader, job_overrides: Sequence[Sequence[str]], stack_size,
+                 initial_job_idx: int = 0) -> list[list[str]]:
+    """The inner launcher's jobs for a batch of sweep jobs: one per stack (its `stack.json` written),
+    one per job that runs alone."""
+    slots = max(1, parallel_jobs(master_cfg))  # stacks at once in a local pool (a cluster: 0, no split)
+    jobs = [compose_job(master_cfg, config_loader, overrides) for overrides in job_overrides]
+    units = plan(jobs, stack_size, slots)
+    skipped = sum(j.summary is not None for j in jobs)
+    stacks = [u for u in units if isinstance(u, Stack)]
+    log.info("%d jobs: %d stacks of %s members, %d alone, %d finished (not launched)", len(jobs), len(stacks),
+             "/".join(str(len(s.jobs)) for s in stacks) or "no", len(units) - len(stacks), skipped)
+    # a local pool's cores shared by the stacks that run at once (None: not a local pool)
+    inner_target = str(master_cfg.hydra.launcher.inner.get("_target_", ""))
+    threads = threads_per_job(inner_target, min(slots, max(1, len(units))))
+    batch = []
+    for unit in units:
+        if not isinstance(unit, Stack):
+            batch.append(list(unit.overrides))
+            continue
+        folder = Path(master_cfg.hydra.sweep.dir) / STACKS_DIR / unit.id
+        folder.mkdir(parents=True, exist_ok=True)
+        manifest = {"members": [{"overrides": j.overrides, "run_dir": str(j.run_dir), "config": task_container(j.cfg),
+                                 "attention": OmegaConf.select(j.cfg, "hydra.runtime.choices.attention"),
+                                 "hydra": _job_hydra(j, initial_job_idx + jobs.index(j))}
+                                for j in unit.jobs], "threads": threads}
+        (folder / "stack.json").write_text(json.dumps(manifest, indent=1))
+        batch.append([*unit.jobs[0].overrides, f"hydra.sweep.subdir={STACKS_DIR}/{unit.id}", f"+{STACK_KEY}={unit.id}"])
+    return batch
+
+
+def _job_hydra(job, num: int) -> dict:
+    """The `hydra` node the job would have run with alone (its launcher sets its number and id, Hydra its
+    output folder), for its run directory's `.hydra/hydra.yaml`."""
+    node = OmegaConf.to_container(job.cfg.hydra, resolve=False, enum_to_str=True)
+    assert isinstance(node, dict)
+    node["job"].update(num=num, id=f"{node['job'].get('name')}_{num}")
+    node["runtime"]["output_dir"] = str(job.run_dir)
+    return node
+
+
+def describe_stacks(jobs: Sequence, stack_size, slots: int = 1) -> list[str]:
+    """Lines for `qknorm-sweep`: each stack and its members' job numbers."""
+    units = plan(jobs, stack_size, slots)
+    number = {id(j): n for n, j in enumerate(jobs)}
+    lines = []
+    for unit in units:
+        if isinstance(unit, Stack):
+            lines.append(f"stack {unit.id}: jobs {', '.join(str(number[id(j)]) for j in unit.jobs)}")
+    alone = [number[id(u)] for u in units if not isinstance(u, Stack)]
+    if alone:
+        lines.append(f"alone: jobs {', '.join(map(str, alone))}")
+    return lines

@@ -25,6 +25,7 @@ import hydra
 from omegaconf import DictConfig
 
 from . import sweeping
+from .config import default_tree
 from .hydra_wiring import register_defaults
 from .jobs import STACK_KEY
 from .training.naming import announce_job
@@ -103,7 +104,6 @@ def config_tree() -> dict[str, list[str]]:
     """Dotted node ("" for the root) -> the names under it, for every key that can be set."""
     from omegaconf import OmegaConf
 
-    from .config import default_tree
 
     paths = OmegaConf.to_container(OmegaConf.load(_package_dir("qknorm.conf") / "paths" / "default.yaml"))
     root = {**default_tree(), "paths": paths, "experiment": None, "sweeps": {"name": None, "size": None},

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from .config import NON_RUN_KEYS, QknormError, load_run_config
+from .utils.files import atomic_write_bytes
 
 # Keys that do not change what a run computes: paths and caches, logging, threads and compilation (the
 # same arithmetic, rounded in another order), checkpoint cadence, and the relative settings whose
@@ -187,7 +188,6 @@ def write_hydra_files(run_dir: Path, task_cfg, overrides: list[str], hydra_cfg: 
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
 
-    from .utils.files import atomic_write_bytes
 
     out = Path(run_dir) / ".hydra"
     out.mkdir(parents=True, exist_ok=True)

@@ -186,6 +186,7 @@ def failure(run_dir: str | Path, reference: Optional[float] = None, summary: Opt
 def _bigram_for_data(data_json: str) -> Reference:
     """The bigram reference of one data config, from the shared data cache (computed there once)."""
     try:
+        # here, not at the top: the data layer loads Lightning, and most analyses never need the reference
         from ..config import DataConfig, from_mapping
         from ..data.corpora import load_corpus
         from ..data.tokens import bigram_reference, get_tokenized, get_tokenizer

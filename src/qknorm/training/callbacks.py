@@ -14,7 +14,7 @@ from lightning_fabric.plugins import TorchCheckpointIO
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
 
-from ..utils.files import atomic_write_bytes
+from ..utils.files import atomic_write_bytes, atomic_write_json
 
 
 class ResumableCSVLogger(CSVLogger):
@@ -89,8 +89,6 @@ class FitResultWriter(pl.Callback):
 
     def on_fit_end(self, trainer, pl_module):
         if trainer.is_global_zero:
-            from ..utils.files import atomic_write_json
-
             atomic_write_json(self.path, pl_module.fit_result())
 
 

@@ -38,13 +38,16 @@ import numpy as np
 import torch
 
 from ..config import RunConfig
+from ..data import LMDataModule, prepare_data
+from ..data.datamodule import RandomWindowBatches
 from ..model import build_model, kernels
 from ..model.stack import StackedModel
 from ..utils.flops import device_name
-from .callbacks import newest_checkpoint
+from .callbacks import AtomicCheckpointIO, ResumableCSVLogger, newest_checkpoint
 from .module import Outcome, outcome_record, restore_outcome, val_batch_sums
 from .monitor import DivergenceDetector, StabilityMonitor, callbacks_fingerprint
 from .optim import optimizer_and_schedule
+from .progress import log_run_params
 from .stack import needs_own_code
 from .summary import RunSummary, result_fields
 
@@ -168,8 +171,6 @@ class Member:
     what the callbacks read from a LightningModule (model, device, losses, mark_diverged)."""
 
     def __init__(self, k: int, spec: MemberSpec, model, data, device: torch.device):
-        from ..data import LMDataModule
-        from ..data.datamodule import RandomWindowBatches
 
         cfg = spec.cfg
         self.k, self.spec, self.cfg, self.model, self.device = k, spec, cfg, model, device
@@ -209,8 +210,6 @@ class Member:
     def _loggers(self, step: int) -> list:
         from pytorch_lightning.loggers import TensorBoardLogger
 
-        from .callbacks import ResumableCSVLogger
-        from .progress import log_run_params
 
         loggers: list = []
         run_dir = str(self.spec.run_dir)
@@ -290,7 +289,6 @@ class Member:
         self.log_step(self.global_step - 1, {"val/loss": loss, "val/bpb": bpb})
 
     def checkpoint(self) -> None:
-        from .callbacks import AtomicCheckpointIO
 
         ckpt = {
             STACKED_CHECKPOINT: True, "global_step": self.global_step,
@@ -337,7 +335,6 @@ def train_stack(specs: list[MemberSpec], precision: str, accelerator: str = "aut
     import pytorch_lightning as pl
     from lightning_fabric import Fabric
 
-    from ..data import prepare_data
 
     clock = StackClock(len(specs))
     for k, spec in enumerate(specs):

@@ -15,8 +15,8 @@ from repro.core import (
     compare,
     conclude,
     diagnostic,
+    divergence_headline,
     fmt,
-    headline,
     ladder_figure,
     ladder_rows,
     lr_fmt,
@@ -48,13 +48,9 @@ def analyse(frame: pd.DataFrame, sec: Section, ctx: Context) -> None:
     checks: list[Check] = []
     for other in SAME_AS_REFERENCE:
         name = f"{other} first diverges at about the LR of {REFERENCE}"
-        if REFERENCE not in tol or other not in tol:
-            checks.append(headline(name, None, f"no runs of {REFERENCE if REFERENCE not in tol else other}"))
-        elif untested is not None:
-            checks.append(headline(name, None, untested))
-        else:
-            value, why = about_same({REFERENCE: tol[REFERENCE], other: tol[other]}, lrs)
-            checks.append(headline(name, value, why))
+        checks.append(divergence_headline(
+            name, tol, REFERENCE, other, (REFERENCE, other), untested,
+            lambda other=other: about_same({REFERENCE: tol[REFERENCE], other: tol[other]}, lrs)))
     bar = ctx.noise.bar
     # per head vs full width, where all of them are stable: a diverged loss says nothing of this claim
     pairs = [(a, b) for a, b in (("LayerNorm per head", "LayerNorm full width"), ("RMSNorm per head", "RMSNorm full width"))

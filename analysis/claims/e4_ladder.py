@@ -13,8 +13,8 @@ from repro.core import (
     about_same,
     conclude,
     diagnostic,
+    divergence_headline,
     fmt,
-    headline,
     ladder_figure,
     ladder_rows,
     later,
@@ -111,13 +111,8 @@ def analyse(frame: pd.DataFrame, sec: Section, ctx: Context) -> None:
     checks: list[Check] = []
     for v in LAST:
         name = f"{NAMES[v]} first diverges at a higher LR than QK_norm"
-        if v not in tol or QK_NORM not in tol:
-            checks.append(headline(name, None, f"no runs of {NAMES[v] if v not in tol else 'QK_norm'}"))
-        elif untested is not None:
-            checks.append(headline(name, None, untested))
-        else:
-            value, why = later(tol[v], tol[QK_NORM], NAMES[v], "QK_norm")
-            checks.append(headline(name, value, why))
+        checks.append(divergence_headline(name, tol, v, QK_NORM, (NAMES[v], "QK_norm"), untested,
+                                          lambda v=v: later(tol[v], tol[QK_NORM], NAMES[v], "QK_norm")))
     stabilizers = [v for v in (*MIDDLE, *LAST) if v in tol]
     if BASELINE in tol and stabilizers:
         answers = [later(tol[v], tol[BASELINE], NAMES[v], "baseline") for v in stabilizers]

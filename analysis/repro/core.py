@@ -492,6 +492,17 @@ def no_divergence_after_warmup(frame: pd.DataFrame) -> Optional[str]:
             f"{'/'.join(map(str, warm))}-step warmup, while the LR was still rising")
 
 
+def divergence_headline(name: str, tol: dict, first: str, second: str, labels: tuple[str, str], untested: Optional[str],
+                        decide: Callable[[], tuple[Optional[bool], str]]) -> Check:
+    """A headline comparing where two variants of a ladder first diverge: undecided when either has no runs
+    (the first missing one named) or when no run diverged after its warmup (`untested`), else `decide()`."""
+    if first not in tol or second not in tol:
+        return headline(name, None, f"no runs of {labels[0] if first not in tol else labels[1]}")
+    if untested is not None:
+        return headline(name, None, untested)
+    return headline(name, *decide())
+
+
 def later(a: dict, b: dict, name_a: str, name_b: str) -> tuple[Optional[bool], str]:
     """Whether variant a first diverges at a higher LR than variant b. Decided by the divergence that
     orders them (the lower of the two first divergences), and only when that one came after its warmup;

@@ -214,6 +214,9 @@ BOUNDS = [
     ("callbacks.divergence.spike_sigma", 0.0, False, +1, {}),
     ("callbacks.divergence.spike_window", MIN_SPIKE_WINDOW, True, +1, {}),
     ("callbacks.divergence.patience", 1, True, +1, {}),
+    ("callbacks.divergence.after_warmup_margin", 0.0, True, +1, {}),
+    ("callbacks.divergence.running_min_factor", 1.0, False, +1, {}),
+    ("callbacks.divergence.max_logit", 0.0, False, +1, {}),
     ("seed", 0, True, +1, {}),
     ("seed", MAX_SEED, True, -1, {}),
 ]

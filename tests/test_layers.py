@@ -18,8 +18,8 @@ LAYERS = [
     ("qknorm.training", "qknorm.interop", "qknorm.analysis"),  # fitting a model; reading run directories
     ("qknorm.jobs",),  # a sweep job's composition and resources, and which jobs can share a stack
     ("qknorm.train", "qknorm.stacking"),  # run one job; run one stack
-    ("qknorm.sweeping",),  # plan, list and resume a sweep
-    ("hydra_plugins", "qknorm.probe"),  # the stacked launcher plugin (a shim over jobs); qknorm-probe
+    ("qknorm.sweeping", "qknorm.finder"),  # plan, list and resume a sweep; the critical-LR search
+    ("hydra_plugins", "qknorm.probe"),  # the stacked launcher and finder plugins (shims); qknorm-probe
     ("qknorm.hydra_wiring",),  # config store, resolvers, the plugin registered
     ("qknorm.cli",),  # --help, one-line errors, the Hydra apps of qknorm-train and qknorm-sweep
     ("qknorm.__main__",),  # python -m qknorm

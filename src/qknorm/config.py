@@ -367,6 +367,14 @@ class DivergenceConfig:
     - the loss above the first step's loss + loss_margin for `patience` consecutive steps;
     - a sustained spike: the loss more than spike_sigma standard deviations above the mean of the last
       spike_window steps for `patience` consecutive steps (single spikes are only counted).
+
+    Early stops of doomed runs, for LR searches (off by default; the critical-LR finder's probes set them,
+    conf/hydra/sweeper/critical_lr.yaml): a run that will not recover is stopped, as diverged, once it shows it.
+    - after_warmup_margin: after the warmup, the loss above the initial loss + this margin for `patience`
+      steps (0: above the initial loss at all, which the analysis calls diverged when it lasts to the end);
+    - running_min_factor: the loss above this factor times its running minimum for `patience` steps;
+    - max_logit: the monitor's largest attention logit above this (Wortsman et al. 2023 see divergence
+      follow logits of about 1e4); checked when the monitor measures, so only with the monitor on.
     """
 
     enabled: bool = True
@@ -375,6 +383,9 @@ class DivergenceConfig:
     spike_window: int = 128
     patience: int = 10
     skip_nonfinite_steps: bool = False
+    after_warmup_margin: Optional[float] = None
+    running_min_factor: Optional[float] = None
+    max_logit: Optional[float] = None
 
     def validate(self, path: str) -> None:
         # finite: a criterion is switched off by callbacks.divergence.enabled=false, or by a large number
@@ -384,6 +395,15 @@ class DivergenceConfig:
                  f"must be a positive number, got {self.spike_sigma}")
         _require(self.spike_window >= MIN_SPIKE_WINDOW, f"{path}.spike_window", f"must be >= {MIN_SPIKE_WINDOW}, got {self.spike_window}")
         _require(self.patience >= 1, f"{path}.patience", f"must be >= 1, got {self.patience}")
+        if self.after_warmup_margin is not None:
+            _require(math.isfinite(self.after_warmup_margin) and self.after_warmup_margin >= 0,
+                     f"{path}.after_warmup_margin", f"must be null or a number >= 0, got {self.after_warmup_margin}")
+        if self.running_min_factor is not None:
+            _require(math.isfinite(self.running_min_factor) and self.running_min_factor > 1,
+                     f"{path}.running_min_factor", f"must be null or a number > 1, got {self.running_min_factor}")
+        if self.max_logit is not None:
+            _require(math.isfinite(self.max_logit) and self.max_logit > 0, f"{path}.max_logit",
+                     f"must be null or a positive number, got {self.max_logit}")
 
 
 @dataclass(frozen=True)

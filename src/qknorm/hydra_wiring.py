@@ -8,6 +8,7 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.plugins import Plugins
 from omegaconf import OmegaConf
 
+from hydra_plugins.qknorm_critical_lr import CriticalLRSweeper
 from hydra_plugins.qknorm_stacked import StackedLauncher
 
 from .config import default_tree
@@ -30,8 +31,8 @@ def register_defaults() -> None:
 
 
 def register_stacked_launcher() -> None:
-    """Make hydra/launcher=stacked instantiable. Hydra finds plugins by walking the `hydra_plugins`
+    """Make hydra/launcher=stacked and hydra/sweeper=critical_lr instantiable. Hydra finds plugins by walking the `hydra_plugins`
     namespace's folders, and an editable install (pip install -e) adds ours through an import hook
     that the walk does not see; the class is registered the way the walk would register it."""
-    name = f"{StackedLauncher.__module__}.{StackedLauncher.__name__}"
-    Plugins.instance().class_name_to_class.setdefault(name, StackedLauncher)
+    for plugin in (StackedLauncher, CriticalLRSweeper):  # hydra/launcher=stacked, hydra/sweeper=critical_lr
+        Plugins.instance().class_name_to_class.setdefault(f"{plugin.__module__}.{plugin.__name__}", plugin)

@@ -225,6 +225,9 @@ class SweepProgress(Callback):
         last_multirun, self.jobs, self.started = None, None, time.time()
         sweep_dir = Path(config.hydra.sweep.dir)
         ensure_writable_dir(sweep_dir, "hydra.sweep.dir")
+        if not str(config.hydra.sweeper.get("_target_", "")).endswith("BasicSweeper"):
+            log.info("the sweeper %s plans its own jobs, round by round", config.hydra.sweeper.get("_target_"))
+            return
         try:
             check_sweep_choice(config)
             jobs = sweep_jobs(config, GlobalHydra.instance().config_loader())

@@ -3,7 +3,9 @@ the reproduction page).
 
 A run **diverged** when
 - its summary says so: the trainer's divergence detector stopped it (a non-finite loss or gradient, a
-  train loss above the initial loss + margin for `patience` steps, or a sustained loss spike), or
+  train loss above the initial loss + margin for `patience` steps, or a sustained loss spike; in an LR
+  search also its early stops of doomed runs, callbacks.divergence.after_warmup_margin, running_min_factor
+  and max_logit), or
 - a logged loss is not finite (train/loss in metrics.csv, or the validation history), or
 - its train loss rose above the initial loss (the loss of the untrained model) and never came back
   below it: the last logged train loss, or the final validation loss, is above the initial loss.
@@ -134,7 +136,8 @@ def divergence(run_dir: str | Path, summary: Optional[dict] = None) -> dict[str,
         at = s.get("diverged_at_step")
         if at is not None:
             # the detector fires after `patience` steps over its margin (or of spikes): those began earlier
-            counted = "above the initial loss" in reason or "spike sustained" in reason
+            # (the early stops of LR searches count steps too, except the max-logit one, which fires at once)
+            counted = any(m in reason for m in ("above the initial loss", "spike sustained", "running minimum"))
             patience = int((s.get("config") or {}).get("callbacks.divergence.patience", 1) or 1) if counted else 1
             onsets.append(max(0, int(at) - patience + 1))
     bad = [st for st, v in losses if not math.isfinite(v)]

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import figures
+from . import critical_lr, figures
 from .drift import drift_table
 from .failure import describe_row, failure_columns
 from .lr import lr_table
@@ -77,11 +77,16 @@ def analyze(paths: list[str | Path], out: str | Path, baseline: str | None = Non
         written += figures.max_logit_vs_step(frame, out)
         written += figures.max_logit_heatmap(frame, out)
     written += figures.loss_vs_time(frame, out)
-    write_report(frame, lr, drift, [p for p in written if p.suffix == ".png"], out, lr.attrs.get("baseline"))
-    return {"runs": frame, "lr": lr, "drift": drift}
+    finder_files = critical_lr.finder_files(paths)
+    boundaries = critical_lr.critical_lr_table(frame, finder_files)
+    if not boundaries.empty:  # a critical-LR finder sweep: its boundaries per group
+        boundaries.to_csv(out / "critical_lr.csv", index=False)
+        written += critical_lr.figure(frame, boundaries, finder_files, out)
+    write_report(frame, lr, drift, [p for p in written if p.suffix == ".png"], out, lr.attrs.get("baseline"), boundaries)
+    return {"runs": frame, "lr": lr, "drift": drift, "critical_lr": boundaries}
 
 
-def write_report(frame, lr, drift, pngs: list[Path], out: Path, baseline) -> None:
+def write_report(frame, lr, drift, pngs: list[Path], out: Path, baseline, boundaries: pd.DataFrame | None = None) -> None:
     counts = frame["status"].value_counts().rename_axis("status").reset_index(name="runs")
     problems = frame[frame["problem"].notna()][["run_dir", "status", "problem"]]
     failed = frame[frame["status"] == "failed"][["run_dir", "variant", "lr", "reason"]]
@@ -102,6 +107,11 @@ def write_report(frame, lr, drift, pngs: list[Path], out: Path, baseline) -> Non
          markdown_table(lr[[c for c in lr_cols if c in lr.columns]]) if not lr.empty else "_(no finished runs with an LR)_\n"),
         ("Attention-logit drift (layer 0)", markdown_table(drift[drift_cols]) if not drift.empty else "_(no stability logs)_\n"),
     ]
+    if boundaries is not None and not boundaries.empty:
+        sections.insert(1, ("Boundaries of the critical-LR finder (per group: the bracket between the last LR where every run "
+                            "succeeded and the first where one failed; the 50% LR of a logistic fit over all its probes, with a "
+                            "95% profile-likelihood interval; qknorm.analysis.boundary)",
+                            markdown_table(boundaries.drop(columns=["boundary_lr", "ci_low", "ci_high"]))))
     md = ["# Sweep report", "", f"{len(frame)} run directories. LR sensitivity follows Wortsman et al. 2023 "
           "(diverged runs capped at the loss at initialization); see qknorm.analysis.lr for every definition. "
           "A tolerance that reads \"no divergence up to\" is censored by the grid: the ratio against the baseline is "
@@ -183,6 +193,12 @@ def main(argv: list[str] | None = None) -> int:
         lr = "" if pd.isna(r["lr"]) else f" lr {r['lr']:g}"
         seed = "" if pd.isna(r["seed"]) else f" seed {int(r['seed'])}"
         print(f"  {Path(r['run_dir']).name} ({r['variant']}{lr}{seed}, {r['status']}): {describe_row(r)}")
+    boundaries = result.get("critical_lr")
+    if boundaries is not None and not boundaries.empty:
+        print("critical-LR finder, per group (bracket; 50% boundary with its 95% interval; runs; machine hours):")
+        for _, b in boundaries.iterrows():
+            print(f"  {b['group']}: {b['target']} {b['bracket']}; {b['fit']}; {b['runs']} runs, {b['machine_hours']:.2f} h"
+                  f"; a grid as fine: {b['grid_runs_same_precision']} runs")
     if "lr" in result and not result["lr"].empty:
         cols = ["variant", "optimal_lr", "tolerance", "lr_tolerance_ratio", "ratio_kind", "lr_sensitivity"]
         print(result["lr"][cols].to_string(index=False))

@@ -76,7 +76,7 @@ def build_trainer(cfg: RunConfig, run_dir: Path, resume: Resume = Resume()):
     if cfg.callbacks.monitor.enabled:
         callbacks.append(StabilityMonitor(cfg.callbacks.monitor, run_dir, resume_step=resume.step))
     if cfg.callbacks.divergence.enabled:
-        callbacks.append(DivergenceDetector(cfg.callbacks.divergence))
+        callbacks.append(DivergenceDetector(cfg.callbacks.divergence, cfg.optim.warmup_steps or 0))
     callbacks.append(FitResultWriter(str(run_dir)))
     # The final checkpoint of a diverged run (killed before its summary was finished) is where it ended: the
     # rerun restores it and trains no step, as a rerun from a completed run's final checkpoint.

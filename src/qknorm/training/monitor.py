@@ -166,6 +166,9 @@ class StabilityMonitor(pl.Callback):
             self._write(trainer, record)
         self._update_fingerprint(record)
         self._last_measured = step
+        # for DivergenceDetector's max_logit early stop
+        pl_module.last_max_logit = max((max(v) if isinstance(v, list) else v
+                                        for v in (layer["max_logit"] for layer in record["layers"])), default=None)
 
     @torch.no_grad()
     def measure(self, pl_module, step: int) -> dict:
@@ -280,19 +283,26 @@ class StabilityMonitor(pl.Callback):
 class DivergenceDetector(pl.Callback):
     """Stops a run whose loss left the initial loss behind or spikes for good; counts single spikes."""
 
-    def __init__(self, cfg: DivergenceConfig):
+    def __init__(self, cfg: DivergenceConfig, warmup_steps: int = 0):
         self.cfg = cfg
+        self.warmup_steps = warmup_steps  # the early stop after_warmup_margin starts after these steps
         self.window: deque[float] = deque(maxlen=cfg.spike_window)
         self.spikes = 0
         self._over_margin = 0
         self._spiking = 0
+        self._after_warmup = 0  # consecutive steps over after_warmup_margin
+        self._over_min = 0  # consecutive steps over running_min_factor x the running minimum
+        self._running_min = math.inf
 
     def state_dict(self):
-        return {"window": list(self.window), "spikes": self.spikes, "over_margin": self._over_margin, "spiking": self._spiking}
+        return {"window": list(self.window), "spikes": self.spikes, "over_margin": self._over_margin, "spiking": self._spiking,
+                "after_warmup": self._after_warmup, "over_min": self._over_min, "running_min": self._running_min}
 
     def load_state_dict(self, state):
         self.window = deque(state.get("window", []), maxlen=self.cfg.spike_window)
         self.spikes, self._over_margin, self._spiking = state.get("spikes", 0), state.get("over_margin", 0), state.get("spiking", 0)
+        self._after_warmup, self._over_min = state.get("after_warmup", 0), state.get("over_min", 0)
+        self._running_min = state.get("running_min", math.inf)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         loss = pl_module.last_train_loss
@@ -302,6 +312,8 @@ class DivergenceDetector(pl.Callback):
         self._over_margin = self._over_margin + 1 if loss > limit else 0
         if self._over_margin >= self.cfg.patience:
             pl_module.mark_diverged(f"loss {loss:.4g} above the initial loss + margin ({limit:.4g}) for {self.cfg.patience} steps")
+            return
+        if self._doomed(trainer.global_step - 1, loss, pl_module):
             return
         spike = False
         if len(self.window) >= min(32, self.cfg.spike_window):
@@ -316,6 +328,31 @@ class DivergenceDetector(pl.Callback):
         else:
             self._spiking = 0
             self.window.append(loss)  # spikes do not widen their own reference window
+
+    def _doomed(self, step: int, loss: float, pl_module) -> bool:
+        """The early stops for LR searches (DivergenceConfig): True when one stopped the run."""
+        cfg, patience = self.cfg, self.cfg.patience
+        if cfg.after_warmup_margin is not None and step >= self.warmup_steps:
+            limit = pl_module.initial_loss + cfg.after_warmup_margin
+            self._after_warmup = self._after_warmup + 1 if loss > limit else 0
+            if self._after_warmup >= patience:
+                pl_module.mark_diverged(f"early stop: loss {loss:.4g} above the initial loss + {cfg.after_warmup_margin:g} "
+                                        f"({limit:.4g}) after the warmup for {patience} steps")
+                return True
+        if cfg.running_min_factor is not None:
+            self._running_min = min(self._running_min, loss)
+            limit = cfg.running_min_factor * self._running_min
+            self._over_min = self._over_min + 1 if loss > limit else 0
+            if self._over_min >= patience:
+                pl_module.mark_diverged(f"early stop: loss {loss:.4g} above {cfg.running_min_factor:g}x its running "
+                                        f"minimum ({self._running_min:.4g}) for {patience} steps")
+                return True
+        # the monitor (before this callback in the list) leaves its newest max logit on the module
+        logit = getattr(pl_module, "last_max_logit", None)
+        if cfg.max_logit is not None and logit is not None and logit > cfg.max_logit:
+            pl_module.mark_diverged(f"early stop: max attention logit {logit:.4g} above {cfg.max_logit:g}")
+            return True
+        return False
 
 
 def callbacks_fingerprint(callbacks) -> dict:

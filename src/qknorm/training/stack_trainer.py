@@ -196,7 +196,7 @@ class Member:
         if cfg.callbacks.monitor.enabled:
             self.callbacks.append(StabilityMonitor(cfg.callbacks.monitor, spec.run_dir, resume_step=step))
         if cfg.callbacks.divergence.enabled:
-            self.callbacks.append(DivergenceDetector(cfg.callbacks.divergence))
+            self.callbacks.append(DivergenceDetector(cfg.callbacks.divergence, cfg.optim.warmup_steps or 0))
         if resume:
             for cb in self.callbacks:
                 cb.load_state_dict(resume["callbacks"].get(type(cb).__name__, {}))

@@ -1,0 +1,169 @@
+"""Where runs start to fail along the learning rate: the bracket, the next probes, and the 50% boundary.
+
+Everything here works in x = log10(LR). A probe is one run: its x and whether it failed (by either
+definition of qknorm.analysis.failure: diverged, or failed against the bigram reference).
+
+- **Bracket**: `hi` is the smallest LR at which some run failed; `lo` the largest LR below it at which
+  every run succeeded. The boundary lies between them (for one seed exactly; with several seeds the
+  runs between lo and hi are the stochastic zone). `lo` is None when runs failed at the smallest LR
+  tried, `hi` is None when no run failed: the boundary is then censored, below or above the grid.
+- **The upper boundary only**: failures below the smallest LR at which some run succeeded are the other
+  boundary (an LR too small to learn anything in the run's steps fails against the bigram model too) and
+  are left out of the bracket and the fit (`upper`).
+- **Next probes**: K LRs evenly spaced in log LR strictly inside the bracket, so a round of K probes
+  shrinks the bracket K + 1 times (K-ary bisection).
+- **Logistic boundary**: with several seeds, a divergence is a chance event near the boundary. The fit
+  P(fail | x) = 1 / (1 + exp(-(x - mu) / s)) gives mu, the LR at which half the runs fail, with a 95%
+  profile-likelihood interval: the mu whose best likelihood (over s) is within chi2(1, 0.95) / 2 of the
+  maximum. Profile likelihood, not a Wald interval, because probes around a sharp boundary are often
+  perfectly separated (the maximum-likelihood s is then 0): the profile stays finite there and the
+  interval is the gap between the last success and the first failure, widened by what one
+  misclassified run would cost.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterable, Optional, Sequence
+
+import numpy as np
+
+# chi2 with 1 degree of freedom at 95%, halved: a 95% profile-likelihood interval keeps the mu within
+# this many nats of the best log-likelihood
+PROFILE_DROP_95 = 3.841458820694124 / 2
+# The logistic width s (decades of LR) is searched between these. Below 0.01 decades (a 2.3% change of
+# LR) no sweep can tell a sharper boundary apart; above 1 decade the "boundary" is no boundary at all.
+S_MIN, S_MAX = 0.01, 1.0
+MU_STEP = 0.002  # decades: the mu grid of the profile, finer than any precision a search asks for
+# LRs are rounded to this many significant digits, so a probe's LR (and its run directory) is the same
+# every time the search is replayed
+LR_DIGITS = 4
+
+
+def round_lr(lr: float) -> float:
+    return float(f"{lr:.{LR_DIGITS}g}")
+
+
+@dataclass(frozen=True)
+class Bracket:
+    lo: Optional[float]  # largest LR below hi where every run succeeded (None: failures from the first LR)
+    hi: Optional[float]  # smallest LR where a run failed (None: no run failed)
+
+    @property
+    def closed(self) -> bool:
+        return self.lo is not None and self.hi is not None
+
+    def ratio(self) -> Optional[float]:
+        """hi / lo: the bracket's width as a factor of LR (None when censored)."""
+        return self.hi / self.lo if self.lo is not None and self.hi is not None else None
+
+    def describe(self) -> str:
+        if self.lo is None and self.hi is None:
+            return "no runs"
+        if self.hi is None:
+            return f"above {self.lo:.4g} (no run failed)"
+        if self.lo is None:
+            return f"below {self.hi:.4g} (runs failed at the smallest LR)"
+        return f"between {self.lo:.4g} and {self.hi:.4g} (x{self.hi / self.lo:.3g})"
+
+
+def upper(probes: Iterable[tuple[float, bool]]) -> list[tuple[float, bool]]:
+    """The probes at or above the smallest LR at which a run succeeded (all of them when none did)."""
+    probes = [(float(lr), bool(f)) for lr, f in probes]
+    ok = [lr for lr, f in probes if not f]
+    return [(lr, f) for lr, f in probes if not ok or lr >= min(ok)]
+
+
+def bracket(probes: Iterable[tuple[float, bool]]) -> Bracket:
+    """probes: (lr, failed). See the module's docstring."""
+    by_lr: dict[float, list[bool]] = {}
+    for lr, failed in upper(probes):
+        by_lr.setdefault(float(lr), []).append(bool(failed))
+    if not by_lr:
+        return Bracket(None, None)
+    failing = [lr for lr, fs in by_lr.items() if any(fs)]
+    hi = min(failing) if failing else None
+    stable = [lr for lr, fs in by_lr.items() if not any(fs) and (hi is None or lr < hi)]
+    return Bracket(max(stable) if stable else None, hi)
+
+
+def next_probes(b: Bracket, k: int, precision: float) -> list[float]:
+    """Up to K LRs evenly spaced in log LR strictly inside a closed bracket wider than `precision` (a
+    factor of LR); none when the bracket is censored or already that narrow. Fewer than K when fewer
+    reach the precision in this round: a bracket 1.6 times too wide needs one probe, not K."""
+    if not b.closed:
+        return []
+    assert b.lo is not None and b.hi is not None
+    lo, hi = math.log10(b.lo), math.log10(b.hi)
+    if hi - lo <= math.log10(precision) + 1e-9:
+        return []
+    k = min(k, max(1, math.ceil((hi - lo) / math.log10(precision) - 1e-9) - 1))
+    out = []
+    for i in range(1, k + 1):
+        lr = round_lr(10 ** (lo + i * (hi - lo) / (k + 1)))
+        if b.lo < lr < b.hi and lr not in out:
+            out.append(lr)
+    return out
+
+
+def grid_runs(lr_min: float, lr_max: float, precision: float) -> int:
+    """Points of an exhaustive log grid from lr_min to lr_max spaced `precision` apart: what a plain
+    sweep needs per group and seed to locate the boundary as finely as a search stopped at `precision`."""
+    return int(math.floor(math.log10(lr_max / lr_min) / math.log10(precision) + 1e-9)) + 1
+
+
+@dataclass(frozen=True)
+class Boundary:
+    """The 50% failure LR of a logistic fit, with its 95% interval (None where the data cannot give it)."""
+
+    lr: Optional[float]
+    lo: Optional[float]
+    hi: Optional[float]
+    width: Optional[float]  # the fitted s, in decades of LR
+    runs: int
+    note: str  # why there is no fit, or what bounds the interval
+
+    def describe(self) -> str:
+        if self.lr is None:
+            return self.note
+        assert self.lo is not None and self.hi is not None
+        return f"{self.lr:.4g} (95% interval {self.lo:.4g} to {self.hi:.4g}; {self.runs} runs)" + (
+            f"; {self.note}" if self.note else "")
+
+
+def _loglik(x: np.ndarray, y: np.ndarray, mu: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """Log-likelihood over a grid: [len(mu), len(s)]."""
+    z = (x[None, None, :] - mu[:, None, None]) / s[None, :, None]
+    # log sigmoid(z) for failures, log sigmoid(-z) for successes, computed stably
+    signed = np.where(y[None, None, :], z, -z)
+    return -np.logaddexp(0.0, -signed).sum(axis=-1)
+
+
+def logistic_boundary(probes: Sequence[tuple[float, bool]]) -> Boundary:
+    """The profile-likelihood fit of the module's docstring; probes: (lr, failed)."""
+    probes = upper((lr, f) for lr, f in probes if lr > 0 and math.isfinite(lr))
+    n = len(probes)
+    if n == 0:
+        return Boundary(None, None, None, None, 0, "no runs")
+    x = np.log10(np.array([lr for lr, _ in probes]))
+    y = np.array([f for _, f in probes])
+    if y.all():
+        return Boundary(None, None, None, None, n, f"every run failed: the boundary is below {10 ** x.min():.4g}")
+    if not y.any():
+        return Boundary(None, None, None, None, n, f"no run failed: the boundary is above {10 ** x.max():.4g}")
+    margin = min(max(x.max() - x.min(), 0.1), 1.0)  # mu beyond the probes by more than a decade: no evidence
+    mu = np.arange(x.min() - margin, x.max() + margin + MU_STEP, MU_STEP)
+    s = np.geomspace(S_MIN, S_MAX, 32)
+    ll = _loglik(x, y, mu, s)
+    profile = ll.max(axis=1)
+    best = int(profile.argmax())
+    inside = np.flatnonzero(profile >= profile[best] - PROFILE_DROP_95)
+    lo_i, hi_i = int(inside.min()), int(inside.max())
+    notes = []
+    if lo_i == 0 or hi_i == len(mu) - 1:
+        notes.append("the interval reaches the edge of the searched range")
+    width = float(s[int(ll[best].argmax())])
+    if width <= S_MIN * 1.0001:
+        notes.append("the runs are separated: no overlap of failures and successes")
+    return Boundary(float(10 ** mu[best]), float(10 ** mu[lo_i]), float(10 ** mu[hi_i]), width, n, "; ".join(notes))

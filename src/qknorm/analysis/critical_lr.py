@@ -1,0 +1,93 @@
+"""qknorm-analyze on a critical-LR finder sweep (hydra/sweeper=critical_lr): per group the two boundaries.
+
+The finder's `finder.json` names each group and its probes' run directories; the outcomes are read again
+from the run table (qknorm.analysis.failure's columns: the one definition of diverged and failed), so the
+table says what the run directories say, whatever the search believed while it ran.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+
+from . import figures
+from .boundary import bracket, grid_runs, logistic_boundary
+
+FINDER_FILE = "finder.json"  # written by qknorm.finder in the sweep folder
+TARGETS = {"diverged": "divergence LR", "failed": "critical LR (quality)"}
+
+
+def finder_files(paths: list[str | Path]) -> list[Path]:
+    return sorted({f for p in paths for f in Path(p).rglob(FINDER_FILE)})
+
+
+def group_of_runs(files: list[Path]) -> dict[str, str]:
+    """run_dir -> the finder group it probed."""
+    out = {}
+    for f in files:
+        for g in json.loads(f.read_text()).get("groups", []):
+            for p in g.get("probes", []):
+                if p.get("run_dir"):
+                    out[str(Path(p["run_dir"]).resolve())] = g["group"]
+    return out
+
+
+def critical_lr_table(frame: pd.DataFrame, files: list[Path]) -> pd.DataFrame:
+    """One row per finder group and target: the bracket, the 50% boundary with its 95% interval, the runs
+    spent, their machine time, and the exhaustive grid that would locate the boundary as finely."""
+    groups = group_of_runs(files)
+    if not groups or frame.empty:
+        return pd.DataFrame()
+    settings = json.loads(files[0].read_text()).get("settings", {})
+    precision = float(settings.get("precision", 10 ** 0.1))
+    frame = frame.assign(group=[groups.get(str(Path(d).resolve())) for d in frame["run_dir"]])
+    rows = []
+    for name, g in frame[frame["group"].notna()].groupby("group", sort=True):
+        ended = g[g["diverged"].notna()]
+        seeds = max(1, g["seed"].nunique())
+        for target, title in TARGETS.items():
+            probes = [(float(r["lr"]), bool(r[target])) for _, r in ended.iterrows() if not pd.isna(r[target])]
+            b, fit = bracket(probes), logistic_boundary(probes)
+            lrs = [lr for lr, _ in probes]
+            in_warmup = int(ended["diverged_in_warmup"].fillna(False).astype(bool).sum()) if target == "diverged" else None
+            rows.append({"group": name, "target": title, "bracket": b.describe(), "boundary_lr": fit.lr,
+                         "ci_low": fit.lo, "ci_high": fit.hi, "fit": fit.describe(), "runs": len(g), "seeds": seeds,
+                         "diverged_in_warmup": in_warmup,
+                         "machine_hours": float(g["wall_time_s"].fillna(0).sum()) / 3600,
+                         "grid_runs_same_precision": grid_runs(min(lrs), max(lrs), precision) * seeds if lrs else None})
+    return pd.DataFrame(rows)
+
+
+def figure(frame: pd.DataFrame, table: pd.DataFrame, files: list[Path], out: Path) -> list[Path]:
+    """Per group: each probe's final loss against its LR (diverged and failed runs marked, diverged runs drawn
+    at the loss where they stopped), the fitted boundaries and their intervals shaded."""
+    groups = group_of_runs(files)
+    frame = frame.assign(group=[groups.get(str(Path(d).resolve())) for d in frame["run_dir"]])
+    names = sorted(n for n in frame["group"].dropna().unique())
+    if not names:
+        return []
+    fig, axes = figures._panels(len(names), 4.6, 3.4)
+    colours = {"diverged": "tab:red", "failed": "tab:orange"}
+    for ax, name in zip(axes, names, strict=True):
+        g = frame[frame["group"] == name]
+        for kind, sel, marker, colour in (("ok", ~g["failed"].fillna(False).astype(bool), "o", "tab:blue"),
+                                          ("failed", g["failed"].fillna(False).astype(bool) & ~g["diverged"].fillna(False).astype(bool), "s", colours["failed"]),
+                                          ("diverged", g["diverged"].fillna(False).astype(bool), "x", colours["diverged"])):
+            pts = g[sel]
+            loss = pts["final_val_loss"].where(pts["final_val_loss"].apply(lambda v: not pd.isna(v) and math.isfinite(v)),
+                                               pts["initial_loss"])
+            ax.scatter(pts["lr"], loss, marker=marker, color=colour, label=f"{kind} ({len(pts)})", zorder=3)
+        for _, row in table[table["group"] == name].iterrows():
+            target = "diverged" if row["target"].startswith("divergence") else "failed"
+            if row["boundary_lr"] is not None and not pd.isna(row["boundary_lr"]):
+                ax.axvline(row["boundary_lr"], color=colours[target], ls="--", lw=1, label=f"{row['target']} {row['boundary_lr']:.3g}")
+                ax.axvspan(row["ci_low"], row["ci_high"], color=colours[target], alpha=0.12)
+        ref = g["bigram_nats"].dropna()
+        if len(ref):
+            ax.axhline(float(ref.iloc[0]), color="0.5", lw=0.8, ls=":", label="bigram reference")
+        ax.set_title(name, fontsize=9)
+        figures._label(ax, "learning rate", "final val loss (diverged: at the stop)", "x")
+    return figures._save(fig, out, "critical_lr")

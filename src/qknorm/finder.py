@@ -1,0 +1,280 @@
+"""The critical-LR finder: per group of a sweep's other axes, the learning rate at which runs start to fail.
+
+    qknorm-train -m hydra/sweeper=critical_lr attention=baseline,qwen3 seed=0,1 hydra.sweep.dir=logs/finder/x
+
+Every axis of the command line except the LR and the seed is a group axis (attention, width, ...); the seeds
+are repeats within a group. Per group the search
+  1. runs a coarse log grid of LRs (hydra.sweeper.lr_min .. lr_max, per_decade points a decade; or the
+     values of the LR key when the command sweeps it) at every seed. Its probes stop early once doomed
+     (hydra.sweeper.probe_overrides turns on callbacks.divergence's early stops);
+  2. narrows the bracket between the largest LR where every run succeeded and the smallest where one
+     failed, K probes a round (hydra.sweeper.k, each at every seed), until the bracket is narrower than
+     hydra.sweeper.precision (a factor of LR; 10^0.1 by default, 26% steps);
+  3. fits P(fail | log LR) over all its probes (qknorm.analysis.boundary): the 50% LR with a 95% interval.
+It does this for each target, one definition each from qknorm.analysis.failure: `diverged` (the
+divergence LR) and `failed`, ending worse than the bigram model (the critical LR, for quality).
+
+Every probe is an ordinary job of the sweep's launcher (joblib, the stacked launcher, submitit): its
+directory is its config, so a rerun of the same command in the same hydra.sweep.dir replays the search,
+finds every finished probe's result where it left it and trains only the rest. `finder.json` in the sweep
+folder records the groups, their probes, brackets and boundaries; qknorm-analyze reads the sweep again
+from its run directories.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+from .analysis.boundary import Bracket, bracket, grid_runs, logistic_boundary, next_probes, round_lr
+from .analysis.failure import bigram_for_run, failure
+from .jobs import finished_summary
+from .utils.files import atomic_write_bytes
+
+log = logging.getLogger("qknorm.finder")
+
+TARGETS = ("diverged", "failed")
+FINDER_FILE = "finder.json"
+
+
+class FinderError(ValueError):
+    """A setting of hydra.sweeper that cannot mean anything (one line, naming the key)."""
+
+
+@dataclass(frozen=True)
+class FinderSettings:
+    lr_key: str = "optim.lr"
+    lr_min: float = 1e-4
+    lr_max: float = 1.0
+    per_decade: float = 2.0  # coarse grid points per decade: 2 is Wortsman et al.'s half-decade grid
+    k: int = 2  # probes per round and group; a round narrows the bracket k + 1 times
+    precision: float = 10 ** 0.1  # stop when the bracket is narrower than this factor of LR
+    seed_key: str = "seed"
+    targets: tuple[str, ...] = TARGETS
+    max_rounds: int = 12  # rounds after the coarse grid, a guard: 2 probes a round reach 10^0.1 from a decade in 3
+    # Climb the coarse grid from its smallest LR, k points a round, and stop climbing once every seed
+    # failed at the largest LR tried: the LRs above the boundary cost runs and say nothing more. false: the
+    # whole coarse grid in one round (the most parallel; a GPU stack of many members may prefer it).
+    climb: bool = True
+    probe_overrides: tuple[str, ...] = ()
+
+    def validate(self) -> None:
+        def need(ok: bool, key: str, what: str) -> None:
+            if not ok:
+                raise FinderError(f"hydra.sweeper.{key}: {what}")
+
+        finite = all(math.isfinite(v) for v in (self.lr_min, self.lr_max, self.per_decade, self.precision))
+        need(finite and self.lr_min > 0, "lr_min", f"must be a positive number, got {self.lr_min}")
+        need(finite and self.lr_max > self.lr_min, "lr_max", f"must be above lr_min ({self.lr_min}), got {self.lr_max}")
+        need(finite and self.per_decade > 0, "per_decade", f"must be a positive number, got {self.per_decade}")
+        need(isinstance(self.k, int) and self.k >= 1, "k", f"must be an integer >= 1, got {self.k}")
+        need(finite and self.precision > 1, "precision", f"must be a factor of LR above 1 (e.g. 1.2589 = 10^0.1), got {self.precision}")
+        need(bool(self.targets) and all(t in TARGETS for t in self.targets), "targets",
+             f"must be a non-empty list of {', '.join(TARGETS)}, got {list(self.targets)}")
+        need(isinstance(self.max_rounds, int) and self.max_rounds >= 0, "max_rounds", f"must be an integer >= 0, got {self.max_rounds}")
+        need(bool(self.lr_key) and bool(self.seed_key), "lr_key", "lr_key and seed_key must name config keys")
+        need(isinstance(self.climb, bool), "climb", f"must be true or false, got {self.climb}")
+
+    def coarse_grid(self) -> list[float]:
+        n = int(math.floor(math.log10(self.lr_max / self.lr_min) * self.per_decade + 1e-9))
+        return [round_lr(self.lr_min * 10 ** (i / self.per_decade)) for i in range(n + 1)]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    diverged: bool
+    failed: Optional[bool]  # None: no bigram reference to judge the run's quality by
+    run_dir: str = ""
+    wall_time_s: float = 0.0
+
+    def of(self, target: str) -> Optional[bool]:
+        return self.diverged if target == "diverged" else self.failed
+
+
+def outcome_of(run_dir: Path) -> Optional[Outcome]:
+    """A finished run's result by the analysis's one definition of failure; None when it did not finish."""
+    summary = finished_summary(run_dir)
+    if summary is None:
+        return None
+    f = failure(run_dir, bigram_for_run(run_dir).nats, summary)
+    return Outcome(f.diverged, f.failed, str(run_dir), float(summary.get("wall_time_s") or 0.0))
+
+
+@dataclass
+class Group:
+    """One group of the sweep's other axes: its overrides (key=value), its seeds, its probes' outcomes."""
+
+    overrides: list[str]
+    seeds: list[Optional[str]]
+    outcomes: dict[tuple[float, Optional[str]], Outcome] = field(default_factory=dict)
+    rounds: list[list[float]] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        return ",".join(self.overrides) or "all"
+
+    def probes(self, target: str) -> list[tuple[float, bool]]:
+        return [(lr, bool(o.of(target))) for (lr, _), o in sorted(self.outcomes.items(), key=lambda kv: (kv[0][0], str(kv[0][1])))
+                if o.of(target) is not None]
+
+    def bracket(self, target: str) -> Bracket:
+        return bracket(self.probes(target))
+
+
+def _fmt(lr: float) -> str:
+    return f"{lr:.{4}g}"
+
+
+def split_axes(arguments: Sequence[tuple[str, list[str]]], settings: FinderSettings):
+    """(key, values) in command-line order -> (fixed overrides, group axes, seeds, coarse LRs)."""
+    fixed: list[str] = []
+    axes: list[tuple[str, list[str]]] = []
+    seeds: list[Optional[str]] = [None]
+    lrs: Optional[list[float]] = None
+    for key, values in arguments:
+        bare = key.lstrip("+~")
+        if bare == settings.lr_key:
+            try:
+                lrs = sorted({round_lr(float(v)) for v in values})
+            except ValueError as e:
+                raise FinderError(f"{settings.lr_key}: the finder needs numeric LRs, got {values}") from e
+            if any(lr <= 0 for lr in lrs):
+                raise FinderError(f"{settings.lr_key}: LRs must be positive, got {values}")
+        elif bare == settings.seed_key:
+            seeds = list(values)
+        elif len(values) == 1:
+            fixed.append(f"{key}={values[0]}")
+        else:
+            axes.append((key, list(values)))
+    return fixed, axes, seeds, lrs or settings.coarse_grid()
+
+
+class Search:
+    """The search of the module's docstring, independent of Hydra: `launch` runs a batch of jobs (each a
+    list of overrides) and returns when they are done; `outcome` reads one job's result (None: it has no
+    result, e.g. it crashed), both given by the sweeper plugin (or a test)."""
+
+    def __init__(self, settings: FinderSettings, arguments: Sequence[tuple[str, list[str]]],
+                 launch: Callable[[list[list[str]]], None], outcome: Callable[[list[str]], Optional[Outcome]],
+                 out_dir: Optional[Path] = None):
+        settings.validate()
+        self.settings, self.launch, self.outcome, self.out_dir = settings, launch, outcome, out_dir
+        self.fixed, axes, seeds, self.coarse = split_axes(arguments, settings)
+        keys = [k for k, _ in axes]
+        self.groups = [Group([f"{k}={v}" for k, v in zip(keys, combo, strict=True)], seeds)
+                       for combo in itertools.product(*[vals for _, vals in axes])]
+        self.launched = 0  # jobs handed to the launcher (finished ones are skipped there, not here)
+
+    def job(self, group: Group, lr: float, seed: Optional[str]) -> list[str]:
+        s = self.settings
+        seed_part = [] if seed is None else [f"{s.seed_key}={seed}"]
+        return [*self.fixed, *group.overrides, *seed_part, f"{s.lr_key}={_fmt(lr)}", *s.probe_overrides]
+
+    def _run_round(self, wanted: dict[int, list[float]]) -> None:
+        batch, owners = [], []
+        for gi, lrs in wanted.items():
+            group = self.groups[gi]
+            group.rounds.append(lrs)
+            for lr in lrs:
+                for seed in group.seeds:
+                    if (lr, seed) not in group.outcomes:
+                        batch.append(self.job(group, lr, seed))
+                        owners.append((group, lr, seed))
+        if not batch:
+            return
+        self.launch(batch)
+        self.launched += len(batch)
+        for overrides, (group, lr, seed) in zip(batch, owners, strict=True):
+            result = self.outcome(overrides)
+            if result is None:
+                log.warning("no result for %s: left out of the search", " ".join(overrides))
+            else:
+                group.outcomes[(lr, seed)] = result
+
+    def open_probes(self, group: Group) -> list[float]:
+        s = self.settings
+        lrs: list[float] = []
+        for target in s.targets:
+            for lr in next_probes(group.bracket(target), s.k, s.precision):
+                if lr not in lrs:
+                    lrs.append(lr)
+        return sorted(lrs)
+
+    def topped(self, group: Group) -> bool:
+        """Whether climbing higher can tell this group anything: every seed diverged at the largest LR tried
+        (a diverged run failed too), or, for every target, some run succeeded and every seed failed there."""
+        if not group.outcomes:
+            return False
+        top = max(lr for lr, _ in group.outcomes)
+        at_top = [o for (lr, _), o in group.outcomes.items() if lr == top]
+        if len(at_top) == len(group.seeds) and all(o.diverged for o in at_top):
+            return True
+        return all(any(o.of(t) is False for o in group.outcomes.values()) and len(at_top) == len(group.seeds)
+                   and all(o.of(t) for o in at_top) for t in self.settings.targets)
+
+    def climb(self) -> None:
+        """The coarse grid (the module's docstring, step 1)."""
+        if not self.settings.climb:
+            self._run_round({gi: list(self.coarse) for gi in range(len(self.groups))})
+            return
+        step, at = self.settings.k, {gi: 0 for gi in range(len(self.groups))}
+        while True:
+            wanted = {}
+            for gi, g in enumerate(self.groups):
+                if at[gi] < len(self.coarse) and not self.topped(g):
+                    wanted[gi] = self.coarse[at[gi]:at[gi] + step]
+                    at[gi] += step
+            if not wanted:
+                return
+            self._run_round(wanted)
+            self.write()
+
+    def run(self) -> dict:
+        self.climb()
+        for r in range(self.settings.max_rounds):
+            wanted = {gi: lrs for gi, g in enumerate(self.groups) if (lrs := self.open_probes(g))}
+            if not wanted:
+                break
+            log.info("finder round %d: %s", r + 1, "; ".join(f"{self.groups[gi].label}: {', '.join(map(_fmt, lrs))}"
+                                                             for gi, lrs in wanted.items()))
+            self._run_round(wanted)
+            self.write()
+        result = self.result()
+        self.write(result)
+        for g in result["groups"]:
+            for t in self.settings.targets:
+                log.info("%s: %s LR %s; boundary %s", g["group"], t, g[t]["bracket_text"], g[t]["boundary_text"])
+        return result
+
+    def result(self) -> dict:
+        s = self.settings
+        lo, hi = min(self.coarse), max(self.coarse)
+        out_groups = []
+        for g in self.groups:
+            row: dict[str, Any] = {"group": g.label, "overrides": g.overrides, "seeds": g.seeds, "rounds": g.rounds,
+                                   "runs": len(g.outcomes),
+                                   "probes": [{"lr": lr, "seed": seed, **asdict(o)} for (lr, seed), o in sorted(
+                                       g.outcomes.items(), key=lambda kv: (kv[0][0], str(kv[0][1])))]}
+            for t in s.targets:
+                b, fit = g.bracket(t), logistic_boundary(g.probes(t))
+                row[t] = {"bracket": [b.lo, b.hi], "bracket_text": b.describe(), "boundary": fit.lr,
+                          "interval": [fit.lo, fit.hi], "width_decades": fit.width, "boundary_text": fit.describe()}
+            out_groups.append(row)
+        runs = sum(len(g.outcomes) for g in self.groups)
+        grid = grid_runs(lo, hi, s.precision) * sum(len(g.seeds) for g in self.groups)
+        return {"settings": {**asdict(s), "targets": list(s.targets), "probe_overrides": list(s.probe_overrides)},
+                "fixed": self.fixed, "coarse_grid": self.coarse, "groups": out_groups, "runs": runs,
+                "grid_runs_same_precision": grid,
+                "grid_note": f"an exhaustive log grid from {lo:.4g} to {hi:.4g} spaced {s.precision:.4g}x apart, at every seed "
+                             "of every group, locates the boundary as finely"}
+
+    def write(self, result: Optional[dict] = None) -> None:
+        if self.out_dir is None:
+            return
+        result = result or self.result()
+        atomic_write_bytes(self.out_dir / FINDER_FILE, (json.dumps(result, indent=1) + "\n").encode())

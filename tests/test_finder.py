@@ -1,0 +1,236 @@
+"""The critical-LR finder (qknorm.finder, hydra/sweeper=critical_lr) and its boundary arithmetic
+(qknorm.analysis.boundary), on a stand-in task whose runs fail above a hidden boundary, and at `nano`."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from qknorm.analysis.boundary import Bracket, bracket, grid_runs, logistic_boundary, next_probes, upper
+from qknorm.config import DivergenceConfig
+from qknorm.finder import FinderError, FinderSettings, Outcome, Search
+from qknorm.training.monitor import DivergenceDetector
+
+from .conftest import run_cli, run_dirs
+from .finder_app import app as standin
+
+APP = Path(standin.__file__)
+
+
+# -- the arithmetic ---------------------------------------------------------------------------------
+
+def test_bracket_is_last_all_stable_below_first_failure():
+    probes = [(0.001, False), (0.01, False), (0.01, False), (0.03, False), (0.03, True), (0.1, True)]
+    assert bracket(probes) == Bracket(0.01, 0.03)  # 0.03 failed at one seed: it is the first failure
+    assert bracket([(0.1, True), (1.0, True)]) == Bracket(None, 0.1)
+    assert bracket([(0.1, False)]) == Bracket(0.1, None)
+
+
+def test_failures_below_the_first_success_are_the_other_boundary():
+    # too small an LR to learn in the run's steps fails against the bigram model: not the upper boundary
+    probes = [(1e-4, True), (1e-3, False), (1e-2, False), (1e-1, True)]
+    assert upper(probes) == probes[1:]
+    assert bracket(probes) == Bracket(1e-2, 1e-1)
+
+
+def test_next_probes_split_the_bracket_evenly_and_stop_at_the_precision():
+    lrs = next_probes(Bracket(0.01, 0.1), 2, 10 ** 0.1)
+    assert [round(math.log10(lr), 3) for lr in lrs] == [-1.667, -1.333]
+    # 0.167 decades left against a precision of 0.1: one probe finishes it, not two
+    assert len(next_probes(Bracket(0.01, 0.01 * 10 ** 0.167), 2, 10 ** 0.1)) == 1
+    assert next_probes(Bracket(0.01, 0.012), 2, 10 ** 0.1) == []
+    assert next_probes(Bracket(None, 0.1), 2, 10 ** 0.1) == []
+
+
+def test_grid_runs_counts_the_points_of_an_exhaustive_grid():
+    assert grid_runs(1e-4, 1.0, 10 ** 0.1) == 41
+    assert grid_runs(1e-4, 1.0, 10 ** 0.5) == 9
+
+
+def test_logistic_boundary_finds_a_known_boundary_and_says_when_it_cannot():
+    # an overlapping (stochastic) zone drawn from a known logistic: mu = log10(0.03), s = 0.1 decades
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-2.5, -0.5, 200)
+    y = rng.random(200) < 1 / (1 + np.exp(-(x - math.log10(0.03)) / 0.1))
+    fit = logistic_boundary(list(zip(10 ** x, y, strict=True)))
+    assert fit.lo < 0.03 < fit.hi and abs(math.log10(fit.lr / 0.03)) < 0.05, fit
+    assert 0.05 < fit.width < 0.2
+    assert logistic_boundary([(0.1, False), (1.0, False)]).lr is None
+    assert "no run failed" in logistic_boundary([(0.1, False)]).note
+    assert "every run failed" in logistic_boundary([(0.1, True)]).note
+
+
+def test_settings_refuse_what_cannot_mean_anything():
+    for bad, key in [(dict(lr_min=0), "lr_min"), (dict(lr_max=1e-5), "lr_max"), (dict(k=0), "k"),
+                     (dict(precision=1.0), "precision"), (dict(targets=("loss",)), "targets"),
+                     (dict(max_rounds=-1), "max_rounds"), (dict(per_decade=0), "per_decade")]:
+        with pytest.raises(FinderError, match=f"hydra.sweeper.{key}"):
+            FinderSettings(**bad).validate()
+
+
+# -- the search on the stand-in, without Hydra -------------------------------------------------------
+
+def _standin_search(settings: FinderSettings, seeds: list[str]) -> tuple[Search, list[list[str]]]:
+    launched: list[list[str]] = []
+
+    def outcome(job: list[str]) -> Outcome:
+        values = dict(o.split("=", 1) for o in job)
+        b = standin.boundary(int(values["seed"])) * standin.VARIANT_SHIFT[values["variant"]]
+        lr = float(values["optim.lr"])
+        return Outcome(diverged=lr > b, failed=lr > b / standin.QUALITY_FACTOR)
+
+    search = Search(settings, [("variant", ["a", "b"]), ("seed", seeds)], launched.extend, outcome)
+    return search, launched
+
+
+def test_search_brackets_each_hidden_boundary_within_the_precision_with_3x_fewer_runs_than_a_grid():
+    settings = FinderSettings(targets=("diverged",))
+    search, launched = _standin_search(settings, ["0", "1", "2"])
+    result = search.run()
+    grid = result["grid_runs_same_precision"]
+    print(f"finder: {result['runs']} runs; exhaustive grid at the same precision: {grid}")
+    assert result["runs"] == len(launched) and grid >= 3 * result["runs"]
+    for g in result["groups"]:
+        shift = standin.VARIANT_SHIFT[g["overrides"][0].split("=")[1]]
+        lo, hi = g["diverged"]["bracket"]
+        first = min(standin.boundary(s) for s in range(3)) * shift  # the first seed to fail
+        assert lo < first < hi and hi / lo <= settings.precision * (1 + 1e-9), g["diverged"]
+        median = sorted(standin.boundary(s) for s in range(3))[1] * shift
+        assert g["diverged"]["interval"][0] <= median <= g["diverged"]["interval"][1], g["diverged"]
+
+
+def test_search_finds_both_boundaries_and_the_quality_one_lies_below():
+    search, _ = _standin_search(FinderSettings(), ["0"])
+    result = search.run()
+    for g in result["groups"]:
+        shift = standin.VARIANT_SHIFT[g["overrides"][0].split("=")[1]]
+        b = standin.boundary(0) * shift
+        for target, truth in (("diverged", b), ("failed", b / standin.QUALITY_FACTOR)):
+            lo, hi = g[target]["bracket"]
+            assert lo < truth < hi and hi / lo <= 10 ** 0.1 * (1 + 1e-9), (target, g[target])
+
+
+def test_search_without_a_failure_says_the_boundary_is_above_the_grid():
+    settings = FinderSettings(lr_min=1e-5, lr_max=1e-3, targets=("diverged",))
+    search, _ = _standin_search(settings, ["0"])
+    g = search.run()["groups"][0]
+    assert g["diverged"]["bracket"][1] is None and "no run failed" in g["diverged"]["boundary_text"]
+    assert g["runs"] == len(settings.coarse_grid())  # climbed to the top, nothing more to probe
+
+
+# -- the sweeper plugin on a stand-in Hydra app --------------------------------------------------------
+
+def _run_app(sweep_dir: Path, log: Path, *extra: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "QKNORM_BIGRAM_NATS": "5.0"}
+    return subprocess.run([sys.executable, str(APP), "-m", "variant=a,b", "seed=0,1", f"log={log}",
+                           f"hydra.sweep.dir={sweep_dir}", "hydra.sweeper.probe_overrides=[]",
+                           "hydra.sweeper.targets=[diverged]", *extra],
+                          capture_output=True, text=True, env=env, timeout=300)
+
+
+@pytest.mark.slow
+def test_the_sweeper_plugin_runs_the_search_as_hydra_jobs_and_a_rerun_launches_nothing_new(tmp_path):
+    sweep, log = tmp_path / "sweep", tmp_path / "jobs.log"
+    first = _run_app(sweep, log)
+    assert first.returncode == 0, first.stderr[-3000:]
+    result = json.loads((sweep / "finder.json").read_text())
+    ran = log.read_text().splitlines()
+    print(f"stand-in app: {len(ran)} jobs; exhaustive grid at the same precision: {result['grid_runs_same_precision']}")
+    assert len(ran) == result["runs"] == len({*ran}) and result["grid_runs_same_precision"] >= 3 * len(ran)
+    assert len(list(sweep.glob("*/summary.json"))) == len(ran)  # every probe an ordinary job directory
+    for g in result["groups"]:
+        shift = standin.VARIANT_SHIFT[g["overrides"][0].split("=")[1]]
+        lo, hi = g["diverged"]["bracket"]
+        assert lo < min(standin.boundary(s) for s in range(2)) * shift < hi
+    again = _run_app(sweep, log)  # the same command: the same probes, each found finished
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert len(log.read_text().splitlines()) == len(ran)
+    assert json.loads((sweep / "finder.json").read_text())["groups"] == result["groups"]
+
+
+def test_a_bad_sweeper_setting_fails_in_one_line(tmp_path):
+    out = _run_app(tmp_path / "s", tmp_path / "l", "hydra.sweeper.precision=0.5")
+    assert out.returncode != 0 and "hydra.sweeper.precision: must be a factor of LR above 1" in out.stderr
+
+
+# -- the early stop of doomed runs -------------------------------------------------------------------
+
+class _Module:
+    def __init__(self):
+        self.initial_loss, self.last_train_loss, self.stopped = 8.0, None, None
+
+    def mark_diverged(self, reason):
+        self.stopped = reason
+
+
+class _Trainer:
+    global_step = 0
+
+
+def _feed(detector: DivergenceDetector, losses: list[float]) -> tuple[_Module, int]:
+    m, t = _Module(), _Trainer()
+    for step, loss in enumerate(losses):
+        t.global_step, m.last_train_loss = step + 1, loss
+        detector.on_train_batch_end(t, m, None, None, step)
+        if m.stopped:
+            return m, step
+    return m, -1
+
+
+def test_early_stop_above_the_initial_loss_waits_for_the_warmup_and_names_its_reason():
+    cfg = DivergenceConfig(after_warmup_margin=0.0, patience=3, loss_margin=100.0)
+    losses = [8.5] * 10 + [5.0] * 5 + [8.2] * 5  # above l0 in the warmup (10 steps), again after it
+    m, step = _feed(DivergenceDetector(cfg, warmup_steps=10), losses)
+    assert step == 17 and "early stop" in m.stopped and "after the warmup" in m.stopped
+    m, step = _feed(DivergenceDetector(DivergenceConfig(patience=3, loss_margin=100.0), warmup_steps=10), losses)
+    assert m.stopped is None  # off by default
+
+
+def test_early_stop_above_k_times_the_running_minimum():
+    cfg = DivergenceConfig(running_min_factor=2.0, patience=2, loss_margin=100.0)
+    m, step = _feed(DivergenceDetector(cfg), [8.0, 4.0, 3.0, 5.9, 6.1, 6.2])
+    assert step == 5 and "running minimum" in m.stopped
+
+
+@pytest.mark.slow
+def test_a_finder_sweep_at_nano_resumes_after_sigkill_training_only_the_unfinished_probes(tmp_path, cache_dir):
+    """Two variants, the coarse grid given on the command line; killed mid-round, then rerun."""
+    sweep = tmp_path / "finder"
+    args = ["-m", "hydra/sweeper=critical_lr", "model=nano", "attention=baseline,qwen3", "seed=0",
+            "trainer.max_steps=12", "optim.warmup_steps=2", "data.val_max_tokens=1024", "trainer.val_every_n_steps=12",
+            "optim.lr=0.01,0.3,10", "hydra.sweeper.precision=3", "hydra.sweeper.targets=[diverged]",
+            f"hydra.sweep.dir={sweep}"]
+    env = {**os.environ, "QKNORM_CACHE_DIR": str(cache_dir), "QKNORM_LOG_DIR": str(tmp_path / "logs")}
+    exe = str(Path(sys.executable).parent / "qknorm-train")
+    proc = subprocess.Popen([exe, *args, "trainer.progress_bar=false"], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline:  # kill once some probes finished and the search goes on
+        done = [d for d in run_dirs(sweep) if json.loads((d / "summary.json").read_text())["status"] != "running"]
+        if len(done) >= 2:
+            break
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    finished = {d: (d / "summary.json").stat().st_mtime for d in done}
+    out = run_cli(args, tmp_path, cache_dir)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads((sweep / "finder.json").read_text())
+    probes = [p for g in result["groups"] for p in g["probes"]]
+    assert len(result["groups"]) == 2 and len(probes) == result["runs"] >= 6
+    assert {Path(p["run_dir"]) for p in probes} == set(run_dirs(sweep))  # every probe has its directory
+    for d, mtime in finished.items():  # finished probes were not trained again
+        assert (d / "summary.json").stat().st_mtime == mtime
+    summaries = [json.loads((Path(p["run_dir"]) / "summary.json").read_text()) for p in probes]
+    stopped = [s for s in summaries if s["status"] == "diverged"]  # stopped by the detector: a result with its why
+    assert stopped and all(s.get("reason") and s.get("diverged_at_step") is not None for s in stopped)

@@ -234,3 +234,32 @@ def test_a_finder_sweep_at_nano_resumes_after_sigkill_training_only_the_unfinish
     summaries = [json.loads((Path(p["run_dir"]) / "summary.json").read_text()) for p in probes]
     stopped = [s for s in summaries if s["status"] == "diverged"]  # stopped by the detector: a result with its why
     assert stopped and all(s.get("reason") and s.get("diverged_at_step") is not None for s in stopped)
+
+
+# -- qknorm-analyze on a finder sweep ------------------------------------------------------------------
+
+def test_analyze_reports_each_groups_boundaries_from_the_run_directories(tmp_path, monkeypatch):
+    from qknorm.analysis.report import analyze
+
+    from .test_reproductions import BIGRAM, write_run
+
+    monkeypatch.setenv("QKNORM_BIGRAM_NATS", str(BIGRAM))
+    sweep = tmp_path / "finder"
+    groups = []
+    for attention, first_bad in (("baseline", 0.1), ("qwen3", 0.3)):
+        probes = []
+        for lr in (0.01, 0.03, 0.1, 0.3, 1.0):
+            # below first_bad: a good run; at it: worse than the bigram model; above: diverged
+            loss = 4.0 if lr < first_bad else 6.0 if lr == first_bad else 9.0
+            run = write_run(sweep, [f"attention={attention}", f"optim.lr={lr}"], loss, initial=8.0)
+            # what the search believed is not what the table reports: the run directories are
+            probes.append({"lr": lr, "seed": "0", "diverged": False, "failed": False, "run_dir": str(run)})
+        groups.append({"group": f"attention={attention}", "probes": probes})
+    (sweep / "finder.json").write_text(json.dumps({"settings": {"precision": 10 ** 0.1}, "groups": groups}))
+    table = analyze([sweep], tmp_path / "out")["critical_lr"]
+    got = {(r["group"], r["target"]): r["bracket"] for _, r in table.iterrows()}
+    assert got[("attention=baseline", "divergence LR")].startswith("between 0.1 and 0.3")
+    assert got[("attention=baseline", "critical LR (quality)")].startswith("between 0.03 and 0.1")
+    assert got[("attention=qwen3", "divergence LR")].startswith("between 0.3 and 1")
+    assert (tmp_path / "out" / "critical_lr.png").exists() and (tmp_path / "out" / "critical_lr.csv").exists()
+    assert "Boundaries of the critical-LR finder" in (tmp_path / "out" / "report.md").read_text()

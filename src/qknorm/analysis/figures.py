@@ -197,8 +197,8 @@ def loss_vs_time(frame: pd.DataFrame, out: Path) -> list[Path]:
     completed = frame[frame["status"] == "completed"]
     for _, run in completed.iterrows():
         history = json.loads(run["val_history"])
-        if not history or not run["steps"] or pd.isna(run["wall_time_s"]):
-            continue
+        if not history or not run["steps"] or pd.isna(run["wall_time_s"]) or pd.isna(run["tokens"]):
+            continue  # a summary without its time or tokens (written by hand, or by an older version) is left out
         steps = np.array([h["step"] for h in history], float)
         loss = np.array([h["loss"] for h in history], float)
         points.append(len(steps))

@@ -122,6 +122,20 @@ e10() {
   sweep e10_qknorm_cost model=nano,tiny trainer.max_steps=300 seed=0,1 optim.lr=1e-2 attention=baseline,qwen3
 }
 
+# The stabilizer scorecard (docs/scorecard.md): the critical-LR finder (hydra/sweeper=critical_lr) over every
+# attention preset at `tiny`, 200 steps with a 40-step warmup, 2 seeds. Each preset climbs the half-decade
+# grid from LR 0.01 until both seeds diverge, then narrows both boundaries to 10^0.25 (1.78x); probes stop
+# early once doomed. About 300 runs, 6-8 machine hours on 2 cores. A preset added later is one more run
+# of this function (finished probes are skipped), then the page is regenerated.
+scorecard() {
+  local presets
+  presets=$(find conf/attention -name '*.yaml' -printf '%f\n' | sed 's/\.yaml$//' | sort | paste -sd, -)
+  qknorm-train -m hydra/sweeper=critical_lr "attention=$presets" seed=0,1 model=tiny trainer.max_steps=200 \
+    optim.warmup_steps=40 hydra.sweeper.lr_min=0.01 hydra.sweeper.lr_max=3 hydra.sweeper.precision=1.778 \
+    "${COMMON[@]}" "hydra.sweep.dir=$RUNS/scorecard"
+  qknorm-scorecard "$RUNS/scorecard" --out docs/scorecard.md
+}
+
 all=(e1 e10 e4 e6 e5 e3 e7 e9 e8)
 # The CPU round that decides (in this order, about 11 machine hours): bash reproductions/run.sh round
 round() { e8; e4; e3; e1; }

@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from qknorm.analysis.boundary import Bracket, bracket, grid_runs, logistic_boundary, next_probes, upper
@@ -263,3 +264,49 @@ def test_analyze_reports_each_groups_boundaries_from_the_run_directories(tmp_pat
     assert got[("attention=qwen3", "divergence LR")].startswith("between 0.3 and 1")
     assert (tmp_path / "out" / "critical_lr.png").exists() and (tmp_path / "out" / "critical_lr.csv").exists()
     assert "Boundaries of the critical-LR finder" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_scorecard_ranks_presets_by_their_boundaries_and_states_the_recipe(tmp_path, monkeypatch):
+    from qknorm.analysis.scorecard import main as scorecard_main
+
+    from .test_reproductions import BIGRAM, write_run
+
+    monkeypatch.setenv("QKNORM_BIGRAM_NATS", str(BIGRAM))
+    sweep = tmp_path / "scorecard"
+    grid = [0.01, 0.0316, 0.1, 0.316, 1.0]
+    groups = []
+    for attention, first_bad, best in (("baseline", 0.1, 4.2), ("qwen3", 0.316, 4.0), ("gemma2_softcap", 0.0316, 4.4)):
+        probes = []
+        for seed in (0, 1):
+            for lr in grid:
+                if lr > first_bad * 1.01 * 10 ** 0.5:
+                    continue  # the climb stopped: every seed diverged at the LR before
+                best_lr = grid[grid.index(first_bad) - 1]  # the grid point below the first bad one
+                loss = best + 0.1 * seed + (0.3 if lr != best_lr else 0) if lr < first_bad else 6.0 \
+                    if lr == first_bad else 9.0
+                run = write_run(sweep, [f"attention={attention}", f"optim.lr={lr}"], loss, initial=8.0, seed=seed,
+                                logit=(1.0, 2.0 if lr < first_bad else 5.0))
+                probes.append({"lr": lr, "seed": str(seed), "run_dir": str(run)})
+        groups.append({"group": f"attention={attention}", "probes": probes})
+    (sweep / "finder.json").write_text(json.dumps({"settings": {"precision": 10 ** 0.5, "lr_min": 0.01, "per_decade": 2,
+                                                                "k": 2, "probe_overrides": []},
+                                                   "coarse_grid": grid, "groups": groups}))
+    out = tmp_path / "docs" / "scorecard.md"
+    assert scorecard_main([str(sweep), "--out", str(out)]) == 0
+    table = pd.read_csv(out.with_suffix(".csv"))
+    assert list(table["preset"]) == ["qwen3", "baseline", "gemma2_softcap"]  # by critical LR
+    row = table.set_index("preset")
+    assert row.loc["qwen3", "best_lr"] == pytest.approx(0.1) and row.loc["qwen3", "best_val_loss"] == pytest.approx(4.05)
+    assert row.loc["qwen3", "best_val_loss_halfrange"] == pytest.approx(0.05)
+    # a smaller tolerance means a larger sensitivity: more of the grid is capped at the initial loss
+    assert row.loc["gemma2_softcap", "lr_sensitivity"] > row.loc["baseline", "lr_sensitivity"] > row.loc["qwen3", "lr_sensitivity"]
+    assert row.loc["qwen3", "logit_growth_best_lr"] == pytest.approx(2.0)
+    assert row.loc["baseline", "cpu_step_vs_baseline"] == pytest.approx(1.0)  # from the committed benchmark file
+    page = out.read_text()
+    assert "Scale and recipe" in page and "What it cannot show: the scale" in page and "qwen3's" in page
+
+
+def test_scorecard_without_a_finder_sweep_fails_in_one_line(tmp_path):
+    from qknorm.analysis.scorecard import main as scorecard_main
+
+    assert scorecard_main([str(tmp_path)]) == 2

@@ -73,9 +73,10 @@ def figure(frame: pd.DataFrame, table: pd.DataFrame, files: list[Path], out: Pat
     colours = {"diverged": "tab:red", "failed": "tab:orange"}
     for ax, name in zip(axes, names, strict=True):
         g = frame[frame["group"] == name]
-        for kind, sel, marker, colour in (("ok", ~g["failed"].fillna(False).astype(bool), "o", "tab:blue"),
-                                          ("failed", g["failed"].fillna(False).astype(bool) & ~g["diverged"].fillna(False).astype(bool), "s", colours["failed"]),
-                                          ("diverged", g["diverged"].fillna(False).astype(bool), "x", colours["diverged"])):
+        failed, diverged = g["failed"].fillna(False).astype(bool), g["diverged"].fillna(False).astype(bool)
+        for kind, sel, marker, colour in (("ok", ~failed, "o", "tab:blue"),
+                                          ("failed", failed & ~diverged, "s", colours["failed"]),
+                                          ("diverged", diverged, "x", colours["diverged"])):
             pts = g[sel]
             loss = pts["final_val_loss"].where(pts["final_val_loss"].apply(lambda v: not pd.isna(v) and math.isfinite(v)),
                                                pts["initial_loss"])

@@ -149,7 +149,7 @@ def scorecard(paths: list[str | Path], benchmarks: Path = BENCHMARKS) -> tuple[p
         above = [lr for lr in sorted(ended["lr"].unique()) if best_lr is not None and lr >= best_lr * NEXT_GRID_POINT * 0.99]
         b = boundaries[boundaries["group"] == group]
 
-        def boundary(prefix: str) -> tuple[Optional[float], str]:
+        def boundary(prefix: str, b: pd.DataFrame = b) -> tuple[Optional[float], str]:
             row = b[b["target"].str.startswith(prefix)]
             if row.empty:
                 return None, ""

@@ -91,7 +91,7 @@ def main(argv=None) -> int:
         model.load_state_dict(state)
         opt = build_optimizer(model, run.optim, run.attention, on_cuda=device.type == "cuda")
 
-        def step():
+        def step(opt=opt):
             for q, g in zip(params, grads, strict=True):
                 q.grad = g
             opt.step()

@@ -78,6 +78,8 @@ def test_every_parameter_is_in_one_group_and_the_hidden_matrices_in_muons(overri
 
 def torch_muon_on(tensor: torch.Tensor, grads: list[torch.Tensor], cfg) -> torch.Tensor:
     """torch.optim.Muon stepped on `tensor` alone (a copy) with `grads` in turn: the reference."""
+    if not hasattr(torch.optim, "Muon"):  # the project runs on torch >= 2.5; the reference came with 2.9
+        pytest.skip("torch.optim.Muon needs torch >= 2.9")
     p = torch.nn.Parameter(tensor.detach().clone())
     ref = torch.optim.Muon([p], lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, momentum=cfg.optim.momentum,
                            nesterov=cfg.optim.nesterov, ns_steps=cfg.optim.ns_steps, adjust_lr_fn=cfg.optim.adjust_lr_fn)

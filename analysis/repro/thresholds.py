@@ -103,9 +103,10 @@ FORCED_GROWTH = threshold(
     "magnitude'). Below it neither optimizer has an explosion for the other to exceed.", "E11 (headline)")
 CLIP_SLACK = threshold(
     "CLIP_SLACK", 0.5,
-    "QK-Clip bounds each head's max logit on the batch it measured (exactly: tests/test_muon.py); the monitor reads "
-    "held-out text, on which a clipped head can land somewhat above tau. 'Held at tau' read as a monitored peak "
-    "of at most (1 + this) x tau.", "E11 (headline)")
+    "QK-Clip bounds each head's largest logit on the batch it measured (exactly: tests/test_muon.py); the monitor "
+    "reads the largest |logit| on held-out text, on which a clipped head can land somewhat above tau (another "
+    "batch, and a negative logit the clip does not aim at). 'Held at tau' read as a monitored peak of at most "
+    "(1 + this) x tau.", "E11 (headline)")
 PRECAP_GROWTH = threshold(
     "PRECAP_GROWTH", 1.5,
     "'The soft-cap leaves the pre-cap logit growing' read as the pre-cap max logit growing at least this much from "

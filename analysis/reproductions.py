@@ -4,7 +4,7 @@ verdict on that page comes from here.
     python analysis/reproductions.py                       # reads reproductions/runs/, writes docs/ and the README's table
     python analysis/reproductions.py --runs DIR --out FILE --figures DIR --readme ''
 
-Each claim (E1-E10) is a module of analysis/claims/ that names its runs folder, its headline check and its
+Each claim (E1-E11) is a module of analysis/claims/ that names its runs folder, its headline check and its
 diagnostics; the shared core (analysis/repro/) reads the runs with the package's failure definitions
 (qknorm.analysis.failure), measures the seed noise, applies the verdict rule and writes the page.
 """

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The sweeps behind docs/reproductions.md, one function per claim (E1-E10 of that page). Each is an
+# The sweeps behind docs/reproductions.md, one function per claim (E1-E11 of that page). Each is an
 # ordinary Hydra multirun of `qknorm-train`: its jobs' directories are named by their configs, so running
 # this again resumes where it stopped, skips finished jobs, and a widened grid (another seed, another LR)
 # only trains what is new. Then `python analysis/reproductions.py` rewrites docs/reproductions.md.
@@ -136,7 +136,20 @@ scorecard() {
   qknorm-scorecard "$RUNS/scorecard" --out docs/scorecard.md
 }
 
-all=(e1 e10 e4 e6 e5 e3 e7 e9 e8)
+# E11: Muon and the logits (Kimi K2's QK-Clip; Su Jianlin: Muon is more prone to max-logit explosion than
+# Adam). tiny without QK-norm, an LR ladder forced high (small models rarely explode: Su), 400 steps with a
+# 40-step warmup, 2 seeds. AdamW against Muon at matched update RMS (Muon's match_rms_adamw: the same LR gives
+# an update of AdamW's RMS); then, at the two highest LRs, Muon with QK-Clip at tau 30 and 100, per head and per
+# layer; with Qwen3's QK-norm; with a soft-cap of 50 (the monitor records the logit before the cap). 40 runs.
+E11=(model=tiny trainer.max_steps=400 optim.warmup_steps=40 seed=0,1)
+e11() {
+  sweep e11_muon_logits "${E11[@]}" attention=baseline optim=adamw,muon optim.lr=1e-2,3e-2,1e-1,3e-1
+  sweep e11_muon_logits "${E11[@]}" attention=baseline optim=muon optim.lr=1e-1,3e-1 \
+    attention.qk_clip_tau=30,100 attention.qk_clip_scope=head,layer
+  sweep e11_muon_logits "${E11[@]}" optim=muon optim.lr=1e-1,3e-1 attention=qwen3,rybakov2024_soft_cap
+}
+
+all=(e1 e10 e4 e6 e5 e3 e7 e9 e8 e11)
 # The CPU round that decides (in this order, about 11 machine hours): bash reproductions/run.sh round
 round() { e8; e4; e3; e1; }
 for e in "${@:-${all[@]}}"; do

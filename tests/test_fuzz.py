@@ -89,7 +89,28 @@ optim = st.fixed_dictionaries({
     "min_lr_ratio": mostly(st.sampled_from([0.0, 0.1, 1.0]), 5.0, -0.1, math.nan),
     "grad_clip": mostly(st.sampled_from([None, 1.0]), 0.0, -1.0, math.inf, math.nan),
     "z_loss": mostly(st.sampled_from([0.0, 1e-4]), -1e-4, -0.01, math.inf, math.nan),
+    "name": mostly(st.sampled_from(["adamw", "muon"]), "lion"),
 })
+
+
+def _muon_settings(name: str):
+    """Muon's settings: drawn for optim.name=muon; with AdamW left at their defaults, but for a rare one set,
+    which is refused (it would be ignored)."""
+    if name != "muon":
+        return mostly(st.just({}), {"muon_split": "head"}, {"momentum": 0.9}, odds=30)
+    return st.fixed_dictionaries({
+        "muon_split": mostly(st.sampled_from(["matrix", "head"]), "rows"),
+        "adjust_lr_fn": mostly(st.sampled_from(["match_rms_adamw", "original"]), "spectral"),
+        "momentum": mostly(st.sampled_from([0.95, 0.0, 0.5]), 1.0, -0.1, math.nan),
+        "nesterov": st.booleans(),
+        "ns_steps": mostly(st.sampled_from([5, 1, 3]), 0, -1),
+    })
+
+
+optim = optim.flatmap(lambda o: _muon_settings(o["name"]).map(lambda m: {**o, **m}))
+# QK-Clip's scope: either with a clip, left at head without one but for a rare layer (refused: it would be ignored)
+attention = attention.flatmap(lambda a: (mostly(st.sampled_from(["head", "layer"]), "block", odds=15) if a["qk_clip_tau"] is not None
+                                         else mostly("head", "layer", odds=30)).map(lambda scope: {**a, "qk_clip_scope": scope}))
 
 
 def _config(draw_attention: dict, draw_model: dict, draw_optim: dict) -> dict:
@@ -199,6 +220,9 @@ BOUNDS = [
     ("optim.min_lr_ratio", 1.0, True, -1, {}),
     ("optim.grad_clip", 0.0, False, +1, {}),
     ("optim.z_loss", 0.0, True, +1, {}),
+    ("optim.momentum", 0.0, True, +1, {"optim.name": "muon"}),
+    ("optim.momentum", 1.0, False, -1, {"optim.name": "muon"}),
+    ("optim.ns_steps", 1, True, +1, {"optim.name": "muon"}),
     ("trainer.num_nodes", 1, True, +1, {}),
     ("trainer.max_steps", 1, True, +1, {}),
     ("trainer.max_time_minutes", 0.0, False, +1, {}),

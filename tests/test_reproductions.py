@@ -56,12 +56,13 @@ def composed(overrides: tuple[str, ...]) -> dict:
 
 def write_run(folder: Path, overrides: list[str], loss: float, *, initial: float = 7.0, logit=(1.0, 1.0),
               qk=(1.0, 1.0), wall: float = 10.0, seed: int = 0, log_z=(0.0, 0.0), gain=(1.0, 1.0),
-              raw_qk=None, diverge_at=None, history=None, excursion_at=None) -> Path:
+              raw_qk=None, diverge_at=None, history=None, excursion_at=None, precap=None, stability=None) -> Path:
     """One run directory. A run diverges when `diverge_at` is given or its loss is at least the initial
     loss (then at AFTER_WARMUP): its train loss (metrics.csv, every 10 steps) jumps above the initial loss
     there and the detector stops it 10 steps later. `excursion_at`: one logged train loss above the initial
     loss that the run recovers from. Values given as (start, end) grow geometrically over the monitor's
-    records; `raw_qk` (the unscaled q k^T) is the last layer's, the first layer's staying at 1."""
+    records; `raw_qk` (the unscaled q k^T) is the last layer's, the first layer's staying at 1; `precap` the max
+    logit before a soft-cap (every layer's); `stability` the summary's fingerprint."""
     # composed without the LR, which is set after: one composition serves a whole LR grid
     lr = [o.split("=", 1)[1] for o in overrides if o.startswith("optim.lr=")]
     raw = {**composed(tuple(o for o in overrides if not o.startswith("optim.lr="))), "seed": seed}
@@ -95,6 +96,7 @@ def write_run(folder: Path, overrides: list[str], loss: float, *, initial: float
         "config": {"callbacks.divergence.patience": 10},
         "initial_loss": initial, "final_val_loss": loss, "final_val_bpb": loss / 2, "steps": STEPS, "wall_time_s": wall,
         "params_non_embedding": 100_000, "train_tokens_available": 1_800_000, "overrides": overrides,
+        **({"stability": stability} if stability is not None else {}),
         "val_history": history if history is not None else
         [{"step": s, "loss": loss + 0.5 * (1 - s / STEPS), "bpb": (loss + 0.5 * (1 - s / STEPS)) / 2} for s in (100, 200, 300)]}))
 
@@ -106,7 +108,8 @@ def write_run(folder: Path, overrides: list[str], loss: float, *, initial: float
     for i, step in enumerate(RECORD_STEPS):
         layer = {"max_logit": [grow(logit, i), grow(logit, i) / 2], "q_rms": [grow(qk, i)] * 2, "k_rms": [grow(qk, i)] * 2,
                  "qk_cosine": [0.1, 0.1], "qkv_out_l2": grow(logit, i), "attn_proj_out_l2": grow(logit, i),
-                 "mlp_out_l2": grow(logit, i), "q_norm_gain_l2": grow(gain, i)}
+                 "mlp_out_l2": grow(logit, i), "q_norm_gain_l2": grow(gain, i),
+                 **({"max_logit_precap": [grow(precap, i), grow(precap, i) / 2]} if precap is not None else {})}
         last_layer = layer if raw_qk is None else {**layer, "raw_qk_max": [grow(raw_qk, i)] * 2}
         if raw_qk is not None:
             layer = {**layer, "raw_qk_max": [1.0, 1.0]}
@@ -157,14 +160,15 @@ def test_the_verdict_rests_on_the_headline_alone():
     assert repro.verdict_of([D("side", True)])[0] == "inconclusive"
 
 
-def test_no_runs_gives_ten_inconclusive_sections(tmp_path):
+def test_no_runs_gives_eleven_inconclusive_sections(tmp_path):
     out = tmp_path / "docs" / "reproductions.md"
     sections = repro.build(tmp_path / "runs", out, tmp_path / "docs" / "reproductions")
-    assert [s.key for s in sections] == [f"E{i}" for i in range(1, 11)]
+    assert [s.key for s in sections] == [f"E{i}" for i in range(1, 12)]
     assert all(s.verdict == "inconclusive" and s.reason.startswith("not run yet") for s in sections)
     text = out.read_text()
-    assert text.count("| **inconclusive** |") == 10 and text.count("\n## E") == 10
-    assert f"bash reproductions/run.sh {COMMAND['E4']}`" in text and "It cannot decide 10" in text
+    assert text.count("| **inconclusive** |") == 11 and text.count("\n## E") == 11
+    assert f"bash reproductions/run.sh {COMMAND['E4']}`" in text and "It cannot decide 11" in text
+    assert "## E11: Muon and the logits" in text and f"bash reproductions/run.sh {COMMAND['E11']}`" in text
 
 
 def test_the_page_lists_every_threshold_with_its_value(tmp_path):
@@ -207,7 +211,7 @@ def test_e1_and_e2_reproduced_when_the_data_show_the_claims(tmp_path):
     assert "24 runs" in sections["E1"].scale and "tokens 2.46M; epochs 1.4 (of 1.80M training tokens)" in sections["E1"].scale
     assert (tmp_path / "docs" / "figs" / "e1_loss_vs_lr.png").exists()
     text = out.read_text()
-    assert "![E1](figs/e1_loss_vs_lr.png)" in text and "This proxy decides 2 of the 10 claims" in text
+    assert "![E1](figs/e1_loss_vs_lr.png)" in text and "This proxy decides 2 of the 11 claims" in text
     assert "(one seed" in sections["E1"].note
     assert sections["E4"].verdict == "inconclusive"  # the sections without runs stay inconclusive
 
@@ -291,7 +295,8 @@ def test_the_readme_table_is_rewritten_between_its_markers(tmp_path):
     text = readme.read_text()
     assert "stale" not in text and text.startswith("intro\n") and text.endswith("after\n")
     assert "| [E4](docs/reproductions.md#e4-the-ladder-of-first-diverging-lr) |" in text
-    assert text.count("| **inconclusive** |") == 10
+    assert "| [E11](docs/reproductions.md#e11-muon-and-the-logits) |" in text
+    assert text.count("| **inconclusive** |") == 11
 
 
 LADDER = {"baseline": 1e-1, "rybakov2024_soft_cap": 1.0, "wortsman2023_qk_layernorm": 1.0,
@@ -544,3 +549,58 @@ def test_a_mean_trend_that_no_seed_shows_alone_is_undecided(tmp_path):
     assert sec.seed_checks == {0: [False, True], 1: [False, True]}
     assert [c.value for c in sec.checks] == [None, True]
     assert sec.verdict == "inconclusive" and sec.reason == "the seeds' mean: yes, each seed alone: no"
+
+
+# -- E11: Muon and the logits ----------------------------------------------------------------------------------
+
+E11_LRS = (1e-2, 3e-1)
+
+
+def e11_fixture(root: Path, holds: bool, forced: bool = True, seeds=(0, 1)) -> None:
+    """E11's runs (tiny, no QK-norm, 2 seeds). `holds`: Muon's max logit outgrows AdamW's, QK-Clip per head holds it
+    at tau at no loss cost, per layer costs more, and the soft-capped pre-cap logit grows; otherwise each of those
+    comes out the other way. Without `forced`, no LR makes any logit grow (nothing to compare, nothing to clip)."""
+    folder = root / RUNS["E11"]
+    base = ["model=tiny", "optim.warmup_steps=40"]
+    peaks = {1e-2: (2.0, 3.0), 3e-1: (200.0, 5000.0) if holds else (200.0, 80.0)}
+    for seed in seeds:
+        for lr in E11_LRS:
+            adamw, muon = peaks[lr] if forced else (1.5, 1.6)
+            write_run(folder, [*base, "attention=baseline", "optim=adamw", f"optim.lr={lr:g}"], 3.0 + 0.001 * seed,
+                      seed=seed, logit=(1.0, adamw))
+            write_run(folder, [*base, "attention=baseline", "optim=muon", f"optim.lr={lr:g}"], 3.0 + 0.001 * seed,
+                      seed=seed, logit=(1.0, muon))
+        for lr in E11_LRS[1:]:
+            for tau in (30, 100):
+                for scope in ("head", "layer"):
+                    loss = (3.0 if holds else 3.6) if scope == "head" else (3.6 if holds else 3.0)
+                    write_run(folder, [*base, "attention=baseline", "optim=muon", f"optim.lr={lr:g}",
+                                       f"attention.qk_clip_tau={tau}", f"attention.qk_clip_scope={scope}"], loss + 0.001 * seed,
+                              seed=seed, logit=(1.0, tau * (1.1 if holds else 3.0) if forced else 1.6),
+                              stability={"qk_clip_clipped_head_steps": 40 if forced else 0})
+            write_run(folder, [*base, "attention=qwen3", "optim=muon", f"optim.lr={lr:g}"], 3.0 + 0.001 * seed, seed=seed,
+                      logit=(1.0, 5.0))
+            write_run(folder, [*base, "attention=rybakov2024_soft_cap", "optim=muon", f"optim.lr={lr:g}"], 3.0 + 0.001 * seed,
+                      seed=seed, logit=(1.0, 45.0), precap=(5.0, 500.0) if holds and forced else (50.0, 50.0))
+
+
+@pytest.mark.parametrize("holds,verdict", [(True, "reproduced"), (False, "not reproduced")])
+def test_e11_comes_out_either_way_as_the_runs_show(tmp_path, holds, verdict):
+    e11_fixture(tmp_path / "runs", holds)
+    e11 = build(tmp_path / "runs", tmp_path)["E11"]
+    assert e11.verdict == verdict, e11.reason
+    parts = [c for c in e11.checks if c.headline]
+    assert len(parts) == 5 and all(c.value is holds for c in parts), [(c.name, c.value, c.why) for c in parts]
+    assert "Muon (momentum 0.95, Nesterov; 5 Newton-Schulz steps; split by matrix; LR match_rms_adamw)" in e11.scale
+    body = "\n".join(e11.body)
+    assert "| Muon, QK-Clip tau 30 per head | 0.3 |" in body and "| AdamW | 0.01 |" in body
+    assert e11.seeds == 2 and e11.figures
+
+
+def test_e11_without_a_forced_logit_is_inconclusive_and_says_why(tmp_path):
+    e11_fixture(tmp_path / "runs", holds=True, forced=False)
+    e11 = build(tmp_path / "runs", tmp_path)["E11"]
+    assert e11.verdict == "inconclusive", e11.reason
+    assert "no LR of the ladder forces the max logit up" in e11.reason
+    assert "there was nothing to clip" in e11.reason and "no tau and LR with both scopes and a head clipped" in e11.reason
+    assert "no growth for the cap to hide or stop" in e11.reason

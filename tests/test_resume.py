@@ -16,10 +16,10 @@ import pytest
 import torch
 
 
-def _cmd(run_dir: Path, model: str, steps: int) -> list[str]:
+def _cmd(run_dir: Path, model: str, steps: int, extra: tuple[str, ...] = ()) -> list[str]:
     return [str(Path(sys.executable).parent / "qknorm-train"), f"hydra.run.dir={run_dir}", f"model={model}",
             f"trainer.max_steps={steps}", "trainer.val_every_n_steps=20", "trainer.checkpoint_every_n_steps=10",
-            "callbacks.monitor.every_n_steps=10", "trainer.progress_bar=false", "logger=csv"]
+            "callbacks.monitor.every_n_steps=10", "trainer.progress_bar=false", "logger=csv", *extra]
 
 
 def _steps_logged(path: Path, key: str) -> list[int]:
@@ -28,14 +28,19 @@ def _steps_logged(path: Path, key: str) -> list[int]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model,steps", [("tiny", 60)])
-def test_sigkill_then_rerun_matches_an_uninterrupted_run(tmp_path, cache_dir, model, steps):
+@pytest.mark.parametrize("model,steps,extra", [
+    ("tiny", 60, ()),
+    # Muon (its momentum and AdamW's moments in the checkpoint) with QK-Clip (the clip part of the step, so the
+    # checkpoint holds the clipped weights): a low tau so that heads are clipped
+    ("nano", 60, ("optim=muon", "optim.muon_split=head", "attention.qk_clip_tau=3", "data.batch_size=16")),
+], ids=["adamw", "muon_qk_clip"])
+def test_sigkill_then_rerun_matches_an_uninterrupted_run(tmp_path, cache_dir, model, steps, extra):
     env = {**os.environ, "QKNORM_CACHE_DIR": str(cache_dir)}
-    whole = subprocess.run(_cmd(tmp_path / "whole", model, steps), env=env, capture_output=True, text=True, timeout=900)
+    whole = subprocess.run(_cmd(tmp_path / "whole", model, steps, extra), env=env, capture_output=True, text=True, timeout=900)
     assert whole.returncode == 0, whole.stderr[-3000:]
 
     killed_dir = tmp_path / "killed"
-    proc = subprocess.Popen(_cmd(killed_dir, model, steps), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    proc = subprocess.Popen(_cmd(killed_dir, model, steps, extra), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     target = random.Random(0).randint(12, steps - 12)  # a random step after the first checkpoint (step 10)
     deadline = time.time() + 600
@@ -50,7 +55,7 @@ def test_sigkill_then_rerun_matches_an_uninterrupted_run(tmp_path, cache_dir, mo
     proc.wait()
     assert json.loads((killed_dir / "summary.json").read_text())["status"] == "running"
 
-    again = subprocess.run(_cmd(killed_dir, model, steps), env=env, capture_output=True, text=True, timeout=900)
+    again = subprocess.run(_cmd(killed_dir, model, steps, extra), env=env, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resuming from" in again.stderr + again.stdout
     a = json.loads((tmp_path / "whole" / "summary.json").read_text())
@@ -65,6 +70,10 @@ def test_sigkill_then_rerun_matches_an_uninterrupted_run(tmp_path, cache_dir, mo
     records = [json.loads(l)["step"] for l in (killed_dir / "stability.jsonl").read_text().splitlines()]
     whole_records = [json.loads(l)["step"] for l in (tmp_path / "whole" / "stability.jsonl").read_text().splitlines()]
     assert records == sorted(set(records)) == whole_records == [*range(0, steps, 10), steps - 1]  # and the last step's
+    if "attention.qk_clip_tau=3" in extra:  # heads were clipped, and the count went on across the kill
+        last = [json.loads(line) for line in (killed_dir / "stability.jsonl").read_text().splitlines()][-1]
+        assert last["qk_clip_clipped_head_steps"] > 0
+        assert a["stability"]["qk_clip_clipped_head_steps"] == b["stability"]["qk_clip_clipped_head_steps"]
 
 
 def test_a_kill_during_a_checkpoint_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):

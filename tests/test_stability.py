@@ -55,9 +55,15 @@ def test_logged_max_logit_matches_float64_computation(preset, tmp_path):
         raw = torch.einsum("bqhd,bkhd->bhqk", q, k)
         s = ref_scale(attn, a.scale, attn.head_dim)
         z = raw * s
-        if a.softcap is not None:
-            z = a.softcap * torch.tanh(z / a.softcap)
         mask = torch.ones(T, T, dtype=torch.bool).tril()
+        if a.softcap is not None:  # the logits the cap received, beside the capped ones
+            expected_precap = z.abs().masked_fill(~mask, 0).amax(dim=(0, 2, 3))
+            torch.testing.assert_close(torch.tensor(record["layers"][i]["max_logit_precap"], dtype=torch.float64),
+                                       expected_precap, rtol=1e-5, atol=1e-5)
+            assert max(record["layers"][i]["max_logit_precap"]) > a.softcap  # the weights x5 drive them past the cap
+            z = a.softcap * torch.tanh(z / a.softcap)
+        else:
+            assert "max_logit_precap" not in record["layers"][i]
         expected = z.abs().masked_fill(~mask, 0).amax(dim=(0, 2, 3))
         expected_raw = raw.abs().masked_fill(~mask, 0).amax(dim=(0, 2, 3))
         got = torch.tensor(record["layers"][i]["max_logit"], dtype=torch.float64)
@@ -78,6 +84,41 @@ def test_logged_max_logit_matches_float64_computation(preset, tmp_path):
                               ("collapsed_rows", collapsed)):
             torch.testing.assert_close(torch.tensor(record["layers"][i][key], dtype=torch.float64), expected, rtol=1e-5, atol=1e-6)
     assert np.isfinite(record["output_log_z_mean"])
+
+
+def test_the_monitor_counts_qk_clips_every_step_and_records_each_heads_gamma(tmp_path):
+    from types import SimpleNamespace
+
+    from qknorm.training.qk_clip import apply_qk_clip
+
+    cfg = compose_config(["model=nano", "model.n_heads=4", f"data.seq_len={T}", "attention.qk_clip_tau=1e-3",
+                          "attention.qk_clip_scope=head"])
+    torch.manual_seed(0)
+    module = LMModule(cfg, 400, np.ones(400))
+    module.last_grad_norm, module.last_train_loss = None, None
+    monitor = StabilityMonitor(MonitorConfig(every_n_steps=5, probe_sequences=2), tmp_path)
+    monitor.probe_batch = torch.randint(0, 400, (2, T))
+    x = torch.randint(0, 400, (2, T + 1))
+    layers = module.model.attention_layers()
+    heads = sum(layer.n_heads for layer in layers)
+    w0 = [layer.qkv.weight.detach().clone() for layer in layers]
+    for step in range(3):  # every head's max logit is far above tau = 1e-3: all clipped at every step
+        for layer, w in zip(layers, w0, strict=True):
+            with torch.no_grad():
+                layer.qkv.weight.copy_(w)  # as if each step's update undid the last clip
+            layer.max_logit = torch.full((layer.n_heads,), float("-inf"))
+        module.model.loss(x[:, :-1], x[:, 1:])
+        assert apply_qk_clip(module.model, cfg.attention) == heads
+        monitor.on_train_batch_end(SimpleNamespace(global_step=step + 1, max_steps=10), module, None, None, step)
+    record = monitor.measure(module, step=2)
+    assert record["qk_clip_clipped_heads"] == heads and record["qk_clip_clipped_head_steps"] == 3 * heads
+    for layer, stats in zip(layers, record["layers"], strict=True):
+        assert stats["qk_clip_clipped_heads"] == layer.n_heads
+        assert stats["qk_clip_gamma"] == pytest.approx([float(g) for g in layer.qk_clip_gamma], rel=1e-6)
+        assert max(stats["qk_clip_gamma"]) < 1
+    resumed = StabilityMonitor(MonitorConfig(every_n_steps=5), tmp_path)
+    resumed.load_state_dict(monitor.state_dict())  # the count goes on from a checkpoint
+    assert resumed.clipped_head_steps == 3 * heads
 
 
 def test_tiny_statistics_are_recorded_not_rounded_to_zero(tmp_path):

@@ -47,7 +47,12 @@ def _row_fields(row, corpus_tokens: Optional[int]) -> dict[str, str]:
     def optimizer() -> str:
         b1, b2 = c["optim.betas"]
         clip = c.get("optim.grad_clip")
-        return f"AdamW (betas {b1:g}, {b2:g}; eps {c['optim.eps']:g}; grad clip {'none' if clip is None else f'{clip:g}'})"
+        adamw = f"AdamW (betas {b1:g}, {b2:g}; eps {c['optim.eps']:g}; grad clip {'none' if clip is None else f'{clip:g}'})"
+        if c.get("optim.name", "adamw") != "muon":  # runs recorded before optim.name existed are AdamW's
+            return adamw
+        return (f"Muon (momentum {c['optim.momentum']:g}{', Nesterov' if c['optim.nesterov'] else ''}; {c['optim.ns_steps']} "
+                f"Newton-Schulz steps; split by {c['optim.muon_split']}; LR {c['optim.adjust_lr_fn']}) for the block matrices, "
+                f"{adamw} for the rest")
 
     getters: dict[str, Callable[[], str]] = {
         "optimizer": optimizer,

@@ -96,3 +96,18 @@ DRIFT_MIN_GROWTH = threshold(
 INTERVAL = threshold(
     "INTERVAL", 0.95,
     "E10's paired differences over seeds: a two-sided t-interval at this level must exclude 0.", "E10")
+FORCED_GROWTH = threshold(
+    "FORCED_GROWTH", 10.0,
+    "E11 compares the optimizers where the LR is 'forced high': at an LR where an unclipped run's max logit (over "
+    "layers and heads) grows at least this much from its first record to its peak (Wortsman's 'orders of "
+    "magnitude'). Below it neither optimizer has an explosion for the other to exceed.", "E11 (headline)")
+CLIP_SLACK = threshold(
+    "CLIP_SLACK", 0.5,
+    "QK-Clip bounds each head's largest logit on the batch it measured (exactly: tests/test_muon.py); the monitor "
+    "reads the largest |logit| on held-out text, on which a clipped head can land somewhat above tau (another "
+    "batch, and a negative logit the clip does not aim at). 'Held at tau' read as a monitored peak of at most "
+    "(1 + this) x tau.", "E11 (headline)")
+PRECAP_GROWTH = threshold(
+    "PRECAP_GROWTH", 1.5,
+    "'The soft-cap leaves the pre-cap logit growing' read as the pre-cap max logit growing at least this much from "
+    "DRIFT_FROM of the run to its end, while the capped logit stays below the cap.", "E11 (headline)")

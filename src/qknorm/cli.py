@@ -38,7 +38,7 @@ GROUPS = {
     "model": "size and shape: d_model, n_layers, n_heads, n_kv_heads, head_dim, mlp, init, compile",
     "attention": "the attention stabilizer: every QK-norm axis (qk_norm, scope, gain, scale, softcap, ...)",
     "data": "the corpus, seq_len, batch_size, vocab_size",
-    "optim": "AdamW and the schedule: lr (peak), betas, weight_decay, warmup_steps, grad_clip, z_loss",
+    "optim": "AdamW or Muon, and the schedule: lr (peak), betas, weight_decay, warmup_steps, grad_clip, muon_split",
     "trainer": "device and length: max_steps, max_time_minutes, val_every_n_steps, precision, devices",
     "logger": "TensorBoard and/or metrics.csv",
     "callbacks": "the stability monitor (monitor.*) and the divergence detector (divergence.*)",

@@ -83,6 +83,9 @@ class AttentionConfig:
     final_logit_softcap: Optional[float] = None  # Gemma 2: 30
     qkv_bias: bool = False  # Qwen2
     qk_clip_tau: Optional[float] = None  # Kimi K2 QK-Clip: 100
+    # head: each head h whose max logit S_h exceeded tau is scaled by tau / S_h (Kimi K2); layer: every head of
+    # a layer by tau / max_h S_h once any exceeded (the coarser rule Kimi K2 compares against)
+    qk_clip_scope: Literal["head", "layer"] = "head"
     # Rybakov et al. 2024's other baselines (conf/attention/ has one preset each):
     proj_fc2_norm: Literal["none", "layernorm"] = "none"  # QK_FC_norm: LayerNorm on the Proj and FC2 outputs
     sigma_reparam: bool = False  # Zhai et al. 2023: every block matrix W -> gamma / sigma(W) * W
@@ -107,6 +110,9 @@ class AttentionConfig:
                      f"QK-Clip rescales W_q/W_k, which qk_norm={self.qk_norm} cancels; use it with qk_norm=none")
             _require(not self.sigma_reparam, f"{path}.qk_clip_tau",
                      "QK-Clip rescales W_q/W_k, which sigma_reparam's gamma / sigma(W) cancels")
+        else:
+            _require(self.qk_clip_scope == "head", f"{path}.qk_clip_scope",
+                     "only applies with attention.qk_clip_tau set (QK-Clip is off)")
         if self.softcap is not None:
             _require(self.backend != "sdpa", f"{path}.backend",
                      "sdpa cannot apply a logit soft-cap; allowed with softcap: auto, flex, explicit")
@@ -239,6 +245,11 @@ class DataConfig:
                 _require_text(item, f"{path}.data_files[{i}]")
 
 
+# Muon's settings and their defaults: with optim.name=adamw they must stay at these (OptimConfig.validate)
+MUON_DEFAULTS: dict[str, Any] = {"muon_split": "matrix", "adjust_lr_fn": "match_rms_adamw", "momentum": 0.95,
+                                 "nesterov": True, "ns_steps": 5}
+
+
 @dataclass(frozen=True)
 class OptimConfig:
     lr: float = 1e-2  # peak learning rate
@@ -254,7 +265,20 @@ class OptimConfig:
     min_lr_ratio: float = 0.1  # cosine floor as a fraction of the peak
     grad_clip: Optional[float] = 1.0
     z_loss: float = 0.0  # coefficient of log^2 Z (Wortsman et al. 2023; PaLM: 1e-4)
-    fused: Literal["auto", "on", "off"] = "auto"
+    fused: Literal["auto", "on", "off"] = "auto"  # AdamW's fused kernel (Muon's AdamW groups too)
+    # adamw: AdamW for every parameter. muon: Muon (Jordan et al. 2024) for the blocks' weight matrices, AdamW
+    # (the settings above) for the embedding, the LM head, gains, biases and scalars (training/muon.py).
+    name: Literal["adamw", "muon"] = "adamw"
+    # Muon only. The fused QKV and SwiGLU gate|up weights are orthogonalized part by part (q, k, v, gate, up:
+    # separate matrices in Moonlight and modded-nanogpt); head: each head of q, k and v on its own.
+    muon_split: Literal["matrix", "head"] = "matrix"
+    # the LR of a Muon update of an A x B matrix: match_rms_adamw (Moonlight, Liu et al. 2025): lr * 0.2 *
+    # sqrt(max(A, B)), an update of AdamW's RMS, so AdamW's LR and weight decay carry over; original (Keller
+    # Jordan): lr * sqrt(max(1, A / B))
+    adjust_lr_fn: Literal["original", "match_rms_adamw"] = "match_rms_adamw"
+    momentum: float = 0.95
+    nesterov: bool = True
+    ns_steps: int = 5  # Newton-Schulz iterations
 
     def validate(self, path: str) -> None:
         _require(math.isfinite(self.lr) and self.lr > 0, f"{path}.lr", f"must be a positive number, got {self.lr}")
@@ -280,6 +304,16 @@ class OptimConfig:
             _require(math.isfinite(self.grad_clip), f"{path}.grad_clip", f"must be finite (null turns clipping off), got {self.grad_clip}")
         # a negative coefficient rewards a large log Z: the drift the z-loss is there to stop
         _require(math.isfinite(self.z_loss) and self.z_loss >= 0, f"{path}.z_loss", f"must be a number >= 0, got {self.z_loss}")
+        # momentum is an average's weight (buf = momentum * buf + (1 - momentum) * grad): at 1 the gradient never enters
+        _require(math.isfinite(self.momentum) and 0.0 <= self.momentum < 1.0, f"{path}.momentum",
+                 f"must be in [0, 1), got {self.momentum}")
+        # no iteration leaves the update merely normalized, not orthogonalized: not Muon
+        _require(self.ns_steps >= 1, f"{path}.ns_steps", f"must be >= 1, got {self.ns_steps}")
+        if self.name != "muon":
+            # Muon's settings set with AdamW would be ignored without a word
+            for key, default in MUON_DEFAULTS.items():
+                _require(getattr(self, key) == default, f"{path}.{key}",
+                         f"only applies to optim=muon (optim.name=muon), got {getattr(self, key)!r} with optim.name={self.name}")
 
     def warmup_for(self, max_steps: int) -> int:
         """Warmup steps of a run of `max_steps` steps: warmup_steps if set, else the fraction (rounded up)."""

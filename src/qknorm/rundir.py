@@ -40,6 +40,18 @@ NOT_IDENTITY = (
     "trainer.checkpoint_every_n_steps", "trainer.keep_checkpoint", "trainer.val_points", "callbacks.lr_monitor",
     "callbacks.throughput", "callbacks.monitor.points", "optim.warmup_fraction",
 )
+# Keys added to the config after runs were recorded, each with the value that computes what a run recorded
+# before the key existed computed. At that value a key is left out of the identity, so such a run keeps
+# its identity (its directory name in a sweep, its summary's config_id) and a sweep re-run finds it again;
+# any other value is part of the identity. The values are written here, not read from the defaults: a
+# default that changes later must not take runs of the old value with it.
+LATER_KEYS = {
+    "optim.name": "adamw", "optim.muon_split": "matrix", "optim.adjust_lr_fn": "match_rms_adamw", "optim.momentum": 0.95,
+    "optim.nesterov": True, "optim.ns_steps": 5, "attention.qk_clip_scope": "head",
+    # the early stops of LR searches (off: what every earlier run did)
+    "callbacks.divergence.after_warmup_margin": None, "callbacks.divergence.running_min_factor": None,
+    "callbacks.divergence.max_logit": None,
+}
 # Overrides left out of a job directory's readable name: the sweep's fixed settings (its size) and
 # bookkeeping. The hash after the name tells jobs apart whatever is left out.
 NOT_IN_DIRNAME = ("trainer.", "callbacks.", "logger", "paths.", "sweeps", "hydra", "data.cache_dir", "task_name")
@@ -70,7 +82,8 @@ def identity(raw: Mapping[str, Any]) -> dict[str, Any]:
     except QknormError:
         tree = {k: v for k, v in raw.items() if k not in NON_RUN_KEYS}
     flat = flatten(tree)
-    return {k: v for k, v in sorted(flat.items()) if not any(k == p or k.startswith(p + ".") for p in NOT_IDENTITY)}
+    return {k: v for k, v in sorted(flat.items())
+            if not any(k == p or k.startswith(p + ".") for p in NOT_IDENTITY) and not (k in LATER_KEYS and LATER_KEYS[k] == v)}
 
 
 def identity_hash(ident: Mapping[str, Any]) -> str:

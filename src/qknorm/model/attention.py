@@ -21,6 +21,7 @@ from . import kernels
 from .capped_attention import capped_causal_attention, causal_mask
 from .norm_rope import norm_rope
 from .norms import QKNorm, build_norm, can_norm_jointly, norm_qk_jointly, stacked_affine
+from .parts import Part, declare_parts
 from .roles import declare
 from .rope import rope
 
@@ -93,6 +94,7 @@ def explicit_attention(q, k, v, scale, softcap: Optional[float], probe_tensors: 
     acc = torch.promote_types(q.dtype, torch.float32)  # fp32 logits and softmax, fp64 when asked
     raw = q.to(acc) @ k.to(acc).transpose(-1, -2)
     logits = raw * (scale.to(acc) if isinstance(scale, torch.Tensor) else scale)
+    precap = logits
     if softcap is not None:
         logits = softcap * torch.tanh(logits / softcap)
     mask = causal_mask(q.shape[-2], k.shape[-2], q.device)
@@ -102,6 +104,8 @@ def explicit_attention(q, k, v, scale, softcap: Optional[float], probe_tensors: 
         weights = ((zeta - gamma) * weights + gamma).clamp(0.0, 1.0)
     if probe_tensors is not None:
         probe_tensors.update(raw_scores=raw, logits=logits, weights=weights, mask=mask)
+        if softcap is not None:  # what the cap hides: the logits it received
+            probe_tensors["precap_logits"] = precap
     return (weights.to(v.dtype) @ v)
 
 
@@ -120,6 +124,8 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = model.n_heads, model.kv_heads, model.dim_head
         q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         self.qkv = declare(nn.Linear(model.d_model, q_size + 2 * kv_size, bias=cfg.qkv_bias), weight="matrix", bias="bias")
+        declare_parts(self.qkv, weight=(Part("q", self.n_heads, self.head_dim), Part("k", self.n_kv_heads, self.head_dim),
+                                        Part("v", self.n_kv_heads, self.head_dim)))
         self.proj = declare(nn.Linear(q_size, model.d_model, bias=False), weight="matrix")
         self.split_sizes = (q_size, kv_size, kv_size)
 
@@ -132,6 +138,8 @@ class Attention(nn.Module):
         self.probe: Optional[AttentionProbe] = None
         # QK-Clip needs this training step's per-head max logit; None when the clip is off.
         self.max_logit: Optional[torch.Tensor] = None
+        # the last clip's gamma per head (1: left alone), read by the stability monitor; None before one
+        self.qk_clip_gamma: Optional[torch.Tensor] = None
 
     # -- the shared decision: normalization, RoPE, temperature ------------------------------------
 
@@ -232,12 +240,17 @@ class Attention(nn.Module):
         self.max_logit = torch.maximum(self.max_logit.to(per_head.device), per_head)
 
     @torch.no_grad()
-    def apply_qk_clip(self, tau: float) -> torch.Tensor:
+    def apply_qk_clip(self, tau: float, scope: str = "head") -> torch.Tensor:
         """Kimi K2's QK-Clip: rescale W_q/W_k (and the q/k biases) so that each head's max logit on the last
         training batch, S_h, is at most tau; only what exceeded tau is touched.
 
-        Head h gets gamma_h = min(1, tau / S_h). A head with its own key (plain multi-head attention) takes
-        sqrt(gamma_h) on its q rows and on its k rows, as in Kimi K2. A key shared by a group of query heads
+        Head h gets gamma_h = min(1, tau / S_h); with scope="layer", every head of the layer gets
+        min(1, tau / max_h S_h), the layer's own max logit brought to tau (all its heads are then clipped, and
+        a shared key takes sqrt(gamma) like its queries). A head whose max logit is not finite (from a step
+        whose loss was not finite, which is skipped) is left alone.
+
+        A head with its own key (plain multi-head attention) takes sqrt(gamma_h) on its q rows and on its k
+        rows, as in Kimi K2. A key shared by a group of query heads
         (GQA) is left alone, as Kimi K2 leaves MLA's shared rotary key, and an exceeding head takes all of
         gamma_h on its q rows; unless every head of the group exceeded tau: then the key takes
         sqrt(max gamma) of the group and each q head gamma_h / sqrt(max gamma) <= sqrt(max gamma), so every
@@ -245,7 +258,10 @@ class Attention(nn.Module):
         """
         if self.max_logit is None:
             raise RuntimeError("QK-Clip needs the max logit tracked: set max_logit to -inf per head before training")
-        gamma = (tau / self.max_logit.clamp(min=1e-30)).clamp(max=1.0)
+        s = self.max_logit
+        if scope == "layer":
+            s = s.amax().expand_as(s)
+        gamma = torch.where(torch.isfinite(s), (tau / s.clamp(min=1e-30)).clamp(max=1.0), torch.ones_like(s))
         groups = self.n_heads // self.n_kv_heads
         by_group = gamma.view(self.n_kv_heads, groups)
         all_clipped = (by_group < 1.0).all(dim=1)
@@ -261,4 +277,5 @@ class Attention(nn.Module):
         if self.qkv.bias is not None:
             self.qkv.bias.mul_(factors)
         self.max_logit.fill_(float("-inf"))
+        self.qk_clip_gamma = gamma
         return gamma

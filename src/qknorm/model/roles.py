@@ -46,13 +46,19 @@ def declare(module: M, **param_roles: str) -> M:
     return module
 
 
-def _declared(model: nn.Module, name: str) -> str | None:
+def owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    """The module that made parameter `name` and its attribute there: for a parametrized tensor
+    (`<owner>.parametrizations.<tensor>.original`), its owner's, whose declarations it keeps."""
     path, _, attr = name.rpartition(".")
     module = model.get_submodule(path)
     if isinstance(module, parametrize.ParametrizationList) and attr == "original":
-        # `<owner>.parametrizations.<tensor>.original`: a parametrized tensor keeps its owner's declaration
         lists, _, attr = path.rpartition(".")
         module = model.get_submodule(lists.rpartition(".")[0])
+    return module, attr
+
+
+def _declared(model: nn.Module, name: str) -> str | None:
+    module, attr = owner(model, name)
     return getattr(module, _ATTR, {}).get(attr)
 
 

@@ -18,6 +18,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .attention import training_forward
+from .parts import parts_of
 from .roles import declare
 
 if TYPE_CHECKING:
@@ -67,10 +68,7 @@ class SigmaReparam(nn.Module):
 def apply_sigma_reparam(model: Transformer) -> None:
     """Reparametrize QKV, Proj, FC1 and FC2 of every block (not the embedding or the output head)."""
     for block in cast("list[Block]", model.blocks):
-        attn, mlp = block.attn, block.mlp
-        fc1_rows = mlp.fc1.weight.shape[0]
-        for linear, sizes in ((attn.qkv, attn.split_sizes), (attn.proj, (attn.proj.weight.shape[0],)),
-                              (mlp.fc1, (fc1_rows // 2,) * 2 if mlp.kind == "swiglu" else (fc1_rows,)),
-                              (mlp.fc2, (mlp.fc2.weight.shape[0],))):
+        for linear in (block.attn.qkv, block.attn.proj, block.mlp.fc1, block.mlp.fc2):
+            sizes = tuple(part.rows for part in parts_of(linear))  # q, k, v and gate, up apart (parts.py)
             # unsafe: skip the registration's trial forward, which would take a power step
             parametrize.register_parametrization(linear, "weight", SigmaReparam(linear.weight, sizes), unsafe=True)

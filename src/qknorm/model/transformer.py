@@ -13,6 +13,7 @@ from torch import nn
 from ..config import AttentionConfig, ModelConfig
 from .attention import Attention
 from .lm_loss import head_logits, lm_loss
+from .parts import Part, declare_parts
 from .roles import DRAWN, declare, roles
 from .rope import rope_tables
 from .sigma_reparam import apply_sigma_reparam
@@ -65,6 +66,8 @@ class MLP(nn.Module):
         hidden = cfg.hidden
         # SwiGLU's gate and up projections as one matmul
         self.fc1 = declare(nn.Linear(cfg.d_model, 2 * hidden if cfg.mlp == "swiglu" else hidden, bias=False), weight="matrix")
+        if cfg.mlp == "swiglu":
+            declare_parts(self.fc1, weight=(Part("gate", 1, hidden), Part("up", 1, hidden)))
         self.fc2 = declare(nn.Linear(hidden, cfg.d_model, bias=False), weight="matrix")
 
     def forward(self, x):

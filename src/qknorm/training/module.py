@@ -18,6 +18,7 @@ from ..model.kernels import compile_training_loss
 from ..utils.flops import device_name
 from .monitor import callbacks_fingerprint
 from .optim import optimizer_and_schedule
+from .qk_clip import apply_qk_clip, qk_clip_metrics
 
 
 @dataclass
@@ -137,16 +138,27 @@ class LMModule(pl.LightningModule):
                 p.grad = None  # the optimizer skips parameters without a gradient: no update at all
             self._nonfinite(f"non-finite gradient norm ({float(norm)}) at step {self.global_step}")
 
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        if self.last_grad_norm is not None and (self.global_step % self.cfg.trainer.log_every_n_steps == 0):
-            self.log("train/grad_norm", self.last_grad_norm)
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # QK-Clip is part of the step (Kimi K2's MuonClip: the optimizer's update, then the clip), whatever the
+        # optimizer: the callbacks after it (the stability monitor, the checkpoint) see the clipped weights,
+        # as a stack member's do (stack_trainer._member_step)
         if self._qk_clip:
-            for layer in self.model.attention_layers():
-                tau = self.cfg.attention.qk_clip_tau
-                assert tau is not None  # self._qk_clip is set only when it is
-                gamma = layer.apply_qk_clip(tau)
-                if self.global_step % self.cfg.trainer.log_every_n_steps == 0:
-                    self.log(f"qk_clip/layer{layer.layer_idx}_min_gamma", gamma.min())
+            if self.trainer.world_size > 1:  # the max over the whole batch, every process's part: one clip for all
+                for layer in self.model.attention_layers():
+                    assert layer.max_logit is not None  # set in on_train_start with QK-Clip on
+                    gathered = self.all_gather(layer.max_logit)
+                    assert isinstance(gathered, torch.Tensor)  # the gather of one tensor
+                    layer.max_logit = gathered.reshape(-1, layer.n_heads).amax(dim=0)
+            apply_qk_clip(self.model, self.cfg.attention)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        if self.global_step % self.cfg.trainer.log_every_n_steps == 0:
+            if self.last_grad_norm is not None:
+                self.log("train/grad_norm", self.last_grad_norm)
+            if self._qk_clip:
+                for name, value in qk_clip_metrics(self.model).items():
+                    self.log(name, value)
 
     def _nonfinite(self, reason: str) -> None:
         """A non-finite step is skipped; it ends the run unless skip_nonfinite_steps (OLMo-core's skip-step)."""

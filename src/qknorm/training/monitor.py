@@ -66,6 +66,8 @@ class StabilityProbe:
         raw_max = _per_head_masked(raw.abs(), mask, "max")
         self.layers[layer] = {
             "max_logit": _per_head_masked(logits.abs(), mask, "max"),
+            # a soft-capped model's logits before the cap, which the cap keeps below c whatever grows under it
+            **({"max_logit_precap": _per_head_masked(t["precap_logits"].abs(), mask, "max")} if "precap_logits" in t else {}),
             "mean_abs_logit": _per_head_masked(logits.abs(), mask, "mean"),
             "raw_qk_max": raw_max,
             "fp16_headroom": FP16_MAX / raw_max.clamp_min(1e-30),
@@ -109,13 +111,15 @@ class StabilityMonitor(pl.Callback):
         self._layer_grad_norms: Optional[dict[int, float]] = None
         self._last_measured: Optional[int] = None
         self.fingerprint: dict = {}
+        self.clipped_head_steps = 0  # QK-Clip: heads clipped, summed over every step so far
 
     # -- checkpointed state: the fingerprint so far ------------------------------------------------
     def state_dict(self):
-        return {"fingerprint": self.fingerprint}
+        return {"fingerprint": self.fingerprint, "clipped_head_steps": self.clipped_head_steps}
 
     def load_state_dict(self, state):
         self.fingerprint = dict(state.get("fingerprint", {}))
+        self.clipped_head_steps = int(state.get("clipped_head_steps", 0))
 
     def setup(self, trainer, pl_module, stage):
         if stage == "fit" and self.probe_batch is None:
@@ -149,6 +153,9 @@ class StabilityMonitor(pl.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = trainer.global_step - 1  # the step just taken
+        # QK-Clip ran in the step (training/qk_clip.py): count its heads every step, not only at records
+        self.clipped_head_steps += sum(int((a.qk_clip_gamma < 1.0).sum()) for a in pl_module.model.attention_layers()
+                                       if a.qk_clip_gamma is not None)
         if not self._due(trainer, step) or self._pre_step is None:
             return
         self._record(trainer, pl_module, step)
@@ -212,6 +219,9 @@ class StabilityMonitor(pl.Callback):
                     stats[f"{name}_gain_absmax"] = float(norm.effective_gain().abs().max())
             if a.temperature.param is not None:
                 stats["temperature"] = _to_list(a.temperature().detach())
+            if a.qk_clip_gamma is not None:  # QK-Clip at this step: each head's gamma (1: not clipped)
+                stats["qk_clip_gamma"] = [_significant(float(g)) for g in a.qk_clip_gamma]
+                stats["qk_clip_clipped_heads"] = int((a.qk_clip_gamma < 1.0).sum())
             if self._layer_grad_norms is not None:
                 stats["grad_norm"] = self._layer_grad_norms[i]
             if self._pre_step is not None:
@@ -224,7 +234,7 @@ class StabilityMonitor(pl.Callback):
                 stats["update_ratio"] = math.sqrt(num / den) if den > 0 else 0.0
             layers.append(stats)
         grad = pl_module.last_grad_norm
-        return {
+        record = {
             "step": step,
             "train_loss": pl_module.last_train_loss,
             "grad_norm": float(grad) if grad is not None else None,
@@ -232,6 +242,11 @@ class StabilityMonitor(pl.Callback):
             "output_log_z_mean": float(log_z.mean()),
             "layers": layers,
         }
+        if any("qk_clip_clipped_heads" in layer for layer in layers):
+            # this step's clipped heads over all layers, and every step's since the run began (head-steps)
+            record["qk_clip_clipped_heads"] = sum(layer.get("qk_clip_clipped_heads", 0) for layer in layers)
+            record["qk_clip_clipped_head_steps"] = self.clipped_head_steps
+        return record
 
     def _write(self, trainer, record: dict) -> None:
         with open(self.path, "a") as f:
@@ -271,6 +286,12 @@ class StabilityMonitor(pl.Callback):
             fp["peak_max_logit"], fp["peak_max_logit_step"] = overall, record["step"]
         if not math.isnan(headroom):
             fp["min_fp16_headroom"] = min(headroom, fp.get("min_fp16_headroom", math.inf))
+        if "max_logit_precap" in record["layers"][0]:
+            precap = over_layers("max_logit_precap", max)
+            if precap >= fp.get("peak_max_logit_precap", -1.0):
+                fp["peak_max_logit_precap"], fp["peak_max_logit_precap_step"] = precap, record["step"]
+        if "qk_clip_clipped_head_steps" in record:
+            fp["qk_clip_clipped_head_steps"] = record["qk_clip_clipped_head_steps"]
         fp["first_layer0_max_logit"] = fp.get("first_layer0_max_logit", layer0)
         fp["final_step"] = record["step"]
         fp["final_layer0_max_logit"] = layer0

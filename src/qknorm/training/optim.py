@@ -1,4 +1,5 @@
-"""AdamW with decay/no-decay parameter groups and a linear-warmup, cosine-to-floor schedule."""
+"""The optimizer (AdamW with decay/no-decay parameter groups, or Muon with AdamW beside it: muon.py) and
+its linear-warmup, cosine-to-floor schedule, which drives every group of either."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from torch import nn
 
 from ..config import AttentionConfig, OptimConfig
 from ..model.roles import roles
+from .muon import build_muon
 
 
 def lr_factor(step: int, warmup: int, total: int, floor: float) -> float:
@@ -36,11 +38,13 @@ def parameter_groups(model: nn.Module, attention: AttentionConfig) -> tuple[list
 def build_optimizer(model: nn.Module, cfg: OptimConfig, attention: AttentionConfig, on_cuda: bool) -> torch.optim.Optimizer:
     decay, no_decay = parameter_groups(model, attention)
     # Independent decay (Wortsman et al. 2023): theta -= s_t * lambda * theta, not lr_t * lambda * theta.
-    # AdamW multiplies weight_decay by the group's current lr = peak * s_t, so divide by the peak.
+    # AdamW (and Muon) multiply weight_decay by the group's current lr = peak * s_t, so divide by the peak.
     wd = cfg.weight_decay / cfg.lr if cfg.independent_weight_decay else cfg.weight_decay
-    groups = [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]
     fused = {"on": True, "off": False, "auto": on_cuda}[cfg.fused]
     kwargs = {"fused": True} if fused else {"foreach": True}
+    if cfg.name == "muon":
+        return build_muon(model, decay, no_decay, wd, cfg, **kwargs)
+    groups = [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]
     beta1, beta2 = cfg.betas
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(beta1, beta2), eps=cfg.eps, **kwargs)
 

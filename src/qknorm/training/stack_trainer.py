@@ -48,6 +48,7 @@ from .module import Outcome, outcome_record, restore_outcome, val_batch_sums
 from .monitor import DivergenceDetector, StabilityMonitor, callbacks_fingerprint
 from .optim import optimizer_and_schedule
 from .progress import log_run_params
+from .qk_clip import apply_qk_clip, qk_clip_metrics
 from .stack import needs_own_code
 from .summary import RunSummary, result_fields
 
@@ -466,15 +467,15 @@ def _member_step(m: Member, step: int, loss: float, z_sq: float, tokens_per_step
     if log_step and m.last_grad_norm is not None:
         m.step_metrics["train/grad_norm"] = float(m.last_grad_norm)
     if m.cfg.attention.qk_clip_tau is not None:
-        for layer in m.model.attention_layers():
-            gamma = layer.apply_qk_clip(m.cfg.attention.qk_clip_tau)
-            if log_step:
-                m.step_metrics[f"qk_clip/layer{layer.layer_idx}_min_gamma"] = float(gamma.min())
+        apply_qk_clip(m.model, m.cfg.attention)
+        if log_step:
+            m.step_metrics.update(qk_clip_metrics(m.model))
     for cb in m.callbacks:
         cb.on_train_batch_end(m.trainer, m, None, None, step)
     m.throughput(step, tokens_per_step)
     if log_step and m.cfg.callbacks.lr_monitor:
-        m.log_metrics({f"lr-AdamW/pg{g + 1}": lr for g, lr in enumerate(lrs)}, step=step)
+        # named as Lightning's LearningRateMonitor names them: by the optimizer's class, a column per group
+        m.log_metrics({f"lr-{type(m.optimizer).__name__}/pg{g + 1}": lr for g, lr in enumerate(lrs)}, step=step)
     if log_step or m.trainer.should_stop:
         m.log_step(step, m.step_metrics)
 

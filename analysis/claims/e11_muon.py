@@ -1,0 +1,241 @@
+"""E11: Muon and the logits: Muon grows the max attention logit more than AdamW; QK-Clip holds it at tau."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import numpy as np
+import pandas as pd
+from repro.core import Check, Context, Section, conclude, diagnostic, distinct_colors, fmt, headline, max_over_layers, plt, save
+from repro.thresholds import CLIP_SLACK, DRIFT_FROM, FORCED_GROWTH, PRECAP_GROWTH
+
+KEY = "E11"
+TITLE = "Muon and the logits"
+CLAIM = ("Muon grows the max attention logit more than AdamW; QK-Clip holds it at tau at no loss cost; clipping per layer "
+         "costs more loss than per head; a soft-cap leaves the logit under the cap growing.")
+SOURCE = "Kimi K2 (arXiv:2507.20534) and Su Jianlin, \"QK-Clip\" (spaces.ac.cn/archives/11126)"
+COMMAND = "e11"
+RUNS = "e11_muon_logits"
+HEADLINE = ("Without QK-norm, at the LRs forced high (FORCED_GROWTH), Muon's peak max logit is above AdamW's at the same LR "
+            "(matched update RMS) by more than the seeds' spread; with Muon, QK-Clip per head keeps the monitored max "
+            "logit within CLIP_SLACK of tau and costs no more than AGREE_NATS of final loss against Muon without a clip; "
+            "per layer it costs more than per head, by more than AGREE_NATS; under a soft-cap the pre-cap max logit grows "
+            "by PRECAP_GROWTH or more from DRIFT_FROM of the run to its end.")
+
+
+def arm(c: dict) -> dict:
+    """What a run is, from its config: optimizer, QK-Clip (tau, scope), QK-norm, soft-cap."""
+    tau = c.get("attention.qk_clip_tau")
+    return {"optim": c.get("optim.name", "adamw"), "tau": float(tau) if tau is not None else None,
+            "scope": c.get("attention.qk_clip_scope", "head") if tau is not None else None,
+            "qk_norm": c.get("attention.qk_norm", "none") != "none", "softcap": c.get("attention.softcap")}
+
+
+def label(a: dict) -> str:
+    parts = ["Muon" if a["optim"] == "muon" else "AdamW"]
+    if a["tau"] is not None:
+        parts.append(f"QK-Clip tau {a['tau']:g} per {a['scope']}")
+    if a["qk_norm"]:
+        parts.append("QK-norm")
+    if a["softcap"]:
+        parts.append(f"soft-cap {a['softcap']:g}")
+    return ", ".join(parts)
+
+
+def logit_history(run_dir: str, key: str = "max_logit") -> tuple[np.ndarray, np.ndarray]:
+    """(steps, the largest value of `key` over layers and heads) at each monitor record, finite values only."""
+    s, v = max_over_layers(run_dir, key)
+    keep = np.isfinite(v)
+    return s[keep], v[keep]
+
+
+def run_stats(r) -> dict:
+    s, v = logit_history(r.run_dir)
+    ps, pv = logit_history(r.run_dir, "max_logit_precap")
+    total = float(r.cfg.get("trainer.max_steps") or (s.max() if len(s) else math.nan))
+    precap_growth = math.nan
+    if len(pv):
+        start = float(pv[np.argmin(np.abs(ps - DRIFT_FROM * total))])
+        precap_growth = float(pv[-1]) / start if start > 0 else math.nan
+    stab = (r.summary or {}).get("stability") or {}
+    return {"peak": float(v.max()) if len(v) else math.nan, "first": float(v[0]) if len(v) else math.nan,
+            "end": float(v[-1]) if len(v) else math.nan, "precap_peak": float(pv.max()) if len(pv) else math.nan,
+            "precap_growth": precap_growth, "clipped": stab.get("qk_clip_clipped_head_steps"),
+            "loss": float(r.capped), "diverged": bool(r.diverged)}
+
+
+def mean_log(values: list[float]) -> float:
+    finite = [math.log10(v) for v in values if v > 0 and math.isfinite(v)]
+    return float(np.mean(finite)) if finite else math.nan
+
+
+def spread_log(values: list[float]) -> float:
+    finite = [math.log10(v) for v in values if v > 0 and math.isfinite(v)]
+    return float(np.ptp(finite)) if len(finite) > 1 else math.nan
+
+
+def agree(answers: list[Optional[bool]], what: str) -> tuple[Optional[bool], str]:
+    """One answer from several (one per LR, tau, ...): the one they all give where decided; undecided when
+    none is decided or they disagree."""
+    decided = {a for a in answers if a is not None}
+    if not decided:
+        return None, f"no {what} decides it"
+    if len(decided) > 1:
+        return None, f"the {what}s disagree"
+    return decided.pop(), ""
+
+
+def analyse(frame: pd.DataFrame, sec: Section, ctx: Context) -> None:
+    rows = []
+    for r in frame.itertuples():
+        a = arm(r.cfg)
+        rows.append({**a, "label": label(a), "lr": float(r.lr), "seed": int(r.seed), "run_dir": r.run_dir, **run_stats(r)})
+    t = pd.DataFrame(rows)
+    bar = ctx.noise.bar
+    bar_used = 0.0 if math.isnan(bar) else bar
+    plain = t[(t["tau"].isna()) & (~t["qk_norm"]) & (t["softcap"].isna())]
+    muon = t[t["optim"] == "muon"]
+    checks: list[Check] = []
+
+    # -- the table: per arm and LR, the seeds' (geometric) mean peak, final loss, clipped head-steps --------------
+    lrs = sorted(t["lr"].unique())
+    body = ["| runs | LR | peak max logit (seeds' geometric mean) | pre-cap peak | final val loss (capped) | diverged | "
+            "clipped head-steps |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for (name, lr), sub in t.groupby(["label", "lr"], sort=True):
+        clipped = [c for c in sub["clipped"] if c is not None and not pd.isna(c)]
+        body.append(f"| {name} | {lr:g} | {fmt(10 ** mean_log(list(sub['peak'])))} | "
+                    f"{fmt(10 ** mean_log(list(sub['precap_peak'])))} | {fmt(float(sub['loss'].mean()), '.3f')} | "
+                    f"{int(sub['diverged'].sum())} of {len(sub)} | {fmt(float(np.mean(clipped)), '.0f') if clipped else '-'} |")
+    sec.body += body + ["", "The peak max logit is the largest |logit| over layers and heads in the monitor's records (its probe "
+                        "batch of held-out text), over the whole run."]
+
+    # -- 1. Muon's max logit against AdamW's, at the LRs forced high --------------------------------------------
+    name = "Muon's peak max logit is above AdamW's at the LRs forced high"
+    forced = [lr for lr in lrs if (plain[plain["lr"] == lr]["peak"] / plain[plain["lr"] == lr]["first"]).max() >= FORCED_GROWTH]
+    per_lr: list[Optional[bool]] = []
+    lines = []
+    for lr in forced:
+        m = plain[(plain["lr"] == lr) & (plain["optim"] == "muon")]["peak"].tolist()
+        w = plain[(plain["lr"] == lr) & (plain["optim"] == "adamw")]["peak"].tolist()
+        if not m or not w:
+            continue
+        d = mean_log(m) - mean_log(w)
+        noise = max((x for x in (spread_log(m), spread_log(w)) if not math.isnan(x)), default=0.0)
+        per_lr.append(True if d > noise else False if d < -noise else None)
+        lines.append(f"at LR {lr:g}: Muon / AdamW peak = {10 ** d:.3g}x (the seeds' spread: {10 ** noise:.3g}x)")
+    if not {"muon", "adamw"} <= set(plain["optim"]):
+        checks.append(headline(name, None, "both optimizers' runs without a clip, QK-norm or soft-cap are needed"))
+    elif not forced:
+        top = (plain["peak"] / plain["first"]).max()
+        checks.append(headline(name, None, f"no LR of the ladder forces the max logit up: the largest growth of an unclipped "
+                               f"run from its first record to its peak is {fmt(top)}x (FORCED_GROWTH {FORCED_GROWTH:g}x)"))
+    elif not per_lr:
+        checks.append(headline(name, None, "no LR forced high has runs of both optimizers"))
+    else:
+        value, why = agree(per_lr, "LR")
+        if all(a is None for a in per_lr):
+            why = "the difference is within the seeds' spread at every LR forced high"
+        checks.append(headline(f"{name} ({'; '.join(lines)})", value, why))
+
+    # -- 2. QK-Clip per head: held at tau, at no loss cost -----------------------------------------------------
+    clip = muon[muon["tau"].notna()]
+    free = muon[(muon["tau"].isna()) & (~muon["qk_norm"]) & (muon["softcap"].isna())]
+    held: list[Optional[bool]] = []
+    cost: list[Optional[bool]] = []
+    engaged = 0
+    for (tau, lr), sub in clip[clip["scope"] == "head"].groupby(["tau", "lr"]):
+        ref = free[free["lr"] == lr]
+        if ref.empty:
+            continue
+        if float(ref["peak"].max()) <= tau and not any((c or 0) > 0 for c in sub["clipped"]):
+            continue  # nothing above tau to clip at this LR: neither part is tested here
+        engaged += 1
+        held.append(bool(sub["peak"].max() <= tau * (1 + CLIP_SLACK)))
+        cost.append(bool(sub["loss"].mean() <= ref["loss"].mean() + bar_used))
+    name_held = f"QK-Clip per head keeps the monitored max logit within {CLIP_SLACK:.0%} of tau"
+    name_cost = "QK-Clip per head costs no loss (within AGREE_NATS of Muon without a clip)"
+    if clip.empty or free.empty:
+        for n in (name_held, name_cost):
+            checks.append(headline(n, None, "Muon runs with and without QK-Clip at the same LR are needed"))
+    elif not engaged:
+        why = "no Muon run without a clip exceeded tau and no clipped run clipped a head: there was nothing to clip"
+        checks += [headline(name_held, None, why), headline(name_cost, None, why)]
+    else:
+        checks.append(headline(name_held, *agree(held, "tau and LR")))
+        checks.append(headline(name_cost, *agree(cost, "tau and LR")))
+
+    # -- 3. per layer against per head -------------------------------------------------------------------------
+    name = "QK-Clip per layer costs more loss than per head (by more than AGREE_NATS)"
+    pairs: list[Optional[bool]] = []
+    diffs = []
+    for (tau, lr), sub in clip.groupby(["tau", "lr"]):
+        head, layer = sub[sub["scope"] == "head"], sub[sub["scope"] == "layer"]
+        if head.empty or layer.empty or not any((c or 0) > 0 for c in sub["clipped"]):
+            continue
+        d = float(layer["loss"].mean() - head["loss"].mean())
+        diffs.append(f"tau {tau:g}, LR {lr:g}: {d:+.3f}")
+        pairs.append(True if d > bar_used else False if d < -bar_used else None)
+    if not pairs:
+        checks.append(headline(name, None, "no tau and LR with both scopes and a head clipped"))
+    else:
+        value, why = agree(pairs, "tau and LR")
+        if all(a is None for a in pairs):
+            why = "the difference is within AGREE_NATS at every tau and LR"
+        checks.append(headline(f"{name} ({'; '.join(diffs)} nats)", value, why))
+
+    # -- 4. the soft-cap: the logit under the cap grows -------------------------------------------------------
+    capped = t[t["softcap"].notna()]
+    name = f"under a soft-cap the pre-cap max logit keeps growing ({PRECAP_GROWTH:g}x or more from {DRIFT_FROM:.0%} of the run)"
+    growth = [g for g in capped["precap_growth"] if not math.isnan(g)]
+    if capped.empty:
+        checks.append(headline(name, None, "no soft-capped runs"))
+    elif not forced:
+        checks.append(headline(name, None, "no LR of the ladder forces the max logit up, so there is no growth for the cap "
+                               "to hide or stop"))
+    elif not growth:
+        checks.append(headline(name, None, "the soft-capped runs have no pre-cap record (max_logit_precap)"))
+    else:
+        g = float(np.exp(np.mean(np.log(growth))))
+        checks.append(headline(f"{name} (measured: {g:.3g}x, the runs' geometric mean)", g >= PRECAP_GROWTH))
+        above = capped[capped["precap_peak"] > capped["softcap"].astype(float)]
+        sec.findings.append(f"under the soft-cap the pre-cap max logit grew {g:.3g}x from {DRIFT_FROM:.0%} of the run to its end; "
+                            f"{len(above)} of {len(capped)} soft-capped runs reached a pre-cap logit above the cap")
+
+    # -- diagnostics ----------------------------------------------------------------------------------------------
+    qk = muon[muon["qk_norm"]]
+    if not qk.empty and not free.empty:
+        lr_common = sorted(set(qk["lr"]) & set(free["lr"]))
+        lower = [float(qk[qk["lr"] == lr]["peak"].max()) < float(free[free["lr"] == lr]["peak"].min()) for lr in lr_common]
+        checks.append(diagnostic("under Muon, QK-norm keeps the max logit below Muon without it at every shared LR",
+                                 all(lower) if lower else None, "no shared LR"))
+    if not clip.empty:
+        counts = [c for c in clip["clipped"] if c is not None and not pd.isna(c)]
+        checks.append(diagnostic("the clipped runs clipped heads (their summed clipped head-steps above 0)",
+                                 (min(counts) > 0) if counts else None, "no clip count recorded"))
+
+    # -- the figure: the max logit over the run at the highest LR ----------------------------------------------
+    pyplot = plt()
+    fig, (ax, ax2) = pyplot.subplots(1, 2, figsize=(11, 3.9))
+    top = max(lrs) if lrs else None
+    shown = t[t["lr"] == top] if top is not None else t
+    names = sorted(shown["label"].unique())
+    colors = dict(zip(names, distinct_colors(len(names)), strict=True))
+    for r in shown.itertuples():
+        s, v = logit_history(r.run_dir)
+        style = dict(color=colors[r.label], ls="-" if r.seed == shown["seed"].min() else ":")
+        ax.plot(s, v, label=f"{r.label}, seed {r.seed}", **style)
+        ps, pv = logit_history(r.run_dir, "max_logit_precap")
+        if len(pv):
+            ax2.plot(ps, pv, label=f"{r.label} (pre-cap), seed {r.seed}", **style)
+            ax2.plot(s, v, color=colors[r.label], ls="--", alpha=0.5)
+    titles = (f"max |logit| over layers and heads, LR {fmt(top)}", "soft-capped: before (solid) and after (dashed) the cap")
+    for a, title in zip((ax, ax2), titles, strict=True):
+        a.set_yscale("log")
+        a.set_xlabel("step")
+        a.set_title(title, fontsize=9)
+        a.grid(alpha=0.3)
+    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.suptitle("E11: Muon, AdamW and QK-Clip, tiny without QK-norm", fontsize=9)
+    sec.figures.append(save(fig, ctx, "e11_muon_logits.png"))
+    conclude(sec, checks, frame)

@@ -57,7 +57,37 @@ def test_config_errors_are_one_line_exit_2_run_and_multirun(tmp_path, cache_dir,
     for needle in expected:
         assert needle in line
     assert "+" not in line  # never Hydra's `+key=value`, which would add the misspelt key
-    assert not any(tmp_path.rglob("summary.json"))
+    assert not (tmp_path / "logs").exists()  # no run directory, no multirun folder
+
+
+def _bad_inputs(root):
+    root.mkdir()
+    (root / "empty.txt").write_bytes(b"")
+    (root / "blank.txt").write_text("\n  \n")
+    return {
+        "missing corpus file": (["data=text_files", f"data.paths=[{root / 'missing.txt'}]"],
+                                f"{root / 'missing.txt'}: no such file or folder (data.paths)"),
+        "empty corpus file": (["data=text_files", f"data.paths=[{root / 'empty.txt'}]"], f"{root / 'empty.txt'}: file is empty"),
+        "blank corpus file": (["data=text_files", f"data.paths=[{root / 'blank.txt'}]"], f"{root / 'blank.txt'}: file is empty"),
+        "lr not a number": (["optim.lr=abc"], "optim.lr: expected a number, got 'abc'"),
+        "every job of a multirun": (["-m", "optim.lr=abc,-1"], "optim.lr: expected a number, got 'abc'"),
+    }
+
+
+@pytest.mark.parametrize("case", ["missing corpus file", "empty corpus file", "blank corpus file", "lr not a number",
+                                  "every job of a multirun"])
+def test_value_and_data_errors_come_before_torch_and_leave_nothing_written(tmp_path, case):
+    """The validator and the data check run before Hydra makes a run directory (or a multirun's folder)
+    and before torch loads: one line, exit 2, logs/ never made."""
+    args, needle = _bad_inputs(tmp_path / "inputs")[case]
+    env = {**os.environ, "QKNORM_LOG_DIR": str(tmp_path / "logs"), "QKNORM_CACHE_DIR": str(tmp_path / "cache")}
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "qknorm", *args, "model=nano"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    line = _one_error_line(proc)
+    assert line == f"qknorm-train: error: {needle}" or needle in line, line
+    imported = _imported_before_the_error(proc.stderr)
+    assert "omegaconf" in imported and not imported & {"torch", "pytorch_lightning", "lightning_fabric"}
+    assert not (tmp_path / "logs").exists()
 
 
 @pytest.mark.parametrize("key,guess", [

@@ -25,7 +25,7 @@ import hydra
 from omegaconf import DictConfig
 
 from . import sweeping
-from .config import default_tree
+from .config import QknormError, default_tree
 from .hydra_wiring import register_defaults
 from .jobs import STACK_KEY
 from .training.naming import announce_job
@@ -202,6 +202,8 @@ def explain(exc: BaseException, overrides: list[str]) -> Optional[str]:
     from hydra.errors import ConfigCompositionException, HydraException, MissingConfigException, OverrideParseException
     from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
+    if isinstance(exc, QknormError):  # the validator's or the data check's own line
+        return str(exc)
     if isinstance(exc, MissingConfigException):
         return missing_option_message(exc.missing_cfg_file or "", list(exc.options) if exc.options is not None else None)
     if isinstance(exc, OverrideParseException):

@@ -16,11 +16,11 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 from omegaconf import OmegaConf
 
-from .config import QknormError, load_run_config
+from .config import QknormError, RunConfig, load_run_config
 from .rundir import identity, identity_hash, task_container
 from .training.stack import stack_key
 
@@ -42,6 +42,18 @@ def finished_summary(run_dir: Path) -> Optional[dict]:
         return None
     return summary if summary.get("status") in FINISHED else None
 
+
+
+def preflight(raw: Mapping[str, Any]) -> RunConfig:
+    """A job's composed config (plain data) validated, and its data checked as far as it can be without
+    torch (qknorm.data.tokens.check_data): what the command line does before it makes a run directory, so
+    that a wrong value or a missing file is reported in one line and leaves nothing behind. Raises
+    QknormError."""
+    from .data.tokens import check_data  # here, not at the top: numpy and sentencepiece only once a config is valid
+
+    cfg = load_run_config(raw)
+    check_data(cfg.data)
+    return cfg
 
 
 def threads_per_job(launcher_target: str, n_jobs: Any, cores: Optional[int] = None) -> Optional[int]:

@@ -34,9 +34,9 @@ from hydra.types import RunMode
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .config import load_run_config
-from .jobs import Job, compose_job, describe_stacks, finished_summary, parallel_jobs, sweeps_search_root
-from .rundir import RunBusy, RunLock, identity, identity_hash, task_container
+from .config import QknormError, load_run_config
+from .jobs import Job, compose_job, describe_stacks, finished_summary, parallel_jobs, preflight, sweeps_search_root
+from .rundir import RunBusy, RunLock, check_identity, identity, identity_hash, task_container
 from .utils.flops import matmul_peak, model_flops_per_token
 
 log = logging.getLogger("qknorm.sweep")
@@ -75,9 +75,11 @@ class SweepError(Exception):
 
 
 class JobConfigError(BaseException):
-    """A job of a multirun does not compose (an option or key in the sweep's values that does not exist),
-    found while its jobs are listed, before the launcher starts and so before torch loads; qknorm.cli
-    reports `error` in one line. A BaseException: Hydra turns a callback's Exception into a warning."""
+    """A command that cannot run, found before anything is launched or written and before torch loads: a job
+    of a multirun that does not compose (an option or key in the sweep's values that does not exist), a run
+    whose config or data is wrong (qknorm.jobs.preflight), a multirun none of whose jobs could run.
+    qknorm.cli reports `error` in one line. A BaseException: Hydra turns a callback's Exception into a
+    warning."""
 
     def __init__(self, error: Exception):
         super().__init__(str(error))
@@ -218,14 +220,23 @@ class SweepProgress(Callback):
         self.started = 0.0
 
     def on_run_start(self, config, **kwargs) -> None:
-        ensure_writable_dir(Path(config.hydra.run.dir), "hydra.run.dir")
+        """A single run: its config validated, its data checked and its directory's identity compared before
+        Hydra makes the directory (and its train.log), so that a wrong value or file leaves nothing behind."""
+        run_dir = Path(config.hydra.run.dir)
+        try:
+            raw = task_container(config)
+            preflight(raw)
+            check_identity(run_dir, identity(raw))
+        except QknormError as e:
+            raise JobConfigError(e) from e
+        ensure_writable_dir(run_dir, "hydra.run.dir")
 
     def on_multirun_start(self, config, **kwargs) -> None:
         global last_multirun
         last_multirun, self.jobs, self.started = None, None, time.time()
         sweep_dir = Path(config.hydra.sweep.dir)
-        ensure_writable_dir(sweep_dir, "hydra.sweep.dir")
         if not str(config.hydra.sweeper.get("_target_", "")).endswith("BasicSweeper"):
+            ensure_writable_dir(sweep_dir, "hydra.sweep.dir")
             log.info("the sweeper %s plans its own jobs, round by round", config.hydra.sweeper.get("_target_"))
             return
         try:
@@ -238,7 +249,10 @@ class SweepProgress(Callback):
             raise JobConfigError(e) from e  # the launcher would fail on it too, after importing torch
         except Exception as e:  # listing is a courtesy: the sweeper reports real problems itself
             log.debug("could not list the sweep's jobs: %s", e)
+            ensure_writable_dir(sweep_dir, "hydra.sweep.dir")
             return
+        refuse_if_nothing_can_run(jobs)
+        ensure_writable_dir(sweep_dir, "hydra.sweep.dir")
         self.jobs = jobs
         finished = sum(j.summary is not None for j in jobs)
         if finished:
@@ -262,6 +276,31 @@ class SweepProgress(Callback):
                 counts[status] = counts.get(status, 0) + 1
         log.info("sweep folder %s now holds: %s", sweep_dir,
                  ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) or "no runs")
+
+
+def refuse_if_nothing_can_run(jobs: list[Job]) -> None:
+    """A multirun none of whose unfinished jobs has a valid config and usable data is refused as a whole,
+    in one line (the first job's error), before its folder is made: nothing would run. Where some jobs can
+    run, the others fail in their own run directories, and the sweep goes on (status failed, exit 1)."""
+    pending = [j for j in jobs if j.summary is None]
+    errors: list[QknormError] = []
+    data_checked: dict = {}
+    for job in pending:
+        try:
+            cfg = load_run_config(task_container(job.cfg))
+        except QknormError as e:
+            errors.append(e)
+            continue
+        if cfg.data not in data_checked:
+            try:
+                preflight(task_container(job.cfg))
+                data_checked[cfg.data] = None
+            except QknormError as e:
+                data_checked[cfg.data] = e
+        if data_checked[cfg.data] is not None:
+            errors.append(data_checked[cfg.data])
+    if pending and len(errors) == len(pending):
+        raise JobConfigError(errors[0])
 
 
 def _status(run_dir: Path) -> Optional[str]:

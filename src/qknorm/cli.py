@@ -47,7 +47,7 @@ GROUPS = {
 }
 
 COMMANDS = {
-    "qknorm-sweep sweeps=NAME [sweeps.size=...]": "list a sweep's jobs and how many already finished",
+    "qknorm-sweep sweeps=NAME [sweeps.size=...]": "list a sweep's (or a -m command's) jobs and which finished",
     "qknorm-analyze SWEEP_DIR [...]": "tables, figures and report.md/report.html from run directories",
     "qknorm-probe MODEL": "would a checkpoint's or a transformers model's attention overflow in fp16?",
     "qknorm-scorecard SWEEP_DIR": "docs/scorecard.md: one row per preset from a critical-LR finder sweep",
@@ -290,10 +290,12 @@ def help_page() -> str:
         f"  {PROG} -m attention=baseline,qwen3 optim.lr=1e-3,1e-2",
         "  (hydra.launcher.n_jobs=N: N at a time; hydra/launcher=basic: one at a time; hydra/launcher=submitit_slurm)",
         "  hydra/sweeper=critical_lr: per group of the other axes, search the LR at which runs start to fail",
-        f"  {PROG} -m hydra/sweeper=critical_lr attention=baseline,qwen3 seed=0,1 hydra.sweep.dir=logs/finder/NAME",
+        f"  {PROG} -m hydra/sweeper=critical_lr attention=baseline,qwen3 seed=0,1",
+        "  a multirun's folder is named by its axes and fixed values: the same command resumes there, one LR",
+        "  more trains only the new jobs; qknorm-sweep with the same arguments lists them",
         "",
         "outputs: one directory per run, under ./logs (QKNORM_LOG_DIR moves it):",
-        "  logs/<task_name>/runs/<time>/  logs/<task_name>/multiruns/<time>/<job>/  logs/sweeps/<name>/<size>/<job>/",
+        "  logs/<task_name>/runs/<time>/  logs/<task_name>/multiruns/<grid>/<job>/  logs/sweeps/<name>/<size>/<job>/",
         "  each with summary.json, metrics.csv, tensorboard/, stability.jsonl, checkpoints/, .hydra/",
         "  tensorboard --logdir logs   (runs are named by their overrides)",
         "",

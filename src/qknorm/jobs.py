@@ -10,14 +10,18 @@ wires these helpers into Hydra before it validates a config.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib.resources
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
 
+import yaml
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
 from .config import QknormError, RunConfig, load_run_config
@@ -236,3 +240,102 @@ def describe_stacks(jobs: Sequence, stack_size, slots: int = 1) -> list[str]:
     if alone:
         lines.append(f"alone: jobs {', '.join(map(str, alone))}")
     return lines
+
+
+# -- a plain multirun's folder -----------------------------------------------------------------------
+
+# Overrides that say where a run writes, what it logs and how it uses the machine, never what it computes:
+# left out of a multirun folder's key, so that adding `logger=csv` or `trainer.threads=1` to a command finds
+# its folder again.
+NOT_IN_SWEEP_KEY = ("hydra", "paths", "task_name", "data.cache_dir", "logger", "trainer.threads", "model.compile",
+                    "trainer.progress_bar", "trainer.log_every_n_steps", "trainer.checkpoint_every_n_steps",
+                    "trainer.keep_checkpoint", "callbacks.lr_monitor", "callbacks.throughput")
+MULTIRUN_RECORD = "multirun.yaml"
+
+
+@dataclass(frozen=True)
+class GridKey:
+    """What a multirun sweeps over and what it fixes: its folder's name, whatever the axes' values."""
+
+    axes: tuple[str, ...]  # keys given several values
+    fixed: tuple[tuple[str, str], ...]  # (key, canonical value) of the keys given one
+    sweeper: str = ""  # "" for Hydra's basic sweeper, else the sweeper's short name (critical_lr)
+
+    def dirname(self) -> str:
+        """`attention+optim.lr,model=nano-3f2a9c81d0`: the axes, the fixed overrides, a hash of the key."""
+        label = ",".join(([self.sweeper] if self.sweeper else []) + (["+".join(self.axes)] if self.axes else [])
+                         + [f"{k}={v}" for k, v in self.fixed])
+        label = re.sub(r"[^A-Za-z0-9=.,_+-]", "_", label)[:120] or "default"
+        digest = hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:10]
+        return f"{label}-{digest}"
+
+    def fits_in(self, other: "GridKey") -> bool:
+        """Whether this command's jobs belong to `other`'s folder: the same sweeper; every axis of this
+        command an axis there; every key fixed there fixed here to the same value; every axis there named
+        here (a key narrowed to one value is still that axis)."""
+        mine, theirs = dict(self.fixed), dict(other.fixed)
+        return (self.sweeper == other.sweeper and set(self.axes) <= set(other.axes)
+                and all(mine.get(k) == v for k, v in theirs.items())
+                and all(k in other.axes or theirs.get(k) == v for k, v in mine.items())
+                and set(other.axes) <= set(self.axes) | set(mine))
+
+
+def _canonical(value: Any) -> str:
+    """One spelling per value: 1e-2 and 0.01 are one LR."""
+    return json.dumps(value, sort_keys=True, default=str) if not isinstance(value, str) else value
+
+
+def grid_values(overrides: Sequence[str]) -> dict[str, list[str]]:
+    """Key (with its +/~ prefix) -> its canonical values, in command-line order; keys that cannot change a
+    result (NOT_IN_SWEEP_KEY) left out."""
+    out: dict[str, list[str]] = {}
+    for o in OverridesParser.create().parse_overrides([str(x) for x in overrides]):
+        key = o.get_key_element()
+        bare = key.lstrip("+~")
+        if any(bare == p or bare.startswith((p + ".", p + "/")) for p in NOT_IN_SWEEP_KEY):
+            continue
+        if o.is_sweep_override():
+            values = [_canonical(v) for v in o.sweep_iterator(transformer=lambda v: v)] if o.is_discrete_sweep() \
+                else [str(o.value())]
+        else:
+            values = [_canonical(o.value())]
+        bucket = out.setdefault(key, [])
+        bucket.extend(v for v in values if v not in bucket)
+    return out
+
+
+def grid_key(overrides: Sequence[str], sweeper_target: str = "") -> GridKey:
+    values = grid_values(overrides)
+    short = "" if sweeper_target.endswith("BasicSweeper") or not sweeper_target else \
+        {"CriticalLRSweeper": "critical_lr"}.get(sweeper_target.rsplit(".", 1)[-1], sweeper_target.rsplit(".", 1)[-1])
+    axes = tuple(sorted(k for k, v in values.items() if len(v) > 1))
+    fixed = tuple(sorted((k, v[0]) for k, v in values.items() if len(v) == 1))
+    return GridKey(axes, fixed, short)
+
+
+def recorded_key(folder: Path) -> Optional[GridKey]:
+    """The key of the grid a multirun folder records (its multirun.yaml: the union of the grids run there)."""
+    try:
+        record = yaml.load((folder / MULTIRUN_RECORD).read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+        hydra_node = record["hydra"]
+        return grid_key(hydra_node["overrides"]["task"] or [], str(hydra_node["sweeper"].get("_target_", "")))
+    except Exception:  # no record, or one this version cannot read: the folder is simply not a candidate
+        return None
+
+
+def multirun_dir(parent: str, overrides: Sequence[str], sweeper_target: str = "") -> str:
+    """`hydra.sweep.dir` of a plain multirun (resolver `qknorm_multirun_dir`): `<parent>/<GridKey.dirname>`,
+    so the same command finds its folder again and resumes, and a widened grid shares it. A command that
+    narrows an axis to one value has a key of its own; it goes to the folder of an earlier grid it fits in
+    (GridKey.fits_in) when there is one, so that it too reuses that grid's finished jobs."""
+    key = grid_key(overrides, sweeper_target)
+    root = Path(parent)
+    own = root / key.dirname()
+    if own.exists() or not root.is_dir():
+        return str(own)
+    candidates = []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        other = recorded_key(folder)
+        if other is not None and key.fits_in(other):
+            candidates.append((len(other.axes), folder.name, folder))
+    return str(min(candidates)[2]) if candidates else str(own)

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
+import yaml
 from hydra import initialize_config_module
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.global_hydra import GlobalHydra
@@ -35,8 +36,18 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .config import QknormError, load_run_config
-from .jobs import Job, compose_job, describe_stacks, finished_summary, parallel_jobs, preflight, sweeps_search_root
+from .jobs import (
+    MULTIRUN_RECORD,
+    Job,
+    compose_job,
+    describe_stacks,
+    finished_summary,
+    parallel_jobs,
+    preflight,
+    sweeps_search_root,
+)
 from .rundir import RunBusy, RunLock, check_identity, identity, identity_hash, task_container
+from .utils.files import atomic_write_bytes
 from .utils.flops import matmul_peak, model_flops_per_token
 
 log = logging.getLogger("qknorm.sweep")
@@ -61,6 +72,7 @@ def sweep_jobs(master_cfg, config_loader) -> list[Job]:
     sweeper = str(master_cfg.hydra.sweeper.get("_target_", ""))
     if not sweeper.endswith("BasicSweeper"):
         raise SweepError(f"hydra/sweeper: listing needs Hydra's basic sweeper, got {sweeper}")
+    str(master_cfg.hydra.sweep.dir)  # resolved here, once: each job's config copies it (qknorm_multirun_dir)
     node = master_cfg.hydra.sweeper.params
     params = OmegaConf.to_container(node, resolve=True) if node else {}
     assert isinstance(params, dict)  # hydra.sweeper.params maps keys to values
@@ -264,6 +276,7 @@ class SweepProgress(Callback):
         sweep_dir = Path(config.hydra.sweep.dir)
         if not sweep_dir.exists():
             return
+        record_union(sweep_dir)
         if self.jobs is not None:
             last_multirun = MultirunOutcome(len(self.jobs), [j.run_dir for j in self.jobs if job_failed(j)], sweep_dir)
         else:  # jobs not listed (another sweeper): the runs this multirun wrote
@@ -276,6 +289,40 @@ class SweepProgress(Callback):
                 counts[status] = counts.get(status, 0) + 1
         log.info("sweep folder %s now holds: %s", sweep_dir,
                  ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) or "no runs")
+
+
+def record_union(sweep_dir: Path) -> None:
+    """multirun.yaml as the union of the grids run in the folder: Hydra writes the command's own config there
+    when a multirun starts; when it ends, its `hydra.overrides.task` is rewritten to every value of every key
+    that the folder's job directories used (a narrowed grid run in the folder of a wider one leaves the
+    wider record). Read back by qknorm.jobs.multirun_dir to find the folder a narrowed command fits in."""
+    path = sweep_dir / MULTIRUN_RECORD
+    try:
+        record = yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+        task = record["hydra"]["overrides"]
+    except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError):
+        return
+    parser = OverridesParser.create()
+    values: dict[str, dict[str, str]] = {}  # key -> canonical value -> the value as first written
+    for overrides_file in sorted(sweep_dir.glob("*/.hydra/overrides.yaml")):
+        try:
+            overrides = yaml.safe_load(overrides_file.read_text()) or []
+            parsed = parser.parse_overrides([str(o) for o in overrides])
+        except Exception:  # an unreadable job record: that job is left out of the union
+            continue
+        for o in parsed:
+            if o.is_sweep_override():
+                continue
+            seen = values.setdefault(o.get_key_element(), {})
+            seen.setdefault(json.dumps(o.value(), sort_keys=True, default=str), o.get_value_element_as_str())
+    if not values:
+        return
+    task["task"] = [f"{key}={','.join(spelled.values())}" for key, spelled in values.items()]
+    record["hydra"].setdefault("sweep", {})["dir"] = str(sweep_dir)  # the folder itself, not the key of the union
+    jobs = len(list(sweep_dir.glob("*/.hydra/overrides.yaml")))
+    header = (f"# The multirun's config, with hydra.overrides.task the union of the grids run in this folder: every\n"
+              f"# value of every key that its {jobs} job directories used (qknorm.sweeping.record_union).\n")
+    atomic_write_bytes(path, (header + yaml.safe_dump(record, sort_keys=False)).encode())
 
 
 def refuse_if_nothing_can_run(jobs: list[Job]) -> None:
@@ -319,7 +366,8 @@ def _fail(message: str) -> int:
 
 def main(argv: Optional[list[str]] = None) -> int:
     """qknorm-sweep's body; the console script (qknorm.cli.sweep_main) wires Hydra first."""
-    args = list(sys.argv[1:] if argv is None else argv)
+    # `-m` is accepted and dropped, so a multirun's own command line lists it: `qknorm-sweep -m attention=...`
+    args = [a for a in (sys.argv[1:] if argv is None else argv) if a not in ("-m", "--multirun")]
     if not args or args[0] in ("-h", "--help"):
         print(__doc__)
         return 0 if args else 2

@@ -122,3 +122,31 @@ def test_the_same_command_resumes_and_one_lr_more_trains_only_the_new_job_in_the
     # the first command again would train nothing, in the same folder; one LR more, one job
     assert _list([*common, "optim.lr=1e-3,1e-2"], tmp_path, cache_dir).startswith(f"2 jobs in {folder} (2 finished, 0 to run")
     assert _list([*common, "optim.lr=1e-3,1e-2,1e-1,1"], tmp_path, cache_dir).startswith(f"4 jobs in {folder} (3 finished, 1 to run")
+
+
+def test_jobs_composed_from_their_group_choices_equal_hydras_own_composition(tmp_path, monkeypatch):
+    """qknorm.jobs.JobComposer (listing 84 jobs in seconds) gives each job exactly the config Hydra's
+    launcher composes for it: the same tree, overrides, override_dirname and run directory."""
+    from hydra import initialize_config_module
+    from omegaconf import OmegaConf
+
+    from qknorm.hydra_wiring import register_defaults
+    from qknorm.jobs import JobComposer, compose_job
+
+    monkeypatch.setenv("QKNORM_LOG_DIR", str(tmp_path))
+    register_defaults()
+    GlobalHydra.instance().clear()
+    with initialize_config_module(config_module="qknorm.conf", version_base="1.3"):
+        loader = GlobalHydra.instance().config_loader()
+        master = loader.load_configuration("train", overrides=["sweeps=lr_tolerance", "attention=baseline,qwen3", "seed=0",
+                                                               "data.seq_len=64"], run_mode=RunMode.MULTIRUN)
+        str(master.hydra.sweep.dir)
+        composer = JobComposer(master, loader)
+        jobs = [["sweeps=lr_tolerance", "attention=qwen3", "optim.lr=1e-2", "seed=0", "data.seq_len=64"],
+                ["sweeps=lr_tolerance", "attention=baseline", "optim.lr=0.3", "seed=1", "data.seq_len=64"],
+                ["sweeps=lr_tolerance", "attention=qwen3", "optim.lr=1e-3", "seed=1", "data.seq_len=64", "model=small"]]
+        for overrides in jobs:
+            fast, hydra = compose_job(master, loader, overrides, composer), compose_job(master, loader, overrides)
+            assert fast.run_dir == hydra.run_dir
+            assert OmegaConf.to_container(fast.cfg) == OmegaConf.to_container(hydra.cfg)
+        assert len(composer.bases) == 3  # one composition per set of group choices, not per job

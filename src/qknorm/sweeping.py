@@ -39,6 +39,7 @@ from .config import QknormError, load_run_config
 from .jobs import (
     MULTIRUN_RECORD,
     Job,
+    JobComposer,
     compose_job,
     describe_stacks,
     finished_summary,
@@ -79,7 +80,8 @@ def sweep_jobs(master_cfg, config_loader) -> list[Job]:
     arguments = [f"{k!s}={v}" for k, v in params.items()] + list(master_cfg.hydra.overrides.task)
     overrides = OverridesParser.create(config_loader=config_loader).parse_overrides(arguments)
     (batch,) = BasicSweeper.split_arguments(overrides, None)
-    return [compose_job(master_cfg, config_loader, job_overrides) for job_overrides in batch]
+    composer = JobComposer(master_cfg, config_loader)
+    return [compose_job(master_cfg, config_loader, job_overrides, composer) for job_overrides in batch]
 
 
 class SweepError(Exception):

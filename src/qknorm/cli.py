@@ -25,7 +25,7 @@ import hydra
 from omegaconf import DictConfig
 
 from . import sweeping
-from .config import QknormError, default_tree
+from .config import VAL_MIN_TOKENS, QknormError, default_tree
 from .hydra_wiring import register_defaults
 from .jobs import STACK_KEY
 from .training.naming import announce_job
@@ -278,6 +278,10 @@ def help_page() -> str:
         "",
         "keys: any key of the config, e.g. optim.lr=3e-3 trainer.max_steps=500 attention.softcap=30",
         f"  ({PROG} --cfg job prints them all with their values)",
+        "",
+        "validation: about trainer.val_points=8 times a run and at its last step, each on at most",
+        f"  data.val_token_ratio=0.3 x the tokens trained since the last one, at least {VAL_MIN_TOKENS} tokens (about 10%",
+        "  of a run's time); data.val_max_tokens=N: N tokens; data.val_token_ratio=null: the whole held-out split",
         "",
         f"sweeps ({PROG} sweeps=NAME [sweeps.size=smoke|cpu|gpu]; a multirun, 2 jobs at a time):",
     ]

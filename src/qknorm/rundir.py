@@ -34,11 +34,11 @@ from .utils.files import atomic_write_bytes
 
 # Keys that do not change what a run computes: paths and caches, logging, threads and compilation (the
 # same arithmetic, rounded in another order), checkpoint cadence, and the relative settings whose
-# concrete value (warmup steps, intervals) stays in the identity.
+# concrete value (warmup steps, intervals, the validation token cap) stays in the identity.
 NOT_IDENTITY = (
     "task_name", "data.cache_dir", "logger", "trainer.threads", "model.compile", "trainer.progress_bar", "trainer.log_every_n_steps",
     "trainer.checkpoint_every_n_steps", "trainer.keep_checkpoint", "trainer.val_points", "callbacks.lr_monitor",
-    "callbacks.throughput", "callbacks.monitor.points", "optim.warmup_fraction",
+    "callbacks.throughput", "callbacks.monitor.points", "optim.warmup_fraction", "data.val_token_ratio",
 )
 # Overrides left out of a job directory's readable name: the sweep's fixed settings (its size) and
 # bookkeeping. The hash after the name tells jobs apart whatever is left out.

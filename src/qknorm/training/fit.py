@@ -135,6 +135,7 @@ def train(cfg: RunConfig, run_dir: Path, summary) -> dict:
                         initial_loss=fit["initial_loss"], val_history=history, skipped_steps=fit["skipped_steps"],
                         world_size=trainer.world_size, stability=fit["stability"]),
         "precision": str(trainer.precision), "device": fit.get("device"), "device_name": fit.get("device_name"),
-        "compiled": fit.get("compiled"), "val_time_s": round(val_time_s, 3),
+        "compiled": fit.get("compiled"), "val_time_s": round(val_time_s, 3), "val_tokens": fit.get("val_tokens"),
+        "threads": torch.get_num_threads(),
         "is_global_zero": trainer.is_global_zero,
     }

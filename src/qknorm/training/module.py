@@ -78,6 +78,7 @@ class LMModule(pl.LightningModule):
         self._qk_clip = cfg.attention.qk_clip_tau is not None
         self.train_device: dict = {}  # where fit trained: Lightning moves the module back to the CPU after it
         self.val_time_s = 0.0  # seconds spent validating in this process (summary.json's val_time_s)
+        self.val_tokens = 0  # tokens one validation reads, all processes together (summary.json's val_tokens)
         self._val_t0 = 0.0
         self._grads_guarded = cfg.trainer.precision != "16-mixed"  # AMP's scaler skips inf steps itself
 
@@ -175,7 +176,8 @@ class LMModule(pl.LightningModule):
         fingerprint = callbacks_fingerprint(self.trainer.callbacks)  # type: ignore[attr-defined]  # Trainer's stubs
         return {"status": o.status, "reason": o.reason, "step": o.step, "skipped_steps": o.skipped_steps,
                 "val_history": o.val_history, "initial_loss": self.initial_loss, "global_step": self.global_step,
-                "stability": fingerprint, "val_time_s": round(self.val_time_s, 3), **self.train_device}
+                "stability": fingerprint, "val_time_s": round(self.val_time_s, 3), "val_tokens": self.val_tokens,
+                **self.train_device}
 
     def mark_diverged(self, reason: str) -> None:
         if self.outcome.status == "running":
@@ -197,6 +199,7 @@ class LMModule(pl.LightningModule):
 
     def _val_metrics(self, sums: torch.Tensor) -> tuple[float, float] | None:
         nats, tokens, nbytes = (float(v) for v in self.trainer.strategy.reduce(sums, reduce_op="sum"))
+        self.val_tokens = int(tokens)
         return (nats / tokens, nats / (math.log(2) * nbytes)) if tokens else None
 
     def validation_step(self, batch, batch_idx):

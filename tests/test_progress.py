@@ -22,3 +22,7 @@ def test_a_run_prints_its_overrides_steps_and_no_lightning_chatter(tmp_path, cac
     assert all("tok/s" in line and "left" in line and "val " in line for line in progress)
     for chatter in ("Epoch", "💡", "litlogger", "Total FLOPs", "LeafSpec", "GPU available", "logging interval"):
         assert chatter not in out, chatter
+    (log,) = (tmp_path / "logs").rglob("train.log")  # the progress lines are in the run's log file too
+    assert [line.split(" - ", 1)[-1].split(",")[0] for line in log.read_text().splitlines() if " - step " in line] == \
+        ["step 2/4", "step 4/4"]
+

@@ -265,7 +265,7 @@ def test_probe_flags_a_planted_qkv_bias_overflow_in_fp16(tmp_path, capsys):
     # these folders hold no tokenizer: refused in one line unless random ids are asked for
     assert probe_main([str(tmp_path / "qwen2"), "--out", str(tmp_path / "refused")]) == 2
     refusal = capsys.readouterr().err.strip()
-    assert refusal.startswith(f"qknorm-probe: error: {tmp_path / 'qwen2'}: its tokenizer turned the sample text into 0 tokens")
+    assert refusal.startswith(f"qknorm-probe: error: {tmp_path / 'qwen2'}: the folder holds no tokenizer (none of tokenizer.json,")
     assert "--random-ids" in refusal and "\n" not in refusal and not (tmp_path / "refused").exists()
     printed = {}
     for name in ("qwen2", "qwen3"):
@@ -280,6 +280,7 @@ def test_probe_flags_a_planted_qkv_bias_overflow_in_fp16(tmp_path, capsys):
     q3 = pd.read_csv(tmp_path / "qwen3-out" / "probe.csv")
     assert len(q3) == 3 and not q3["overflows_fp16_unscaled"].any()
     assert "OVERFLOW (unscaled order)" in printed["qwen2"]
+    assert "nan" not in printed["qwen3"] and " - " in printed["qwen3"].splitlines()[-4]  # no QKV bias: "-", not nan
 
 
 def _fixture_run(sweep, lr: float, seed: int, final: float, *, train: list[tuple[int, float]], status: str = "completed",

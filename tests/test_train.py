@@ -31,6 +31,7 @@ def test_nano_run_from_outside_the_repo_writes_summary_and_tensorboard(tmp_path,
     header = (run / "metrics.csv").read_text().splitlines()[0]
     for column in ("train/loss", "val/loss", "val/bpb", "train/tokens", "train/tokens_per_s"):
         assert column in header
+    assert "epoch" not in header.split(",")  # Lightning's epoch here would count validation intervals
 
 
 def test_python_dash_m_entry_point_and_seed_reproducibility(tmp_path, cache_dir):

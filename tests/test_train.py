@@ -32,6 +32,10 @@ def test_nano_run_from_outside_the_repo_writes_summary_and_tensorboard(tmp_path,
     for column in ("train/loss", "val/loss", "val/bpb", "train/tokens", "train/tokens_per_s"):
         assert column in header
     assert "epoch" not in header.split(",")  # Lightning's epoch here would count validation intervals
+    # what the duration estimates read: the time spent validating, the tokens of one validation, the threads
+    assert 0 < summary["val_time_s"] < summary["wall_time_s"] and summary["threads"] >= 1
+    # data.val_token_ratio: 0.3 x 10 steps of 32 x 256 tokens = 24,576, read in 95 windows of 256 tokens
+    assert summary["val_tokens"] == 95 * 256
 
 
 def test_python_dash_m_entry_point_and_seed_reproducibility(tmp_path, cache_dir):

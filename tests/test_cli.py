@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -218,3 +219,12 @@ def test_a_multirun_with_a_failed_job_exits_1_with_one_line_naming_it(tmp_path, 
         for name in (".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/overrides.yaml", "metrics.csv", "stability.jsonl",
                      "train.log", "hparams.yaml", "checkpoints/last.ckpt"):
             assert (run / name).is_file(), (run, name)
+
+
+def test_the_readme_runs_python_from_the_quick_starts_environment():
+    """Every `python ...` the README shows runs the virtual environment's python (.venv/bin/python), the one
+    the quick start installs the package into; a bare `python` would not find qknorm."""
+    text = (REPO / "README.md").read_text()
+    bare = [line for line in text.splitlines() if re.search(r"(^|`|\s)python3? (analysis|benchmarks|-m)\b", line)
+            and ".venv/bin/python" not in line and "python3 -m venv" not in line]
+    assert not bare, bare

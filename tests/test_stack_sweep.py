@@ -277,3 +277,14 @@ def test_local_multiruns_share_a_gpu_between_four_jobs_or_give_a_stack_the_whole
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert (local_jobs(), local_jobs("stacks")) == (4, 1)
 
+
+def test_a_stacks_job_is_listed_by_every_member_not_its_first():
+    from qknorm.jobs import Job, Stack, stack_overrides
+
+    def job(*overrides: str) -> Job:
+        return Job(list(overrides), Path("unused"), None, None)
+
+    unit = Stack("abc123", [job("model=nano", "optim.lr=0.001", "seed=0"), job("model=nano", "optim.lr=0.03", "seed=0"),
+                            job("model=nano", "optim.lr=0.001", "seed=1")])
+    assert stack_overrides(unit) == ["model=nano", "hydra.sweep.subdir=.stacks/abc123", "+qknorm_stack=abc123",
+                                     "+qknorm_stack_of='optim.lr=0.001 seed=0 | optim.lr=0.03 seed=0 | optim.lr=0.001 seed=1'"]

@@ -254,8 +254,18 @@ def launch_batch(master_cfg, config_loader, job_overrides: Sequence[Sequence[str
                                  "hydra": _job_hydra(j, initial_job_idx + jobs.index(j))}
                                 for j in unit.jobs], "threads": threads}
         (folder / "stack.json").write_text(json.dumps(manifest, indent=1))
-        batch.append([*unit.jobs[0].overrides, f"hydra.sweep.subdir={STACKS_DIR}/{unit.id}", f"+{STACK_KEY}={unit.id}"])
+        batch.append(stack_overrides(unit))
     return batch
+
+
+def stack_overrides(unit: Stack) -> list[str]:
+    """The overrides of a stack's own job, as its launcher lists them: what its members share, the stack's id,
+    and (`qknorm_stack_of`) what sets each member apart, so the list names every member, not the first one
+    only. The stack's job reads its members from its stack.json; its own config only routes it there."""
+    lists = [list(j.overrides) for j in unit.jobs]
+    common = [o for o in lists[0] if all(o in other for other in lists[1:])]
+    members = " | ".join(" ".join(o for o in each if o not in common) or "(the same)" for each in lists).replace("'", "")
+    return [*common, f"hydra.sweep.subdir={STACKS_DIR}/{unit.id}", f"+{STACK_KEY}={unit.id}", f"+{STACK_KEY}_of='{members}'"]
 
 
 def _job_hydra(job, num: int) -> dict:

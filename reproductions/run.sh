@@ -13,7 +13,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${QKNORM_REPRO_RUNS:-reproductions/runs}
-COMMON=(data.batch_size=16 trainer.keep_checkpoint=false logger=csv trainer.progress_bar=false)
+# data.val_token_ratio=null: validation on the whole held-out split, as these runs were trained (it keeps their identity)
+COMMON=(data.batch_size=16 trainer.keep_checkpoint=false logger=csv trainer.progress_bar=false data.val_token_ratio=null)
 sweep() { local name=$1; shift; qknorm-train -m "$@" "${COMMON[@]}" "hydra.sweep.dir=$RUNS/$name"; }
 
 # E1 (and E2, from the same runs' stability logs): Wortsman et al. 2023 Fig. 1, 2, E.1, 9. A width ladder

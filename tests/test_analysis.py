@@ -6,6 +6,7 @@ import json
 import math
 import shutil
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -45,20 +46,42 @@ def test_lr_metrics_on_a_table_worked_by_hand():
     assert t.loc["attention=qwen3", "lr_sensitivity"] == pytest.approx(0.5)
     assert t.loc["attention=qwen3", "largest_stable_lr"] == 1e-1
     assert math.isnan(t.loc["attention=qwen3", "first_diverging_lr"])
-    assert t.loc["attention=qwen3", "lr_tolerance_ratio"] == pytest.approx(10.0)
-    assert t.loc["attention=baseline", "lr_tolerance_ratio"] == pytest.approx(1.0)
+    # qwen3 never diverged up to 0.1, the baseline diverged at 0.1: qwen3's divergence LR is above 1x the baseline's
+    assert t.loc["attention=qwen3", "comparison"] == "higher" and t.loc["attention=qwen3", "ratio_low"] == pytest.approx(1.0)
+    assert t.loc["attention=baseline", "comparison"] == "baseline"
     # wild: [3.9, 7] (9.0 capped at l0 = 7; the failed run at 1e-1 is no result), l* = 3.9 -> mean(0, 3.1)
     assert t.loc["attention=wild", "lr_sensitivity"] == pytest.approx(3.1 / 2)
     assert t.loc["attention=wild", "largest_stable_lr"] == 1e-3
     assert t.loc["attention=wild", "first_diverging_lr"] == 1e-2
-    assert t.loc["attention=wild", "lr_tolerance_ratio"] == pytest.approx(0.1)
+    # wild's bracket (1e-3, 1e-2] lies below the baseline's (1e-2, 1e-1]: its ratio between 0.01x and 1x
+    assert t.loc["attention=wild", "comparison"] == "lower"
+    assert (t.loc["attention=wild", "ratio_low"], t.loc["attention=wild", "ratio_high"]) == pytest.approx((0.01, 1.0))
     assert t.loc["attention=wild", "failed_runs"] == 1 and t.loc["attention=wild", "runs"] == 2
     # qwen3 never diverged: its tolerance is censored by the grid, and its ratio only a lower bound
     assert t.loc["attention=qwen3", "tolerance_censored"] and not t.loc["attention=baseline", "tolerance_censored"]
     assert t.loc["attention=qwen3", "tolerance"] == "no divergence up to 0.1"
-    assert t.loc["attention=qwen3", "ratio_kind"] == "at least"
-    assert t.loc["attention=baseline", "ratio_kind"] == "grid"
-    assert t.loc["attention=baseline", "tolerance"] == "0.01 (diverges at 0.1)"
+    assert t.loc["attention=baseline", "tolerance"] == "between 0.01 and 0.1"
+
+
+def test_two_variants_diverging_at_the_same_grid_point_get_a_bracket_not_a_ratio():
+    """LRs {1e-2, 1e-1, 1}, both diverge at 1: the grid says each boundary is between 0.1 and 1, which
+    cannot tell them apart; never a tolerance ratio of 1.0."""
+    rows = []
+    for variant in ("attention=baseline", "attention=qwen3"):
+        rows += [(variant, 1e-2, 0, "completed", 4.0, 7.0), (variant, 1e-1, 0, "completed", 3.5, 7.0),
+                 (variant, 1.0, 0, "diverged", float("nan"), 7.0)]
+    t = lr_table(_frame(rows)).set_index("variant")
+    qwen3 = t.loc["attention=qwen3"]
+    assert qwen3["tolerance"] == t.loc["attention=baseline", "tolerance"] == "between 0.1 and 1"
+    assert qwen3["comparison"] == "cannot separate" and "lr_tolerance_ratio" not in t.columns
+    assert (qwen3["ratio_low"], qwen3["ratio_high"]) == pytest.approx((0.1, 10.0))
+    assert qwen3["vs_baseline"] == ("between 0.1 and 1 for both: this grid cannot separate them; add LRs in that range, "
+                                    "or search with hydra/sweeper=critical_lr")
+    # one LR between them that one survives and the other does not: now they separate
+    rows += [("attention=baseline", 0.3, 0, "diverged", float("nan"), 7.0), ("attention=qwen3", 0.3, 0, "completed", 3.4, 7.0)]
+    t = lr_table(_frame(rows)).set_index("variant")
+    assert t.loc["attention=qwen3", "comparison"] == "higher"
+    assert t.loc["attention=qwen3", "vs_baseline"] == "higher: 1x to 10x the baseline's divergence LR"
 
 
 def test_a_failed_run_is_not_a_divergence():
@@ -84,7 +107,7 @@ def test_neither_variant_diverging_gives_no_tolerance_ratio():
     ])
     t = lr_table(frame).set_index("variant")
     assert t["tolerance_censored"].all()
-    assert (t["ratio_kind"] == "unknown").all() and t["lr_tolerance_ratio"].isna().all()
+    assert t.loc["attention=qwen3", "comparison"] == "unknown" and t["ratio_low"].isna().all()
     assert t.loc["attention=qwen3", "tolerance"] == "no divergence up to 0.01"
 
 
@@ -121,6 +144,56 @@ def test_heatmap_shows_each_variant_at_the_lr_with_the_highest_peak_logit():
     # baseline: LR 0.1 has the highest mean peak (1050 > 1000), and of its seeds the higher peak
     assert chosen == {"baseline": "s/a/2", "qwen3": "s/a/5"}
     assert sweep_title(frame) == "s/a, 7 runs"
+
+
+def _two_variant_grid() -> pd.DataFrame:
+    """baseline and qwen3 at LRs {1e-2, 1e-1, 1}, one seed, the same losses (their lines would coincide), both
+    diverged at 1 (after a first validation), run one after the other except two pairs that overlapped."""
+    rows = []
+    for v, variant in enumerate(("attention=baseline", "attention=qwen3")):
+        for i, lr in enumerate((1e-2, 1e-1, 1.0)):
+            diverged = lr == 1.0
+            history = [{"step": 10, "loss": 5.0 - i, "bpb": 3.0}] + ([] if diverged else [{"step": 20, "loss": 4.0 - i, "bpb": 2.5}])
+            start = pd.Timestamp("2026-01-01T00:00:00+00:00") + pd.Timedelta(minutes=10 * (3 * v + i))
+            rows.append({"run_dir": f"s/grid/{variant}-{lr}", "variant": variant, "lr": lr, "seed": 0,
+                         "status": "diverged" if diverged else "completed", "diverged": diverged,
+                         "final_val_loss": float("nan") if diverged else 4.0 - i, "initial_loss": 7.0,
+                         "steps": 14 if diverged else 20, "tokens": (14 if diverged else 20) * 100, "wall_time_s": 60.0,
+                         "val_history": json.dumps(history), "started_at": start.isoformat(),
+                         "finished_at": (start + pd.Timedelta(minutes=15 if i == 0 else 1)).isoformat()})
+    return pd.DataFrame(rows)
+
+
+def test_figures_show_every_run_mark_divergence_and_claim_intervals_only_with_seeds(tmp_path, monkeypatch):
+    from qknorm.analysis import figures
+
+    drawn = []
+    monkeypatch.setattr(figures, "_save", lambda fig, out, name: drawn.append(fig) or [])
+    frame = _two_variant_grid()
+    figures.loss_vs_lr(frame, tmp_path)
+    ax = drawn[-1].axes[0]
+    xs = {}
+    for collection in ax.collections:  # the seeds' dots and the crosses, per variant colour
+        xs.setdefault(tuple(collection.get_facecolor()[0].round(3)) if len(collection.get_facecolor()) else "x", []).append(
+            sorted(collection.get_offsets()[:, 0].round(6)))
+    lines = [line for line in ax.lines if len(line.get_xdata()) == 3]
+    assert len(lines) == 2 and not np.allclose(lines[0].get_xdata(), lines[1].get_xdata())  # side by side, not on top
+    crosses = [c for c in ax.collections if len(c.get_offsets()) == 1]
+    assert len(crosses) == 2 and crosses[0].get_offsets()[0, 0] != crosses[1].get_offsets()[0, 0]  # both crosses visible
+    assert "diverged (at its loss at init)" in [t.get_text() for t in ax.get_legend().get_texts()]
+
+    figures.sensitivity_bars(lr_table(frame), tmp_path)
+    ax = drawn[-1].axes[0]
+    assert "no interval" in ax.get_xlabel() and "bootstrap" not in ax.get_xlabel() and not ax.containers[1:]
+
+    figures.loss_vs_time(frame, tmp_path)
+    ax_tok, ax_time = drawn[-1].axes
+    assert len([line for line in ax_tok.lines if len(line.get_xdata())]) == 6  # diverged runs drawn too
+    assert len(ax_tok.collections) == 2  # a cross where each diverged run stopped
+    legend = [t.get_text() for t in ax_time.get_legend().get_texts()]
+    assert legend == ["attention=baseline", "attention=qwen3", "LR 0.01", "LR 0.1", "LR 1", "diverged here"]
+    assert len({line.get_marker() for line in ax_tok.lines}) == 2  # a marker per variant: coinciding lines stay visible
+    assert "4 of these runs trained at the same time as another" in ax_time.get_xlabel()  # 0-15 min with 10-11, 30-45 with 40-41
 
 
 def test_a_figure_with_one_point_per_line_says_so():
@@ -192,7 +265,7 @@ def test_probe_flags_a_planted_qkv_bias_overflow_in_fp16(tmp_path, capsys):
     # these folders hold no tokenizer: refused in one line unless random ids are asked for
     assert probe_main([str(tmp_path / "qwen2"), "--out", str(tmp_path / "refused")]) == 2
     refusal = capsys.readouterr().err.strip()
-    assert refusal.startswith(f"qknorm-probe: error: {tmp_path / 'qwen2'}: its tokenizer turned the sample text into 0 tokens")
+    assert refusal.startswith(f"qknorm-probe: error: {tmp_path / 'qwen2'}: the folder holds no tokenizer (none of tokenizer.json,")
     assert "--random-ids" in refusal and "\n" not in refusal and not (tmp_path / "refused").exists()
     printed = {}
     for name in ("qwen2", "qwen3"):
@@ -207,6 +280,7 @@ def test_probe_flags_a_planted_qkv_bias_overflow_in_fp16(tmp_path, capsys):
     q3 = pd.read_csv(tmp_path / "qwen3-out" / "probe.csv")
     assert len(q3) == 3 and not q3["overflows_fp16_unscaled"].any()
     assert "OVERFLOW (unscaled order)" in printed["qwen2"]
+    assert "nan" not in printed["qwen3"] and " - " in printed["qwen3"].splitlines()[-4]  # no QKV bias: "-", not nan
 
 
 def _fixture_run(sweep, lr: float, seed: int, final: float, *, train: list[tuple[int, float]], status: str = "completed",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -57,7 +58,37 @@ def test_config_errors_are_one_line_exit_2_run_and_multirun(tmp_path, cache_dir,
     for needle in expected:
         assert needle in line
     assert "+" not in line  # never Hydra's `+key=value`, which would add the misspelt key
-    assert not any(tmp_path.rglob("summary.json"))
+    assert not (tmp_path / "logs").exists()  # no run directory, no multirun folder
+
+
+def _bad_inputs(root):
+    root.mkdir()
+    (root / "empty.txt").write_bytes(b"")
+    (root / "blank.txt").write_text("\n  \n")
+    return {
+        "missing corpus file": (["data=text_files", f"data.paths=[{root / 'missing.txt'}]"],
+                                f"{root / 'missing.txt'}: no such file or folder (data.paths)"),
+        "empty corpus file": (["data=text_files", f"data.paths=[{root / 'empty.txt'}]"], f"{root / 'empty.txt'}: file is empty"),
+        "blank corpus file": (["data=text_files", f"data.paths=[{root / 'blank.txt'}]"], f"{root / 'blank.txt'}: file is empty"),
+        "lr not a number": (["optim.lr=abc"], "optim.lr: expected a number, got 'abc'"),
+        "every job of a multirun": (["-m", "optim.lr=abc,-1"], "optim.lr: expected a number, got 'abc'"),
+    }
+
+
+@pytest.mark.parametrize("case", ["missing corpus file", "empty corpus file", "blank corpus file", "lr not a number",
+                                  "every job of a multirun"])
+def test_value_and_data_errors_come_before_torch_and_leave_nothing_written(tmp_path, case):
+    """The validator and the data check run before Hydra makes a run directory (or a multirun's folder)
+    and before torch loads: one line, exit 2, logs/ never made."""
+    args, needle = _bad_inputs(tmp_path / "inputs")[case]
+    env = {**os.environ, "QKNORM_LOG_DIR": str(tmp_path / "logs"), "QKNORM_CACHE_DIR": str(tmp_path / "cache")}
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "qknorm", *args, "model=nano"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    line = _one_error_line(proc)
+    assert line == f"qknorm-train: error: {needle}" or needle in line, line
+    imported = _imported_before_the_error(proc.stderr)
+    assert "omegaconf" in imported and not imported & {"torch", "pytorch_lightning", "lightning_fabric"}
+    assert not (tmp_path / "logs").exists()
 
 
 @pytest.mark.parametrize("key,guess", [
@@ -188,3 +219,12 @@ def test_a_multirun_with_a_failed_job_exits_1_with_one_line_naming_it(tmp_path, 
         for name in (".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/overrides.yaml", "metrics.csv", "stability.jsonl",
                      "train.log", "hparams.yaml", "checkpoints/last.ckpt"):
             assert (run / name).is_file(), (run, name)
+
+
+def test_the_readme_runs_python_from_the_quick_starts_environment():
+    """Every `python ...` the README shows runs the virtual environment's python (.venv/bin/python), the one
+    the quick start installs the package into; a bare `python` would not find qknorm."""
+    text = (REPO / "README.md").read_text()
+    bare = [line for line in text.splitlines() if re.search(r"(^|`|\s)python3? (analysis|benchmarks|-m)\b", line)
+            and ".venv/bin/python" not in line and "python3 -m venv" not in line]
+    assert not bare, bare

@@ -203,6 +203,7 @@ BOUNDS = [
     ("data.val_fraction", 0.0, False, +1, {}),
     ("data.val_fraction", 1.0, False, -1, {}),
     ("data.val_max_tokens", SEQ, False, +1, {}),  # windows of data.seq_len + 1 tokens
+    ("data.val_token_ratio", 0.0, False, +1, {}),
     ("data.max_tokens", SEQ, False, +1, {}),
     ("optim.lr", 0.0, False, +1, {}),
     ("optim.betas[0]", 0.0, True, +1, {}),

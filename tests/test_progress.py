@@ -22,3 +22,14 @@ def test_a_run_prints_its_overrides_steps_and_no_lightning_chatter(tmp_path, cac
     assert all("tok/s" in line and "left" in line and "val " in line for line in progress)
     for chatter in ("Epoch", "💡", "litlogger", "Total FLOPs", "LeafSpec", "GPU available", "logging interval"):
         assert chatter not in out, chatter
+    (log,) = (tmp_path / "logs").rglob("train.log")  # the progress lines are in the run's log file too
+    assert [line.split(" - ", 1)[-1].split(",")[0] for line in log.read_text().splitlines() if " - step " in line] == \
+        ["step 2/4", "step 4/4"]
+
+
+def test_run_names_leave_out_what_is_not_the_runs_identity():
+    from qknorm.training.naming import run_name
+
+    overrides = ["attention=qwen3", "optim.lr=0.01", "seed=1", "model=small", "trainer.threads=1", "data.val_max_tokens=8192",
+                 "trainer.progress_bar=false", "logger=csv", "trainer.max_steps=100", "data.val_token_ratio=0.5"]
+    assert run_name(0.01, 1, "qwen3", overrides) == "qwen3,lr=0.01,seed=1,model=small,trainer.max_steps=100"

@@ -25,7 +25,7 @@ import hydra
 from omegaconf import DictConfig
 
 from . import sweeping
-from .config import default_tree
+from .config import VAL_MIN_TOKENS, QknormError, default_tree
 from .hydra_wiring import register_defaults
 from .jobs import STACK_KEY
 from .training.naming import announce_job
@@ -47,7 +47,7 @@ GROUPS = {
 }
 
 COMMANDS = {
-    "qknorm-sweep sweeps=NAME [sweeps.size=...]": "list a sweep's jobs and how many already finished",
+    "qknorm-sweep sweeps=NAME [sweeps.size=...]": "list a sweep's (or a -m command's) jobs and which finished",
     "qknorm-analyze SWEEP_DIR [...]": "tables, figures and report.md/report.html from run directories",
     "qknorm-probe MODEL": "would a checkpoint's or a transformers model's attention overflow in fp16?",
     "qknorm-scorecard SWEEP_DIR": "docs/scorecard.md: one row per preset from a critical-LR finder sweep",
@@ -202,6 +202,8 @@ def explain(exc: BaseException, overrides: list[str]) -> Optional[str]:
     from hydra.errors import ConfigCompositionException, HydraException, MissingConfigException, OverrideParseException
     from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
+    if isinstance(exc, QknormError):  # the validator's or the data check's own line
+        return str(exc)
     if isinstance(exc, MissingConfigException):
         return missing_option_message(exc.missing_cfg_file or "", list(exc.options) if exc.options is not None else None)
     if isinstance(exc, OverrideParseException):
@@ -277,6 +279,10 @@ def help_page() -> str:
         "keys: any key of the config, e.g. optim.lr=3e-3 trainer.max_steps=500 attention.softcap=30",
         f"  ({PROG} --cfg job prints them all with their values)",
         "",
+        "validation: about trainer.val_points=8 times a run and at its last step, each on at most",
+        f"  data.val_token_ratio=0.3 x the tokens trained since the last one, at least {VAL_MIN_TOKENS} tokens (about 10%",
+        "  of a run's time); data.val_max_tokens=N: N tokens; data.val_token_ratio=null: the whole held-out split",
+        "",
         f"sweeps ({PROG} sweeps=NAME [sweeps.size=smoke|cpu|gpu]; a multirun, 2 jobs at a time):",
     ]
     for name in groups["sweeps"]:
@@ -288,10 +294,12 @@ def help_page() -> str:
         f"  {PROG} -m attention=baseline,qwen3 optim.lr=1e-3,1e-2",
         "  (hydra.launcher.n_jobs=N: N at a time; hydra/launcher=basic: one at a time; hydra/launcher=submitit_slurm)",
         "  hydra/sweeper=critical_lr: per group of the other axes, search the LR at which runs start to fail",
-        f"  {PROG} -m hydra/sweeper=critical_lr attention=baseline,qwen3 seed=0,1 hydra.sweep.dir=logs/finder/NAME",
+        f"  {PROG} -m hydra/sweeper=critical_lr attention=baseline,qwen3 seed=0,1",
+        "  a multirun's folder is named by its axes and fixed values: the same command resumes there, one LR",
+        "  more trains only the new jobs; qknorm-sweep with the same arguments lists them",
         "",
         "outputs: one directory per run, under ./logs (QKNORM_LOG_DIR moves it):",
-        "  logs/<task_name>/runs/<time>/  logs/<task_name>/multiruns/<time>/<job>/  logs/sweeps/<name>/<size>/<job>/",
+        "  logs/<task_name>/runs/<time>/  logs/<task_name>/multiruns/<grid>/<job>/  logs/sweeps/<name>/<size>/<job>/",
         "  each with summary.json, metrics.csv, tensorboard/, stability.jsonl, checkpoints/, .hydra/",
         "  tensorboard --logdir logs   (runs are named by their overrides)",
         "",

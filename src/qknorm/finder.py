@@ -1,6 +1,6 @@
 """The critical-LR finder: per group of a sweep's other axes, the learning rate at which runs start to fail.
 
-    qknorm-train -m hydra/sweeper=critical_lr attention=baseline,qwen3 seed=0,1 hydra.sweep.dir=logs/finder/x
+    qknorm-train -m hydra/sweeper=critical_lr attention=baseline,qwen3 seed=0,1
 
 Every axis of the command line except the LR and the seed is a group axis (attention, width, ...); the seeds
 are repeats within a group. Per group the search
@@ -15,7 +15,8 @@ It does this for each target, one definition each from qknorm.analysis.failure: 
 divergence LR) and `failed`, ending worse than the bigram model (the critical LR, for quality).
 
 Every probe is an ordinary job of the sweep's launcher (joblib, the stacked launcher, submitit): its
-directory is its config, so a rerun of the same command in the same hydra.sweep.dir replays the search,
+directory is its config, and the sweep's folder is named by the command's axes and fixed values
+(qknorm.jobs.multirun_dir), so a rerun of the same command replays the search in the same folder,
 finds every finished probe's result where it left it and trains only the rest. `finder.json` in the sweep
 folder records the groups, their probes, brackets and boundaries; qknorm-analyze reads the sweep again
 from its run directories.

@@ -9,18 +9,24 @@ wires these helpers into Hydra before it validates a config.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import hashlib
 import importlib.resources
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
-from omegaconf import OmegaConf
+import yaml
+from hydra._internal.config_loader_impl import ConfigLoaderImpl, get_overrides_dirname
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import OmegaConf, open_dict
 
-from .config import QknormError, load_run_config
+from .config import QknormError, RunConfig, load_run_config
 from .rundir import identity, identity_hash, task_container
 from .training.stack import stack_key
 
@@ -42,6 +48,18 @@ def finished_summary(run_dir: Path) -> Optional[dict]:
         return None
     return summary if summary.get("status") in FINISHED else None
 
+
+
+def preflight(raw: Mapping[str, Any]) -> RunConfig:
+    """A job's composed config (plain data) validated, and its data checked as far as it can be without
+    torch (qknorm.data.tokens.check_data): what the command line does before it makes a run directory, so
+    that a wrong value or a missing file is reported in one line and leaves nothing behind. Raises
+    QknormError."""
+    from .data.tokens import check_data  # here, not at the top: numpy and sentencepiece only once a config is valid
+
+    cfg = load_run_config(raw)
+    check_data(cfg.data)
+    return cfg
 
 
 def threads_per_job(launcher_target: str, n_jobs: Any, cores: Optional[int] = None) -> Optional[int]:
@@ -85,13 +103,51 @@ class Job:
 
 
 
-def compose_job(master_cfg, config_loader, overrides) -> Job:
+def compose_job(master_cfg, config_loader, overrides, composer: Optional["JobComposer"] = None) -> Job:
     """One job of a multirun, composed as its launcher composes it, with its directory and, if it
     finished, its summary."""
-    cfg = config_loader.load_sweep_config(master_cfg, list(overrides))
+    cfg = composer(overrides) if composer is not None else config_loader.load_sweep_config(master_cfg, list(overrides))
     run_dir = Path(cfg.hydra.sweep.dir) / str(OmegaConf.select(cfg, "hydra.sweep.subdir"))
     return Job(list(overrides), run_dir, cfg, finished_summary(run_dir))
 
+
+class JobComposer:
+    """Compose a multirun's jobs as Hydra's launchers do (ConfigLoader.load_sweep_config), without composing
+    each from its files: Hydra builds a job's defaults tree and reads every YAML file again per job (about
+    half a second a job), though jobs differ mostly in plain values (LR, seed). Here each distinct set of
+    config-group choices (attention=..., model=...) is composed once, and a job is a copy of it with its
+    other overrides applied by Hydra's own code, then the overrides list and override_dirname Hydra sets.
+    A job with anything else (a hydra key, a sweep) is composed by Hydra itself."""
+
+    def __init__(self, master_cfg, config_loader):
+        self.master, self.loader = master_cfg, config_loader
+        self.parser = OverridesParser.create(config_loader=config_loader)
+        # the config groups: every group the defaults list chose an option of (hydra/ groups included)
+        self.groups = set(OmegaConf.select(master_cfg, "hydra.runtime.choices", default={}) or {})
+        self.bases: dict[tuple[str, ...], Any] = {}
+
+    def faithful(self, overrides: Sequence[str]):
+        return self.loader.load_sweep_config(self.master, list(overrides))
+
+    def __call__(self, overrides: Sequence[str]):
+        parsed = self.parser.parse_overrides([str(o) for o in overrides])
+        if any(o.is_hydra_override() or o.is_sweep_override() for o in parsed):
+            return self.faithful(overrides)
+        is_group = [o.key_or_group in self.groups and not isinstance(o.value(), dict) for o in parsed]
+        key = tuple(str(o.input_line) for o, g in zip(parsed, is_group, strict=True) if g)
+        try:
+            if key not in self.bases:
+                self.bases[key] = self.faithful(key)
+            cfg = copy.deepcopy(self.bases[key])
+            ConfigLoaderImpl._apply_overrides_to_config([o for o, g in zip(parsed, is_group, strict=True) if not g], cfg)
+        except Exception:  # a group this does not know of (+group=...), a key that is not there: Hydra says what
+            return self.faithful(overrides)
+        with open_dict(cfg.hydra):
+            cfg.hydra.overrides.task = [str(o.input_line) for o in parsed]
+            dirname = cfg.hydra.job.config.override_dirname
+            cfg.hydra.job.override_dirname = get_overrides_dirname(
+                overrides=parsed, kv_sep=dirname.kv_sep, item_sep=dirname.item_sep, exclude_keys=dirname.exclude_keys)
+        return cfg
 
 
 def parallel_jobs(master_cfg) -> int:
@@ -198,8 +254,18 @@ def launch_batch(master_cfg, config_loader, job_overrides: Sequence[Sequence[str
                                  "hydra": _job_hydra(j, initial_job_idx + jobs.index(j))}
                                 for j in unit.jobs], "threads": threads}
         (folder / "stack.json").write_text(json.dumps(manifest, indent=1))
-        batch.append([*unit.jobs[0].overrides, f"hydra.sweep.subdir={STACKS_DIR}/{unit.id}", f"+{STACK_KEY}={unit.id}"])
+        batch.append(stack_overrides(unit))
     return batch
+
+
+def stack_overrides(unit: Stack) -> list[str]:
+    """The overrides of a stack's own job, as its launcher lists them: what its members share, the stack's id,
+    and (`qknorm_stack_of`) what sets each member apart, so the list names every member, not the first one
+    only. The stack's job reads its members from its stack.json; its own config only routes it there."""
+    lists = [list(j.overrides) for j in unit.jobs]
+    common = [o for o in lists[0] if all(o in other for other in lists[1:])]
+    members = " | ".join(" ".join(o for o in each if o not in common) or "(the same)" for each in lists).replace("'", "")
+    return [*common, f"hydra.sweep.subdir={STACKS_DIR}/{unit.id}", f"+{STACK_KEY}={unit.id}", f"+{STACK_KEY}_of='{members}'"]
 
 
 def _job_hydra(job, num: int) -> dict:
@@ -224,3 +290,102 @@ def describe_stacks(jobs: Sequence, stack_size, slots: int = 1) -> list[str]:
     if alone:
         lines.append(f"alone: jobs {', '.join(map(str, alone))}")
     return lines
+
+
+# -- a plain multirun's folder -----------------------------------------------------------------------
+
+# Overrides that say where a run writes, what it logs and how it uses the machine, never what it computes:
+# left out of a multirun folder's key, so that adding `logger=csv` or `trainer.threads=1` to a command finds
+# its folder again.
+NOT_IN_SWEEP_KEY = ("hydra", "paths", "task_name", "data.cache_dir", "logger", "trainer.threads", "model.compile",
+                    "trainer.progress_bar", "trainer.log_every_n_steps", "trainer.checkpoint_every_n_steps",
+                    "trainer.keep_checkpoint", "callbacks.lr_monitor", "callbacks.throughput")
+MULTIRUN_RECORD = "multirun.yaml"
+
+
+@dataclass(frozen=True)
+class GridKey:
+    """What a multirun sweeps over and what it fixes: its folder's name, whatever the axes' values."""
+
+    axes: tuple[str, ...]  # keys given several values
+    fixed: tuple[tuple[str, str], ...]  # (key, canonical value) of the keys given one
+    sweeper: str = ""  # "" for Hydra's basic sweeper, else the sweeper's short name (critical_lr)
+
+    def dirname(self) -> str:
+        """`attention+optim.lr,model=nano-3f2a9c81d0`: the axes, the fixed overrides, a hash of the key."""
+        label = ",".join(([self.sweeper] if self.sweeper else []) + (["+".join(self.axes)] if self.axes else [])
+                         + [f"{k}={v}" for k, v in self.fixed])
+        label = re.sub(r"[^A-Za-z0-9=.,_+-]", "_", label)[:120] or "default"
+        digest = hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:10]
+        return f"{label}-{digest}"
+
+    def fits_in(self, other: "GridKey") -> bool:
+        """Whether this command's jobs belong to `other`'s folder: the same sweeper; every axis of this
+        command an axis there; every key fixed there fixed here to the same value; every axis there named
+        here (a key narrowed to one value is still that axis)."""
+        mine, theirs = dict(self.fixed), dict(other.fixed)
+        return (self.sweeper == other.sweeper and set(self.axes) <= set(other.axes)
+                and all(mine.get(k) == v for k, v in theirs.items())
+                and all(k in other.axes or theirs.get(k) == v for k, v in mine.items())
+                and set(other.axes) <= set(self.axes) | set(mine))
+
+
+def _canonical(value: Any) -> str:
+    """One spelling per value: 1e-2 and 0.01 are one LR."""
+    return json.dumps(value, sort_keys=True, default=str) if not isinstance(value, str) else value
+
+
+def grid_values(overrides: Sequence[str]) -> dict[str, list[str]]:
+    """Key (with its +/~ prefix) -> its canonical values, in command-line order; keys that cannot change a
+    result (NOT_IN_SWEEP_KEY) left out."""
+    out: dict[str, list[str]] = {}
+    for o in OverridesParser.create().parse_overrides([str(x) for x in overrides]):
+        key = o.get_key_element()
+        bare = key.lstrip("+~")
+        if any(bare == p or bare.startswith((p + ".", p + "/")) for p in NOT_IN_SWEEP_KEY):
+            continue
+        if o.is_sweep_override():
+            values = [_canonical(v) for v in o.sweep_iterator(transformer=lambda v: v)] if o.is_discrete_sweep() \
+                else [str(o.value())]
+        else:
+            values = [_canonical(o.value())]
+        bucket = out.setdefault(key, [])
+        bucket.extend(v for v in values if v not in bucket)
+    return out
+
+
+def grid_key(overrides: Sequence[str], sweeper_target: str = "") -> GridKey:
+    values = grid_values(overrides)
+    short = "" if sweeper_target.endswith("BasicSweeper") or not sweeper_target else \
+        {"CriticalLRSweeper": "critical_lr"}.get(sweeper_target.rsplit(".", 1)[-1], sweeper_target.rsplit(".", 1)[-1])
+    axes = tuple(sorted(k for k, v in values.items() if len(v) > 1))
+    fixed = tuple(sorted((k, v[0]) for k, v in values.items() if len(v) == 1))
+    return GridKey(axes, fixed, short)
+
+
+def recorded_key(folder: Path) -> Optional[GridKey]:
+    """The key of the grid a multirun folder records (its multirun.yaml: the union of the grids run there)."""
+    try:
+        record = yaml.load((folder / MULTIRUN_RECORD).read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+        hydra_node = record["hydra"]
+        return grid_key(hydra_node["overrides"]["task"] or [], str(hydra_node["sweeper"].get("_target_", "")))
+    except Exception:  # no record, or one this version cannot read: the folder is simply not a candidate
+        return None
+
+
+def multirun_dir(parent: str, overrides: Sequence[str], sweeper_target: str = "") -> str:
+    """`hydra.sweep.dir` of a plain multirun (resolver `qknorm_multirun_dir`): `<parent>/<GridKey.dirname>`,
+    so the same command finds its folder again and resumes, and a widened grid shares it. A command that
+    narrows an axis to one value has a key of its own; it goes to the folder of an earlier grid it fits in
+    (GridKey.fits_in) when there is one, so that it too reuses that grid's finished jobs."""
+    key = grid_key(overrides, sweeper_target)
+    root = Path(parent)
+    own = root / key.dirname()
+    if own.exists() or not root.is_dir():
+        return str(own)
+    candidates = []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        other = recorded_key(folder)
+        if other is not None and key.fits_in(other):
+            candidates.append((len(other.axes), folder.name, folder))
+    return str(min(candidates)[2]) if candidates else str(own)

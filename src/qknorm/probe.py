@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 
 FP16_MAX = 65504.0
+# the files a transformers tokenizer is loaded from: a model folder with none of them has no tokenizer
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "vocab.txt", "spiece.model")
 
 
 @dataclass
@@ -168,6 +170,8 @@ def make_batches(encode, vocab_size: int, n: int, seq_len: int, random_ids: bool
     if encode is None:
         raise NoUsableText(no_tokenizer)
     ids = list(encode(sample_text()))
+    if not ids:
+        raise NoUsableText("its tokenizer turned the sample text into no tokens at all: not a usable tokenizer")
     if len(ids) < n * seq_len:
         raise NoUsableText(f"its tokenizer turned the sample text into {len(ids)} tokens, fewer than "
                            f"--batches x --seq-len = {n * seq_len}")
@@ -243,10 +247,14 @@ def probe(args: argparse.Namespace) -> tuple[ProbeResult, str]:
     except (OSError, ValueError) as e:
         raise _Refused(f"{args.model}: cannot load ({str(e).splitlines()[0]})") from None
     encode, why = None, ""
-    try:
-        encode = AutoTokenizer.from_pretrained(args.model).encode
-    except Exception as e:  # a model folder without a tokenizer (e.g. built from a config)
-        why = f"no tokenizer could be loaded from it ({_first_line(e)})"
+    folder = Path(args.model)
+    if folder.is_dir() and not any((folder / name).exists() for name in TOKENIZER_FILES):
+        why = f"the folder holds no tokenizer (none of {', '.join(TOKENIZER_FILES)})"  # e.g. a model saved from a config
+    else:
+        try:
+            encode = AutoTokenizer.from_pretrained(args.model).encode
+        except Exception as e:  # a tokenizer that does not load
+            why = f"no tokenizer could be loaded from it ({_first_line(e)})"
     batches, text = make_batches(encode, model.config.vocab_size, args.batches, args.seq_len, args.random_ids, why)
     return probe_transformers(model, batches, args.model), text
 
@@ -284,7 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         flag = "  OVERFLOW (unscaled order)" if r["overflows_fp16_unscaled"] else ""
         flag += "  OVERFLOW (pre-scaled order)" if r["overflows_fp16_prescaled"] else ""
-        print(f"{r['layer']:>5} {r['max_abs_qk_raw']:>12.4g} {r['max_abs_qkv_bias']:>10.4g} {r['max_abs_logit']:>11.4g} "
+        bias = "-" if math.isnan(r["max_abs_qkv_bias"]) else f"{r['max_abs_qkv_bias']:.4g}"  # "-": no QKV bias
+        print(f"{r['layer']:>5} {r['max_abs_qk_raw']:>12.4g} {bias:>10} {r['max_abs_logit']:>11.4g} "
               f"{r['fp16_headroom']:>14.4g} {r['nonfinite_fp16_unscaled']:>18} {r['nonfinite_fp16_prescaled']:>18}{flag}")
     print(f"wrote {args.out / 'probe.csv'}, {plot(result, args.out, text)}")
     return 0

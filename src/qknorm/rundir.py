@@ -34,11 +34,11 @@ from .utils.files import atomic_write_bytes
 
 # Keys that do not change what a run computes: paths and caches, logging, threads and compilation (the
 # same arithmetic, rounded in another order), checkpoint cadence, and the relative settings whose
-# concrete value (warmup steps, intervals) stays in the identity.
+# concrete value (warmup steps, intervals, the validation token cap) stays in the identity.
 NOT_IDENTITY = (
     "task_name", "data.cache_dir", "logger", "trainer.threads", "model.compile", "trainer.progress_bar", "trainer.log_every_n_steps",
     "trainer.checkpoint_every_n_steps", "trainer.keep_checkpoint", "trainer.val_points", "callbacks.lr_monitor",
-    "callbacks.throughput", "callbacks.monitor.points", "optim.warmup_fraction",
+    "callbacks.throughput", "callbacks.monitor.points", "optim.warmup_fraction", "data.val_token_ratio",
 )
 # Keys added to the config after runs were recorded, each with the value that computes what a run recorded
 # before the key existed computed. At that value a key is left out of the identity, so such a run keeps
@@ -54,7 +54,9 @@ LATER_KEYS = {
 }
 # Overrides left out of a job directory's readable name: the sweep's fixed settings (its size) and
 # bookkeeping. The hash after the name tells jobs apart whatever is left out.
-NOT_IN_DIRNAME = ("trainer.", "callbacks.", "logger", "paths.", "sweeps", "hydra", "data.cache_dir", "task_name")
+# data.val_token_ratio too: a sweep that pins it to null to keep its runs' identity keeps their names as well.
+NOT_IN_DIRNAME = ("trainer.", "callbacks.", "logger", "paths.", "sweeps", "hydra", "data.cache_dir", "task_name",
+                  "data.val_token_ratio")
 LOCK_NAME = ".lock"
 
 

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
+import yaml
 from hydra import initialize_config_module
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.global_hydra import GlobalHydra
@@ -34,9 +35,20 @@ from hydra.types import RunMode
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .config import load_run_config
-from .jobs import Job, compose_job, describe_stacks, finished_summary, parallel_jobs, sweeps_search_root
-from .rundir import RunBusy, RunLock, identity, identity_hash, task_container
+from .config import QknormError, load_run_config
+from .jobs import (
+    MULTIRUN_RECORD,
+    Job,
+    JobComposer,
+    compose_job,
+    describe_stacks,
+    finished_summary,
+    parallel_jobs,
+    preflight,
+    sweeps_search_root,
+)
+from .rundir import RunBusy, RunLock, check_identity, identity, identity_hash, task_container
+from .utils.files import atomic_write_bytes
 from .utils.flops import matmul_peak, model_flops_per_token
 
 log = logging.getLogger("qknorm.sweep")
@@ -61,13 +73,15 @@ def sweep_jobs(master_cfg, config_loader) -> list[Job]:
     sweeper = str(master_cfg.hydra.sweeper.get("_target_", ""))
     if not sweeper.endswith("BasicSweeper"):
         raise SweepError(f"hydra/sweeper: listing needs Hydra's basic sweeper, got {sweeper}")
+    str(master_cfg.hydra.sweep.dir)  # resolved here, once: each job's config copies it (qknorm_multirun_dir)
     node = master_cfg.hydra.sweeper.params
     params = OmegaConf.to_container(node, resolve=True) if node else {}
     assert isinstance(params, dict)  # hydra.sweeper.params maps keys to values
     arguments = [f"{k!s}={v}" for k, v in params.items()] + list(master_cfg.hydra.overrides.task)
     overrides = OverridesParser.create(config_loader=config_loader).parse_overrides(arguments)
     (batch,) = BasicSweeper.split_arguments(overrides, None)
-    return [compose_job(master_cfg, config_loader, job_overrides) for job_overrides in batch]
+    composer = JobComposer(master_cfg, config_loader)
+    return [compose_job(master_cfg, config_loader, job_overrides, composer) for job_overrides in batch]
 
 
 class SweepError(Exception):
@@ -75,9 +89,11 @@ class SweepError(Exception):
 
 
 class JobConfigError(BaseException):
-    """A job of a multirun does not compose (an option or key in the sweep's values that does not exist),
-    found while its jobs are listed, before the launcher starts and so before torch loads; qknorm.cli
-    reports `error` in one line. A BaseException: Hydra turns a callback's Exception into a warning."""
+    """A command that cannot run, found before anything is launched or written and before torch loads: a job
+    of a multirun that does not compose (an option or key in the sweep's values that does not exist), a run
+    whose config or data is wrong (qknorm.jobs.preflight), a multirun none of whose jobs could run.
+    qknorm.cli reports `error` in one line. A BaseException: Hydra turns a callback's Exception into a
+    warning."""
 
     def __init__(self, error: Exception):
         super().__init__(str(error))
@@ -101,55 +117,127 @@ def sweep_names() -> list[str]:
 
 # -- duration estimates -----------------------------------------------------------------------------
 
-STARTUP_S, STEP_EFFICIENCY = 8.0, 0.6  # measured on 2 cores: lr_tolerance at smoke and cpu sizes
+# A job's start-up (imports, data, model) and a small model's step at this share of the quick matmul rate,
+# measured on 2 cores (lr_tolerance at smoke and cpu sizes); a validation token costs this share of a
+# training token (a forward pass only: 0.34-0.36 measured at nano and tiny). Estimates from these constants
+# were within CALIBRATION_ERROR of the actual time either way in benchmarks/estimates.py; estimates from this
+# machine's own finished runs are stated with the spread of those runs' rates.
+STARTUP_S, STEP_EFFICIENCY, VAL_COST, CALIBRATION_ERROR = 8.0, 0.6, 0.35, 2.0
+SHAPE_KEYS = ("model.d_model", "model.n_layers", "model.n_heads", "model.n_kv_heads", "model.head_dim", "model.mlp",
+              "model.mlp_hidden", "data.vocab_size", "data.seq_len", "data.batch_size", "trainer.precision")
+SUMMARY_GLOBS = ("*/summary.json", "*/*/summary.json", "*/*/*/summary.json", "*/*/*/*/summary.json")
 
 
-def estimate_seconds(jobs: list[Job], parallel: int) -> tuple[float, str]:
-    """Wall-clock seconds for the unfinished jobs, and where the rate came from: finished runs of the same
-    model shape in the sweep directory (their tokens over wall time, start-up and validation included),
-    else the model's FLOPs against this machine's measured matmul rate at a small model's typical share."""
+@dataclasses.dataclass(frozen=True)
+class RunRate:
+    """A finished run's measured speed: seconds per training token (start-up and validation taken out when
+    the summary says how long it validated) and per validation token (None when it does not)."""
+
+    shape: tuple
+    threads: Optional[int]
+    train_s_per_token: float
+    val_s_per_token: Optional[float]
+    val_tokens: Optional[int]  # tokens one of its validations read
+    val_cap: Optional[int]
+    source: str
+
+
+def run_rate(summary: dict) -> Optional[RunRate]:
+    """The rate of a completed run of full length (not stopped by its time limit, not a stack member's share)."""
+    cfg = summary.get("config") or {}
+    wall, tokens = summary.get("wall_time_s"), summary.get("tokens")
+    if (summary.get("status") != "completed" or summary.get("reason") or "stack_wall_time_s" in summary
+            or not wall or not tokens or not cfg):
+        return None
+    val_time, val_tokens = summary.get("val_time_s"), summary.get("val_tokens")
+    validations = len(summary.get("val_history") or [])
+    train_time = wall - STARTUP_S - (val_time or 0.0)
+    if train_time <= 0:
+        return None
+    val_rate = val_time / (validations * val_tokens) if val_time and val_tokens and validations else None
+    return RunRate(tuple(cfg.get(k) for k in SHAPE_KEYS), summary.get("threads"), train_time / tokens, val_rate,
+                   val_tokens, cfg.get("data.val_max_tokens"), str(cfg.get("data.source")))
+
+
+def finished_rates(folders) -> list[RunRate]:
+    """The rates of the completed runs in these folders and up to four levels below (a sweep, a log folder's
+    runs, multiruns and sweeps), each read once."""
+    seen: set[Path] = set()
+    rates = []
+    for folder in folders:
+        folder = Path(folder)
+        if not folder.is_dir():
+            continue
+        for pattern in SUMMARY_GLOBS:
+            for path in folder.glob(pattern):
+                if path in seen or ".stacks" in path.parts:
+                    continue
+                seen.add(path)
+                try:
+                    rate = run_rate(json.loads(path.read_text()))
+                except (OSError, ValueError, AttributeError, TypeError):
+                    continue
+                if rate is not None:
+                    rates.append(rate)
+    return rates
+
+
+def _validations(max_steps: int, every: int) -> int:
+    return -(-max_steps // max(1, every))  # one at the end of each interval, the last one short
+
+
+def estimate_seconds(jobs: list[Job], parallel: int, history: Optional[list[Path]] = None) -> tuple[float, float, str]:
+    """Wall-clock seconds for the unfinished jobs, the factor it may be off by either way, and where the rates
+    came from. Each job costs start-up + its training tokens + its validation tokens at a rate per token:
+    the median of this machine's finished runs of the same shape (model, vocabulary, sequence, batch and, when
+    known, threads per job), found in the sweep's folder and the `history` folders (the log folder); else the
+    model's FLOPs against this machine's measured matmul rate at a small model's typical share."""
     pending = [j for j in jobs if j.summary is None]
     if not pending:
-        return 0.0, "nothing left to run"
+        return 0.0, 1.0, "nothing left to run"
     threads = max(1, (os.cpu_count() or 1) // max(1, parallel))
-    measured: dict[tuple, list[float]] = {}
-    sweep_dirs = {j.run_dir.parent for j in jobs}
-    for folder in sweep_dirs:
-        for summary_path in folder.glob("*/summary.json"):
-            try:
-                s = json.loads(summary_path.read_text())
-                cfg = s.get("config") or {}
-                if s.get("status") == "completed" and s.get("wall_time_s") and s.get("tokens"):
-                    shape = tuple(cfg.get(k) for k in ("model.d_model", "model.n_layers", "data.seq_len"))
-                    measured.setdefault(shape, []).append(s["tokens"] / s["wall_time_s"])
-            except (OSError, ValueError, AttributeError):
-                continue
+    rates = finished_rates([*{j.run_dir.parent for j in jobs}, *(history or [])])
+    split_tokens = [r.val_tokens for r in rates if r.val_cap is None and r.val_tokens]  # a whole held-out split
     rate_peak = None
-    total, sources = 0.0, set()
+    total, spreads, sources = 0.0, [], set()
     for job in pending:
         try:
             cfg = load_run_config(task_container(job.cfg))
         except Exception:
             continue  # fails at once when run
-        tokens = cfg.trainer.max_steps * cfg.data.batch_size * cfg.data.seq_len
-        shape = (cfg.model.d_model, cfg.model.n_layers, cfg.data.seq_len)
-        if shape in measured:
-            total += tokens / statistics.median(measured[shape])
-            sources.add("finished runs")
+        flat = {**{f"model.{k}": v for k, v in dataclasses.asdict(cfg.model).items()},
+                **{f"data.{k}": v for k, v in dataclasses.asdict(cfg.data).items()}, "trainer.precision": cfg.trainer.precision}
+        shape = tuple(flat.get(k) for k in SHAPE_KEYS)
+        train_tokens = cfg.trainer.max_steps * cfg.data.batch_size * cfg.data.seq_len
+        every = cfg.trainer.val_every_n_steps or cfg.trainer.max_steps
+        whole = statistics.median(split_tokens) if split_tokens else 65536
+        val_each = min(cfg.data.val_max_tokens, whole) if cfg.data.val_max_tokens else whole
+        val_tokens = _validations(cfg.trainer.max_steps, every) * val_each
+        same = [r for r in rates if r.shape == shape and (r.threads is None or r.threads == (cfg.trainer.threads or threads))]
+        if same:
+            train_rates = [r.train_s_per_token for r in same]
+            per_train = statistics.median(train_rates)
+            val_rates = [r.val_s_per_token for r in same if r.val_s_per_token]
+            per_val = statistics.median(val_rates) if val_rates else per_train * VAL_COST
+            spreads.append(max(1.2, max(train_rates) / min(train_rates)))
+            sources.add(f"{len(same)} finished run(s) of this shape on this machine")
         else:
             if rate_peak is None:
                 rate_peak = matmul_peak("cpu", threads, n=512, repeats=5) * 1e9
-            # A step of a small model runs at about 60% of this quick (512^2) matmul rate, validation and
-            # the monitor included, and a job's start-up (imports, data) takes seconds.
-            flops = tokens * model_flops_per_token(cfg.model, cfg.data.vocab_size, cfg.data.seq_len)
-            total += STARTUP_S + flops / (rate_peak * STEP_EFFICIENCY)
-            sources.add(f"FLOPs at {STEP_EFFICIENCY:.0%} of a {rate_peak / 1e9:.0f} GFLOP/s matmul on {threads} CPU thread(s)")
-    return total / max(1, parallel), " and ".join(sorted(sources)) or "no estimate"
+            per_train = model_flops_per_token(cfg.model, cfg.data.vocab_size, cfg.data.seq_len) / (rate_peak * STEP_EFFICIENCY)
+            per_val = per_train * VAL_COST
+            spreads.append(CALIBRATION_ERROR)
+            sources.add(f"FLOPs at {STEP_EFFICIENCY:.0%} of a {rate_peak / 1e9:.0f} GFLOP/s matmul on {threads} CPU thread(s), "
+                        "validation and start-up included")
+        total += STARTUP_S + train_tokens * per_train + val_tokens * per_val
+    return total / max(1, parallel), max(spreads, default=1.0), " and ".join(sorted(sources)) or "no estimate"
 
 
 def format_duration(seconds: float) -> str:
     if seconds < 90:
         return f"{seconds:.0f} s"
+    if seconds < 600:
+        return f"{seconds / 60:.1f} min"
     if seconds < 5400:
         return f"{seconds / 60:.0f} min"
     return f"{seconds / 3600:.1f} h"
@@ -159,13 +247,15 @@ def describe(jobs: list[Job], master_cfg) -> str:
     """`N jobs in DIR (F finished, R to run, 2 at a time); estimated 40 min (from ...)`"""
     parallel = parallel_jobs(master_cfg)
     finished = sum(j.summary is not None for j in jobs)
-    seconds, source = estimate_seconds(jobs, parallel or 1)
+    log_dir = OmegaConf.select(master_cfg, "paths.log_dir")
+    seconds, factor, source = estimate_seconds(jobs, parallel or 1, [Path(str(log_dir))] if log_dir else [])
     how = f"{parallel} at a time" if parallel else "each its own cluster job"
     where = jobs[0].run_dir.parent if jobs else Path(str(master_cfg.hydra.sweep.dir))
     line = f"{len(jobs)} jobs in {where} ({finished} finished, {len(jobs) - finished} to run, {how})"
     if finished < len(jobs):
         per = "" if parallel else " per job in sequence"
-        line += f"; estimated {format_duration(seconds)}{per} (from {source})"
+        span = f"{format_duration(seconds / factor)} to {format_duration(seconds * factor)}"
+        line += f"; estimated {format_duration(seconds)}{per} ({span}; from {source})"
     return line
 
 
@@ -218,14 +308,23 @@ class SweepProgress(Callback):
         self.started = 0.0
 
     def on_run_start(self, config, **kwargs) -> None:
-        ensure_writable_dir(Path(config.hydra.run.dir), "hydra.run.dir")
+        """A single run: its config validated, its data checked and its directory's identity compared before
+        Hydra makes the directory (and its train.log), so that a wrong value or file leaves nothing behind."""
+        run_dir = Path(config.hydra.run.dir)
+        try:
+            raw = task_container(config)
+            preflight(raw)
+            check_identity(run_dir, identity(raw))
+        except QknormError as e:
+            raise JobConfigError(e) from e
+        ensure_writable_dir(run_dir, "hydra.run.dir")
 
     def on_multirun_start(self, config, **kwargs) -> None:
         global last_multirun
         last_multirun, self.jobs, self.started = None, None, time.time()
         sweep_dir = Path(config.hydra.sweep.dir)
-        ensure_writable_dir(sweep_dir, "hydra.sweep.dir")
         if not str(config.hydra.sweeper.get("_target_", "")).endswith("BasicSweeper"):
+            ensure_writable_dir(sweep_dir, "hydra.sweep.dir")
             log.info("the sweeper %s plans its own jobs, round by round", config.hydra.sweeper.get("_target_"))
             return
         try:
@@ -238,7 +337,10 @@ class SweepProgress(Callback):
             raise JobConfigError(e) from e  # the launcher would fail on it too, after importing torch
         except Exception as e:  # listing is a courtesy: the sweeper reports real problems itself
             log.debug("could not list the sweep's jobs: %s", e)
+            ensure_writable_dir(sweep_dir, "hydra.sweep.dir")
             return
+        refuse_if_nothing_can_run(jobs)
+        ensure_writable_dir(sweep_dir, "hydra.sweep.dir")
         self.jobs = jobs
         finished = sum(j.summary is not None for j in jobs)
         if finished:
@@ -250,6 +352,7 @@ class SweepProgress(Callback):
         sweep_dir = Path(config.hydra.sweep.dir)
         if not sweep_dir.exists():
             return
+        record_union(sweep_dir)
         if self.jobs is not None:
             last_multirun = MultirunOutcome(len(self.jobs), [j.run_dir for j in self.jobs if job_failed(j)], sweep_dir)
         else:  # jobs not listed (another sweeper): the runs this multirun wrote
@@ -262,6 +365,65 @@ class SweepProgress(Callback):
                 counts[status] = counts.get(status, 0) + 1
         log.info("sweep folder %s now holds: %s", sweep_dir,
                  ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) or "no runs")
+
+
+def record_union(sweep_dir: Path) -> None:
+    """multirun.yaml as the union of the grids run in the folder: Hydra writes the command's own config there
+    when a multirun starts; when it ends, its `hydra.overrides.task` is rewritten to every value of every key
+    that the folder's job directories used (a narrowed grid run in the folder of a wider one leaves the
+    wider record). Read back by qknorm.jobs.multirun_dir to find the folder a narrowed command fits in."""
+    path = sweep_dir / MULTIRUN_RECORD
+    try:
+        record = yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+        task = record["hydra"]["overrides"]
+    except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError):
+        return
+    parser = OverridesParser.create()
+    values: dict[str, dict[str, str]] = {}  # key -> canonical value -> the value as first written
+    for overrides_file in sorted(sweep_dir.glob("*/.hydra/overrides.yaml")):
+        try:
+            overrides = yaml.safe_load(overrides_file.read_text()) or []
+            parsed = parser.parse_overrides([str(o) for o in overrides])
+        except Exception:  # an unreadable job record: that job is left out of the union
+            continue
+        for o in parsed:
+            if o.is_sweep_override():
+                continue
+            seen = values.setdefault(o.get_key_element(), {})
+            seen.setdefault(json.dumps(o.value(), sort_keys=True, default=str), o.get_value_element_as_str())
+    if not values:
+        return
+    task["task"] = [f"{key}={','.join(spelled.values())}" for key, spelled in values.items()]
+    record["hydra"].setdefault("sweep", {})["dir"] = str(sweep_dir)  # the folder itself, not the key of the union
+    jobs = len(list(sweep_dir.glob("*/.hydra/overrides.yaml")))
+    header = (f"# The multirun's config, with hydra.overrides.task the union of the grids run in this folder: every\n"
+              f"# value of every key that its {jobs} job directories used (qknorm.sweeping.record_union).\n")
+    atomic_write_bytes(path, (header + yaml.safe_dump(record, sort_keys=False)).encode())
+
+
+def refuse_if_nothing_can_run(jobs: list[Job]) -> None:
+    """A multirun none of whose unfinished jobs has a valid config and usable data is refused as a whole,
+    in one line (the first job's error), before its folder is made: nothing would run. Where some jobs can
+    run, the others fail in their own run directories, and the sweep goes on (status failed, exit 1)."""
+    pending = [j for j in jobs if j.summary is None]
+    errors: list[QknormError] = []
+    data_checked: dict = {}
+    for job in pending:
+        try:
+            cfg = load_run_config(task_container(job.cfg))
+        except QknormError as e:
+            errors.append(e)
+            continue
+        if cfg.data not in data_checked:
+            try:
+                preflight(task_container(job.cfg))
+                data_checked[cfg.data] = None
+            except QknormError as e:
+                data_checked[cfg.data] = e
+        if data_checked[cfg.data] is not None:
+            errors.append(data_checked[cfg.data])
+    if pending and len(errors) == len(pending):
+        raise JobConfigError(errors[0])
 
 
 def _status(run_dir: Path) -> Optional[str]:
@@ -280,7 +442,8 @@ def _fail(message: str) -> int:
 
 def main(argv: Optional[list[str]] = None) -> int:
     """qknorm-sweep's body; the console script (qknorm.cli.sweep_main) wires Hydra first."""
-    args = list(sys.argv[1:] if argv is None else argv)
+    # `-m` is accepted and dropped, so a multirun's own command line lists it: `qknorm-sweep -m attention=...`
+    args = [a for a in (sys.argv[1:] if argv is None else argv) if a not in ("-m", "--multirun")]
     if not args or args[0] in ("-h", "--help"):
         print(__doc__)
         return 0 if args else 2

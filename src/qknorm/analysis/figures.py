@@ -59,33 +59,69 @@ def _save(fig, out: Path, name: str) -> list[Path]:
     return paths
 
 
+MARKERS = "osD^vP*X<>h"
+LINESTYLES = ["-", "--", "-.", ":", (0, (5, 1, 1, 1))]
+
+
+def _diverged(runs: pd.DataFrame) -> pd.Series:
+    """Whether each run diverged by the analysis's one definition (qknorm.analysis.failure), else by status."""
+    if "diverged" in runs:
+        return runs["diverged"].fillna(False).astype(bool) | (runs["status"] == "diverged")
+    return runs["status"] == "diverged"
+
+
 def loss_vs_lr(frame: pd.DataFrame, out: Path) -> list[Path]:
-    """Final (capped) loss vs LR per variant, diverged runs marked: Wortsman et al. 2023 Fig. 1 style."""
+    """Final (capped) loss vs LR per variant, diverged runs marked: Wortsman et al. 2023 Fig. 1 style. Every
+    run is visible: the variants sit side by side on the LR axis (a small offset each, the same LR), each with
+    its own marker and line style, each seed a dot, and a diverged run a cross drawn over the lines."""
     runs = frame[frame["lr"].notna() & frame["status"].isin(["completed", "diverged"])].copy()  # failed: no result
-    fig, ax = plt.subplots(figsize=(6.4, 4))
+    runs["capped"] = runs.apply(capped_loss, axis=1) if len(runs) else []
+    runs["bad"] = _diverged(runs) if len(runs) else []
+    fig, ax = plt.subplots(figsize=(6.8, 4))
+    variants = sorted(runs["variant"].unique())
     points = []
-    for variant, group in runs.groupby("variant"):
-        group = group.assign(capped=group.apply(capped_loss, axis=1))
+    for i, variant in enumerate(variants):
+        group = runs[runs["variant"] == variant]
+        shift = 10 ** (0.03 * (i - (len(variants) - 1) / 2))  # side by side: no variant's points hide another's
         mean = group.groupby("lr")["capped"].mean()
         points.append(len(mean))
-        line, = ax.plot(mean.index, mean.values, marker="o", label=variant)
-        bad = group[group["status"] != "completed"]
-        ax.scatter(bad["lr"], bad["capped"], marker="x", color=line.get_color(), s=50)
-    _label(ax, "peak learning rate", "final val loss\n(capped at loss at init; x: diverged)", "x")
+        line, = ax.plot(mean.index * shift, mean.values, marker=MARKERS[i % len(MARKERS)], mfc="none", ms=7, lw=1.3,
+                        ls=LINESTYLES[i % len(LINESTYLES)], label=variant, zorder=2)
+        ax.scatter(group["lr"] * shift, group["capped"], s=9, color=line.get_color(), alpha=0.6, zorder=3)
+        bad = group[group["bad"]]
+        ax.scatter(bad["lr"] * shift, bad["capped"], marker="x", color=line.get_color(), s=70, linewidths=2, zorder=4)
+    handles, labels = ax.get_legend_handles_labels()
+    if runs["bad"].any():
+        handles.append(plt.Line2D([], [], color="0.3", marker="x", ls="none", ms=8, mew=2))
+        labels.append("diverged (at its loss at init)")
+    _label(ax, "peak learning rate (variants offset sideways)", "final val loss\n(capped at loss at init; dots: seeds)", "x")
+    legend_outside(ax, handles, labels)
     note_if_sparse(ax, points, "learning rate", "a sweep over more learning rates")
     ax.set_title(f"Final validation loss vs learning rate ({sweep_title(runs)})", fontsize=9)
     return _save(fig, out, "loss_vs_lr")
 
 
 def sensitivity_bars(table: pd.DataFrame, out: Path) -> list[Path]:
+    """LR sensitivity per variant; a 95% bootstrap interval only for the variants with two seeds or more."""
     fig, ax = plt.subplots(figsize=(6.4, 1.3 + 0.45 * max(1, len(table))))
     y = np.arange(len(table))
     values = table["lr_sensitivity"].to_numpy(float)
-    low = np.nan_to_num(values - table["sensitivity_ci_low"].to_numpy(float))
-    high = np.nan_to_num(table["sensitivity_ci_high"].to_numpy(float) - values)
-    ax.barh(y, values, xerr=[low, high], capsize=3, color="tab:blue", alpha=0.8)
-    ax.set_yticks(y, table["variant"], fontsize=7)
-    ax.set_xlabel("LR sensitivity: mean capped loss above the best\n(95% bootstrap CI over seeds)")
+    low = values - table["sensitivity_ci_low"].to_numpy(float)
+    high = table["sensitivity_ci_high"].to_numpy(float) - values
+    with_ci = ~(np.isnan(low) | np.isnan(high))
+    ax.barh(y, values, color="tab:blue", alpha=0.8)
+    if with_ci.any():
+        ax.errorbar(values[with_ci], y[with_ci], xerr=[low[with_ci], high[with_ci]], fmt="none", ecolor="k", capsize=3)
+    seeds = table["seeds"].to_numpy(int) if "seeds" in table else np.ones(len(table), int)
+    ax.set_yticks(y, [f"{v} ({n} seed{'s' if n != 1 else ''})" for v, n in zip(table["variant"], seeds, strict=True)],
+                  fontsize=7)
+    if with_ci.all():
+        what = "95% bootstrap interval over seeds"
+    elif with_ci.any():
+        what = "95% bootstrap interval over seeds where there are two or more"
+    else:
+        what = "one seed per variant: no interval"
+    ax.set_xlabel(f"LR sensitivity: mean capped loss above the best\n({what})")
     ax.set_title("LR sensitivity per variant (lower: less sensitive to the LR)", fontsize=9)
     ax.grid(alpha=0.3, axis="x")
     return _save(fig, out, "lr_sensitivity")
@@ -189,31 +225,69 @@ def max_logit_heatmap(frame: pd.DataFrame, out: Path) -> list[Path]:
     return paths
 
 
+def _overlapping(runs: pd.DataFrame) -> int:
+    """How many of the runs trained at the same time as another of them (from started_at / finished_at)."""
+    if "started_at" not in runs or "finished_at" not in runs:
+        return 0
+    spans = []
+    for start, end in zip(runs["started_at"], runs["finished_at"], strict=True):
+        try:
+            spans.append((pd.Timestamp(start), pd.Timestamp(end)))
+        except (TypeError, ValueError):
+            continue
+    spans = [(a, b) for a, b in spans if not (pd.isna(a) or pd.isna(b))]
+    return sum(any(i != j and a < d and c < b for j, (c, d) in enumerate(spans)) for i, (a, b) in enumerate(spans))
+
+
 def loss_vs_time(frame: pd.DataFrame, out: Path) -> list[Path]:
-    """Validation loss vs tokens and vs wall-clock (steps spread evenly over the run's wall time)."""
-    fig, (ax_tok, ax_time) = plt.subplots(1, 2, figsize=(9, 3.6), sharey=True)
-    colours: dict[str, str] = {}
+    """Validation loss vs tokens and vs wall-clock: a colour per variant, a line style per LR (with their own
+    legend), diverged runs drawn up to where they stopped (a cross there), the time axis each run's own wall
+    time (steps spread evenly over it), saying when runs shared the machine."""
+    fig, (ax_tok, ax_time) = plt.subplots(1, 2, figsize=(9.5, 3.8), sharey=True)
+    runs = frame[frame["status"].isin(["completed", "diverged"])]
+    runs = runs[runs["steps"].notna() & (runs["steps"] > 0) & runs["wall_time_s"].notna() & runs["tokens"].notna()]
+    # a summary without its time or tokens (written by hand, or by an older version) is left out
+    variants = sorted(runs["variant"].unique())
+    colours = {v: plt.cm.tab10(i % 10) for i, v in enumerate(variants)}
+    markers = {v: MARKERS[i % len(MARKERS)] for i, v in enumerate(variants)}  # seen where two variants' lines coincide
+    lrs = sorted({float(lr) for lr in runs["lr"].dropna()})
+    styles = {lr: LINESTYLES[i % len(LINESTYLES)] for i, lr in enumerate(lrs)}
+    bad = _diverged(runs) if len(runs) else pd.Series(dtype=bool)
     points = []
-    completed = frame[frame["status"] == "completed"]
-    for _, run in completed.iterrows():
-        history = json.loads(run["val_history"])
-        if not history or not run["steps"] or pd.isna(run["wall_time_s"]) or pd.isna(run["tokens"]):
-            continue  # a summary without its time or tokens (written by hand, or by an older version) is left out
+    for index, run in runs.iterrows():
+        history = [h for h in json.loads(run["val_history"]) if h.get("loss") is not None and np.isfinite(h["loss"])]
         steps = np.array([h["step"] for h in history], float)
         loss = np.array([h["loss"] for h in history], float)
-        points.append(len(steps))
         tokens_per_step = run["tokens"] / run["steps"]
-        variant = run["variant"]
-        kwargs = {"color": colours[variant]} if variant in colours else {"label": variant}
-        line, = ax_tok.plot(steps * tokens_per_step, loss, lw=1, marker="o", ms=3, **kwargs)
-        colours.setdefault(variant, line.get_color())
-        ax_time.plot(steps / run["steps"] * run["wall_time_s"], loss, lw=1, marker="o", ms=3, color=colours[variant])
+        seconds_per_step = run["wall_time_s"] / run["steps"]
+        style = {"color": colours[run["variant"]], "ls": styles.get(float(run["lr"]), "-") if pd.notna(run["lr"]) else "-",
+                 "marker": markers[run["variant"]], "mfc": "none", "ms": 5, "lw": 1}
+        points.append(len(steps))
+        if len(steps):
+            ax_tok.plot(steps * tokens_per_step, loss, **style)
+            ax_time.plot(steps * seconds_per_step, loss, **style)
+        if bool(bad.get(index, False)):  # where it stopped: its last validation, else its loss at init
+            stop = float(run["steps"])
+            y = loss[-1] if len(loss) else run.get("initial_loss")
+            if y is not None and pd.notna(y):
+                for ax, x in ((ax_tok, stop * tokens_per_step), (ax_time, stop * seconds_per_step)):
+                    ax.scatter([x], [y], marker="x", s=60, linewidths=2, color=style["color"], zorder=4)
     ax_tok.set_xlabel("training tokens")
-    ax_time.set_xlabel("wall-clock seconds")
+    shared = _overlapping(runs)
+    ax_time.set_xlabel("seconds, each run's own wall time" + (
+        f"\n({shared} of these runs trained at the same time as another: their clocks include waiting for the CPU)"
+        if shared else ""), fontsize=8 if shared else None)
     ax_tok.set_ylabel("val loss")
     for ax in (ax_tok, ax_time):
         ax.grid(alpha=0.3)
         note_if_sparse(ax, points, "validation", "a smaller trainer.val_every_n_steps")
-    legend_outside(ax_time, *ax_tok.get_legend_handles_labels())
-    fig.suptitle(f"Validation loss vs training tokens and time ({sweep_title(completed)})", fontsize=9)
+    handles = [plt.Line2D([], [], color=colours[v], marker=markers[v], mfc="none", lw=2) for v in variants]
+    labels = list(variants)
+    handles += [plt.Line2D([], [], color="0.3", ls=st, lw=1.2) for st in styles.values()]
+    labels += [f"LR {lr:g}" for lr in styles]
+    if bad.any():
+        handles.append(plt.Line2D([], [], color="0.3", marker="x", ls="none", ms=7, mew=2))
+        labels.append("diverged here")
+    legend_outside(ax_time, handles, labels, title="colour: variant; line: peak LR", title_fontsize=7)
+    fig.suptitle(f"Validation loss vs training tokens and time ({sweep_title(runs)})", fontsize=9)
     return _save(fig, out, "loss_vs_time")

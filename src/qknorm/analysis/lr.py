@@ -11,14 +11,18 @@ Definitions (Wortsman et al. 2023 sec. 2.2; Rybakov et al. 2024 Table 1):
   is not;
 - a run that failed (a config error, a crash) says nothing about stability: it is counted in
   `failed_runs` and left out of every other column, never taken as diverged;
-- a variant none of whose LRs diverged has a censored tolerance: `tolerance` reads "no divergence up to
-  <largest LR tried>" and `tolerance_censored` is true, since the grid did not find its limit;
-- the LR-tolerance ratio is a variant's largest stable LR over the baseline's; `ratio_kind` says what
-  it is worth: `grid` when both diverge inside the grid, `at least` when only the baseline does (the
-  variant's limit lies beyond the grid), `at most` when only the variant does, and `unknown` (ratio
-  empty) when neither does.
-Confidence intervals are bootstrap intervals of the mean over seeds (scipy.stats.bootstrap, 95%);
-the test between a variant and the baseline is Welch's t-test on per-seed sensitivities.
+- a variant's divergence LR lies in its bracket: above its largest stable LR and at most its first diverging
+  LR; `tolerance` states it ("between 0.1 and 1"), "no divergence up to <largest LR tried>" when none of its
+  LRs diverged (`tolerance_censored`: the grid did not find its limit), "below <LR>" when every LR did;
+- against the baseline, the ratio of the two divergence LRs lies between `ratio_low` (the variant's largest
+  stable LR over the baseline's first diverging one) and `ratio_high` (the variant's first diverging LR over
+  the baseline's largest stable one); `comparison` reads `higher` when the whole range is at or above 1,
+  `lower` when at or below 1, `cannot separate` when it straddles 1 (a tie of grid points is no ratio of
+  1.0: the grid cannot tell them apart), `unknown` when neither diverged; `vs_baseline` says it in words
+  and, when the grid cannot separate them, where to add LRs, or to search with hydra/sweeper=critical_lr.
+Confidence intervals are bootstrap intervals of the mean over seeds (scipy.stats.bootstrap, 95%), only
+where a variant has two seeds or more; the test between a variant and the baseline is Welch's t-test on
+per-seed sensitivities, likewise.
 """
 
 from __future__ import annotations
@@ -78,13 +82,46 @@ def tolerance_text(largest_stable: float, first_diverging: float, largest_tried:
     if math.isnan(first_diverging):
         return f"no divergence up to {_fmt_lr(largest_tried)}"
     if math.isnan(largest_stable):
-        return f"unstable at every LR (from {_fmt_lr(first_diverging)})"
-    return f"{_fmt_lr(largest_stable)} (diverges at {_fmt_lr(first_diverging)})"
+        return f"below {_fmt_lr(first_diverging)} (unstable at every LR tried)"
+    if first_diverging < largest_stable:
+        return f"diverges at {_fmt_lr(first_diverging)} but not at {_fmt_lr(largest_stable)}: no single boundary"
+    return f"between {_fmt_lr(largest_stable)} and {_fmt_lr(first_diverging)}"
 
 
-def ratio_kind(variant_censored: bool, baseline_censored: bool) -> str:
-    return {(False, False): "grid", (True, False): "at least", (False, True): "at most"}.get(
-        (variant_censored, baseline_censored), "unknown")
+CRITICAL_LR_FINDER = "hydra/sweeper=critical_lr"
+
+
+def _ratio_span(low: float, high: float) -> str:
+    if low <= 0 and math.isinf(high):
+        return "any multiple of the baseline's divergence LR"
+    if low <= 0:
+        return f"below {high:.3g}x the baseline's divergence LR"
+    if math.isinf(high):
+        return f"above {low:.3g}x the baseline's divergence LR"
+    return f"{low:.3g}x to {high:.3g}x the baseline's divergence LR"
+
+
+def compare(variant: tuple[float, float], baseline: tuple[float, float]) -> tuple[float, float, str, str]:
+    """(ratio_low, ratio_high, comparison, in words) for two brackets (largest stable, first diverging),
+    nan where a side has none: no stable LR is a lower end of 0, no divergence an upper end of infinity."""
+    (s_v, d_v), (s_b, d_b) = variant, baseline
+    if math.isnan(d_v) and math.isnan(d_b):
+        return math.nan, math.nan, "unknown", "neither diverged in the grid: add larger LRs"
+    lo_v, hi_v = (0.0 if math.isnan(s_v) else s_v), (math.inf if math.isnan(d_v) else d_v)
+    lo_b, hi_b = (0.0 if math.isnan(s_b) else s_b), (math.inf if math.isnan(d_b) else d_b)
+    low = lo_v / hi_b  # the divergence LRs lie in (lo, hi]: their ratio in (low, high)
+    high = hi_v / lo_b if lo_b > 0 else math.inf
+    if low >= 1:
+        return low, high, "higher", f"higher: {_ratio_span(low, high)}"
+    if high <= 1:
+        return low, high, "lower", f"lower: {_ratio_span(low, high)}"
+    if (lo_v, hi_v) == (lo_b, hi_b):
+        return low, high, "cannot separate", (f"{tolerance_text(s_v, d_v, d_v)} for both: this grid cannot separate them; "
+                                              f"add LRs in that range, or search with {CRITICAL_LR_FINDER}")
+    gap_lo, gap_hi = max(lo_v, lo_b), min(hi_v, hi_b)
+    between = f" between {_fmt_lr(gap_lo)} and {_fmt_lr(gap_hi)}" if 0 < gap_lo < gap_hi < math.inf else ""
+    return low, high, "cannot separate", (f"{_ratio_span(low, high)}: this grid cannot separate them; add LRs{between}, "
+                                          f"or search with {CRITICAL_LR_FINDER}")
 
 
 def lr_table(frame: pd.DataFrame, baseline: str | None = None) -> pd.DataFrame:
@@ -123,10 +160,15 @@ def lr_table(frame: pd.DataFrame, baseline: str | None = None) -> pd.DataFrame:
             "sensitivity_ci_low": low, "sensitivity_ci_high": high,
         })
     table = pd.DataFrame(rows).set_index("variant")
-    base_lr = table.loc[base, "largest_stable_lr"] if base in table.index else math.nan
-    base_censored = bool(table.loc[base, "tolerance_censored"]) if base in table.index else True
-    table["ratio_kind"] = [ratio_kind(c, base_censored) for c in table["tolerance_censored"]]
-    table["lr_tolerance_ratio"] = (table["largest_stable_lr"] / base_lr).where(table["ratio_kind"] != "unknown")
+    if base in table.index:
+        base_bracket = (table.loc[base, "largest_stable_lr"], table.loc[base, "first_diverging_lr"])
+        compared = {v: ((math.nan, math.nan, "baseline", "the baseline") if v == base else
+                        compare((r["largest_stable_lr"], r["first_diverging_lr"]), base_bracket))
+                    for v, r in table.iterrows()}
+    else:
+        compared = {v: (math.nan, math.nan, "unknown", "no baseline in these runs") for v in table.index}
+    for i, col in enumerate(("ratio_low", "ratio_high", "comparison", "vs_baseline")):
+        table[col] = [compared[v][i] for v in table.index]
     p_values = {}
     for variant, sens in per_seed.items():
         ref = per_seed.get(base)

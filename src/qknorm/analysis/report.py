@@ -22,7 +22,7 @@ import pandas as pd
 from . import critical_lr, figures
 from .drift import drift_table
 from .failure import describe_row, failure_columns
-from .lr import lr_table
+from .lr import CRITICAL_LR_FINDER, lr_table
 from .runs import collect_runs, tidy
 
 log = logging.getLogger("qknorm.analyze")
@@ -90,8 +90,10 @@ def write_report(frame, lr, drift, pngs: list[Path], out: Path, baseline, bounda
     counts = frame["status"].value_counts().rename_axis("status").reset_index(name="runs")
     problems = frame[frame["problem"].notna()][["run_dir", "status", "problem"]]
     failed = frame[frame["status"] == "failed"][["run_dir", "variant", "lr", "reason"]]
-    lr_cols = ["variant", "seeds", "runs", "failed_runs", "optimal_lr", "optimal_loss", "tolerance", "lr_tolerance_ratio",
-               "ratio_kind", "lr_sensitivity", "sensitivity_ci_low", "sensitivity_ci_high", "p_vs_baseline"]
+    lr_cols = ["variant", "seeds", "runs", "failed_runs", "optimal_lr", "optimal_loss", "tolerance", "comparison",
+               "vs_baseline", "lr_sensitivity", "sensitivity_ci_low", "sensitivity_ci_high", "p_vs_baseline"]
+    # intervals and tests only where there are seeds to make them: columns with no value anywhere are left out
+    lr_cols = [c for c in lr_cols if c in lr.columns and not (c.startswith(("sensitivity_ci", "p_vs")) and lr[c].isna().all())]
     drift_cols = [c for c in ("variant", "lr", "seed", "status", "layer0_max_logit_first", "layer0_max_logit_peak",
                               "layer0_growth_per_1000_steps", "layer0_norm_growth_per_1000_steps",
                               "layer0_cosine_growth_per_1000_steps", "entropy_collapse_ratio") if c in drift.columns]
@@ -104,7 +106,7 @@ def write_report(frame, lr, drift, pngs: list[Path], out: Path, baseline, bounda
          markdown_table(failed)),
         ("Variants", markdown_table(config_differences(frame))),
         (f"Learning-rate tolerance and sensitivity (baseline: {baseline})",
-         markdown_table(lr[[c for c in lr_cols if c in lr.columns]]) if not lr.empty else "_(no finished runs with an LR)_\n"),
+         markdown_table(lr[lr_cols]) if not lr.empty else "_(no finished runs with an LR)_\n"),
         ("Attention-logit drift (layer 0)", markdown_table(drift[drift_cols]) if not drift.empty else "_(no stability logs)_\n"),
     ]
     if boundaries is not None and not boundaries.empty:
@@ -114,8 +116,11 @@ def write_report(frame, lr, drift, pngs: list[Path], out: Path, baseline, bounda
                             markdown_table(boundaries.drop(columns=["boundary_lr", "ci_low", "ci_high"]))))
     md = ["# Sweep report", "", f"{len(frame)} run directories. LR sensitivity follows Wortsman et al. 2023 "
           "(diverged runs capped at the loss at initialization); see qknorm.analysis.lr for every definition. "
-          "A tolerance that reads \"no divergence up to\" is censored by the grid: the ratio against the baseline is "
-          "then a bound (`ratio_kind`), or unknown when neither diverged.", ""]
+          "A variant's divergence LR lies in its bracket (`tolerance`: above its largest stable LR, at most its first "
+          "diverging one; \"no divergence up to\" when the grid did not find it); against the baseline, `vs_baseline` "
+          "gives the range of the ratio of the two divergence LRs that the brackets allow, and says when this grid cannot "
+          f"separate them (add LRs in the bracket, or search with {CRITICAL_LR_FINDER}). Intervals and tests over seeds "
+          "appear only where a variant has two seeds or more.", ""]
     for title, text in sections:
         md += [f"## {title}", "", text]
     md += ["## Figures", ""] + [f"![{p.stem}]({p.name})" for p in pngs]
@@ -200,8 +205,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {b['group']}: {b['target']} {b['bracket']}; {b['fit']}; {b['runs']} runs, {b['machine_hours']:.2f} h"
                   f"; a grid as fine: {b['grid_runs_same_precision']} runs")
     if "lr" in result and not result["lr"].empty:
-        cols = ["variant", "optimal_lr", "tolerance", "lr_tolerance_ratio", "ratio_kind", "lr_sensitivity"]
-        print(result["lr"][cols].to_string(index=False))
+        table = result["lr"]
+        print(table[["variant", "optimal_lr", "tolerance", "lr_sensitivity"]].to_string(index=False))
+        for _, r in table.iterrows():
+            if r["comparison"] != "baseline":
+                print(f"{r['variant']} vs the baseline: {r['vs_baseline']}")
     return 0
 
 

@@ -83,7 +83,7 @@ def read_run(run_dir: Path) -> dict:
         row[key] = _lookup(config, key)
     s = summary or {}
     for key in ("reason", "final_val_loss", "final_val_bpb", "best_val_loss", "best_val_bpb", "initial_loss", "steps",
-                "tokens", "wall_time_s", "params", "params_non_embedding", "diverged_at_step"):
+                "tokens", "wall_time_s", "params", "params_non_embedding", "diverged_at_step", "started_at", "finished_at"):
         row[key] = s.get(key)
     for key, value in (s.get("stability") or {}).items():
         row[f"stability.{key}"] = value

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import os
 import re
 import zlib
 from dataclasses import dataclass
@@ -124,19 +125,31 @@ def _split_documents(docs: list[str], val_fraction: float, what: str) -> tuple[t
     return train, val
 
 
-def load_text_files(cfg: DataConfig) -> Corpus:
+def text_file_paths(cfg: DataConfig) -> list[Path]:
+    """The files data=text_files reads, in order, each checked without reading it: it exists, it is a
+    file the process may read, and it holds at least one byte. A folder is searched with data.glob."""
     files: list[Path] = []
-    for entry in cfg.paths:
+    for i, entry in enumerate(cfg.paths):
         p = Path(entry).expanduser()
         if p.is_dir():
             found = sorted(f for f in p.glob(cfg.glob) if f.is_file())
             if not found:
-                raise DataError(f"{p}: folder holds no files matching data.glob={cfg.glob!r}")
+                raise DataError(f"{p}: folder holds no files matching data.glob={cfg.glob!r} (data.paths[{i}])")
             files.extend(found)
         elif p.is_file():
             files.append(p)
         else:
             raise DataError(f"{p}: no such file or folder (data.paths)")
+    for f in files:
+        if not os.access(f, os.R_OK):
+            raise DataError(f"{f}: cannot read (permission denied; data.paths)")
+        if f.stat().st_size == 0:
+            raise DataError(f"{f}: file is empty (0 bytes; data.paths)")
+    return files
+
+
+def load_text_files(cfg: DataConfig) -> Corpus:
+    files = text_file_paths(cfg)
     docs = [read_text_file(f) for f in files]
     train, val = _split_documents(docs, cfg.val_fraction, "data.paths")
     shown = ", ".join(str(f) for f in files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")

@@ -16,8 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..config import DataConfig
-from .corpora import load_corpus
-from .tokens import TokenizedCorpus, get_tokenized, get_tokenizer
+from .tokens import TokenizedCorpus, tokenize_corpus
 
 
 @dataclass(frozen=True)
@@ -33,9 +32,7 @@ class PreparedData:
 
 def prepare_data(cfg: DataConfig) -> PreparedData:
     """Load the corpus and tokenize it, reusing the shared cache when it already holds the result."""
-    corpus = load_corpus(cfg)
-    tokenizer = get_tokenizer(corpus, cfg)
-    tokenized = get_tokenized(corpus, cfg, tokenizer)
+    corpus, tokenizer, tokenized = tokenize_corpus(cfg)
     return PreparedData(tokenized, tokenizer.token_bytes(), corpus.name)
 
 

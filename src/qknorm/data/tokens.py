@@ -25,7 +25,7 @@ import numpy as np
 
 from ..config import DataConfig
 from ..utils.files import atomic_write_bytes, atomic_write_json, file_lock
-from .corpora import Corpus, DataError
+from .corpora import Corpus, DataError, load_corpus
 
 if TYPE_CHECKING:
     import sentencepiece as spm
@@ -233,3 +233,27 @@ def bigram_reference(tokenized: TokenizedCorpus) -> dict:
 
 def clear_cache(cfg: DataConfig) -> None:
     shutil.rmtree(cache_root(cfg), ignore_errors=True)
+
+
+def tokenize_corpus(cfg: DataConfig) -> tuple[Corpus, Tokenizer, TokenizedCorpus]:
+    """The corpus read, its tokenizer and its token arrays, from the shared cache when it holds them."""
+    corpus = load_corpus(cfg)
+    tokenizer = get_tokenizer(corpus, cfg)
+    return corpus, tokenizer, get_tokenized(corpus, cfg, tokenizer)
+
+
+def check_data(cfg: DataConfig) -> None:
+    """Every data error a run would meet, found without torch and before its run directory is made: the
+    files exist, can be read and are not empty, the corpus is text that splits into a training and a
+    validation part, its tokenizer trains, and each split holds a window of data.seq_len + 1 tokens. The
+    tokenizer and the tokens go to the shared cache, where the run finds them. A Hugging Face dataset is
+    read by the run itself (reading it twice could mean downloading it twice): only the local files named
+    in data.data_files are checked here."""
+    if cfg.source == "hf_text":
+        for i, entry in enumerate(cfg.data_files or ()):
+            if "://" in entry or any(c in entry for c in "*?["):
+                continue  # a URL or a glob: the datasets library resolves it
+            if not Path(entry).expanduser().exists():
+                raise DataError(f"{entry}: no such file or folder (data.data_files[{i}])")
+        return
+    tokenize_corpus(cfg)

@@ -7,6 +7,7 @@ import io
 import os
 import time
 import warnings
+from typing import Optional
 
 import pytorch_lightning as pl
 import torch
@@ -54,6 +55,12 @@ class ResumableCSVLogger(CSVLogger):
             atomic_write_bytes(path, buf.getvalue().encode())
             writer.metrics_keys = sorted(header)
         os.unlink(previous)
+
+
+    def log_metrics(self, metrics: dict, step: Optional[int] = None) -> None:
+        # Lightning adds the epoch to every row, and an epoch here is one validation interval: a column that
+        # counts validations, not passes over the data, is left out
+        super().log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step)
 
 
 class Throughput(pl.Callback):

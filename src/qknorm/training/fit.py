@@ -8,6 +8,7 @@ import dataclasses
 import datetime as _dt
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -120,8 +121,11 @@ def train(cfg: RunConfig, run_dir: Path, summary) -> dict:
     result_path.unlink()
     history = [tuple(h) for h in fit["val_history"]]
     steps = fit["global_step"]
+    val_time_s = fit.get("val_time_s") or 0.0
     if fit["status"] == "running" and (not history or history[-1][0] != steps):
+        t0 = time.perf_counter()
         trainer.validate(module, datamodule=datamodule, verbose=False)
+        val_time_s += time.perf_counter() - t0
         history.append((steps, float(trainer.callback_metrics["val/loss"]), float(trainer.callback_metrics["val/bpb"])))
     return {
         **params,
@@ -131,6 +135,7 @@ def train(cfg: RunConfig, run_dir: Path, summary) -> dict:
                         initial_loss=fit["initial_loss"], val_history=history, skipped_steps=fit["skipped_steps"],
                         world_size=trainer.world_size, stability=fit["stability"]),
         "precision": str(trainer.precision), "device": fit.get("device"), "device_name": fit.get("device_name"),
-        "compiled": fit.get("compiled"),
+        "compiled": fit.get("compiled"), "val_time_s": round(val_time_s, 3), "val_tokens": fit.get("val_tokens"),
+        "threads": torch.get_num_threads(),
         "is_global_zero": trainer.is_global_zero,
     }

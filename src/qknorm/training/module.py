@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -77,6 +78,9 @@ class LMModule(pl.LightningModule):
         self._val_sums: Optional[torch.Tensor] = None
         self._qk_clip = cfg.attention.qk_clip_tau is not None
         self.train_device: dict = {}  # where fit trained: Lightning moves the module back to the CPU after it
+        self.val_time_s = 0.0  # seconds spent validating in this process (summary.json's val_time_s)
+        self.val_tokens = 0  # tokens one validation reads, all processes together (summary.json's val_tokens)
+        self._val_t0 = 0.0
         self._grads_guarded = cfg.trainer.precision != "16-mixed"  # AMP's scaler skips inf steps itself
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
@@ -184,7 +188,8 @@ class LMModule(pl.LightningModule):
         fingerprint = callbacks_fingerprint(self.trainer.callbacks)  # type: ignore[attr-defined]  # Trainer's stubs
         return {"status": o.status, "reason": o.reason, "step": o.step, "skipped_steps": o.skipped_steps,
                 "val_history": o.val_history, "initial_loss": self.initial_loss, "global_step": self.global_step,
-                "stability": fingerprint, **self.train_device}
+                "stability": fingerprint, "val_time_s": round(self.val_time_s, 3), "val_tokens": self.val_tokens,
+                **self.train_device}
 
     def mark_diverged(self, reason: str) -> None:
         if self.outcome.status == "running":
@@ -199,12 +204,14 @@ class LMModule(pl.LightningModule):
 
     def on_validation_epoch_start(self) -> None:
         self._val_sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # nats, tokens, bytes
+        self._val_t0 = time.perf_counter()
 
     def _val_batch_sums(self, x, y) -> torch.Tensor:
         return val_batch_sums(self.model, x, y, self.token_bytes)  # type: ignore[arg-type]  # a registered buffer
 
     def _val_metrics(self, sums: torch.Tensor) -> tuple[float, float] | None:
         nats, tokens, nbytes = (float(v) for v in self.trainer.strategy.reduce(sums, reduce_op="sum"))
+        self.val_tokens = int(tokens)
         return (nats / tokens, nats / (math.log(2) * nbytes)) if tokens else None
 
     def validation_step(self, batch, batch_idx):
@@ -212,6 +219,7 @@ class LMModule(pl.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         assert self._val_sums is not None  # set by on_validation_epoch_start
+        self.val_time_s += time.perf_counter() - self._val_t0
         metrics = self._val_metrics(self._val_sums)
         if metrics is None:
             return
@@ -224,11 +232,13 @@ class LMModule(pl.LightningModule):
     @torch.no_grad()
     def _validate_now(self) -> None:
         """The validation pass outside Lightning's loop (see on_train_start)."""
+        t0 = time.perf_counter()
         self.model.eval()
         sums = torch.zeros(3, dtype=torch.float64, device=self.device)
         for x, y in self.trainer.datamodule.val_dataloader():  # type: ignore[attr-defined]
             sums += self._val_batch_sums(x.to(self.device), y.to(self.device))
         self.model.train()
+        self.val_time_s += time.perf_counter() - t0
         metrics = self._val_metrics(sums)
         if metrics is None:
             return

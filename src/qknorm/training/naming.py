@@ -1,6 +1,6 @@
 """Which job this is, in words: the line each job starts with, and the run's name in TensorBoard.
 
-Light on purpose (Hydra only): it runs before the config is validated.
+Light on purpose (Hydra and the run directory's identity keys only): it runs before the config is validated.
 """
 
 from __future__ import annotations
@@ -10,11 +10,14 @@ import logging
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 
+from ..rundir import NOT_IDENTITY
+
 log = logging.getLogger("qknorm.train")
 
-# Overrides that say where or how often, not what is trained: left out of run names.
-_BOOKKEEPING = ("trainer.val_every_n_steps", "trainer.log_every_n_steps",
-                "trainer.checkpoint_every_n_steps", "callbacks.monitor.every_n_steps", "logger", "paths.", "hydra")
+# Overrides that say where, how often or on how many threads, or how much is validated, not what is trained:
+# left out of run names (every key that is not part of a run's identity, and the measurement settings).
+_BOOKKEEPING = (*NOT_IDENTITY, "trainer.val_every_n_steps", "callbacks.monitor.every_n_steps", "data.val_max_tokens",
+                "paths.", "hydra")
 
 
 def _hydra_config():

@@ -40,6 +40,15 @@ def quiet_lightning() -> None:
             logger.addFilter(_Chatter())
 
 
+def to_log_files(line: str) -> None:
+    """`line` into the log files the root logger writes (the run's train.log under Hydra), not the terminal,
+    which has it already (a progress line, or the bar)."""
+    record = logging.LogRecord("qknorm.progress", logging.INFO, __file__, 0, line, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
 class StepProgressBar(ProgressBar):
     """step / max_steps with loss, tokens/s and ETA: a tqdm bar on a terminal; elsewhere (a log file, or
     parallel jobs sharing one terminal) one line per validation interval."""
@@ -96,11 +105,14 @@ class StepProgressBar(ProgressBar):
             return
         loss = trainer.callback_metrics.get("val/loss")
         self._val_loss = float(loss) if loss is not None else None
+        line = (f"{self.label + ': ' if self.label else ''}step {trainer.global_step}/{trainer.max_steps}, "
+                f"{self._status(trainer)}, {self._eta(trainer)} left")
         if self._bar is not None:
             self._bar.set_postfix_str(self._status(trainer), refresh=True)
         elif trainer.global_step > self._step0:
-            print(f"{self.label + ': ' if self.label else ''}step {trainer.global_step}/{trainer.max_steps}, "
-                  f"{self._status(trainer)}, {self._eta(trainer)} left", file=sys.stderr, flush=True)
+            print(line, file=sys.stderr, flush=True)
+        if trainer.global_step > self._step0:
+            to_log_files(line)
 
     def on_train_end(self, trainer, pl_module) -> None:
         if self._bar is not None:

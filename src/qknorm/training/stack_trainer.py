@@ -250,10 +250,10 @@ class Member:
             logger.log_metrics(metrics, step=step)
 
     def log_step(self, step: int, metrics: dict) -> None:
-        """A row as Lightning's logger connector writes a step's `self.log` values: float32, with the
-        epoch (one epoch is one validation interval), none when nothing was logged."""
+        """A row as Lightning's logger connector writes a step's `self.log` values: float32, none when
+        nothing was logged (no epoch column: a solo run's metrics.csv leaves it out, qknorm.training.callbacks)."""
         if metrics:
-            self.log_metrics({**_as_logged(metrics), "epoch": step // self.datamodule.steps_per_epoch}, step=step)
+            self.log_metrics(_as_logged(metrics), step=step)
 
     def start_step(self, step: int) -> None:
         self.step_metrics = {}

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from qknorm.rundir import identity, identity_hash
+from qknorm.rundir import identity_hash, recorded_identity
 
 RUNS = Path(__file__).resolve().parents[1] / "reproductions" / "runs"
 
@@ -26,6 +26,6 @@ def one_run_per_experiment() -> list[Path]:
 @pytest.mark.parametrize("run", one_run_per_experiment(), ids=lambda p: p.parent.name)
 def test_a_committed_run_keeps_its_identity(run):
     raw = yaml.safe_load((run / ".hydra" / "config.yaml").read_text())
-    got = identity_hash(identity(raw))
+    got = identity_hash(recorded_identity(raw))
     assert run.name.endswith(f"-{got}"), f"{run.name}: today's identity hash is {got}"
     assert json.loads((run / "summary.json").read_text()).get("config_id") in (None, got)

@@ -52,6 +52,10 @@ LATER_KEYS = {
     "callbacks.divergence.after_warmup_margin": None, "callbacks.divergence.running_min_factor": None,
     "callbacks.divergence.max_logit": None,
 }
+# Keys added with a default that does not reproduce earlier runs, and the value those runs had: a config
+# recorded before the key existed (a .hydra/config.yaml without it) is read with that value, not today's
+# default (recorded_identity).
+EARLIER_VALUES = {"data.val_token_ratio": None}  # before it, validation read the whole held-out split
 # Overrides left out of a job directory's readable name: the sweep's fixed settings (its size) and
 # bookkeeping. The hash after the name tells jobs apart whatever is left out.
 # data.val_token_ratio too: a sweep that pins it to null to keep its runs' identity keeps their names as well.
@@ -86,6 +90,20 @@ def identity(raw: Mapping[str, Any]) -> dict[str, Any]:
     flat = flatten(tree)
     return {k: v for k, v in sorted(flat.items())
             if not any(k == p or k.startswith(p + ".") for p in NOT_IDENTITY) and not (k in LATER_KEYS and LATER_KEYS[k] == v)}
+
+
+def recorded_identity(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """The identity of a config as a run directory recorded it, perhaps before some keys existed: the keys of
+    EARLIER_VALUES it lacks take the value runs had then."""
+    tree = json.loads(json.dumps(raw, default=str))
+    for dotted, value in EARLIER_VALUES.items():
+        *groups, last = dotted.split(".")
+        node = tree
+        for g in groups:
+            node = node.get(g) if isinstance(node, dict) else None
+        if isinstance(node, dict) and last not in node:
+            node[last] = value
+    return identity(tree)
 
 
 def identity_hash(ident: Mapping[str, Any]) -> str:
@@ -130,7 +148,7 @@ def stored_identity(run_dir: Path) -> Optional[dict]:
         except yaml.YAMLError:
             return {"<unreadable .hydra/config.yaml>": True}
         if isinstance(raw, dict):
-            return identity(raw)
+            return recorded_identity(raw)
     return None
 
 

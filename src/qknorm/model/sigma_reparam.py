@@ -65,12 +65,14 @@ class SigmaReparam(nn.Module):
 
 
 def apply_sigma_reparam(model: Transformer) -> None:
-    """Reparametrize QKV, Proj, FC1 and FC2 of every block (not the embedding or the output head)."""
+    """Reparametrize QKV, Proj, FC1 and FC2 of every block, and the output gate's matrix where there is one
+    (not the embedding or the output head)."""
     for block in cast("list[Block]", model.blocks):
         attn, mlp = block.attn, block.mlp
         fc1_rows = mlp.fc1.weight.shape[0]
+        gate: tuple = ((attn.gate, (attn.gate.weight.shape[0],)),) if attn.gate is not None else ()
         for linear, sizes in ((attn.qkv, attn.split_sizes), (attn.proj, (attn.proj.weight.shape[0],)),
                               (mlp.fc1, (fc1_rows // 2,) * 2 if mlp.kind == "swiglu" else (fc1_rows,)),
-                              (mlp.fc2, (mlp.fc2.weight.shape[0],))):
+                              (mlp.fc2, (mlp.fc2.weight.shape[0],)), *gate):
             # unsafe: skip the registration's trial forward, which would take a power step
             parametrize.register_parametrization(linear, "weight", SigmaReparam(linear.weight, sizes), unsafe=True)

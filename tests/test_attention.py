@@ -439,6 +439,27 @@ def test_a_soft_cap_without_qk_norm_bounds_the_logits_by_the_cap():
     assert layer.logit_bound() == pytest.approx(5.0 * math.tanh(math.sqrt(8) / 5.0))
 
 
+def test_ssmax_multiplies_the_bound_by_its_largest_factor_and_gates_and_sinks_leave_it():
+    """SSMax scales row i's logits by s log(i + 1): the QK-norm's bound times max |s| log(seq_len), which the logits
+    stay under at any input scale; a gate, a sink or the sigmoid act after the logits and leave the bound alone."""
+    torch.manual_seed(0)
+    model = ModelConfig(d_model=D_MODEL, n_heads=N_HEADS, n_kv_heads=N_KV)
+    plain = Attention(model, AttentionConfig(qk_norm="rms"), 0, T).double()
+    ssmax = Attention(model, AttentionConfig(qk_norm="rms", length_scale="ssmax"), 0, T).double()
+    with torch.no_grad():
+        ssmax.ssmax.s.copy_(torch.tensor([0.2, -1.5, 0.43, 1.0]))
+    assert ssmax.logit_bound() == pytest.approx(plain.logit_bound() * 1.5 * math.log(T))
+    cos, sin = rope_tables(T, ssmax.head_dim, 10000.0)
+    for scale in (1.0, 1e4):
+        tensors = {}
+        ssmax.probe = type("P", (), {"on_attention": lambda self, i, t: tensors.update(t)})()
+        ssmax(torch.randn(2, T, D_MODEL, dtype=torch.float64) * scale, cos.double(), sin.double())
+        assert float(tensors["logits"].detach().abs().max()) <= ssmax.logit_bound() * (1 + 1e-9)
+    for axes in (dict(output_gate="elementwise"), dict(softmax="learned_sink"), dict(softmax="sigmoid")):
+        assert Attention(model, AttentionConfig(qk_norm="rms", **axes), 0, T).logit_bound() == pytest.approx(plain.logit_bound())
+    assert Attention(model, AttentionConfig(length_scale="ssmax"), 0, T).logit_bound() == math.inf  # nothing bounds q, k
+
+
 def test_unnormalized_logits_grow_with_the_input_scale():
     torch.manual_seed(0)
     layer = Attention(ModelConfig(d_model=D_MODEL, n_heads=N_HEADS), AttentionConfig(qk_norm="none"), 0, T).double()

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The sweeps behind docs/reproductions.md, one function per claim (E1-E11 of that page). Each is an
+# The sweeps behind docs/reproductions.md, one function per claim (E1-E12 of that page). Each is an
 # ordinary Hydra multirun of `qknorm-train`: its jobs' directories are named by their configs, so running
 # this again resumes where it stopped, skips finished jobs, and a widened grid (another seed, another LR)
 # only trains what is new. Then `python analysis/reproductions.py` rewrites docs/reproductions.md.
@@ -150,7 +150,19 @@ e11() {
   sweep e11_muon_logits "${E11[@]}" optim=muon optim.lr=1e-1,3e-1 attention=qwen3,rybakov2024_soft_cap
 }
 
-all=(e1 e10 e4 e6 e5 e3 e7 e9 e8 e11)
+# E12: gates and sinks. Qiu et al. 2025 (gated attention, as Qwen3-Next ships it): does the output gate raise the LR
+# the model tolerates, and does it remove the sink on the first token (Gu et al. 2025's sink rate, in the monitor's
+# records)? Qwen3-Next's attention with and without its gate (the same zero-centred, decayed gains: the gate is the
+# only difference), Qwen3, the baseline, gpt-oss's learned sink and sigmoid attention; LRs 1.5x apart around where
+# E4's tiny models first diverge, and 0.03, where every arm trains, for the sink; E4's 600 steps and 60-step warmup;
+# 2 seeds. 60 runs, about 4 hours on 2 cores (sigmoid attention runs on the explicit path, the slowest).
+E12=(model=tiny trainer.max_steps=600 optim.warmup_steps=60 seed=0,1 optim.lr=0.03,0.3,0.45,0.67,1)
+e12() {
+  sweep e12_gates_sinks "${E12[@]}" attention=baseline,qwen3,qwen3_next,gpt_oss_sink,ramapuram2024_sigmoid
+  sweep e12_gates_sinks "${E12[@]}" attention=qwen3_next attention.output_gate=none
+}
+
+all=(e1 e10 e4 e6 e5 e3 e7 e9 e8 e11 e12)
 # The CPU round that decides (in this order, about 11 machine hours): bash reproductions/run.sh round
 round() { e8; e4; e3; e1; }
 for e in "${@:-${all[@]}}"; do

@@ -26,9 +26,9 @@ def make_attention(attn: AttentionConfig, n_kv: int = N_KV, dtype=torch.float64,
     torch.manual_seed(seed)
     model = ModelConfig(d_model=D_MODEL, n_layers=1, n_heads=N_HEADS, n_kv_heads=n_kv)
     layer = Attention(model, attn, layer_idx=0, seq_len=T).to(dtype)
-    with torch.no_grad():  # non-trivial gains, biases and temperatures, so each one is really tested
+    with torch.no_grad():  # non-trivial gains, biases, temperatures, sinks and SSMax scales, so each one is really tested
         for name, p in layer.named_parameters():
-            if "norm" in name or name.endswith("bias") or "temperature" in name:
+            if "norm" in name or name.endswith("bias") or "temperature" in name or "sink" in name or "ssmax" in name:
                 p.add_(0.3 * torch.randn_like(p))
     return layer
 
@@ -106,15 +106,31 @@ def ref_attention(layer: Attention, cfg: AttentionConfig, x):
     z = z * (s.reshape(-1, 1, 1) if isinstance(s, torch.Tensor) and s.dim() > 0 else s)
     if cfg.soft_temp is not None:  # softmax(beta * z)
         z = cfg.soft_temp * z
+    if cfg.length_scale == "ssmax":  # Nakanishi 2025: row i's logits times s_h log n, n = i + 1 visible keys
+        n = torch.arange(1, t + 1, dtype=torch.float64)
+        z = z * (layer.ssmax.s.detach().double()[:, None, None] * torch.log(n)[None, :, None])
     if cfg.softcap is not None:
         z = cfg.softcap * torch.tanh(z / cfg.softcap)
     mask = torch.ones(t, t, dtype=torch.bool).tril()
-    p = torch.softmax(z.masked_fill(~mask, float("-inf")), dim=-1)
+    m = z.masked_fill(~mask, float("-inf")).amax(-1, keepdim=True)  # each row's largest visible logit
+    e = torch.exp(z - m).masked_fill(~mask, 0.0)
+    if cfg.softmax == "sigmoid":  # Ramapuram et al. 2024: 1 / (1 + exp(-(z - log n))), n the sequence length
+        p = (1 / (1 + torch.exp(-(z - math.log(T))))).masked_fill(~mask, 0.0)
+    elif cfg.softmax == "off_by_one":  # exp(z) / (1 + sum exp(z)), in units of exp(m)
+        p = e / (torch.exp(-m) + e.sum(-1, keepdim=True))
+    elif cfg.softmax == "learned_sink":  # exp(z) / (exp(a_h) + sum exp(z))
+        a = layer.sink.logit.detach().double()[:, None, None]
+        p = e / (torch.exp(a - m) + e.sum(-1, keepdim=True))
+    else:
+        p = e / e.sum(-1, keepdim=True)
     if cfg.soft_clip is not None:  # Bondarenko et al. 2023: clip((zeta - gamma) p + gamma, 0, 1)
         zeta, gamma = cfg.soft_clip
         p = torch.clamp((zeta - gamma) * p + gamma, 0.0, 1.0)
-    y = torch.einsum("bhqk,bkhd->bqhd", p, v).reshape(b, t, h * d)
-    return y @ layer.proj.weight.detach().double().T
+    y = torch.einsum("bhqk,bkhd->bqhd", p, v)
+    if cfg.output_gate != "none":  # Qiu et al. 2025: y * sigmoid(x W_g), per head or per channel
+        g = 1 / (1 + torch.exp(-(x @ layer.gate.weight.detach().double().T)))
+        y = y * g.reshape(b, t, h, -1)
+    return y.reshape(b, t, h * d) @ layer.proj.weight.detach().double().T
 
 
 def run_layer(layer: Attention, x):
@@ -142,6 +158,11 @@ AXES = [
     dict(qkv_bias=True), dict(qkv_bias=True, qk_norm="rms"),
     dict(soft_temp=0.5), dict(soft_temp=0.5, scale=ScaleConfig(kind="learnable", per="head")),
     dict(soft_clip=(1.03, -0.03)), dict(soft_clip=(1.2, -0.2), softcap=5.0, soft_temp=2.0),
+    dict(output_gate="headwise"), dict(output_gate="elementwise", qk_norm="rms", gain="zero_centered"),
+    dict(softmax="off_by_one"), dict(softmax="learned_sink"), dict(softmax="learned_sink", qk_norm="rms", softcap=5.0),
+    dict(softmax="learned_sink", scale=ScaleConfig(kind="learnable", per="head")), dict(softmax="sigmoid"),
+    dict(softmax="sigmoid", qk_norm="rms", soft_clip=(1.03, -0.03)), dict(length_scale="ssmax"),
+    dict(length_scale="ssmax", qk_norm="l2", softcap=2.0), dict(length_scale="ssmax", softmax="off_by_one", output_gate="headwise"),
 ]
 
 
@@ -195,6 +216,65 @@ def test_chunked_softcap_gradients_match_float64_formula(n_kv, scale, monkeypatc
     torch.testing.assert_close(chunked_x, ref_x, rtol=1e-10, atol=1e-10)
     assert chunked_params.keys() == {n for n, _ in layer.named_parameters()}
     torch.testing.assert_close(chunked_params, explicit_params, rtol=1e-10, atol=1e-10)
+
+
+SDPA_VARIANTS = [dict(softmax="learned_sink"), dict(softmax="off_by_one", qk_norm="rms"),
+                 dict(softmax="learned_sink", length_scale="ssmax", output_gate="elementwise",
+                      scale=ScaleConfig(kind="learnable", per="head"))]
+
+
+@pytest.mark.parametrize("n_kv", [N_HEADS, N_KV], ids=["mha", "gqa"])
+@pytest.mark.parametrize("axes", SDPA_VARIANTS, ids=_id)
+def test_sinks_and_ssmax_on_sdpa_have_the_formulas_gradients(axes, n_kv):
+    """A sink as SDPA's virtual key, SSMax folded into q, the gate: the input's gradient against autograd of the
+    float64 formula, every parameter's (the sink logits and SSMax's s included) against the explicit path."""
+    cfg = AttentionConfig(**axes)
+    layer = make_attention(cfg, n_kv=n_kv)
+    x = torch.randn(2, T, D_MODEL, dtype=torch.float64) * 3
+    grad_y = torch.randn(2, T, D_MODEL, dtype=torch.float64)
+
+    def grads(fn):
+        layer.zero_grad()
+        xx = x.clone().requires_grad_()
+        (fn(xx) * grad_y).sum().backward()
+        return xx.grad, {n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None}
+
+    fast_x, fast_params = grads(lambda xx: run_layer(layer, xx))
+    ref_x, _ = grads(lambda xx: ref_attention(layer, cfg, xx))
+    layer.cfg = AttentionConfig(**{**axes, "backend": "explicit"})
+    _, explicit_params = grads(lambda xx: run_layer(layer, xx))
+    torch.testing.assert_close(fast_x, ref_x, rtol=1e-10, atol=1e-10)
+    assert fast_params.keys() == {n for n, _ in layer.named_parameters()}
+    torch.testing.assert_close(fast_params, explicit_params, rtol=1e-10, atol=1e-10)
+
+
+def test_the_sink_and_off_by_one_as_numbers():
+    """One row by hand: logits (0, log 2) over two keys with values 1 and 3. Softmax: weights 1/3, 2/3; off-by-one:
+    1/4, 2/4 (the 1 in the denominator); a sink a = log 3: 1/6, 2/6; sigmoid with b = -log 2: sigmoid(-log 2) = 1/3 and
+    sigmoid(0) = 1/2."""
+    from qknorm.model.softmax_variants import attention_weights
+
+    logits = torch.tensor([[0.0, math.log(2.0)]], dtype=torch.float64).view(1, 1, 1, 2)
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    f64 = torch.float64
+    for kind, sinks, bias, expected in (("softmax", None, 0.0, [1 / 3, 2 / 3]),
+                                        ("off_by_one", torch.zeros(1, dtype=f64), 0.0, [1 / 4, 2 / 4]),
+                                        ("learned_sink", torch.tensor([math.log(3.0)], dtype=f64), 0.0, [1 / 6, 2 / 6]),
+                                        ("sigmoid", None, -math.log(2.0), [1 / 3, 1 / 2])):
+        w = attention_weights(logits, mask, kind, sinks, bias).flatten()
+        torch.testing.assert_close(w, torch.tensor(expected, dtype=torch.float64), rtol=1e-14, atol=0)
+
+
+def test_ssmax_scales_each_row_by_s_log_n():
+    from qknorm.model.ssmax import SSMAX_S_INIT, SSMax
+
+    m = SSMax(n_heads=2, max_keys=8).double()
+    factor = m(4, 4)  # row i of 4 sees i + 1 keys
+    expected = SSMAX_S_INIT * torch.log(torch.arange(1, 5, dtype=torch.float64))
+    torch.testing.assert_close(factor, expected.view(1, 4, 1).expand(2, 4, 1), rtol=1e-15, atol=0)
+    assert float(factor[0, 0]) == 0.0  # one key: the softmax of a single logit is 1 whatever its scale
+    torch.testing.assert_close(m(2, 4)[0, :, 0], SSMAX_S_INIT * torch.log(torch.tensor([3.0, 4.0], dtype=torch.float64)))
+    assert m.abs_max() == pytest.approx(SSMAX_S_INIT * math.log(8))
 
 
 @pytest.mark.parametrize("autocast", [False, True], ids=["bf16", "bf16_autocast"])
@@ -357,6 +437,27 @@ def test_a_soft_cap_without_qk_norm_bounds_the_logits_by_the_cap():
     # with a QK-norm the cap applies to the norm's bound: c tanh(bound / c)
     layer = Attention(ModelConfig(d_model=D_MODEL, n_heads=N_HEADS), AttentionConfig(qk_norm="rms", softcap=5.0), 0, T)
     assert layer.logit_bound() == pytest.approx(5.0 * math.tanh(math.sqrt(8) / 5.0))
+
+
+def test_ssmax_multiplies_the_bound_by_its_largest_factor_and_gates_and_sinks_leave_it():
+    """SSMax scales row i's logits by s log(i + 1): the QK-norm's bound times max |s| log(seq_len), which the logits
+    stay under at any input scale; a gate, a sink or the sigmoid act after the logits and leave the bound alone."""
+    torch.manual_seed(0)
+    model = ModelConfig(d_model=D_MODEL, n_heads=N_HEADS, n_kv_heads=N_KV)
+    plain = Attention(model, AttentionConfig(qk_norm="rms"), 0, T).double()
+    ssmax = Attention(model, AttentionConfig(qk_norm="rms", length_scale="ssmax"), 0, T).double()
+    with torch.no_grad():
+        ssmax.ssmax.s.copy_(torch.tensor([0.2, -1.5, 0.43, 1.0]))
+    assert ssmax.logit_bound() == pytest.approx(plain.logit_bound() * 1.5 * math.log(T))
+    cos, sin = rope_tables(T, ssmax.head_dim, 10000.0)
+    for scale in (1.0, 1e4):
+        tensors = {}
+        ssmax.probe = type("P", (), {"on_attention": lambda self, i, t: tensors.update(t)})()
+        ssmax(torch.randn(2, T, D_MODEL, dtype=torch.float64) * scale, cos.double(), sin.double())
+        assert float(tensors["logits"].detach().abs().max()) <= ssmax.logit_bound() * (1 + 1e-9)
+    for axes in (dict(output_gate="elementwise"), dict(softmax="learned_sink"), dict(softmax="sigmoid")):
+        assert Attention(model, AttentionConfig(qk_norm="rms", **axes), 0, T).logit_bound() == pytest.approx(plain.logit_bound())
+    assert Attention(model, AttentionConfig(length_scale="ssmax"), 0, T).logit_bound() == math.inf  # nothing bounds q, k
 
 
 def test_unnormalized_logits_grow_with_the_input_scale():

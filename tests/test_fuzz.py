@@ -61,6 +61,9 @@ attention = st.fixed_dictionaries({
     "final_logit_softcap": mostly(st.sampled_from([None, 30.0]), 0.0),
     "qkv_bias": st.booleans(),
     "qk_clip_tau": mostly(None, 5.0, 100.0, -1.0, odds=15),
+    "output_gate": st.sampled_from(["none", "headwise", "elementwise"]),
+    "softmax": mostly(st.sampled_from(["softmax", "softmax", "off_by_one", "learned_sink", "sigmoid"]), "softpick", odds=15),
+    "length_scale": st.sampled_from(["none", "none", "ssmax"]),
     "backend": mostly(st.sampled_from(["auto", "explicit", "flex"]), "sdpa", "cudnn", odds=15),
 })
 

@@ -17,8 +17,11 @@ from torch import nn
 from qknorm.model import build_model
 from qknorm.model.attention import Temperature
 from qknorm.model.norms import QKNorm
+from qknorm.model.output_gate import OutputGate
 from qknorm.model.roles import declare, roles
 from qknorm.model.sigma_reparam import SigmaReparam
+from qknorm.model.softmax_variants import AttentionSink
+from qknorm.model.ssmax import SSMAX_S_INIT, SSMax
 from qknorm.model.stack import StackedModel
 from qknorm.model.transformer import LayerScale, RMSNorm
 from qknorm.training.optim import build_optimizer, parameter_groups
@@ -48,6 +51,10 @@ def _cases() -> list[tuple[str, list[str]]]:
     cases.append(("henry2020_l2", ["attention=henry2020_l2", "attention.scale.init=swin", "attention.scale.parametrization=log",
                                    "attention.scale.per=head", "attention.scale.max=100"]))
     cases.append(("qwen3", ["attention=qwen3", "attention.scope=head_separate", "model.tie_embeddings=false"]))
+    # a headwise gate, and every new parameter at once under sigma-reparam (the gate's matrix reparametrized)
+    cases.append(("qwen3_next", ["attention=qwen3_next", "attention.output_gate=headwise"]))
+    cases.append(("zhai2023_sigma_reparam", ["attention=zhai2023_sigma_reparam", "attention.output_gate=elementwise",
+                                             "attention.softmax=learned_sink", "attention.length_scale=ssmax"]))
     return cases
 
 
@@ -68,7 +75,9 @@ def expected_role(model: nn.Module, name: str) -> str:
         return {"weight": "qk_gain", "bias": "bias"}[attr]
     if isinstance(module, (RMSNorm, nn.LayerNorm)):
         return {"weight": "gain", "bias": "bias"}[attr]
-    if isinstance(module, (Temperature, LayerScale, SigmaReparam)):
+    if isinstance(module, OutputGate):  # W_g, a matrix like W_q
+        return {"weight": "matrix"}[attr]
+    if isinstance(module, (Temperature, LayerScale, SigmaReparam, AttentionSink, SSMax)):
         return "scalar"
     raise AssertionError(f"{name}: a parameter of {type(module).__name__} this test does not know")
 
@@ -102,6 +111,10 @@ def check_init(model, name: str, p: torch.Tensor, role: str) -> None:
         assert torch.equal(p, torch.full_like(p, expected_temperature(module, model.cfg.dim_head))), f"{name}: {p.flatten()}"
     elif isinstance(module, LayerScale):
         assert torch.equal(p, torch.full_like(p, model.attention_cfg.layerscale_init)), name
+    elif isinstance(module, AttentionSink):  # 0: the off-by-one softmax, gpt-oss's N(0, 0.02) at its mean
+        assert torch.equal(p, torch.zeros_like(p)), name
+    elif isinstance(module, SSMax):  # the paper's s = 0.43, per head
+        assert p.shape == (model.cfg.n_heads,) and torch.equal(p, torch.full_like(p, SSMAX_S_INIT)), name
     elif isinstance(module, SigmaReparam):  # gamma starts at sigma(W_0) per block: W_hat = W at init
         w = model.get_parameter(path.rpartition(".")[0] + ".original").detach().double()
         sigmas = torch.stack([torch.linalg.matrix_norm(b, ord=2) for b in w.split(module.sizes)])

@@ -56,13 +56,15 @@ def composed(overrides: tuple[str, ...]) -> dict:
 
 def write_run(folder: Path, overrides: list[str], loss: float, *, initial: float = 7.0, logit=(1.0, 1.0),
               qk=(1.0, 1.0), wall: float = 10.0, seed: int = 0, log_z=(0.0, 0.0), gain=(1.0, 1.0),
-              raw_qk=None, diverge_at=None, history=None, excursion_at=None, precap=None, stability=None) -> Path:
+              raw_qk=None, diverge_at=None, history=None, excursion_at=None, precap=None, stability=None,
+              monitor: dict | None = None) -> Path:
     """One run directory. A run diverges when `diverge_at` is given or its loss is at least the initial
     loss (then at AFTER_WARMUP): its train loss (metrics.csv, every 10 steps) jumps above the initial loss
     there and the detector stops it 10 steps later. `excursion_at`: one logged train loss above the initial
     loss that the run recovers from. Values given as (start, end) grow geometrically over the monitor's
     records; `raw_qk` (the unscaled q k^T) is the last layer's, the first layer's staying at 1; `precap` the max
-    logit before a soft-cap (every layer's); `stability` the summary's fingerprint."""
+    logit before a soft-cap (every layer's); `stability` the summary's fingerprint; `monitor`: more top-level
+    values of every monitor record (the sink rate, say)."""
     # composed without the LR, which is set after: one composition serves a whole LR grid
     lr = [o.split("=", 1)[1] for o in overrides if o.startswith("optim.lr=")]
     raw = {**composed(tuple(o for o in overrides if not o.startswith("optim.lr="))), "seed": seed}
@@ -114,7 +116,8 @@ def write_run(folder: Path, overrides: list[str], loss: float, *, initial: float
         if raw_qk is not None:
             layer = {**layer, "raw_qk_max": [1.0, 1.0]}
         records.append({"step": step, "output_log_z_mean": grow((log_z[0] + 1e-3, log_z[1] + 1e-3), i) if log_z[1] else 0.0,
-                        "output_logit_mean": -grow((1.0, 1.0 + abs(log_z[1])), i), "layers": [layer, last_layer]})
+                        "output_logit_mean": -grow((1.0, 1.0 + abs(log_z[1])), i), "layers": [layer, last_layer],
+                        **(monitor or {})})
     (run / "stability.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     return run
 
@@ -160,14 +163,17 @@ def test_the_verdict_rests_on_the_headline_alone():
     assert repro.verdict_of([D("side", True)])[0] == "inconclusive"
 
 
-def test_no_runs_gives_eleven_inconclusive_sections(tmp_path):
+def test_no_runs_gives_an_inconclusive_section_per_claim(tmp_path):
     out = tmp_path / "docs" / "reproductions.md"
     sections = repro.build(tmp_path / "runs", out, tmp_path / "docs" / "reproductions")
-    assert [s.key for s in sections] == [f"E{i}" for i in range(1, 12)]
+    keys = [m.KEY for m in claims()]
+    assert [s.key for s in sections] == keys and keys[:10] == [f"E{i}" for i in range(1, 11)] and "E12" in keys
     assert all(s.verdict == "inconclusive" and s.reason.startswith("not run yet") for s in sections)
     text = out.read_text()
-    assert text.count("| **inconclusive** |") == 11 and text.count("\n## E") == 11
-    assert f"bash reproductions/run.sh {COMMAND['E4']}`" in text and "It cannot decide 11" in text
+    n = len(keys)
+    assert text.count("| **inconclusive** |") == n and text.count("\n## E") == n
+    assert f"bash reproductions/run.sh {COMMAND['E4']}`" in text and f"It cannot decide {n}" in text
+    assert f"bash reproductions/run.sh {COMMAND['E12']}`" in text
     assert "## E11: Muon and the logits" in text and f"bash reproductions/run.sh {COMMAND['E11']}`" in text
 
 
@@ -211,7 +217,7 @@ def test_e1_and_e2_reproduced_when_the_data_show_the_claims(tmp_path):
     assert "24 runs" in sections["E1"].scale and "tokens 2.46M; epochs 1.4 (of 1.80M training tokens)" in sections["E1"].scale
     assert (tmp_path / "docs" / "figs" / "e1_loss_vs_lr.png").exists()
     text = out.read_text()
-    assert "![E1](figs/e1_loss_vs_lr.png)" in text and "This proxy decides 2 of the 11 claims" in text
+    assert "![E1](figs/e1_loss_vs_lr.png)" in text and f"This proxy decides 2 of the {len(claims())} claims" in text
     assert "(one seed" in sections["E1"].note
     assert sections["E4"].verdict == "inconclusive"  # the sections without runs stay inconclusive
 
@@ -296,7 +302,8 @@ def test_the_readme_table_is_rewritten_between_its_markers(tmp_path):
     assert "stale" not in text and text.startswith("intro\n") and text.endswith("after\n")
     assert "| [E4](docs/reproductions.md#e4-the-ladder-of-first-diverging-lr) |" in text
     assert "| [E11](docs/reproductions.md#e11-muon-and-the-logits) |" in text
-    assert text.count("| **inconclusive** |") == 11
+    assert text.count("| **inconclusive** |") == len(claims())
+    assert "| [E12](docs/reproductions.md#e12-gates-and-sinks) | gates and sinks |" in text
 
 
 LADDER = {"baseline": 1e-1, "rybakov2024_soft_cap": 1.0, "wortsman2023_qk_layernorm": 1.0,
@@ -604,3 +611,54 @@ def test_e11_without_a_forced_logit_is_inconclusive_and_says_why(tmp_path):
     assert "no LR of the ladder forces the max logit up" in e11.reason
     assert "there was nothing to clip" in e11.reason and "no tau and LR with both scopes and a head clipped" in e11.reason
     assert "no growth for the cap to hide or stop" in e11.reason
+
+
+# -- E12: gates and sinks ---------------------------------------------------------------------------------
+
+E12_LRS = (0.03, 0.3, 0.67, 1.0)
+GATED = ["model=tiny", "attention=qwen3_next"]
+UNGATED = ["model=tiny", "attention=qwen3_next", "attention.output_gate=none"]
+
+
+def e12_arm(runs: Path, overrides: list[str], first_diverging: float | None, sink: tuple[float, float], seed: int = 0) -> None:
+    """One arm over E12_LRS: stable (loss 3) below `first_diverging`, diverged after the warmup from it on; every
+    monitor record with the sink rate and first-token mass `sink`."""
+    for lr in E12_LRS:
+        diverged = first_diverging is not None and lr >= first_diverging
+        write_run(runs, [*overrides, f"optim.lr={lr:g}"], 7.5 if diverged else 3.0 + 0.01 * seed, seed=seed,
+                  monitor={"sink_rate": sink[0], "first_token_mass_mean": sink[1], "residual_max_abs": 50.0,
+                           "residual_kurtosis": 30.0})
+
+
+@pytest.mark.parametrize("gated_diverges_at,verdict", [(1.0, "reproduced"), (0.67, "not reproduced"), (None, "reproduced")])
+def test_e12_the_gate_raises_the_tolerated_lr_or_not(tmp_path, gated_diverges_at, verdict):
+    """Without its gate Qwen3-Next's attention first diverges at LR 0.67 (after the warmup); with it at 1 (a higher
+    LR: reproduced), at 0.67 too (not reproduced), or nowhere in the grid (reproduced: it outlasts the grid)."""
+    runs = tmp_path / "runs" / RUNS["E12"]
+    e12_arm(runs, UNGATED, 0.67, sink=(0.5, 0.4))
+    e12_arm(runs, GATED, gated_diverges_at, sink=(0.0, 0.05))
+    e12 = build(tmp_path / "runs", tmp_path)["E12"]
+    assert e12.verdict == verdict, e12.reason
+    checks = names(e12)
+    assert checks["the gate raises the LR Qwen3-Next's attention tolerates"].value is (verdict == "reproduced")
+    # the sink, at the LRs where both trained stably: lower with the gate, and gone
+    assert checks["the gate lowers the first-token sink at every LR where both train stably"].value is True
+    assert checks["with the gate no head sinks into the first token"].value is True
+    assert "| qwen3_next (gated) | 0.03 | 0 | 0.05 | 50 | 30 | 1 |" in "\n".join(e12.body)
+    assert (tmp_path / "figs" / "e12_sinks.png").stat().st_size > 0
+
+
+def test_e12_is_inconclusive_when_nothing_diverges_or_there_is_no_sink(tmp_path):
+    """Nothing diverges in the grid: the headline cannot be decided, and says why; the arm without the gate has no
+    sink either: nothing for the gate to remove, undecided rather than a 'yes'."""
+    runs = tmp_path / "runs" / RUNS["E12"]
+    for seed in (0, 1):
+        e12_arm(runs, UNGATED, None, sink=(0.0, 0.1), seed=seed)
+        e12_arm(runs, GATED, None, sink=(0.0, 0.05), seed=seed)
+    e12 = build(tmp_path / "runs", tmp_path)["E12"]
+    assert e12.verdict == "inconclusive"
+    assert e12.reason == "no run diverged (0 of 16)", e12.reason
+    lowered = names(e12)["the gate lowers the first-token sink at every LR where both train stably"]
+    assert lowered.value is None and lowered.why.startswith("nothing to remove: qwen3_next without its gate has no head")
+    # the other arms never ran: their checks are undecided, naming what is missing
+    assert "no runs of qwen3" in names(e12)["Qwen3-Next's attention first diverges at a higher LR than Qwen3's"].why

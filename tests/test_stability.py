@@ -11,7 +11,7 @@ import torch
 
 from qknorm.config import MonitorConfig
 from qknorm.training import LMModule
-from qknorm.training.monitor import StabilityMonitor
+from qknorm.training.monitor import SINK_EPSILON, StabilityMonitor, StabilityProbe, kurtosis
 
 from .conftest import compose_config, run_cli, run_dirs
 from .test_attention import ref_norm, ref_rope, ref_scale
@@ -31,9 +31,11 @@ def test_logged_max_logit_matches_float64_computation(preset, tmp_path):
     monitor = StabilityMonitor(MonitorConfig(probe_sequences=3), tmp_path)
     monitor.probe_batch = torch.randint(0, 400, (3, T))
 
-    inputs = {}
+    inputs, residual = {}, {}
     hooks = [b.attn.register_forward_pre_hook(lambda m, args, i=i: inputs.__setitem__(i, args[0]))
              for i, b in enumerate(module.model.blocks)]
+    hooks += [b.register_forward_hook(lambda m, args, out, i=i: residual.__setitem__(i, out.detach()))
+              for i, b in enumerate(module.model.blocks)]
     record = monitor.measure(module, step=0)
     for h in hooks:
         h.remove()
@@ -83,6 +85,17 @@ def test_logged_max_logit_matches_float64_computation(preset, tmp_path):
         for key, expected in (("entropy_norm_mean", entropy.mean(dim=(0, 2))), ("entropy_norm_min", entropy.amin(dim=(0, 2))),
                               ("collapsed_rows", collapsed)):
             torch.testing.assert_close(torch.tensor(record["layers"][i][key], dtype=torch.float64), expected, rtol=1e-5, atol=1e-6)
+        # the first token's mean weight over the rows (Gu et al.), and the layer's share of heads above epsilon
+        first = p[..., 0].mean(dim=(0, 2))
+        torch.testing.assert_close(torch.tensor(record["layers"][i]["first_token_mass"], dtype=torch.float64), first,
+                                   rtol=1e-6, atol=1e-7)
+        assert record["layers"][i]["sink_rate"] == float((first > SINK_EPSILON).double().mean())
+        # the residual stream after the block: its largest |value| and the kurtosis of its values
+        h = residual[i].double().flatten()
+        assert record["layers"][i]["residual_max_abs"] == pytest.approx(float(h.abs().max()), rel=1e-7)
+        from scipy.stats import kurtosis as scipy_kurtosis
+        assert record["layers"][i]["residual_kurtosis"] == pytest.approx(float(scipy_kurtosis(h.numpy(), fisher=False)), rel=1e-6)
+    assert record["residual_max_abs"] == max(layer["residual_max_abs"] for layer in record["layers"])
     assert np.isfinite(record["output_log_z_mean"])
 
 
@@ -119,6 +132,44 @@ def test_the_monitor_counts_qk_clips_every_step_and_records_each_heads_gamma(tmp
     resumed = StabilityMonitor(MonitorConfig(every_n_steps=5), tmp_path)
     resumed.load_state_dict(monitor.state_dict())  # the count goes on from a checkpoint
     assert resumed.clipped_head_steps == 3 * heads
+
+
+def _pattern(weights: torch.Tensor) -> dict:
+    """The tensors the probe reads, around a hand-built weight pattern [B, H, T, T]."""
+    b, h, t, _ = weights.shape
+    mask = torch.ones(t, t, dtype=torch.bool).tril()
+    qk = torch.ones(b, t, h, 4)
+    return {"mask": mask, "logits": torch.zeros(b, h, t, t), "raw_scores": torch.zeros(b, h, t, t), "weights": weights,
+            **{name: qk for name in ("q", "k", "v", "q_proj", "k_proj", "v_proj")}}
+
+
+def test_sink_statistics_of_hand_built_attention_patterns():
+    t = 32
+    mask = torch.ones(t, t, dtype=torch.bool).tril()
+    on_first = torch.zeros(1, 1, t, t)
+    on_first[..., 0] = 1.0  # every row puts all its weight on the first token
+    uniform = (mask / mask.sum(-1, keepdim=True)).expand(1, 1, t, t)  # row i: 1 / (i + 1) on each visible key
+    diagonal = torch.eye(t).expand(1, 1, t, t)  # each token on itself: the first token only in row 0
+    probe = StabilityProbe()
+    probe.on_attention(0, _pattern(torch.cat([on_first, uniform, diagonal, on_first], dim=1)))
+    stats = probe.layers[0]
+    harmonic = sum(1 / n for n in range(1, t + 1)) / t  # the uniform pattern's mean weight on the first key
+    torch.testing.assert_close(stats["first_token_mass"], torch.tensor([1.0, harmonic, 1 / t, 1.0]))
+    assert harmonic < SINK_EPSILON < 1.0
+    assert float(stats["sink_rate"]) == 0.5  # two of the four heads sink into the first token
+    # over a short sequence the uniform pattern is over epsilon: the first key is a large share of few keys
+    probe.on_attention(1, _pattern((mask[:3, :3] / mask[:3, :3].sum(-1, keepdim=True)).expand(1, 1, 3, 3)))
+    assert float(probe.layers[1]["first_token_mass"]) == pytest.approx((1 + 1 / 2 + 1 / 3) / 3)
+    assert float(probe.layers[1]["sink_rate"]) == 1.0
+
+
+def test_kurtosis_is_three_for_a_gaussian_and_large_for_one_massive_activation():
+    x = torch.randn(200_000, generator=torch.Generator().manual_seed(0))
+    assert kurtosis(x) == pytest.approx(3.0, abs=0.05)
+    massive = torch.zeros(1000)
+    massive[0] = 100.0  # one nonzero value among n: kurtosis ((n - 1)^3 + 1) / (n (n - 1)), about n
+    n = 1000
+    assert kurtosis(massive) == pytest.approx(((n - 1) ** 3 + 1) / (n * (n - 1)), rel=1e-12)
 
 
 def test_tiny_statistics_are_recorded_not_rounded_to_zero(tmp_path):

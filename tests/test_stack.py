@@ -130,6 +130,20 @@ def test_a_stack_of_two_lrs_and_two_seeds_trains_as_its_solo_runs(preset, mode):
         np.testing.assert_allclose(losses, solo_losses(cfg, 50), rtol=1e-5)
 
 
+NEW_PRESETS = ["qwen3_next", "gpt_oss_sink", "miller2023_off_by_one", "ramapuram2024_sigmoid", "nakanishi2025_ssmax"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("preset", NEW_PRESETS)
+def test_gates_sinks_and_length_scales_stack_as_their_solo_runs(preset, mode):
+    """The output gate, the sinks (SDPA with a virtual key), sigmoid attention (explicit path) and SSMax in a stack:
+    2 members (2 LRs, 2 seeds), 20 steps, each member's loss at every step its solo run's to 1e-5 relative."""
+    cfgs = member_configs([[f"attention={preset}", "optim.lr=1e-2", "seed=0"], [f"attention={preset}", "optim.lr=3e-2", "seed=1"]])
+    stacked = stacked_losses(cfgs, 20, mode=mode)
+    for cfg, losses in zip(cfgs, stacked, strict=True):
+        np.testing.assert_allclose(losses, solo_losses(cfg, 20), rtol=1e-5)
+
+
 def test_members_differ_in_their_own_optimizer_scalars():
     """Weight decay (coupled and independent), warmup, betas, eps, clip and z-loss per member."""
     grid = [["optim.weight_decay=0.0", "optim.grad_clip=0.05"],
@@ -195,6 +209,10 @@ def test_only_shape_preserving_differences_stack():
     assert stack_conflict(member_configs([["seed=0", "optim.lr=1e-2"], ["seed=1", "optim=wortsman"]])) is None
     assert "model.d_model" in stack_conflict(member_configs([["model=nano"], ["model=tiny"]], common=[]))
     assert "attention.qk_norm" in stack_conflict(member_configs([["attention=baseline"], ["attention=qwen3"]]))
+    # a gate, a softmax kind and a length scale are code paths: never members of one stack
+    for key, values in (("output_gate", ("none", "elementwise")), ("softmax", ("softmax", "learned_sink")),
+                        ("length_scale", ("none", "ssmax"))):
+        assert f"attention.{key}" in stack_conflict(member_configs([[f"attention.{key}={v}"] for v in values]))
 
 
 @pytest.mark.parametrize("preset", ["baseline", "qwen3"])

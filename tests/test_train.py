@@ -83,7 +83,7 @@ def test_every_attention_preset_trains_twenty_steps(tmp_path, cache_dir):
                     "data.batch_size=4", "logger=none", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"], tmp_path, cache_dir)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summaries = [json.loads((r / "summary.json").read_text()) for r in run_dirs(tmp_path / "logs")]
-    assert len(summaries) == len(presets) == 20
+    assert len(summaries) == len(presets) == 25
     for s in summaries:
         assert s["status"] == "completed" and s["steps"] == 20, (s["overrides"], s["status"], s["reason"])
         assert s["final_val_loss"] < s["initial_loss"]

@@ -216,3 +216,113 @@ def test_importers_refuse_what_they_cannot_represent_naming_the_field(arch, fiel
     message = str(err.value)
     assert named in message and "\n" not in message, message
     assert isinstance(err.value, ValueError)
+
+
+# -- one attention layer each way: Qwen3-Next's gated attention, gpt-oss's learned sink ------------------
+
+def _perturb_attention(attn: torch.nn.Module, seed: int) -> None:
+    """Gains, sinks and the output gate away from their init, so every mapped tensor matters."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in attn.named_parameters():
+            if p.dim() == 1 or name.endswith("sinks") or name.endswith("sink.logit"):
+                p.add_(0.5 * torch.randn(p.shape, generator=g))
+
+
+def _qwen3_next(n_kv: int, seed: int):
+    from transformers import Qwen3NextConfig
+    from transformers.models.qwen3_next.modeling_qwen3_next import Qwen3NextAttention, Qwen3NextRotaryEmbedding
+
+    cfg = compose_config(["attention=qwen3_next", "model=nano", "model.n_heads=4", f"model.n_kv_heads={n_kv}"])
+    # partial_rotary_factor=1: Qwen3-Next turns 25% of each head; this project's RoPE turns all of it
+    hf_cfg = Qwen3NextConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=n_kv, head_dim=16,
+                             rms_norm_eps=cfg.attention.norm_eps, max_position_embeddings=T, partial_rotary_factor=1.0,
+                             rope_parameters={"rope_type": "default", "rope_theta": cfg.model.rope_theta, "partial_rotary_factor": 1.0})
+    hf_cfg._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    return cfg, hf_cfg, Qwen3NextAttention(hf_cfg, layer_idx=3).eval(), Qwen3NextRotaryEmbedding
+
+
+@pytest.mark.parametrize("n_kv", [4, 2])
+def test_qwen3_next_preset_is_qwen3_next_attention_both_ways(n_kv):
+    from qknorm.interop import load_qwen3_next_attention, qwen3_next_attention_state_dict
+
+    cfg, hf_cfg, theirs, rotary = _qwen3_next(n_kv, seed=7)
+    # ours -> transformers
+    ours = Attention(cfg.model, cfg.attention, 0, T).eval()
+    torch.nn.init.normal_(ours.gate.weight, std=0.3)  # a gate far from 1/2 everywhere
+    _perturb_attention(ours, seed=7)
+    theirs.load_state_dict(qwen3_next_attention_state_dict(ours))
+    got, expected = _run_both(ours, theirs, hf_cfg, rotary)
+    torch.testing.assert_close(got, expected, rtol=RTOL, atol=ATOL)
+    assert _max_relative_difference(got, expected) < 1e-5
+    # transformers -> ours: a freshly drawn Qwen3NextAttention (gains perturbed) into a new layer
+    _perturb_attention(theirs, seed=8)
+    back = Attention(cfg.model, cfg.attention, 0, T).eval()
+    load_qwen3_next_attention(back, theirs.state_dict())
+    got, expected = _run_both(back, theirs, hf_cfg, rotary)
+    torch.testing.assert_close(got, expected, rtol=RTOL, atol=ATOL)
+    # the interleave matters: q and gate rows taken as two halves (no per-head interleave) compute something else
+    q_then_gate = qwen3_next_attention_state_dict(back)["q_proj.weight"]
+    halves = torch.cat([back.qkv.weight[: back.split_sizes[0]], back.gate.weight]).detach()
+    assert not torch.equal(q_then_gate, halves)
+
+
+def _gpt_oss(n_kv: int, seed: int):
+    from transformers import GptOssConfig
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssAttention, GptOssRotaryEmbedding
+
+    cfg = compose_config(["attention=gpt_oss_sink", "model=nano", "model.n_heads=4", f"model.n_kv_heads={n_kv}"])
+    hf_cfg = GptOssConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=n_kv, head_dim=16, attention_bias=False,
+                          max_position_embeddings=T, layer_types=["full_attention"], num_hidden_layers=1,
+                          rope_parameters={"rope_type": "default", "rope_theta": cfg.model.rope_theta})
+    hf_cfg._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    theirs = GptOssAttention(hf_cfg, layer_idx=0).eval()
+    with torch.no_grad():
+        theirs.sinks.normal_(0.0, 1.0)  # torch.empty until a model's init draws it
+    return cfg, hf_cfg, theirs, GptOssRotaryEmbedding
+
+
+@pytest.mark.parametrize("n_kv", [4, 2])
+def test_learned_sink_preset_is_gpt_oss_attention_both_ways(n_kv):
+    from qknorm.interop import gpt_oss_attention_state_dict, load_gpt_oss_attention
+
+    cfg, hf_cfg, theirs, rotary = _gpt_oss(n_kv, seed=9)
+    ours = Attention(cfg.model, cfg.attention, 0, T).eval()
+    with torch.no_grad():
+        ours.qkv.weight.mul_(3.0)  # logits of a few units, so the sink competes with real keys
+    _perturb_attention(ours, seed=9)
+    theirs.load_state_dict(gpt_oss_attention_state_dict(ours))
+    got, expected = _run_both(ours, theirs, hf_cfg, rotary)
+    torch.testing.assert_close(got, expected, rtol=RTOL, atol=ATOL)
+    assert _max_relative_difference(got, expected) < 1e-5
+    back = Attention(cfg.model, cfg.attention, 0, T).eval()
+    load_gpt_oss_attention(back, theirs.state_dict())
+    got, expected = _run_both(back, theirs, hf_cfg, rotary)
+    torch.testing.assert_close(got, expected, rtol=RTOL, atol=ATOL)
+    # the sink matters: the same weights without it compute something else
+    plain = Attention(cfg.model, AttentionConfig(), 0, T).eval()
+    plain.load_state_dict({k: v for k, v in back.state_dict().items() if not k.startswith("sink.")})
+    assert (_run_both(plain, theirs, hf_cfg, rotary)[0] - got).abs().max() > 1e-3
+
+
+def test_single_layer_exports_name_what_does_not_match():
+    from qknorm.interop import gpt_oss_attention_state_dict, load_gpt_oss_attention, qwen3_next_attention_state_dict
+
+    qwen3 = compose_config(["attention=qwen3", "model=nano"])
+    with pytest.raises(ConfigError, match=r"cannot export to Qwen3NextAttention: attention.gain='vector' \(needs 'zero_centered'\), "
+                                          r"attention.output_gate='none' \(needs 'elementwise'\)"):
+        qwen3_next_attention_state_dict(Attention(qwen3.model, qwen3.attention, 0, T))
+    off_by_one = compose_config(["attention=miller2023_off_by_one", "model=nano"])
+    with pytest.raises(ConfigError, match=r"attention.softmax='off_by_one' \(needs 'learned_sink'\)"):
+        gpt_oss_attention_state_dict(Attention(off_by_one.model, off_by_one.attention, 0, T))
+    # whole-model exporters refuse the new axes too
+    with pytest.raises(ConfigError, match=r"cannot export to Qwen3: .*attention.output_gate='elementwise' \(needs 'none'\)"):
+        to_qwen3(build_model(compose_config(["attention=qwen3_next", "model=nano"]), 300))
+    # a GptOssAttention with biases: weights the preset has no place for
+    sink = compose_config(["attention=gpt_oss_sink", "model=nano"])
+    layer = Attention(sink.model, sink.attention, 0, T)
+    state = {**gpt_oss_attention_state_dict(layer), "q_proj.bias": torch.zeros(64)}
+    with pytest.raises(UnsupportedModelError, match="no place for the weights q_proj.bias"):
+        load_gpt_oss_attention(layer, state)

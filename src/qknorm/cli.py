@@ -36,7 +36,7 @@ PROG = "qknorm-train"
 # are written by hand (tests/test_cli.py checks that every folder has one).
 GROUPS = {
     "model": "size and shape: d_model, n_layers, n_heads, n_kv_heads, head_dim, mlp, init, compile",
-    "attention": "the attention stabilizer: every QK-norm axis (qk_norm, scope, gain, scale, softcap, ...)",
+    "attention": "the attention stabilizer: qk_norm, scope, gain, scale, softcap, output_gate, softmax, length_scale, ...",
     "data": "the corpus, seq_len, batch_size, vocab_size",
     "optim": "AdamW or Muon, and the schedule: lr (peak), betas, weight_decay, warmup_steps, grad_clip, muon_split",
     "trainer": "device and length: max_steps, max_time_minutes, val_every_n_steps, precision, devices",

@@ -95,6 +95,13 @@ class AttentionConfig:
     layerscale_init: Optional[float] = None  # Touvron et al. 2021: x + diag(lambda) f(x), lambda = init
     soft_temp: Optional[float] = None  # beta in softmax(beta * z)
     soft_clip: Optional[tuple[float, float]] = None  # (zeta, gamma): clip((zeta - gamma) softmax(z) + gamma, 0, 1)
+    # Gated attention (Qiu et al. 2025; Qwen3-Next): y * sigmoid(x W_g) before the output projection, one gate
+    # per head (headwise) or per channel (elementwise)
+    output_gate: Literal["none", "headwise", "elementwise"] = "none"
+    # logits -> weights: softmax; off_by_one (Miller 2023: +1 in the denominator); learned_sink (gpt-oss: a
+    # learned logit per head in the denominator); sigmoid (Ramapuram et al. 2024: sigmoid(z - log n), unnormalized)
+    softmax: Literal["softmax", "off_by_one", "learned_sink", "sigmoid"] = "softmax"
+    length_scale: Literal["none", "ssmax"] = "none"  # SSMax (Nakanishi 2025): q times s log n, s learned per head
     backend: Literal["auto", "sdpa", "flex", "explicit"] = "auto"
 
     def validate(self, path: str) -> None:
@@ -125,6 +132,13 @@ class AttentionConfig:
                      f"must be [zeta, gamma] with zeta >= 1 and gamma <= 0 (Rybakov et al.: [1.03, -0.03]), got {list(self.soft_clip)}")
             _require(self.backend in ("auto", "explicit"), f"{path}.backend",
                      "only the explicit path clips the softmax; allowed with soft_clip: auto, explicit")
+        if self.softmax == "sigmoid":
+            _require(self.backend in ("auto", "explicit"), f"{path}.backend",
+                     "no fused kernel computes sigmoid attention here; allowed with softmax=sigmoid: auto, explicit")
+        if self.softmax != "softmax" and self.softcap is not None:
+            _require(self.backend in ("auto", "explicit"), f"{path}.backend",
+                     f"the soft-cap kernels normalize with a plain softmax; allowed with softcap and softmax={self.softmax}: "
+                     "auto, explicit")
         self.scale.validate(f"{path}.scale")
 
 

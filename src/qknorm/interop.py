@@ -6,6 +6,10 @@
   is exactly an `Olmo2ForCausalLM`: `to_olmo2` / `from_olmo2`. `olmo2_attention_state_dict` converts
   one attention layer of the `olmo2` preset in any block layout to `Olmo2Attention`.
 - Gemma 2's soft-capped attention is `Gemma2Attention` with `gemma2_attention_state_dict`.
+- Qwen3-Next's gated attention (the `qwen3_next` preset) is `Qwen3NextAttention`, and gpt-oss's learned sink
+  (`gpt_oss_sink`) is `GptOssAttention`: one attention layer each way, `qwen3_next_attention_state_dict` /
+  `load_qwen3_next_attention` and `gpt_oss_attention_state_dict` / `load_gpt_oss_attention` (their whole
+  models have layers this project does not build: linear attention and MoE, sliding windows and MoE).
 
 Each architecture is one table from transformers' parameter names to views of our parameters, used in
 both directions. An importer refuses a config it cannot represent, naming the field, rather than
@@ -43,7 +47,7 @@ def _split_qkv(attn: Attention) -> dict[str, torch.Tensor]:
 # The axes a whole-model export needs besides the architecture's own (the switchboard's defaults).
 _PLAIN_AXES: dict[str, Any] = dict(position="before_rope", targets="qk", pre_attn_norm=True, scale="inv_sqrt_head_dim", softcap=None,
                    final_logit_softcap=None, qkv_bias=False, qk_clip_tau=None, proj_fc2_norm="none", sigma_reparam=False,
-                   layerscale_init=None, soft_temp=None, soft_clip=None)
+                   layerscale_init=None, soft_temp=None, soft_clip=None, output_gate="none", softmax="softmax", length_scale="none")
 # target -> (AttentionConfig fields, ModelConfig fields); mixed value types, checked by the configs themselves
 _ARCH: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "Qwen3": (dict(qk_norm="rms", scope="head", gain="vector", **_PLAIN_AXES), dict(mlp="swiglu", block="pre_norm")),
@@ -210,8 +214,9 @@ def from_olmo2(hf, seq_len: int | None = None) -> Transformer:
 def olmo2_attention_state_dict(attn: Attention) -> dict[str, torch.Tensor]:
     """Weights for `Olmo2Attention` from an attention layer with the olmo2 preset."""
     a = attn.cfg
-    if (a.qk_norm, a.scope, a.gain, a.position, a.qkv_bias, a.softcap, a.soft_temp, a.soft_clip) != \
-            ("rms", "layer", "vector", "before_rope", False, None, None, None) or a.scale.kind != "inv_sqrt_head_dim":
+    if (a.qk_norm, a.scope, a.gain, a.position, a.qkv_bias, a.softcap, a.soft_temp, a.soft_clip, a.output_gate, a.softmax,
+            a.length_scale) != ("rms", "layer", "vector", "before_rope", False, None, None, None, "none", "softmax", "none") \
+            or a.scale.kind != "inv_sqrt_head_dim":
         raise ConfigError("cannot export to Olmo2Attention: needs the olmo2 preset (rms, scope=layer, gain=vector, before_rope)")
     return {**_split_qkv(attn), "q_norm.weight": _gain(attn.q_norm, "q_norm").detach(),
             "k_norm.weight": _gain(attn.k_norm, "k_norm").detach()}
@@ -219,6 +224,94 @@ def olmo2_attention_state_dict(attn: Attention) -> dict[str, torch.Tensor]:
 
 def gemma2_attention_state_dict(attn: Attention) -> dict[str, torch.Tensor]:
     """Weights for `Gemma2Attention` from an attention layer without QK-norm (any soft-cap)."""
-    if attn.cfg.qk_norm != "none" or attn.cfg.qkv_bias or attn.cfg.soft_temp is not None or attn.cfg.soft_clip is not None:
-        raise ConfigError("cannot export to Gemma2Attention: needs qk_norm=none, qkv_bias=false, no soft_temp or soft_clip")
+    a = attn.cfg
+    if (a.qk_norm != "none" or a.qkv_bias or a.soft_temp is not None or a.soft_clip is not None
+            or (a.output_gate, a.softmax, a.length_scale) != ("none", "softmax", "none")):
+        raise ConfigError("cannot export to Gemma2Attention: needs qk_norm=none, qkv_bias=false, no soft_temp or soft_clip, "
+                          "output_gate=none, softmax=softmax, length_scale=none")
     return _split_qkv(attn)
+
+
+# One attention layer's axes for each single-layer target (AttentionConfig fields; the scale by its kind)
+_LAYER: dict[str, dict[str, Any]] = {
+    # Qwen3NextAttention: per-head RMS QK-norm with one zero-centred gain [D] (Qwen3NextRMSNorm: 1 + w), before
+    # RoPE, and the elementwise output gate
+    "Qwen3NextAttention": {**_PLAIN_AXES, "qk_norm": "rms", "scope": "head", "gain": "zero_centered", "output_gate": "elementwise"},
+    # GptOssAttention without its biases (attention_bias=False) and sliding window: plain attention and a sink per head
+    "GptOssAttention": {**_PLAIN_AXES, "qk_norm": "none", "softmax": "learned_sink"},
+}
+
+
+def _refuse_extra(state: dict[str, torch.Tensor], known: set[str], source: str) -> None:
+    extra = sorted(set(state) - known)
+    if extra:  # attention biases, say: a weight we would drop, and the layer would compute something else
+        raise UnsupportedModelError(f"cannot import {source}: no place for the weights {', '.join(extra[:3])}")
+
+
+def _require_layer(attn: Attention, target: str, direction: str) -> None:
+    a = attn.cfg
+    actual = {**dataclasses.asdict(a), "scale": a.scale.kind}
+    needs = _LAYER[target]
+    wrong = [f"attention.{k}={v!r} (needs {needs[k]!r})" for k, v in actual.items() if k in needs and v != needs[k]]
+    if wrong:  # in the config's own order
+        raise ConfigError(f"cannot {direction} {target}: {', '.join(wrong)}")
+
+
+def _qwen3_next_q_proj(attn: Attention) -> tuple[torch.Tensor, torch.Tensor]:
+    """(our q rows, our gate rows) as views [H, D, C]."""
+    assert attn.gate is not None, "the qwen3_next preset builds an output gate"
+    q_size = attn.split_sizes[0]
+    shape = (attn.n_heads, attn.head_dim, -1)
+    return attn.qkv.weight[:q_size].view(shape), attn.gate.weight.view(shape)
+
+
+def qwen3_next_attention_state_dict(attn: Attention) -> dict[str, torch.Tensor]:
+    """Weights for `Qwen3NextAttention` from an attention layer with the qwen3_next preset.
+
+    Qwen3-Next computes query and gate in one matmul and interleaves them by head: its q_proj output is viewed as
+    [H, 2 D] and split in halves, so its rows are head 0's D query rows, head 0's D gate rows, head 1's query
+    rows, ... Here q sits in the fused QKV matrix and the gate has its own: each head's two blocks of rows are
+    put side by side again."""
+    _require_layer(attn, "Qwen3NextAttention", "export to")
+    q, gate = _qwen3_next_q_proj(attn)
+    out = _split_qkv(attn)
+    out["q_proj.weight"] = torch.cat([q, gate], dim=1).reshape(-1, q.shape[-1]).detach()
+    out["q_norm.weight"] = _gain(attn.q_norm, "q_norm").detach()
+    out["k_norm.weight"] = _gain(attn.k_norm, "k_norm").detach()
+    return out
+
+
+def load_qwen3_next_attention(attn: Attention, state: dict[str, torch.Tensor]) -> None:
+    """The other way: a `Qwen3NextAttention`'s weights (its state_dict) into our attention layer (qwen3_next)."""
+    _require_layer(attn, "Qwen3NextAttention", "import")
+    _refuse_extra(state, {"q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight", "q_norm.weight", "k_norm.weight"},
+                  "Qwen3NextAttention")
+    q, gate = _qwen3_next_q_proj(attn)
+    hf_q = state["q_proj.weight"].view(attn.n_heads, 2, attn.head_dim, -1)  # per head: query rows, then gate rows
+    _, k, v = attn.qkv.weight.split(attn.split_sizes)
+    with torch.no_grad():
+        q.copy_(hf_q[:, 0])
+        gate.copy_(hf_q[:, 1])
+        for ours, name in ((k, "k_proj.weight"), (v, "v_proj.weight"), (attn.proj.weight, "o_proj.weight"),
+                           (_gain(attn.q_norm, "q_norm"), "q_norm.weight"), (_gain(attn.k_norm, "k_norm"), "k_norm.weight")):
+            ours.copy_(state[name])
+
+
+def gpt_oss_attention_state_dict(attn: Attention) -> dict[str, torch.Tensor]:
+    """Weights for `GptOssAttention` (attention_bias=False, full attention) from an attention layer with the
+    gpt_oss_sink preset: its sink logits are gpt-oss's `sinks`."""
+    _require_layer(attn, "GptOssAttention", "export to")
+    assert attn.sink is not None, "softmax=learned_sink builds an AttentionSink"
+    return {**_split_qkv(attn), "sinks": attn.sink.logit.detach()}
+
+
+def load_gpt_oss_attention(attn: Attention, state: dict[str, torch.Tensor]) -> None:
+    """The other way: a `GptOssAttention`'s weights into our attention layer (gpt_oss_sink)."""
+    _require_layer(attn, "GptOssAttention", "import")
+    assert attn.sink is not None, "softmax=learned_sink builds an AttentionSink"
+    _refuse_extra(state, {"q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight", "sinks"}, "GptOssAttention")
+    q, k, v = attn.qkv.weight.split(attn.split_sizes)
+    with torch.no_grad():
+        for ours, name in ((q, "q_proj.weight"), (k, "k_proj.weight"), (v, "v_proj.weight"), (attn.proj.weight, "o_proj.weight"),
+                           (attn.sink.logit, "sinks")):
+            ours.copy_(state[name])

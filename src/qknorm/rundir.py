@@ -51,6 +51,8 @@ LATER_KEYS = {
     # the early stops of LR searches (off: what every earlier run did)
     "callbacks.divergence.after_warmup_margin": None, "callbacks.divergence.running_min_factor": None,
     "callbacks.divergence.max_logit": None,
+    # gated attention, softmax variants and length scaling (off: the plain softmax every earlier run used)
+    "attention.output_gate": "none", "attention.softmax": "softmax", "attention.length_scale": "none",
 }
 # Keys added with a default that does not reproduce earlier runs, and the value those runs had: a config
 # recorded before the key existed (a .hydra/config.yaml without it) is read with that value, not today's

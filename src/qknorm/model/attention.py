@@ -1,10 +1,11 @@
 """Causal self-attention: the one place where q/k/v normalization, RoPE, temperature and the logit
-treatment (plain or soft-capped) are decided.
+treatment (plain or soft-capped), how logits become weights (softmax_variants.py), SSMax's length scale
+(ssmax.py) and the output gate (output_gate.py) are decided.
 
-The fast paths (SDPA; for a soft-cap, FlexAttention on GPU and a chunked exact kernel on CPU, chosen in
-kernels.py) and the
-explicit path (full logit matrix, fp32 softmax; used for probing) share `Attention.project` and
-`Attention.temperature`, so they can only differ in how the softmax is evaluated.
+The fast paths (SDPA, a sink as a virtual key of SDPA; for a soft-cap, FlexAttention on GPU and a chunked
+exact kernel on CPU, chosen in kernels.py) and the explicit path (full logit matrix, fp32 softmax; used for
+probing) share `Attention.project` and `Attention.scale`, so they can only differ in how the weights are
+evaluated.
 """
 
 from __future__ import annotations
@@ -21,9 +22,12 @@ from . import kernels
 from .capped_attention import capped_causal_attention, causal_mask
 from .norm_rope import norm_rope
 from .norms import QKNorm, build_norm, can_norm_jointly, norm_qk_jointly, stacked_affine
+from .output_gate import OutputGate
 from .parts import Part, declare_parts
 from .roles import declare
 from .rope import rope
+from .softmax_variants import AttentionSink, attention_weights, sdpa_with_sink, sigmoid_bias, sink_logits
+from .ssmax import SSMax
 
 
 def training_forward(module: nn.Module) -> bool:
@@ -81,9 +85,11 @@ class Temperature(nn.Module):
 
 
 def explicit_attention(q, k, v, scale, softcap: Optional[float], probe_tensors: Optional[dict] = None,
-                       soft_clip: Optional[tuple[float, float]] = None):
+                       soft_clip: Optional[tuple[float, float]] = None, softmax: str = "softmax",
+                       sinks: Optional[torch.Tensor] = None, bias: float = 0.0):
     """softmax(cap(s * q k^T) + causal mask) v with fp32 logits and softmax. q: [B,H,T,D]; k, v: [B,Hkv,T,D].
 
+    softmax, sinks, bias: how logits become weights (softmax_variants.attention_weights).
     soft_clip (zeta, gamma): the clipped softmax of Bondarenko et al. 2023, clip((zeta - gamma) p + gamma, 0, 1),
     which lets a weight reach exactly 0 or 1 with finite logits (masked keys stay at 0 as gamma <= 0).
     """
@@ -98,7 +104,7 @@ def explicit_attention(q, k, v, scale, softcap: Optional[float], probe_tensors: 
     if softcap is not None:
         logits = softcap * torch.tanh(logits / softcap)
     mask = causal_mask(q.shape[-2], k.shape[-2], q.device)
-    weights = logits.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+    weights = attention_weights(logits, mask, softmax, sinks, bias)
     if soft_clip is not None:
         zeta, gamma = soft_clip
         weights = ((zeta - gamma) * weights + gamma).clamp(0.0, 1.0)
@@ -135,6 +141,10 @@ class Attention(nn.Module):
         self.q_norm, self.k_norm = norm(self.n_heads), norm(self.n_kv_heads)
         self.v_norm = norm(self.n_kv_heads) if cfg.targets == "qkv" else None
         self.temperature = Temperature(cfg.scale, self.n_heads, self.head_dim, seq_len, beta=cfg.soft_temp)
+        self.ssmax = SSMax(self.n_heads, seq_len) if cfg.length_scale == "ssmax" else None
+        self.sink = AttentionSink(self.n_heads) if cfg.softmax == "learned_sink" else None
+        self.sigmoid_bias = sigmoid_bias(seq_len) if cfg.softmax == "sigmoid" else 0.0
+        self.gate = OutputGate(model.d_model, self.n_heads, self.head_dim, cfg.output_gate) if cfg.output_gate != "none" else None
         self.probe: Optional[AttentionProbe] = None
         # QK-Clip needs this training step's per-head max logit; None when the clip is off.
         self.max_logit: Optional[torch.Tensor] = None
@@ -189,31 +199,54 @@ class Attention(nn.Module):
         group = self.n_heads if q_norm.scope == "layer" else 1
         return norm_rope(qk, q_norm.kind, gain, bias, cos, sin, q_norm.eps, group)
 
+    def scale(self, t_q: int, t_k: int) -> float | torch.Tensor:
+        """The factor on q.k: the temperature, times SSMax's s log n per head and query row ([H, t_q, 1])."""
+        s = self.temperature()
+        return s if self.ssmax is None else s * self.ssmax(t_q, t_k)
+
     def logit_bound(self) -> float:
         """Analytic bound on |logit|: |s q.k| <= |s| ||q|| ||k|| with ||q||, ||k|| bounded by the QK-norm
-        (inf without one), then through the soft-cap c tanh(z / c), which alone bounds it by c."""
+        (inf without one) and |s| by the temperature times SSMax's largest s log n, then through the soft-cap
+        c tanh(z / c), which alone bounds it by c. The weights' treatment (sink, sigmoid bias, gate) is after
+        the logit and does not enter it."""
         bound = math.inf
         if self.q_norm is not None and self.k_norm is not None:
             bound = self.temperature.abs_max() * self.q_norm.head_norm_bound() * self.k_norm.head_norm_bound()
+            if self.ssmax is not None:
+                bound *= self.ssmax.abs_max()
         if self.cfg.softcap is not None:
             bound = self.cfg.softcap * math.tanh(bound / self.cfg.softcap)
         return bound
 
     # -- the softmax, on one of the paths -----------------------------------------------------
 
+    def explicit_only(self) -> bool:
+        """Whether only the explicit path computes this attention: asked for, a clipped softmax, sigmoid
+        attention (no kernel here), or a sink together with a soft-cap (the soft-cap kernels' softmax is plain)."""
+        c = self.cfg
+        return (c.backend == "explicit" or c.soft_clip is not None or c.softmax == "sigmoid"
+                or (c.softmax != "softmax" and c.softcap is not None))
+
     def forward(self, x, cos, sin):
         b, t, _ = x.shape
         q, k, v = self.project(x, cos, sin)
-        scale = self.temperature()
+        scale = self.scale(t, t)
+        gate = self.gate(x) if self.gate is not None else None
+        sinks = sink_logits(self.cfg.softmax, self.sink, self.n_heads, q)
         if self.max_logit is not None and training_forward(self):
             self._track_max_logit(q, k, scale)
-        if self.probe is not None or self.cfg.backend == "explicit" or self.cfg.soft_clip is not None:
+        if self.probe is not None or self.explicit_only():
             tensors = self._probe_tensors if self.probe is not None else None
-            y = explicit_attention(q, k, v, scale, self.cfg.softcap, tensors, self.cfg.soft_clip)
+            y = explicit_attention(q, k, v, scale, self.cfg.softcap, tensors, self.cfg.soft_clip, self.cfg.softmax, sinks,
+                                   self.sigmoid_bias)
             if self.probe is not None:
                 tensors["scale"] = scale if isinstance(scale, torch.Tensor) else torch.tensor(scale)
+                if gate is not None:
+                    tensors["gate"] = gate
                 self.probe.on_attention(self.layer_idx, tensors)
                 self._probe_tensors = None
+        elif sinks is not None:
+            y = sdpa_with_sink(q, k, v, scale, sinks)
         elif self.cfg.softcap is not None:
             if kernels.softcap_kernel(q.device, self.cfg.backend) == "flex":
                 y = _flex_softcap(q, k, v, scale, self.cfg.softcap)
@@ -225,7 +258,10 @@ class Attention(nn.Module):
                 q, scale = q * scale.to(q.dtype), 1.0
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
                                                enable_gqa=self.n_heads != self.n_kv_heads)
-        return self.proj(y.transpose(1, 2).reshape(b, t, -1))
+        y = y.transpose(1, 2)  # [B, T, H, D]
+        if gate is not None:
+            y = y * gate.to(y.dtype)
+        return self.proj(y.reshape(b, t, -1))
 
     # -- QK-Clip (Kimi K2) -------------------------------------------------------------------------
 

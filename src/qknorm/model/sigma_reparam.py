@@ -66,9 +66,12 @@ class SigmaReparam(nn.Module):
 
 
 def apply_sigma_reparam(model: Transformer) -> None:
-    """Reparametrize QKV, Proj, FC1 and FC2 of every block (not the embedding or the output head)."""
+    """Reparametrize QKV, Proj, FC1 and FC2 of every block, and the output gate's matrix where there is one
+    (not the embedding or the output head)."""
     for block in cast("list[Block]", model.blocks):
-        for linear in (block.attn.qkv, block.attn.proj, block.mlp.fc1, block.mlp.fc2):
+        attn, mlp = block.attn, block.mlp
+        gate = (attn.gate,) if attn.gate is not None else ()
+        for linear in (attn.qkv, attn.proj, mlp.fc1, mlp.fc2, *gate):
             sizes = tuple(part.rows for part in parts_of(linear))  # q, k, v and gate, up apart (parts.py)
             # unsafe: skip the registration's trial forward, which would take a power step
             parametrize.register_parametrization(linear, "weight", SigmaReparam(linear.weight, sizes), unsafe=True)

@@ -28,6 +28,19 @@ FP16_MAX = 65504.0
 # has entropy at most ln n, so the first rows (ln 2, ln 3, ...) would otherwise set the minimum.
 ENTROPY_MIN_KEYS = 16
 COLLAPSED_WEIGHT = 0.99  # a row whose largest attention weight exceeds this attends to one key
+# Gu et al. 2025 ("When Attention Sink Emerges in Language Models"): a head has a sink on the first token when
+# its mean attention weight on that token, over the query rows, exceeds epsilon; their metric Sink_1^epsilon
+# is the share of heads (over layers and heads) that do, with epsilon = 0.3
+SINK_EPSILON = 0.3
+
+
+def kurtosis(x: torch.Tensor) -> float:
+    """E[(x - mean)^4] / Var(x)^2 over every value of x (a Gaussian gives 3): the outlier measure of Bondarenko
+    et al. 2023 for a layer's activations, which a few massive activations (Sun et al. 2024) drive far up."""
+    x = x.double().flatten()
+    centered = x - x.mean()
+    var = centered.square().mean()
+    return float(centered.pow(4).mean() / var.square()) if var > 0 else math.nan
 
 
 def _per_head_masked(values: torch.Tensor, mask: torch.Tensor, reduce: str) -> torch.Tensor:
@@ -53,6 +66,8 @@ class StabilityProbe:
         entropy = -(weights * torch.log(weights.clamp_min(1e-30))).sum(-1)[..., rows]  # [B,H,rows]
         entropy_norm = entropy / torch.log(visible[rows].to(entropy.dtype)).clamp_min(math.log(2))
         collapsed = (weights.amax(-1)[..., rows] > COLLAPSED_WEIGHT).to(entropy.dtype)
+        # the attention weight on the first token, mean over the batch and every query row (each row sees it)
+        first_token = weights[..., 0].mean(dim=(0, 2))
         q, k = t["q"].float(), t["k"].float()  # [B,T,H,D] after norm and RoPE
         groups = q.shape[2] // k.shape[2]
         kk = k.repeat_interleave(groups, dim=2) if groups > 1 else k
@@ -79,7 +94,11 @@ class StabilityProbe:
             "qk_cosine": _per_head_masked(cosine, mask, "mean"),
             # L2 norm of each token's whole q|k|v projection output, averaged over tokens
             "qkv_out_l2": sum(t[n].float().pow(2).sum(dim=(2, 3)) for n in ("q_proj", "k_proj", "v_proj")).sqrt().mean(),
+            "first_token_mass": first_token,
+            "sink_rate": (first_token > SINK_EPSILON).to(first_token.dtype).mean(),  # share of this layer's heads
         }
+        if "gate" in t:  # the output gate's mean score per head (Qiu et al. 2025 find it sparse, near 0)
+            self.layers[layer]["gate_mean"] = t["gate"].float().mean(dim=(0, 1, 3))
 
 
 def _record_step(line: str) -> float:
@@ -183,16 +202,21 @@ class StabilityMonitor(pl.Callback):
             raise RuntimeError("StabilityMonitor.measure before setup: no probe batch yet")
         model = pl_module.model
         probe = StabilityProbe()
-        outputs: dict[str, list] = {"attn_proj_out_l2": [], "mlp_out_l2": []}
+        outputs: dict[str, list] = {"attn_proj_out_l2": [], "mlp_out_l2": [], "residual_max_abs": [], "residual_kurtosis": []}
         hooks = []
 
         def norm_hook(name):
             return lambda m, i, o: outputs[name].append(float(o.float().norm(dim=-1).mean()))
 
+        def residual_hook(m, i, o):  # the residual stream after the block: massive activations (Sun et al. 2024)
+            outputs["residual_max_abs"].append(float(o.detach().abs().max()))
+            outputs["residual_kurtosis"].append(kurtosis(o.detach()))
+
         attns = model.attention_layers()
         for block in model.blocks:
             hooks += [block.attn.proj.register_forward_hook(norm_hook("attn_proj_out_l2")),
-                      block.mlp.fc2.register_forward_hook(norm_hook("mlp_out_l2"))]
+                      block.mlp.fc2.register_forward_hook(norm_hook("mlp_out_l2")),
+                      block.register_forward_hook(residual_hook)]
         was_training = model.training
         model.eval()
         for a in attns:
@@ -211,7 +235,8 @@ class StabilityMonitor(pl.Callback):
         for i, a in enumerate(attns):
             stats = {k: _to_list(v) for k, v in probe.layers[i].items()}
             stats.update(layer=i, attn_proj_out_l2=outputs["attn_proj_out_l2"][i],
-                         mlp_out_l2=outputs["mlp_out_l2"][i], logit_bound=a.logit_bound())
+                         mlp_out_l2=outputs["mlp_out_l2"][i], residual_max_abs=outputs["residual_max_abs"][i],
+                         residual_kurtosis=outputs["residual_kurtosis"][i], logit_bound=a.logit_bound())
             for name in ("q_norm", "k_norm", "v_norm"):
                 norm = getattr(a, name)
                 if norm is not None and norm.weight is not None:
@@ -222,6 +247,10 @@ class StabilityMonitor(pl.Callback):
             if a.qk_clip_gamma is not None:  # QK-Clip at this step: each head's gamma (1: not clipped)
                 stats["qk_clip_gamma"] = [_significant(float(g)) for g in a.qk_clip_gamma]
                 stats["qk_clip_clipped_heads"] = int((a.qk_clip_gamma < 1.0).sum())
+            if a.sink is not None:
+                stats["sink_logit"] = _to_list(a.sink.logit.detach())
+            if a.ssmax is not None:
+                stats["ssmax_s"] = _to_list(a.ssmax.s.detach())
             if self._layer_grad_norms is not None:
                 stats["grad_norm"] = self._layer_grad_norms[i]
             if self._pre_step is not None:
@@ -234,12 +263,18 @@ class StabilityMonitor(pl.Callback):
                 stats["update_ratio"] = math.sqrt(num / den) if den > 0 else 0.0
             layers.append(stats)
         grad = pl_module.last_grad_norm
+        first_token = torch.stack([probe.layers[i]["first_token_mass"] for i in range(len(attns))])  # [L, H]
         record = {
             "step": step,
             "train_loss": pl_module.last_train_loss,
             "grad_norm": float(grad) if grad is not None else None,
             "output_logit_max": float(logits.max()), "output_logit_mean": float(logits.mean()),
             "output_log_z_mean": float(log_z.mean()),
+            # Gu et al.'s Sink_1^epsilon: the share of all heads, over layers, with a sink on the first token
+            "sink_rate": float((first_token > SINK_EPSILON).float().mean()),
+            "first_token_mass_mean": float(first_token.mean()),
+            "residual_max_abs": max(outputs["residual_max_abs"]),
+            "residual_kurtosis": max(outputs["residual_kurtosis"]),  # the most heavy-tailed layer's
             "layers": layers,
         }
         if any("qk_clip_clipped_heads" in layer for layer in layers):
@@ -298,6 +333,8 @@ class StabilityMonitor(pl.Callback):
         fp["final_entropy_norm_min"] = over_layers("entropy_norm_min", min)
         fp["final_entropy_norm_mean"] = over_layers("entropy_norm_mean", min)  # the least spread-out head
         fp["final_collapsed_rows"] = over_layers("collapsed_rows", max)  # the most collapsed head
+        for key in ("sink_rate", "first_token_mass_mean", "residual_max_abs", "residual_kurtosis"):
+            fp[f"final_{key}"] = record[key]
         fp["monitored_steps"] = fp.get("monitored_steps", 0) + 1
 
 

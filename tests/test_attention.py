@@ -452,7 +452,7 @@ def test_ssmax_multiplies_the_bound_by_its_largest_factor_and_gates_and_sinks_le
     cos, sin = rope_tables(T, ssmax.head_dim, 10000.0)
     for scale in (1.0, 1e4):
         tensors = {}
-        ssmax.probe = type("P", (), {"on_attention": lambda self, i, t: tensors.update(t)})()
+        ssmax.probe = type("P", (), {"on_attention": lambda self, i, t, tensors=tensors: tensors.update(t)})()
         ssmax(torch.randn(2, T, D_MODEL, dtype=torch.float64) * scale, cos.double(), sin.double())
         assert float(tensors["logits"].detach().abs().max()) <= ssmax.logit_bound() * (1 + 1e-9)
     for axes in (dict(output_gate="elementwise"), dict(softmax="learned_sink"), dict(softmax="sigmoid")):

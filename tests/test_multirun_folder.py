@@ -37,6 +37,8 @@ def test_the_folder_is_named_by_the_axes_and_the_fixed_values_not_the_axes_value
     assert other[2].dirname().startswith("critical_lr,")
     # one value, however it is spelled
     assert grid_key(["optim.lr=1e-2"]).dirname() == grid_key(["optim.lr=0.01"]).dirname()
+    # a sweep only Hydra's config loader expands (glob of a group's options) is an axis all the same
+    assert grid_key(["attention=glob(qwen*)", "model=nano"]).axes == ("attention",)
 
 
 def _record(folder: Path, task: list[str], sweeper: str = BASIC) -> None:

@@ -337,7 +337,8 @@ def _canonical(value: Any) -> str:
 
 def grid_values(overrides: Sequence[str]) -> dict[str, list[str]]:
     """Key (with its +/~ prefix) -> its canonical values, in command-line order; keys that cannot change a
-    result (NOT_IN_SWEEP_KEY) left out."""
+    result (NOT_IN_SWEEP_KEY) left out. A sweep this cannot expand without the config loader (glob(...) of
+    a group's options) or an interval keeps its text, as one value of an axis."""
     out: dict[str, list[str]] = {}
     for o in OverridesParser.create().parse_overrides([str(x) for x in overrides]):
         key = o.get_key_element()
@@ -345,8 +346,10 @@ def grid_values(overrides: Sequence[str]) -> dict[str, list[str]]:
         if any(bare == p or bare.startswith((p + ".", p + "/")) for p in NOT_IN_SWEEP_KEY):
             continue
         if o.is_sweep_override():
-            values = [_canonical(v) for v in o.sweep_iterator(transformer=lambda v: v)] if o.is_discrete_sweep() \
-                else [str(o.value())]
+            try:
+                values = [_canonical(v) for v in o.sweep_iterator(transformer=lambda v: v)]
+            except Exception:  # glob() needs the config loader, an interval has no values to list
+                values = [SWEEP_MARK + str(o.input_line).split("=", 1)[-1]]
         else:
             values = [_canonical(o.value())]
         bucket = out.setdefault(key, [])
@@ -354,12 +357,16 @@ def grid_values(overrides: Sequence[str]) -> dict[str, list[str]]:
     return out
 
 
+SWEEP_MARK = "sweep:"  # a value that stands for a whole sweep: its key is an axis however many values it shows
+
+
 def grid_key(overrides: Sequence[str], sweeper_target: str = "") -> GridKey:
     values = grid_values(overrides)
     short = "" if sweeper_target.endswith("BasicSweeper") or not sweeper_target else \
         {"CriticalLRSweeper": "critical_lr"}.get(sweeper_target.rsplit(".", 1)[-1], sweeper_target.rsplit(".", 1)[-1])
-    axes = tuple(sorted(k for k, v in values.items() if len(v) > 1))
-    fixed = tuple(sorted((k, v[0]) for k, v in values.items() if len(v) == 1))
+    swept = {k for k, v in values.items() if len(v) > 1 or any(x.startswith(SWEEP_MARK) for x in v)}
+    axes = tuple(sorted(swept))
+    fixed = tuple(sorted((k, v[0]) for k, v in values.items() if k not in swept))
     return GridKey(axes, fixed, short)
 
 

@@ -262,9 +262,10 @@ class ShakespeareSource(Source):
             yield iter([(doc, True)])
 
 
-def _file_pieces(path: Path, chunk_bytes: int = CHUNK_BYTES) -> Iterator[tuple[int, bytes, bool]]:
-    """(byte offset, bytes, last) of a file, about `chunk_bytes` at a time, each but the last ending
-    with a newline (a line longer than a chunk is read whole)."""
+def _file_pieces(path: Path) -> Iterator[tuple[int, bytes, bool]]:
+    """(byte offset, bytes, last) of a file, about CHUNK_BYTES at a time, each but the last ending with
+    a newline (a line longer than that is read whole)."""
+    chunk_bytes = CHUNK_BYTES
     try:
         f = open(path, "rb")
     except OSError as e:

@@ -17,7 +17,7 @@ LOG_EVERY_S = 30.0
 
 
 def _duration(seconds: float) -> str:
-    seconds = int(seconds)
+    seconds = int(round(seconds))
     return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 

@@ -38,7 +38,8 @@ from typing import Any, Callable, Generator, Iterable, Iterator, Optional, Seque
 import numpy as np
 
 from ..utils.files import atomic_write_json
-from .corpora import CHUNK_BYTES, DataError, Document
+from . import corpora
+from .corpora import DataError, Document
 from .progress import Progress
 
 log = logging.getLogger("qknorm.data")
@@ -487,7 +488,7 @@ def read_plan(folder: Path, wanted: dict) -> dict:
 
 def make_plan(vocab_size: int, shard_tokens: int) -> dict:
     return {"format": FORMAT, "dtype": dtype_for(vocab_size).name, "shard_tokens": shard_tokens,
-            "batch_chars": batch_chars_for(shard_tokens), "chunk_bytes": CHUNK_BYTES}
+            "batch_chars": batch_chars_for(shard_tokens), "chunk_bytes": corpora.CHUNK_BYTES}
 
 
 def write_meta(folder: Path, plan: dict, records: dict[str, dict], extra: dict) -> dict:

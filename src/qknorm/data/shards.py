@@ -272,6 +272,28 @@ def batches(pieces: Iterator[tuple[str, bool]], batch_chars: int) -> Iterator[Ba
         yield batch
 
 
+# SentencePiece encodes a long string several times slower per byte than the same text a few lines at a
+# time (about 1.7 MB/s for 1 MB at once, 6 on this text cut every 2 KB, on one core); cut at "\n", which
+# no piece crosses (a user-defined symbol), the ids are the same.
+LINES_CHARS = 2048
+
+
+def line_runs(text: str, size: int = LINES_CHARS) -> list[str]:
+    """`text` cut after the first newline at or past every `size` characters."""
+    if len(text) <= size:
+        return [text]
+    out = []
+    i = 0
+    while i < len(text):
+        j = text.find("\n", i + size - 1)
+        if j < 0:
+            out.append(text[i:])
+            break
+        out.append(text[i:j + 1])
+        i = j + 1
+    return out
+
+
 class SentencePieceEncoder:
     """Pieces -> ids with a SentencePiece model, loaded once per process (picklable: by path)."""
 
@@ -287,7 +309,7 @@ class SentencePieceEncoder:
             import sentencepiece as spm
 
             self._sp = spm.SentencePieceProcessor(model_file=self.model_path)
-        arrays = self._sp.encode(pieces, return_type="numpy", num_threads=1)
+        arrays = self._sp.encode([run for piece in pieces for run in line_runs(piece)], return_type="numpy", num_threads=1)
         return np.concatenate(arrays) if arrays else np.empty(0, np.int32)
 
 

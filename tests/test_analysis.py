@@ -352,18 +352,30 @@ def test_the_bigram_reference_is_counted_once_and_kept_with_the_token_cache(tmp_
 
     import numpy as np
 
-    from qknorm.data.tokens import TokenizedCorpus, _seal_entry, bigram_reference
+    from qknorm.data import shards
+    from qknorm.data.progress import Progress
+    from qknorm.data.tokens import TokenizedCorpus, bigram_reference
 
     folder = tmp_path / "tokens" / "key"
     folder.mkdir(parents=True)
 
-    def seal(train, val):
-        (folder / "train.bin").write_bytes(np.array(train, dtype=np.uint16).tobytes())
-        (folder / "val.bin").write_bytes(np.array(val, dtype=np.uint16).tobytes())
-        _seal_entry(folder, ("train.bin", "val.bin"), {})
+    def encode(pieces):  # each piece is its ids, as text
+        return np.array([int(t) for p in pieces for t in p.split()], dtype=np.int64)
 
-    seal([0, 1, 2, 0, 1, 2, 0, 1], [0, 1, 2, 2])
-    tokens = TokenizedCorpus(folder / "train.bin", folder / "val.bin", SimpleNamespace(vocab_size=3))
+    def seal(train, val, shard_tokens):
+        plan = shards.read_plan(folder, {**shards.make_plan(3, shard_tokens), "batch_chars": 1})
+        records = {}
+        for split, ids in (("train", train), ("val", val)):
+            docs = iter([iter([(str(i), True)]) for i in ids])  # one id a document, a batch, and so a shard
+            records[split] = shards.build_split(folder, split, docs, encode, dtype=np.dtype(plan["dtype"]),
+                                                shard_tokens=shard_tokens, batch_chars=1, workers=1, progress=Progress("t"))
+        meta = shards.write_meta(folder, plan, records, {})
+        return TokenizedCorpus(folder, shards.split_tokens(folder, meta, "train"), shards.split_tokens(folder, meta, "val"),
+                               SimpleNamespace(vocab_size=3))
+
+    # three shards of the training split: pairs across their ends count as within them
+    tokens = seal([0, 1, 2, 0, 1, 2, 0, 1], [0, 1, 2, 2], shard_tokens=3)
+    assert len(tokens.train.paths) == 3
     # by hand: counts of (a, b) in train + 1, over the row's total + V; val pairs (0,1) (1,2) (2,2)
     counts = np.ones((3, 3))
     for a, b in [(0, 1), (1, 2), (2, 0), (0, 1), (1, 2), (2, 0), (0, 1)]:
@@ -375,5 +387,7 @@ def test_the_bigram_reference_is_counted_once_and_kept_with_the_token_cache(tmp_
     cached = json.loads((folder / "bigram.json").read_text())
     (folder / "bigram.json").write_text(json.dumps({**cached, "nats": 99.0}))
     assert bigram_reference(tokens)["nats"] == 99.0  # read from the cache, not counted again
-    seal([0, 1, 0, 1, 0, 1, 0, 1], [0, 1, 2, 2])  # the entry rebuilt: counted again
+    for f in folder.glob("*-0*"):  # the entry rebuilt from other ids: counted again
+        f.unlink()
+    tokens = seal([0, 1, 0, 1, 0, 1, 0, 1], [0, 1, 2, 2], shard_tokens=3)
     assert bigram_reference(tokens)["nats"] != 99.0

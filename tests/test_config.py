@@ -99,7 +99,7 @@ def test_zloss_preset_sets_the_optimizer():
     (["trainer.val_every_n_steps=0"], "trainer.val_every_n_steps", "null or >= 1"),
     (["callbacks.monitor.points=0"], "callbacks.monitor.points", ">= 1"),
     (["data.seq_len=0"], "data.seq_len", ">= 2"),
-    (["data.vocab_size=100"], "data.vocab_size", "[260, 65535]"),
+    (["data.vocab_size=100"], "data.vocab_size", "[260, 2147483647]"),
     (["data=text_files"], "data.paths", "at least one file"),
     (["trainer.max_steps=0"], "trainer.max_steps", ">= 1"),
     (["trainer.precision=fp8"], "trainer.precision", "allowed: auto, 32-true"),

@@ -23,7 +23,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from qknorm.config import MAX_SEED, MIN_SPIKE_WINDOW, ConfigError, default_tree, load_run_config
+from qknorm.config import MAX_SEED, MAX_VOCAB, MIN_SPIKE_WINDOW, ConfigError, default_tree, load_run_config
 from qknorm.training import LMModule
 
 from .test_config import config_fields, optional_inner
@@ -201,13 +201,15 @@ BOUNDS = [
     ("data.seq_len", 2, True, +1, {}),
     ("data.batch_size", 1, True, +1, {}),
     ("data.vocab_size", 260, True, +1, {}),
-    ("data.vocab_size", 65535, True, -1, {}),
+    ("data.vocab_size", MAX_VOCAB, True, -1, {}),
     ("data.tokenizer_max_chars", 1, True, +1, {}),
     ("data.val_fraction", 0.0, False, +1, {}),
     ("data.val_fraction", 1.0, False, -1, {}),
     ("data.val_max_tokens", SEQ, False, +1, {}),  # windows of data.seq_len + 1 tokens
     ("data.val_token_ratio", 0.0, False, +1, {}),
     ("data.max_tokens", SEQ, False, +1, {}),
+    ("data.workers", 1, True, +1, {}),
+    ("data.shard_tokens", 1, True, +1, {}),
     ("optim.lr", 0.0, False, +1, {}),
     ("optim.betas[0]", 0.0, True, +1, {}),
     ("optim.betas[0]", 1.0, False, -1, {}),

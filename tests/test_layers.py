@@ -22,6 +22,7 @@ LAYERS = [
     ("hydra_plugins", "qknorm.probe"),  # the stacked launcher and finder plugins (shims); qknorm-probe
     ("qknorm.hydra_wiring",),  # config store, resolvers, the plugin registered
     ("qknorm.cli",),  # --help, one-line errors, the Hydra apps of qknorm-train and qknorm-sweep
+    ("qknorm.data_cli",),  # qknorm-data: prepare or verify a run's token cache (composes as qknorm-train does)
     ("qknorm.__main__",),  # python -m qknorm
 ]
 

@@ -51,6 +51,7 @@ COMMANDS = {
     "qknorm-analyze SWEEP_DIR [...]": "tables, figures and report.md/report.html from run directories",
     "qknorm-probe MODEL": "would a checkpoint's or a transformers model's attention overflow in fp16?",
     "qknorm-scorecard SWEEP_DIR": "docs/scorecard.md: one row per preset from a critical-LR finder sweep",
+    "qknorm-data prepare|verify [overrides]": "build a run's token cache ahead of a sweep; checksum it",
 }
 
 

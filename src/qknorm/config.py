@@ -38,6 +38,9 @@ VAL_MIN_TOKENS = 8192
 # the spike test compares a loss with the mean and std of the last spike_window losses: the std of fewer
 # than 8 losses is too noisy to call anything a spike
 MIN_SPIKE_WINDOW = 8
+# the largest vocabulary: SentencePiece numbers its pieces with int32 (the token cache stores ids as uint16
+# up to 65536 pieces, uint32 above)
+MAX_VOCAB = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -227,12 +230,19 @@ class DataConfig:
     text_field: str = "text"
     streaming: bool = False
     max_tokens: Optional[int] = None  # approximate cap on training tokens read from the source
+    # building the token cache (neither changes a token id or a batch; both are left out of a run's identity):
+    workers: Optional[int] = None  # encoding processes (null: this machine's cores; 1: in this process)
+    shard_tokens: int = 100_000_000  # tokens per cache file (uint16 ids: 200 MB)
 
     def validate(self, path: str) -> None:
         _require(self.seq_len >= 2, f"{path}.seq_len", f"must be >= 2, got {self.seq_len}")
         _require(self.batch_size >= 1, f"{path}.batch_size", f"must be >= 1, got {self.batch_size}")
-        _require(260 <= self.vocab_size <= 65535, f"{path}.vocab_size",
-                 f"must be in [260, 65535] (256 byte-fallback pieces + specials; uint16 token cache), got {self.vocab_size}")
+        _require(260 <= self.vocab_size <= MAX_VOCAB, f"{path}.vocab_size",
+                 f"must be in [260, {MAX_VOCAB}] (256 byte-fallback pieces + specials; SentencePiece numbers pieces "
+                 f"with int32), got {self.vocab_size}")
+        if self.workers is not None:
+            _require(self.workers >= 1, f"{path}.workers", f"must be null (every core) or >= 1, got {self.workers}")
+        _require(self.shard_tokens >= 1, f"{path}.shard_tokens", f"must be >= 1, got {self.shard_tokens}")
         # a count of characters sampled: at 0 the tokenizer has no text to learn from
         _require(self.tokenizer_max_chars >= 1, f"{path}.tokenizer_max_chars", f"must be >= 1, got {self.tokenizer_max_chars}")
         _require(0.0 < self.val_fraction < 1.0, f"{path}.val_fraction", f"must be in (0, 1), got {self.val_fraction}")

@@ -32,11 +32,13 @@ from typing import Any, Mapping, Optional
 from .config import NON_RUN_KEYS, QknormError, load_run_config
 from .utils.files import atomic_write_bytes
 
-# Keys that do not change what a run computes: paths and caches, logging, threads and compilation (the
-# same arithmetic, rounded in another order), checkpoint cadence, and the relative settings whose
-# concrete value (warmup steps, intervals, the validation token cap) stays in the identity.
+# Keys that do not change what a run computes: paths and caches, how the token cache is built (its
+# workers and shard size: the same ids, the same batches), logging, threads and compilation (the same
+# arithmetic, rounded in another order), checkpoint cadence, and the relative settings whose concrete
+# value (warmup steps, intervals, the validation token cap) stays in the identity.
 NOT_IDENTITY = (
-    "task_name", "data.cache_dir", "logger", "trainer.threads", "model.compile", "trainer.progress_bar", "trainer.log_every_n_steps",
+    "task_name", "data.cache_dir", "data.workers", "data.shard_tokens", "logger", "trainer.threads", "model.compile",
+    "trainer.progress_bar", "trainer.log_every_n_steps",
     "trainer.checkpoint_every_n_steps", "trainer.keep_checkpoint", "trainer.val_points", "callbacks.lr_monitor",
     "callbacks.throughput", "callbacks.monitor.points", "optim.warmup_fraction", "data.val_token_ratio",
 )

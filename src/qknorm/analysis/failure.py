@@ -189,14 +189,12 @@ def failure(run_dir: str | Path, reference: Optional[float] = None, summary: Opt
 def _bigram_for_data(data_json: str) -> Reference:
     """The bigram reference of one data config, from the shared data cache (computed there once)."""
     try:
-        # here, not at the top: the data layer loads Lightning, and most analyses never need the reference
+        # here, not at the top: most analyses never need the reference, and building it reads the corpus
         from ..config import DataConfig, from_mapping
-        from ..data.corpora import load_corpus
-        from ..data.tokens import bigram_reference, get_tokenized, get_tokenizer
+        from ..data.tokens import bigram_reference, prepare_tokens
 
         data = from_mapping(DataConfig, json.loads(data_json))
-        corpus = load_corpus(data)
-        ref = bigram_reference(get_tokenized(corpus, data, get_tokenizer(corpus, data)))
+        ref = bigram_reference(prepare_tokens(data))
     except Exception as e:  # no corpus here, an unreadable config: the reference is unknown, not an error
         return Reference(None, f"the bigram reference cannot be computed ({type(e).__name__}: {e})")
     return Reference(float(ref["nats"]), f"add-one smoothed bigram counted on the {ref['train_tokens']:,} training "

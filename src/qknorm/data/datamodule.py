@@ -1,4 +1,4 @@
-"""Batches from memory-mapped token arrays.
+"""Batches from memory-mapped token shards.
 
 Training batches are random windows. The batch of step s is a pure function of (seed, s), so data
 order survives a resume, and each of W data-parallel ranks takes its slice of the same global batch,
@@ -16,7 +16,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..config import DataConfig
-from .tokens import TokenizedCorpus, tokenize_corpus
+from .corpora import open_source
+from .shards import ShardedTokens
+from .tokens import TokenizedCorpus, get_tokenized, get_tokenizer
 
 
 @dataclass(frozen=True)
@@ -31,15 +33,22 @@ class PreparedData:
 
 
 def prepare_data(cfg: DataConfig) -> PreparedData:
-    """Load the corpus and tokenize it, reusing the shared cache when it already holds the result."""
-    corpus, tokenizer, tokenized = tokenize_corpus(cfg)
-    return PreparedData(tokenized, tokenizer.token_bytes(), corpus.name)
+    """The corpus's tokenizer and token shards: from the shared cache, or built into it (streamed, in
+    data.workers processes, resumable; see qknorm.data.tokens)."""
+    source = open_source(cfg)
+    tokenizer = get_tokenizer(source, cfg)
+    tokenized = get_tokenized(source, cfg, tokenizer)
+    return PreparedData(tokenized, tokenizer.token_bytes(), source.name)
 
 
 class RandomWindowBatches(Dataset):
-    """Item s is (this rank's part of) the training batch of step s: inputs and targets, [b, seq_len]."""
+    """Item s is (this rank's part of) the training batch of step s: inputs and targets, [b, seq_len].
 
-    def __init__(self, tokens: np.ndarray, seq_len: int, global_batch: int, seed: int, rank: int = 0, world: int = 1):
+    Window starts are drawn uniformly over the whole training split, read as one sequence whatever its
+    shards (a window that crosses a shard's end reads from both, as it crosses a document's end), so a
+    batch depends on the tokens alone, never on how they were cut into shards."""
+
+    def __init__(self, tokens: np.ndarray | ShardedTokens, seq_len: int, global_batch: int, seed: int, rank: int = 0, world: int = 1):
         if global_batch % world:
             raise ValueError(f"global batch {global_batch} does not split over {world} processes")
         self.tokens, self.seq_len, self.global_batch, self.seed = tokens, seq_len, global_batch, seed
@@ -72,7 +81,7 @@ class StepSampler(Sampler[int]):
 
 
 class ValWindows(Dataset):
-    def __init__(self, tokens: np.ndarray, seq_len: int, max_tokens: int | None, rank: int = 0, world: int = 1):
+    def __init__(self, tokens: np.ndarray | ShardedTokens, seq_len: int, max_tokens: int | None, rank: int = 0, world: int = 1):
         n = len(tokens) if max_tokens is None else min(len(tokens), max_tokens)
         count = (n - 1) // seq_len
         self.tokens, self.seq_len = tokens, seq_len

@@ -1,13 +1,16 @@
-"""SentencePiece tokenizer and token-id arrays, cached on disk and shared by every run on the same data.
+"""SentencePiece tokenizer and token shards, cached on disk and shared by every run on the same data.
 
 Cache layout (under data.cache_dir):
-  tokenizers/<key>/spm.model, meta.json      key = corpus fingerprint + tokenizer settings
-  tokens/<key>/train.bin, val.bin, meta.json  uint16 ids, memory-mapped by the data module
-  tokens/<key>/bigram.json                     the corpus's bigram reference (bigram_reference), on demand
+  surveys/<key>.json                    a source's first pass: characters, where the split falls
+  tokenizers/<key>/spm.model, meta.json  key = the source's key + tokenizer settings
+  tokens/<key>/                          the token shards of both splits (qknorm.data.shards), memory-mapped
+  tokens/<key>/bigram.json               the corpus's bigram reference (bigram_reference), on demand
 
-Every entry is built under a file lock, written to temporary files and renamed into place, and its
-meta.json (written last) records sizes and SHA-256 checksums that are verified on every read; a
-missing, truncated or corrupt entry is rebuilt with a message.
+A source's key is cheap to compute: the embedded plays' content, the user's files' paths, sizes and
+modification times, a dataset's arguments (and its local files' sizes and times). A run whose cache is
+built reads no text. Every entry is built under a file lock, so two runs starting at once build it once.
+The tokenizer's meta.json records its checksum, verified on every read (the file is small); the token
+shards are checked by size at start-up and by checksum by `qknorm-data verify`.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -25,7 +30,10 @@ import numpy as np
 
 from ..config import DataConfig
 from ..utils.files import atomic_write_bytes, atomic_write_json, file_lock
-from .corpora import Corpus, DataError, load_corpus
+from . import shards as shards_mod
+from .corpora import DataError, ShakespeareSource, Source, key_hash, open_source, sample_lines
+from .progress import Progress
+from .shards import ShardedTokens, sha256_file
 
 if TYPE_CHECKING:
     import sentencepiece as spm
@@ -36,25 +44,27 @@ TOKENIZER_VERSION = 1  # bump when the training recipe below changes
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return sha256_file(path)
 
 
 def _entry_is_valid(folder: Path, names: tuple[str, ...]) -> bool:
+    """A tokenizer entry (names: its files) whose meta.json vouches for every file's size and checksum;
+    for a token entry (names: train.bin, val.bin), every shard of those splits checked the same way."""
     meta_path = folder / "meta.json"
     if not meta_path.exists():
         return False
     try:
         meta = json.loads(meta_path.read_text())
-        for name in names:
+        if "splits" in meta:
+            files = {s["file"]: s for n in names for s in meta["splits"][n.removesuffix(".bin")]["shards"]}
+        else:
+            files = {n: meta["files"][n] for n in names}
+        for name, want in files.items():
             f = folder / name
-            if not f.exists() or f.stat().st_size != meta["files"][name]["bytes"] or _sha256(f) != meta["files"][name]["sha256"]:
+            if not f.exists() or f.stat().st_size != want["bytes"] or _sha256(f) != want["sha256"]:
                 log.warning("cache entry %s: %s is missing, truncated or corrupt; rebuilding", folder, name)
                 return False
-    except (ValueError, KeyError, OSError):
+    except (ValueError, KeyError, TypeError, OSError):
         log.warning("cache entry %s: unreadable meta.json; rebuilding", folder)
         return False
     return True
@@ -72,6 +82,14 @@ def cache_root(cfg: DataConfig) -> Path:
     except OSError as e:
         raise DataError(f"data.cache_dir={root}: cannot create ({e.strerror or e})") from None
     return root
+
+
+def default_workers() -> int:
+    """The cores this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
 
 
 @dataclass(frozen=True)
@@ -107,40 +125,69 @@ class Tokenizer:
         return sizes
 
 
+# -- the survey -----------------------------------------------------------------------------------
+
+def get_survey(source: Source, cfg: DataConfig) -> dict:
+    """The source's first pass (characters, where the split falls), computed once and kept in the cache."""
+    key = source.key()
+    path = cache_root(cfg) / "surveys" / f"{key_hash(key)[:20]}.json"
+    try:
+        kept = json.loads(path.read_text())
+        if kept.get("key") == key:
+            return kept["survey"]
+    except (OSError, ValueError, AttributeError):
+        pass
+    progress = Progress(f"{source.name}: reading", total_bytes=source.size_bytes)
+    survey = source.survey(progress)
+    progress.close()
+    atomic_write_json(path, {"key": key, "survey": survey})
+    return survey
+
+
+# -- the tokenizer --------------------------------------------------------------------------------
+
 def _tokenizer_settings(cfg: DataConfig) -> dict:
     return {"version": TOKENIZER_VERSION, "vocab_size": cfg.vocab_size, "model_type": "bpe",
             "byte_fallback": True, "max_chars": cfg.tokenizer_max_chars}
 
 
-def _training_lines(corpus: Corpus, max_chars: int):
-    """Lines of the training split, evenly sampled across documents up to `max_chars`."""
-    total = sum(len(d) for d in corpus.train)
-    keep_every = max(1, int(np.ceil(total / max_chars)))
-    for doc in corpus.train:
-        for i, line in enumerate(doc.split("\n")):
-            if line and i % keep_every == 0:
-                yield line
+def _source_identity(source: Source):
+    # the embedded plays are named by their content's fingerprint, as they always were: the same key,
+    # so the tokenizer every earlier run trained with is the one found
+    return source.corpus.fingerprint if isinstance(source, ShakespeareSource) else source.key()
 
 
-def get_tokenizer(corpus: Corpus, cfg: DataConfig) -> Tokenizer:
+def tokenizer_folder(source: Source, cfg: DataConfig) -> Path:
     settings = _tokenizer_settings(cfg)
-    key = hashlib.sha256(json.dumps([corpus.fingerprint, settings], sort_keys=True).encode()).hexdigest()[:20]
-    folder = cache_root(cfg) / "tokenizers" / key
-    with file_lock(folder.parent / f"{key}.lock"):
+    key = hashlib.sha256(json.dumps([_source_identity(source), settings], sort_keys=True).encode()).hexdigest()[:20]
+    return cache_root(cfg) / "tokenizers" / key
+
+
+def get_tokenizer(source: Source, cfg: DataConfig) -> Tokenizer:
+    folder = tokenizer_folder(source, cfg)
+    with file_lock(folder.parent / f"{folder.name}.lock"):
         if not _entry_is_valid(folder, ("spm.model",)):
-            _train_tokenizer(corpus, cfg, folder, settings)
+            _train_tokenizer(source, cfg, folder, _tokenizer_settings(cfg))
     return Tokenizer(folder / "spm.model")
 
 
-def _train_tokenizer(corpus: Corpus, cfg: DataConfig, folder: Path, settings: dict) -> None:
+def _train_tokenizer(source: Source, cfg: DataConfig, folder: Path, settings: dict) -> None:
     import sentencepiece as spm
 
-    log.info("training a %d-piece BPE tokenizer on %s", cfg.vocab_size, corpus.name)
+    survey = get_survey(source, cfg)
+    log.info("training a %d-piece BPE tokenizer on %s", cfg.vocab_size, source.name)
     folder.mkdir(parents=True, exist_ok=True)
+    progress = Progress(f"{source.name}: sampling the tokenizer's text", total_chars=survey["train_chars"])
+
+    def lines():
+        for line in sample_lines(source, survey, cfg.tokenizer_max_chars):
+            progress.update(chars=len(line) + 1, nbytes=len(line.encode("utf-8")) + 1)
+            yield line
+
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
         try:
             spm.SentencePieceTrainer.train(
-                sentence_iterator=_training_lines(corpus, cfg.tokenizer_max_chars),
+                sentence_iterator=lines(),
                 model_prefix=str(Path(tmp) / "spm"), vocab_size=cfg.vocab_size, model_type="bpe",
                 byte_fallback=True, character_coverage=0.9995, split_digits=True,
                 # identity normalization and no dummy prefix: decode(encode(text)) == text, so
@@ -152,46 +199,116 @@ def _train_tokenizer(corpus: Corpus, cfg: DataConfig, folder: Path, settings: di
         except RuntimeError as e:
             msg = str(e).splitlines()[-1] if str(e) else repr(e)
             msg = msg.rsplit("] ", 1)[-1]  # drop SentencePiece's source location and check expression
-            raise DataError(f"{corpus.name}: cannot train a data.vocab_size={cfg.vocab_size} tokenizer on it ({msg}); "
+            raise DataError(f"{source.name}: cannot train a data.vocab_size={cfg.vocab_size} tokenizer on it ({msg}); "
                             "is the text too short for that vocabulary?") from None
+        finally:
+            progress.close()
         atomic_write_bytes(folder / "spm.model", (Path(tmp) / "spm.model").read_bytes())
-    _seal_entry(folder, ("spm.model",), {"settings": settings, "corpus": corpus.name})
+    _seal_entry(folder, ("spm.model",), {"settings": settings, "corpus": source.name})
 
+
+# -- the token shards -----------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class TokenizedCorpus:
-    train_path: Path
-    val_path: Path
+    folder: Path
+    train: ShardedTokens
+    val: ShardedTokens
     tokenizer: Tokenizer
 
-    def train_tokens(self) -> np.ndarray:
-        return np.memmap(self.train_path, dtype=np.uint16, mode="r")
+    @property
+    def train_path(self) -> Path:
+        """The first training shard."""
+        return self.train.paths[0] if self.train.paths else self.folder / shards_mod.shard_name("train", 0)
 
-    def val_tokens(self) -> np.ndarray:
-        return np.memmap(self.val_path, dtype=np.uint16, mode="r")
+    @property
+    def val_path(self) -> Path:
+        return self.val.paths[0] if self.val.paths else self.folder / shards_mod.shard_name("val", 0)
+
+    def train_tokens(self) -> ShardedTokens:
+        return self.train
+
+    def val_tokens(self) -> ShardedTokens:
+        return self.val
 
 
-def get_tokenized(corpus: Corpus, cfg: DataConfig, tokenizer: Tokenizer) -> TokenizedCorpus:
-    tok_key = tokenizer.path.parent.name
-    folder = cache_root(cfg) / "tokens" / f"{tok_key}-{corpus.fingerprint[:20]}"
-    names = ("train.bin", "val.bin")
+def tokens_folder(source: Source, cfg: DataConfig, tokenizer_dir: Path) -> Path:
+    # the shard size and the workers are left out: they change how the ids are stored and how fast, not
+    # which ids (a run's batches are the same whatever the shard size; see RandomWindowBatches)
+    key = key_hash({"format": shards_mod.FORMAT, "source": source.key()})[:20]
+    return cache_root(cfg) / "tokens" / f"{tokenizer_dir.name}-{key}"
+
+
+def get_tokenized(source: Source, cfg: DataConfig, tokenizer: Tokenizer) -> TokenizedCorpus:
+    folder = tokens_folder(source, cfg, tokenizer.path.parent)
     with file_lock(folder.parent / f"{folder.name}.lock"):
-        if not _entry_is_valid(folder, names):
-            folder.mkdir(parents=True, exist_ok=True)
-            for name, docs in zip(names, (corpus.train, corpus.val), strict=True):
-                ids = np.fromiter((i for d in docs for i in tokenizer.encode(d)), dtype=np.uint16)
-                atomic_write_bytes(folder / name, ids.tobytes())
-            _seal_entry(folder, names, {"corpus": corpus.name})
-    out = TokenizedCorpus(folder / "train.bin", folder / "val.bin", tokenizer)
+        meta = shards_mod.open_entry(folder)
+        if meta is None:
+            meta = _build_tokens(source, cfg, tokenizer, folder)
+    out = TokenizedCorpus(folder, shards_mod.split_tokens(folder, meta, "train"), shards_mod.split_tokens(folder, meta, "val"),
+                          tokenizer)
     need = cfg.seq_len + 1
     for split, arr in (("training", out.train_tokens()), ("validation", out.val_tokens())):
         if len(arr) < need:
-            raise DataError(f"{corpus.name}: the {split} split has {len(arr)} tokens, fewer than one "
+            raise DataError(f"{source.name}: the {split} split has {len(arr)} tokens, fewer than one "
                             f"sequence (data.seq_len + 1 = {need})")
     return out
 
 
+def _build_tokens(source: Source, cfg: DataConfig, tokenizer: Tokenizer, folder: Path) -> dict:
+    folder.mkdir(parents=True, exist_ok=True)
+    survey = get_survey(source, cfg)
+    plan = shards_mod.read_plan(folder, shards_mod.make_plan(tokenizer.vocab_size, cfg.shard_tokens))
+    workers = cfg.workers or default_workers()
+    log.info("tokenizing %s into %s (%d worker%s, shards of %s tokens, %s)", source.name, folder, workers,
+             "s" if workers > 1 else "", f"{plan['shard_tokens']:,}", plan["dtype"])
+    encoder = shards_mod.SentencePieceEncoder(tokenizer.path)
+    records = {}
+    for split in shards_mod.SPLITS:
+        progress = Progress(f"{source.name}: encoding {split}", total_chars=survey.get(f"{split}_chars"))
+        try:
+            records[split] = shards_mod.build_split(
+                folder, split, source.documents(split, survey), encoder, dtype=np.dtype(plan["dtype"]),
+                shard_tokens=plan["shard_tokens"], batch_chars=plan["batch_chars"], workers=workers, progress=progress)
+        finally:
+            progress.close()
+    return shards_mod.write_meta(folder, plan, records, {"corpus": source.name, "tokenizer": tokenizer.path.parent.name})
+
+
+def prepare_tokens(cfg: DataConfig) -> TokenizedCorpus:
+    """The corpus's tokenizer and token shards, from the cache or built into it (the path every run takes)."""
+    source = open_source(cfg)
+    return get_tokenized(source, cfg, get_tokenizer(source, cfg))
+
+
+def verify_cache(cfg: DataConfig) -> tuple[bool, list[str]]:
+    """Full checksums of the tokenizer and token shards this config uses, without building anything.
+    A corrupt shard is unsealed, so the next run rebuilds from it. Returns (all sound, report lines)."""
+    source = open_source(cfg)
+    lines: list[str] = []
+    tok_dir = tokenizer_folder(source, cfg)
+    if not (tok_dir / "meta.json").exists():
+        return False, [f"{source.name}: not prepared (no tokenizer in {tok_dir.parent}); qknorm-data prepare builds it"]
+    ok = _entry_is_valid(tok_dir, ("spm.model",))
+    if not ok:
+        (tok_dir / "meta.json").unlink(missing_ok=True)
+        lines.append(f"{tok_dir / 'spm.model'}: corrupt; unsealed, the next run trains it again")
+    folder = tokens_folder(source, cfg, tok_dir)
+    with file_lock(folder.parent / f"{folder.name}.lock"):
+        checked, problems = shards_mod.verify_entry(folder)
+        complete = (folder / "meta.json").exists()
+    lines += problems
+    if checked == 0:
+        return False, lines + [f"{source.name}: no token shards in {folder}; qknorm-data prepare builds them"]
+    state = "complete" if complete else "incomplete (a run or qknorm-data prepare finishes it)"
+    lines.append(f"{folder}: {checked} shards checked, {len(problems)} corrupt; the entry is {state}")
+    return ok and not problems and complete, lines
+
+
+# -- the bigram reference -------------------------------------------------------------------------
+
 BIGRAM_VERSION = 1  # bump when the bigram model below changes
+BIGRAM_BLOCK = 1 << 24  # tokens counted at a time
 
 
 def bigram_reference(tokenized: TokenizedCorpus) -> dict:
@@ -200,30 +317,43 @@ def bigram_reference(tokenized: TokenizedCorpus) -> dict:
     trained LM must beat (Wortsman et al. 2023, Fig. 10), so analyses call a run whose final validation
     loss is above it failed.
 
-    Computed once per tokenized corpus and kept beside its token files as bigram.json. That file names
-    the checksums of the token files it was counted on (from the entry's meta.json), so a rebuilt entry
-    is counted again; it takes no part in any run's identity."""
-    folder = tokenized.train_path.parent
+    Computed once per tokenized corpus and kept beside its shards as bigram.json. That file names the
+    checksums of the shards it was counted on (from their seals, in the entry's meta.json), so a rebuilt
+    entry is counted again; it takes no part in any run's identity. Counted a block at a time, so the
+    memory it needs grows with the distinct pairs, not with the corpus."""
+    folder = tokenized.folder
     path = folder / "bigram.json"
     with file_lock(folder.parent / f"{folder.name}.lock"):
         meta = json.loads((folder / "meta.json").read_text())
-        source = {n: meta["files"][n]["sha256"] for n in ("train.bin", "val.bin")}
+        source = {s["file"]: s["sha256"] for split in ("train", "val") for s in meta["splits"][split]["shards"]}
         try:
             cached = json.loads(path.read_text())
             if cached.get("version") == BIGRAM_VERSION and cached.get("source") == source:
                 return cached
         except (OSError, ValueError):
             pass
-        train = tokenized.train_tokens().astype(np.int64)
-        val = tokenized.val_tokens().astype(np.int64)
+        train, val = tokenized.train_tokens(), tokenized.val_tokens()
         vocab = tokenized.tokenizer.vocab_size
         # sparse counts (pair codes a * V + b), so that a large vocabulary needs no V x V table
-        pairs, counts = np.unique(train[:-1] * vocab + train[1:], return_counts=True)
-        row_totals = np.bincount(train[:-1], minlength=vocab)
-        wanted = val[:-1] * vocab + val[1:]
-        at = np.clip(np.searchsorted(pairs, wanted), 0, len(pairs) - 1)
-        seen = np.where(pairs[at] == wanted, counts[at], 0)
-        nats = float(-np.mean(np.log((seen + 1.0) / (row_totals[val[:-1]] + vocab))))
+        pairs = np.empty(0, np.int64)
+        counts = np.empty(0, np.int64)
+        row_totals = np.zeros(vocab, dtype=np.int64)
+        for _, block in train.blocks(BIGRAM_BLOCK, overlap=1):
+            b = block.astype(np.int64)
+            p, c = np.unique(b[:-1] * vocab + b[1:], return_counts=True)
+            pairs, inverse = np.unique(np.concatenate([pairs, p]), return_inverse=True)
+            counts = np.bincount(inverse, weights=np.concatenate([counts, c]), minlength=len(pairs)).astype(np.int64)
+            row_totals += np.bincount(b[:-1], minlength=vocab)
+        total = 0.0
+        scored = 0
+        for _, block in val.blocks(BIGRAM_BLOCK, overlap=1):
+            b = block.astype(np.int64)
+            wanted = b[:-1] * vocab + b[1:]
+            at = np.clip(np.searchsorted(pairs, wanted), 0, max(0, len(pairs) - 1))
+            seen = np.where(pairs[at] == wanted, counts[at], 0) if len(pairs) else np.zeros(len(wanted), np.int64)
+            total += float(np.sum(np.log((seen + 1.0) / (row_totals[b[:-1]] + vocab))))
+            scored += len(wanted)
+        nats = -total / scored if scored else math.nan
         result = {"version": BIGRAM_VERSION, "nats": nats, "train_tokens": int(len(train)),
                   "val_tokens": int(len(val)), "vocab_size": int(vocab), "smoothing": "add-one",
                   "source": source}
@@ -235,19 +365,12 @@ def clear_cache(cfg: DataConfig) -> None:
     shutil.rmtree(cache_root(cfg), ignore_errors=True)
 
 
-def tokenize_corpus(cfg: DataConfig) -> tuple[Corpus, Tokenizer, TokenizedCorpus]:
-    """The corpus read, its tokenizer and its token arrays, from the shared cache when it holds them."""
-    corpus = load_corpus(cfg)
-    tokenizer = get_tokenizer(corpus, cfg)
-    return corpus, tokenizer, get_tokenized(corpus, cfg, tokenizer)
-
-
 def check_data(cfg: DataConfig) -> None:
     """Every data error a run would meet, found without torch and before its run directory is made: the
     files exist, can be read and are not empty, the corpus is text that splits into a training and a
     validation part, its tokenizer trains, and each split holds a window of data.seq_len + 1 tokens. The
-    tokenizer and the tokens go to the shared cache, where the run finds them. A Hugging Face dataset is
-    read by the run itself (reading it twice could mean downloading it twice): only the local files named
+    tokenizer and the token shards go to the shared cache, where the run finds them. A Hugging Face dataset
+    is read by the run itself (reading it twice could mean downloading it twice): only the local files named
     in data.data_files are checked here."""
     if cfg.source == "hf_text":
         for i, entry in enumerate(cfg.data_files or ()):
@@ -256,4 +379,4 @@ def check_data(cfg: DataConfig) -> None:
             if not Path(entry).expanduser().exists():
                 raise DataError(f"{entry}: no such file or folder (data.data_files[{i}])")
         return
-    tokenize_corpus(cfg)
+    prepare_tokens(cfg)

@@ -269,11 +269,13 @@ def test_ssmax_scales_each_row_by_s_log_n():
     from qknorm.model.ssmax import SSMAX_S_INIT, SSMax
 
     m = SSMax(n_heads=2, max_keys=8).double()
+    assert float(m.s[0]) == pytest.approx(SSMAX_S_INIT, rel=1e-7)  # the paper's initial s (a float32 parameter)
+    s = float(m.s[0])
     factor = m(4, 4)  # row i of 4 sees i + 1 keys
-    expected = SSMAX_S_INIT * torch.log(torch.arange(1, 5, dtype=torch.float64))
+    expected = s * torch.log(torch.arange(1, 5, dtype=torch.float64))
     torch.testing.assert_close(factor, expected.view(1, 4, 1).expand(2, 4, 1), rtol=1e-15, atol=0)
     assert float(factor[0, 0]) == 0.0  # one key: the softmax of a single logit is 1 whatever its scale
-    torch.testing.assert_close(m(2, 4)[0, :, 0], SSMAX_S_INIT * torch.log(torch.tensor([3.0, 4.0], dtype=torch.float64)))
+    torch.testing.assert_close(m(2, 4)[0, :, 0], s * torch.log(torch.tensor([3.0, 4.0], dtype=torch.float64)))
     assert m.abs_max() == pytest.approx(SSMAX_S_INIT * math.log(8))
 
 

@@ -1,8 +1,8 @@
 """Duration estimates against the actual time: what `qknorm-sweep` says a multirun will take, then the time
 `qknorm-train` takes to run it, on this machine.
 
-    python benchmarks/estimates.py                      # the smoke sweep, then two 4-job tiny grids
-    python benchmarks/estimates.py --tiny-steps 60      # the tiny grids' length
+    python benchmarks/estimates.py                      # the smoke sweep, then two 4-job tiny grids of 30 steps
+    python benchmarks/estimates.py --tiny-steps 60      # longer tiny grids
 
 Three multiruns in a fresh log folder (the token cache stays warm): the `lr_tolerance` smoke sweep (4 nano
 jobs, 12 steps), a 4-job `tiny` grid (2 attentions x 2 LRs) that nothing of its shape ran before here, so
@@ -52,7 +52,7 @@ def measure(name: str, args: list[str], env: dict) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tiny-steps", type=int, default=60)
+    parser.add_argument("--tiny-steps", type=int, default=30)
     args = parser.parse_args()
     tiny = ["-m", "model=tiny", "attention=baseline,qwen3", f"trainer.max_steps={args.tiny_steps}", "logger=none",
             "trainer.progress_bar=false"]

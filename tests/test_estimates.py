@@ -61,6 +61,12 @@ def test_without_a_finished_run_the_calibration_is_stated_with_its_range(tmp_pat
     monkeypatch.setenv("QKNORM_LOG_DIR", str(tmp_path / "logs"))
     monkeypatch.setattr(sweeping, "matmul_peak", lambda *a, **k: 10.0)  # GFLOP/s
     master, jobs = _jobs(tmp_path, ["model=nano", "optim.lr=1e-3,1e-2", "trainer.max_steps=40"])
-    seconds, factor, source = estimate_seconds(jobs, 2)
-    assert factor == sweeping.CALIBRATION_ERROR and "validation and start-up included" in source
-    assert seconds > STARTUP_S
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    idle, factor, source = estimate_seconds(jobs, 2)
+    assert factor == sweeping.CALIBRATION_ERROR and source.endswith("validation and start-up included")
+    assert idle > STARTUP_S
+    # 6 runnable processes besides this multirun's 2 single-thread jobs, on 2 cores: each job gets a quarter
+    monkeypatch.setattr(os, "getloadavg", lambda: (6.0, 6.0, 6.0))
+    busy, _, source = estimate_seconds(jobs, 2)
+    assert busy == pytest.approx(4 * idle) and source.endswith("x4.0 for a load average of 6.0")

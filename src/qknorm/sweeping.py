@@ -121,7 +121,8 @@ def sweep_names() -> list[str]:
 # measured on 2 cores (lr_tolerance at smoke and cpu sizes); a validation token costs this share of a
 # training token (a forward pass only: 0.34-0.36 measured at nano and tiny). Estimates from these constants
 # were within CALIBRATION_ERROR of the actual time either way in benchmarks/estimates.py; estimates from this
-# machine's own finished runs are stated with the spread of those runs' rates.
+# machine's own finished runs are stated with the spread of those runs' rates. The calibration is scaled by
+# the machine's load (contention): its matmul runs for milliseconds, a job for minutes beside the other work.
 STARTUP_S, STEP_EFFICIENCY, VAL_COST, CALIBRATION_ERROR = 8.0, 0.6, 0.35, 2.0
 SHAPE_KEYS = ("model.d_model", "model.n_layers", "model.n_heads", "model.n_kv_heads", "model.head_dim", "model.mlp",
               "model.mlp_hidden", "data.vocab_size", "data.seq_len", "data.batch_size", "trainer.precision")
@@ -182,6 +183,18 @@ def finished_rates(folders) -> list[RunRate]:
     return rates
 
 
+def contention(threads: int) -> tuple[float, float]:
+    """(the 1-minute load average, how much slower jobs wanting `threads` cores run beside it): the runnable
+    processes share the cores, so with the load above what is left, each runs (load + threads) / cores
+    times slower. Measured rates (finished runs) ran under their own load; this corrects the calibration only."""
+    cores = os.cpu_count() or 1
+    try:
+        load = os.getloadavg()[0]
+    except OSError:  # no load average on this platform
+        return 0.0, 1.0
+    return load, max(1.0, (load + threads) / cores)
+
+
 def _validations(max_steps: int, every: int) -> int:
     return -(-max_steps // max(1, every))  # one at the end of each interval, the last one short
 
@@ -227,8 +240,12 @@ def estimate_seconds(jobs: list[Job], parallel: int, history: Optional[list[Path
             per_train = model_flops_per_token(cfg.model, cfg.data.vocab_size, cfg.data.seq_len) / (rate_peak * STEP_EFFICIENCY)
             per_val = per_train * VAL_COST
             spreads.append(CALIBRATION_ERROR)
+            # the quick matmul gets the cores while it runs; a job shares them with whatever else keeps them busy
+            load, slower = contention(parallel * threads)
             sources.add(f"FLOPs at {STEP_EFFICIENCY:.0%} of a {rate_peak / 1e9:.0f} GFLOP/s matmul on {threads} CPU thread(s), "
-                        "validation and start-up included")
+                        f"validation and start-up included" + (f", x{slower:.1f} for a load average of {load:.1f}" if slower > 1 else ""))
+            total += (STARTUP_S + train_tokens * per_train + val_tokens * per_val) * slower
+            continue
         total += STARTUP_S + train_tokens * per_train + val_tokens * per_val
     return total / max(1, parallel), max(spreads, default=1.0), " and ".join(sorted(sources)) or "no estimate"
 

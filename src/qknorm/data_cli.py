@@ -53,7 +53,7 @@ def compose_run_config(overrides: list[str]) -> RunConfig:
         raw = compose(config_name="train", overrides=overrides)
     tree = OmegaConf.to_container(raw, resolve=True)
     assert isinstance(tree, dict)  # a composed config is a mapping
-    return load_run_config(tree)
+    return load_run_config({str(k): v for k, v in tree.items()})
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -16,9 +16,10 @@ a fresh process per row, in a cache of its own under --dir, and prints one row e
     that (what the preparation itself holds).
 
 Rows: text_files at --small-gb and at --gb with each of --workers (each size's first row trains its
-tokenizer; the rows after it reuse the tokenizer and the survey, so they time the encoding alone),
-hf_text at --gb with the largest --workers (its first pass includes datasets' conversion of the JSON
-lines to Arrow files in the cache), and,
+tokenizer; the rows after it reuse the tokenizer and the survey, so they time the encoding alone);
+hf_text with the largest --workers on the first JSON lines file (about 0.25 GB) and on all of them, as a
+dataset (the first pass includes datasets' conversion of the JSON lines to Arrow files, which the
+passes then memory-map) and streamed (data.streaming=true: read from the JSON lines each pass); and,
 with --legacy-commit, the code of that commit (which reads the corpus into memory and encodes it in one
 process) on the text_files corpus at --legacy-gb. Then a run's start-up on the prepared --gb cache
 against one on the embedded Shakespeare: prepare_data() alone in a fresh process, and the time from the
@@ -313,12 +314,18 @@ def main() -> None:
                 reuse_tokenizer(cache)
                 data = {"source": "text_files", "paths": [str(folder)], "cache_dir": str(cache), **common, "workers": w}
                 prepare_row(f"text_files {gb} GB, {w} worker{'s' if w > 1 else ''}", data, nbytes, bench, src)
-        if "hf" not in args.skip:
+        if "hf" not in args.skip:  # the first JSON lines file (about 0.25 GB) and all of them; as a dataset, and streamed
             w = max(args.workers)
-            shutil.rmtree(bench / "cache-hf", ignore_errors=True)
-            data = {"source": "hf_text", "name": "json", "data_files": made["jsonl_files"], "cache_dir": str(bench / "cache-hf"),
-                    "max_tokens": None, "val_fraction": 0.01, **common, "workers": w}
-            prepare_row(f"hf_text (json) {args.gb} GB, {w} workers", data, made["bytes"], bench, src)
+            jsonl_bytes = [Path(f).stat().st_size for f in made["jsonl_files"]]
+            for streaming in (False, True):
+                for files in (made["jsonl_files"][:1], made["jsonl_files"]):
+                    nbytes = sum(jsonl_bytes[:len(files)]) * made["bytes"] / sum(jsonl_bytes)  # their text's bytes
+                    cache = bench / "cache-hf"
+                    shutil.rmtree(cache, ignore_errors=True)
+                    data = {"source": "hf_text", "name": "json", "data_files": files, "cache_dir": str(cache), "streaming": streaming,
+                            "max_tokens": None, "val_fraction": 0.01, **common, "workers": w}
+                    prepare_row(f"hf_text (json{', streaming' if streaming else ''}) {nbytes / 1e9:.2f} GB, {w} workers", data, nbytes,
+                                bench, src)
         if args.legacy_commit and "legacy" not in args.skip:
             gb = args.legacy_gb or args.small_gb
             n = round(gb * 1e9 / per_file)

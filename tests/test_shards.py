@@ -393,6 +393,8 @@ def test_the_progress_line_names_documents_tokens_speed_and_time_left():
     line = p.line(now=p.t0 + 2.0)
     assert line.startswith("corpus: encoding train: 3 documents, 250 tokens, 2.0 MB, 1.00 MB/s, 40%, 0m03s left"), line
     assert "left" not in p.line(final=True)
+    p.update(docs=-2)
+    assert p.line().startswith("corpus: encoding train: 1 document, ")
 
 
 # -- hub datasets, streamed --------------------------------------------------------------------

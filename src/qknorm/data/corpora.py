@@ -229,6 +229,7 @@ class Source:
 
     name: str = ""
     size_bytes: Optional[int] = None  # what one pass reads, when known (for a progress line's ETA)
+    in_memory = False  # read whole when opened: its first pass reads nothing (no progress line)
 
     def key(self) -> dict:
         raise NotImplementedError
@@ -243,6 +244,8 @@ class Source:
 class ShakespeareSource(Source):
     """The embedded plays: small enough to hold, and named by their content as they always were."""
 
+    in_memory = True
+
     def __init__(self, cfg: DataConfig):
         self.corpus = load_shakespeare(cfg)
         self.name = self.corpus.name
@@ -253,8 +256,6 @@ class ShakespeareSource(Source):
 
     def survey(self, progress=None) -> dict:
         c = self.corpus
-        if progress is not None:
-            progress.update(docs=len(c.train) + len(c.val), chars=sum(map(len, c.train + c.val)), nbytes=self.size_bytes or 0)
         return {"docs": len(c.train) + len(c.val), "train_chars": sum(map(len, c.train)),
                 "train_bytes": sum(len(d.encode("utf-8")) for d in c.train), "val_chars": sum(map(len, c.val))}
 

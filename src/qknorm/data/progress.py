@@ -51,7 +51,7 @@ class Progress:
 
     def line(self, now: Optional[float] = None, final: bool = False) -> str:
         elapsed = max(1e-9, (time.perf_counter() if now is None else now) - self.t0)
-        parts = [f"{self.docs:,} documents"] if self.docs else []
+        parts = [f"{self.docs:,} document{'s' if self.docs != 1 else ''}"] if self.docs else []
         if self.tokens:
             parts.append(f"{self.tokens:,} tokens")
         parts.append(f"{self.nbytes / 1e6:,.1f} MB, {self.nbytes / 1e6 / elapsed:.2f} MB/s")

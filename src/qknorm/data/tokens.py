@@ -137,9 +137,12 @@ def get_survey(source: Source, cfg: DataConfig) -> dict:
             return kept["survey"]
     except (OSError, ValueError, AttributeError):
         pass
-    progress = Progress(f"{source.name}: reading", total_bytes=source.size_bytes)
-    survey = source.survey(progress)
-    progress.close()
+    if source.in_memory:
+        survey = source.survey()
+    else:
+        progress = Progress(f"{source.name}: reading", total_bytes=source.size_bytes)
+        survey = source.survey(progress)
+        progress.close()
     atomic_write_json(path, {"key": key, "survey": survey})
     return survey
 

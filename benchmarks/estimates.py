@@ -53,6 +53,7 @@ def measure(name: str, args: list[str], env: dict) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny-steps", type=int, default=30)
+    parser.add_argument("--cases", type=int, default=3, help="the first N multiruns only (1: the smoke sweep)")
     args = parser.parse_args()
     tiny = ["-m", "model=tiny", "attention=baseline,qwen3", f"trainer.max_steps={args.tiny_steps}", "logger=none",
             "trainer.progress_bar=false"]
@@ -63,7 +64,7 @@ def main() -> None:
     print(f"{os.cpu_count()} cores, load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1 / 5 / 15 min) at the start")
     with tempfile.TemporaryDirectory() as tmp:
         env = {**os.environ, "QKNORM_LOG_DIR": tmp}
-        rows = [measure(name, case, env) for name, case in cases]
+        rows = [measure(name, case, env) for name, case in cases[:args.cases]]
     print(f"{'multirun':<52} {'jobs':>4} {'estimate':>9} {'stated range':>16} {'actual':>8} {'actual/est':>10}  source")
     for r in rows:
         span = f"{r['low']:.0f}-{r['high']:.0f} s"

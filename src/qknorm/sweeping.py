@@ -122,7 +122,8 @@ def sweep_names() -> list[str]:
 # training token (a forward pass only: 0.34-0.36 measured at nano and tiny). Estimates from these constants
 # were within CALIBRATION_ERROR of the actual time either way in benchmarks/estimates.py; estimates from this
 # machine's own finished runs are stated with the spread of those runs' rates. The calibration is scaled by
-# the machine's load (contention): its matmul runs for milliseconds, a job for minutes beside the other work.
+# the machine's load (contention): its matmul is timed by CPU time (what the cores do when it has them), and
+# a job shares the cores for minutes with the other work.
 STARTUP_S, STEP_EFFICIENCY, VAL_COST, CALIBRATION_ERROR = 8.0, 0.6, 0.35, 2.0
 SHAPE_KEYS = ("model.d_model", "model.n_layers", "model.n_heads", "model.n_kv_heads", "model.head_dim", "model.mlp",
               "model.mlp_hidden", "data.vocab_size", "data.seq_len", "data.batch_size", "trainer.precision")
@@ -236,7 +237,7 @@ def estimate_seconds(jobs: list[Job], parallel: int, history: Optional[list[Path
             sources.add(f"{len(same)} finished run(s) of this shape on this machine")
         else:
             if rate_peak is None:
-                rate_peak = matmul_peak("cpu", threads, n=512, repeats=5) * 1e9
+                rate_peak = matmul_peak("cpu", threads, n=512, repeats=5, cpu_clock=True) * 1e9
             per_train = model_flops_per_token(cfg.model, cfg.data.vocab_size, cfg.data.seq_len) / (rate_peak * STEP_EFFICIENCY)
             per_val = per_train * VAL_COST
             spreads.append(CALIBRATION_ERROR)

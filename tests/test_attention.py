@@ -269,12 +269,14 @@ def test_ssmax_scales_each_row_by_s_log_n():
     from qknorm.model.ssmax import SSMAX_S_INIT, SSMax
 
     m = SSMax(n_heads=2, max_keys=8).double()
+    with torch.no_grad():
+        m.s.copy_(torch.tensor([SSMAX_S_INIT, -2.0], dtype=torch.float64))
     factor = m(4, 4)  # row i of 4 sees i + 1 keys
-    expected = SSMAX_S_INIT * torch.log(torch.arange(1, 5, dtype=torch.float64))
-    torch.testing.assert_close(factor, expected.view(1, 4, 1).expand(2, 4, 1), rtol=1e-15, atol=0)
-    assert float(factor[0, 0]) == 0.0  # one key: the softmax of a single logit is 1 whatever its scale
+    log_n = torch.log(torch.arange(1, 5, dtype=torch.float64))
+    torch.testing.assert_close(factor, torch.stack([SSMAX_S_INIT * log_n, -2.0 * log_n])[..., None], rtol=1e-15, atol=0)
+    assert float(factor[0, 0].detach()) == 0.0  # one key: the softmax of a single logit is 1 whatever its scale
     torch.testing.assert_close(m(2, 4)[0, :, 0], SSMAX_S_INIT * torch.log(torch.tensor([3.0, 4.0], dtype=torch.float64)))
-    assert m.abs_max() == pytest.approx(SSMAX_S_INIT * math.log(8))
+    assert m.abs_max() == pytest.approx(2.0 * math.log(8))
 
 
 @pytest.mark.parametrize("autocast", [False, True], ids=["bf16", "bf16_autocast"])
@@ -450,9 +452,9 @@ def test_ssmax_multiplies_the_bound_by_its_largest_factor_and_gates_and_sinks_le
         ssmax.ssmax.s.copy_(torch.tensor([0.2, -1.5, 0.43, 1.0]))
     assert ssmax.logit_bound() == pytest.approx(plain.logit_bound() * 1.5 * math.log(T))
     cos, sin = rope_tables(T, ssmax.head_dim, 10000.0)
+    tensors: dict = {}
+    ssmax.probe = type("P", (), {"on_attention": lambda self, i, t: tensors.update(t)})()
     for scale in (1.0, 1e4):
-        tensors = {}
-        ssmax.probe = type("P", (), {"on_attention": lambda self, i, t: tensors.update(t)})()
         ssmax(torch.randn(2, T, D_MODEL, dtype=torch.float64) * scale, cos.double(), sin.double())
         assert float(tensors["logits"].detach().abs().max()) <= ssmax.logit_bound() * (1 + 1e-9)
     for axes in (dict(output_gate="elementwise"), dict(softmax="learned_sink"), dict(softmax="sigmoid")):

@@ -1,10 +1,13 @@
 """Throughput cost of the stability monitor: the same training run with and without it.
 
     python benchmarks/monitor_overhead.py [--model tiny] [--steps 200] [--repeats 3] [overrides ...]
+    python benchmarks/monitor_overhead.py --model small --records 20      # one record's cost alone
 
 Runs are interleaved (off/on, then on/off, ...) so drifts in machine speed hit both sides; prints the
 training tokens/s of each and the median ratio on/off. Validation is off; everything else is the
-default config.
+default config. With --records N it times N records of the monitor alone (its measurement on the probe
+batch, as at a monitored step) on the model at initialization and prints the median: the monitor's cost
+per record without a training run's noise, comparable across versions of the monitor.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 from hydra import compose, initialize_config_module
@@ -56,11 +60,30 @@ def fit_seconds(cfg, data, with_monitor: bool, run_dir: Path) -> tuple[float, fl
     return time.perf_counter() - t0, (callbacks[0].seconds if callbacks else 0.0)
 
 
+def record_seconds(cfg, data, n: int, run_dir: Path) -> list[float]:
+    """Seconds per monitor record (StabilityMonitor.measure on the probe batch), n times."""
+    pl.seed_everything(0, verbose=False)
+    module = LMModule(cfg, data.vocab_size, data.token_bytes)
+    monitor = StabilityMonitor(cfg.callbacks.monitor, run_dir)
+    t = cfg.data.seq_len
+    tokens = data.tokenized.val_tokens()
+    k = min(cfg.callbacks.monitor.probe_sequences, (len(tokens) - 1) // t)
+    monitor.probe_batch = torch.from_numpy(np.asarray(tokens[: k * t]).astype(np.int64).reshape(k, t))  # as setup() takes it
+    monitor.measure(module, 0)  # warm: first-call allocations
+    seconds = []
+    for step in range(n):
+        t0 = time.perf_counter()
+        monitor.measure(module, step)
+        seconds.append(time.perf_counter() - t0)
+    return seconds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--records", type=int, default=0, help="time this many monitor records alone, no training")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     register_defaults()
@@ -68,6 +91,14 @@ def main() -> None:
         raw = compose("train", overrides=[f"model={args.model}", f"trainer.max_steps={args.steps}", *args.overrides])
     cfg = load_run_config(OmegaConf.to_container(raw, resolve=True))
     data = prepare_data(cfg.data)
+    if args.records:
+        with tempfile.TemporaryDirectory() as tmp:
+            seconds = record_seconds(cfg, data, args.records, Path(tmp))
+        print(f"model={args.model}: {cfg.callbacks.monitor.probe_sequences} probe sequences of {cfg.data.seq_len} tokens; "
+              f"torch threads {torch.get_num_threads()}")
+        print(f"seconds per monitor record: median {statistics.median(seconds):.3f} (min {min(seconds):.3f}, "
+              f"max {max(seconds):.3f}) over {len(seconds)} records")
+        return
     tokens = cfg.data.batch_size * cfg.data.seq_len * cfg.trainer.max_steps
     print(f"model={args.model} steps={args.steps} monitor every {cfg.callbacks.monitor.every_n_steps} steps, "
           f"{cfg.callbacks.monitor.probe_sequences} probe sequences; torch threads {torch.get_num_threads()}")

@@ -38,9 +38,9 @@ def kurtosis(x: torch.Tensor) -> float:
     """E[(x - mean)^4] / Var(x)^2 over every value of x (a Gaussian gives 3): the outlier measure of Bondarenko
     et al. 2023 for a layer's activations, which a few massive activations (Sun et al. 2024) drive far up."""
     x = x.double().flatten()
-    centered = x - x.mean()
-    var = centered.square().mean()
-    return float(centered.pow(4).mean() / var.square()) if var > 0 else math.nan
+    squares = (x - x.mean()).square_()  # in place, and squared twice rather than pow(4): half the time
+    var = squares.mean()
+    return float(squares.square_().mean() / var.square()) if var > 0 else math.nan
 
 
 def _per_head_masked(values: torch.Tensor, mask: torch.Tensor, reduce: str) -> torch.Tensor:

@@ -272,7 +272,7 @@ def main() -> None:
     ap.add_argument("--vocab-size", type=int, default=2048)
     ap.add_argument("--legacy-commit", default=None, help="also prepare with this commit's code (held in memory)")
     ap.add_argument("--legacy-gb", type=float, default=None, help="the corpus size for the legacy row (default --small-gb)")
-    ap.add_argument("--skip", nargs="*", default=[], choices=["small", "text", "hf", "legacy", "startup"])
+    ap.add_argument("--skip", nargs="*", default=[], choices=["small", "text", "hf", "streamed", "legacy", "startup"])
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--startup-child", help=argparse.SUPPRESS)
@@ -317,7 +317,7 @@ def main() -> None:
         if "hf" not in args.skip:  # the first JSON lines file (about 0.25 GB) and all of them; as a dataset, and streamed
             w = max(args.workers)
             jsonl_bytes = [Path(f).stat().st_size for f in made["jsonl_files"]]
-            for streaming in (False, True):
+            for streaming in (False, True) if "streamed" not in args.skip else (False,):
                 for files in (made["jsonl_files"][:1], made["jsonl_files"]):
                     nbytes = sum(jsonl_bytes[:len(files)]) * made["bytes"] / sum(jsonl_bytes)  # their text's bytes
                     cache = bench / "cache-hf"

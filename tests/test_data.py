@@ -205,6 +205,30 @@ def test_hf_text_reads_local_files_through_datasets(tmp_path, builder):
     assert prepare_data(cfg).vocab_size == 300
 
 
+def test_hf_text_reads_a_cached_dataset_from_its_files_and_a_slice_through_datasets(tmp_path, monkeypatch):
+    """The map-style dataset is read from its Arrow files (not memory-mapped, so its pages stay out of the
+    process's RSS) and gives exactly the rows `datasets` gives; a split slice is not its files whole and goes
+    through `datasets`' own iterator."""
+    import datasets
+
+    from qknorm.data import corpora
+
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps({"text": f"row {i} " * (i % 7 + 1), "id": i}) + "\n" for i in range(3000)))
+    kwargs = dict(data_files=[str(path)], cache_dir=str(tmp_path / "hf"))
+    whole = datasets.load_dataset("json", split="train", **kwargs)
+    part = datasets.load_dataset("json", split="train[:10%]", **kwargs)
+    expected = [r["text"] for r in whole]
+    calls = []
+    monkeypatch.setattr(datasets.Dataset, "iter", lambda self, batch_size: calls.append(len(self)) or iter(
+        [{"text": [r["text"] for r in self]}]))
+    read = [t for b in corpora._batches(whole, "text") for t in b["text"]]
+    assert read == expected and calls == []  # from the files
+    sliced = [t for b in corpora._batches(part, "text") for t in b["text"]]
+    assert sliced == expected[:300] and calls == [300]  # the slice, through datasets
+    assert next(corpora._batches(whole, "body")) == {"text": None, "id": None}  # the columns, for the error
+
+
 def test_hf_text_bad_column_names_the_key(tmp_path):
     path = tmp_path / "rows.jsonl"
     path.write_text(json.dumps({"body": "hello"}) + "\n")

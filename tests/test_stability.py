@@ -195,8 +195,8 @@ def test_tiny_statistics_are_recorded_not_rounded_to_zero(tmp_path):
 
 def test_a_diverging_run_is_a_result_and_a_multirun_goes_on(tmp_path, cache_dir):
     proc = run_cli(["-m", "model=nano", "attention=baseline", "optim.lr=30,1e-3", "optim.warmup_steps=0",
-                    "optim.grad_clip=null", "trainer.max_steps=60", "trainer.val_every_n_steps=30",
-                    "callbacks.monitor.every_n_steps=5"], tmp_path, cache_dir)
+                    "optim.grad_clip=null", "trainer.max_steps=30", "trainer.val_every_n_steps=15",
+                    "callbacks.monitor.every_n_steps=5", "logger=csv"], tmp_path, cache_dir)
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = run_dirs(tmp_path / "logs")
     assert len(runs) == 2
@@ -206,9 +206,9 @@ def test_a_diverging_run_is_a_result_and_a_multirun_goes_on(tmp_path, cache_dir)
         by_lr["high" if "optim.lr=30" in overrides else "low"] = (r, json.loads((r / "summary.json").read_text()))
     run, high = by_lr["high"]
     assert high["status"] == "diverged" and high["reason"] and high["diverged_at_step"] is not None
-    assert high["steps"] < 60
+    assert high["steps"] < 30
     assert (run / "metrics.csv").exists() and (run / "stability.jsonl").exists()
-    assert by_lr["low"][1]["status"] == "completed" and by_lr["low"][1]["steps"] == 60
+    assert by_lr["low"][1]["status"] == "completed" and by_lr["low"][1]["steps"] == 30
 
 
 def test_single_diverging_run_exits_zero(tmp_path, cache_dir):

@@ -31,5 +31,7 @@ def test_run_names_leave_out_what_is_not_the_runs_identity():
     from qknorm.training.naming import run_name
 
     overrides = ["attention=qwen3", "optim.lr=0.01", "seed=1", "model=small", "trainer.threads=1", "data.val_max_tokens=8192",
-                 "trainer.progress_bar=false", "logger=csv", "trainer.max_steps=100", "data.val_token_ratio=0.5"]
+                 "trainer.progress_bar=false", "logger=csv", "trainer.max_steps=100", "data.val_token_ratio=0.5",
+                 # a sweep's job carries the sweep's name, size and grid too: its own values are the overrides above
+                 "sweeps=lr_tolerance", "sweeps.size=cpu", "sweeps.grids.cpu.lr='1e-3,30'"]
     assert run_name(0.01, 1, "qwen3", overrides) == "qwen3,lr=0.01,seed=1,model=small,trainer.max_steps=100"

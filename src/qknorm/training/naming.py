@@ -16,8 +16,10 @@ log = logging.getLogger("qknorm.train")
 
 # Overrides that say where, how often or on how many threads, or how much is validated, not what is trained:
 # left out of run names (every key that is not part of a run's identity, and the measurement settings).
+# `sweeps` too: a sweep's job repeats the sweep's name, size and grid on its command line, and the values
+# that grid gave this job are its own overrides (model, attention, LR, seed, ...), which the name keeps.
 _BOOKKEEPING = (*NOT_IDENTITY, "trainer.val_every_n_steps", "callbacks.monitor.every_n_steps", "data.val_max_tokens",
-                "paths.", "hydra")
+                "paths.", "hydra", "sweeps")
 
 
 def _hydra_config():

@@ -1,8 +1,8 @@
 """docs/reproductions.md from the reproduction sweeps' run directories: every number, table, figure and
 verdict on that page comes from here.
 
-    python analysis/reproductions.py                       # reads reproductions/runs/, writes docs/ and the README's table
-    python analysis/reproductions.py --runs DIR --out FILE --figures DIR --readme ''
+    .venv/bin/python analysis/reproductions.py   # reads reproductions/runs/, writes docs/ and the README's table
+    .venv/bin/python analysis/reproductions.py --runs DIR --out FILE --figures DIR --readme ''
 
 Each claim (E1-E11) is a module of analysis/claims/ that names its runs folder, its headline check and its
 diagnostics; the shared core (analysis/repro/) reads the runs with the package's failure definitions

@@ -6,6 +6,9 @@
 # probe and validation), whose summary.json must say "cuda" and the GPU's name; and the compiled rows'
 # compile, filling the compile caches. Then the timed throughput table, one row after another.
 set -uo pipefail
+# the quick start's environment first, where there is one: its python3 and qknorm-train (it is not activated)
+venv="$(cd "$(dirname "$0")/.." && pwd)/.venv/bin"
+if [ -d "$venv" ]; then PATH="$venv:$PATH"; fi
 out=${1:-/tmp/gpu_check}
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader | tee "$out/gpu.txt"

@@ -2,7 +2,7 @@
 # The sweeps behind docs/reproductions.md, one function per claim (E1-E12 of that page). Each is an
 # ordinary Hydra multirun of `qknorm-train`: its jobs' directories are named by their configs, so running
 # this again resumes where it stopped, skips finished jobs, and a widened grid (another seed, another LR)
-# only trains what is new. Then `python analysis/reproductions.py` rewrites docs/reproductions.md.
+# only trains what is new. Then `.venv/bin/python analysis/reproductions.py` rewrites docs/reproductions.md.
 #
 #     bash reproductions/run.sh                 # every experiment, in order (hours on 2 cores)
 #     bash reproductions/run.sh e1 e10          # some of them
@@ -12,6 +12,8 @@
 # enough to commit. Runs go to reproductions/runs/<experiment>/ (QKNORM_REPRO_RUNS moves them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# the quick start's environment first, where there is one: it is not activated, and its qknorm-train is not on PATH
+if [ -d .venv/bin ]; then PATH="$PWD/.venv/bin:$PATH"; fi
 RUNS=${QKNORM_REPRO_RUNS:-reproductions/runs}
 # data.val_token_ratio=null: validation on the whole held-out split, as these runs were trained (it keeps their identity)
 COMMON=(data.batch_size=16 trainer.keep_checkpoint=false logger=csv trainer.progress_bar=false data.val_token_ratio=null)

@@ -228,3 +228,35 @@ def test_the_readme_runs_python_from_the_quick_starts_environment():
     bare = [line for line in text.splitlines() if re.search(r"(^|`|\s)python3? (analysis|benchmarks|-m)\b", line)
             and ".venv/bin/python" not in line and "python3 -m venv" not in line]
     assert not bare, bare
+
+
+def _readme_commands(text: str) -> list[str]:
+    """The commands of the README's code blocks: every line of a bash block (a continuation joined to its
+    command, `&&` chains split), and the `$ ` lines of a block that shows a terminal."""
+    commands: list[str] = []
+    for lang, body in re.findall(r"^```(\w*)\n(.*?)^```", text, flags=re.S | re.M):
+        lines = body.replace("\\\n", " ").splitlines()
+        if any(line.startswith("$ ") for line in lines):
+            lines = [line[2:] for line in lines if line.startswith("$ ")]
+        elif lang != "bash":
+            continue  # a listing (the layout), not commands
+        commands += [part.strip() for line in lines for part in line.split("&&") if part.strip()]
+    return commands
+
+
+def test_the_readme_runs_every_command_from_the_quick_starts_environment():
+    """The quick start makes .venv and activates nothing: a command the README shows runs the environment's
+    executables by their path (a bare `qknorm-train`, `pip` or `hf` is not found, or is another one), and a
+    script it runs with `bash` puts the environment first on PATH before it calls any of them."""
+    text = (REPO / "README.md").read_text()
+    commands = _readme_commands(text)
+    assert len(commands) > 20 and ".venv/bin/qknorm-train attention=qwen4" in commands  # the error example counts
+    bare = [c for c in commands if not c.startswith((".venv/bin/", "python3 -m venv .venv", "bash "))]
+    assert not bare, bare
+    scripts = set(re.findall(r"(?:^|`)bash (\S+\.sh)", text, re.M))  # in a code block or the text
+    assert scripts == {"benchmarks/gpu_check.sh", "reproductions/run.sh"}
+    for script in scripts:
+        lines = [line for line in (REPO / script).read_text().splitlines() if not line.lstrip().startswith("#")]
+        venv_first = next((i for i, line in enumerate(lines) if "PATH=" in line and "venv" in line), None)
+        first_call = next(i for i, line in enumerate(lines) if re.search(r"\b(qknorm-\w+|python3?) ", line))
+        assert venv_first is not None and venv_first < first_call, script

@@ -134,7 +134,7 @@ def render(sections: list[Section], noise: SeedNoise, reference: Reference) -> s
         "Each section below tests one published claim about attention stability with this project's own sweeps, "
         "at CPU scale (2 cores), and gives a verdict: **reproduced**, **partly**, **not reproduced** or "
         "**inconclusive**. Everything on this page, numbers, tables, figures and verdicts, is written by "
-        "`python analysis/reproductions.py` from the run directories under `reproductions/runs/`, which "
+        "`.venv/bin/python analysis/reproductions.py` from the run directories under `reproductions/runs/`, which "
         "`bash reproductions/run.sh` produces (resumable: a second call trains only what is missing). Each claim is "
         "one module of `analysis/claims/` (its text, source, runs folder, headline check, diagnostics and figure).",
         "",

@@ -122,6 +122,8 @@ def test_confidence_intervals_and_test_need_two_seeds():
     low, high = t.loc["attention=baseline", ["sensitivity_ci_low", "sensitivity_ci_high"]]
     assert low <= t.loc["attention=baseline", "lr_sensitivity"] <= high
     assert t.loc["attention=qwen3", "p_vs_baseline"] < 0.01  # ~0.1 vs ~2 nats: clearly different
+    one_seed = lr_table(_frame([row for row in rows if row[2] == 0])).set_index("variant")
+    assert one_seed[["sensitivity_ci_low", "sensitivity_ci_high", "p_vs_baseline"]].isna().all().all()  # no interval
 
 
 @pytest.fixture(scope="module")
@@ -224,6 +226,8 @@ def test_analyze_a_real_sweep_writes_tables_report_and_figures(smoke_sweep, tmp_
         assert (out / f"{name}.png").stat().st_size > 1000 and (out / f"{name}.svg").exists()
     report = (out / "report.md").read_text()
     assert "| completed | 2 |" in report and "| diverged | 2 |" in report and "![loss_vs_lr](loss_vs_lr.png)" in report
+    # one seed: no interval columns, and the report says intervals need two seeds
+    assert "sensitivity_ci" not in report and "p_vs_baseline" not in report and "two seeds or more" in report
     assert "data:image/png;base64," in (out / "report.html").read_text()
 
 

@@ -18,7 +18,7 @@ until every seed diverged, then narrows both boundaries. Its runs give every col
   (its probe batch, the final weights), the smallest over seeds;
 - parameters: against the baseline preset's;
 - step cost: tokens/s relative to the baseline from the committed benchmark files (CPU: the `tiny` rows of
-  benchmarks/results/cpu_presets.csv; GPU: benchmarks/results/gpu_*.csv, compiled where measured); blank
+  benchmarks/results/cpu_presets*.csv, a later file's row replacing an earlier one's; GPU: benchmarks/results/gpu_*.csv, compiled where measured); blank
   where a preset was not measured.
 """
 
@@ -89,11 +89,10 @@ def step_costs(folder: Path = BENCHMARKS) -> tuple[dict[str, float], dict[str, f
     """preset -> tokens/s relative to baseline, on CPU (`tiny`) and on GPU (compiled where measured)."""
     cpu: dict[str, float] = {}
     gpu: dict[str, float] = {}
-    path = folder / "cpu_presets.csv"
-    if path.exists():
+    for path in sorted(folder.glob("cpu_presets*.csv")):  # cpu_presets_tiny.csv, every preset, after the first table
         t = pd.read_csv(path)
         t = t[(t["size"] == "tiny") & (t["impl"] == "qknorm")]
-        cpu = {r["preset"]: float(r["vs_baseline"]) for _, r in t.iterrows() if not pd.isna(r["vs_baseline"])}
+        cpu.update({r["preset"]: float(r["vs_baseline"]) for _, r in t.iterrows() if not pd.isna(r["vs_baseline"])})
     for path in sorted(folder.glob("gpu_*.csv")):
         t = pd.read_csv(path)
         if "vs_baseline" not in t.columns:

@@ -105,8 +105,9 @@ CLIP_SLACK = threshold(
     "CLIP_SLACK", 0.5,
     "QK-Clip bounds each head's largest logit on the batch it measured (exactly: tests/test_muon.py); the monitor "
     "reads the largest |logit| on held-out text, on which a clipped head can land somewhat above tau (another "
-    "batch, and a negative logit the clip does not aim at). 'Held at tau' read as a monitored peak of at most "
-    "(1 + this) x tau.", "E11 (headline)")
+    "batch, and a negative logit the clip does not aim at), and the clip acts after each step, from that step's "
+    "logits, so a step that multiplies the logit lands above tau before the next clip. 'Held at tau' read as a "
+    "monitored peak of at most (1 + this) x tau.", "E11 (headline)")
 PRECAP_GROWTH = threshold(
     "PRECAP_GROWTH", 1.5,
     "'The soft-cap leaves the pre-cap logit growing' read as the pre-cap max logit growing at least this much from "

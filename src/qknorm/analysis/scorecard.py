@@ -18,8 +18,8 @@ until every seed diverged, then narrows both boundaries. Its runs give every col
   (its probe batch, the final weights), the smallest over seeds;
 - parameters: against the baseline preset's;
 - step cost: tokens/s relative to the baseline from the committed benchmark files (CPU: the `tiny` rows of
-  benchmarks/results/cpu_presets*.csv, a later file's row replacing an earlier one's; GPU: benchmarks/results/gpu_*.csv, compiled where measured); blank
-  where a preset was not measured.
+  benchmarks/results/cpu_presets*.csv, a later file's row replacing an earlier one's; GPU:
+  benchmarks/results/gpu_*.csv, compiled where measured); blank where a preset was not measured.
 """
 
 from __future__ import annotations

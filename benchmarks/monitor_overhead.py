@@ -19,7 +19,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import pytorch_lightning as pl
 import torch
 from hydra import compose, initialize_config_module
@@ -65,10 +64,7 @@ def record_seconds(cfg, data, n: int, run_dir: Path) -> list[float]:
     pl.seed_everything(0, verbose=False)
     module = LMModule(cfg, data.vocab_size, data.token_bytes)
     monitor = StabilityMonitor(cfg.callbacks.monitor, run_dir)
-    t = cfg.data.seq_len
-    tokens = data.tokenized.val_tokens()
-    k = min(cfg.callbacks.monitor.probe_sequences, (len(tokens) - 1) // t)
-    monitor.probe_batch = torch.from_numpy(np.asarray(tokens[: k * t]).astype(np.int64).reshape(k, t))  # as setup() takes it
+    monitor.take_probe_batch(data.tokenized.val_tokens(), cfg.data.seq_len)
     monitor.measure(module, 0)  # warm: first-call allocations
     seconds = []
     for step in range(n):

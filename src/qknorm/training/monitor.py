@@ -142,10 +142,12 @@ class StabilityMonitor(pl.Callback):
 
     def setup(self, trainer, pl_module, stage):
         if stage == "fit" and self.probe_batch is None:
-            tokens = trainer.datamodule.data.tokenized.val_tokens()
-            t = trainer.datamodule.cfg.seq_len
-            n = min(self.cfg.probe_sequences, (len(tokens) - 1) // t)
-            self.probe_batch = torch.from_numpy(np.asarray(tokens[: n * t]).astype(np.int64).reshape(n, t))
+            self.take_probe_batch(trainer.datamodule.data.tokenized.val_tokens(), trainer.datamodule.cfg.seq_len)
+
+    def take_probe_batch(self, tokens, seq_len: int) -> None:
+        """The first `probe_sequences` windows of the held-out tokens: the same text at every record."""
+        n = min(self.cfg.probe_sequences, (len(tokens) - 1) // seq_len)
+        self.probe_batch = torch.from_numpy(np.asarray(tokens[: n * seq_len]).astype(np.int64).reshape(n, seq_len))
 
     def _due(self, trainer, step: int) -> bool:
         # the last step too: the fingerprint's final_* values are the trained model's

@@ -1,6 +1,7 @@
 """The package's layers (docs/architecture.md): every module imports only the layers below it, and no
-import circle exists anywhere under src/, counting imports inside functions (they tie files together
-just as much as those at the top)."""
+import circle exists anywhere under src/, counting imports inside functions and under `if TYPE_CHECKING:`
+(they tie files together just as much as those at the top: a module that names a type of a module above it
+depends on it for its reader and its type checker)."""
 
 from __future__ import annotations
 
@@ -36,24 +37,11 @@ def modules() -> dict[str, Path]:
     return {module_name(p): p for p in SRC.rglob("*.py")}
 
 
-def _runtime_nodes(tree: ast.Module):
-    """Every node of the file except those under `if TYPE_CHECKING:`, which never execute (annotations
-    only, the way a module names a type from a module that imports it)."""
-    stack: list[ast.AST] = [tree]
-    while stack:
-        node = stack.pop()
-        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
-            stack.extend(node.orelse)
-            continue
-        yield node
-        stack.extend(ast.iter_child_nodes(node))
-
-
 def imports(name: str, path: Path, known: set[str]) -> list[tuple[str, int]]:
     """(imported module of the package, line) for every import statement in the file, at any depth."""
     is_package = path.name == "__init__.py"
     found = []
-    for node in _runtime_nodes(ast.parse(path.read_text())):
+    for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom):
             if node.level:
                 base = name.split(".") if is_package else name.split(".")[:-1]

@@ -27,12 +27,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import TYPE_CHECKING, Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Protocol
 
 import torch
-
-if TYPE_CHECKING:
-    from .transformer import Transformer
 
 _forced: dict[str, Any] = {}
 
@@ -145,7 +142,11 @@ def flex_attention(q, k, v, **kwargs):
     return _compiled_flex(q, k, v, **kwargs)
 
 
-def compile_training_loss(model: Transformer):
+class _WithLoss(Protocol):  # the Transformer, named by what is compiled of it (this module sits below it)
+    def loss(self, *args: Any, **kwargs: Any) -> Any: ...
+
+
+def compile_training_loss(model: _WithLoss):
     """`model.loss` compiled as one graph (forward, LM-head loss and, through AOTAutograd, the backward):
     what `model.compile=true` trains with. Shapes are static (training batches all have one shape);
     validation and the stability monitor call the uncompiled model, so their shapes and their

@@ -10,7 +10,7 @@ separate matrices in the paper, so each block of rows gets its own sigma and gam
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, cast
+from typing import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -18,11 +18,9 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .attention import training_forward
+from .output_gate import OutputGate
 from .parts import parts_of
 from .roles import declare
-
-if TYPE_CHECKING:
-    from .transformer import Block, Transformer
 
 
 class SigmaReparam(nn.Module):
@@ -65,13 +63,11 @@ class SigmaReparam(nn.Module):
         return weight * scale[:, None].to(weight.dtype)
 
 
-def apply_sigma_reparam(model: Transformer) -> None:
-    """Reparametrize QKV, Proj, FC1 and FC2 of every block, and the output gate's matrix where there is one
-    (not the embedding or the output head)."""
-    for block in cast("list[Block]", model.blocks):
-        attn, mlp = block.attn, block.mlp
-        gate = (attn.gate,) if attn.gate is not None else ()
-        for linear in (attn.qkv, attn.proj, mlp.fc1, mlp.fc2, *gate):
-            sizes = tuple(part.rows for part in parts_of(linear))  # q, k, v and gate, up apart (parts.py)
-            # unsafe: skip the registration's trial forward, which would take a power step
-            parametrize.register_parametrization(linear, "weight", SigmaReparam(linear.weight, sizes), unsafe=True)
+def apply_sigma_reparam(layers: Iterable[nn.Linear | OutputGate]) -> None:
+    """Reparametrize each layer's `weight` matrix (a Linear's, the output gate's), each of its parts (q, k, v;
+    gate, up) with its own sigma and gamma. The model names the layers (Transformer: every block's matrices,
+    not the embedding or the output head)."""
+    for layer in layers:
+        sizes = tuple(part.rows for part in parts_of(layer))  # q, k, v and gate, up apart (parts.py)
+        # unsafe: skip the registration's trial forward, which would take a power step
+        parametrize.register_parametrization(layer, "weight", SigmaReparam(layer.weight, sizes), unsafe=True)

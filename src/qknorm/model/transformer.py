@@ -126,7 +126,11 @@ class Transformer(nn.Module):
         self.final_logit_softcap = attention.final_logit_softcap
         self.reset_parameters()
         if attention.sigma_reparam:
-            apply_sigma_reparam(self)  # after the init: gamma starts at sigma of the initialized weights
+            # QKV, Proj, FC1 and FC2 of every block, and the output gate's matrix where there is one (not the
+            # embedding or the output head); after the init: gamma starts at sigma of the initialized weights
+            apply_sigma_reparam(layer for block in cast("list[Block]", self.blocks)
+                                for layer in (block.attn.qkv, block.attn.proj, block.mlp.fc1, block.mlp.fc2, block.attn.gate)
+                                if layer is not None)
 
     def _set_rope_tables(self, dtype: torch.dtype, device: torch.device | None) -> None:
         """The RoPE tables in `dtype`, from float64 angles: a float64 model rotates by float64 angles; any

@@ -127,14 +127,15 @@ e10() {
 
 # The stabilizer scorecard (docs/scorecard.md): the critical-LR finder (hydra/sweeper=critical_lr) over every
 # attention preset at `tiny`, 200 steps with a 40-step warmup, 2 seeds. Each preset climbs the half-decade
-# grid from LR 0.01 until both seeds diverge, then narrows both boundaries to 10^0.25 (1.78x); probes stop
-# early once doomed. About 300 runs, 6-8 machine hours on 2 cores. A preset added later is one more run
-# of this function (finished probes are skipped), then the page is regenerated.
+# grid from LR 0.01 (up to 3.16, lr_max 10) until both seeds diverge, then narrows both boundaries to 10^0.25
+# (1.78x); probes stop early once doomed (30 steps above the initial loss after the warmup). About 14 runs
+# a preset, 350 in all, 6-8 machine hours on 2 cores. A preset added later is one more run of this function
+# (finished probes are skipped), then the page is regenerated.
 scorecard() {
   local presets
   presets=$(find conf/attention -name '*.yaml' -printf '%f\n' | sed 's/\.yaml$//' | sort | paste -sd, -)
   qknorm-train -m hydra/sweeper=critical_lr "attention=$presets" seed=0,1 model=tiny trainer.max_steps=200 \
-    optim.warmup_steps=40 hydra.sweeper.lr_min=0.01 hydra.sweeper.lr_max=3 hydra.sweeper.precision=1.778 \
+    optim.warmup_steps=40 hydra.sweeper.lr_min=0.01 hydra.sweeper.lr_max=10 hydra.sweeper.precision=1.778 \
     "${COMMON[@]}" "hydra.sweep.dir=$RUNS/scorecard"
   qknorm-scorecard "$RUNS/scorecard" --out docs/scorecard.md
 }
@@ -155,13 +156,19 @@ e11() {
 # E12: gates and sinks. Qiu et al. 2025 (gated attention, as Qwen3-Next ships it): does the output gate raise the LR
 # the model tolerates, and does it remove the sink on the first token (Gu et al. 2025's sink rate, in the monitor's
 # records)? Qwen3-Next's attention with and without its gate (the same zero-centred, decayed gains: the gate is the
-# only difference), Qwen3, the baseline, gpt-oss's learned sink and sigmoid attention; LRs 1.5x apart around where
-# E4's tiny models first diverge, and 0.03, where every arm trains, for the sink; E4's 600 steps and 60-step warmup;
-# 2 seeds. 60 runs, about 4 hours on 2 cores (sigmoid attention runs on the explicit path, the slowest).
-E12=(model=tiny trainer.max_steps=600 optim.warmup_steps=60 seed=0,1 optim.lr=0.03,0.3,0.45,0.67,1)
+# only difference), Qwen3, the baseline, gpt-oss's learned sink and sigmoid attention; E4's 600 steps and 60-step
+# warmup; 2 seeds. Where each arm first diverges is searched, not gridded: in the 60-step-warmup E4 no tiny model
+# diverged up to LR 0.75, so a fixed grid ending at 1 would leave the gate's arms censored. The critical-LR finder
+# climbs 0.03, 0.32, 1, 3.2, 10 until both seeds diverge, then narrows the divergence bracket to 1.78x; the low LRs,
+# where every arm trains, are where the sink is read. Probes stop 30 steps after they are doomed. Two sweeps
+# (the ungated arm is an override of a preset, not a preset), about 60 runs, two thirds of them full length.
+E12=(model=tiny trainer.max_steps=600 optim.warmup_steps=60 seed=0,1 optim.lr=0.03,0.3162,1,3.162,10 hydra/sweeper=critical_lr
+     hydra.sweeper.precision=1.778 "hydra.sweeper.targets=[diverged]")
 e12() {
-  sweep e12_gates_sinks "${E12[@]}" attention=baseline,qwen3,qwen3_next,gpt_oss_sink,ramapuram2024_sigmoid
-  sweep e12_gates_sinks "${E12[@]}" attention=qwen3_next attention.output_gate=none
+  qknorm-train -m "${E12[@]}" attention=baseline,qwen3,qwen3_next,gpt_oss_sink,ramapuram2024_sigmoid "${COMMON[@]}" \
+    "hydra.sweep.dir=$RUNS/e12_gates_sinks/presets"
+  qknorm-train -m "${E12[@]}" attention=qwen3_next attention.output_gate=none "${COMMON[@]}" \
+    "hydra.sweep.dir=$RUNS/e12_gates_sinks/without_gate"
 }
 
 all=(e1 e10 e4 e6 e5 e3 e7 e9 e8 e11 e12)

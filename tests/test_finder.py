@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from qknorm.analysis.boundary import Bracket, bracket, grid_runs, logistic_boundary, next_probes, upper
+from qknorm.analysis.boundary import PRECISION_SLACK, Bracket, bracket, grid_runs, logistic_boundary, next_probes, upper
 from qknorm.config import DivergenceConfig
 from qknorm.finder import FinderError, FinderSettings, Outcome, Search
 from qknorm.training.monitor import DivergenceDetector
@@ -40,6 +40,12 @@ def test_failures_below_the_first_success_are_the_other_boundary():
     probes = [(1e-4, True), (1e-3, False), (1e-2, False), (1e-1, True)]
     assert upper(probes) == probes[1:]
     assert bracket(probes) == Bracket(1e-2, 1e-1)
+    # one seed too slow to learn at the smallest LR where the other learned: still the lower boundary's, cut
+    # at the smallest LR where every seed succeeded, so the upper bracket stays closed and can be narrowed
+    mixed = [(0.01, False), (0.01, True), (0.0316, False), (0.0316, False), (0.1, True), (0.1, True)]
+    assert upper(mixed) == mixed[2:] and bracket(mixed) == Bracket(0.0316, 0.1)
+    # no LR where every seed succeeded: from the first success on, as before
+    assert bracket([(0.01, False), (0.01, True), (0.0316, True), (0.0316, True)]) == Bracket(None, 0.01)
 
 
 def test_next_probes_split_the_bracket_evenly_and_stop_at_the_precision():
@@ -49,6 +55,9 @@ def test_next_probes_split_the_bracket_evenly_and_stop_at_the_precision():
     assert len(next_probes(Bracket(0.01, 0.01 * 10 ** 0.167), 2, 10 ** 0.1)) == 1
     assert next_probes(Bracket(0.01, 0.012), 2, 10 ** 0.1) == []
     assert next_probes(Bracket(None, 0.1), 2, 10 ** 0.1) == []
+    # a half-decade bracket of rounded grid LRs (0.1 to 0.3162) at precision 1.778 (10^0.25 to 4 digits): one probe,
+    # not two, though 1.778^2 is a hair under 3.162
+    assert next_probes(Bracket(0.1, 0.3162), 2, 1.778) == [0.1778]
 
 
 def test_grid_runs_counts_the_points_of_an_exhaustive_grid():
@@ -105,9 +114,26 @@ def test_search_brackets_each_hidden_boundary_within_the_precision_with_3x_fewer
         shift = standin.VARIANT_SHIFT[g["overrides"][0].split("=")[1]]
         lo, hi = g["diverged"]["bracket"]
         first = min(standin.boundary(s) for s in range(3)) * shift  # the first seed to fail
-        assert lo < first < hi and hi / lo <= settings.precision * (1 + 1e-9), g["diverged"]
+        assert lo < first < hi and hi / lo <= settings.precision * 10 ** PRECISION_SLACK, g["diverged"]
         median = sorted(standin.boundary(s) for s in range(3))[1] * shift
         assert g["diverged"]["interval"][0] <= median <= g["diverged"]["interval"][1], g["diverged"]
+
+
+def test_a_probe_that_crashes_is_not_launched_again_in_later_rounds():
+    """Probes with no result (a crash) are left out of the search once, not relaunched in every later round: here
+    every probe inside the bracket crashes, so the bracket never moves and every round would ask for them again."""
+    launched: list[list[str]] = []
+
+    def outcome(job: list[str]) -> Outcome | None:
+        lr = float(dict(o.split("=", 1) for o in job)["optim.lr"])
+        return None if 0.1 < lr < 0.3162 else Outcome(diverged=lr > 0.2, failed=lr > 0.2)
+
+    search = Search(FinderSettings(lr_min=1e-3, targets=("diverged",)), [("variant", ["a"]), ("seed", ["0"])],
+                    launched.extend, outcome)
+    result = search.run()
+    jobs = [" ".join(j) for j in launched]
+    assert len(jobs) == len(set(jobs)), jobs
+    assert result["groups"][0]["diverged"]["bracket"] == [0.1, 0.3162]
 
 
 def test_search_finds_both_boundaries_and_the_quality_one_lies_below():
@@ -118,7 +144,7 @@ def test_search_finds_both_boundaries_and_the_quality_one_lies_below():
         b = standin.boundary(0) * shift
         for target, truth in (("diverged", b), ("failed", b / standin.QUALITY_FACTOR)):
             lo, hi = g[target]["bracket"]
-            assert lo < truth < hi and hi / lo <= 10 ** 0.1 * (1 + 1e-9), (target, g[target])
+            assert lo < truth < hi and hi / lo <= 10 ** (0.1 + PRECISION_SLACK), (target, g[target])
 
 
 def test_search_without_a_failure_says_the_boundary_is_above_the_grid():
@@ -195,6 +221,12 @@ def test_early_stop_above_the_initial_loss_waits_for_the_warmup_and_names_its_re
     assert step == 17 and "early stop" in m.stopped and "after the warmup" in m.stopped
     m, step = _feed(DivergenceDetector(DivergenceConfig(patience=3, loss_margin=100.0), warmup_steps=10), losses)
     assert m.stopped is None  # off by default
+    # the early stops' own patience: an overshoot of 5 steps after the warmup is waited out, not stopped
+    patient = DivergenceConfig(after_warmup_margin=0.0, patience=3, loss_margin=100.0, early_stop_patience=6)
+    m, step = _feed(DivergenceDetector(patient, warmup_steps=10), losses + [5.0] * 10)
+    assert m.stopped is None
+    m, step = _feed(DivergenceDetector(patient, warmup_steps=10), losses + [8.2] * 3)
+    assert step == 20 and "for 6 steps" in m.stopped
 
 
 def test_early_stop_above_k_times_the_running_minimum():
@@ -288,13 +320,18 @@ def test_scorecard_ranks_presets_by_their_boundaries_and_states_the_recipe(tmp_p
                                 logit=(1.0, 2.0 if lr < first_bad else 5.0))
                 probes.append({"lr": lr, "seed": str(seed), "run_dir": str(run)})
         groups.append({"group": f"attention={attention}", "probes": probes})
+    # a preset no run of which failed up to the grid's top: its boundary lies above the grid, so it ranks first
+    robust = [{"lr": lr, "seed": str(seed), "run_dir": str(write_run(sweep, ["attention=henry2020_l2", f"optim.lr={lr}"],
+                                                                     4.3, initial=8.0, seed=seed))}
+              for seed in (0, 1) for lr in grid]
+    groups.append({"group": "attention=henry2020_l2", "probes": robust})
     (sweep / "finder.json").write_text(json.dumps({"settings": {"precision": 10 ** 0.5, "lr_min": 0.01, "per_decade": 2,
                                                                 "k": 2, "probe_overrides": []},
                                                    "coarse_grid": grid, "groups": groups}))
     out = tmp_path / "docs" / "scorecard.md"
     assert scorecard_main([str(sweep), "--out", str(out)]) == 0
     table = pd.read_csv(out.with_suffix(".csv"))
-    assert list(table["preset"]) == ["qwen3", "baseline", "gemma2_softcap"]  # by critical LR
+    assert list(table["preset"]) == ["henry2020_l2", "qwen3", "baseline", "gemma2_softcap"]  # by critical LR
     row = table.set_index("preset")
     assert row.loc["qwen3", "best_lr"] == pytest.approx(0.1) and row.loc["qwen3", "best_val_loss"] == pytest.approx(4.05)
     assert row.loc["qwen3", "best_val_loss_halfrange"] == pytest.approx(0.05)
@@ -304,6 +341,7 @@ def test_scorecard_ranks_presets_by_their_boundaries_and_states_the_recipe(tmp_p
     assert row.loc["baseline", "cpu_step_vs_baseline"] == pytest.approx(1.0)  # from the committed benchmark file
     page = out.read_text()
     assert "Scale and recipe" in page and "What it cannot show: the scale" in page and "qwen3's" in page
+    assert "No critical-LR boundary for henry2020_l2 (no run failed: the boundary is above 1)" in page, page
 
 
 def test_scorecard_without_a_finder_sweep_fails_in_one_line(tmp_path):

@@ -247,6 +247,7 @@ BOUNDS = [
     ("callbacks.divergence.after_warmup_margin", 0.0, True, +1, {}),
     ("callbacks.divergence.running_min_factor", 1.0, False, +1, {}),
     ("callbacks.divergence.max_logit", 0.0, False, +1, {}),
+    ("callbacks.divergence.early_stop_patience", 1, True, +1, {}),
     ("seed", 0, True, +1, {}),
     ("seed", MAX_SEED, True, -1, {}),
 ]

@@ -409,6 +409,7 @@ def tolerance(curve: pd.DataFrame) -> dict:
     return {"best": best, "best_lr": best_lr, "largest_stable": float(stable.max()) if len(stable) else math.nan,
             "first_div": first, "first_after": bool(unstable.iloc[0]["after"]) if len(unstable) else None,
             "critical": float(above.min()) if len(above) else math.inf, "largest_tried": float(curve["lr"].max()),
+            "smallest_tried": float(curve["lr"].min()),
             "grid_step": step, "curve": curve}
 
 
@@ -515,6 +516,9 @@ def later(a: dict, b: dict, name_a: str, name_b: str) -> tuple[Optional[bool], s
     elif fa < fb:
         decider, name = a, name_a
     else:
+        if fa <= max(a["smallest_tried"], b["smallest_tried"]):
+            # left-censored: both fail at the lowest LR either tried, so where each would first fail lies below the grid
+            return None, f"both diverge already at LR {lr_fmt(fa)}, the lowest of the grid"
         if a["first_after"] or b["first_after"]:
             return False, ""
         return None, f"both first diverge at LR {lr_fmt(fa)}, inside their warmup"

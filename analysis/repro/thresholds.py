@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from qknorm.training.monitor import SINK_EPSILON as MONITOR_SINK_EPSILON
+
 
 @dataclass(frozen=True)
 class Threshold:
@@ -112,3 +114,8 @@ PRECAP_GROWTH = threshold(
     "PRECAP_GROWTH", 1.5,
     "'The soft-cap leaves the pre-cap logit growing' read as the pre-cap max logit growing at least this much from "
     "DRIFT_FROM of the run to its end, while the capped logit stays below the cap.", "E11 (headline)")
+SINK_EPSILON = threshold(
+    "SINK_EPSILON", MONITOR_SINK_EPSILON,
+    "Gu et al. 2025's epsilon: a head is a sink head when its attention on the first token, averaged over query rows, "
+    "exceeds this; the sink rate is the share of such heads. The monitor counts with this value (qknorm.training."
+    "monitor), so the page and the records agree.", "E12 (headline)")

@@ -444,6 +444,10 @@ class DivergenceConfig:
     - running_min_factor: the loss above this factor times its running minimum for `patience` steps;
     - max_logit: the monitor's largest attention logit above this (Wortsman et al. 2023 see divergence
       follow logits of about 1e4); checked when the monitor measures, so only with the monitor on.
+    - early_stop_patience: the steps the first two must hold before they stop a run (null: `patience`).
+      Longer than the detector's own: a run at a high LR can overshoot its initial loss just after the
+      warmup and recover (runs of the first E4 round did, for 10-20 steps), and a stop there would move
+      the divergence LR down; the finder's probes use 30.
     """
 
     enabled: bool = True
@@ -455,6 +459,7 @@ class DivergenceConfig:
     after_warmup_margin: Optional[float] = None
     running_min_factor: Optional[float] = None
     max_logit: Optional[float] = None
+    early_stop_patience: Optional[int] = None
 
     def validate(self, path: str) -> None:
         # finite: a criterion is switched off by callbacks.divergence.enabled=false, or by a large number
@@ -467,6 +472,9 @@ class DivergenceConfig:
         if self.after_warmup_margin is not None:
             _require(math.isfinite(self.after_warmup_margin) and self.after_warmup_margin >= 0,
                      f"{path}.after_warmup_margin", f"must be null or a number >= 0, got {self.after_warmup_margin}")
+        if self.early_stop_patience is not None:
+            _require(isinstance(self.early_stop_patience, int) and self.early_stop_patience >= 1,
+                     f"{path}.early_stop_patience", f"must be null or an integer >= 1, got {self.early_stop_patience}")
         if self.running_min_factor is not None:
             _require(math.isfinite(self.running_min_factor) and self.running_min_factor > 1,
                      f"{path}.running_min_factor", f"must be null or a number > 1, got {self.running_min_factor}")

@@ -114,6 +114,9 @@ class Group:
     seeds: list[Optional[str]]
     outcomes: dict[tuple[float, Optional[str]], Outcome] = field(default_factory=dict)
     rounds: list[list[float]] = field(default_factory=list)
+    # probes launched that gave no result (a crash): not launched again in this search, which would
+    # only crash again in every later round (a rerun of the command tries them once more)
+    lost: set[tuple[float, Optional[str]]] = field(default_factory=set)
 
     @property
     def label(self) -> str:
@@ -176,26 +179,29 @@ class Search:
         seed_part = [] if seed is None else [f"{s.seed_key}={seed}"]
         return [*self.fixed, *group.overrides, *seed_part, f"{s.lr_key}={_fmt(lr)}", *s.probe_overrides]
 
-    def _run_round(self, wanted: dict[int, list[float]]) -> None:
+    def _run_round(self, wanted: dict[int, list[float]]) -> int:
+        """Launches the wanted probes that have no result yet; returns how many it launched."""
         batch, owners = [], []
         for gi, lrs in wanted.items():
             group = self.groups[gi]
             group.rounds.append(lrs)
             for lr in lrs:
                 for seed in group.seeds:
-                    if (lr, seed) not in group.outcomes:
+                    if (lr, seed) not in group.outcomes and (lr, seed) not in group.lost:
                         batch.append(self.job(group, lr, seed))
                         owners.append((group, lr, seed))
         if not batch:
-            return
+            return 0
         self.launch(batch)
         self.launched += len(batch)
         for overrides, (group, lr, seed) in zip(batch, owners, strict=True):
             result = self.outcome(overrides)
             if result is None:
                 log.warning("no result for %s: left out of the search", " ".join(overrides))
+                group.lost.add((lr, seed))
             else:
                 group.outcomes[(lr, seed)] = result
+        return len(batch)
 
     def open_probes(self, group: Group) -> list[float]:
         s = self.settings
@@ -243,7 +249,8 @@ class Search:
                 break
             log.info("finder round %d: %s", r + 1, "; ".join(f"{self.groups[gi].label}: {', '.join(map(_fmt, lrs))}"
                                                              for gi, lrs in wanted.items()))
-            self._run_round(wanted)
+            if not self._run_round(wanted):
+                break  # every probe it asks for crashed before: nothing new to learn
             self.write()
         result = self.result()
         self.write(result)

@@ -52,7 +52,7 @@ LATER_KEYS = {
     "optim.nesterov": True, "optim.ns_steps": 5, "attention.qk_clip_scope": "head",
     # the early stops of LR searches (off: what every earlier run did)
     "callbacks.divergence.after_warmup_margin": None, "callbacks.divergence.running_min_factor": None,
-    "callbacks.divergence.max_logit": None,
+    "callbacks.divergence.max_logit": None, "callbacks.divergence.early_stop_patience": None,
     # gated attention, softmax variants and length scaling (off: the plain softmax every earlier run used)
     "attention.output_gate": "none", "attention.softmax": "softmax", "attention.length_scale": "none",
 }

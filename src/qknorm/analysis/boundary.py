@@ -7,9 +7,11 @@ definition of qknorm.analysis.failure: diverged, or failed against the bigram re
   every run succeeded. The boundary lies between them (for one seed exactly; with several seeds the
   runs between lo and hi are the stochastic zone). `lo` is None when runs failed at the smallest LR
   tried, `hi` is None when no run failed: the boundary is then censored, below or above the grid.
-- **The upper boundary only**: failures below the smallest LR at which some run succeeded are the other
+- **The upper boundary only**: failures below the smallest LR at which every run succeeded are the other
   boundary (an LR too small to learn anything in the run's steps fails against the bigram model too) and
-  are left out of the bracket and the fit (`upper`).
+  are left out of the bracket and the fit (`upper`). Every run, not some: at an LR just high enough to
+  learn, one seed can end above the bigram model by seed noise while the other ends below it, and that
+  slow seed says nothing about the upper boundary.
 - **Next probes**: K LRs evenly spaced in log LR strictly inside the bracket, so a round of K probes
   shrinks the bracket K + 1 times (K-ary bisection).
 - **Logistic boundary**: with several seeds, a divergence is a chance event near the boundary. The fit
@@ -39,6 +41,12 @@ MU_STEP = 0.002  # decades: the mu grid of the profile, finer than any precision
 # LRs are rounded to this many significant digits, so a probe's LR (and its run directory) is the same
 # every time the search is replayed
 LR_DIGITS = 4
+# A bracket within this many decades of the precision counts as narrow enough: the rounding of its ends to
+# LR_DIGITS moves each by up to 2e-4 decades, and a bracket that misses the precision only by that should
+# not cost another round of probes (a half-decade bracket at precision 10^0.25 needs one probe, not two)
+PRECISION_SLACK = 1e-3
+# How a fit's note begins when the boundary is censored (the scorecard sorts by it): above the grid, below it
+NONE_FAILED, ALL_FAILED = "no run failed", "every run failed"
 
 
 def round_lr(lr: float) -> float:
@@ -69,9 +77,14 @@ class Bracket:
 
 
 def upper(probes: Iterable[tuple[float, bool]]) -> list[tuple[float, bool]]:
-    """The probes at or above the smallest LR at which a run succeeded (all of them when none did)."""
+    """The probes at or above the smallest LR at which every run succeeded; where no LR has every run
+    succeed, at or above the smallest LR at which a run did (all of them when none did)."""
     probes = [(float(lr), bool(f)) for lr, f in probes]
-    ok = [lr for lr, f in probes if not f]
+    by_lr: dict[float, list[bool]] = {}
+    for lr, f in probes:
+        by_lr.setdefault(lr, []).append(f)
+    clean = [lr for lr, fs in by_lr.items() if not any(fs)]
+    ok = clean or [lr for lr, f in probes if not f]
     return [(lr, f) for lr, f in probes if not ok or lr >= min(ok)]
 
 
@@ -96,9 +109,9 @@ def next_probes(b: Bracket, k: int, precision: float) -> list[float]:
         return []
     assert b.lo is not None and b.hi is not None
     lo, hi = math.log10(b.lo), math.log10(b.hi)
-    if hi - lo <= math.log10(precision) + 1e-9:
+    if hi - lo <= math.log10(precision) + PRECISION_SLACK:
         return []
-    k = min(k, max(1, math.ceil((hi - lo) / math.log10(precision) - 1e-9) - 1))
+    k = min(k, max(1, math.ceil((hi - lo - PRECISION_SLACK) / math.log10(precision)) - 1))
     out = []
     for i in range(1, k + 1):
         lr = round_lr(10 ** (lo + i * (hi - lo) / (k + 1)))
@@ -149,9 +162,9 @@ def logistic_boundary(probes: Sequence[tuple[float, bool]]) -> Boundary:
     x = np.log10(np.array([lr for lr, _ in probes]))
     y = np.array([f for _, f in probes])
     if y.all():
-        return Boundary(None, None, None, None, n, f"every run failed: the boundary is below {10 ** x.min():.4g}")
+        return Boundary(None, None, None, None, n, f"{ALL_FAILED}: the boundary is below {10 ** x.min():.4g}")
     if not y.any():
-        return Boundary(None, None, None, None, n, f"no run failed: the boundary is above {10 ** x.max():.4g}")
+        return Boundary(None, None, None, None, n, f"{NONE_FAILED}: the boundary is above {10 ** x.max():.4g}")
     margin = min(max(x.max() - x.min(), 0.1), 1.0)  # mu beyond the probes by more than a decade: no evidence
     mu = np.arange(x.min() - margin, x.max() + margin + MU_STEP, MU_STEP)
     s = np.geomspace(S_MIN, S_MAX, 32)

@@ -33,6 +33,7 @@ from typing import Any, Optional
 
 import pandas as pd
 
+from .boundary import NONE_FAILED
 from .critical_lr import critical_lr_table, finder_files, group_of_runs
 from .failure import failure_columns
 from .lr import capped_loss
@@ -148,17 +149,21 @@ def scorecard(paths: list[str | Path], benchmarks: Path = BENCHMARKS) -> tuple[p
         above = [lr for lr in sorted(ended["lr"].unique()) if best_lr is not None and lr >= best_lr * NEXT_GRID_POINT * 0.99]
         b = boundaries[boundaries["group"] == group]
 
-        def boundary(prefix: str, b: pd.DataFrame = b) -> tuple[Optional[float], str]:
+        def boundary(prefix: str, b: pd.DataFrame = b) -> tuple[Optional[float], str, float]:
+            """The fitted boundary, its text, and where it sorts: the boundary itself; above every boundary when
+            no run failed (the boundary lies above the grid); below every one when every run failed or no fit."""
             row = b[b["target"].str.startswith(prefix)]
             if row.empty:
-                return None, ""
+                return None, "", -math.inf
             r = row.iloc[0]
             if r["boundary_lr"] is None or pd.isna(r["boundary_lr"]):
-                return None, str(r["fit"])
-            return float(r["boundary_lr"]), f"{r['boundary_lr']:.3g} [{r['ci_low']:.3g}, {r['ci_high']:.3g}]"
+                text = str(r["fit"])
+                return None, text, math.inf if text.startswith(NONE_FAILED) else -math.inf
+            return (float(r["boundary_lr"]), f"{r['boundary_lr']:.3g} [{r['ci_low']:.3g}, {r['ci_high']:.3g}]",
+                    float(r["boundary_lr"]))
 
-        div_lr, div_text = boundary("divergence")
-        crit_lr, crit_text = boundary("critical")
+        div_lr, div_text, div_sort = boundary("divergence")
+        crit_lr, crit_text, crit_sort = boundary("critical")
         at_best = list(g[g["lr"] == best_lr]["run_dir"]) if best_lr is not None else []
         at_3x = list(g[g["lr"] == above[0]]["run_dir"]) if above else []
         rows.append({
@@ -167,6 +172,7 @@ def scorecard(paths: list[str | Path], benchmarks: Path = BENCHMARKS) -> tuple[p
             "lr_sensitivity": sum(sens) / len(sens) if sens else math.nan,
             "lr_sensitivity_min": min(sens) if sens else math.nan, "lr_sensitivity_max": max(sens) if sens else math.nan,
             "divergence_lr": div_lr, "divergence_lr_text": div_text, "critical_lr": crit_lr, "critical_lr_text": crit_text,
+            "critical_sort": crit_sort, "divergence_sort": div_sort,
             "logit_growth_best_lr": logit_growth(at_best),
             "logit_growth_next_lr": logit_growth(at_3x), "next_lr": above[0] if above else None,
             "fp16_headroom_final": final_headroom(at_best),
@@ -176,7 +182,8 @@ def scorecard(paths: list[str | Path], benchmarks: Path = BENCHMARKS) -> tuple[p
         })
     table = pd.DataFrame(rows)
     if not table.empty:
-        table = table.sort_values(["critical_lr", "divergence_lr", "best_val_loss"], ascending=[False, False, True],
+        # a preset that never failed up to the grid's top sorts first, one that failed everywhere last
+        table = table.sort_values(["critical_sort", "divergence_sort", "best_val_loss"], ascending=[False, False, True],
                                   na_position="last").reset_index(drop=True)
     return table, {"settings": settings.get("settings", {}), "frame": frame, "coarse": coarse}
 
@@ -216,7 +223,8 @@ def paragraph(table: pd.DataFrame) -> str:
                          f"estimate; where two intervals overlap the runs cannot order the two presets.")
     censored = table[table["critical_lr"].isna()]
     if len(censored):
-        lines.append(f"No boundary for {', '.join(censored['preset'])}: {censored.iloc[0]['critical_lr_text'] or 'no runs'}.")
+        lines.append("No critical-LR boundary for " + "; ".join(
+            f"{r['preset']} ({r['critical_lr_text'] or 'no runs'})" for _, r in censored.iterrows()) + ".")
     lines.append("What it cannot show: the scale. These are small models trained for minutes on a CPU; the papers' claims "
                  "are about 10^8-10^10 tokens and the late growth of logits, which a short run cannot reach. A boundary "
                  "here is a fact about this recipe, and an ordering of presets is a hypothesis for a larger run.")
@@ -224,6 +232,8 @@ def paragraph(table: pd.DataFrame) -> str:
 
 
 def render(table: pd.DataFrame, info: dict, command: str) -> str:
+    if table.empty:
+        return "\n".join(["# Stabilizer scorecard", "", f"No preset has finished runs yet (regenerate: `{command}`)."])
     shown = pd.DataFrame({
         "preset": table["preset"],
         "best val loss": [f"{a:.3f} ± {b:.3f} @ {lr:.3g}" if not pd.isna(a) else "" for a, b, lr in

@@ -391,7 +391,8 @@ class DivergenceDetector(pl.Callback):
 
     def _doomed(self, step: int, loss: float, pl_module) -> bool:
         """The early stops for LR searches (DivergenceConfig): True when one stopped the run."""
-        cfg, patience = self.cfg, self.cfg.patience
+        cfg = self.cfg
+        patience = cfg.patience if cfg.early_stop_patience is None else cfg.early_stop_patience
         if cfg.after_warmup_margin is not None and step >= self.warmup_steps:
             limit = pl_module.initial_loss + cfg.after_warmup_margin
             self._after_warmup = self._after_warmup + 1 if loss > limit else 0

@@ -646,6 +646,8 @@ def test_e12_the_gate_raises_the_tolerated_lr_and_lowers_the_sink_or_not(tmp_pat
     parts = [c for c in e12.checks if c.headline]
     assert len(parts) == 2, [c.name for c in parts]
     assert checks["the gate raises the LR Qwen3-Next's attention tolerates"].value is (gated_diverges_at != 0.67)
+    # a diverged run ends worse than the bigram model too: the critical LR orders the arms as the divergence does
+    assert checks["the gate raises the critical LR"].value is (gated_diverges_at != 0.67)
     # the sink, at the LRs where both trained stably (0.03 and 0.3), where the ungated arm has a sink head
     lowered = gated_sink[0] == 0.0
     assert checks["the gate lowers the first-token sink at every LR where both train stably and the ungated arm has a "

@@ -30,6 +30,8 @@ from repro.core import (
 )
 from repro.thresholds import SINK_EPSILON
 
+from qknorm.analysis.boundary import Bracket, bracket
+
 KEY = "E12"
 TITLE = "gates and sinks"
 CLAIM = ("A sigmoid gate on each head's attention output (Qwen3-Next's layout) lets the model train at larger learning "
@@ -127,6 +129,32 @@ def lowers_activation(table: pd.DataFrame, a: str, b: str) -> tuple[Optional[boo
     return all(x["max_act"] < y["max_act"] for _, x, y in pairs), ""
 
 
+def first_failing(frame: pd.DataFrame, a: str) -> Bracket:
+    """Arm a's bracket of the critical LR (qknorm.analysis.boundary, on `failed`: worse than the bigram model or
+    diverged): the largest LR below the first failure where every seed succeeded, and that first failure."""
+    rows = frame[(frame["variant"] == a) & frame["failed"].notna()]
+    return bracket([(float(lr), bool(f)) for lr, f in zip(rows["lr"], rows["failed"], strict=True)])
+
+
+def higher_critical(frame: pd.DataFrame, a: str, b: str) -> tuple[Optional[bool], str]:
+    """Whether arm a's first failing LR (worse than the bigram model) lies above arm b's: decided when a fails only
+    above b's first failure, or not at all where b failed; undecided when neither fails, or either fails already at
+    its lowest LR (the boundary is below the grid)."""
+    ba, bb = first_failing(frame, a), first_failing(frame, b)
+    for arm_, br in ((a, ba), (b, bb)):
+        if br.lo is None and br.hi is not None:
+            return None, f"{arm_} fails already at LR {lr_fmt(br.hi)}, its lowest"
+        if br.lo is None and br.hi is None:
+            return None, f"no finished runs of {arm_} judged against the bigram reference"
+    if ba.hi is None and bb.hi is None:
+        return None, f"neither {a} nor {b} ends worse than the bigram model in the runs"
+    if ba.hi is None:
+        return True, ""
+    if bb.hi is None:
+        return False, ""
+    return ba.hi > bb.hi, ""
+
+
 def uniform_first_token(seq_len: int) -> float:
     """The first-token mass of uniform causal attention over `seq_len` rows: row i spreads 1/i over its i keys, so the
     mean over rows of the first key's weight is H_T / T. A first-token mass near it is no sink at all."""
@@ -167,6 +195,8 @@ def analyse(frame: pd.DataFrame, sec: Section, ctx: Context) -> None:
         value, why = later(tol[NEXT], tol[QWEN3], NEXT, QWEN3)
     checks.append(diagnostic("Qwen3-Next's attention first diverges at a higher LR than Qwen3's (gate and gains differ)",
                              value, why))
+    checks.append(diagnostic("the gate raises the critical LR (the first LR at which a run ends worse than the bigram model)",
+                             *higher_critical(frame, NEXT, NEXT_NO_GATE)))
     table = sink_table(frame)
     if not table.empty:
         sec.figures.append(sink_figure(table, ctx))

@@ -28,15 +28,20 @@ e1() {
 e2() { e1; }
 
 # E3: norm kinds and scopes (Wortsman Fig. E.8, Henry 2020): LayerNorm / RMS / L2 with learned g, per head vs
-# full width, before vs after RoPE, and L2 with a fixed gain of 1 (the logits bounded by 1/sqrt(d_h)). A grid
-# 1.5x apart over the range where these variants go from stable to diverged, 3 seeds, and a 60-step warmup
-# (as E4) so that divergence at the peak LR is not the warmup's.
-E3_FINE=(model=tiny trainer.max_steps=300 optim.warmup_steps=60 seed=0,1,2 optim.lr=0.1,0.15,0.22,0.33,0.5)
+# full width, before vs after RoPE, and L2 with a fixed gain of 1 (the logits bounded by 1/sqrt(d_h)); 3 seeds, a
+# 60-step warmup (as E4). Each variant's critical LR (worse than the bigram model) is searched, not gridded: in the
+# 60-step-warmup E4 every QK-norm variant still beat the bigram model at LR 0.5, so the fine grid first planned
+# here (0.1-0.5) could locate no one's. The critical-LR finder climbs 0.1, 0.32, 1, 3.2, 10 until every seed
+# fails, then narrows the bracket to 1.5x (GRID_RESOLUTION); probes stop 30 steps after they are doomed.
+E3_SEARCH=(model=tiny trainer.max_steps=300 optim.warmup_steps=60 seed=0,1,2 optim.lr=0.1,0.3162,1,3.162,10
+           hydra/sweeper=critical_lr hydra.sweeper.precision=1.5 "hydra.sweeper.targets=[failed]")
 e3() {
-  sweep e3_fine_grid "${E3_FINE[@]}" \
-    attention=wortsman2023_qk_layernorm,vit22b_layernorm,qwen3,olmo2,henry2020_l2
-  sweep e3_fine_grid "${E3_FINE[@]}" attention=qwen3 attention.position=after_rope
-  sweep e3_fine_grid "${E3_FINE[@]}" attention=baseline attention.qk_norm=l2 attention.gain=none
+  qknorm-train -m "${E3_SEARCH[@]}" attention=wortsman2023_qk_layernorm,vit22b_layernorm,qwen3,olmo2,henry2020_l2 \
+    "${COMMON[@]}" "hydra.sweep.dir=$RUNS/e3_critical_lr/presets"
+  qknorm-train -m "${E3_SEARCH[@]}" attention=qwen3 attention.position=after_rope "${COMMON[@]}" \
+    "hydra.sweep.dir=$RUNS/e3_critical_lr/after_rope"
+  qknorm-train -m "${E3_SEARCH[@]}" attention=baseline attention.qk_norm=l2 attention.gain=none "${COMMON[@]}" \
+    "hydra.sweep.dir=$RUNS/e3_critical_lr/l2_fixed_gain"
 }
 # The first E3 round: three LRs 30x apart, a 15-step warmup, 2 seeds. Kept to compare against.
 e3_coarse() {
@@ -51,12 +56,16 @@ e3_coarse() {
 # E4: Rybakov et al. 2024, the ladder of first-diverging LR, with the QKV / Proj / FC2 output norms. The warmup
 # is 60 steps of 600, so that a run diverging at its peak LR does so after the warmup, where the paper's
 # attention-logit growth happens, rather than in the generic early blow-up of a short warmup; the LR grid
-# steps by about 1.5x over the range where every variant goes from stable to diverged (the paper's groups
-# are 1.33-1.5x apart).
+# steps by about 1.5x (the paper's groups are 1.33-1.5x apart). The grid is climbed, not run whole: the
+# critical-LR finder runs it two LRs a round and stops a variant once both seeds diverged, so the grid can reach
+# LR 3.3 (nothing at tiny diverged up to 0.75) without running every variant there. Its probes are the plain
+# grid's jobs (no early stops, probe_overrides=[]): the runs this grid's first half finished are reused.
 e4() {
-  sweep e4_ladder_w60 model=tiny trainer.max_steps=600 optim.warmup_steps=60 seed=0,1 \
-    optim.lr=0.1,0.15,0.22,0.33,0.5,0.75,1 \
-    attention=baseline,rybakov2024_soft_cap,wortsman2023_qk_layernorm,rybakov2024_qk_fc_norm,rybakov2024_qkv_norm,rybakov2024_qk_norm_cap
+  qknorm-train -m hydra/sweeper=critical_lr "hydra.sweeper.probe_overrides=[]" hydra.sweeper.precision=1.6 \
+    "hydra.sweeper.targets=[diverged]" model=tiny trainer.max_steps=600 optim.warmup_steps=60 seed=0,1 \
+    optim.lr=0.1,0.15,0.22,0.33,0.5,0.75,1,1.5,2.2,3.3 \
+    attention=baseline,rybakov2024_soft_cap,wortsman2023_qk_layernorm,rybakov2024_qk_fc_norm,rybakov2024_qkv_norm,rybakov2024_qk_norm_cap \
+    "${COMMON[@]}" "hydra.sweep.dir=$RUNS/e4_ladder_w60"
 }
 # The first E4 round (300 steps, a 15-step warmup, a coarser grid): every divergence fell inside or just
 # after the warmup. Kept to compare against.

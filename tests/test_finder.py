@@ -348,3 +348,15 @@ def test_scorecard_without_a_finder_sweep_fails_in_one_line(tmp_path):
     from qknorm.analysis.scorecard import main as scorecard_main
 
     assert scorecard_main([str(tmp_path)]) == 2
+
+
+def test_a_probe_keeps_the_command_line_order_so_a_grid_sweeps_runs_are_reused():
+    """A probe's overrides come in the command line's order of keys, as the plain grid sweep's job of the same point:
+    its directory (named by them) is that job's, and a search over a grid sweep's LRs skips the runs it finished."""
+    launched: list[list[str]] = []
+    arguments = [("model", ["tiny"]), ("seed", ["0", "1"]), ("optim.lr", ["0.1", "0.15"]), ("attention", ["a", "b"]),
+                 ("data.batch_size", ["16"])]
+    search = Search(FinderSettings(targets=("diverged",), probe_overrides=("callbacks.x=1",)), arguments,
+                    launched.extend, lambda job: Outcome(diverged=False, failed=False))
+    search.run()
+    assert launched[0] == ["model=tiny", "seed=0", "optim.lr=0.1", "attention=a", "data.batch_size=16", "callbacks.x=1"]

@@ -409,13 +409,14 @@ def test_two_seeds_that_agree_keep_the_verdict(tmp_path):
     assert e4.seed_checks[0] == e4.seed_checks[1] == [c.value for c in e4.checks]
 
 
-def e3_fixture(folder: Path, lrs: list, seeds=(0,)) -> None:
-    """Every variant diverges (after its warmup) at the grid's last LR; L2 with a fixed gain underfits."""
+def e3_fixture(folder: Path, lrs: list, seeds=(0,), spoiled: dict | None = None) -> None:
+    """Every variant diverges (after its warmup) at the grid's last LR; L2 with a fixed gain underfits. `spoiled`:
+    a preset's first LR at which it ends worse than the bigram model without diverging (5.5 nats)."""
     for seed in seeds:
         for preset in ("wortsman2023_qk_layernorm", "vit22b_layernorm", "qwen3", "olmo2", "henry2020_l2"):
             for lr in lrs:
-                write_run(folder, ["model=tiny", f"attention={preset}", f"optim.lr={lr:g}"],
-                          7.0 if lr == lrs[-1] else 3.0 + 0.01 * seed, seed=seed)
+                loss = 7.0 if lr == lrs[-1] else 5.5 if lr >= (spoiled or {}).get(preset, math.inf) else 3.0 + 0.01 * seed
+                write_run(folder, ["model=tiny", f"attention={preset}", f"optim.lr={lr:g}"], loss, seed=seed)
         for lr in lrs:
             write_run(folder, ["model=tiny", "attention=qwen3", "attention.position=after_rope", f"optim.lr={lr:g}"],
                       7.0 if lr == lrs[-1] else 3.0, seed=seed)
@@ -432,6 +433,18 @@ def test_e3_needs_a_grid_fine_enough_to_call_tolerances_equal(tmp_path):
     assert e3.verdict == "reproduced", e3.reason
     assert names(e3)["L2 with a fixed g=1 underfits"].value is True
     assert "A bound on what attention can change here" in "\n".join(e3.body)
+
+
+def test_e3_is_decided_on_the_critical_lr_and_can_say_no(tmp_path):
+    """LayerNorm per head ends worse than the bigram model from LR 0.15 (without diverging), RMSNorm per head only at
+    the grid's last LR: two brackets apart, not about the same, though neither diverges before the last LR."""
+    e3_fixture(tmp_path / "runs" / RUNS["E3"], [0.1, 0.15, 0.22, 0.33], seeds=(0, 1),
+               spoiled={"wortsman2023_qk_layernorm": 0.15})
+    e3 = build(tmp_path / "runs", tmp_path)["E3"]
+    checks = names(e3)
+    assert checks["RMSNorm per head's critical LR is about LayerNorm per head's"].value is False
+    assert checks["RMSNorm per head first diverges at about the LR of LayerNorm per head"].value is True  # a diagnostic
+    assert e3.verdict == "not reproduced", e3.reason
 
 
 def test_e10_e9_e7_read_their_runs(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import numpy as np
 import pandas as pd
@@ -15,28 +16,60 @@ from repro.core import (
     compare,
     conclude,
     diagnostic,
-    divergence_headline,
     fmt,
+    headline,
     ladder_figure,
     ladder_rows,
     lr_fmt,
     lr_ladder,
     no_divergence_after_warmup,
 )
+from repro.thresholds import GRID_RESOLUTION
+
+from qknorm.analysis.boundary import Bracket, bracket
 
 KEY = "E3"
 TITLE = "norm kinds, scopes and positions"
 CLAIM = ("LayerNorm, RMSNorm and L2 with a learned g are about equal in LR tolerance; per head is slightly better than full "
          "width; before vs after RoPE; L2 with a small fixed g underfits.")
 SOURCE = "Wortsman et al. 2023, Fig. E.8; Henry et al. 2020"
-RUNS = "e3_norm_variants"  # the first round (3 LRs 30x apart, a 15-step warmup); the fine grid is e3_fine_grid
-COMMAND = {"e3_norm_variants": "e3_coarse", "e3_fine_grid": "e3"}[RUNS]  # the run.sh function that writes RUNS
-HEADLINE = ("LayerNorm, RMSNorm and L2 with a learned gain (each per head) are about equal in LR tolerance: each first "
-            "diverges within one grid step of LayerNorm's, on a grid no coarser than GRID_RESOLUTION there, the "
-            "divergences coming after the warmup.")
+RUNS = "e3_norm_variants"  # the first round (3 LRs 30x apart, a 15-step warmup); the search is e3_critical_lr
+COMMAND = {"e3_norm_variants": "e3_coarse", "e3_critical_lr": "e3"}[RUNS]  # the run.sh function that writes RUNS
+HEADLINE = ("LayerNorm, RMSNorm and L2 with a learned gain (each per head) are about equal in LR tolerance: each one's "
+            "critical LR (the first LR at which a run ends worse than the bigram model, or diverges) lies within one "
+            "bracket of LayerNorm's, both brackets (the last LR where every seed succeeded to the first where one "
+            "failed) no wider than GRID_RESOLUTION. Tolerance, read as the LRs that still train a useful model: with "
+            "QK-norm the logits are bounded, and a too-high LR spoils the model without the loss rising above its "
+            "initial value, so a divergence alone would leave these variants untested.")
 REFERENCE = "LayerNorm per head"
 SAME_AS_REFERENCE = ("RMSNorm per head", "L2 per head learned g")
 FIXED = "L2 per head fixed g=1"
+
+
+def critical_bracket(frame: pd.DataFrame, v: str) -> Bracket:
+    """Variant v's bracket of the critical LR (qknorm.analysis.boundary on `failed`, pooled over seeds)."""
+    rows = frame[(frame["variant"] == v) & frame["failed"].notna()]
+    return bracket([(float(lr), bool(f)) for lr, f in zip(rows["lr"], rows["failed"], strict=True)])
+
+
+def same_critical(frame: pd.DataFrame, a: str, b: str) -> tuple[Optional[bool], str]:
+    """Whether b's critical LR lies within one bracket of a's: the first failing LRs at most the wider bracket's
+    ratio apart. Undecided when either is censored or located more coarsely than GRID_RESOLUTION."""
+    brackets = {v: critical_bracket(frame, v) for v in (a, b)}
+    for v, br in brackets.items():
+        if br.lo is None and br.hi is None:
+            return None, f"no runs of {v} judged against the bigram reference"
+        if br.hi is None:
+            return None, f"{v} never ends worse than the bigram model in the runs ({br.describe()})"
+        if br.lo is None:
+            return None, f"{v} fails already at its lowest LR ({lr_fmt(br.hi)})"
+    ratio = max(br.ratio() or math.inf for br in brackets.values())
+    if ratio > GRID_RESOLUTION * (1 + 1e-9):
+        return None, (f"the critical LRs are located only to within {ratio:.2g}x, too coarse to tell 'about the same' from "
+                      f"one group apart (GRID_RESOLUTION {GRID_RESOLUTION:g}x)")
+    ha, hb = brackets[a].hi, brackets[b].hi
+    assert ha is not None and hb is not None
+    return max(ha / hb, hb / ha) <= ratio * (1 + 1e-9), ""
 
 
 def analyse(frame: pd.DataFrame, sec: Section, ctx: Context) -> None:
@@ -47,10 +80,15 @@ def analyse(frame: pd.DataFrame, sec: Section, ctx: Context) -> None:
     untested = no_divergence_after_warmup(frame)
     checks: list[Check] = []
     for other in SAME_AS_REFERENCE:
+        checks.append(headline(f"{other}'s critical LR is about {REFERENCE}'s", *same_critical(frame, REFERENCE, other)))
+    for other in SAME_AS_REFERENCE:
         name = f"{other} first diverges at about the LR of {REFERENCE}"
-        checks.append(divergence_headline(
-            name, tol, REFERENCE, other, (REFERENCE, other), untested,
-            lambda other=other: about_same({REFERENCE: tol[REFERENCE], other: tol[other]}, lrs)))
+        if REFERENCE not in tol or other not in tol:
+            checks.append(diagnostic(name, None, f"no runs of {REFERENCE if REFERENCE not in tol else other}"))
+        elif untested is not None:
+            checks.append(diagnostic(name, None, untested))
+        else:
+            checks.append(diagnostic(name, *about_same({REFERENCE: tol[REFERENCE], other: tol[other]}, lrs)))
     bar = ctx.noise.bar
     # per head vs full width, where all of them are stable: a diverged loss says nothing of this claim
     pairs = [(a, b) for a, b in (("LayerNorm per head", "LayerNorm full width"), ("RMSNorm per head", "RMSNorm full width"))

@@ -49,8 +49,9 @@ EARLY_FRACTION = threshold(
     "at or after 2% of the run, never the initialization's.", "E2")
 GRID_RESOLUTION = threshold(
     "GRID_RESOLUTION", 1.6,
-    "The largest LR grid step at which 'about the same first diverging LR' means anything: Rybakov et al.'s groups "
-    "are 1.33-1.5x apart, so a grid coarser than ~1.5x cannot tell one group from the next.", "E3, E4")
+    "The largest LR grid step (or bracket, for a searched boundary) at which 'about the same first diverging LR' or "
+    "'about the same critical LR' means anything: Rybakov et al.'s groups are 1.33-1.5x apart, so a grid coarser "
+    "than ~1.5x cannot tell one group from the next.", "E3 (headline), E4")
 OUTPUT_NORM_RATIO = threshold(
     "OUTPUT_NORM_RATIO", 2.0,
     "Rybakov et al. 2024: diverging runs' QKV/Proj/FC2 outputs are more than 2x a converged run's well before "

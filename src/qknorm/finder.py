@@ -169,6 +169,9 @@ class Search:
         settings.validate()
         self.settings, self.launch, self.outcome, self.out_dir = settings, launch, outcome, out_dir
         self.fixed, axes, seeds, self.coarse = split_axes(arguments, settings)
+        # the command line's order of keys, which a job's overrides keep: its directory is then named as the plain
+        # grid sweep's job of the same point would be, so a search over a grid sweep's LRs reuses its finished runs
+        self.order = {key.lstrip("+~"): i for i, (key, _) in enumerate(arguments)}
         keys = [k for k, _ in axes]
         self.groups = [Group([f"{k}={v}" for k, v in zip(keys, combo, strict=True)], seeds)
                        for combo in itertools.product(*[vals for _, vals in axes])]
@@ -177,7 +180,9 @@ class Search:
     def job(self, group: Group, lr: float, seed: Optional[str]) -> list[str]:
         s = self.settings
         seed_part = [] if seed is None else [f"{s.seed_key}={seed}"]
-        return [*self.fixed, *group.overrides, *seed_part, f"{s.lr_key}={_fmt(lr)}", *s.probe_overrides]
+        point = [*self.fixed, *group.overrides, *seed_part, f"{s.lr_key}={_fmt(lr)}"]
+        position = lambda o: self.order.get(o.split("=", 1)[0].lstrip("+~"), len(self.order))  # noqa: E731
+        return [*sorted(point, key=position), *s.probe_overrides]
 
     def _run_round(self, wanted: dict[int, list[float]]) -> int:
         """Launches the wanted probes that have no result yet; returns how many it launched."""

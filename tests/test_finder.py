@@ -80,6 +80,15 @@ def test_logistic_boundary_finds_a_known_boundary_and_says_when_it_cannot():
     assert "every run failed" in logistic_boundary([(0.1, True)]).note
 
 
+def test_the_separated_note_is_read_from_the_runs():
+    separated = [(0.1, False), (0.1, False), (0.3, True), (0.3, True)]
+    # one seed fails at 1 and the other does not: the best fit puts its 50% point there with the sharpest width it
+    # tries, yet the runs overlap
+    mixed = [(0.1, False), (0.1, False), (0.3, False), (0.3, False), (1.0, True), (1.0, False), (3.0, True), (3.0, True)]
+    assert "separated" in logistic_boundary(separated).note
+    assert "separated" not in logistic_boundary(mixed).note
+
+
 def test_settings_refuse_what_cannot_mean_anything():
     for bad, key in [(dict(lr_min=0), "lr_min"), (dict(lr_max=1e-5), "lr_max"), (dict(k=0), "k"),
                      (dict(precision=1.0), "precision"), (dict(targets=("loss",)), "targets"),

@@ -177,6 +177,6 @@ def logistic_boundary(probes: Sequence[tuple[float, bool]]) -> Boundary:
     if lo_i == 0 or hi_i == len(mu) - 1:
         notes.append("the interval reaches the edge of the searched range")
     width = float(s[int(ll[best].argmax())])
-    if width <= S_MIN * 1.0001:
+    if x[~y].max() < x[y].min():  # read from the runs, not the fit: at a mixed LR the fit's s is arbitrary too
         notes.append("the runs are separated: no overlap of failures and successes")
     return Boundary(float(10 ** mu[best]), float(10 ** mu[lo_i]), float(10 ** mu[hi_i]), width, n, "; ".join(notes))

@@ -639,7 +639,7 @@ def e12_arm(runs: Path, overrides: list[str], first_diverging: float | None, sin
     for lr in E12_LRS:
         diverged = first_diverging is not None and lr >= first_diverging
         write_run(runs, [*overrides, f"optim.lr={lr:g}"], 7.5 if diverged else 3.0 + 0.01 * seed, seed=seed,
-                  monitor={"sink_rate": sink[0], "first_token_mass_mean": sink[1], "residual_max_abs": 50.0,
+                  monitor={"sink_rate": sink[0], "first_token_mass_mean": sink[1], "row_mass_mean": 1.0, "residual_max_abs": 50.0,
                            "residual_kurtosis": 30.0})
 
 
@@ -668,7 +668,7 @@ def test_e12_the_gate_raises_the_tolerated_lr_and_lowers_the_sink_or_not(tmp_pat
     assert checks["with the gate no head sinks into the first token where the ungated arm has a sink head"].value is lowered
     body = "\n".join(e12.body)
     # uniform causal attention over 256 rows puts H_256/256 = 0.0239 on the first token: 0.4 is 16.72x that
-    assert "| qwen3_next without its gate | 0.03 | 0.5 | 0.4 | 16.72 | 50 | 30 | 1 |" in body, body
+    assert "| qwen3_next without its gate | 0.03 | 0.5 | 0.4 | 16.72 | 0.000 | 50 | 30 | 1 |" in body, body
     assert (tmp_path / "figs" / "e12_sinks.png").stat().st_size > 0
 
 

@@ -90,6 +90,8 @@ def test_logged_max_logit_matches_float64_computation(preset, tmp_path):
         torch.testing.assert_close(torch.tensor(record["layers"][i]["first_token_mass"], dtype=torch.float64), first,
                                    rtol=1e-6, atol=1e-7)
         assert record["layers"][i]["sink_rate"] == float((first > SINK_EPSILON).double().mean())
+        torch.testing.assert_close(torch.tensor(record["layers"][i]["row_mass"], dtype=torch.float64), p.sum(-1).mean(dim=(0, 2)),
+                                   rtol=1e-6, atol=1e-7)
         # the residual stream after the block: its largest |value| and the kurtosis of its values
         h = residual[i].double().flatten()
         assert record["layers"][i]["residual_max_abs"] == pytest.approx(float(h.abs().max()), rel=1e-7)
@@ -161,6 +163,12 @@ def test_sink_statistics_of_hand_built_attention_patterns():
     probe.on_attention(1, _pattern((mask[:3, :3] / mask[:3, :3].sum(-1, keepdim=True)).expand(1, 1, 3, 3)))
     assert float(probe.layers[1]["first_token_mass"]) == pytest.approx((1 + 1 / 2 + 1 / 3) / 3)
     assert float(probe.layers[1]["sink_rate"]) == 1.0
+    # a row's total weight on the keys: 1 for each softmax pattern; a learned sink that takes 40% of every row
+    # leaves 0.6 on the tokens, and the first token's share of the row shrinks with it
+    torch.testing.assert_close(stats["row_mass"], torch.ones(4))
+    probe.on_attention(2, _pattern(0.6 * torch.cat([on_first, uniform], dim=1)))
+    torch.testing.assert_close(probe.layers[2]["row_mass"], torch.tensor([0.6, 0.6]))
+    torch.testing.assert_close(probe.layers[2]["first_token_mass"], torch.tensor([0.6, 0.6 * harmonic]))
 
 
 def test_kurtosis_is_three_for_a_gaussian_and_large_for_one_massive_activation():

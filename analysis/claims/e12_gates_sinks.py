@@ -77,11 +77,11 @@ def sink_table(frame: pd.DataFrame) -> pd.DataFrame:
     """Per arm and LR, over the stable runs only (a diverged model's attention says nothing of the sink): the seeds'
     mean of the final sink rate, first-token mass, largest residual activation and its kurtosis."""
     stable = frame[frame["stable"]].copy()
-    for key in ("sink_rate", "first_token_mass_mean", "residual_max_abs", "residual_kurtosis"):
+    for key in ("sink_rate", "first_token_mass_mean", "row_mass_mean", "residual_max_abs", "residual_kurtosis"):
         stable[key] = [final(r, key) for r in stable["run_dir"]]
     return stable.groupby(["variant", "lr"]).agg(
-        sink_rate=("sink_rate", "mean"), first_token=("first_token_mass_mean", "mean"), max_act=("residual_max_abs", "mean"),
-        kurtosis=("residual_kurtosis", "mean"), seeds=("seed", "nunique")).reset_index()
+        sink_rate=("sink_rate", "mean"), first_token=("first_token_mass_mean", "mean"), row_mass=("row_mass_mean", "mean"),
+        max_act=("residual_max_abs", "mean"), kurtosis=("residual_kurtosis", "mean"), seeds=("seed", "nunique")).reset_index()
 
 
 def sink_pairs(table: pd.DataFrame, a: str, b: str) -> list[tuple[float, pd.Series, pd.Series]]:
@@ -215,13 +215,14 @@ def analyse(frame: pd.DataFrame, sec: Section, ctx: Context) -> None:
                  f"weight on the first token exceeds {SINK_EPSILON:g}, Gu et al.'s epsilon; first-token mass: that weight's "
                  f"mean over layers and heads, and its ratio to uniform causal attention's, H_T/T = {fmt(uniform)} at T = "
                  f"{int(seq_len.iloc[0]) if len(seq_len) else '?'} (sigmoid attention's weights do not sum to 1, so its "
-                 "mass is not a share); kurtosis of the residual stream's values pooled over tokens and channels, the most "
-                 "heavy-tailed layer):", "",
-                 "| arm | LR | sink rate | first-token mass | x uniform | largest residual activation | residual kurtosis | "
-                 "seeds |",
-                 "|---|---:|---:|---:|---:|---:|---:|---:|",
+                 "mass is not a share); off the tokens: the mean weight of a row on no token, 1 minus its total on the keys, "
+                 "which the learned sink's logit takes (0 for softmax); kurtosis of the residual stream's values pooled over "
+                 "tokens and channels, the most heavy-tailed layer):", "",
+                 "| arm | LR | sink rate | first-token mass | x uniform | off the tokens | largest residual activation | "
+                 "residual kurtosis | seeds |",
+                 "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
                  *[f"| {r.variant} | {r.lr:g} | {fmt(r.sink_rate)} | {fmt(r.first_token)} | {fmt(r.first_token / uniform, '.2f')} | "
-                   f"{fmt(r.max_act)} | {fmt(r.kurtosis)} | {r.seeds} |"
+                   f"{fmt(1 - r.row_mass, '.3f')} | {fmt(r.max_act)} | {fmt(r.kurtosis)} | {r.seeds} |"
                    for r in table.sort_values(["variant", "lr"], key=_arm_then_lr).itertuples()]]
     firsts = {v: t["first_div"] for v, t in tol.items()}
     sec.body += ["", "First diverging LR (any seed diverged there): " + ", ".join(f"{v} {lr_fmt(x)}" for v, x in firsts.items())

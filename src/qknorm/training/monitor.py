@@ -96,6 +96,9 @@ class StabilityProbe:
             "qkv_out_l2": sum(t[n].float().pow(2).sum(dim=(2, 3)) for n in ("q_proj", "k_proj", "v_proj")).sqrt().mean(),
             "first_token_mass": first_token,
             "sink_rate": (first_token > SINK_EPSILON).to(first_token.dtype).mean(),  # share of this layer's heads
+            # each row's total weight on the keys, mean over rows: 1 for softmax; 1 minus what a learned sink (or
+            # off-by-one's zero logit) takes, the row's weight on no token at all; sigmoid attention's free total
+            "row_mass": weights.sum(-1).mean(dim=(0, 2)),
         }
         if "gate" in t:  # the output gate's mean score per head (Qiu et al. 2025 find it sparse, near 0)
             self.layers[layer]["gate_mean"] = t["gate"].float().mean(dim=(0, 1, 3))
@@ -275,6 +278,7 @@ class StabilityMonitor(pl.Callback):
             # Gu et al.'s Sink_1^epsilon: the share of all heads, over layers, with a sink on the first token
             "sink_rate": float((first_token > SINK_EPSILON).float().mean()),
             "first_token_mass_mean": float(first_token.mean()),
+            "row_mass_mean": float(torch.stack([probe.layers[i]["row_mass"] for i in range(len(attns))]).mean()),
             "residual_max_abs": max(outputs["residual_max_abs"]),
             "residual_kurtosis": max(outputs["residual_kurtosis"]),  # the most heavy-tailed layer's
             "layers": layers,
@@ -335,7 +339,7 @@ class StabilityMonitor(pl.Callback):
         fp["final_entropy_norm_min"] = over_layers("entropy_norm_min", min)
         fp["final_entropy_norm_mean"] = over_layers("entropy_norm_mean", min)  # the least spread-out head
         fp["final_collapsed_rows"] = over_layers("collapsed_rows", max)  # the most collapsed head
-        for key in ("sink_rate", "first_token_mass_mean", "residual_max_abs", "residual_kurtosis"):
+        for key in ("sink_rate", "first_token_mass_mean", "row_mass_mean", "residual_max_abs", "residual_kurtosis"):
             fp[f"final_{key}"] = record[key]
         fp["monitored_steps"] = fp.get("monitored_steps", 0) + 1
 

@@ -28,12 +28,15 @@ e1() {
 e2() { e1; }
 
 # E3: norm kinds and scopes (Wortsman Fig. E.8, Henry 2020): LayerNorm / RMS / L2 with learned g, per head vs
-# full width, before vs after RoPE, and L2 with a fixed gain of 1 (the logits bounded by 1/sqrt(d_h)); 3 seeds, a
-# 60-step warmup (as E4). Each variant's critical LR (worse than the bigram model) is searched, not gridded: in the
-# 60-step-warmup E4 every QK-norm variant still beat the bigram model at LR 0.5, so the fine grid first planned
-# here (0.1-0.5) could locate no one's. The critical-LR finder climbs 0.1, 0.32, 1, 3.2, 10 until every seed
-# fails, then narrows the bracket to 1.5x (GRID_RESOLUTION); probes stop 30 steps after they are doomed.
-E3_SEARCH=(model=tiny trainer.max_steps=300 optim.warmup_steps=60 seed=0,1,2 optim.lr=0.1,0.3162,1,3.162,10
+# full width, before vs after RoPE, and L2 with a fixed gain of 1 (the logits bounded by 1/sqrt(d_h)); 3 seeds and
+# E4's recipe (600 steps, a 60-step warmup). Each variant's critical LR (worse than the bigram model) is searched,
+# not gridded: in the 600-step E4 every QK-norm variant still beat the bigram model by 0.25-0.55 nats at LR 0.5
+# and jumped above it between 0.5 and 1, so the fine grid first planned here (0.1-0.5) could locate no one's. (At
+# 300 steps the curves cross the bigram line where they rise slowly, and the seeds straddle it: the crossing is
+# seed noise there, which is why these runs are 600 steps long.) The critical-LR finder climbs 0.32, 1, 3.2, 10
+# until every seed fails, then narrows the bracket to 1.5x (GRID_RESOLUTION); probes stop 30 steps after they are
+# doomed. About 100 runs.
+E3_SEARCH=(model=tiny trainer.max_steps=600 optim.warmup_steps=60 seed=0,1,2 optim.lr=0.3162,1,3.162,10
            hydra/sweeper=critical_lr hydra.sweeper.precision=1.5 "hydra.sweeper.targets=[failed]")
 e3() {
   qknorm-train -m "${E3_SEARCH[@]}" attention=wortsman2023_qk_layernorm,vit22b_layernorm,qwen3,olmo2,henry2020_l2 \
@@ -136,7 +139,7 @@ e10() {
 
 # The stabilizer scorecard (docs/scorecard.md): the critical-LR finder (hydra/sweeper=critical_lr) over every
 # attention preset at `tiny`, 200 steps with a 40-step warmup, 2 seeds. Each preset climbs the half-decade
-# grid from LR 0.01 (up to 3.16, lr_max 10) until both seeds diverge, then narrows both boundaries to 10^0.25
+# grid from LR 0.01 (0.01, 0.032, ..., 3.2, 10) until both seeds diverge, then narrows both boundaries to 10^0.25
 # (1.78x); probes stop early once doomed (30 steps above the initial loss after the warmup). About 14 runs
 # a preset, 350 in all, 6-8 machine hours on 2 cores. A preset added later is one more run of this function
 # (finished probes are skipped), then the page is regenerated.
@@ -170,10 +173,11 @@ e11() {
 # diverged up to LR 0.75, so a fixed grid ending at 1 would leave the gate's arms censored. The critical-LR finder
 # climbs 0.03, 0.32, 1, 3.2, 10 until both seeds diverge, then narrows the brackets of the divergence LR and of
 # the critical LR (worse than the bigram model: at tiny a high LR more often ends there than above the initial
-# loss) to 1.78x; the low LRs, where every arm trains, are where the sink is read. Probes stop 30 steps after
-# they are doomed. Two sweeps (the ungated arm is an override of a preset, not a preset), about 70 runs.
+# loss) to 1.5x (GRID_RESOLUTION: on coarser brackets a tie between the arms could not be read as 'not
+# higher'); the low LRs, where every arm trains, are where the sink is read. Probes stop 30 steps after they
+# are doomed. Two sweeps (the ungated arm is an override of a preset, not a preset), about 100 runs.
 E12=(model=tiny trainer.max_steps=600 optim.warmup_steps=60 seed=0,1 optim.lr=0.03,0.3162,1,3.162,10 hydra/sweeper=critical_lr
-     hydra.sweeper.precision=1.778)
+     hydra.sweeper.precision=1.5)
 e12() {
   qknorm-train -m "${E12[@]}" attention=baseline,qwen3,qwen3_next,gpt_oss_sink,ramapuram2024_sigmoid "${COMMON[@]}" \
     "hydra.sweep.dir=$RUNS/e12_gates_sinks/presets"

@@ -395,3 +395,18 @@ def test_the_bigram_reference_is_counted_once_and_kept_with_the_token_cache(tmp_
         f.unlink()
     tokens = seal([0, 1, 0, 1, 0, 1, 0, 1], [0, 1, 2, 2], shard_tokens=3)
     assert bigram_reference(tokens)["nats"] != 99.0
+
+
+def test_an_early_stop_s_onset_is_counted_back_by_its_own_patience(tmp_path):
+    """A probe stopped as doomed at step 90 after `early_stop_patience` (30) steps above its initial loss began to
+    fail at step 61, not at step 81 (the detector's own patience, 10)."""
+    from qknorm.analysis.failure import divergence
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.csv").write_text("step,train/loss\n" + "".join(f"{s},{5.0 if s < 60 else 8.5}\n" for s in range(9, 91, 10)))
+    summary = {"status": "diverged", "reason": "early stop: loss 8.5 above the initial loss + 0 (8) after the warmup for 30 steps",
+               "diverged_at_step": 90, "initial_loss": 8.0, "warmup_steps": 60, "steps": 90,
+               "config": {"callbacks.divergence.patience": 10, "callbacks.divergence.early_stop_patience": 30}}
+    d = divergence(run, summary)
+    assert d["diverged"] and d["step"] == 61 and d["in_warmup"] is False, d

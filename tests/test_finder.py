@@ -143,6 +143,7 @@ def test_a_probe_that_crashes_is_not_launched_again_in_later_rounds():
     jobs = [" ".join(j) for j in launched]
     assert len(jobs) == len(set(jobs)), jobs
     assert result["groups"][0]["diverged"]["bracket"] == [0.1, 0.3162]
+    assert result["groups"][0]["lost"] == [{"lr": 0.1468, "seed": "0"}, {"lr": 0.2154, "seed": "0"}]
 
 
 def test_search_finds_both_boundaries_and_the_quality_one_lies_below():

@@ -28,6 +28,7 @@ sys.modules["reproductions"] = repro  # dataclasses look their module up by name
 spec.loader.exec_module(repro)
 
 from claims import claims  # noqa: E402 (importable once the generator put analysis/ on the path)
+from repro import core  # noqa: E402
 from repro.recipe import RECIPE_FIELDS  # noqa: E402
 
 # each claim's runs folder, as its module names it (a claim switched to a new round's folder keeps these tests)
@@ -628,7 +629,7 @@ def test_e11_without_a_forced_logit_is_inconclusive_and_says_why(tmp_path):
 
 # -- E12: gates and sinks ---------------------------------------------------------------------------------
 
-E12_LRS = (0.03, 0.3, 0.67, 1.0)
+E12_LRS = (0.03, 0.3, 0.45, 0.67, 1.0)
 GATED = ["model=tiny", "attention=qwen3_next"]
 UNGATED = ["model=tiny", "attention=qwen3_next", "attention.output_gate=none"]
 
@@ -661,7 +662,7 @@ def test_e12_the_gate_raises_the_tolerated_lr_and_lowers_the_sink_or_not(tmp_pat
     assert checks["the gate raises the LR Qwen3-Next's attention tolerates"].value is (gated_diverges_at != 0.67)
     # a diverged run ends worse than the bigram model too: the critical LR orders the arms as the divergence does
     assert checks["the gate raises the critical LR"].value is (gated_diverges_at != 0.67)
-    # the sink, at the LRs where both trained stably (0.03 and 0.3), where the ungated arm has a sink head
+    # the sink, at the LRs where both trained stably (0.03 to 0.45), where the ungated arm has a sink head
     lowered = gated_sink[0] == 0.0
     assert checks["the gate lowers the first-token sink at every LR where both train stably and the ungated arm has a "
                   "sink"].value is lowered
@@ -683,7 +684,7 @@ def test_e12_is_inconclusive_when_nothing_diverges_or_there_is_no_sink(tmp_path)
         e12_arm(runs, ["model=tiny", "attention=ramapuram2024_sigmoid"], None, sink=(0.0, 0.02), seed=seed)
     e12 = build(tmp_path / "runs", tmp_path)["E12"]
     assert e12.verdict == "inconclusive"
-    assert "no run diverged (0 of 32)" in e12.reason and "nothing to remove" in e12.reason, e12.reason
+    assert "no run diverged (0 of 40)" in e12.reason and "nothing to remove" in e12.reason, e12.reason
     checks = names(e12)
     lowered = checks["the gate lowers the first-token sink at every LR where both train stably and the ungated arm has a sink"]
     assert lowered.value is None and lowered.why.startswith("nothing to remove: qwen3_next without its gate has no head")
@@ -701,3 +702,33 @@ def test_e12_both_arms_diverging_at_the_grid_s_lowest_lr_is_undecided_not_a_no(t
     e12_arm(runs, GATED, 0.03, sink=(0.0, 0.05))
     part = names(build(tmp_path / "runs", tmp_path)["E12"])["the gate raises the LR Qwen3-Next's attention tolerates"]
     assert part.value is None and part.why == "both diverge already at LR 0.03, the lowest of the grid", part.why
+
+
+def _ladder(points: dict[float, bool]) -> dict:
+    """A variant's tolerance from {LR: diverged after its warmup}, one seed."""
+    frame = pd.DataFrame({"lr": list(points), "capped": [8.0 if d else 3.0 for d in points.values()],
+                          "stable": [not d for d in points.values()], "after_warmup": list(points.values()), "seed": 0,
+                          "initial_loss": 8.0})
+    return core.tolerance(core.lr_curves(frame))
+
+
+def test_later_orders_two_first_divergences_only_where_the_other_trained_stably_there():
+    # adjacent grid LRs: b diverged at 0.67 where a trained stably, so a's first divergence (1) is higher
+    a = _ladder({0.3: False, 0.45: False, 0.67: False, 1.0: True})
+    b = _ladder({0.3: False, 0.45: False, 0.67: True, 1.0: True})
+    assert core.later(a, b, "a", "b") == (True, "") and core.later(b, a, "b", "a") == (False, "")
+    # searched brackets that overlap: b first diverges at 1.468 (stable at 1), a at 1.778 (stable at 1, never tried at
+    # 1.468): within one step of each other, a tie; on steps of 1.78x, too coarse to call it one
+    a = _ladder({0.3: False, 1.0: False, 1.778: True, 3.162: True})
+    b = _ladder({0.3: False, 1.0: False, 1.468: True, 2.154: True, 3.162: True})
+    value, why = core.later(a, b, "a", "b")
+    assert value is None and "too coarse to call it a tie" in why, why
+    # the same overlap on brackets no wider than GRID_RESOLUTION: a tie, and a tie is 'not higher' either way
+    a = _ladder({0.3: False, 1.0: False, 1.47: True})
+    b = _ladder({0.3: False, 1.0: False, 1.21: True, 1.47: True})
+    assert core.later(a, b, "a", "b") == (False, "") and core.later(b, a, "b", "a") == (False, "")
+    # the other arm never reached the LR where the first diverged: nothing to order
+    a = _ladder({0.3: False, 1.0: True})
+    b = _ladder({0.1: False, 0.3: False})
+    value, why = core.later(b, a, "b", "a")
+    assert value is None and "was not trained at LR 1 or above" in why, why

@@ -222,7 +222,7 @@ def analyse(frame: pd.DataFrame, sec: Section, ctx: Context) -> None:
                  "residual kurtosis | seeds |",
                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
                  *[f"| {r.variant} | {r.lr:g} | {fmt(r.sink_rate)} | {fmt(r.first_token)} | {fmt(r.first_token / uniform, '.2f')} | "
-                   f"{fmt(1 - r.row_mass, '.3f')} | {fmt(r.max_act)} | {fmt(r.kurtosis)} | {r.seeds} |"
+                   f"{fmt(1 - r.row_mass, '.3f') if r.variant != SIGMOID else '-'} | {fmt(r.max_act)} | {fmt(r.kurtosis)} | {r.seeds} |"
                    for r in table.sort_values(["variant", "lr"], key=_arm_then_lr).itertuples()]]
     firsts = {v: t["first_div"] for v, t in tol.items()}
     sec.body += ["", "First diverging LR (any seed diverged there): " + ", ".join(f"{v} {lr_fmt(x)}" for v, x in firsts.items())

@@ -504,26 +504,41 @@ def divergence_headline(name: str, tol: dict, first: str, second: str, labels: t
     return headline(name, *decide())
 
 
+def _stable_from(t: dict, lo: float, hi: float) -> bool:
+    """Whether every seed of a curve trained stably at some LR in [lo, hi)."""
+    curve = t["curve"]
+    return bool(((curve["lr"] >= lo) & (curve["lr"] < hi) & curve["stable"]).any())
+
+
 def later(a: dict, b: dict, name_a: str, name_b: str) -> tuple[Optional[bool], str]:
     """Whether variant a first diverges at a higher LR than variant b. Decided by the divergence that
     orders them (the lower of the two first divergences), and only when that one came after its warmup;
-    undecided when neither diverges in the grid."""
+    undecided when neither diverges in the grid. They are ordered only where the other variant trained stably
+    at the LR (or above it, below its own first divergence) where the first one diverged; otherwise their
+    first divergences lie within one step of each other (a shared grid LR, or overlapping searched brackets),
+    a tie: 'not higher' on steps no coarser than GRID_RESOLUTION, undecided on coarser ones."""
     fa, fb = a["first_div"], b["first_div"]
     if not math.isfinite(fa) and not math.isfinite(fb):
         return None, f"neither {name_a} nor {name_b} diverges in the grid (up to {lr_fmt(max(a['largest_tried'], b['largest_tried']))})"
-    if fa > fb:
-        decider, name = b, name_b
-    elif fa < fb:
-        decider, name = a, name_a
-    else:
-        if fa <= max(a["smallest_tried"], b["smallest_tried"]):
-            # left-censored: both fail at the lowest LR either tried, so where each would first fail lies below the grid
-            return None, f"both diverge already at LR {lr_fmt(fa)}, the lowest of the grid"
-        if a["first_after"] or b["first_after"]:
-            return False, ""
-        return None, f"both first diverge at LR {lr_fmt(fa)}, inside their warmup"
-    if not decider["first_after"]:
-        return None, f"the divergence that orders them ({name} at LR {lr_fmt(decider['first_div'])}) began inside its warmup"
+    if fa == fb and fa <= max(a["smallest_tried"], b["smallest_tried"]):
+        # left-censored: both fail at the lowest LR either tried, so where each would first fail lies below the grid
+        return None, f"both diverge already at LR {lr_fmt(fa)}, the lowest of the grid"
+    (first, name, t), (other, other_name, o) = sorted([(fa, name_a, a), (fb, name_b, b)], key=lambda x: x[0])
+    if first != other and not _stable_from(o, first, other):
+        if not math.isfinite(other):
+            return None, f"{other_name} was not trained at LR {lr_fmt(first)} or above, where {name} first diverges"
+        first = other = min(fa, fb)  # within one step of each other: a tie
+    if first == other:
+        steps = [x["grid_step"] for x in (a, b) if not math.isnan(x["grid_step"])]
+        step = max(steps) if steps else math.nan
+        if not (a["first_after"] or b["first_after"]):
+            return None, f"both first diverge at about LR {lr_fmt(first)}, inside their warmup"
+        if not step <= GRID_RESOLUTION * (1 + 1e-9):
+            return None, (f"{name_a} and {name_b} first diverge within one step of each other (about LR {lr_fmt(first)}), "
+                          f"on steps of {fmt(step, '.2g')}x, too coarse to call it a tie (GRID_RESOLUTION {GRID_RESOLUTION:g}x)")
+        return False, ""
+    if not t["first_after"]:
+        return None, f"the divergence that orders them ({name} at LR {lr_fmt(first)}) began inside its warmup"
     return fa > fb, ""
 
 

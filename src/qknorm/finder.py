@@ -271,6 +271,8 @@ class Search:
         for g in self.groups:
             row: dict[str, Any] = {"group": g.label, "overrides": g.overrides, "seeds": g.seeds, "rounds": g.rounds,
                                    "runs": len(g.outcomes),
+                                   # probes launched without a result (a crash, or a run another process held)
+                                   "lost": [{"lr": lr, "seed": seed} for lr, seed in sorted(g.lost, key=lambda p: (p[0], str(p[1])))],
                                    "probes": [{"lr": lr, "seed": seed, **asdict(o)} for (lr, seed), o in sorted(
                                        g.outcomes.items(), key=lambda kv: (kv[0][0], str(kv[0][1])))]}
             for t in s.targets:

@@ -138,7 +138,10 @@ def divergence(run_dir: str | Path, summary: Optional[dict] = None) -> dict[str,
             # the detector fires after `patience` steps over its margin (or of spikes): those began earlier
             # (the early stops of LR searches count steps too, except the max-logit one, which fires at once)
             counted = any(m in reason for m in ("above the initial loss", "spike sustained", "running minimum"))
-            patience = int((s.get("config") or {}).get("callbacks.divergence.patience", 1) or 1) if counted else 1
+            config = s.get("config") or {}
+            patience = int(config.get("callbacks.divergence.patience", 1) or 1) if counted else 1
+            if counted and reason.startswith("early stop"):  # the early stops wait their own patience, where it is set
+                patience = int(config.get("callbacks.divergence.early_stop_patience") or patience)
             onsets.append(max(0, int(at) - patience + 1))
     bad = [st for st, v in losses if not math.isfinite(v)]
     bad += [int(h["step"]) for h in history if h.get("loss") is None or not math.isfinite(float(h["loss"]))]

@@ -257,7 +257,11 @@ def render(table: pd.DataFrame, info: dict, command: str) -> str:
         f"**Scale and recipe**: {recipe(info['frame'], info['settings'])}. {runs} runs, {hours:.1f} machine hours "
         "(the sum of the runs' own wall times).", "",
         paragraph(table), "",
-        "Sorted by critical LR, then divergence LR. Step costs are tokens/s relative to the baseline (above 1: faster).", "",
+        "Sorted by critical LR, then divergence LR; a preset no run of which failed sorts first, one that failed at every "
+        "LR last. A probe counts as diverged when its loss went non-finite, the divergence detector stopped it, it was "
+        "stopped early as doomed (the probe overrides above), or its train loss ended above its initial loss: the "
+        "divergence LR is where runs were stopped or ended that way, not only where the loss became non-finite. Step "
+        "costs are tokens/s relative to the baseline (above 1: faster).", "",
         markdown_table(shown),
     ])
 

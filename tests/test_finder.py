@@ -15,7 +15,16 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from qknorm.analysis.boundary import PRECISION_SLACK, Bracket, bracket, grid_runs, logistic_boundary, next_probes, upper
+from qknorm.analysis.boundary import (
+    PRECISION_SLACK,
+    Bracket,
+    bracket,
+    grid_runs,
+    logistic_boundary,
+    next_probes,
+    upper,
+    zone_top,
+)
 from qknorm.config import DivergenceConfig
 from qknorm.finder import FinderError, FinderSettings, Outcome, Search
 from qknorm.training.monitor import DivergenceDetector
@@ -46,6 +55,30 @@ def test_failures_below_the_first_success_are_the_other_boundary():
     assert upper(mixed) == mixed[2:] and bracket(mixed) == Bracket(0.0316, 0.1)
     # no LR where every seed succeeded: from the first success on, as before
     assert bracket([(0.01, False), (0.01, True), (0.0316, True), (0.0316, True)]) == Bracket(None, 0.01)
+
+
+def test_the_zone_s_upper_end_is_where_the_last_seed_fails():
+    # seed 0 fails from 0.1, seed 1 only from 1: the bracket is the first seed's, the zone's top the last one's
+    probes = [(0.01, False), (0.01, False), (0.1, True), (0.1, False), (1.0, True), (1.0, True)]
+    assert bracket(probes) == Bracket(0.01, 0.1) and zone_top(probes) == Bracket(0.1, 1.0)
+    agree = [(0.01, False), (0.01, False), (0.1, True), (0.1, True)]
+    assert zone_top(agree) == bracket(agree) == Bracket(0.01, 0.1)  # seeds that agree: the same bracket
+    assert zone_top([(0.1, False), (0.3, False)]) == Bracket(0.3, None)  # nothing failed everywhere yet
+
+
+def test_the_search_narrows_both_ends_of_the_zone():
+    """Two seeds whose boundaries lie 3x apart: both ends get narrowed to the precision, not only the first."""
+    truth = {"0": 0.05, "1": 0.15}
+
+    def outcome(job: list[str]) -> Outcome:
+        values = dict(o.split("=", 1) for o in job)
+        return Outcome(diverged=float(values["optim.lr"]) > truth[values["seed"]], failed=None)
+
+    search = Search(FinderSettings(lr_min=1e-3, targets=("diverged",)), [("seed", ["0", "1"])], lambda batch: None, outcome)
+    g = search.run()["groups"][0]["diverged"]
+    (lo, hi), (top_lo, top_hi) = g["bracket"], g["zone_top"]
+    assert lo < truth["0"] < hi and hi / lo <= 10 ** (0.1 + PRECISION_SLACK), g
+    assert top_lo < truth["1"] < top_hi and top_hi / top_lo <= 10 ** (0.1 + PRECISION_SLACK), g
 
 
 def test_next_probes_split_the_bracket_evenly_and_stop_at_the_precision():

@@ -9,7 +9,9 @@ are repeats within a group. Per group the search
      (hydra.sweeper.probe_overrides turns on callbacks.divergence's early stops);
   2. narrows the bracket between the largest LR where every run succeeded and the smallest where one
      failed, K probes a round (hydra.sweeper.k, each at every seed), until the bracket is narrower than
-     hydra.sweeper.precision (a factor of LR; 10^0.1 by default, 26% steps);
+     hydra.sweeper.precision (a factor of LR; 10^0.1 by default, 26% steps); where the seeds disagree it
+     narrows the zone's upper end as well (the largest LR where a run succeeded, the smallest above it where
+     every run failed), so that the fit sees where the last seed fails, not only the first;
   3. fits P(fail | log LR) over all its probes (qknorm.analysis.boundary): the 50% LR with a 95% interval.
 It does this for each target, one definition each from qknorm.analysis.failure: `diverged` (the
 divergence LR) and `failed`, ending worse than the bigram model (the critical LR, for quality).
@@ -32,7 +34,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from .analysis.boundary import Bracket, bracket, grid_runs, logistic_boundary, next_probes, round_lr
+from .analysis.boundary import Bracket, bracket, grid_runs, logistic_boundary, next_probes, round_lr, zone_top
 from .analysis.failure import bigram_for_run, failure
 from .jobs import finished_summary
 from .utils.files import atomic_write_bytes
@@ -212,9 +214,13 @@ class Search:
         s = self.settings
         lrs: list[float] = []
         for target in s.targets:
-            for lr in next_probes(group.bracket(target), s.k, s.precision):
-                if lr not in lrs:
-                    lrs.append(lr)
+            # the bracket (where the first seed fails) and the zone's upper end (where the last one does): the
+            # same bracket when the seeds agree
+            probes = group.probes(target)
+            for b in dict.fromkeys((bracket(probes), zone_top(probes))):
+                for lr in next_probes(b, s.k, s.precision):
+                    if lr not in lrs:
+                        lrs.append(lr)
         return sorted(lrs)
 
     def topped(self, group: Group) -> bool:
@@ -276,8 +282,9 @@ class Search:
                                    "probes": [{"lr": lr, "seed": seed, **asdict(o)} for (lr, seed), o in sorted(
                                        g.outcomes.items(), key=lambda kv: (kv[0][0], str(kv[0][1])))]}
             for t in s.targets:
-                b, fit = g.bracket(t), logistic_boundary(g.probes(t))
-                row[t] = {"bracket": [b.lo, b.hi], "bracket_text": b.describe(), "boundary": fit.lr,
+                b, fit, top = g.bracket(t), logistic_boundary(g.probes(t)), zone_top(g.probes(t))
+                row[t] = {"bracket": [b.lo, b.hi], "bracket_text": b.describe(), "zone_top": [top.lo, top.hi],
+                          "boundary": fit.lr,
                           "interval": [fit.lo, fit.hi], "width_decades": fit.width, "boundary_text": fit.describe()}
             out_groups.append(row)
         runs = sum(len(g.outcomes) for g in self.groups)

@@ -12,6 +12,10 @@ definition of qknorm.analysis.failure: diverged, or failed against the bigram re
   are left out of the bracket and the fit (`upper`). Every run, not some: at an LR just high enough to
   learn, one seed can end above the bigram model by seed noise while the other ends below it, and that
   slow seed says nothing about the upper boundary.
+- **The zone's upper end** (`zone_top`): with several seeds the runs between the bracket and the first LR
+  where every run failed are mixed; `zone_top` brackets that end (the largest LR where a run succeeded, the
+  smallest above it where every run failed). The search narrows it too, so the fit sees where the last
+  seed fails, not only the first; with one seed, or seeds that agree, it is the bracket itself.
 - **Next probes**: K LRs evenly spaced in log LR strictly inside the bracket, so a round of K probes
   shrinks the bracket K + 1 times (K-ary bisection).
 - **Logistic boundary**: with several seeds, a divergence is a chance event near the boundary. The fit
@@ -99,6 +103,20 @@ def bracket(probes: Iterable[tuple[float, bool]]) -> Bracket:
     hi = min(failing) if failing else None
     stable = [lr for lr, fs in by_lr.items() if not any(fs) and (hi is None or lr < hi)]
     return Bracket(max(stable) if stable else None, hi)
+
+
+def zone_top(probes: Iterable[tuple[float, bool]]) -> Bracket:
+    """probes: (lr, failed). The upper end of the stochastic zone (the module's docstring): lo the largest LR at
+    which a run succeeded, hi the smallest LR above it at which every run failed (None: none yet)."""
+    by_lr: dict[float, list[bool]] = {}
+    for lr, failed in upper(probes):
+        by_lr.setdefault(float(lr), []).append(bool(failed))
+    ok = [lr for lr, fs in by_lr.items() if not all(fs)]
+    if not ok:
+        return Bracket(None, min(by_lr) if by_lr else None)
+    lo = max(ok)
+    dead = [lr for lr, fs in by_lr.items() if all(fs) and lr > lo]
+    return Bracket(lo, min(dead) if dead else None)
 
 
 def next_probes(b: Bracket, k: int, precision: float) -> list[float]:

@@ -80,23 +80,27 @@ class Bracket:
         return f"between {self.lo:.4g} and {self.hi:.4g} (x{self.hi / self.lo:.3g})"
 
 
+def _by_lr(probes: Iterable[tuple[float, bool]]) -> dict[float, list[bool]]:
+    """probes: (lr, failed) -> each LR's outcomes."""
+    by_lr: dict[float, list[bool]] = {}
+    for lr, failed in probes:
+        by_lr.setdefault(float(lr), []).append(bool(failed))
+    return by_lr
+
+
 def upper(probes: Iterable[tuple[float, bool]]) -> list[tuple[float, bool]]:
     """The probes at or above the smallest LR at which every run succeeded; where no LR has every run
     succeed, at or above the smallest LR at which a run did (all of them when none did)."""
     probes = [(float(lr), bool(f)) for lr, f in probes]
-    by_lr: dict[float, list[bool]] = {}
-    for lr, f in probes:
-        by_lr.setdefault(lr, []).append(f)
+    by_lr = _by_lr(probes)
     clean = [lr for lr, fs in by_lr.items() if not any(fs)]
-    ok = clean or [lr for lr, f in probes if not f]
+    ok = clean or [lr for lr, fs in by_lr.items() if not all(fs)]
     return [(lr, f) for lr, f in probes if not ok or lr >= min(ok)]
 
 
 def bracket(probes: Iterable[tuple[float, bool]]) -> Bracket:
     """probes: (lr, failed). See the module's docstring."""
-    by_lr: dict[float, list[bool]] = {}
-    for lr, failed in upper(probes):
-        by_lr.setdefault(float(lr), []).append(bool(failed))
+    by_lr = _by_lr(upper(probes))
     if not by_lr:
         return Bracket(None, None)
     failing = [lr for lr, fs in by_lr.items() if any(fs)]
@@ -108,9 +112,7 @@ def bracket(probes: Iterable[tuple[float, bool]]) -> Bracket:
 def zone_top(probes: Iterable[tuple[float, bool]]) -> Bracket:
     """probes: (lr, failed). The upper end of the stochastic zone (the module's docstring): lo the largest LR at
     which a run succeeded, hi the smallest LR above it at which every run failed (None: none yet)."""
-    by_lr: dict[float, list[bool]] = {}
-    for lr, failed in upper(probes):
-        by_lr.setdefault(float(lr), []).append(bool(failed))
+    by_lr = _by_lr(upper(probes))
     ok = [lr for lr, fs in by_lr.items() if not all(fs)]
     if not ok:
         return Bracket(None, min(by_lr) if by_lr else None)

@@ -14,6 +14,7 @@ from repro.core import (
     Section,
     cfg,
     conclude,
+    critical_bracket,
     diagnostic,
     divergence_headline,
     fmt,
@@ -29,8 +30,6 @@ from repro.core import (
     save,
 )
 from repro.thresholds import SINK_EPSILON
-
-from qknorm.analysis.boundary import Bracket, bracket
 
 KEY = "E12"
 TITLE = "gates and sinks"
@@ -129,18 +128,11 @@ def lowers_activation(table: pd.DataFrame, a: str, b: str) -> tuple[Optional[boo
     return all(x["max_act"] < y["max_act"] for _, x, y in pairs), ""
 
 
-def first_failing(frame: pd.DataFrame, a: str) -> Bracket:
-    """Arm a's bracket of the critical LR (qknorm.analysis.boundary, on `failed`: worse than the bigram model or
-    diverged): the largest LR below the first failure where every seed succeeded, and that first failure."""
-    rows = frame[(frame["variant"] == a) & frame["failed"].notna()]
-    return bracket([(float(lr), bool(f)) for lr, f in zip(rows["lr"], rows["failed"], strict=True)])
-
-
 def higher_critical(frame: pd.DataFrame, a: str, b: str) -> tuple[Optional[bool], str]:
     """Whether arm a's first failing LR (worse than the bigram model) lies above arm b's: decided when a fails only
     above b's first failure, or not at all where b failed; undecided when neither fails, or either fails already at
     its lowest LR (the boundary is below the grid)."""
-    ba, bb = first_failing(frame, a), first_failing(frame, b)
+    ba, bb = critical_bracket(frame, a), critical_bracket(frame, b)
     for arm_, br in ((a, ba), (b, bb)):
         if br.lo is None and br.hi is not None:
             return None, f"{arm_} fails already at LR {lr_fmt(br.hi)}, its lowest"

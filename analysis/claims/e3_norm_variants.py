@@ -15,6 +15,7 @@ from repro.core import (
     cfg,
     compare,
     conclude,
+    critical_bracket,
     diagnostic,
     fmt,
     headline,
@@ -25,8 +26,6 @@ from repro.core import (
     no_divergence_after_warmup,
 )
 from repro.thresholds import GRID_RESOLUTION
-
-from qknorm.analysis.boundary import Bracket, bracket
 
 KEY = "E3"
 TITLE = "norm kinds, scopes and positions"
@@ -44,12 +43,6 @@ HEADLINE = ("LayerNorm, RMSNorm and L2 with a learned gain (each per head) are a
 REFERENCE = "LayerNorm per head"
 SAME_AS_REFERENCE = ("RMSNorm per head", "L2 per head learned g")
 FIXED = "L2 per head fixed g=1"
-
-
-def critical_bracket(frame: pd.DataFrame, v: str) -> Bracket:
-    """Variant v's bracket of the critical LR (qknorm.analysis.boundary on `failed`, pooled over seeds)."""
-    rows = frame[(frame["variant"] == v) & frame["failed"].notna()]
-    return bracket([(float(lr), bool(f)) for lr, f in zip(rows["lr"], rows["failed"], strict=True)])
 
 
 def same_critical(frame: pd.DataFrame, a: str, b: str) -> tuple[Optional[bool], str]:

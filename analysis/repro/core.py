@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from qknorm.analysis.boundary import Bracket, bracket
 from qknorm.analysis.failure import Reference
 from qknorm.analysis.lr import capped_loss, sensitivity_per_seed
 from qknorm.analysis.runs import collect_runs, is_stable
@@ -502,6 +503,14 @@ def divergence_headline(name: str, tol: dict, first: str, second: str, labels: t
     if untested is not None:
         return headline(name, None, untested)
     return headline(name, *decide())
+
+
+def critical_bracket(frame: pd.DataFrame, variant: str) -> Bracket:
+    """A variant's bracket of the critical LR (qknorm.analysis.boundary on `failed`: worse than the bigram
+    model or diverged, pooled over seeds): the largest LR below the first failure where every seed
+    succeeded, and that first failure."""
+    rows = frame[(frame["variant"] == variant) & frame["failed"].notna()]
+    return bracket([(float(lr), bool(f)) for lr, f in zip(rows["lr"], rows["failed"], strict=True)])
 
 
 def _stable_from(t: dict, lo: float, hi: float) -> bool:

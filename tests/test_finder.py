@@ -304,10 +304,12 @@ def test_a_finder_sweep_at_nano_resumes_after_sigkill_training_only_the_unfinish
     result = json.loads((sweep / "finder.json").read_text())
     probes = [p for g in result["groups"] for p in g["probes"]]
     assert len(result["groups"]) == 2 and len(probes) == result["runs"] >= 6
-    assert {Path(p["run_dir"]) for p in probes} == set(run_dirs(sweep))  # every probe has its directory
+    # every probe has its directory, recorded relative to the sweep folder (no path of this machine in the file)
+    assert not any(Path(p["run_dir"]).is_absolute() for p in probes)
+    assert {sweep / p["run_dir"] for p in probes} == set(run_dirs(sweep))
     for d, mtime in finished.items():  # finished probes were not trained again
         assert (d / "summary.json").stat().st_mtime == mtime
-    summaries = [json.loads((Path(p["run_dir"]) / "summary.json").read_text()) for p in probes]
+    summaries = [json.loads((sweep / p["run_dir"] / "summary.json").read_text()) for p in probes]
     stopped = [s for s in summaries if s["status"] == "diverged"]  # stopped by the detector: a result with its why
     assert stopped and all(s.get("reason") and s.get("diverged_at_step") is not None for s in stopped)
 
@@ -329,7 +331,8 @@ def test_analyze_reports_each_groups_boundaries_from_the_run_directories(tmp_pat
             loss = 4.0 if lr < first_bad else 6.0 if lr == first_bad else 9.0
             run = write_run(sweep, [f"attention={attention}", f"optim.lr={lr}"], loss, initial=8.0)
             # what the search believed is not what the table reports: the run directories are
-            probes.append({"lr": lr, "seed": "0", "diverged": False, "failed": False, "run_dir": str(run)})
+            # recorded relative to the sweep folder, as the finder writes it (the scorecard test below: absolute)
+            probes.append({"lr": lr, "seed": "0", "diverged": False, "failed": False, "run_dir": str(run.relative_to(sweep))})
         groups.append({"group": f"attention={attention}", "probes": probes})
     (sweep / "finder.json").write_text(json.dumps({"settings": {"precision": 10 ** 0.1}, "groups": groups}))
     table = analyze([sweep], tmp_path / "out")["critical_lr"]

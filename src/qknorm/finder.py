@@ -279,10 +279,12 @@ class Search:
                                    "runs": len(g.outcomes),
                                    # probes launched without a result (a crash, or a run another process held)
                                    "lost": [{"lr": lr, "seed": seed} for lr, seed in sorted(g.lost, key=lambda p: (p[0], str(p[1])))],
-                                   "probes": [{"lr": lr, "seed": seed, **asdict(o)} for (lr, seed), o in sorted(
-                                       g.outcomes.items(), key=lambda kv: (kv[0][0], str(kv[0][1])))]}
+                                   "probes": [{"lr": lr, "seed": seed, **asdict(o), "run_dir": self._relative(o.run_dir)}
+                                              for (lr, seed), o in sorted(g.outcomes.items(),
+                                                                          key=lambda kv: (kv[0][0], str(kv[0][1])))]}
             for t in s.targets:
-                b, fit, top = g.bracket(t), logistic_boundary(g.probes(t)), zone_top(g.probes(t))
+                probes = g.probes(t)
+                b, fit, top = bracket(probes), logistic_boundary(probes), zone_top(probes)
                 row[t] = {"bracket": [b.lo, b.hi], "bracket_text": b.describe(), "zone_top": [top.lo, top.hi],
                           "boundary": fit.lr,
                           "interval": [fit.lo, fit.hi], "width_decades": fit.width, "boundary_text": fit.describe()}
@@ -294,6 +296,17 @@ class Search:
                 "grid_runs_same_precision": grid,
                 "grid_note": f"an exhaustive log grid from {lo:.4g} to {hi:.4g} spaced {s.precision:.4g}x apart, at every seed "
                              "of every group, locates the boundary as finely"}
+
+    def _relative(self, run_dir: str) -> str:
+        """A probe's directory as finder.json records it: relative to the sweep folder (which holds the file) when
+        inside it, so the record names no path of the machine that ran it (readers resolve it against the file's
+        folder: qknorm.analysis.critical_lr.group_of_runs)."""
+        if self.out_dir is None or not run_dir:
+            return run_dir
+        try:
+            return str(Path(run_dir).resolve().relative_to(Path(self.out_dir).resolve()))
+        except ValueError:
+            return run_dir
 
     def write(self, result: Optional[dict] = None) -> None:
         if self.out_dir is None:

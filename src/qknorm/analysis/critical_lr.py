@@ -25,13 +25,13 @@ def finder_files(paths: list[str | Path]) -> list[Path]:
 
 
 def group_of_runs(files: list[Path]) -> dict[str, str]:
-    """run_dir -> the finder group it probed."""
+    """run_dir -> the finder group it probed (a probe's run_dir is relative to the finder file's folder, or absolute)."""
     out = {}
     for f in files:
         for g in json.loads(f.read_text()).get("groups", []):
             for p in g.get("probes", []):
                 if p.get("run_dir"):
-                    out[str(Path(p["run_dir"]).resolve())] = g["group"]
+                    out[str((f.parent / p["run_dir"]).resolve())] = g["group"]
     return out
 
 

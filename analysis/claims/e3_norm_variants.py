@@ -17,6 +17,7 @@ from repro.core import (
     conclude,
     critical_bracket,
     diagnostic,
+    divergence_headline,
     fmt,
     headline,
     ladder_figure,
@@ -76,12 +77,9 @@ def analyse(frame: pd.DataFrame, sec: Section, ctx: Context) -> None:
         checks.append(headline(f"{other}'s critical LR is about {REFERENCE}'s", *same_critical(frame, REFERENCE, other)))
     for other in SAME_AS_REFERENCE:
         name = f"{other} first diverges at about the LR of {REFERENCE}"
-        if REFERENCE not in tol or other not in tol:
-            checks.append(diagnostic(name, None, f"no runs of {REFERENCE if REFERENCE not in tol else other}"))
-        elif untested is not None:
-            checks.append(diagnostic(name, None, untested))
-        else:
-            checks.append(diagnostic(name, *about_same({REFERENCE: tol[REFERENCE], other: tol[other]}, lrs)))
+        checks.append(divergence_headline(
+            name, tol, REFERENCE, other, (REFERENCE, other), untested,
+            lambda other=other: about_same({REFERENCE: tol[REFERENCE], other: tol[other]}, lrs), role=diagnostic))
     bar = ctx.noise.bar
     # per head vs full width, where all of them are stable: a diverged loss says nothing of this claim
     pairs = [(a, b) for a, b in (("LayerNorm per head", "LayerNorm full width"), ("RMSNorm per head", "RMSNorm full width"))

@@ -495,14 +495,16 @@ def no_divergence_after_warmup(frame: pd.DataFrame) -> Optional[str]:
 
 
 def divergence_headline(name: str, tol: dict, first: str, second: str, labels: tuple[str, str], untested: Optional[str],
-                        decide: Callable[[], tuple[Optional[bool], str]]) -> Check:
-    """A headline comparing where two variants of a ladder first diverge: undecided when either has no runs
-    (the first missing one named) or when no run diverged after its warmup (`untested`), else `decide()`."""
+                        decide: Callable[[], tuple[Optional[bool], str]],
+                        role: Callable[[str, Optional[bool], str], Check] = headline) -> Check:
+    """A headline (or, with role=diagnostic, a diagnostic) comparing where two variants of a ladder first diverge:
+    undecided when either has no runs (the first missing one named) or when no run diverged after its warmup
+    (`untested`), else `decide()`."""
     if first not in tol or second not in tol:
-        return headline(name, None, f"no runs of {labels[0] if first not in tol else labels[1]}")
+        return role(name, None, f"no runs of {labels[0] if first not in tol else labels[1]}")
     if untested is not None:
-        return headline(name, None, untested)
-    return headline(name, *decide())
+        return role(name, None, untested)
+    return role(name, *decide())
 
 
 def critical_bracket(frame: pd.DataFrame, variant: str) -> Bracket:

@@ -52,7 +52,8 @@ def summary(run_dir: Path) -> dict:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, cache_dir):
     tmp = tmp_path_factory.mktemp("stacked")
-    solo = sweep(tmp, cache_dir, "solo", [*GRID, "hydra/launcher=basic"])
+    # the solo jobs two at a time (one thread each): the members must match them whatever the thread count
+    solo = sweep(tmp, cache_dir, "solo", [*GRID, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"])
     stacked = sweep(tmp, cache_dir, "stacked", [*GRID, *STACKED])
     return tmp, solo, stacked
 

@@ -132,7 +132,8 @@ def test_a_short_run_reaches_its_peak_lr_and_records_enough_points(tmp_path, cac
     from qknorm.training.optim import lr_factor
 
     peak, steps = 0.02, 30
-    proc = run_cli(["model=nano", f"trainer.max_steps={steps}", f"optim.lr={peak}", "trainer.log_every_n_steps=1"],
+    # batches of 8 sequences: the schedule, the curve and the checkpoint do not depend on the batch, the time does
+    proc = run_cli(["model=nano", f"trainer.max_steps={steps}", f"optim.lr={peak}", "trainer.log_every_n_steps=1", "data.batch_size=8"],
                    tmp_path, cache_dir)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (run,) = run_dirs(tmp_path / "logs")

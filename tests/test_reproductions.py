@@ -688,10 +688,36 @@ def test_e12_is_inconclusive_when_nothing_diverges_or_there_is_no_sink(tmp_path)
     checks = names(e12)
     lowered = checks["the gate lowers the first-token sink at every LR where both train stably and the ungated arm has a sink"]
     assert lowered.value is None and lowered.why.startswith("nothing to remove: qwen3_next without its gate has no head")
-    for name in ("with the gate no head sinks into the first token where the ungated arm has a sink head",
-                 "sigmoid attention has no first-token sink where the baseline has one"):
-        assert checks[name].value is None and "has no head over the sink threshold either" in checks[name].why
+    gate_sink = checks["with the gate no head sinks into the first token where the ungated arm has a sink head"]
+    assert gate_sink.value is None and "has no head over the sink threshold either" in gate_sink.why
+    sigmoid = checks["sigmoid attention has no first-token sink where it trains healthily"]
+    assert sigmoid.value is None and sigmoid.why.startswith("nothing to compare with: neither sigmoid attention nor baseline")
     assert "no runs of qwen3" in names(e12)["Qwen3-Next's attention first diverges at a higher LR than Qwen3's"].why
+
+
+@pytest.mark.parametrize("case,value", [("sigmoid sinks where it trains well", False),
+                                        ("sigmoid sinks only where it ends worse than the bigram model", None),
+                                        ("the baseline sinks and sigmoid does not", True)])
+def test_e12_sigmoid_attention_s_own_sink_decides_against_the_claim_and_a_yes_needs_a_baseline_that_sinks(tmp_path, case, value):
+    """Gu et al.: no sink without the softmax's normalization. A sink head of sigmoid attention's own, in runs that
+    trained well, is a 'no' whatever the baseline does; one only in broken runs (worse than the bigram model) says
+    nothing; a 'yes' needs a baseline that sinks where sigmoid attention does not."""
+    runs = tmp_path / "runs" / RUNS["E12"]
+    for seed in (0, 1):
+        for lr in E12_LRS:
+            high = lr >= 0.3
+            sig_sink = high and case != "the baseline sinks and sigmoid does not"
+            base_sink = high and case == "the baseline sinks and sigmoid does not"
+            sig_loss = BIGRAM + 0.5 if high and case.endswith("bigram model") else 3.0
+            for attention, sunk, loss in (("baseline", base_sink, 3.0), ("ramapuram2024_sigmoid", sig_sink, sig_loss)):
+                write_run(runs, ["model=tiny", f"attention={attention}", f"optim.lr={lr:g}"], loss + 0.01 * seed, seed=seed,
+                          monitor={"sink_rate": 0.5 if sunk else 0.0, "first_token_mass_mean": 0.4 if sunk else 0.02,
+                                   "row_mass_mean": 1.0, "residual_max_abs": 50.0, "residual_kurtosis": 30.0})
+    e12 = build(tmp_path / "runs", tmp_path)["E12"]
+    check = names(e12)["sigmoid attention has no first-token sink where it trains healthily"]
+    assert check.value is value, (check.value, check.why, e12.seed_checks)
+    if value is None:
+        assert "where sigmoid attention trained healthily (0.03)" in check.why, check.why
 
 
 def test_e12_both_arms_diverging_at_the_grid_s_lowest_lr_is_undecided_not_a_no(tmp_path):

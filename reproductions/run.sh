@@ -104,7 +104,8 @@ e7() {
 # fp32 and bf16 autocast, checkpoints kept for qknorm-probe. At healthy LRs: the best LR here (1e-2) and 3x it,
 # so that the overflow, if any, is that of a model that learned, not of a collapsed one.
 e8() {
-  e8_sweep e8_healthy_lr optim.lr=1e-2,3e-2
+  # validation on the whole held-out split, as every other experiment's (the first round predates the setting)
+  e8_sweep e8_healthy_lr optim.lr=1e-2,3e-2 data.val_token_ratio=null
 }
 # The first E8 round, at LR 0.1 (10x the best LR: the models end worse than the bigram model). Kept to
 # compare against.

@@ -9,6 +9,7 @@ import functools
 import importlib.util
 import json
 import math
+import shutil
 import sys
 from pathlib import Path
 
@@ -190,8 +191,9 @@ def test_the_page_lists_every_threshold_with_its_value(tmp_path):
 LRS = [1e-3, 1e-2, 1e-1, 3e-1]
 
 
-def e1_fixture(root: Path, qk_ln_helps: bool, diverge_at=None, seeds=(0,)) -> None:
-    """Three widths; without qk-LN the loss jumps to l0 past a critical LR that falls with width."""
+def e1_fixture(root: Path, qk_ln_helps: bool, diverge_at=None, seeds=(0,), survivor: bool = False) -> None:
+    """Three widths; without qk-LN the loss jumps to l0 past a critical LR that falls with width. `survivor`: the
+    narrowest model without qk-LN at LR 0.1 trains well with its layer-0 logit past 1e4 from the start."""
     base = {"ladder_64": [3.5, 3.0, 3.0, 7.0], "ladder_96": [3.5, 3.0, 7.0, 7.0], "ladder_128": [3.5, 3.0, 7.0, 7.0]}
     with_ln = {"ladder_64": [3.5, 3.0, 3.0, 3.05], "ladder_96": [3.5, 3.0, 3.0, 3.1], "ladder_128": [3.5, 3.0, 3.0, 3.2]}
     folder = root / RUNS["E1"]
@@ -201,11 +203,13 @@ def e1_fixture(root: Path, qk_ln_helps: bool, diverge_at=None, seeds=(0,)) -> No
                                       ("wortsman2023_qk_layernorm", with_ln[model] if qk_ln_helps else base[model])):
                 for lr, loss in zip(LRS, losses, strict=True):
                     failing = loss >= 7.0
+                    high = survivor and (model, attention, lr) == ("ladder_64", "baseline", 1e-1)
                     write_run(folder, ["optim=wortsman", f"model={model}", f"attention={attention}", f"optim.lr={lr:g}"],
                               loss + 0.01 * seed, seed=seed, diverge_at=diverge_at if failing else None,
                               # a failing run's layer-0 logit is past 1e4 early and grows 100x, through the q/k norms
                               # (the cosine is flat)
-                              logit=(1e4, 1e6) if failing else (1.0, 1.5), qk=(1.0, 10.0) if failing else (1.0, 1.2))
+                              logit=(1e4, 1e6) if failing else (2e4, 3e4) if high else (1.0, 1.5),
+                              qk=(1.0, 10.0) if failing else (1.0, 1.2))
 
 
 def test_e1_and_e2_reproduced_when_the_data_show_the_claims(tmp_path):
@@ -243,6 +247,31 @@ def test_a_divergence_claim_whose_runs_diverge_only_in_the_warmup_is_inconclusiv
     assert e2.verdict == "inconclusive", e2.reason
     assert e2.reason.startswith("no run diverged after its warmup") and "15-step warmup" in e2.reason
     assert e2.title == "layer-0 logit growth in failed runs (no run diverged after its warmup)"
+
+
+def test_a_run_past_1e4_that_never_diverged_refutes_the_rule_even_where_nothing_diverged_after_warmup(tmp_path):
+    """As above (every divergence inside the warmup), but one run passes 1e4 early and trains to the end: 'all runs
+    above 1e4 diverged' is refuted by it, whatever the others did, so the headline is a 'no', not undecided."""
+    e1_fixture(tmp_path / "runs", qk_ln_helps=True, diverge_at=9, survivor=True)
+    e2 = build(tmp_path / "runs", tmp_path)["E2"]
+    assert e2.verdict == "not reproduced", e2.reason
+    (part,) = [c for c in e2.checks if c.headline]
+    assert part.value is False and part.name == "every run above 10000 early diverged (5 of 6)", part.name
+
+
+def test_e1_leaves_out_a_width_whose_grid_is_not_complete(tmp_path):
+    """A sweep still under way: the widest model with qk-LN lacks its highest LR. Its sensitivity would be a mean
+    over fewer LRs than the curve without qk-LN, so that width is left out of the checks, and the page says so."""
+    e1_fixture(tmp_path / "runs", qk_ln_helps=True)
+    folder = tmp_path / "runs" / RUNS["E1"]
+    (gone,) = [d for d in folder.iterdir() if {"model=ladder_128", "attention=wortsman2023_qk_layernorm", "optim.lr=0.3"}
+               <= set(d.name.split("-"))]
+    shutil.rmtree(gone)
+    e1 = build(tmp_path / "runs", tmp_path)["E1"]
+    assert e1.verdict == "reproduced", e1.reason
+    assert [c.name for c in e1.checks if c.headline] == ["qk-LN lowers LR sensitivity at d_model 64",
+                                                         "qk-LN lowers LR sensitivity at d_model 96"]
+    assert "Left out of the checks, their grid not complete with and without qk-LN: d=128 (7 of 8 runs)." in e1.body
 
 
 def test_a_failed_headline_is_not_lifted_by_its_diagnostics(tmp_path):
@@ -517,6 +546,21 @@ def test_e8_models_that_failed_cannot_decide_it(tmp_path):
     e8 = build(tmp_path / "runs", tmp_path)["E8"]
     assert e8.verdict == "inconclusive", e8.reason
     assert "no baseline (no QK-norm) model was trained at a healthy LR: of its 1 models (LR 0.1), 1 end above" in e8.reason
+
+
+def test_e8_a_healthy_model_without_its_probe_leaves_its_part_undecided(tmp_path):
+    """Seed 1's baseline model was never probed (its probe table is missing): counting only the probed models would
+    decide the part on fewer models than were trained, so it stays undecided and says why."""
+    runs = tmp_path / "runs" / RUNS["E8"]
+    for seed in (0, 1):
+        for preset, raw in (("baseline", (50.0, 9e4)), ("qwen2_qkv_bias", (50.0, 1.2e5)), ("qwen3", (50.0, 150.0))):
+            e8_run(runs, preset, raw, seed)
+    (probe,) = [d / "fp16_probe" for d in runs.iterdir() if {"attention=baseline", "seed=1"} <= set(d.name.split("-"))]
+    shutil.rmtree(probe)
+    e8 = build(tmp_path / "runs", tmp_path)["E8"]
+    part = names(e8)["baseline models at healthy LRs overflow fp16 as s, not as k^T"]
+    assert part.value is None and "1 baseline (no QK-norm) model(s) at a healthy LR have no probe table" in part.why, part.why
+    assert e8.verdict == "partly", e8.reason
 
 
 def test_e8_with_two_seeds_keeps_every_run(tmp_path):

@@ -111,7 +111,13 @@ def analyse(frame: pd.DataFrame, sec: Section, ctx: Context) -> None:
     above = t[t["early"] >= PAPER_LOGIT]
     early_at = sorted({int(x) for x in t["early_step"].dropna()})
     where = f"step {'/'.join(map(str, early_at))}" if early_at else "no record"
-    if untested is not None:
+    survivors = above[~above["diverged"]]
+    if not survivors.empty:
+        # a run past 1e4 early that never diverged refutes "all runs above 1e4 diverged" however the others ended: the
+        # rule can fail even where no divergence after the warmup is there to confirm it
+        checks.append(headline(f"every run above {PAPER_LOGIT:g} early diverged ({int(above['diverged'].sum())} of {len(above)})",
+                               False))
+    elif untested is not None:
         checks.append(headline(f"every run above {PAPER_LOGIT:g} early diverged", None,
                                f"{untested}; {len(above)} of {len(t)} runs pass {PAPER_LOGIT:g} at the early point ({where})"))
     elif above.empty:

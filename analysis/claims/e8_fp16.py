@@ -98,8 +98,12 @@ def analyse(frame: pd.DataFrame, sec: Section, ctx: Context) -> None:
         name = f"{v} models at healthy LRs overflow fp16 as (q k^T) s, not as (q s) k^T"
         mine = t[(t["variant"] == v) & t["probe"]]
         scope = mine[mine["healthy"]]
+        unprobed = int((t["variant"].eq(v) & t["healthy"] & ~t["probe"]).sum())
         if mine.empty:
             checks.append(headline(name, None, f"no {v} model with a probe table"))
+        elif unprobed:
+            checks.append(headline(name, None, f"{unprobed} {v} model(s) at a healthy LR have no probe table (qknorm-probe "
+                                               "did not run on them): the count would leave them out"))
         elif scope.empty:
             lrs = "/".join(f"{x:g}" for x in sorted(mine["lr"].unique()))
             failed = int(mine["failed"].sum())
@@ -114,8 +118,12 @@ def analyse(frame: pd.DataFrame, sec: Section, ctx: Context) -> None:
                                    bool(scope["unscaled"].all() and not scope["prescaled"].any())))
     name = "Qwen3 QK-norm models at healthy LRs do not overflow"
     mine = t[(t["variant"] == WITH) & t["probe"] & t["healthy"]]
+    unprobed = int((t["variant"].eq(WITH) & t["healthy"] & ~t["probe"]).sum())
     if mine.empty:
         checks.append(headline(name, None, "no QK-norm model with a probe table at a healthy LR"))
+    elif unprobed:
+        checks.append(headline(name, None, f"{unprobed} QK-norm model(s) at a healthy LR have no probe table (qknorm-probe "
+                                           "did not run on them): the count would leave them out"))
     elif not overflowed:
         checks.append(headline(name, None, "no model without QK-norm at a healthy LR overflowed: no overflow to remove"))
     else:

@@ -764,6 +764,25 @@ def test_e12_sigmoid_attention_s_own_sink_decides_against_the_claim_and_a_yes_ne
         assert "where sigmoid attention trained healthily (0.03)" in check.why, check.why
 
 
+@pytest.mark.parametrize("ungated_lrs,value", [((0.03, 0.3, 1.0), None), ((0.03, 0.3, 0.45, 0.67, 1.0), False),
+                                               ((0.03, 0.3, 0.45, 0.67), True)])
+def test_e12_the_critical_lr_is_compared_on_brackets_not_on_their_upper_ends(tmp_path, ungated_lrs, value):
+    """The gated arm fails first at LR 1 (bracket 0.67 to 1). The ungated arm fails at its highest LR too: searched
+    less finely (0.3 to 1) the brackets overlap and decide nothing; on the same grid they tie, 'not higher'; when it
+    fails already at 0.67 the gate raises the critical LR."""
+    runs = tmp_path / "runs" / RUNS["E12"]
+    for seed in (0, 1):
+        for overrides, lrs, fails_from in ((GATED, E12_LRS, 1.0), (UNGATED, ungated_lrs, max(ungated_lrs))):
+            for lr in lrs:
+                write_run(runs, [*overrides, f"optim.lr={lr:g}"], BIGRAM + 0.5 if lr >= fails_from else 3.0 + 0.01 * seed,
+                          seed=seed, monitor={"sink_rate": 0.0, "first_token_mass_mean": 0.02, "row_mass_mean": 1.0,
+                                              "residual_max_abs": 50.0, "residual_kurtosis": 30.0})
+    check = names(build(tmp_path / "runs", tmp_path)["E12"])["the gate raises the critical LR"]
+    assert check.value is value, (check.value, check.why)
+    if value is None:
+        assert check.why.startswith("their brackets overlap"), check.why
+
+
 def test_e12_both_arms_diverging_at_the_grid_s_lowest_lr_is_undecided_not_a_no(tmp_path):
     """Both arms diverge after their warmup already at the lowest LR tried: where each would first fail lies below the
     grid (left-censored), so the grid cannot say whether the gate raises it."""

@@ -29,7 +29,7 @@ from repro.core import (
     records,
     save,
 )
-from repro.thresholds import SINK_EPSILON
+from repro.thresholds import GRID_RESOLUTION, SINK_EPSILON
 
 KEY = "E12"
 TITLE = "gates and sinks"
@@ -146,9 +146,11 @@ def lowers_activation(table: pd.DataFrame, a: str, b: str) -> tuple[Optional[boo
 
 
 def higher_critical(frame: pd.DataFrame, a: str, b: str) -> tuple[Optional[bool], str]:
-    """Whether arm a's first failing LR (worse than the bigram model) lies above arm b's: decided when a fails only
-    above b's first failure, or not at all where b failed; undecided when neither fails, or either fails already at
-    its lowest LR (the boundary is below the grid)."""
+    """Whether arm a's first failing LR (worse than the bigram model) lies above arm b's, read on their brackets:
+    'yes' when a succeeded at or above b's first failure, 'no' when b succeeded at or above a's; the same bracket on
+    both is a tie, 'not higher' when the bracket is no coarser than GRID_RESOLUTION; brackets that overlap otherwise
+    (one arm searched less finely) decide nothing. Undecided too when neither fails, or either fails already at its
+    lowest LR (the boundary is below the grid)."""
     ba, bb = critical_bracket(frame, a), critical_bracket(frame, b)
     for arm_, br in ((a, ba), (b, bb)):
         if br.lo is None and br.hi is not None:
@@ -157,11 +159,19 @@ def higher_critical(frame: pd.DataFrame, a: str, b: str) -> tuple[Optional[bool]
             return None, f"no finished runs of {arm_} judged against the bigram reference"
     if ba.hi is None and bb.hi is None:
         return None, f"neither {a} nor {b} ends worse than the bigram model in the runs"
-    if ba.hi is None:
+    if bb.hi is not None and ba.lo is not None and ba.lo >= bb.hi:
         return True, ""
-    if bb.hi is None:
+    if ba.hi is not None and bb.lo is not None and bb.lo >= ba.hi:
         return False, ""
-    return ba.hi > bb.hi, ""
+    if (ba.lo, ba.hi) == (bb.lo, bb.hi) and ba.hi is not None and ba.lo is not None:
+        if ba.hi / ba.lo <= GRID_RESOLUTION * (1 + 1e-9):
+            return False, ""
+        return None, (f"both first fail between LR {lr_fmt(ba.lo)} and {lr_fmt(ba.hi)}, a step too coarse to call it a tie "
+                      f"(GRID_RESOLUTION {GRID_RESOLUTION:g}x)")
+    def where(arm_: str, br) -> str:
+        return (f"{arm_} trained well up to LR {lr_fmt(br.lo)} and was not tried above" if br.hi is None
+                else f"{arm_} first fails between LR {lr_fmt(br.lo)} and {lr_fmt(br.hi)}")
+    return None, f"their brackets overlap: {where(a, ba)}, {where(b, bb)}"
 
 
 def uniform_first_token(seq_len: int) -> float:

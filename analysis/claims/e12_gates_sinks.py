@@ -163,15 +163,12 @@ def higher_critical(frame: pd.DataFrame, a: str, b: str) -> tuple[Optional[bool]
         return True, ""
     if ba.hi is not None and bb.lo is not None and bb.lo >= ba.hi:
         return False, ""
-    if (ba.lo, ba.hi) == (bb.lo, bb.hi) and ba.hi is not None and ba.lo is not None:
+    if ba == bb and ba.closed:
         if ba.hi / ba.lo <= GRID_RESOLUTION * (1 + 1e-9):
             return False, ""
-        return None, (f"both first fail between LR {lr_fmt(ba.lo)} and {lr_fmt(ba.hi)}, a step too coarse to call it a tie "
+        return None, (f"both first fail {ba.describe()}, a step too coarse to call it a tie "
                       f"(GRID_RESOLUTION {GRID_RESOLUTION:g}x)")
-    def where(arm_: str, br) -> str:
-        return (f"{arm_} trained well up to LR {lr_fmt(br.lo)} and was not tried above" if br.hi is None
-                else f"{arm_} first fails between LR {lr_fmt(br.lo)} and {lr_fmt(br.hi)}")
-    return None, f"their brackets overlap: {where(a, ba)}, {where(b, bb)}"
+    return None, f"their brackets overlap: {a} first fails {ba.describe()}, {b} {bb.describe()}"
 
 
 def uniform_first_token(seq_len: int) -> float:

@@ -45,6 +45,14 @@ def probe(run_dir: str) -> Optional[pd.DataFrame]:
     return pd.read_csv(path) if path.exists() else None
 
 
+def unprobed_why(t: pd.DataFrame, variant: str, label: str) -> str:
+    """Why a part is undecided when models of `variant` at a healthy LR lack their probe table ('' when none does):
+    counting only the probed ones would decide it on fewer models than were trained."""
+    n = int((t["variant"].eq(variant) & t["healthy"] & ~t["probe"]).sum())
+    return (f"{n} {label} model(s) at a healthy LR have no probe table (qknorm-probe did not run on them): the count "
+            "would leave them out") if n else ""
+
+
 def analyse(frame: pd.DataFrame, sec: Section, ctx: Context) -> None:
     frame = frame.assign(variant=frame["cfg"].map(lambda c: NAMES.get(attention_label(c), attention_label(c))))
     # a variant's best LR in this folder, and the healthy scope around it
@@ -98,12 +106,10 @@ def analyse(frame: pd.DataFrame, sec: Section, ctx: Context) -> None:
         name = f"{v} models at healthy LRs overflow fp16 as (q k^T) s, not as (q s) k^T"
         mine = t[(t["variant"] == v) & t["probe"]]
         scope = mine[mine["healthy"]]
-        unprobed = int((t["variant"].eq(v) & t["healthy"] & ~t["probe"]).sum())
         if mine.empty:
             checks.append(headline(name, None, f"no {v} model with a probe table"))
-        elif unprobed:
-            checks.append(headline(name, None, f"{unprobed} {v} model(s) at a healthy LR have no probe table (qknorm-probe "
-                                               "did not run on them): the count would leave them out"))
+        elif unprobed := unprobed_why(t, v, v):
+            checks.append(headline(name, None, unprobed))
         elif scope.empty:
             lrs = "/".join(f"{x:g}" for x in sorted(mine["lr"].unique()))
             failed = int(mine["failed"].sum())
@@ -118,12 +124,10 @@ def analyse(frame: pd.DataFrame, sec: Section, ctx: Context) -> None:
                                    bool(scope["unscaled"].all() and not scope["prescaled"].any())))
     name = "Qwen3 QK-norm models at healthy LRs do not overflow"
     mine = t[(t["variant"] == WITH) & t["probe"] & t["healthy"]]
-    unprobed = int((t["variant"].eq(WITH) & t["healthy"] & ~t["probe"]).sum())
     if mine.empty:
         checks.append(headline(name, None, "no QK-norm model with a probe table at a healthy LR"))
-    elif unprobed:
-        checks.append(headline(name, None, f"{unprobed} QK-norm model(s) at a healthy LR have no probe table (qknorm-probe "
-                                           "did not run on them): the count would leave them out"))
+    elif unprobed := unprobed_why(t, WITH, "QK-norm"):
+        checks.append(headline(name, None, unprobed))
     elif not overflowed:
         checks.append(headline(name, None, "no model without QK-norm at a healthy LR overflowed: no overflow to remove"))
     else:

@@ -22,6 +22,7 @@ from repro.core import (
     sensitivity,
     tolerance,
 )
+from repro.thresholds import JUMP_NATS
 
 KEY = "E1"
 TITLE = "qk-layernorm and the critical LR across widths"
@@ -51,10 +52,10 @@ def analyse(frame: pd.DataFrame, sec: Section, ctx: Context) -> None:
             curves[ln] = curve
             t = tolerance(curve)
             s, lo, hi = sensitivity(sub)
-            sens[(w, ln)], spread[(w, ln)], crit[(w, ln)] = s, (s - lo, hi - s), t["critical"]
+            sens[(w, ln)], spread[(w, ln)], crit[(w, ln)] = s, (s - lo, hi - s), t["jump"]
             params = sub["params_non_embedding"].dropna()
             rows.append(f"| {w} | {fmt(params.iloc[0] / 1e6 if len(params) else math.nan)}M | {'qk-LN' if ln else 'none'} | "
-                        f"{lr_fmt(t['best_lr'])} | {fmt(t['best'])} | {lr_fmt(t['critical'])} | {lr_fmt(t['first_div'])} | "
+                        f"{lr_fmt(t['best_lr'])} | {fmt(t['best'])} | {lr_fmt(t['jump'])} | {lr_fmt(t['first_div'])} | "
                         f"{fmt(s)}{f' [{fmt(lo)}, {fmt(hi)}]' if hi > lo else ''} |")
             ax.plot(curve["lr"], curve["capped"], marker="o", color=color, ls="-" if ln else "--",
                     label=f"d={w} {'qk-LN' if ln else 'no qk-LN'}")
@@ -115,9 +116,13 @@ def analyse(frame: pd.DataFrame, sec: Section, ctx: Context) -> None:
         checks.append(diagnostic("with qk-LN, LR sensitivity still grows with width",
                                  all(a <= b for a, b in zip(with_ln, with_ln[1:], strict=False)) and with_ln[-1] > with_ln[0]))
     several = frame["seed"].nunique() > 1
-    sec.body += ["| d_model | params | attention | best LR | best loss | critical LR | first diverging LR | LR sensitivity"
+    sec.body += ["| d_model | params | attention | best LR | best loss | critical LR (jump) | first diverging LR | LR sensitivity"
                  + (" (seeds' mean [min, max])" if several else "") + " |",
                  "|---:|---:|---|---:|---:|---:|---:|---:|", *rows, "",
+                 "Critical LR (jump): Wortsman's critical LR, read as the first LR above the curve's best whose loss is "
+                 f"JUMP_NATS ({JUMP_NATS:g} nats) above that best. It is relative to each curve's own optimum, where the "
+                 "finder's critical LR is absolute (worse than the bigram model): the best loss falls with width, the "
+                 "bigram model's does not.", "",
                  "Largest loss gap between the two curves at LRs up to the no-qk-LN optimum, per width: "
                  + ", ".join(f"d={w}: {fmt(agree.get(w, math.nan))} nats" for w in complete) + "."]
     if partial:

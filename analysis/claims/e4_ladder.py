@@ -138,9 +138,9 @@ def analyse(frame: pd.DataFrame, sec: Section, ctx: Context) -> None:
                  f"{int(frame['diverged'].sum())} of {len(frame)} runs diverged, {int(frame['after_warmup'].sum())} of them "
                  f"after their warmup. A run diverges when it produced a non-finite loss, the detector stopped it, or its train "
                  f"loss ended above the initial loss (the paper judged its curves by eye)."]
-    order = sorted(tol, key=lambda v: (tol[v]["critical"], v))
-    sec.body += ["", "Reported, not a check: by critical LR (the loss first JUMP_NATS above its curve's best, a quality "
-                 "limit rather than divergence) the order is " + ", ".join(f"{NAMES.get(v, v)} {lr_fmt(tol[v]['critical'])}"
+    order = sorted(tol, key=lambda v: (tol[v]["jump"], v))
+    sec.body += ["", "Reported, not a check: by jump LR (the loss first JUMP_NATS above its curve's best, a quality "
+                 "limit rather than divergence) the order is " + ", ".join(f"{NAMES.get(v, v)} {lr_fmt(tol[v]['jump'])}"
                                                                             for v in order) + "."]
     if ratios:
         sec.body += ["", f"Output norms at step {at:.0f} (at most {EARLY_NORM_FRACTION:g} of the way to the earliest divergence "

@@ -386,18 +386,31 @@ def attention_label(c: dict) -> str:
 
 # -- LR curves and ladders ---------------------------------------------------------------------------------
 
+def _any_failed(failed: pd.Series) -> Optional[bool]:
+    """Whether any seed failed (qknorm.analysis.failure's `failed`), None where no seed's failure is known."""
+    known = failed.dropna()
+    return bool(known.astype(bool).any()) if len(known) else None
+
+
 def lr_curves(frame: pd.DataFrame) -> pd.DataFrame:
     """Per LR: the seeds' mean capped loss, whether every seed is stable, whether any run diverged after
-    its warmup, and how many seeds."""
+    its warmup, whether any seed failed (worse than the bigram model, or diverged; None where unknown), and how
+    many seeds."""
+    if "failed" not in frame.columns:
+        frame = frame.assign(failed=None)
     out = frame.groupby("lr").agg(capped=("capped", "mean"), stable=("stable", "all"), after=("after_warmup", "any"),
-                                  seeds=("seed", "nunique"), initial=("initial_loss", "mean"))
+                                  failed=("failed", _any_failed), seeds=("seed", "nunique"),
+                                  initial=("initial_loss", "mean"))
     return out.reset_index().sort_values("lr").reset_index(drop=True)
 
 
 def tolerance(curve: pd.DataFrame) -> dict:
     """For one LR curve: the best loss and its LR, the largest stable LR, the first diverging LR (any
-    seed diverged there) and whether that divergence came after the warmup, the critical LR (first LR above
-    the optimum whose loss is JUMP_NATS above the best), and the grid step at the first divergence."""
+    seed diverged there) and whether that divergence came after the warmup, the critical LR (the first LR at
+    which a seed fails: worse than the bigram model, or diverged; NaN where no failure is known, as without a
+    bigram reference), the jump LR (first LR above the optimum whose loss is JUMP_NATS above the best: E1's
+    reading of Wortsman's critical LR, relative to each curve's own best), and the grid step at the first
+    divergence."""
     curve = curve.sort_values("lr").reset_index(drop=True)
     best_i = curve["capped"].idxmin()
     best, best_lr = float(curve.loc[best_i, "capped"]), float(curve.loc[best_i, "lr"])
@@ -405,11 +418,15 @@ def tolerance(curve: pd.DataFrame) -> dict:
     stable = curve[curve["stable"]]["lr"]
     above = curve[(curve["lr"] > best_lr) & (curve["capped"] > best + JUMP_NATS)]["lr"]
     first = float(unstable["lr"].min()) if len(unstable) else math.inf
+    known = curve[curve["failed"].notna()] if "failed" in curve.columns else curve.iloc[:0]
+    failing = known[known["failed"].astype(bool)]["lr"]
+    critical = float(failing.min()) if len(failing) else math.inf if len(known) else math.nan
     lrs = list(curve["lr"].astype(float))
     step = (first / lrs[lrs.index(first) - 1]) if math.isfinite(first) and lrs.index(first) > 0 else math.nan
     return {"best": best, "best_lr": best_lr, "largest_stable": float(stable.max()) if len(stable) else math.nan,
             "first_div": first, "first_after": bool(unstable.iloc[0]["after"]) if len(unstable) else None,
-            "critical": float(above.min()) if len(above) else math.inf, "largest_tried": float(curve["lr"].max()),
+            "critical": critical, "jump": float(above.min()) if len(above) else math.inf,
+            "largest_tried": float(curve["lr"].max()),
             "smallest_tried": float(curve["lr"].min()),
             "grid_step": step, "curve": curve}
 
@@ -446,9 +463,13 @@ def ladder_rows(tol: dict, per_seed: str = "first_div") -> list[str]:
     seeds = sorted({s for t in tol.values() for s in t.get("per_seed", {})})
     several = len(seeds) > 1
     name = {"critical": "critical LR", "first_div": "first diverging LR"}[per_seed]
-    head = ("| variant | " + " | ".join(f"LR {lr:g}" for lr in lrs) + " | largest stable LR | first diverging LR | critical LR |"
-            + (f" {name} per seed |" if several else ""))
-    rows = [head, "|---|" + "---:|" * (len(lrs) + 3) + ("---|" if several else "")]
+    head = ("| variant | " + " | ".join(f"LR {lr:g}" for lr in lrs)
+            + " | largest stable LR | first diverging LR | critical LR | jump LR |" + (f" {name} per seed |" if several else ""))
+    rows = [head, "|---|" + "---:|" * (len(lrs) + 4) + ("---|" if several else "")]
+
+    def known(v: float) -> str:
+        return "-" if isinstance(v, float) and math.isnan(v) else lr_fmt(v)
+
     def cell(c: pd.DataFrame, lr: float) -> str:
         if lr not in c.index:
             return "-"
@@ -457,11 +478,14 @@ def ladder_rows(tol: dict, per_seed: str = "first_div") -> list[str]:
 
     for v, t in tol.items():
         c = t["curve"].set_index("lr")
-        each = ", ".join(f"{s}: {lr_fmt(t['per_seed'][s][per_seed]) if s in t['per_seed'] else '-'}" for s in seeds)
+        each = ", ".join(f"{s}: {known(t['per_seed'][s][per_seed]) if s in t['per_seed'] else '-'}" for s in seeds)
         rows.append(f"| {v} | " + " | ".join(cell(c, lr) for lr in lrs) + f" | {lr_fmt(t['largest_stable'])} | "
-                    f"{lr_fmt(t['first_div'])} | {lr_fmt(t['critical'])} |" + (f" {each} |" if several else ""))
+                    f"{lr_fmt(t['first_div'])} | {known(t['critical'])} | {lr_fmt(t['jump'])} |" + (f" {each} |" if several else ""))
     return rows + ["", "Losses are the seeds' mean, capped at the initial loss. (div): a seed diverged there, after its "
-                   "warmup; (div, warmup): only inside its warmup."]
+                   "warmup; (div, warmup): only inside its warmup. Critical LR: the first LR at which a seed ends worse "
+                   "than the bigram model or diverges (the finder's and the scorecard's definition; - without a bigram "
+                   f"reference). Jump LR: the first LR above the curve's best whose loss is JUMP_NATS ({JUMP_NATS:g} nats) "
+                   "above that best, a limit relative to the curve's own optimum."]
 
 
 def ladder_figure(tol: dict, title: str, ctx: Context, name: str) -> str:

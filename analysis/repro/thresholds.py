@@ -32,7 +32,8 @@ NOISE_QUANTILE = threshold(
     "unlikely to be seed noise. Its value in nats, measured on the runs, is AGREE_NATS.", "E1, E3, E5, E6")
 JUMP_NATS = threshold(
     "JUMP_NATS", 0.3,
-    "A curve's critical LR is the first LR above its optimum whose loss is this far above its best: twice the "
+    "A curve's jump LR (E1's reading of Wortsman's critical LR) is the first LR above its optimum whose loss is "
+    "this far above its best: twice the "
     "seed-noise bar, and about the gap between the best model here and the bigram model, so a jump this size "
     "means the LR lost most of what attention adds.", "E1, E3, E4 (diagnostics)")
 GROWTH_ORDERS = threshold(

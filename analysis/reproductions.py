@@ -79,6 +79,9 @@ def build(runs: Path, out: Path, figdir: Path, readme: Optional[Path] = None) ->
             sec.reason = f"not run yet: `bash reproductions/run.sh {m.COMMAND}` writes {where}/"
         else:
             sec.scale = scale_line(frame, ctx.corpus_tokens)
+            if frame.attrs.get("unfinished"):
+                sec.scale += (f"; {frame.attrs['unfinished']} more runs in the folder are unfinished (running, or stopped "
+                              "before their end) and not counted")
             sec.compute = f"{frame['wall_time_s'].dropna().sum() / 3600:.2f} h"
             sec.seeds = frame["seed"].nunique()
             try:

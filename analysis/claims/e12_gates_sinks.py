@@ -29,7 +29,7 @@ from repro.core import (
     records,
     save,
 )
-from repro.thresholds import GRID_RESOLUTION, SINK_EPSILON
+from repro.thresholds import GRID_RESOLUTION, RATIO_SLACK, SINK_EPSILON
 
 KEY = "E12"
 TITLE = "gates and sinks"
@@ -164,7 +164,7 @@ def higher_critical(frame: pd.DataFrame, a: str, b: str) -> tuple[Optional[bool]
     if ba.hi is not None and bb.lo is not None and bb.lo >= ba.hi:
         return False, ""
     if ba == bb and ba.closed:
-        if ba.hi / ba.lo <= GRID_RESOLUTION * (1 + 1e-9):
+        if ba.hi / ba.lo <= GRID_RESOLUTION * (1 + RATIO_SLACK):
             return False, ""
         return None, (f"both first fail {ba.describe()}, a step too coarse to call it a tie "
                       f"(GRID_RESOLUTION {GRID_RESOLUTION:g}x)")
@@ -195,7 +195,7 @@ def sink_figure(table: pd.DataFrame, ctx: Context) -> str:
 
 
 def analyse(frame: pd.DataFrame, sec: Section, ctx: Context) -> None:
-    frame, tol = lr_ladder(frame, arm)
+    frame, tol = lr_ladder(frame, arm, sec=sec)
     tol = {v: tol[v] for v in ORDER if v in tol}
     sec.figures.append(ladder_figure(tol, "E12: gates and sinks, final loss vs LR (x: diverged)", ctx, "e12_ladder.png"))
     sec.body += ladder_rows(tol)

@@ -25,8 +25,8 @@ from repro.core import (
     lr_fmt,
     lr_ladder,
     no_divergence_after_warmup,
+    within_one_bracket,
 )
-from repro.thresholds import GRID_RESOLUTION
 
 KEY = "E3"
 TITLE = "norm kinds, scopes and positions"
@@ -47,30 +47,16 @@ FIXED = "L2 per head fixed g=1"
 
 
 def same_critical(frame: pd.DataFrame, a: str, b: str) -> tuple[Optional[bool], str]:
-    """Whether b's critical LR lies within one bracket of a's: the first failing LRs at most the wider bracket's
-    ratio apart. Undecided when either is censored or located more coarsely than GRID_RESOLUTION."""
+    """Whether b's critical LR lies within one bracket of a's (core.within_one_bracket on the brackets of
+    `failed`: worse than the bigram model, or diverged)."""
     brackets = {v: critical_bracket(frame, v) for v in (a, b)}
-    for v, br in brackets.items():
-        if br.lo is None and br.hi is None:
-            return None, f"no runs of {v} judged against the bigram reference"
-        if br.hi is None:
-            return None, f"{v} never ends worse than the bigram model in the runs ({br.describe()})"
-        if br.lo is None:
-            return None, f"{v} fails already at its lowest LR ({lr_fmt(br.hi)})"
-    ratio = max(br.ratio() or math.inf for br in brackets.values())
-    if ratio > GRID_RESOLUTION * (1 + 1e-9):
-        return None, (f"the critical LRs are located only to within {ratio:.2g}x, too coarse to tell 'about the same' from "
-                      f"one group apart (GRID_RESOLUTION {GRID_RESOLUTION:g}x)")
-    ha, hb = brackets[a].hi, brackets[b].hi
-    assert ha is not None and hb is not None
-    return max(ha / hb, hb / ha) <= ratio * (1 + 1e-9), ""
+    return within_one_bracket(brackets, "ends worse than the bigram model")
 
 
 def analyse(frame: pd.DataFrame, sec: Section, ctx: Context) -> None:
-    frame, tol = lr_ladder(frame)
+    frame, tol = lr_ladder(frame, sec=sec)
     sec.figures.append(ladder_figure(tol, "E3: QK-norm kinds, scopes and positions (x: diverged)", ctx, "e3_norm_variants.png"))
     sec.body += ladder_rows(tol)
-    lrs = sorted({float(lr) for lr in frame["lr"]})
     untested = no_divergence_after_warmup(frame)
     checks: list[Check] = []
     for other in SAME_AS_REFERENCE:
@@ -79,7 +65,7 @@ def analyse(frame: pd.DataFrame, sec: Section, ctx: Context) -> None:
         name = f"{other} first diverges at about the LR of {REFERENCE}"
         checks.append(divergence_headline(
             name, tol, REFERENCE, other, (REFERENCE, other), untested,
-            lambda other=other: about_same({REFERENCE: tol[REFERENCE], other: tol[other]}, lrs), role=diagnostic))
+            lambda other=other: about_same({REFERENCE: tol[REFERENCE], other: tol[other]}), role=diagnostic))
     bar = ctx.noise.bar
     # per head vs full width, where all of them are stable: a diverged loss says nothing of this claim
     pairs = [(a, b) for a, b in (("LayerNorm per head", "LayerNorm full width"), ("RMSNorm per head", "RMSNorm full width"))
@@ -102,7 +88,14 @@ def analyse(frame: pd.DataFrame, sec: Section, ctx: Context) -> None:
                                  "no LR where every per-head and full-width variant is stable"))
     others = {v: t for v, t in tol.items() if v != FIXED}
     fixed = tol.get(FIXED)
-    if fixed and others:
+    # a best loss at the lowest LR tried is no optimum: the loss may fall further below the grid, so a best-loss
+    # comparison there would read a point of each curve, not what each variant can reach
+    low = [v for v, t in tol.items() if (v == FIXED or t is min(others.values(), key=lambda o: o["best"], default=None))
+           and t["best_lr"] <= t["smallest_tried"]]
+    if fixed and others and low:
+        checks.append(diagnostic("L2 with a fixed g=1 underfits", None, "the best loss of " + " and of ".join(
+            f"{v} is at its lowest LR ({lr_fmt(tol[v]['best_lr'])})" for v in low) + ": the optimum lies at or below the grid"))
+    elif fixed and others:
         best_other = min(t["best"] for t in others.values())
         checks.append(diagnostic(f"L2 with a fixed g=1 underfits (best loss above the others' best by more than AGREE_NATS, "
                                  f"{fmt(bar)})", compare(best_other, fixed["best"], bar),

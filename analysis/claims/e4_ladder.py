@@ -11,6 +11,7 @@ from repro.core import (
     Context,
     Section,
     about_same,
+    compare,
     conclude,
     diagnostic,
     divergence_headline,
@@ -51,7 +52,7 @@ MIDDLE = (SOFT_CAP, QK_NORM, QK_FC_NORM)
 NORM_KEYS = (("qkv_out_l2", "QKV out"), ("attn_proj_out_l2", "Proj out"), ("mlp_out_l2", "FC2 out"))
 
 
-def output_norms(frame: pd.DataFrame, variant: str, lrs: list[float]) -> tuple[list[dict], Optional[float], str]:
+def output_norms(frame: pd.DataFrame, variant: str) -> tuple[list[dict], Optional[float], str]:
     """Rybakov's diagnostic, per seed: the QKV / Proj / FC2 output norms (largest layer ratio) of the seed's
     first diverging run over those of its stable run at the adjacent LR below, both read at one fixed early
     step: the last monitor record at or before EARLY_NORM_FRACTION of the earliest divergence onset among
@@ -62,14 +63,18 @@ def output_norms(frame: pd.DataFrame, variant: str, lrs: list[float]) -> tuple[l
         if bad.empty:
             continue
         bad_run = bad.iloc[0]
-        i = lrs.index(float(bad_run["lr"]))
-        good = runs[(runs["lr"] == lrs[i - 1]) & runs["stable"]] if i > 0 else runs[:0]
+        # the adjacent LR below among this seed's own runs (a search probes each variant at its own LRs)
+        below = runs[runs["lr"] < bad_run["lr"]]
+        good = below[(below["lr"] == below["lr"].max()) & below["stable"]] if len(below) else below
         if good.empty or not records(bad_run["run_dir"]):
             continue
         pairs.append((int(seed), bad_run, good.iloc[0]))
     if not pairs:
         return [], None, f"no seed of {NAMES[variant]} has a diverging run with a stable run at the LR below it"
-    onset = min(float(b["diverged_step"]) for _, b, _ in pairs if not pd.isna(b["diverged_step"]))
+    onsets = [float(b["diverged_step"]) for _, b, _ in pairs if not pd.isna(b["diverged_step"])]
+    if not onsets:
+        return [], None, f"no diverging run of {NAMES[variant]} records the step its divergence began"
+    onset = min(onsets)
     steps = sorted({r["step"] for _, b, _ in pairs for r in records(b["run_dir"])})
     early = [s for s in steps if 0 < s <= EARLY_NORM_FRACTION * onset]
     if not early:
@@ -90,19 +95,33 @@ def output_norms(frame: pd.DataFrame, variant: str, lrs: list[float]) -> tuple[l
     return rows, at, ""
 
 
-def best_curve(tol: dict) -> tuple[list[float], list[float]]:
-    """The LRs where QK_FC_norm's mean loss is the lowest of every variant's, and the grid."""
-    lrs = sorted({float(lr) for t in tol.values() for lr in t["curve"]["lr"]})
+def norm_ratios_exceed(ratios: list[dict], why: str) -> tuple[Optional[bool], str]:
+    """Whether every output-norm ratio exceeds OUTPUT_NORM_RATIO; undecided without ratios, or where one could
+    not be read (a missing record makes it NaN, which is no evidence either way)."""
+    values = [r[k] for r in ratios for k, _ in NORM_KEYS]
+    if not values:
+        return None, why
+    if any(math.isnan(v) for v in values):
+        return None, "an output norm could not be read at that step in every run"
+    return all(v > OUTPUT_NORM_RATIO for v in values), ""
+
+
+def best_curve(tol: dict, bar: float) -> tuple[list[float], list[float]]:
+    """The LRs where QK_FC_norm's mean loss is below every other variant's by more than the seed-noise `bar`,
+    among the LRs where every variant ran (a finder's climb leaves only the robust ones at high LRs, where a
+    'lowest' would be against fewer rivals); and those shared LRs."""
+    shared = sorted(set.intersection(*[{float(lr) for lr in t["curve"]["lr"]} for t in tol.values()]))
     wins = []
-    for lr in lrs:
-        losses = {v: float(t["curve"].set_index("lr").loc[lr, "capped"]) for v, t in tol.items() if lr in set(t["curve"]["lr"])}
-        if losses and min(losses, key=lambda v: losses[v]) == QK_FC_NORM:
+    for lr in shared:
+        losses = {v: float(t["curve"].set_index("lr").loc[lr, "capped"]) for v, t in tol.items()}
+        mine = losses.pop(QK_FC_NORM)
+        if losses and all(compare(mine, other, bar) is True for other in losses.values()):
             wins.append(lr)
-    return wins, lrs
+    return wins, shared
 
 
 def analyse(frame: pd.DataFrame, sec: Section, ctx: Context) -> None:
-    frame, tol = lr_ladder(frame)
+    frame, tol = lr_ladder(frame, sec=sec)
     named = {f"{NAMES[v]} ({v})" if v in NAMES else v: t for v, t in tol.items()}
     sec.figures.append(ladder_figure(named, "E4: the Rybakov et al. 2024 ladder (x: diverged)", ctx, "e4_rybakov_ladder.png"))
     sec.body += ladder_rows(tol)
@@ -123,12 +142,11 @@ def analyse(frame: pd.DataFrame, sec: Section, ctx: Context) -> None:
         checks.append(diagnostic("the baseline diverges first (below every stabilizer)", None,
                                  "the baseline or every stabilizer is missing"))
     middle = {v: tol[v] for v in MIDDLE if v in tol}
-    value, why = about_same(middle, lrs) if len(middle) > 1 and untested is None else (None, untested or "fewer than two of them ran")
-    checks.append(diagnostic("soft_cap, QK_norm and QK_FC_norm first diverge at about the same LR (within one grid step)", value, why))
-    ratios, at, why = output_norms(frame, BASELINE, lrs) if BASELINE in tol else ([], None, "no baseline runs")
+    value, why = about_same(middle) if len(middle) > 1 and untested is None else (None, untested or "fewer than two of them ran")
+    checks.append(diagnostic("soft_cap, QK_norm and QK_FC_norm first diverge at about the same LR (within one bracket)", value, why))
+    ratios, at, why = output_norms(frame, BASELINE) if BASELINE in tol else ([], None, "no baseline runs")
     checks.append(diagnostic(f"the diverging baseline's QKV/Proj/FC2 outputs are over {OUTPUT_NORM_RATIO:g}x the stable run's "
-                             "at the adjacent LR, early", all(r[k] > OUTPUT_NORM_RATIO for r in ratios for k, _ in NORM_KEYS)
-                             if ratios else None, why))
+                             "at the adjacent LR, early", *norm_ratios_exceed(ratios, why)))
     steps = [b / a for a, b in zip(lrs, lrs[1:], strict=False)]
     firsts = {NAMES.get(v, v): t["first_div"] for v, t in tol.items()}
     sec.body += ["", "First diverging LR (any seed diverged there): " + ", ".join(f"{n} {lr_fmt(x)}" for n, x in firsts.items())
@@ -151,10 +169,13 @@ def analyse(frame: pd.DataFrame, sec: Section, ctx: Context) -> None:
                      *[f"| {r['seed']} | {r['bad_lr']:g} | {fmt(r['onset'], '.0f')} | {r['good_lr']:g} | {r['step']:.0f} | "
                        + " | ".join(f"{fmt(r[k])}x" for k, _ in NORM_KEYS) + " |" for r in ratios]]
     if QK_FC_NORM in tol:
-        wins, grid = best_curve(tol)
-        where = ("at every LR of the grid" if wins == grid else
-                 f"at {len(wins)} of the grid's {len(grid)} LRs ({', '.join(f'{x:g}' for x in wins)})" if wins else "at no LR")
-        sec.body += ["", f"QK_FC_norm (QK-norm with LayerNorm after Proj and FC2) has the lowest loss of the {len(tol)} variants {where}."]
+        wins, grid = best_curve(tol, ctx.noise.bar)
+        where = ("at every LR that all of them ran" if wins and wins == grid else
+                 f"at {len(wins)} of the {len(grid)} LRs that all of them ran ({', '.join(f'{x:g}' for x in wins)})" if wins
+                 else f"at none of the {len(grid)} LRs that all of them ran")
+        sec.body += ["", f"QK_FC_norm (QK-norm with LayerNorm after Proj and FC2) has the lowest loss of the {len(tol)} variants, "
+                     f"by more than the seed noise (AGREE_NATS {fmt(ctx.noise.bar)}), {where}."]
         if wins:
-            sec.findings.append(f"QK_FC_norm (LayerNorm after QK, Proj and FC2) is the best of the {len(tol)} curves {where}.")
+            sec.findings.append(f"QK_FC_norm (LayerNorm after QK, Proj and FC2) is the best of the {len(tol)} curves, beyond the "
+                                f"seed noise, {where}.")
     conclude(sec, checks, frame)

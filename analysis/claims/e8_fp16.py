@@ -71,14 +71,17 @@ def analyse(frame: pd.DataFrame, sec: Section, ctx: Context) -> None:
         if len(raw):
             ax.plot(s, raw, color=colors[r.variant], ls="--" if precision == "32-true" else "-", alpha=0.85,
                     marker="o" if r.lr == best_lr[r.variant] else None, ms=2, label=name)
-        healthy = (not r.failed) and r.lr <= HEALTHY_LR_FACTOR * best_lr[r.variant]
+        # healthy only where the run is known not to have failed: without a bigram reference a finished run's
+        # `failed` is None (core.failed_of), and then no run counts as healthy (the checks say why)
+        known = r.failed is not None and not pd.isna(r.failed)
+        healthy = known and not r.failed and r.lr <= HEALTHY_LR_FACTOR * best_lr[r.variant]
         entropy = (r.summary.get("stability") or {}).get("final_entropy_norm_mean")
         run = {"variant": r.variant, "healthy": healthy, "probe": p is not None, "monitor": monitor,
                "unscaled": bool(p["overflows_fp16_unscaled"].any()) if p is not None else None,
                "prescaled": bool(p["overflows_fp16_prescaled"].any()) if p is not None else None,
-               "lr": float(r.lr), "final": r.final_val_loss, "failed": bool(r.failed)}
+               "lr": float(r.lr), "final": r.final_val_loss, "failed": bool(known and r.failed)}
         runs.append(run)
-        rows.append(f"| {name} | {fmt(r.final_val_loss, '.3f')} | {'yes' if r.failed else 'no'} | {fmt(entropy)} | "
+        rows.append(f"| {name} | {fmt(r.final_val_loss, '.3f')} | {('yes' if r.failed else 'no') if known else '-'} | {fmt(entropy)} | "
                     f"{'yes' if healthy else 'no'} | {fmt(monitor)} | "
                     + (f"{fmt(float(p['max_abs_qk_raw'].max()))} | {'yes' if run['unscaled'] else 'no'} | "
                        f"{'yes' if run['prescaled'] else 'no'} |" if p is not None else "- | - | - |"))
@@ -101,6 +104,14 @@ def analyse(frame: pd.DataFrame, sec: Section, ctx: Context) -> None:
                  "only) and is not part of this CPU run."]
     t = pd.DataFrame(runs)
     checks: list[Check] = []
+    if ref is None:  # no healthy model can be told from a collapsed one: every part waits for the reference
+        for v in WITHOUT:
+            checks.append(headline(f"{v} models at healthy LRs overflow fp16 as (q k^T) s, not as (q s) k^T", None,
+                                   f"no bigram reference to tell a model that learned ({ctx.reference.note})"))
+        checks.append(headline("Qwen3 QK-norm models at healthy LRs do not overflow", None,
+                               f"no bigram reference to tell a model that learned ({ctx.reference.note})"))
+        conclude(sec, checks, frame)
+        return
     overflowed = False
     for v in WITHOUT:
         name = f"{v} models at healthy LRs overflow fp16 as (q k^T) s, not as (q s) k^T"

@@ -35,7 +35,7 @@ from qknorm.analysis.runs import collect_runs, is_stable
 from qknorm.analysis.stability import read_stability
 from qknorm.rundir import flatten
 
-from .thresholds import GRID_RESOLUTION, JUMP_NATS, NOISE_QUANTILE
+from .thresholds import GRID_RESOLUTION, JUMP_NATS, NOISE_QUANTILE, RATIO_SLACK
 
 REPO = Path(__file__).resolve().parents[2]
 MARK = {True: "yes", False: "no", None: "undecided"}
@@ -199,7 +199,10 @@ def load(root: Path, reference: Reference) -> pd.DataFrame:
     frame = collect_runs(root)
     if frame.empty:
         return frame
-    frame = frame[frame["status"].isin(["completed", "diverged"])].copy()
+    finished = frame["status"].isin(["completed", "diverged"])
+    unfinished = int((~finished).sum())  # still running, or stopped before the end: said on the page, not counted
+    frame = frame[finished].copy()
+    frame.attrs["unfinished"] = unfinished
     if frame.empty:
         return frame.reset_index(drop=True)
     cfgs = []
@@ -450,9 +453,28 @@ def ladder_by(frame: pd.DataFrame, column: str) -> dict:
     return out
 
 
-def lr_ladder(frame: pd.DataFrame, label: Callable[[dict], str] = attention_label) -> tuple[pd.DataFrame, dict]:
-    """The runs with their `variant` (label of the config), and each variant's ladder_by."""
-    frame = frame.assign(variant=frame["cfg"].map(label))
+def whole_seed_sets(frame: pd.DataFrame, column: str) -> tuple[pd.DataFrame, str]:
+    """The runs at the (group, LR) points where every seed of the runs has finished, and a line naming the
+    points left out. A point with some seeds still to run would read as 'every seed succeeded' on the seeds
+    present (a searched bracket, a stable LR), so it waits for the rest; a finished search or grid loses
+    nothing here."""
+    seeds = set(frame["seed"].dropna())
+    whole = frame.groupby([column, "lr"])["seed"].transform(lambda s: set(s.dropna()) >= seeds).astype(bool)
+    if whole.all():
+        return frame, ""
+    left = frame[~whole].groupby(column)["lr"].apply(lambda lrs: ", ".join(f"{lr:g}" for lr in sorted(set(lrs))))
+    return (frame[whole].reset_index(drop=True),
+            f"Left out until all {len(seeds)} seeds have run there ({int((~whole).sum())} runs): "
+            + "; ".join(f"{v} at LR {lrs}" for v, lrs in left.items()) + ".")
+
+
+def lr_ladder(frame: pd.DataFrame, label: Callable[[dict], str] = attention_label,
+              sec: Optional[Section] = None) -> tuple[pd.DataFrame, dict]:
+    """The runs with their `variant` (label of the config), at the LRs where every seed has run
+    (whole_seed_sets; `sec` gets the line naming what waits), and each variant's ladder_by."""
+    frame, left_out = whole_seed_sets(frame.assign(variant=frame["cfg"].map(label)), "variant")
+    if left_out and sec is not None:
+        sec.body += [left_out, ""]
     return frame, ladder_by(frame, "variant")
 
 
@@ -568,7 +590,7 @@ def later(a: dict, b: dict, name_a: str, name_b: str) -> tuple[Optional[bool], s
         step = max(steps) if steps else math.nan
         if not (a["first_after"] or b["first_after"]):
             return None, f"both first diverge at about LR {lr_fmt(first)}, inside their warmup"
-        if not step <= GRID_RESOLUTION * (1 + 1e-9):
+        if not step <= GRID_RESOLUTION * (1 + RATIO_SLACK):
             return None, (f"{name_a} and {name_b} first diverge within one step of each other (about LR {lr_fmt(first)}), "
                           f"on steps of {fmt(step, '.2g')}x, too coarse to call it a tie (GRID_RESOLUTION {GRID_RESOLUTION:g}x)")
         return False, ""
@@ -577,23 +599,57 @@ def later(a: dict, b: dict, name_a: str, name_b: str) -> tuple[Optional[bool], s
     return fa > fb, ""
 
 
-def about_same(points: dict[str, dict], lrs: list[float]) -> tuple[Optional[bool], str]:
-    """Whether variants first diverge at about the same LR: within one grid step of each other, on a grid
-    no coarser than GRID_RESOLUTION there, with the divergences after the warmup."""
-    firsts = {v: t["first_div"] for v, t in points.items()}
-    if all(not math.isfinite(f) for f in firsts.values()):
-        return None, f"none of them diverges in the grid (up to {lr_fmt(max(lrs))})"
+def within_one_bracket(brackets: dict[str, Bracket], what: str) -> tuple[Optional[bool], str]:
+    """Whether the arms' first failing LRs lie within one bracket of each other: every two at most the widest
+    bracket's ratio apart (on an even grid: the same or adjacent steps). Each arm's own bracket is read (its
+    last LR where every seed succeeded, its first where a seed failed), so arms searched at different LRs
+    compare fairly. `what` says what failing is ("diverges", "ends worse than the bigram model").
+    - undecided: an arm with no runs, or failing at its lowest LR (censored below); a bracket wider than
+      GRID_RESOLUTION; an arm that never failed but stopped too low to tell.
+    - no: two first failures more than that ratio apart, or an arm that never failed yet succeeded at an LR
+      more than one bracket above another's first failure (its own first failure lies higher still)."""
+    for v, br in brackets.items():
+        if br.lo is None and br.hi is None:
+            return None, f"no runs of {v}"
+        if br.lo is None:
+            return None, f"{v} {what} already at its lowest LR ({lr_fmt(br.hi)})"
+    closed = {v: br for v, br in brackets.items() if br.hi is not None}
+    if not closed:
+        return None, f"none of them {what} in the runs ({'; '.join(f'{v}: {br.describe()}' for v, br in brackets.items())})"
+    ratio = max(br.ratio() or math.inf for br in closed.values())
+    if ratio > GRID_RESOLUTION * (1 + RATIO_SLACK):
+        return None, (f"the brackets are up to {ratio:.2g}x wide, too coarse to tell 'about the same' from one group apart "
+                      f"(GRID_RESOLUTION {GRID_RESOLUTION:g}x)")
+    his = {v: br.hi for v, br in closed.items()}
+    lo_hi, hi_hi = min(his.values()), max(his.values())
+    assert lo_hi is not None and hi_hi is not None
+    if hi_hi / lo_hi > ratio * (1 + RATIO_SLACK):
+        return False, ""
+    for v, br in brackets.items():
+        if br.hi is None:
+            assert br.lo is not None
+            if br.lo >= lo_hi * ratio * (1 - RATIO_SLACK):
+                return False, ""
+            return None, f"{v} never {what} in the runs, tried up to LR {lr_fmt(br.lo)}, not far enough above the others to tell"
+    return True, ""
+
+
+def divergence_bracket(t: dict) -> Bracket:
+    """A curve's (ladder_by's) bracket of its first divergence: the last LR where every seed trained stably
+    below its first divergence, and that first divergence."""
+    return bracket([(float(lr), not bool(stable)) for lr, stable in zip(t["curve"]["lr"], t["curve"]["stable"], strict=True)])
+
+
+def about_same(points: dict[str, dict]) -> tuple[Optional[bool], str]:
+    """Whether variants first diverge at about the same LR: their divergence brackets within one bracket of each
+    other (within_one_bracket), with a divergence after its warmup among them."""
     finite = [t for t in points.values() if math.isfinite(t["first_div"])]
+    if not finite:
+        tried = max(t["largest_tried"] for t in points.values())
+        return None, f"none of them diverges in the runs (up to {lr_fmt(tried)})"
     if not any(t["first_after"] for t in finite):
         return None, "their divergences all began inside the warmup"
-    place = {v: lrs.index(f) if math.isfinite(f) else len(lrs) for v, f in firsts.items()}
-    lo, hi = min(place.values()), max(place.values())
-    around = lrs[max(lo, 1) - 1:min(hi, len(lrs) - 1) + 1]
-    steps = [b / a for a, b in zip(around, around[1:], strict=False)]
-    if steps and max(steps) > GRID_RESOLUTION:
-        return None, (f"the grid steps by up to {max(steps):.2g}x there, too coarse to tell 'about the same' from one "
-                      f"group apart (GRID_RESOLUTION {GRID_RESOLUTION:g}x)")
-    return hi - lo <= 1, ""
+    return within_one_bracket({v: divergence_bracket(t) for v, t in points.items()}, "diverges")
 
 
 def compare(a: float, b: float, noise: float) -> Optional[bool]:

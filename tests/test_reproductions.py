@@ -391,7 +391,7 @@ def test_e4_orders_only_what_diverges_inside_its_grid(tmp_path):
     same = checks["soft_cap, QK_norm and QK_FC_norm first diverge at about the same LR"]
     assert same.value is None and "too coarse" in same.why
     assert checks["QKV_norm first diverges at a higher LR than QK_norm"].value is None
-    assert e4.verdict == "inconclusive" and "neither QKV_norm nor QK_norm diverges in the grid" in e4.reason
+    assert e4.verdict == "inconclusive" and "neither QKV_norm nor QK_norm diverges in the runs (QKV_norm tried up to LR" in e4.reason
     e4_fixture(tmp_path / "runs2" / RUNS["E4"], {p: 9.0 for p in LADDER}, lrs=[3e-2, 1e-1])
     e4 = build(tmp_path / "runs2", tmp_path)["E4"]
     assert e4.verdict == "inconclusive" and e4.reason.startswith("no run diverged (0 of 12)"), e4.reason
@@ -510,6 +510,8 @@ def test_e3_is_decided_on_the_critical_lr_and_can_say_no(tmp_path):
     e3 = build(tmp_path / "runs", tmp_path)["E3"]
     checks = names(e3)
     assert checks["RMSNorm per head's critical LR is about LayerNorm per head's"].value is False
+    # the numbers the "no" rests on are on the page
+    assert "LayerNorm per head between 0.1 and 0.15 (x1.5); " in "\n".join(e3.body), "\n".join(e3.body)
     assert checks["RMSNorm per head first diverges at about the LR of LayerNorm per head"].value is True  # a diagnostic
     assert e3.verdict == "not reproduced", e3.reason
 

@@ -12,6 +12,7 @@ from repro.core import (
     Context,
     Section,
     about_same,
+    brackets_line,
     cfg,
     compare,
     conclude,
@@ -57,6 +58,8 @@ def analyse(frame: pd.DataFrame, sec: Section, ctx: Context) -> None:
     frame, tol = lr_ladder(frame, sec=sec)
     sec.figures.append(ladder_figure(tol, "E3: QK-norm kinds, scopes and positions (x: diverged)", ctx, "e3_norm_variants.png"))
     sec.body += ladder_rows(tol)
+    sec.body += ["", brackets_line("Critical-LR brackets (worse than the bigram model, or diverged)",
+                                   {v: critical_bracket(frame, v) for v in tol})]
     untested = no_divergence_after_warmup(frame)
     checks: list[Check] = []
     for other in SAME_AS_REFERENCE:

@@ -576,7 +576,8 @@ def later(a: dict, b: dict, name_a: str, name_b: str) -> tuple[Optional[bool], s
     a tie: 'not higher' on steps no coarser than GRID_RESOLUTION, undecided on coarser ones."""
     fa, fb = a["first_div"], b["first_div"]
     if not math.isfinite(fa) and not math.isfinite(fb):
-        return None, f"neither {name_a} nor {name_b} diverges in the grid (up to {lr_fmt(max(a['largest_tried'], b['largest_tried']))})"
+        return None, (f"neither {name_a} nor {name_b} diverges in the runs ({name_a} tried up to LR {lr_fmt(a['largest_tried'])}, "
+                      f"{name_b} up to {lr_fmt(b['largest_tried'])})")
     if fa == fb and fa <= max(a["smallest_tried"], b["smallest_tried"]):
         # left-censored: both fail at the lowest LR either tried, so where each would first fail lies below the grid
         return None, f"both diverge already at LR {lr_fmt(fa)}, the lowest of the grid"
@@ -632,6 +633,12 @@ def within_one_bracket(brackets: dict[str, Bracket], what: str) -> tuple[Optiona
                 return False, ""
             return None, f"{v} never {what} in the runs, tried up to LR {lr_fmt(br.lo)}, not far enough above the others to tell"
     return True, ""
+
+
+def brackets_line(what: str, brackets: dict[str, Bracket]) -> str:
+    """One line of the page naming each arm's bracket (the numbers a decided check rests on)."""
+    return f"{what} (the last LR where every seed succeeded, the first where one failed): " + "; ".join(
+        f"{v} {br.describe()}" for v, br in brackets.items()) + "."
 
 
 def divergence_bracket(t: dict) -> Bracket:

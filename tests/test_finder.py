@@ -12,7 +12,6 @@ import sys
 import time
 from pathlib import Path
 
-import pandas as pd
 import pytest
 
 from qknorm.analysis.boundary import (
@@ -344,56 +343,54 @@ def test_analyze_reports_each_groups_boundaries_from_the_run_directories(tmp_pat
     assert "Boundaries of the critical-LR finder" in (tmp_path / "out" / "report.md").read_text()
 
 
-def test_scorecard_ranks_presets_by_their_boundaries_and_states_the_recipe(tmp_path, monkeypatch):
-    from qknorm.analysis.scorecard import main as scorecard_main
+def test_a_groups_progress_read_from_finder_json_is_the_searchs_own_decision(tmp_path):
+    """qknorm.finder.progress on each finder.json the search wrote (after every round) says a group is done exactly when
+    the search asks nothing more of it; the scorecard reads it so (tests/test_scorecard.py)."""
+    from qknorm.finder import group_from_record, progress, settings_from_record
 
-    from .test_reproductions import BIGRAM, write_run
+    snapshots: list[dict] = []
+    asked: list[set[str]] = []  # per round, the groups it launched probes for
+    settings = FinderSettings(lr_min=1e-3, max_rounds=3)
+    search, _ = _standin_search(settings, ["0", "1"])
+    search.out_dir = tmp_path
+    launch = search.launch
 
-    monkeypatch.setenv("QKNORM_BIGRAM_NATS", str(BIGRAM))
-    sweep = tmp_path / "scorecard"
-    grid = [0.01, 0.0316, 0.1, 0.316, 1.0]
-    groups = []
-    for attention, first_bad, best in (("baseline", 0.1, 4.2), ("qwen3", 0.316, 4.0), ("gemma2_softcap", 0.0316, 4.4)):
-        probes = []
-        for seed in (0, 1):
-            for lr in grid:
-                if lr > first_bad * 1.01 * 10 ** 0.5:
-                    continue  # the climb stopped: every seed diverged at the LR before
-                best_lr = grid[grid.index(first_bad) - 1]  # the grid point below the first bad one
-                loss = best + 0.1 * seed + (0.3 if lr != best_lr else 0) if lr < first_bad else 6.0 \
-                    if lr == first_bad else 9.0
-                run = write_run(sweep, [f"attention={attention}", f"optim.lr={lr}"], loss, initial=8.0, seed=seed,
-                                logit=(1.0, 2.0 if lr < first_bad else 5.0))
-                probes.append({"lr": lr, "seed": str(seed), "run_dir": str(run)})
-        groups.append({"group": f"attention={attention}", "probes": probes})
-    # a preset no run of which failed up to the grid's top: its boundary lies above the grid, so it ranks first
-    robust = [{"lr": lr, "seed": str(seed), "run_dir": str(write_run(sweep, ["attention=henry2020_l2", f"optim.lr={lr}"],
-                                                                     4.3, initial=8.0, seed=seed))}
-              for seed in (0, 1) for lr in grid]
-    groups.append({"group": "attention=henry2020_l2", "probes": robust})
-    (sweep / "finder.json").write_text(json.dumps({"settings": {"precision": 10 ** 0.5, "lr_min": 0.01, "per_decade": 2,
-                                                                "k": 2, "probe_overrides": []},
-                                                   "coarse_grid": grid, "groups": groups}))
-    out = tmp_path / "docs" / "scorecard.md"
-    assert scorecard_main([str(sweep), "--out", str(out)]) == 0
-    table = pd.read_csv(out.with_suffix(".csv"))
-    assert list(table["preset"]) == ["henry2020_l2", "qwen3", "baseline", "gemma2_softcap"]  # by critical LR
-    row = table.set_index("preset")
-    assert row.loc["qwen3", "best_lr"] == pytest.approx(0.1) and row.loc["qwen3", "best_val_loss"] == pytest.approx(4.05)
-    assert row.loc["qwen3", "best_val_loss_halfrange"] == pytest.approx(0.05)
-    # a smaller tolerance means a larger sensitivity: more of the grid is capped at the initial loss
-    assert row.loc["gemma2_softcap", "lr_sensitivity"] > row.loc["baseline", "lr_sensitivity"] > row.loc["qwen3", "lr_sensitivity"]
-    assert row.loc["qwen3", "logit_growth_best_lr"] == pytest.approx(2.0)
-    assert row.loc["baseline", "cpu_step_vs_baseline"] == pytest.approx(1.0)  # from the committed benchmark file
-    page = out.read_text()
-    assert "Scale and recipe" in page and "What it cannot show: the scale" in page and "qwen3's" in page
-    assert "No critical-LR boundary for henry2020_l2 (no run failed: the boundary is above 1)" in page, page
+    def snapshot_then_launch(batch: list[list[str]]) -> None:
+        if (tmp_path / "finder.json").exists():
+            snapshots.append(json.loads((tmp_path / "finder.json").read_text()))
+        asked.append({next(o for o in job if o.startswith("variant=")) for job in batch})
+        launch(batch)
+
+    search.launch = snapshot_then_launch
+    search.run()
+    final = json.loads((tmp_path / "finder.json").read_text())
+    assert len(snapshots) >= 3
+    for i, record in enumerate(snapshots):  # the file written before round i + 2: a group asked later is not done
+        for g in record["groups"]:
+            state = progress(group_from_record(g), settings_from_record(record["settings"]), record["coarse_grid"])
+            later = any(g["group"] in a for a in asked[i + 1:])
+            assert state.done == (not later), (i, g["group"], state)
+            assert state.done or state.note.startswith(("climbing", "narrowing"))
+    for g in final["groups"]:
+        assert progress(group_from_record(g), settings_from_record(final["settings"]), final["coarse_grid"]).done
 
 
-def test_scorecard_without_a_finder_sweep_fails_in_one_line(tmp_path):
-    from qknorm.analysis.scorecard import main as scorecard_main
+def test_a_group_stopped_by_max_rounds_or_by_crashed_probes_is_done_and_says_why():
+    from qknorm.finder import Group, progress
 
-    assert scorecard_main([str(tmp_path)]) == 2
+    settings = FinderSettings(lr_min=0.01, lr_max=1.0, targets=("diverged",), max_rounds=1)
+    coarse = settings.coarse_grid()
+    g = Group([], ["0"], rounds=[coarse[:2], coarse[2:4], coarse[4:]])
+    for lr in coarse:
+        g.outcomes[(lr, "0")] = Outcome(diverged=lr > 0.05, failed=None)
+    assert not progress(g, settings, coarse).done  # the bracket 0.0316-0.1 is open, no narrowing round yet
+    g.rounds.append([0.04641, 0.06813])
+    state = progress(g, settings, coarse)
+    assert state.done and "max_rounds" in state.note
+    g.rounds.pop()
+    g.lost = {(lr, "0") for lr in (0.04641, 0.06813)}
+    state = progress(g, FinderSettings(lr_min=0.01, lr_max=1.0, targets=("diverged",)), coarse)
+    assert state.done and "gave no result" in state.note
 
 
 def test_a_probe_keeps_the_command_line_order_so_a_grid_sweeps_runs_are_reused():

@@ -20,8 +20,9 @@ Every probe is an ordinary job of the sweep's launcher (joblib, the stacked laun
 directory is its config, and the sweep's folder is named by the command's axes and fixed values
 (qknorm.jobs.multirun_dir), so a rerun of the same command replays the search in the same folder,
 finds every finished probe's result where it left it and trains only the rest. `finder.json` in the sweep
-folder records the groups, their probes, brackets and boundaries; qknorm-analyze reads the sweep again
-from its run directories.
+folder records the groups, their rounds, probes, lost probes, brackets and boundaries after every round;
+qknorm-analyze reads the sweep again from its run directories, and `progress` reads from the file whether a
+group's search is done by the rules the search itself follows (climb_lrs, narrow_lrs, max_rounds).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import itertools
 import json
 import logging
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -160,6 +161,94 @@ def split_axes(arguments: Sequence[tuple[str, list[str]]], settings: FinderSetti
     return fixed, axes, seeds, lrs or settings.coarse_grid()
 
 
+def open_probes(group: Group, settings: FinderSettings) -> list[float]:
+    """The LRs inside the group's brackets that narrow them towards the precision (step 2): none once narrow."""
+    lrs: list[float] = []
+    for target in settings.targets:
+        # the bracket (where the first seed fails) and the zone's upper end (where the last one does): the
+        # same bracket when the seeds agree
+        probes = group.probes(target)
+        for b in dict.fromkeys((bracket(probes), zone_top(probes))):
+            for lr in next_probes(b, settings.k, settings.precision):
+                if lr not in lrs:
+                    lrs.append(lr)
+    return sorted(lrs)
+
+
+def topped(group: Group, targets: Sequence[str]) -> bool:
+    """Whether climbing higher can tell this group anything: every seed diverged at the largest LR tried
+    (a diverged run failed too), or, for every target, some run succeeded and every seed failed there."""
+    if not group.outcomes:
+        return False
+    top = max(lr for lr, _ in group.outcomes)
+    at_top = [o for (lr, _), o in group.outcomes.items() if lr == top]
+    if len(at_top) == len(group.seeds) and all(o.diverged for o in at_top):
+        return True
+    return all(any(o.of(t) is False for o in group.outcomes.values()) and len(at_top) == len(group.seeds)
+               and all(o.of(t) for o in at_top) for t in targets)
+
+
+def climb_lrs(group: Group, settings: FinderSettings, coarse: Sequence[float]) -> list[float]:
+    """The coarse LRs the climb (step 1) launches next for a group: the next k it has not asked for, from the
+    smallest; none once it topped or asked for every one (climb=false: the whole grid in its first round)."""
+    asked = {lr for r in group.rounds for lr in r} | {lr for lr, _ in (*group.outcomes, *group.lost)}
+    untried = [lr for lr in coarse if lr not in asked]
+    if not settings.climb:
+        return untried
+    return [] if not untried or topped(group, settings.targets) else untried[:settings.k]
+
+
+def narrow_lrs(group: Group, settings: FinderSettings) -> list[float]:
+    """The open probes (step 2) that still have a seed to run: a probe that gave no result (`lost`) is not
+    launched again in this search."""
+    return [lr for lr in open_probes(group, settings)
+            if any((lr, seed) not in group.outcomes and (lr, seed) not in group.lost for seed in group.seeds)]
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where a group's search stands: done, and in words what is left or why it stopped short."""
+
+    done: bool
+    note: str = ""
+
+
+def progress(group: Group, settings: FinderSettings, coarse: Sequence[float]) -> Progress:
+    """The one definition of a finished group, as the search decides it (climb_lrs, narrow_lrs and the
+    max_rounds guard), read from the group's rounds and outcomes alone: what finder.json records after every
+    round, so that a reader of the file (qknorm-scorecard) tells a finished group from one mid-search."""
+    if lrs := climb_lrs(group, settings, coarse):
+        return Progress(False, f"climbing the coarse grid (next LR {', '.join(map(_fmt, lrs))})")
+    coarse_set = set(coarse)
+    climb_rounds = len(list(itertools.takewhile(lambda lrs: set(lrs) <= coarse_set, group.rounds)))
+    if lrs := narrow_lrs(group, settings):
+        if len(group.rounds) - climb_rounds < settings.max_rounds:
+            return Progress(False, f"narrowing (next LR {', '.join(map(_fmt, lrs))})")
+        return Progress(True, f"stopped by max_rounds ({settings.max_rounds}) with LR {', '.join(map(_fmt, lrs))} unprobed")
+    if lost := open_probes(group, settings):
+        return Progress(True, f"stopped: its probes at LR {', '.join(map(_fmt, lost))} gave no result (a rerun tries again)")
+    return Progress(True)
+
+
+def settings_from_record(record: dict) -> FinderSettings:
+    """finder.json's `settings` as FinderSettings (a key the file lacks keeps its default)."""
+    names = {f.name for f in fields(FinderSettings)}
+    values: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in record.items() if k in names}
+    return FinderSettings(**values)
+
+
+def group_from_record(record: dict) -> Group:
+    """One group of finder.json as the search held it: its seeds, rounds, outcomes and lost probes."""
+    probes = record.get("probes", [])
+    seeds = list(record.get("seeds") or dict.fromkeys(p.get("seed") for p in probes)) or [None]
+    g = Group(list(record.get("overrides", [])), seeds, rounds=[[float(lr) for lr in r] for r in record.get("rounds", [])])
+    for p in probes:
+        g.outcomes[(float(p["lr"]), p.get("seed"))] = Outcome(bool(p.get("diverged")), p.get("failed"), p.get("run_dir", ""),
+                                                               float(p.get("wall_time_s") or 0.0))
+    g.lost = {(float(p["lr"]), p.get("seed")) for p in record.get("lost", [])}
+    return g
+
+
 class Search:
     """The search of the module's docstring, independent of Hydra: `launch` runs a batch of jobs (each a
     list of overrides) and returns when they are done; `outcome` reads one job's result (None: it has no
@@ -211,42 +300,15 @@ class Search:
         return len(batch)
 
     def open_probes(self, group: Group) -> list[float]:
-        s = self.settings
-        lrs: list[float] = []
-        for target in s.targets:
-            # the bracket (where the first seed fails) and the zone's upper end (where the last one does): the
-            # same bracket when the seeds agree
-            probes = group.probes(target)
-            for b in dict.fromkeys((bracket(probes), zone_top(probes))):
-                for lr in next_probes(b, s.k, s.precision):
-                    if lr not in lrs:
-                        lrs.append(lr)
-        return sorted(lrs)
+        return open_probes(group, self.settings)
 
     def topped(self, group: Group) -> bool:
-        """Whether climbing higher can tell this group anything: every seed diverged at the largest LR tried
-        (a diverged run failed too), or, for every target, some run succeeded and every seed failed there."""
-        if not group.outcomes:
-            return False
-        top = max(lr for lr, _ in group.outcomes)
-        at_top = [o for (lr, _), o in group.outcomes.items() if lr == top]
-        if len(at_top) == len(group.seeds) and all(o.diverged for o in at_top):
-            return True
-        return all(any(o.of(t) is False for o in group.outcomes.values()) and len(at_top) == len(group.seeds)
-                   and all(o.of(t) for o in at_top) for t in self.settings.targets)
+        return topped(group, self.settings.targets)
 
     def climb(self) -> None:
-        """The coarse grid (the module's docstring, step 1)."""
-        if not self.settings.climb:
-            self._run_round({gi: list(self.coarse) for gi in range(len(self.groups))})
-            return
-        step, at = self.settings.k, {gi: 0 for gi in range(len(self.groups))}
+        """The coarse grid (the module's docstring, step 1): each group's next LRs by climb_lrs."""
         while True:
-            wanted = {}
-            for gi, g in enumerate(self.groups):
-                if at[gi] < len(self.coarse) and not self.topped(g):
-                    wanted[gi] = self.coarse[at[gi]:at[gi] + step]
-                    at[gi] += step
+            wanted = {gi: lrs for gi, g in enumerate(self.groups) if (lrs := climb_lrs(g, self.settings, self.coarse))}
             if not wanted:
                 return
             self._run_round(wanted)
@@ -255,13 +317,13 @@ class Search:
     def run(self) -> dict:
         self.climb()
         for r in range(self.settings.max_rounds):
-            wanted = {gi: lrs for gi, g in enumerate(self.groups) if (lrs := self.open_probes(g))}
+            # a probe that crashed is not asked for again (narrow_lrs): a group whose open probes all crashed is done
+            wanted = {gi: lrs for gi, g in enumerate(self.groups) if (lrs := narrow_lrs(g, self.settings))}
             if not wanted:
                 break
             log.info("finder round %d: %s", r + 1, "; ".join(f"{self.groups[gi].label}: {', '.join(map(_fmt, lrs))}"
                                                              for gi, lrs in wanted.items()))
-            if not self._run_round(wanted):
-                break  # every probe it asks for crashed before: nothing new to learn
+            self._run_round(wanted)
             self.write()
         result = self.result()
         self.write(result)

@@ -18,6 +18,12 @@ from .boundary import bracket, grid_runs, logistic_boundary
 
 FINDER_FILE = "finder.json"  # written by qknorm.finder in the sweep folder
 TARGETS = {"diverged": "divergence LR", "failed": "critical LR (quality)"}
+# What qknorm.analysis.boundary.logistic_boundary's note says when its 95% interval is not bounded by the data
+# (the profile is still inside the 95% drop where the fit stops looking, up to a decade beyond the runs: the true
+# interval is wider), and when no LR mixes failures and successes (the interval is then the gap between the
+# last success and the first failure, widened by one misclassified run, not a measured transition)
+EDGE_NOTE = "the interval reaches the edge of the searched range"
+SEPARATED_NOTE = "the runs are separated"
 
 
 def finder_files(paths: list[str | Path]) -> list[Path]:
@@ -36,8 +42,11 @@ def group_of_runs(files: list[Path]) -> dict[str, str]:
 
 
 def critical_lr_table(frame: pd.DataFrame, files: list[Path]) -> pd.DataFrame:
-    """One row per finder group and target: the bracket, the 50% boundary with its 95% interval, the runs
-    spent, their machine time, and the exhaustive grid that would locate the boundary as finely."""
+    """One row per finder group and target: the bracket, the 50% boundary with its 95% interval (`edge`: the
+    interval reaches the edge of the fit's range, so it is wider than shown; `separated`: no LR mixes failures
+    and successes), the runs spent, their machine time, and the exhaustive grid that would locate the boundary as
+    finely. Where a run that ended has no answer for a target (no bigram reference), the target is unknown and
+    `fit` says why, instead of a boundary fitted to the diverged runs alone."""
     groups = group_of_runs(files)
     if not groups or frame.empty:
         return pd.DataFrame()
@@ -49,12 +58,22 @@ def critical_lr_table(frame: pd.DataFrame, files: list[Path]) -> pd.DataFrame:
         ended = g[g["diverged"].notna()]
         seeds = max(1, g["seed"].nunique())
         for target, title in TARGETS.items():
-            probes = [(float(r["lr"]), bool(r[target])) for _, r in ended.iterrows() if not pd.isna(r[target])]
+            unknown = ended[ended[target].isna()]
+            if len(unknown):  # no bigram reference: a run that did not diverge may or may not have failed
+                why = str(unknown["bigram_note"].dropna().iloc[0]) if unknown["bigram_note"].notna().any() else "no answer"
+                rows.append({"group": name, "target": title, "bracket": f"unknown ({why})", "boundary_lr": None,
+                             "ci_low": None, "ci_high": None, "fit": f"unknown: {why}", "edge": False, "separated": False,
+                             "runs": len(g), "seeds": seeds, "diverged_in_warmup": None,
+                             "machine_hours": float(g["wall_time_s"].fillna(0).sum()) / 3600, "grid_runs_same_precision": None})
+                continue
+            probes = [(float(r["lr"]), bool(r[target])) for _, r in ended.iterrows()]
             b, fit = bracket(probes), logistic_boundary(probes)
             lrs = [lr for lr, _ in probes]
             in_warmup = int(ended["diverged_in_warmup"].fillna(False).astype(bool).sum()) if target == "diverged" else None
             rows.append({"group": name, "target": title, "bracket": b.describe(), "boundary_lr": fit.lr,
-                         "ci_low": fit.lo, "ci_high": fit.hi, "fit": fit.describe(), "runs": len(g), "seeds": seeds,
+                         "ci_low": fit.lo, "ci_high": fit.hi, "fit": fit.describe(),
+                         "edge": fit.lr is not None and EDGE_NOTE in fit.note,
+                         "separated": fit.lr is not None and SEPARATED_NOTE in fit.note, "runs": len(g), "seeds": seeds,
                          "diverged_in_warmup": in_warmup,
                          "machine_hours": float(g["wall_time_s"].fillna(0).sum()) / 3600,
                          "grid_runs_same_precision": grid_runs(min(lrs), max(lrs), precision) * seeds if lrs else None})

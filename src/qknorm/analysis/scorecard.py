@@ -2,24 +2,28 @@
 
     qknorm-scorecard SWEEP_DIR [SWEEP_DIR ...] [--out docs/scorecard.md] [--csv docs/scorecard.csv]
 
-The finder (hydra/sweeper=critical_lr) climbs every preset's half-decade LR grid from its smallest LR
-until every seed diverged, then narrows both boundaries. Its runs give every column:
+The finder (hydra/sweeper=critical_lr) climbs every preset's coarse LR grid from its smallest LR until every
+seed failed, then narrows both boundaries. Every group of its finder.json gets a row; a group whose search
+is not finished (qknorm.finder.progress, the finder's own rule, read from finder.json) says so, and the
+columns that need the whole search stay blank. Its runs give every column:
 - best val loss: the lowest mean final val loss over seeds at one LR where every seed completed without
   diverging (the preset's own tuned LR), with the seeds' half-range;
 - LR sensitivity (Wortsman et al. 2023; qknorm.analysis.lr): per seed, the mean over the coarse grid of
-  (capped loss - the best capped loss), a run's loss capped at its initial loss; grid LRs above the one at
-  which every seed diverged were not run (the climb stops there) and count as diverged, which they are
-  at this scale's every measured LR; mean and [min, max] over seeds;
+  (capped loss - the best capped loss), a run's loss capped at its initial loss; mean and [min, max] over
+  seeds. Grid LRs above the largest one run (the climb stopped there) count at the initial loss only when
+  every seed diverged at that largest LR; otherwise their loss is unknown and the cell is blank;
 - divergence LR and critical LR: the finder's two boundaries (qknorm.analysis.critical_lr), the 50% LR with
-  its 95% interval;
-- max-logit growth: the largest attention logit of the monitor's last record over its first, at the best
-  LR and at the next grid LR above it (about 3.2x);
+  its 95% interval, marked where the interval is not bounded by the runs or the runs are separated;
+- max-logit growth: the largest attention logit (before a soft-cap where the monitor recorded it) of the
+  monitor's last record over its first, the largest over seeds, at the best LR and at the LR within
+  GROWTH_STEP_TOLERANCE_DECADES of 10^0.5 (3.16x) the best; a non-finite last logit is an infinite growth;
 - fp16 headroom of the final model at the best LR: 65504 / the largest |q k^T| in the monitor's last record
   (its probe batch, the final weights), the smallest over seeds;
 - parameters: against the baseline preset's;
-- step cost: tokens/s relative to the baseline from the committed benchmark files (CPU: the `tiny` rows of
-  benchmarks/results/cpu_presets*.csv, a later file's row replacing an earlier one's; GPU:
-  benchmarks/results/gpu_*.csv, compiled where measured); blank where a preset was not measured.
+- step cost: tokens/s relative to the baseline ("speed vs baseline": above 1 is faster) from the committed
+  benchmark files (CPU: benchmarks/results/cpu_presets*.csv at the runs' model size; GPU:
+  benchmarks/results/gpu_*.csv, compiled where measured), the mean [min, max] over the files that measured a
+  preset, with the scale each was measured at; blank where a preset was not measured.
 """
 
 from __future__ import annotations
@@ -28,241 +32,627 @@ import argparse
 import json
 import math
 import sys
+from dataclasses import dataclass, field
+from importlib.resources import files as package_files
 from pathlib import Path
 from typing import Any, Optional
 
 import pandas as pd
+import yaml
 
-from .boundary import NONE_FAILED
-from .critical_lr import critical_lr_table, finder_files, group_of_runs
+from ..finder import FINDER_FILE, group_from_record, progress, settings_from_record
+from ..jobs import FINISHED  # summary statuses of a run that ended; any other is still running or was cut
+from .boundary import ALL_FAILED, NONE_FAILED, round_lr
+from .critical_lr import critical_lr_table, finder_files
 from .failure import failure_columns
 from .lr import capped_loss
 from .report import markdown_table
-from .runs import collect_runs, read_stability
+from .runs import collect_runs
 
 BENCHMARKS = Path(__file__).resolve().parents[3] / "benchmarks" / "results"
+PRESETS = Path(str(package_files("qknorm.conf") / "attention"))  # conf/attention: every named preset
 BASELINE = "baseline"
-# a grid LR counts as "about 3x" the best when it is the next point of the half-decade grid (3.16x)
-NEXT_GRID_POINT = 10 ** 0.5
+PRESET_KEY = "attention"  # the sweep's axis whose values are the presets
+# "About 3x the best LR" is the next point of Wortsman et al. 2023's half-decade grid: 10^0.5 = 3.16x.
+GROWTH_STEP_DECADES = 0.5
+# A run's LR counts as that point when within 0.05 decades (12%) of 3.16x the best: the finder's 4-digit rounding
+# of LRs moves them by 0.0002 decades at most, and the other LRs it runs near there, the quarter-decade points its
+# narrowing adds at precision 10^0.25 (1.78x and 5.62x the best), lie 0.25 decades away, so neither passes for 3.16x.
+GROWTH_STEP_TOLERANCE_DECADES = 0.05
+# The scale of the literature the page is read against: Wortsman et al. 2023 (sec. 2.1), the smallest of the
+# stabilizer papers' runs, train their small-scale proxies 1e5 steps of 256 sequences of 512 tokens.
+PAPER_TOKENS = 1e5 * 256 * 512
+PAPER_TOKENS_SOURCE = "Wortsman et al. 2023's small-scale proxies (sec. 2.1: 1e5 steps of 256 x 512 tokens)"
+EDGE_MARK, SEPARATED_MARK = "†", "‡"  # footnote markers of a boundary cell, defined under the table
+# The columns a benchmark file needs for a step-cost ratio, and those that state the scale it was measured at
+CPU_COLUMNS = ("size", "impl", "preset", "vs_baseline")
+GPU_COLUMNS = ("impl", "preset", "compile", "vs_baseline")
+SCALE_COLUMNS = ("device", "size", "precision", "batch", "seq", "threads", "compile", "repeats")
 
 
-def _preset(group: str) -> str:
-    """attention=qwen3 -> qwen3; a group of several axes keeps them all."""
-    parts = dict(p.split("=", 1) for p in group.split(",") if "=" in p)
-    return parts.get("attention", group) if len(parts) <= 1 else group
+# -- the monitor's records ------------------------------------------------------------------------------
+
+def final_attempt(run_dir: str | Path) -> list[dict]:
+    """The monitor's records of the run's final attempt, in step order. A restarted run appends its new attempt
+    to stability.jsonl (steps 0-88, then 0-96): a record whose step is below the one before starts a new
+    attempt. The last attempt is kept, with the earlier records below its first step (the history an attempt
+    resumed from a checkpoint continued), so its last record is the final attempt's. A torn line is skipped."""
+    path = Path(run_dir) / "stability.jsonl"
+    if not path.exists():
+        return []
+    attempts: list[list[dict]] = [[]]
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line) if line.strip() else None
+        except json.JSONDecodeError:
+            continue  # a killed writer can leave half a line
+        if not isinstance(record, dict) or "step" not in record:
+            continue
+        if attempts[-1] and record["step"] < attempts[-1][-1]["step"]:
+            attempts.append([])
+        attempts[-1].append(record)
+    last = attempts[-1]
+    if not last:
+        return []
+    before = {r["step"]: r for attempt in attempts[:-1] for r in attempt if r["step"] < last[0]["step"]}
+    return [before[s] for s in sorted(before)] + sorted(last, key=lambda r: r["step"])
 
 
-def _max_logit(record: dict) -> float:
-    vals = [max(v) if isinstance(v, list) else v for v in (layer.get("max_logit") for layer in record.get("layers", []))
-            if v is not None]
-    return max(vals) if vals else math.nan
+def _layer_values(record: dict, *keys: str) -> list[float]:
+    """Every layer's (and head's) value of the first of `keys` the layer has."""
+    out: list[float] = []
+    for layer in record.get("layers", []):
+        v = next((layer[k] for k in keys if layer.get(k) is not None), None)
+        if v is not None:
+            out += [float(x) for x in (v if isinstance(v, list) else [v]) if x is not None]
+    return out
 
 
-def _headroom(record: dict) -> float:
-    vals = [min(v) if isinstance(v, list) else v for v in (layer.get("fp16_headroom") for layer in record.get("layers", []))
-            if v is not None]
+def record_max_logit(record: dict) -> float:
+    """The largest attention logit of a record, before the soft-cap where the monitor recorded it (after the cap
+    it is bounded by the cap); infinite when any is not finite (NaN too: the logits blew up), NaN when none."""
+    vals = _layer_values(record, "max_logit_precap", "max_logit")
+    if not vals:
+        return math.nan
+    return math.inf if any(not math.isfinite(v) for v in vals) else max(vals)
+
+
+def record_headroom(record: dict) -> float:
+    """The smallest fp16 headroom of a record; a NaN headroom (non-finite logits) counts as none (0)."""
+    vals = [0.0 if math.isnan(v) else v for v in _layer_values(record, "fp16_headroom")]
     return min(vals) if vals else math.nan
+
+
+def run_growth(run_dir: str | Path) -> float:
+    """Last record's max logit over the first's: inf when the last is not finite, NaN without two records."""
+    records = final_attempt(run_dir)
+    if len(records) < 2:
+        return math.nan
+    first, last = record_max_logit(records[0]), record_max_logit(records[-1])
+    if not (math.isfinite(first) and first > 0) or math.isnan(last):
+        return math.nan
+    return last / first
 
 
 def logit_growth(run_dirs: list[str]) -> float:
-    """The largest over runs of (last record's max logit / first record's); a diverged run's last record is
-    where it stopped."""
-    growths = []
-    for d in run_dirs:
-        records, _ = read_stability(Path(d))
-        if len(records) >= 2:
-            first, last = _max_logit(records[0]), _max_logit(records[-1])
-            if first > 0 and math.isfinite(first) and math.isfinite(last):
-                growths.append(last / first)
-    return max(growths) if growths else math.nan
+    """The largest growth over runs (inf when one exploded); NaN only when no run has one."""
+    vals = [g for g in map(run_growth, run_dirs) if not math.isnan(g)]
+    return max(vals) if vals else math.nan
 
 
 def final_headroom(run_dirs: list[str]) -> float:
-    vals = []
-    for d in run_dirs:
-        records, _ = read_stability(Path(d))
-        if records:
-            vals.append(_headroom(records[-1]))
+    vals = [h for h in (record_headroom(r[-1]) for r in map(final_attempt, run_dirs) if r) if not math.isnan(h)]
     return min(vals) if vals else math.nan
 
 
-def step_costs(folder: Path = BENCHMARKS) -> tuple[dict[str, float], dict[str, float]]:
-    """preset -> tokens/s relative to baseline, on CPU (`tiny`) and on GPU (compiled where measured)."""
-    cpu: dict[str, float] = {}
-    gpu: dict[str, float] = {}
-    for path in sorted(folder.glob("cpu_presets*.csv")):  # cpu_presets_tiny.csv, every preset, after the first table
-        t = pd.read_csv(path)
-        t = t[(t["size"] == "tiny") & (t["impl"] == "qknorm")]
-        cpu.update({r["preset"]: float(r["vs_baseline"]) for _, r in t.iterrows() if not pd.isna(r["vs_baseline"])})
-    for path in sorted(folder.glob("gpu_*.csv")):
-        t = pd.read_csv(path)
-        if "vs_baseline" not in t.columns:
-            continue
-        t = t[t["impl"] == "qknorm"].sort_values("compile")  # compiled rows last: they win
-        for _, r in t.iterrows():
-            if not pd.isna(r["vs_baseline"]):
-                gpu[r["preset"]] = float(r["vs_baseline"])
-    return cpu, gpu
+# -- the benchmark files -----------------------------------------------------------------------------------
+
+@dataclass
+class StepCosts:
+    """preset -> [(file, tokens/s relative to the baseline)] per device kind, and the scale each was measured at."""
+
+    cpu: dict[str, list[tuple[str, float]]] = field(default_factory=dict)
+    gpu: dict[str, list[tuple[str, float]]] = field(default_factory=dict)
+    scale: dict[str, str] = field(default_factory=dict)
 
 
-def _fmt_lr(lr: Any) -> str:
-    return "" if lr is None or pd.isna(lr) else f"{lr:.3g}"
+def _read_benchmark(path: Path, needed: tuple[str, ...]) -> pd.DataFrame:
+    t = pd.read_csv(path)
+    for col in needed:
+        if col not in t.columns:
+            raise ValueError(f"{path}: no column '{col}' (a step-cost ratio needs {', '.join(needed)}; "
+                             f"the file has {', '.join(map(str, t.columns))})")
+    return t
 
 
-def scorecard(paths: list[str | Path], benchmarks: Path = BENCHMARKS) -> tuple[pd.DataFrame, dict]:
-    files = finder_files(paths)
-    if not files:
-        raise ValueError(f"no finder.json under {', '.join(map(str, paths))}: the scorecard reads a critical-LR finder sweep")
-    frames = [collect_runs(p) for p in paths]
-    frame = failure_columns(pd.concat([f for f in frames if not f.empty], ignore_index=True))
-    boundaries = critical_lr_table(frame, files)
-    groups = group_of_runs(files)
-    frame = frame.assign(group=[groups.get(str(Path(d).resolve())) for d in frame["run_dir"]])
-    settings = json.loads(files[0].read_text())
-    coarse = sorted(float(x) for x in settings.get("coarse_grid", []))
-    cpu, gpu = step_costs(benchmarks)
-    params = {_preset(g): f["params"].dropna().iloc[0] for g, f in frame.groupby("group") if f["params"].notna().any()}
-    rows = []
-    for group, g in frame[frame["group"].notna()].groupby("group"):
-        preset = _preset(str(group))
-        ended = g[g["diverged"].notna()]
-        seeds = sorted(ended["seed"].dropna().unique())
-        ok = ended[~ended["diverged"].astype(bool) & (ended["status"] == "completed")]
-        by_lr = ok.groupby("lr")
-        complete = [lr for lr, f in by_lr if f["seed"].nunique() == len(seeds)]
-        best_lr, best, spread = None, math.nan, math.nan
-        if complete:
-            means = {lr: by_lr.get_group(lr)["final_val_loss"].mean() for lr in complete}
-            best_lr = min(means, key=lambda lr: means[lr])
-            losses = by_lr.get_group(best_lr)["final_val_loss"]
-            best, spread = float(losses.mean()), float((losses.max() - losses.min()) / 2)
-        sens = []
-        for _, s in ended.groupby("seed"):
-            capped = {float(r["lr"]): capped_loss(r) for _, r in s.iterrows() if float(r["lr"]) in coarse}
-            l0 = s["initial_loss"].dropna()
-            if not capped or l0.empty:
-                continue
-            top = max(capped)
-            capped.update({lr: float(l0.iloc[0]) for lr in coarse if lr not in capped and lr > top})
-            values = [capped[lr] for lr in coarse if lr in capped]
-            sens.append(sum(v - min(values) for v in values) / len(values))
-        above = [lr for lr in sorted(ended["lr"].unique()) if best_lr is not None and lr >= best_lr * NEXT_GRID_POINT * 0.99]
-        b = boundaries[boundaries["group"] == group]
-
-        def boundary(prefix: str, b: pd.DataFrame = b) -> tuple[Optional[float], str, float]:
-            """The fitted boundary, its text, and where it sorts: the boundary itself; above every boundary when
-            no run failed (the boundary lies above the grid); below every one when every run failed or no fit."""
-            row = b[b["target"].str.startswith(prefix)]
-            if row.empty:
-                return None, "", -math.inf
-            r = row.iloc[0]
-            if r["boundary_lr"] is None or pd.isna(r["boundary_lr"]):
-                text = str(r["fit"])
-                return None, text, math.inf if text.startswith(NONE_FAILED) else -math.inf
-            return (float(r["boundary_lr"]), f"{r['boundary_lr']:.3g} [{r['ci_low']:.3g}, {r['ci_high']:.3g}]",
-                    float(r["boundary_lr"]))
-
-        div_lr, div_text, div_sort = boundary("divergence")
-        crit_lr, crit_text, crit_sort = boundary("critical")
-        at_best = list(g[g["lr"] == best_lr]["run_dir"]) if best_lr is not None else []
-        at_3x = list(g[g["lr"] == above[0]]["run_dir"]) if above else []
-        rows.append({
-            "preset": preset, "runs": len(g), "seeds": len(seeds), "best_lr": best_lr,
-            "best_val_loss": best, "best_val_loss_halfrange": spread,
-            "lr_sensitivity": sum(sens) / len(sens) if sens else math.nan,
-            "lr_sensitivity_min": min(sens) if sens else math.nan, "lr_sensitivity_max": max(sens) if sens else math.nan,
-            "divergence_lr": div_lr, "divergence_lr_text": div_text, "critical_lr": crit_lr, "critical_lr_text": crit_text,
-            "critical_sort": crit_sort, "divergence_sort": div_sort,
-            "logit_growth_best_lr": logit_growth(at_best),
-            "logit_growth_next_lr": logit_growth(at_3x), "next_lr": above[0] if above else None,
-            "fp16_headroom_final": final_headroom(at_best),
-            "params_vs_baseline": params.get(preset, math.nan) / params[BASELINE] if BASELINE in params else math.nan,
-            "cpu_step_vs_baseline": cpu.get(preset, math.nan), "gpu_step_vs_baseline": gpu.get(preset, math.nan),
-            "machine_hours": float(g["wall_time_s"].fillna(0).sum()) / 3600,
-        })
-    table = pd.DataFrame(rows)
-    if not table.empty:
-        # a preset that never failed up to the grid's top sorts first, one that failed everywhere last
-        table = table.sort_values(["critical_sort", "divergence_sort", "best_val_loss"], ascending=[False, False, True],
-                                  na_position="last").reset_index(drop=True)
-    return table, {"settings": settings.get("settings", {}), "frame": frame, "coarse": coarse}
-
-
-def recipe(frame: pd.DataFrame, settings: dict) -> str:
-    """The scale and recipe of the runs, read from their configs and the finder's settings."""
-    cols = {"model.d_model": "d_model", "model.n_layers": "layers", "trainer.max_steps": "steps"}
+def _scale(rows: pd.DataFrame, names: list[str]) -> str:
+    """The scale the used rows were measured at, from their own columns."""
     parts = []
+    for col in SCALE_COLUMNS:
+        if col in rows.columns:
+            vals = sorted({str(v) for v in rows[col].dropna()})
+            if vals:
+                parts.append(f"{col} {' / '.join(vals)}")
+    repeats = pd.to_numeric(rows["repeats"], errors="coerce").dropna() if "repeats" in rows.columns else pd.Series(dtype=float)
+    noise = ("; one timing a preset and file (repeats 1): a ratio's run-to-run noise is unknown"
+             if len(repeats) and (repeats <= 1).all() else "")
+    return f"{', '.join(parts)} ({', '.join(names)}){noise}"
+
+
+def step_costs(folder: Path = BENCHMARKS, size: Optional[str] = None) -> StepCosts:
+    """CPU rows at the runs' model `size` (none when it is unknown), GPU rows at whatever scale the files hold
+    (compiled rows replace eager ones of the same file); every file's value kept, so disagreements show."""
+    out = StepCosts()
+    for kind, pattern, needed in (("cpu", "cpu_presets*.csv", CPU_COLUMNS), ("gpu", "gpu_*.csv", GPU_COLUMNS)):
+        used, names = [], []
+        target = out.cpu if kind == "cpu" else out.gpu
+        for path in sorted(folder.glob(pattern)):
+            t = _read_benchmark(path, needed)
+            t = t[(t["impl"] == "qknorm") & t["vs_baseline"].notna()]
+            if kind == "cpu":
+                t = t[t["size"] == size] if size is not None else t.iloc[0:0]
+            else:
+                t = t.sort_values("compile").drop_duplicates("preset", keep="last")  # compiled rows last: they win
+            if t.empty:
+                continue
+            used.append(t)
+            names.append(path.name)
+            for _, r in t.iterrows():
+                target.setdefault(str(r["preset"]), []).append((path.name, float(r["vs_baseline"])))
+        if used:
+            out.scale[kind] = _scale(pd.concat(used), names)
+    return out
+
+
+def _fmt_cost(values: list[tuple[str, float]] | None) -> str:
+    if not values:
+        return ""
+    v = [x for _, x in values]
+    mean = sum(v) / len(v)
+    return f"{mean:.2f}x" if len(v) == 1 else f"{mean:.2f}x [{min(v):.2f}, {max(v):.2f}]"
+
+
+# -- the sweeps -----------------------------------------------------------------------------------------
+
+@dataclass
+class Sweep:
+    file: Path
+    record: dict
+
+    @property
+    def folder(self) -> Path:
+        return self.file.parent
+
+
+def _identity(record: dict) -> dict:
+    """What must agree for sweeps to share a table: the finder's settings, its coarse grid and the fixed overrides
+    (the recipe), the preset axis aside."""
+    fixed = sorted(o for o in record.get("fixed", []) if not o.lstrip("+~").startswith(f"{PRESET_KEY}="))
+    return {"settings": record.get("settings", {}), "coarse_grid": record.get("coarse_grid"), "fixed": fixed}
+
+
+def load_sweeps(paths: list[str | Path]) -> list[Sweep]:
+    """Every finder.json under `paths`, refusing (one line) what cannot share one table."""
+    found = finder_files(paths)
+    if not found:
+        started = [str(p) for p in paths if any(Path(p).rglob("multirun.yaml"))]
+        if started:
+            raise ValueError(f"{', '.join(started)}: no {FINDER_FILE} yet: the finder writes it after its first round "
+                             "(the sweep has started: multirun.yaml is there); rerun once a round has finished")
+        raise ValueError(f"{', '.join(map(str, paths))}: no {FINDER_FILE}: not a critical-LR finder sweep "
+                         "(hydra/sweeper=critical_lr writes it in its sweep folder after its first round)")
+    sweeps = []
+    for f in found:
+        try:
+            sweeps.append(Sweep(f, json.loads(f.read_text())))
+        except ValueError as e:
+            raise ValueError(f"{f}: not readable as JSON ({e})") from e
+    first = sweeps[0]
+    for s in sweeps[1:]:
+        a, b = _identity(first.record), _identity(s.record)
+        if a != b:
+            keys = [f"settings.{k}" for k in sorted(set(a["settings"]) | set(b["settings"]))
+                    if a["settings"].get(k) != b["settings"].get(k)] + [k for k in a if k != "settings" and a[k] != b[k]]
+            raise ValueError(f"{first.file} and {s.file}: sweeps with different settings ({', '.join(keys)}) cannot share one "
+                             "table (give one sweep, or sweeps run with the same settings)")
+    seen: dict[str, Path] = {}
+    for s in sweeps:
+        for g in s.record.get("groups", []):
+            preset = _preset(str(g["group"]), s.record.get("fixed", []))
+            if preset in seen:
+                raise ValueError(f"{seen[preset]} and {s.file} both hold preset {preset}: one table takes one sweep per preset")
+            seen[preset] = s.file
+    return sweeps
+
+
+def _preset(group: str, fixed: list[str]) -> str:
+    """attention=qwen3 -> qwen3; a group of several axes keeps them all; a sweep of one preset (its group `all`)
+    takes it from the fixed overrides."""
+    parts = dict(p.split("=", 1) for p in group.split(",") if "=" in p)
+    if not parts:
+        named = [o.split("=", 1)[1] for o in fixed if o.lstrip("+~").startswith(f"{PRESET_KEY}=")]
+        return named[0] if named else group
+    return parts.get(PRESET_KEY, group) if len(parts) <= 1 else group
+
+
+def swept_presets(sweeps: list[Sweep]) -> list[str]:
+    """The presets the sweep's command named (its multirun.yaml's `attention=` override)."""
+    out: list[str] = []
+    for s in sweeps:
+        try:
+            config = yaml.safe_load((s.folder / "multirun.yaml").read_text()) or {}
+        except (OSError, yaml.YAMLError):
+            continue
+        task = ((config.get("hydra") or {}).get("overrides") or {}).get("task") or []
+        for o in task:
+            key, _, values = str(o).partition("=")
+            if key.lstrip("+~") == PRESET_KEY:
+                out += [v.strip() for v in values.split(",") if v.strip()]
+    return list(dict.fromkeys(out))
+
+
+def _model_size(sweeps: list[Sweep], frame: pd.DataFrame) -> Optional[str]:
+    """The runs' model preset: the finder's fixed `model=`, else the one every run's overrides name."""
+    for s in sweeps:
+        for o in s.record.get("fixed", []):
+            if o.lstrip("+~").startswith("model="):
+                return o.split("=", 1)[1]
+    named = {t.split("=", 1)[1] for o in frame.get("overrides", pd.Series(dtype=str)).dropna() for t in str(o).split()
+             if t.startswith("model=")}
+    return named.pop() if len(named) == 1 else None
+
+
+# -- one row per group -------------------------------------------------------------------------------------
+
+def _seed_sensitivity(ended: pd.DataFrame, coarse: list[float], seeds: int) -> tuple[list[float], str]:
+    """Per seed, the LR sensitivity over the coarse grid; or none and why (the rule of the module's docstring)."""
+    ended = ended.assign(grid_lr=[round_lr(float(v)) for v in ended["lr"]])
+    ran = [lr for lr in coarse if lr in set(ended["grid_lr"])]
+    if not ran:
+        return [], "no finished run on the coarse grid"
+    top = ran[-1]
+    above = [lr for lr in coarse if lr > top]
+    at_top = ended[ended["grid_lr"] == top]
+    if above and not (at_top["seed"].nunique() >= seeds and at_top["diverged"].astype(bool).all()):
+        return [], (f"grid LRs above {top:.3g} were not run and not every seed diverged at {top:.3g}: "
+                    "their capped loss is unknown")
+    sens = []
+    for seed, s in ended.groupby("seed"):
+        capped = {float(r["grid_lr"]): capped_loss(r) for _, r in s.iterrows() if r["grid_lr"] in coarse}
+        missing = [lr for lr in coarse if lr <= top and (lr not in capped or math.isnan(capped[lr]))]
+        l0 = s["initial_loss"].dropna()
+        if missing or l0.empty:
+            return [], f"seed {seed} has no finished run at grid LR {', '.join(f'{lr:.3g}' for lr in missing) or '(initial loss)'}"
+        capped.update({lr: float(l0.iloc[0]) for lr in above})
+        values = [capped[lr] for lr in coarse]
+        sens.append(sum(v - min(values) for v in values) / len(values))
+    if len(sens) < seeds:
+        return [], f"{len(sens)} of {seeds} seeds have finished runs"
+    return sens, ""
+
+
+def _boundary(b: pd.DataFrame, prefix: str, ended: pd.DataFrame) -> dict[str, Any]:
+    """The fitted boundary, its cell, where it sorts, and the range it is known to lie in (for comparisons):
+    the 95% interval, (-inf, inf) when the interval reaches the fit's edge; above the largest LR run when no run
+    failed (sorts first), below the smallest when every run failed (sorts last); unknown (None) otherwise."""
+    row = b[b["target"].str.startswith(prefix)] if not b.empty else b
+    if row.empty:
+        return {"lr": None, "text": "", "sort": -math.inf, "range": None, "edge": False, "separated": False}
+    r = row.iloc[0]
+    if r["boundary_lr"] is None or pd.isna(r["boundary_lr"]):
+        text = str(r["fit"])
+        lrs = ended["lr"].astype(float)
+        if text.startswith(NONE_FAILED):
+            return {"lr": None, "text": text, "sort": math.inf, "range": (float(lrs.max()), math.inf), "edge": False,
+                    "separated": False}
+        known = (0.0, float(lrs.min())) if text.startswith(ALL_FAILED) else None
+        return {"lr": None, "text": text, "sort": -math.inf, "range": known, "edge": False, "separated": False}
+    edge, separated = bool(r.get("edge", False)), bool(r.get("separated", False))
+    text = f"{r['boundary_lr']:.3g} [{r['ci_low']:.3g}, {r['ci_high']:.3g}]" + (f" {EDGE_MARK}" if edge else "") + (
+        f" {SEPARATED_MARK}" if separated else "")
+    return {"lr": float(r["boundary_lr"]), "text": text, "sort": float(r["boundary_lr"]),
+            "range": (-math.inf, math.inf) if edge else (float(r["ci_low"]), float(r["ci_high"])), "edge": edge,
+            "separated": separated}
+
+
+def _growth_lr(lrs: list[float], best_lr: float) -> tuple[Optional[float], str]:
+    """The run LR within GROWTH_STEP_TOLERANCE_DECADES of 3.16x the best LR, or none and why."""
+    target = math.log10(best_lr) + GROWTH_STEP_DECADES
+    above = [lr for lr in lrs if lr > best_lr]
+    if not above:
+        return None, "no run above the best LR"
+    nearest = min(above, key=lambda lr: abs(math.log10(lr) - target))
+    if abs(math.log10(nearest) - target) <= GROWTH_STEP_TOLERANCE_DECADES:
+        return nearest, ""
+    return None, f"no run at 3.16x the best LR (nearest {nearest:.3g}, {nearest / best_lr:.2f}x)"
+
+
+def _group_row(sweep: Sweep, record: dict, frame: pd.DataFrame, boundaries: pd.DataFrame) -> dict[str, Any]:
+    settings = settings_from_record(sweep.record.get("settings", {}))
+    coarse = sorted(float(x) for x in sweep.record.get("coarse_grid") or settings.coarse_grid())
+    group = group_from_record(record)
+    state = progress(group, settings, coarse)
+    preset = _preset(str(record["group"]), sweep.record.get("fixed", []))
+    dirs = {str((sweep.folder / p["run_dir"]).resolve()) for p in record.get("probes", []) if p.get("run_dir")}
+    mine = frame[frame["resolved"].isin(dirs)]
+    g = mine[mine["status"].isin(FINISHED)]
+    ended = g[g["diverged"].notna()]
+    lost, unresolved = len(record.get("lost", [])), len(dirs - set(frame["resolved"]))
+    row: dict[str, Any] = {"preset": preset, "group": record["group"], "sweep": str(sweep.folder), "search_done": state.done,
+                           "runs": len(g), "not_finished": len(mine) - len(g), "lost": lost, "seeds": len(group.seeds),
+                           "machine_hours": float(g["wall_time_s"].fillna(0).sum()) / 3600,
+                           "params": g["params"].dropna().iloc[0] if g["params"].notna().any() else math.nan}
+    why = [f"{lost} probes gave no result (crashed)" if lost else "",
+           f"{unresolved} recorded run directories not found" if unresolved else "",
+           f"{len(mine) - len(g)} runs not finished" if len(mine) > len(g) else ""]
+    if not state.done:
+        row.update(search=f"in progress: {state.note}", rank=1)
+        return row
+    if ended.empty:
+        reason = "; ".join(w for w in why if w) or "no probe recorded"
+        row.update(search=f"finished, no finished run ({reason})", rank=2)
+        return row
+    row.update(search="finished" + (f" ({state.note})" if state.note else ""), rank=0)
+    seeds = len(group.seeds)
+    ok = ended[~ended["diverged"].astype(bool) & (ended["status"] == "completed")]
+    by_lr = ok.groupby("lr")
+    complete = [float(lr) for lr, f in by_lr if f["seed"].nunique() >= seeds]
+    best_lr: Optional[float] = None
+    if complete:
+        means = {lr: by_lr.get_group(lr)["final_val_loss"].mean() for lr in complete}
+        best_lr = min(means, key=lambda lr: means[lr])
+        losses = by_lr.get_group(best_lr)["final_val_loss"]
+        row.update(best_lr=best_lr, best_val_loss=float(losses.mean()), best_val_loss_halfrange=float((losses.max() - losses.min()) / 2))
+    sens, sens_note = _seed_sensitivity(ended, coarse, seeds)
+    row.update(lr_sensitivity=sum(sens) / len(sens) if sens else math.nan, lr_sensitivity_min=min(sens) if sens else math.nan,
+               lr_sensitivity_max=max(sens) if sens else math.nan, lr_sensitivity_note=sens_note)
+    b = boundaries[boundaries["group"] == record["group"]] if not boundaries.empty else boundaries
+    for prefix, name in (("divergence", "divergence"), ("critical", "critical")):
+        d = _boundary(b, prefix, ended)
+        row.update({f"{name}_lr": d["lr"], f"{name}_lr_text": d["text"], f"{name}_sort": d["sort"], f"{name}_edge": d["edge"],
+                    f"{name}_separated": d["separated"],
+                    f"{name}_known_low": d["range"][0] if d["range"] else math.nan,
+                    f"{name}_known_high": d["range"][1] if d["range"] else math.nan})
+    if best_lr is not None:
+        step_lr, step_note = _growth_lr(sorted(float(x) for x in ended["lr"].unique()), best_lr)
+        at_best = list(ended[ended["lr"] == best_lr]["run_dir"])
+        row.update(logit_growth_best_lr=logit_growth(at_best), fp16_headroom_final=final_headroom(at_best), growth_step_lr=step_lr,
+                   logit_growth_step_lr=logit_growth(list(ended[ended["lr"] == step_lr]["run_dir"])) if step_lr else math.nan,
+                   growth_step_note=step_note)
+    return row
+
+
+def scorecard(paths: list[str | Path], benchmarks: Path = BENCHMARKS, presets: Path = PRESETS) -> tuple[pd.DataFrame, dict]:
+    sweeps = load_sweeps(paths)
+    frames = [collect_runs(p) for p in paths]
+    frames = [f for f in frames if not f.empty]
+    where = ", ".join(map(str, paths))
+    if not frames:
+        raise ValueError(f"{where}: no run directories yet (finder.json is there: its runs were moved or deleted)")
+    frame = failure_columns(pd.concat(frames, ignore_index=True).drop_duplicates("run_dir").reset_index(drop=True))
+    frame = frame.assign(resolved=[str(Path(d).resolve()) for d in frame["run_dir"]])
+    if not frame["status"].isin(FINISHED).any():
+        raise ValueError(f"{where}: no finished runs yet ({len(frame)} run directories, none with summary status "
+                         f"{' or '.join(FINISHED)})")
+    rows = []
+    for s in sweeps:
+        boundaries = critical_lr_table(frame, [s.file])
+        rows += [_group_row(s, record, frame, boundaries) for record in s.record.get("groups", [])]
+    table = pd.DataFrame(rows)
+    for col in ("best_lr", "best_val_loss", "best_val_loss_halfrange", "lr_sensitivity", "lr_sensitivity_min", "lr_sensitivity_max",
+                "divergence_lr", "critical_lr", "logit_growth_best_lr", "logit_growth_step_lr", "growth_step_lr",
+                "fp16_headroom_final", "critical_known_low", "critical_known_high", "divergence_known_low", "divergence_known_high"):
+        table[col] = pd.to_numeric(table[col], errors="coerce") if col in table.columns else math.nan
+    for col in ("critical_sort", "divergence_sort"):
+        table[col] = table[col].fillna(-math.inf) if col in table.columns else -math.inf
+    for col in ("divergence_lr_text", "critical_lr_text", "lr_sensitivity_note", "growth_step_note"):
+        table[col] = table[col].fillna("") if col in table.columns else ""
+    table["params"] = pd.to_numeric(table["params"], errors="coerce")
+    base_params = table.loc[table["preset"] == BASELINE, "params"].dropna()
+    table["params_vs_baseline"] = table["params"] / float(base_params.iloc[0]) if len(base_params) else math.nan
+    size = _model_size(sweeps, frame)
+    costs = step_costs(benchmarks, size)
+    table["cpu_speed_vs_baseline"] = [_fmt_cost(costs.cpu.get(p)) for p in table["preset"]]
+    table["gpu_speed_vs_baseline"] = [_fmt_cost(costs.gpu.get(p)) for p in table["preset"]]
+    # finished searches first; then a preset that never failed up to the grid's top, one that failed everywhere last
+    table = table.sort_values(["rank", "critical_sort", "divergence_sort", "best_val_loss"], ascending=[True, False, False, True],
+                              na_position="last").reset_index(drop=True)
+    swept = swept_presets(sweeps)
+    grouped = set(table["preset"])
+    available = sorted(p.stem for p in presets.glob("*.yaml")) if presets.is_dir() else []
+    settings = sweeps[0].record.get("settings", {})
+    return table, {"settings": settings, "frame": frame, "coarse": sweeps[0].record.get("coarse_grid", []), "costs": costs,
+                   "model_size": size, "swept_without_group": [p for p in swept if p not in grouped],
+                   "not_swept": [p for p in available if p not in grouped and p not in swept]}
+
+
+# -- the page ----------------------------------------------------------------------------------------------
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} minutes" if seconds < 7200 else f"{seconds / 3600:.1f} hours"
+
+
+def _devices(frame: pd.DataFrame) -> list[str]:
+    """The devices the finished runs' summaries record."""
+    out = []
+    for d in frame[frame["status"].isin(FINISHED)]["run_dir"]:
+        try:
+            s = json.loads((Path(d) / "summary.json").read_text())
+        except (OSError, ValueError):
+            continue
+        name = s.get("device_name") or s.get("device")
+        if name:
+            out.append(str(name))
+    return sorted(set(out))
+
+
+def recipe(frame: pd.DataFrame, settings: dict, size: Optional[str] = None) -> str:
+    """The scale and recipe of the runs, read from their configs and summaries and the finder's settings."""
+    done = frame[frame["status"].isin(FINISHED)]
+    parts = [f"model {size}"] if size else []
+    cols = {"model.d_model": "d_model", "model.n_layers": "layers", "trainer.max_steps": "steps", "warmup_steps": "warmup steps"}
     for col, name in cols.items():
-        vals = sorted({v for v in frame[col].dropna().unique()}) if col in frame.columns else []
+        vals = sorted({v for v in done[col].dropna().unique()}) if col in done.columns else []
         if vals:
             parts.append(f"{name} {', '.join(str(int(v)) for v in vals)}")
-    tokens = frame["tokens"].dropna()
+    seeds = done["seed"].dropna().nunique() if "seed" in done.columns else 0
+    if seeds:
+        parts.append(f"{seeds} seeds")
+    tokens = done["tokens"].dropna()
     if len(tokens):
         parts.append(f"up to {int(tokens.max()):,} training tokens a run")
     s = settings
-    return (", ".join(parts) + f"; the finder climbs LRs from {s.get('lr_min')} in {s.get('per_decade')} points a decade, "
-            f"narrows with {s.get('k')} probes a round to a bracket of {float(s.get('precision', 0)):.3g}x; "
+    return (", ".join(parts) + f"; the finder climbs LRs from {s.get('lr_min')} to {s.get('lr_max')} in {s.get('per_decade')} "
+            f"points a decade, narrows with {s.get('k')} probes a round to a bracket of {float(s.get('precision', 0)):.3g}x; "
             f"probes stop early once doomed ({', '.join(s.get('probe_overrides') or []) or 'no early stops'})")
 
 
-def paragraph(table: pd.DataFrame) -> str:
-    """What the table shows and what it cannot, computed from it."""
+def _names(rows: pd.DataFrame) -> str:
+    return ", ".join(map(str, rows["preset"]))
+
+
+def paragraph(table: pd.DataFrame, info: Optional[dict] = None) -> str:
+    """What the table shows and what it cannot, computed from it, in the table's order."""
     if table.empty:
         return "No preset has finished runs."
     lines = []
-    known = table.dropna(subset=["critical_lr"])
-    if len(known):
-        top, bottom = known.iloc[0], known.iloc[-1]
-        lines.append(f"The highest critical LR (the 50% LR at which runs end worse than the bigram model) is {top['preset']}'s, "
-                     f"{top['critical_lr_text']}; the lowest {bottom['preset']}'s, {bottom['critical_lr_text']}.")
-        base = table[table["preset"] == BASELINE]
-        if len(base) and not pd.isna(base.iloc[0]["critical_lr"]):
-            b = float(base.iloc[0]["critical_lr"])
-            above = [r["preset"] for _, r in known.iterrows() if r["preset"] != BASELINE and r["critical_lr"] > b]
-            lines.append(f"{len(above)} of {len(known) - 1} other presets tolerate a higher LR than the baseline by this "
-                         f"estimate; where two intervals overlap the runs cannot order the two presets.")
-    censored = table[table["critical_lr"].isna()]
+    done = table[table["rank"] == 0]
+    above = done[done["critical_sort"] == math.inf]
+    fitted = done[done["critical_lr"].notna()]
+    below = done[done["critical_lr_text"].str.startswith(ALL_FAILED)]
+    if len(above):
+        lines.append(f"No run of {_names(above)} failed against the bigram model up to the largest LR searched: "
+                     f"{'its' if len(above) == 1 else 'their'} critical LR is above the searched range "
+                     f"({'; '.join(above['critical_lr_text'])}), and {'it ranks' if len(above) == 1 else 'they rank'} first.")
+    if len(fitted):
+        top, bottom = fitted.iloc[0], fitted.iloc[-1]
+        lines.append(f"{'Below them, the' if len(above) else 'The'} highest fitted critical LR (the 50% LR at which runs end "
+                     f"worse than the bigram model) is {top['preset']}'s, {top['critical_lr_text']}"
+                     + (f"; the lowest {bottom['preset']}'s, {bottom['critical_lr_text']}." if len(fitted) > 1 else "."))
+    if len(below):
+        lines.append(f"Every run of {_names(below)} failed: their critical LR is below the smallest LR tried, and they rank last.")
+    base = done[done["preset"] == BASELINE]
+    if len(base) and not pd.isna(base.iloc[0]["critical_known_low"]):
+        b_lo, b_hi = float(base.iloc[0]["critical_known_low"]), float(base.iloc[0]["critical_known_high"])
+        others = done[(done["preset"] != BASELINE) & done["critical_known_low"].notna()]
+        higher = others[others["critical_known_low"] > b_hi]
+        lower = others[others["critical_known_high"] < b_lo]
+        overlap = len(others) - len(higher) - len(lower)
+        lines.append(f"Against the baseline's critical LR, {len(higher)} of {len(others)} other presets with a known range lie "
+                     f"wholly above it{' (' + _names(higher) + ')' if len(higher) else ''}, {len(lower)} wholly below, and "
+                     f"{overlap} overlap it: the runs cannot order those against the baseline (an interval marked "
+                     f"{EDGE_MARK} counts as overlapping, its true extent being unknown).")
+    censored = done[done["critical_lr"].isna() & (done["critical_sort"] != math.inf)]  # those above are named already
     if len(censored):
         lines.append("No critical-LR boundary for " + "; ".join(
-            f"{r['preset']} ({r['critical_lr_text'] or 'no runs'})" for _, r in censored.iterrows()) + ".")
-    lines.append("What it cannot show: the scale. These are small models trained for minutes on a CPU; the papers' claims "
-                 "are about 10^8-10^10 tokens and the late growth of logits, which a short run cannot reach. A boundary "
-                 "here is a fact about this recipe, and an ordering of presets is a hypothesis for a larger run.")
+            f"{r['preset']} ({r['critical_lr_text'] or 'no fit'})" for _, r in censored.iterrows()) + ".")
+    running = table[table["rank"] == 1]
+    if len(running):
+        who = "every preset" if len(running) == len(table) else _names(running)
+        lines.append(f"The search of {who} is still in progress: the columns that need the whole search are blank.")
+    empty = table[table["rank"] == 2]
+    if len(empty):
+        lines.append(f"{_names(empty)}: no finished run (the row says why).")
+    frame = (info or {}).get("frame")
+    scale = f"{PAPER_TOKENS_SOURCE} train {PAPER_TOKENS:.2g} tokens a run"
+    if frame is not None:
+        done_runs = frame[frame["status"].isin(FINISHED)]
+        walls, tokens = done_runs["wall_time_s"].dropna(), pd.to_numeric(done_runs["tokens"], errors="coerce").dropna()
+        devices = _devices(frame)
+        here = [f"up to {int(tokens.max()):,} tokens" if len(tokens) else "a number of tokens their summaries do not record",
+                f"in {_duration(float(walls.median()))} (median; longest {_duration(float(walls.max()))})" if len(walls) else "",
+                f"on {' and '.join(devices)}" if devices else "on a device their summaries do not record"]
+        scale = (f"each run here trained {' '.join(h for h in here if h)}; {scale}"
+                 + (f", {PAPER_TOKENS / float(tokens.max()):,.0f}x more" if len(tokens) else ""))
+    lines.append(f"What it cannot show: the scale. {scale[0].upper()}{scale[1:]}, and the papers' larger models longer still, "
+                 "with the late growth of logits a short run cannot reach. A boundary here is a fact about this recipe, and an "
+                 "ordering of presets is a hypothesis for a larger run.")
     return " ".join(lines)
+
+
+def _fmt(v: Any, spec: str, suffix: str = "") -> str:
+    """One value, blank when missing or NaN; 'non-finite' when infinite."""
+    if v is None or pd.isna(v):
+        return ""
+    return "non-finite" if math.isinf(float(v)) else f"{float(v):{spec}}{suffix}"
+
+
+def _growth_cell(r: pd.Series) -> str:
+    best = _fmt(r.get("logit_growth_best_lr"), ".2f", "x")
+    if pd.isna(r.get("best_lr")):
+        return ""
+    step = (f"{_fmt(r.get('logit_growth_step_lr'), '.2f', 'x') or 'no record'} @{r['growth_step_lr']:.3g}"
+            if not pd.isna(r.get("growth_step_lr")) else f"({r.get('growth_step_note') or 'none'})")
+    return f"{best or 'no record'} / {step}"
 
 
 def render(table: pd.DataFrame, info: dict, command: str) -> str:
     if table.empty:
         return "\n".join(["# Stabilizer scorecard", "", f"No preset has finished runs yet (regenerate: `{command}`)."])
+    done = table["rank"] == 0
     shown = pd.DataFrame({
         "preset": table["preset"],
-        "best val loss": [f"{a:.3f} ± {b:.3f} @ {lr:.3g}" if not pd.isna(a) else "" for a, b, lr in
-                          zip(table["best_val_loss"], table["best_val_loss_halfrange"], table["best_lr"].fillna(math.nan), strict=True)],
-        "LR sensitivity": [f"{m:.3f} [{lo:.3f}, {hi:.3f}]" if not pd.isna(m) else "" for m, lo, hi in
-                           zip(table["lr_sensitivity"], table["lr_sensitivity_min"], table["lr_sensitivity_max"], strict=True)],
+        "search": table["search"],
+        "best val loss @ LR": [f"{_fmt(a, '.3f')} ± {_fmt(b, '.3f')} @ {_fmt(lr, '.3g')}" if not pd.isna(a) else "" for a, b, lr in
+                               zip(table["best_val_loss"], table["best_val_loss_halfrange"], table["best_lr"], strict=True)],
+        "LR sensitivity [min, max]": [
+            f"{_fmt(m, '.3f')} [{_fmt(lo, '.3f')}, {_fmt(hi, '.3f')}]" if not pd.isna(m) else (f"({note})" if d and note else "")
+            for m, lo, hi, note, d in zip(table["lr_sensitivity"], table["lr_sensitivity_min"], table["lr_sensitivity_max"],
+                                          table["lr_sensitivity_note"], done, strict=True)],
         "divergence LR [95%]": table["divergence_lr_text"], "critical LR [95%]": table["critical_lr_text"],
-        "max-logit growth @best / @next": [f"{a:.2f}x / {b:.2f}x" if not pd.isna(a) else "" for a, b in
-                                           zip(table["logit_growth_best_lr"], table["logit_growth_next_lr"], strict=True)],
-        "fp16 headroom (final)": [f"{v:.3g}x" if not pd.isna(v) else "" for v in table["fp16_headroom_final"]],
-        "params": [f"{v:.4f}x" if not pd.isna(v) else "" for v in table["params_vs_baseline"]],
-        "CPU step": [f"{v:.2f}x" if not pd.isna(v) else "" for v in table["cpu_step_vs_baseline"]],
-        "GPU step": [f"{v:.2f}x" if not pd.isna(v) else "" for v in table["gpu_step_vs_baseline"]],
-        "runs": table["runs"],
+        "max-logit growth @best / @3.16x best (its LR)": [_growth_cell(r) for _, r in table.iterrows()],
+        "fp16 headroom (final)": [_fmt(v, ".3g", "x") for v in table["fp16_headroom_final"]],
+        "params vs baseline": [_fmt(v, ".4f", "x") for v in table["params_vs_baseline"]],
+        "CPU speed vs baseline": table["cpu_speed_vs_baseline"],
+        "GPU speed vs baseline": table["gpu_speed_vs_baseline"],
+        "runs": [f"{n}" + (f" (+{m} not finished)" if m else "") for n, m in zip(table["runs"], table["not_finished"], strict=True)],
     })
-    runs, hours = int(table["runs"].sum()), float(table["machine_hours"].sum())
+    frame = info["frame"]
+    finished = frame[frame["status"].isin(FINISHED)]
+    runs, hours = len(finished), float(finished["wall_time_s"].fillna(0).sum()) / 3600
+    rest = len(frame) - runs
+    costs: StepCosts = info["costs"]
+    scale = []
+    for kind, name in (("cpu", "CPU"), ("gpu", "GPU")):
+        scale.append(f"{name} measured at {costs.scale[kind]}" if kind in costs.scale else
+                     f"{name}: no benchmark file measured presets at {'this model size' if kind == 'cpu' else 'any scale'}")
+    missing = []
+    if info.get("swept_without_group"):
+        missing.append(f"named by the sweep's command but with no group in finder.json: {', '.join(info['swept_without_group'])}")
+    if info.get("not_swept"):
+        missing.append(f"in conf/attention but not in this sweep: {', '.join(info['not_swept'])}")
     return "\n".join([
         "# Stabilizer scorecard", "",
         "Generated by `qknorm-scorecard` from the committed runs of a critical-LR finder sweep (regenerate: "
         f"`{command}`). Every definition is in `src/qknorm/analysis/scorecard.py`'s docstring.", "",
-        f"**Scale and recipe**: {recipe(info['frame'], info['settings'])}. {runs} runs, {hours:.1f} machine hours "
-        "(the sum of the runs' own wall times).", "",
-        paragraph(table), "",
-        "Sorted by critical LR, then divergence LR; a preset no run of which failed sorts first, one that failed at every "
-        "LR last. A probe counts as diverged when its loss went non-finite, the divergence detector stopped it, it was "
-        "stopped early as doomed (the probe overrides above), or its train loss ended above its initial loss: the "
-        "divergence LR is where runs were stopped or ended that way, not only where the loss became non-finite. Step "
-        "costs are tokens/s relative to the baseline (above 1: faster).", "",
+        f"**Scale and recipe**: {recipe(frame, info['settings'], info.get('model_size'))}. {runs} finished runs, {hours:.1f} "
+        "machine hours (the sum of the finished runs' own wall times)"
+        + (f"; {rest} more runs still running or stopped before finishing, not counted" if rest else "") + ".", "",
+        paragraph(table, info), "",
+        "Sorted by critical LR, then divergence LR, finished searches first; a preset no run of which failed sorts first, "
+        "one that failed at every LR last. A probe counts as diverged when its loss went non-finite, the divergence "
+        "detector stopped it, it was stopped early as doomed (the probe overrides above), or its train loss ended above "
+        "its initial loss: the divergence LR is where runs were stopped or ended that way, not only where the loss "
+        "became non-finite.", "",
         markdown_table(shown),
+        f"{EDGE_MARK} the 95% interval reaches the edge of the LRs the fit considered (up to a decade beyond the runs): the "
+        "runs do not bound it there, and the true interval is wider than shown.  ",
+        f"{SEPARATED_MARK} the runs are separated (no LR mixes failures and successes): the 50% point lies in the gap between "
+        "the last success and the first failure, and the interval is that gap widened by one misclassified run.  ",
+        "A row whose search is in progress (the finder's own rule, read from finder.json) leaves blank every column that "
+        "needs the whole search; runs and hours count finished runs only.  ",
+        "LR sensitivity: grid LRs above the largest one run count at the initial loss only when every seed diverged at that "
+        "largest LR (the climb stopped on divergence); where it stopped on a failure against the bigram model their loss "
+        "is unknown and the cell says so.  ",
+        "Max-logit growth: the largest attention logit of the monitor's last record over its first (the final attempt's, "
+        "where a restarted run logged two), the largest over seeds; for a soft-capped preset the logit before the cap "
+        "(`max_logit_precap`) where the monitor recorded it, since after the cap it cannot grow past the cap. A non-finite "
+        "last logit (NaN or inf: the run exploded) reads 'non-finite' and counts as the largest. The second value is at "
+        f"the run LR within {GROWTH_STEP_TOLERANCE_DECADES} decades of 3.16x the best LR, named in the cell; where no run "
+        "is that close the cell names the nearest. fp16 headroom: a NaN headroom counts as 0.  ",
+        "Speed vs baseline: tokens/s relative to the baseline preset (above 1: faster), the mean [min, max] over the "
+        f"files that measured a preset. {'; '.join(scale)}.",
+        *(["", "Presets without a row: " + "; ".join(missing) + "."] if missing else []),
     ])
 
 

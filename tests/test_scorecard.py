@@ -1,0 +1,376 @@
+"""qknorm-scorecard (qknorm.analysis.scorecard) on fixture finder sweeps: the search itself (qknorm.finder.Search)
+runs over stand-in run directories (tests/test_reproductions.write_run), so finder.json is the file the finder
+writes, with its rounds, lost probes and settings; each preset's losses and logits are chosen so that a column
+has a known answer."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Callable, Optional
+
+import pandas as pd
+import pytest
+import yaml
+
+from qknorm.analysis.scorecard import PAPER_TOKENS, final_attempt, record_max_logit
+from qknorm.analysis.scorecard import main as scorecard_main
+from qknorm.finder import FinderSettings, Search, outcome_of
+
+from .test_reproductions import BIGRAM, write_run
+
+INITIAL = 8.0  # every fixture run's initial loss: a loss at or above it diverged, above BIGRAM (5) failed
+# the scorecard's search (reproductions/run.sh): the half-decade grid 0.01 .. 10, brackets narrowed to 1.78x
+SETTINGS = FinderSettings(lr_min=0.01, lr_max=10.0, precision=1.778)
+Spec = Callable[[float, int], Optional[dict]]  # (lr, seed) -> write_run's arguments; None: the probe crashed
+
+
+class _Stop(Exception):
+    """Raised by the fixture launcher to leave a search mid-way (finder.json holds its last finished round)."""
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _bigram():
+    old = os.environ.get("QKNORM_BIGRAM_NATS")
+    os.environ["QKNORM_BIGRAM_NATS"] = str(BIGRAM)
+    yield
+    if old is None:
+        os.environ.pop("QKNORM_BIGRAM_NATS", None)
+    else:
+        os.environ["QKNORM_BIGRAM_NATS"] = old
+
+
+def build_sweep(folder: Path, presets: dict[str, Spec], settings: FinderSettings = SETTINGS, rounds: Optional[int] = None,
+                command_presets: Optional[list[str]] = None) -> Path:
+    """Runs the finder over `presets` (2 seeds, model=tiny) with run directories written by write_run; stops before
+    round `rounds` + 1 when given. Writes multirun.yaml naming `command_presets` (default: the presets) as the
+    sweeper plugin does."""
+    made: dict[tuple[str, ...], Path] = {}
+    launched = [0]
+
+    def launch(batch: list[list[str]]) -> None:
+        if rounds is not None and launched[0] >= rounds:
+            raise _Stop
+        launched[0] += 1
+        for job in batch:
+            values = dict(o.split("=", 1) for o in job)
+            spec = presets[values["attention"]](float(values["optim.lr"]), int(values["seed"]))
+            if spec is not None:
+                overrides = [o for o in job if not o.startswith("seed=")]
+                made[tuple(job)] = write_run(folder, overrides, initial=INITIAL, seed=int(values["seed"]), **spec)
+
+    def outcome(job: list[str]):
+        return outcome_of(made[tuple(job)]) if tuple(job) in made else None
+
+    folder.mkdir(parents=True, exist_ok=True)
+    names = command_presets or list(presets)
+    (folder / "multirun.yaml").write_text(yaml.safe_dump({"hydra": {"overrides": {"task": [
+        f"attention={','.join(names)}", "seed=0,1", "model=tiny"]}}}))
+    search = Search(settings, [("attention", list(presets)), ("seed", ["0", "1"]), ("model", ["tiny"])], launch, outcome,
+                    out_dir=folder)
+    try:
+        search.run()
+    except _Stop:
+        pass
+    return folder
+
+
+def ok(loss: float, **kw) -> dict:
+    return {"loss": loss, "logit": (1.0, 2.0), **kw}
+
+
+FAILED = {"loss": 6.0, "logit": (1.0, 5.0)}  # worse than the bigram model, not diverged
+DIVERGED = {"loss": 9.0, "logit": (1.0, 30.0)}
+
+
+def _baseline(lr: float, seed: int) -> dict:
+    return ok(4.2 + 0.3 * abs(math.log10(lr / 0.1)) + 0.1 * seed) if lr < 0.3 else FAILED if lr < 0.9 else DIVERGED
+
+
+def _qwen3(lr: float, seed: int) -> dict:
+    # the seeds disagree: seed 0 fails from 0.316, seed 1 only from 0.5623: a point estimate above the baseline's,
+    # an interval that is not
+    first_bad = 0.3 if seed == 0 else 0.5
+    return ok(4.0 + 0.3 * abs(math.log10(lr / 0.1)) + 0.1 * seed) if lr < first_bad else FAILED if lr < 2.0 else DIVERGED
+
+
+def _henry(lr: float, seed: int) -> dict:
+    return ok(4.3 + 0.1 * abs(math.log10(lr)) + 0.1 * seed)  # never fails up to 10; best at 1
+
+
+def _softcap(lr: float, seed: int) -> dict:
+    # after the cap the logit grows 1.5x, before it 20x
+    run = ok(4.4 + 0.3 * abs(math.log10(lr / 0.0316)) + 0.1 * seed) if lr < 0.09 else FAILED if lr < 0.3 else DIVERGED
+    return {**run, "logit": (1.0, 1.5), "precap": (1.0, 20.0)}
+
+
+def _olmo2(lr: float, seed: int) -> Optional[dict]:
+    # best at 0.1778 (a narrowing probe); the probe at 0.5623 (3.16x it) crashes, so the runs above the best are at
+    # 1.78x and 5.62x only
+    if abs(lr - 0.5623) < 1e-3:
+        return None
+    return ok(4.1 + 0.5 * abs(math.log10(lr / 0.1778)) + 0.1 * seed) if lr < 0.3 else FAILED if lr < 0.9 else DIVERGED
+
+
+def _crashing(lr: float, seed: int) -> None:
+    return None
+
+
+def _miller(lr: float, seed: int) -> dict:
+    # seed 1 fails already at the smallest LR, both above it: too few runs bound the interval's low end
+    return ok(4.5) if lr < 0.015 and seed == 0 else FAILED if lr < 0.09 else DIVERGED
+
+
+MAIN = {"baseline": _baseline, "qwen3": _qwen3, "henry2020_l2": _henry, "gemma2_softcap": _softcap, "olmo2": _olmo2,
+        "zloss": _crashing, "miller2023_off_by_one": _miller}
+
+
+def _records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "stability.jsonl").read_text().splitlines()]
+
+
+def _run_dir(sweep: Path, preset: str, lr: float, seed: int) -> Path:
+    found = [sweep / p["run_dir"] for g in json.loads((sweep / "finder.json").read_text())["groups"]
+             if g["group"] == f"attention={preset}" for p in g["probes"] if p["lr"] == lr and p["seed"] == str(seed)]
+    assert len(found) == 1, (preset, lr, seed, found)
+    return found[0]
+
+
+@pytest.fixture(scope="module")
+def main_sweep(tmp_path_factory) -> tuple[Path, pd.DataFrame, str]:
+    root = tmp_path_factory.mktemp("scorecard")
+    sweep = build_sweep(root / "sweep", MAIN, command_presets=[*MAIN, "qwen3_next"])
+    # the baseline's seed 0 at 3.16x its best LR exploded: its last monitor record's logits are NaN (listed first)
+    run = _run_dir(sweep, "baseline", 0.3162, 0)
+    records = _records(run)
+    records[-1]["layers"][0]["max_logit"] = [float("nan"), 5.0]
+    (run / "stability.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    # henry2020_l2's seed 0 at its best LR was restarted: a first attempt to step 299 with logits growing 50x, then the
+    # final attempt (to step 150) growing 3x
+    run = _run_dir(sweep, "henry2020_l2", 1.0, 0)
+    first = [{"step": s, "layers": [{"max_logit": [1.0 * 50 ** (s / 299)]}]} for s in (0, 60, 150, 299)]
+    final = [{"step": s, "layers": [{"max_logit": [1.0 * 3 ** (s / 150)]}]} for s in (0, 60, 150)]
+    (run / "stability.jsonl").write_text("".join(json.dumps(r) + "\n" for r in first + final))
+    # olmo2's runs at 3.16x... do not exist; at its best LR seed 1 left no monitor records
+    (_run_dir(sweep, "olmo2", 0.1778, 1) / "stability.jsonl").unlink()
+    # the devices the runs' summaries record
+    for summary in sweep.rglob("summary.json"):
+        s = json.loads(summary.read_text())
+        summary.write_text(json.dumps({**s, "device_name": "Fixture CPU 9000", "wall_time_s": 90.0}))
+    presets = root / "attention"
+    presets.mkdir()
+    for name in [*MAIN, "vit22b_layernorm"]:
+        (presets / f"{name}.yaml").write_text("{}\n")
+    from qknorm.analysis import scorecard as sc
+
+    out = root / "docs" / "scorecard.md"
+    table, info = sc.scorecard([sweep], presets=presets)
+    out.parent.mkdir()
+    out.write_text(sc.render(table, info, "qknorm-scorecard sweep"))
+    table.to_csv(out.with_suffix(".csv"), index=False)
+    return sweep, pd.read_csv(out.with_suffix(".csv")).set_index("preset"), out.read_text()
+
+
+def _cell(page: str, preset: str, column: str) -> str:
+    lines = [line for line in page.splitlines() if line.startswith("| ")]
+    header = [c.strip() for c in lines[0].strip("|").split(" | ")]
+    for line in lines[1:]:
+        cells = [c.strip() for c in line.strip().strip("|").split(" | ")]
+        if cells[0] == preset:
+            return cells[header.index(column)]
+    raise AssertionError(f"no row {preset}")
+
+
+def test_presets_rank_by_their_boundaries_and_the_page_states_the_recipe(main_sweep):
+    _, row, page = main_sweep
+    order = list(row.index)
+    # never failed first; then by the fitted critical LR; the preset with no finished run last
+    assert order[0] == "henry2020_l2" and order[-1] == "zloss", order
+    assert order.index("qwen3") < order.index("baseline") < order.index("gemma2_softcap"), order
+    assert row.loc["baseline", "best_lr"] == pytest.approx(0.1) and row.loc["baseline", "best_val_loss"] == pytest.approx(4.25)
+    assert row.loc["baseline", "best_val_loss_halfrange"] == pytest.approx(0.05)
+    # a smaller tolerance means a larger sensitivity: more of the grid is capped at the initial loss
+    assert row.loc["gemma2_softcap", "lr_sensitivity"] > row.loc["baseline", "lr_sensitivity"] > row.loc["henry2020_l2", "lr_sensitivity"]
+    assert _cell(page, "baseline", "CPU speed vs baseline") == "1.00x [1.00, 1.00]"  # both committed CPU files, at model tiny
+    assert "Scale and recipe" in page and "model tiny" in page and "from 0.01 to 10.0" in page
+
+
+def test_every_group_gets_a_row_and_presets_without_one_are_named(main_sweep):
+    _, row, page = main_sweep
+    assert "zloss" in row.index  # every probe crashed: a row, blank, with the reason
+    assert "no finished run" in row.loc["zloss", "search"] and "gave no result" in row.loc["zloss", "search"]
+    assert pd.isna(row.loc["zloss", "best_val_loss"])
+    assert "named by the sweep's command but with no group in finder.json: qwen3_next" in page
+    assert "in conf/attention but not in this sweep: vit22b_layernorm" in page
+
+
+def test_growth_at_3x_is_read_only_at_an_lr_near_3_16x_the_best(main_sweep):
+    _, row, page = main_sweep
+    assert row.loc["baseline", "growth_step_lr"] == pytest.approx(0.3162)  # the next half-decade point
+    assert "@0.316" in _cell(page, "baseline", "max-logit growth @best / @3.16x best (its LR)")
+    # olmo2: best at 0.1778, its 3.16x probe crashed; the runs at 1.78x and 5.62x are not read as 3x
+    assert row.loc["olmo2", "best_lr"] == pytest.approx(0.1778)
+    assert pd.isna(row.loc["olmo2", "growth_step_lr"]) and pd.isna(row.loc["olmo2", "logit_growth_step_lr"])
+    assert "no run at 3.16x the best LR" in _cell(page, "olmo2", "max-logit growth @best / @3.16x best (its LR)")
+
+
+def test_growth_of_a_soft_capped_preset_is_read_before_the_cap(main_sweep):
+    _, row, page = main_sweep
+    assert row.loc["gemma2_softcap", "logit_growth_best_lr"] == pytest.approx(20.0)  # not the capped 1.5
+    assert "max_logit_precap" in page
+
+
+def test_an_exploded_run_shows_a_non_finite_growth(main_sweep):
+    _, row, page = main_sweep
+    assert row.loc["baseline", "logit_growth_step_lr"] == math.inf  # seed 0's NaN logits, not seed 1's finite 5x
+    assert _cell(page, "baseline", "max-logit growth @best / @3.16x best (its LR)").startswith("2.00x / non-finite @0.316")
+    # the order of a NaN among the heads does not matter
+    assert record_max_logit({"layers": [{"max_logit": [float("nan"), 5.0]}]}) == math.inf
+    assert record_max_logit({"layers": [{"max_logit": [5.0, float("nan")]}]}) == math.inf
+
+
+def test_each_value_is_formatted_on_its_own_and_never_reads_nan(main_sweep):
+    _, row, page = main_sweep
+    table = "\n".join(line for line in page.splitlines() if line.startswith("| "))
+    assert not re.search(r"\bnan", table, re.IGNORECASE), re.findall(r".{30}\bnan.{10}", table, re.IGNORECASE)
+    # olmo2: one seed at its best LR has monitor records, so @best is that seed's; the 3x value is blank with its reason
+    assert _cell(page, "olmo2", "max-logit growth @best / @3.16x best (its LR)").startswith("2.00x / (no run at 3.16x")
+
+
+def test_a_restarted_runs_growth_is_its_final_attempts(main_sweep, tmp_path):
+    _, row, _ = main_sweep
+    assert row.loc["henry2020_l2", "logit_growth_best_lr"] == pytest.approx(3.0)  # not the first attempt's 50
+    # a record of the same step twice (no restart) stays one attempt; a resumed attempt keeps the history before it
+    (tmp_path / "stability.jsonl").write_text("".join(json.dumps({"step": s, "layers": []}) + "\n" for s in (0, 8, 16, 16, 24, 8, 16)))
+    assert [r["step"] for r in final_attempt(tmp_path)] == [0, 8, 16]
+
+
+def test_boundary_cells_mark_what_the_fit_says_about_the_interval(main_sweep):
+    _, row, page = main_sweep
+    # seeds that agree: the runs are separated
+    assert bool(row.loc["baseline", "critical_separated"]) and "‡" in _cell(page, "baseline", "critical LR [95%]")
+    assert not bool(row.loc["qwen3", "critical_separated"]) and "‡" not in _cell(page, "qwen3", "critical LR [95%]")
+    assert bool(row.loc["miller2023_off_by_one", "critical_edge"]) and "†" in _cell(page, "miller2023_off_by_one", "critical LR [95%]")
+    assert not bool(row.loc["baseline", "critical_edge"]) and "†" not in _cell(page, "baseline", "critical LR [95%]")
+    assert "† the 95% interval reaches the edge" in page and "‡ the runs are separated" in page
+
+
+def test_the_paragraph_follows_the_tables_order_and_compares_intervals(main_sweep):
+    _, row, page = main_sweep
+    assert "No run of henry2020_l2 failed against the bigram model up to the largest LR searched" in page
+    assert page.index("No run of henry2020_l2") < page.index("highest fitted critical LR") < page.index("qwen3's")
+    # qwen3's point estimate is above the baseline's, its interval is not wholly: it overlaps, as the page says
+    assert row.loc["qwen3", "critical_lr"] > row.loc["baseline", "critical_lr"]
+    assert row.loc["qwen3", "critical_known_low"] <= row.loc["baseline", "critical_known_high"]
+    others = row.drop(index="baseline").dropna(subset=["critical_known_low"])
+    higher = int((others["critical_known_low"] > row.loc["baseline", "critical_known_high"]).sum())
+    lower = int((others["critical_known_high"] < row.loc["baseline", "critical_known_low"]).sum())
+    assert higher >= 1  # henry2020_l2, above the searched range
+    assert (f"{higher} of {len(others)} other presets with a known range lie wholly above it (henry2020_l2), {lower} wholly "
+            f"below, and {len(others) - higher - lower} overlap it") in page
+    # the scale from the runs' summaries, the literature's from a named constant
+    assert "on Fixture CPU 9000" in page and "90 s (median" in page and f"{PAPER_TOKENS:.2g} tokens" in page
+    assert "minutes on a CPU" not in page
+
+
+def test_a_search_in_progress_is_not_read_as_final(tmp_path, capsys):
+    """Stopped after its second climb round: the preset still climbing says so and its columns stay blank; a finished
+    one (targets [failed]: its climb stopped where every seed failed) leaves its sensitivity blank, since the grid LRs
+    above were neither run nor diverged; one whose seeds all diverged there fills them at the initial loss."""
+    presets = {
+        "baseline": lambda lr, seed: ok(4.2 + 0.1 * seed) if lr < 0.3 else FAILED,
+        "qwen3": lambda lr, seed: ok(4.0 + 0.1 * seed) if lr < 3.0 else FAILED,
+        "gemma3": lambda lr, seed: ok(4.1 + 0.1 * seed) if lr < 0.3 else DIVERGED,
+    }
+    sweep = build_sweep(tmp_path / "sweep", presets, FinderSettings(lr_min=0.01, lr_max=10.0, precision=3.5, targets=("failed",)),
+                        rounds=2)
+    running = write_run(sweep, ["attention=qwen3", "optim.lr=1"], 4.0, initial=INITIAL)  # the next round's, still running
+    summary = json.loads((running / "summary.json").read_text())
+    (running / "summary.json").write_text(json.dumps({**summary, "status": "running"}))
+    out = tmp_path / "docs" / "scorecard.md"
+    assert scorecard_main([str(sweep), "--out", str(out)]) == 0
+    row = pd.read_csv(out.with_suffix(".csv")).set_index("preset")
+    page = out.read_text()
+    assert row.loc["qwen3", "search"].startswith("in progress: climbing the coarse grid (next LR 1, 3.162)")
+    assert pd.isna(row.loc["qwen3", "lr_sensitivity"]) and pd.isna(row.loc["qwen3", "critical_lr"])
+    assert row.loc["baseline", "search"] == "finished" and pd.isna(row.loc["baseline", "lr_sensitivity"])
+    assert "not every seed diverged at 0.316" in row.loc["baseline", "lr_sensitivity_note"]
+    assert row.loc["gemma3", "search"] == "finished" and row.loc["gemma3", "lr_sensitivity"] > 0
+    assert "24 finished runs" in page and "1 more runs still running or stopped before finishing, not counted" in page
+    assert "The search of qwen3 is still in progress" in page
+
+
+def test_sweeps_with_different_settings_or_the_same_group_are_refused_in_one_line(tmp_path, capsys):
+    a = build_sweep(tmp_path / "a", {"baseline": _baseline}, FinderSettings(lr_min=0.01, lr_max=0.1, precision=1.778))
+    b = build_sweep(tmp_path / "b", {"qwen3": _qwen3}, FinderSettings(lr_min=0.01, lr_max=0.1, precision=1.5))
+    assert scorecard_main([str(a), str(b), "--out", str(tmp_path / "s.md")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "sweeps with different settings (settings.precision) cannot share one table" in err, err
+    # the same settings, the same preset twice: not merged by its name
+    c = build_sweep(tmp_path / "c", {"baseline": _baseline}, FinderSettings(lr_min=0.01, lr_max=0.1, precision=1.778))
+    assert scorecard_main([str(a), str(c), "--out", str(tmp_path / "s.md")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "both hold preset baseline: one table takes one sweep per preset" in err, err
+
+
+def test_without_a_bigram_reference_the_critical_lr_says_why(tmp_path, monkeypatch):
+    sweep = build_sweep(tmp_path / "sweep", {"baseline": _baseline}, FinderSettings(lr_min=0.01, lr_max=1.0, precision=1.778))
+    monkeypatch.delenv("QKNORM_BIGRAM_NATS")
+    for config in sweep.rglob(".hydra/config.yaml"):  # no data config: the reference cannot be computed
+        raw = yaml.safe_load(config.read_text())
+        config.write_text(yaml.safe_dump({k: v for k, v in raw.items() if k != "data"}))
+    out = tmp_path / "s.md"
+    assert scorecard_main([str(sweep), "--out", str(out)]) == 0
+    cell = _cell(out.read_text(), "baseline", "critical LR [95%]")
+    assert cell.startswith("unknown: the bigram reference cannot be computed (no readable data config"), cell
+    assert _cell(out.read_text(), "baseline", "divergence LR [95%]")[0].isdigit()  # divergence needs no reference
+
+
+def test_bad_input_fails_in_one_line_naming_the_folder(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert scorecard_main([str(empty)]) == 2
+    assert f"{empty}: no finder.json: not a critical-LR finder sweep" in capsys.readouterr().err
+    started = tmp_path / "started"
+    started.mkdir()
+    (started / "multirun.yaml").write_text("hydra: {}\n")
+    assert scorecard_main([str(started)]) == 2
+    assert f"{started}: no finder.json yet: the finder writes it after its first round" in capsys.readouterr().err
+    running = tmp_path / "running"
+    run = write_run(running, ["attention=baseline", "optim.lr=0.1"], 4.0, initial=INITIAL)
+    summary = json.loads((run / "summary.json").read_text())
+    (run / "summary.json").write_text(json.dumps({**summary, "status": "running"}))
+    (running / "finder.json").write_text(json.dumps({"settings": {}, "coarse_grid": [0.1], "groups": []}))
+    assert scorecard_main([str(running)]) == 2
+    err = capsys.readouterr().err
+    assert f"{running}: no finished runs yet (1 run directories" in err and len(err.strip().splitlines()) == 1
+
+
+def test_step_costs_state_their_scale_and_spread_and_a_bad_file_fails_in_one_line(tmp_path, capsys):
+    sweep = build_sweep(tmp_path / "sweep", {"baseline": _baseline, "qwen3": _qwen3},
+                        FinderSettings(lr_min=0.01, lr_max=0.1, precision=1.778))
+    bench = tmp_path / "bench"
+    bench.mkdir()
+    cols = "device,threads,precision,batch,seq,size,impl,preset,compile,vs_baseline,repeats\n"
+    for name, v in (("cpu_presets.csv", 0.78), ("cpu_presets_tiny.csv", 0.82)):
+        (bench / name).write_text(cols + f"cpu,2,fp32,32,256,tiny,qknorm,baseline,False,1.0,1\n"
+                                  f"cpu,2,fp32,32,256,tiny,qknorm,qwen3,False,{v},1\n"
+                                  "cpu,2,fp32,32,256,small,qknorm,qwen3,False,0.5,1\n")
+    (bench / "gpu_h200.csv").write_text(cols + "NVIDIA H200,16,bf16,16,1024,gpt2_small,qknorm,qwen3,False,0.70,1\n"
+                                        "NVIDIA H200,16,bf16,16,1024,gpt2_small,qknorm,qwen3,True,0.75,1\n")
+    out = tmp_path / "s.md"
+    assert scorecard_main([str(sweep), "--out", str(out), "--benchmarks", str(bench)]) == 0
+    page = out.read_text()
+    assert _cell(page, "qwen3", "CPU speed vs baseline") == "0.80x [0.78, 0.82]"  # tiny rows only, both files
+    assert _cell(page, "qwen3", "GPU speed vs baseline") == "0.75x"  # compiled wins
+    assert "GPU measured at device NVIDIA H200, size gpt2_small, precision bf16, batch 16, seq 1024" in page
+    assert "CPU measured at device cpu, size tiny" in page and "a ratio's run-to-run noise is unknown" in page
+    shutil.copy(bench / "gpu_h200.csv", tmp_path / "keep.csv")
+    (bench / "gpu_h200.csv").write_text("device,impl,preset,compile,tokens_per_s\nNVIDIA H200,qknorm,qwen3,True,1.0\n")
+    assert scorecard_main([str(sweep), "--out", str(out), "--benchmarks", str(bench)]) == 2
+    err = capsys.readouterr().err
+    assert f"{bench / 'gpu_h200.csv'}: no column 'vs_baseline'" in err and len(err.strip().splitlines()) == 1

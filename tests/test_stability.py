@@ -290,3 +290,21 @@ def test_a_single_non_finite_step_is_skipped_or_ends_the_run(tmp_path, cache_dir
         assert not torch.equal(snapshots[bad_step - 1], snapshots[bad_step])  # a normal step moves the weights
     else:
         assert o.status == "diverged" and o.step == bad_step and "non-finite" in o.reason
+
+
+def test_a_run_started_again_keeps_one_record_a_step_its_final_attempts(tmp_path):
+    """A run cut and started again from scratch (no checkpoint kept) must not leave its cut attempt's records
+    beside the new ones: the monitor clears them at a fresh start, and the reader keeps the final attempt of a
+    file written before that (steps 0-16, then 0-8 again with other values)."""
+    from qknorm.analysis.stability import read_stability
+
+    lines = [{"step": s, "layers": [], "v": "cut"} for s in (0, 8, 16)] + [{"step": s, "layers": [], "v": "final"} for s in (0, 8)]
+    (tmp_path / "stability.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    records, complete = read_stability(tmp_path)
+    assert complete and [(r["step"], r["v"]) for r in records] == [(0, "final"), (8, "final")]
+    # resumed from a checkpoint at step 8: the history below it stays, the rows from 8 on are measured again
+    (tmp_path / "stability.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines[:3]))
+    StabilityMonitor(MonitorConfig(), tmp_path, resume_step=8)
+    assert [r["step"] for r in read_stability(tmp_path)[0]] == [0]
+    StabilityMonitor(MonitorConfig(), tmp_path, resume_step=0)  # started again from scratch
+    assert read_stability(tmp_path)[0] == []

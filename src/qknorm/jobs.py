@@ -27,12 +27,11 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf, open_dict
 
 from .config import QknormError, RunConfig, load_run_config
-from .rundir import identity, identity_hash, task_container
+from .rundir import FINISHED, identity, identity_hash, task_container
 from .training.stack import stack_key
 
 log = logging.getLogger("qknorm.stack")
 
-FINISHED = ("completed", "diverged")
 
 
 def sweeps_search_root() -> Path:

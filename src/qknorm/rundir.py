@@ -66,6 +66,9 @@ EARLIER_VALUES = {"data.val_token_ratio": None}  # before it, validation read th
 NOT_IN_DIRNAME = ("trainer.", "callbacks.", "logger", "paths.", "sweeps", "hydra", "data.cache_dir", "task_name",
                   "data.val_token_ratio")
 LOCK_NAME = ".lock"
+# summary.json statuses of a run that ended with a result (a diverged run is a result); any other status is a run
+# still going, or one cut before its end
+FINISHED = ("completed", "diverged")
 
 
 class RunDirConflict(QknormError):

@@ -40,14 +40,15 @@ from typing import Any, Optional
 import pandas as pd
 import yaml
 
-from ..finder import FINDER_FILE, group_from_record, progress, settings_from_record
-from ..jobs import FINISHED  # summary statuses of a run that ended; any other is still running or was cut
+from ..rundir import FINISHED  # summary statuses of a run that ended; any other is still running or was cut
 from .boundary import ALL_FAILED, NONE_FAILED, round_lr
 from .critical_lr import critical_lr_table, finder_files
 from .failure import failure_columns
 from .lr import capped_loss
 from .report import markdown_table
 from .runs import collect_runs
+from .search import FINDER_FILE, group_from_record, progress, settings_from_record
+from .stability import read_stability
 
 BENCHMARKS = Path(__file__).resolve().parents[3] / "benchmarks" / "results"
 PRESETS = Path(str(package_files("qknorm.conf") / "attention"))  # conf/attention: every named preset
@@ -73,29 +74,8 @@ SCALE_COLUMNS = ("device", "size", "precision", "batch", "seq", "threads", "comp
 # -- the monitor's records ------------------------------------------------------------------------------
 
 def final_attempt(run_dir: str | Path) -> list[dict]:
-    """The monitor's records of the run's final attempt, in step order. A restarted run appends its new attempt
-    to stability.jsonl (steps 0-88, then 0-96): a record whose step is below the one before starts a new
-    attempt. The last attempt is kept, with the earlier records below its first step (the history an attempt
-    resumed from a checkpoint continued), so its last record is the final attempt's. A torn line is skipped."""
-    path = Path(run_dir) / "stability.jsonl"
-    if not path.exists():
-        return []
-    attempts: list[list[dict]] = [[]]
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line) if line.strip() else None
-        except json.JSONDecodeError:
-            continue  # a killed writer can leave half a line
-        if not isinstance(record, dict) or "step" not in record:
-            continue
-        if attempts[-1] and record["step"] < attempts[-1][-1]["step"]:
-            attempts.append([])
-        attempts[-1].append(record)
-    last = attempts[-1]
-    if not last:
-        return []
-    before = {r["step"]: r for attempt in attempts[:-1] for r in attempt if r["step"] < last[0]["step"]}
-    return [before[s] for s in sorted(before)] + sorted(last, key=lambda r: r["step"])
+    """The monitor's records of the run's final attempt, in step order (qknorm.analysis.stability.read_stability)."""
+    return read_stability(run_dir)[0]
 
 
 def _layer_values(record: dict, *keys: str) -> list[float]:

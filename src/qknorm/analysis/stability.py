@@ -7,21 +7,35 @@ from pathlib import Path
 
 
 def read_stability(run_dir: str | Path) -> tuple[list[dict], bool]:
-    """The monitor's records in step order, and whether the file was complete (no unreadable line)."""
+    """The monitor's records of the run's final attempt in step order, and whether the file was complete (no
+    unreadable line). A run restarted from scratch appends its new attempt to stability.jsonl (steps 0-88, then
+    0-96): a record whose step is below the one before starts a new attempt. The last attempt is kept, with the
+    earlier records below its first step (the history an attempt resumed from a checkpoint continued), so every
+    reader sees one record a step and the last record is the final attempt's."""
     path = Path(run_dir) / "stability.jsonl"
-    records: list[dict] = []
     complete = True
     if not path.exists():
-        return records, False
+        return [], False
+    attempts: list[list[dict]] = [[]]
     for line in path.read_text().splitlines():
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
             complete = False  # a killed writer can leave half a line; keep what is whole
-    records.sort(key=lambda r: r["step"])
-    return records, complete
+            continue
+        if not isinstance(record, dict) or "step" not in record:
+            complete = False
+            continue
+        if attempts[-1] and record["step"] < attempts[-1][-1]["step"]:
+            attempts.append([])
+        attempts[-1].append(record)
+    last = attempts[-1]
+    if not last:
+        return [], complete
+    before = {r["step"]: r for attempt in attempts[:-1] for r in attempt if r["step"] < last[0]["step"]}
+    return [before[step] for step in sorted(before)] + sorted(last, key=lambda r: r["step"]), complete
 
 
 def layer_series(records: list[dict], key: str, layer: int = 0, reduce=max) -> tuple[list[int], list[float]]:

@@ -124,8 +124,9 @@ def _to_list(x):
 class StabilityMonitor(pl.Callback):
     def __init__(self, cfg: MonitorConfig, run_dir: Path, resume_step: int = 0):
         self.cfg, self.path = cfg, Path(run_dir) / "stability.jsonl"
-        if resume_step and self.path.exists():
-            # rows from after the checkpoint will be measured again: keep each step exactly once
+        if self.path.exists():
+            # rows from after the checkpoint will be measured again: keep each step exactly once (a run started
+            # again from scratch, resume_step 0, keeps none of its cut attempt's rows)
             keep = [line for line in self.path.read_text().splitlines() if _record_step(line) < resume_step]
             atomic_write_bytes(self.path, "".join(line + "\n" for line in keep).encode())
         self.probe_batch: Optional[torch.Tensor] = None

@@ -344,7 +344,7 @@ def test_analyze_reports_each_groups_boundaries_from_the_run_directories(tmp_pat
 
 
 def test_a_groups_progress_read_from_finder_json_is_the_searchs_own_decision(tmp_path):
-    """qknorm.finder.progress on each finder.json the search wrote (after every round) says a group is done exactly when
+    """qknorm.analysis.search.progress on each finder.json the search wrote (after every round) says a group is done exactly when
     the search asks nothing more of it; the scorecard reads it so (tests/test_scorecard.py)."""
     from qknorm.finder import group_from_record, progress, settings_from_record
 

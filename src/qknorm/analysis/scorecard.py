@@ -4,7 +4,7 @@
 
 The finder (hydra/sweeper=critical_lr) climbs every preset's coarse LR grid from its smallest LR until every
 seed failed, then narrows both boundaries. Every group of its finder.json gets a row; a group whose search
-is not finished (qknorm.finder.progress, the finder's own rule, read from finder.json) says so, and the
+is not finished (qknorm.analysis.search.progress, the finder's own rule, read from finder.json) says so, and the
 columns that need the whole search stay blank. Its runs give every column:
 - best val loss: the lowest mean final val loss over seeds at one LR where every seed completed without
   diverging (the preset's own tuned LR), with the seeds' half-range;

@@ -76,7 +76,9 @@ def build(runs: Path, out: Path, figdir: Path, readme: Optional[Path] = None) ->
         frame = frames[m.RUNS]
         if frame.empty:
             where = os.path.relpath(runs / m.RUNS, REPO) if runs.resolve().is_relative_to(REPO) else runs / m.RUNS
-            sec.reason = f"not run yet: `bash reproductions/run.sh {m.COMMAND}` writes {where}/"
+            unfinished = frame.attrs.get("unfinished", 0)
+            sec.reason = (f"no finished run yet: {unfinished} in {where}/ still running or cut before their end"
+                          if unfinished else f"not run yet: `bash reproductions/run.sh {m.COMMAND}` writes {where}/")
         else:
             sec.scale = scale_line(frame, ctx.corpus_tokens)
             if frame.attrs.get("unfinished"):

@@ -418,7 +418,7 @@ def test_an_lr_where_only_some_seeds_have_run_waits_for_the_rest(tmp_path):
     e4_fixture(folder, LADDER, seed=1, lrs=E4_LRS[:5])
     e4 = build(tmp_path / "runs", tmp_path)["E4"]
     body = "\n".join(e4.body)
-    assert "Left out until all 2 seeds have run there (24 runs)" in body
+    assert "Left out, not every one of the 2 seeds has run there (24 runs)" in body
     assert "LayerNorm per head at LR 0.5, 0.75, 1, 1.5" in body, body
     assert e4.verdict == "inconclusive" and "up to 0.33" in e4.reason, e4.reason
     # the same point in the brackets the critical LR is read from: a seed missing at 1.0 keeps 0.3162 the last LR
@@ -897,3 +897,24 @@ def test_e4_output_norm_ratios_that_could_not_be_read_decide_nothing():
     assert norm_ratios_exceed([{**row, "mlp_out_l2": 1.5}], "") == (False, "")
     value, why = norm_ratios_exceed([{**row, "mlp_out_l2": math.nan}], "")
     assert value is None and "could not be read" in why
+
+
+def test_the_ladders_critical_lr_is_the_finders_upper_boundary_and_unknown_without_a_reference():
+    """A curve that fails at 1e-4 (too small an LR to learn), trains at 3e-4 and 1e-3 and diverges at 3e-3: its
+    critical LR is 3e-3, as critical_bracket reads it, not the underfit 1e-4; without a bigram reference (failure
+    known only for the diverged run) it is unknown, not the first divergence."""
+    lrs = [1e-4, 3e-4, 1e-3, 3e-3]
+    frame = pd.DataFrame({"lr": lrs, "capped": [6.0, 4.0, 4.0, 8.0], "stable": [True, True, True, False],
+                          "after_warmup": [False, False, False, True], "seed": 0, "initial_loss": 8.0,
+                          "failed": [True, False, False, True], "variant": "v"})
+    assert core.tolerance(core.lr_curves(frame))["critical"] == 3e-3 == core.critical_bracket(frame, "v").hi
+    unknown = frame.assign(failed=[None, None, None, True])
+    assert math.isnan(core.tolerance(core.lr_curves(unknown))["critical"])
+
+
+def test_within_one_bracket_says_no_whichever_order_the_arms_come_in():
+    from qknorm.analysis.boundary import Bracket
+
+    arms = {"a": Bracket(1.0, 1.5), "b": Bracket(1.2, None), "c": Bracket(5.0, None)}  # c trained far above a's failure
+    for order in (("a", "b", "c"), ("a", "c", "b"), ("b", "c", "a")):
+        assert core.within_one_bracket({k: arms[k] for k in order}, "diverges") == (False, "")

@@ -92,7 +92,8 @@ def output_norms(frame: pd.DataFrame, variant: str) -> tuple[list[dict], Optiona
         for key, _ in NORM_KEYS:
             ratios = [value_at(bad_run["run_dir"], key, at, layer=i) / value_at(good_run["run_dir"], key, at, layer=i)
                       for i in range(layers)]
-            row[key] = max(ratios) if ratios else math.nan
+            # any unreadable layer makes the row's ratio unreadable (max() would drop a NaN unless it came first)
+            row[key] = max(ratios) if ratios and not any(math.isnan(x) for x in ratios) else math.nan
         rows.append(row)
     return rows, at, ""
 

@@ -421,9 +421,14 @@ def tolerance(curve: pd.DataFrame) -> dict:
     stable = curve[curve["stable"]]["lr"]
     above = curve[(curve["lr"] > best_lr) & (curve["capped"] > best + JUMP_NATS)]["lr"]
     first = float(unstable["lr"].min()) if len(unstable) else math.inf
-    known = curve[curve["failed"].notna()] if "failed" in curve.columns else curve.iloc[:0]
-    failing = known[known["failed"].astype(bool)]["lr"]
-    critical = float(failing.min()) if len(failing) else math.inf if len(known) else math.nan
+    # the finder's reading (boundary.bracket): failures below the lowest LR where every seed succeeded are the
+    # other boundary (too small an LR to learn) and left out; unknown (NaN) where a run's failure is unknown, as
+    # without a bigram reference, where only the diverged runs would count
+    if "failed" in curve.columns and len(curve) and curve["failed"].notna().all():
+        hi = bracket(list(zip(curve["lr"].astype(float), curve["failed"].astype(bool), strict=True))).hi
+        critical = math.inf if hi is None else float(hi)
+    else:
+        critical = math.nan
     lrs = list(curve["lr"].astype(float))
     step = (first / lrs[lrs.index(first) - 1]) if math.isfinite(first) and lrs.index(first) > 0 else math.nan
     return {"best": best, "best_lr": best_lr, "largest_stable": float(stable.max()) if len(stable) else math.nan,
@@ -464,7 +469,7 @@ def whole_seed_sets(frame: pd.DataFrame, column: str) -> tuple[pd.DataFrame, str
         return frame, ""
     left = frame[~whole].groupby(column)["lr"].apply(lambda lrs: ", ".join(f"{lr:g}" for lr in sorted(set(lrs))))
     return (frame[whole].reset_index(drop=True),
-            f"Left out until all {len(seeds)} seeds have run there ({int((~whole).sum())} runs): "
+            f"Left out, not every one of the {len(seeds)} seeds has run there ({int((~whole).sum())} runs): "
             + "; ".join(f"{v} at LR {lrs}" for v, lrs in left.items()) + ".")
 
 
@@ -626,12 +631,12 @@ def within_one_bracket(brackets: dict[str, Bracket], what: str) -> tuple[Optiona
     assert lo_hi is not None and hi_hi is not None
     if hi_hi / lo_hi > ratio * (1 + RATIO_SLACK):
         return False, ""
-    for v, br in brackets.items():
-        if br.hi is None:
-            assert br.lo is not None
-            if br.lo >= lo_hi * ratio * (1 - RATIO_SLACK):
-                return False, ""
-            return None, f"{v} never {what} in the runs, tried up to LR {lr_fmt(br.lo)}, not far enough above the others to tell"
+    never = {v: br.lo for v, br in brackets.items() if br.hi is None}
+    if any(lo is not None and lo >= lo_hi * ratio * (1 - RATIO_SLACK) for lo in never.values()):
+        return False, ""  # whichever arm shows it: a "no" from one arm is not hidden by another still open
+    if never:
+        v, lo = next(iter(never.items()))
+        return None, f"{v} never {what} in the runs, tried up to LR {lr_fmt(lo)}, not far enough above the others to tell"
     return True, ""
 
 

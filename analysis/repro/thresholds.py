@@ -49,10 +49,11 @@ EARLY_FRACTION = threshold(
     "Where Wortsman et al. read the early logit: step 2e3 of 1e5 (2% of the run). Here the first monitor record "
     "at or after 2% of the run, never the initialization's.", "E2")
 RATIO_SLACK = threshold(
-    "RATIO_SLACK", 1e-3,
+    "RATIO_SLACK", 2e-3,
     "Relative slack when two LR ratios are compared (a bracket against GRID_RESOLUTION, two first failures against "
-    "a bracket): the finder rounds LRs to 4 significant digits (qknorm.analysis.boundary.LR_DIGITS), which moves a "
-    "ratio by up to about 1e-4, and a comparison must not turn on that rounding.", "E3, E4, E12")
+    "a bracket): the finder rounds LRs to 4 significant digits (qknorm.analysis.boundary.LR_DIGITS), which moves "
+    "each end by up to 5e-4 relative and a ratio by up to about 1e-3, and a comparison must not turn on that "
+    "rounding.", "E3, E4, E12")
 GRID_RESOLUTION = threshold(
     "GRID_RESOLUTION", 1.6,
     "The largest LR grid step (or bracket, for a searched boundary) at which 'about the same first diverging LR' or "

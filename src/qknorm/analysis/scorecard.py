@@ -64,6 +64,9 @@ GROWTH_STEP_TOLERANCE_DECADES = 0.05
 # stabilizer papers' runs, train their small-scale proxies 1e5 steps of 256 sequences of 512 tokens.
 PAPER_TOKENS = 1e5 * 256 * 512
 PAPER_TOKENS_SOURCE = "Wortsman et al. 2023's small-scale proxies (sec. 2.1: 1e5 steps of 256 x 512 tokens)"
+# A row's place by the state of its search: finished searches first, then those in progress, then groups with
+# no finished run (the table sorts on it before the boundaries)
+RANK_DONE, RANK_RUNNING, RANK_EMPTY = 0, 1, 2
 EDGE_MARK, SEPARATED_MARK = "†", "‡"  # footnote markers of a boundary cell, defined under the table
 # The columns a benchmark file needs for a step-cost ratio, and those that state the scale it was measured at
 CPU_COLUMNS = ("size", "impl", "preset", "vs_baseline")
@@ -366,13 +369,13 @@ def _group_row(sweep: Sweep, record: dict, frame: pd.DataFrame, boundaries: pd.D
            f"{unresolved} recorded run directories not found" if unresolved else "",
            f"{len(mine) - len(g)} runs not finished" if len(mine) > len(g) else ""]
     if not state.done:
-        row.update(search=f"in progress: {state.note}", rank=1)
+        row.update(search=f"in progress: {state.note}", rank=RANK_RUNNING)
         return row
     if ended.empty:
         reason = "; ".join(w for w in why if w) or "no probe recorded"
-        row.update(search=f"finished, no finished run ({reason})", rank=2)
+        row.update(search=f"finished, no finished run ({reason})", rank=RANK_EMPTY)
         return row
-    row.update(search="finished" + (f" ({state.note})" if state.note else ""), rank=0)
+    row.update(search="finished" + (f" ({state.note})" if state.note else ""), rank=RANK_DONE)
     seeds = len(group.seeds)
     ok = ended[~ended["diverged"].astype(bool) & (ended["status"] == "completed")]
     by_lr = ok.groupby("lr")
@@ -449,7 +452,11 @@ def scorecard(paths: list[str | Path], benchmarks: Path = BENCHMARKS, presets: P
 # -- the page ----------------------------------------------------------------------------------------------
 
 def _duration(seconds: float) -> str:
-    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} minutes" if seconds < 7200 else f"{seconds / 3600:.1f} hours"
+    """Seconds up to 2 minutes, minutes up to 2 hours, then hours: a unit that keeps the figure readable."""
+    minute, hour = 60, 3600
+    if seconds < 2 * minute:
+        return f"{seconds:.0f} s"
+    return f"{seconds / minute:.1f} minutes" if seconds < 2 * hour else f"{seconds / hour:.1f} hours"
 
 
 def _devices(frame: pd.DataFrame) -> list[str]:
@@ -496,7 +503,7 @@ def paragraph(table: pd.DataFrame, info: Optional[dict] = None) -> str:
     if table.empty:
         return "No preset has finished runs."
     lines = []
-    done = table[table["rank"] == 0]
+    done = table[table["rank"] == RANK_DONE]
     above = done[done["critical_sort"] == math.inf]
     fitted = done[done["critical_lr"].notna()]
     below = done[done["critical_lr_text"].str.startswith(ALL_FAILED)]
@@ -526,11 +533,11 @@ def paragraph(table: pd.DataFrame, info: Optional[dict] = None) -> str:
     if len(censored):
         lines.append("No critical-LR boundary for " + "; ".join(
             f"{r['preset']} ({r['critical_lr_text'] or 'no fit'})" for _, r in censored.iterrows()) + ".")
-    running = table[table["rank"] == 1]
+    running = table[table["rank"] == RANK_RUNNING]
     if len(running):
         who = "every preset" if len(running) == len(table) else _names(running)
         lines.append(f"The search of {who} is still in progress: the columns that need the whole search are blank.")
-    empty = table[table["rank"] == 2]
+    empty = table[table["rank"] == RANK_EMPTY]
     if len(empty):
         lines.append(f"{_names(empty)}: no finished run (the row says why).")
     frame = (info or {}).get("frame")
@@ -569,7 +576,7 @@ def _growth_cell(r: pd.Series) -> str:
 def render(table: pd.DataFrame, info: dict, command: str) -> str:
     if table.empty:
         return "\n".join(["# Stabilizer scorecard", "", f"No preset has finished runs yet (regenerate: `{command}`)."])
-    done = table["rank"] == 0
+    done = table["rank"] == RANK_DONE
     shown = pd.DataFrame({
         "preset": table["preset"],
         "search": table["search"],

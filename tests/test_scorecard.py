@@ -17,6 +17,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from qknorm.analysis.boundary import grid_runs
 from qknorm.analysis.scorecard import PAPER_TOKENS, final_attempt, record_max_logit
 from qknorm.analysis.scorecard import main as scorecard_main
 from qknorm.finder import FinderSettings, Search, outcome_of
@@ -275,6 +276,9 @@ def test_the_paragraph_follows_the_tables_order_and_compares_intervals(main_swee
     # the scale from the runs' summaries, the literature's from a named constant
     assert "on Fixture CPU 9000" in page and "90 s (median" in page and f"{PAPER_TOKENS:.2g} tokens" in page
     assert "minutes on a CPU" not in page
+    # the finder's runs against the exhaustive grid's at the same precision: every grid LR at every seed of every group
+    grid = grid_runs(0.01, 10.0, 10 ** 0.25) * int(row["seeds"].sum())
+    assert f"would take {grid} runs" in page and int(row["runs"].sum()) < grid
 
 
 def test_a_search_in_progress_is_not_read_as_final(tmp_path, capsys):

@@ -41,7 +41,7 @@ import pandas as pd
 import yaml
 
 from ..rundir import FINISHED  # summary statuses of a run that ended; any other is still running or was cut
-from .boundary import ALL_FAILED, NONE_FAILED, round_lr
+from .boundary import ALL_FAILED, NONE_FAILED, grid_runs, round_lr
 from .critical_lr import critical_lr_table, finder_files
 from .failure import failure_columns
 from .lr import capped_loss
@@ -598,6 +598,11 @@ def render(table: pd.DataFrame, info: dict, command: str) -> str:
     finished = frame[frame["status"].isin(FINISHED)]
     runs, hours = len(finished), float(finished["wall_time_s"].fillna(0).sum()) / 3600
     rest = len(frame) - runs
+    # what a plain sweep would spend to locate every boundary as finely: every LR of a grid spaced by the search's
+    # precision over its range, at every seed of every group (acceptance: the finder's runs against the grid's)
+    st = settings_from_record(info["settings"])
+    seeds = int(pd.to_numeric(table["seeds"], errors="coerce").fillna(0).sum()) if "seeds" in table.columns else 0
+    grid = grid_runs(st.lr_min, st.lr_max, st.precision) * seeds
     costs: StepCosts = info["costs"]
     scale = []
     for kind, name in (("cpu", "CPU"), ("gpu", "GPU")):
@@ -614,7 +619,9 @@ def render(table: pd.DataFrame, info: dict, command: str) -> str:
         f"`{command}`). Every definition is in `src/qknorm/analysis/scorecard.py`'s docstring.", "",
         f"**Scale and recipe**: {recipe(frame, info['settings'], info.get('model_size'))}. {runs} finished runs, {hours:.1f} "
         "machine hours (the sum of the finished runs' own wall times)"
-        + (f"; {rest} more runs still running or stopped before finishing, not counted" if rest else "") + ".", "",
+        + (f"; {rest} more runs still running or stopped before finishing, not counted" if rest else "")
+        + (f". An exhaustive grid as fine as the search (LR {st.lr_min:g} to {st.lr_max:g} in steps of {st.precision:.4g}x, "
+           f"every seed of every preset) would take {grid} runs" if grid else "") + ".", "",
         paragraph(table, info), "",
         "Sorted by critical LR, then divergence LR, finished searches first; a preset no run of which failed sorts first, "
         "one that failed at every LR last. A probe counts as diverged when its loss went non-finite, the divergence "

@@ -918,3 +918,11 @@ def test_within_one_bracket_says_no_whichever_order_the_arms_come_in():
     arms = {"a": Bracket(1.0, 1.5), "b": Bracket(1.2, None), "c": Bracket(5.0, None)}  # c trained far above a's failure
     for order in (("a", "b", "c"), ("a", "c", "b"), ("b", "c", "a")):
         assert core.within_one_bracket({k: arms[k] for k in order}, "diverges") == (False, "")
+
+
+def test_a_check_s_name_loses_nested_figures_whole_so_each_seed_s_copy_matches():
+    """Each seed fills in its own figures; with figures nested in figures the bare name must still be the same, or
+    the seeds' answers are never matched to the pooled check (E11's first headline)."""
+    pooled = "Muon held at tau (LR 0.1: 0.189x (the seeds' spread: 1.02x); LR 0.3: 0.2x) at every LR"
+    seed = "Muon held at tau (LR 0.1: 0.2x (one seed); LR 0.3: 0.3x) at every LR"
+    assert core.check_name(pooled) == core.check_name(seed) == "Muon held at tau at every LR"

@@ -135,8 +135,13 @@ def seeds_note(frame: pd.DataFrame) -> str:
 
 
 def check_name(name: str) -> str:
-    """A check's name without the figures in its parentheses, which each seed fills in from its own runs."""
-    return re.sub(r"\s*\([^)]*\)", "", name).strip()
+    """A check's name without the figures in its parentheses, which each seed fills in from its own runs; nested
+    parentheses go with the group around them (innermost first), so no stray ')' is left to tell seeds apart."""
+    while True:
+        bare = re.sub(r"\s*\([^()]*\)", "", name)
+        if bare == name:
+            return bare.strip()
+        name = bare
 
 
 Analysis = Callable[[pd.DataFrame, Section, Context], None]

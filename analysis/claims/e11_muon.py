@@ -17,11 +17,14 @@ CLAIM = ("Muon grows the max attention logit more than AdamW; QK-Clip holds it a
 SOURCE = "Kimi K2 (arXiv:2507.20534) and Su Jianlin, \"QK-Clip\" (spaces.ac.cn/archives/11126)"
 COMMAND = "e11"
 RUNS = "e11_muon_logits"
-HEADLINE = ("Without QK-norm, at the LRs forced high (FORCED_GROWTH), Muon's peak max logit is above AdamW's at the same LR "
-            "(matched update RMS) by more than the seeds' spread; with Muon, QK-Clip per head keeps the monitored max "
-            "logit within CLIP_SLACK of tau and costs no more than AGREE_NATS of final loss against Muon without a clip; "
-            "per layer it costs more than per head, by more than AGREE_NATS; under a soft-cap the pre-cap max logit grows "
-            "by PRECAP_GROWTH or more from DRIFT_FROM of the run to its end.")
+HEADLINE = ("Without QK-norm, at the LRs forced high (an unclipped run's max logit grows FORCED_GROWTH or more from the "
+            "end of its warmup to its peak), Muon's peak max logit is above AdamW's at the same LR (matched update RMS) by "
+            "more than the seeds' spread; with Muon, QK-Clip per head keeps the monitored max logit within CLIP_SLACK of "
+            "tau at every tau and LR where there was something to clip, and at each of them costs no more than AGREE_NATS "
+            "of final loss against a reference that did not fail (Muon with QK-norm at the same LR, else Muon without a "
+            "clip at its best LR); per layer it costs more than per head, by more than AGREE_NATS; under a soft-cap the "
+            "pre-cap max logit grows by PRECAP_GROWTH or more from DRIFT_FROM of the run to its end, while the capped max "
+            "logit stays at or below the cap.")
 
 
 def arm(c: dict) -> dict:
@@ -54,6 +57,11 @@ def run_stats(r) -> dict:
     s, v = logit_history(r.run_dir)
     ps, pv = logit_history(r.run_dir, "max_logit_precap")
     total = float(r.cfg.get("trainer.max_steps") or (s.max() if len(s) else math.nan))
+    # growth at the peak LR: from the first record at or after the warmup's end (FORCED_GROWTH), never step 0's
+    warmup = getattr(r, "warmup_steps", None)
+    after = (s >= float(warmup)) if warmup is not None and not pd.isna(warmup) else np.zeros(len(s), bool)
+    start_forced = float(v[after][0]) if after.any() else math.nan
+    forced_growth = float(v[after].max()) / start_forced if start_forced > 0 else math.nan
     precap_growth = math.nan
     if len(pv):
         start = float(pv[np.argmin(np.abs(ps - DRIFT_FROM * total))])
@@ -61,8 +69,8 @@ def run_stats(r) -> dict:
     stab = (r.summary or {}).get("stability") or {}
     return {"peak": float(v.max()) if len(v) else math.nan, "first": float(v[0]) if len(v) else math.nan,
             "end": float(v[-1]) if len(v) else math.nan, "precap_peak": float(pv.max()) if len(pv) else math.nan,
-            "precap_growth": precap_growth, "clipped": stab.get("qk_clip_clipped_head_steps"),
-            "loss": float(r.capped), "diverged": bool(r.diverged)}
+            "precap_growth": precap_growth, "forced_growth": forced_growth, "clipped": stab.get("qk_clip_clipped_head_steps"),
+            "loss": float(r.capped), "diverged": bool(r.diverged), "failed": getattr(r, "failed", None)}
 
 
 def mean_log(values: list[float]) -> float:
@@ -86,14 +94,34 @@ def agree(answers: list[Optional[bool]], what: str) -> tuple[Optional[bool], str
     return decided.pop(), ""
 
 
+def every(answers: list[tuple[str, Optional[bool], str]], what: str) -> tuple[Optional[bool], str]:
+    """A claim made of every `what` (each tau and LR): no when any decided answer is no (one clear failure is
+    enough), yes when every answer is yes, undecided otherwise, naming where it could not be decided and why."""
+    if not answers:
+        return None, f"no {what} decides it"
+    if any(a is False for _, a, _ in answers):
+        return False, ""
+    if all(a is True for _, a, _ in answers):
+        return True, ""
+    open_ = [(where, why or "undecided") for where, a, why in answers if a is None]
+    if len({why for _, why in open_}) == 1 and len(open_) > 1:  # one reason everywhere: say it once
+        return None, open_[0][1]
+    return None, "; ".join(f"{where}: {why}" for where, why in open_)
+
+
+def not_failed(sub: pd.DataFrame) -> bool:
+    """Every run of `sub` is known not to have failed (not diverged, final loss below the bigram reference)."""
+    return not sub.empty and all(isinstance(f, (bool, np.bool_)) and not f for f in sub["failed"])
+
+
 def analyse(frame: pd.DataFrame, sec: Section, ctx: Context) -> None:
     rows = []
     for r in frame.itertuples():
         a = arm(r.cfg)
         rows.append({**a, "label": label(a), "lr": float(r.lr), "seed": int(r.seed), "run_dir": r.run_dir, **run_stats(r)})
     t = pd.DataFrame(rows)
-    bar = ctx.noise.bar
-    bar_used = 0.0 if math.isnan(bar) else bar
+    bar = ctx.noise.bar  # AGREE_NATS; nan when no pair of seeds measured it: the checks that need it stay undecided
+    no_noise = "no seed noise measured (AGREE_NATS unknown), so a loss difference cannot be told from seed noise"
     plain = t[(t["tau"].isna()) & (~t["qk_norm"]) & (t["softcap"].isna())]
     muon = t[t["optim"] == "muon"]
     checks: list[Check] = []
@@ -112,7 +140,7 @@ def analyse(frame: pd.DataFrame, sec: Section, ctx: Context) -> None:
 
     # -- 1. Muon's max logit against AdamW's, at the LRs forced high --------------------------------------------
     name = "Muon's peak max logit is above AdamW's at the LRs forced high"
-    forced = [lr for lr in lrs if (plain[plain["lr"] == lr]["peak"] / plain[plain["lr"] == lr]["first"]).max() >= FORCED_GROWTH]
+    forced = [lr for lr in lrs if (plain[plain["lr"] == lr]["forced_growth"] >= FORCED_GROWTH).any()]
     per_lr: list[Optional[bool]] = []
     lines = []
     for lr in forced:
@@ -127,9 +155,10 @@ def analyse(frame: pd.DataFrame, sec: Section, ctx: Context) -> None:
     if not {"muon", "adamw"} <= set(plain["optim"]):
         checks.append(headline(name, None, "both optimizers' runs without a clip, QK-norm or soft-cap are needed"))
     elif not forced:
-        top = (plain["peak"] / plain["first"]).max()
+        top = plain["forced_growth"].max()
         checks.append(headline(name, None, f"no LR of the ladder forces the max logit up: the largest growth of an unclipped "
-                               f"run from its first record to its peak is {fmt(top)}x (FORCED_GROWTH {FORCED_GROWTH:g}x)"))
+                               f"run from the end of its warmup to its peak is {fmt(top)}x (FORCED_GROWTH "
+                               f"{FORCED_GROWTH:g}x)"))
     elif not per_lr:
         checks.append(headline(name, None, "no LR forced high has runs of both optimizers"))
     else:
@@ -141,8 +170,14 @@ def analyse(frame: pd.DataFrame, sec: Section, ctx: Context) -> None:
     # -- 2. QK-Clip per head: held at tau, at no loss cost -----------------------------------------------------
     clip = muon[muon["tau"].notna()]
     free = muon[(muon["tau"].isna()) & (~muon["qk_norm"]) & (muon["softcap"].isna())]
-    held: list[Optional[bool]] = []
-    cost: list[Optional[bool]] = []
+    qk = muon[(muon["qk_norm"]) & (muon["tau"].isna()) & (muon["softcap"].isna())]
+    # the loss reference: never a run damaged by the explosion the clip prevents. Muon with QK-norm at the same LR
+    # when none of its runs failed; else Muon without a clip at its best LR among those where none of its runs failed
+    sound_free = [(float(sub["loss"].mean()), lr) for lr, sub in free.groupby("lr") if not_failed(sub)]
+    best_free = min(sound_free) if sound_free else None
+    held: list[tuple[str, Optional[bool], str]] = []
+    cost: list[tuple[str, Optional[bool], str]] = []
+    costs = []
     engaged = 0
     for (tau, lr), sub in clip[clip["scope"] == "head"].groupby(["tau", "lr"]):
         ref = free[free["lr"] == lr]
@@ -151,10 +186,26 @@ def analyse(frame: pd.DataFrame, sec: Section, ctx: Context) -> None:
         if float(ref["peak"].max()) <= tau and not any((c or 0) > 0 for c in sub["clipped"]):
             continue  # nothing above tau to clip at this LR: neither part is tested here
         engaged += 1
-        held.append(bool(sub["peak"].max() <= tau * (1 + CLIP_SLACK)))
-        cost.append(bool(sub["loss"].mean() <= ref["loss"].mean() + bar_used))
-    name_held = f"QK-Clip per head keeps the monitored max logit within {CLIP_SLACK:.0%} of tau"
-    name_cost = "QK-Clip per head costs no loss (within AGREE_NATS of Muon without a clip)"
+        where = f"tau {tau:g}, LR {lr:g}"
+        held.append((where, bool(sub["peak"].max() <= tau * (1 + CLIP_SLACK)), ""))
+        same = qk[qk["lr"] == lr]
+        if not_failed(same):
+            ref_loss, ref_name = float(same["loss"].mean()), f"Muon with QK-norm at LR {lr:g}"
+        elif best_free is not None:
+            ref_loss, ref_name = best_free[0], f"Muon without a clip at its best LR {best_free[1]:g}"
+        else:
+            unknown = ctx.reference.nats is None
+            cost.append((where, None, "no reference known not to have failed: " + (
+                "without a bigram reference a run that did not diverge is not known to have succeeded" if unknown else
+                "Muon with QK-norm at this LR and Muon without a clip at every LR failed or did not run")))
+            continue
+        d = float(sub["loss"].mean()) - ref_loss
+        costs.append(f"{where}: {d:+.3f} nats against {ref_name}")
+        cost.append((where, None, no_noise) if math.isnan(bar) else (where, bool(d <= bar), ""))
+    name_held = f"QK-Clip per head keeps the monitored max logit within {CLIP_SLACK:.0%} of tau at every tau and LR"
+    name_cost = ("QK-Clip per head costs no loss (within AGREE_NATS of a reference that did not fail: Muon with QK-norm at "
+                 "the same LR, else Muon without a clip at its best LR) at every tau and LR"
+                 + (f" ({'; '.join(costs)})" if costs else ""))
     if clip.empty or free.empty:
         for n in (name_held, name_cost):
             checks.append(headline(n, None, "Muon runs with and without QK-Clip at the same LR are needed"))
@@ -162,8 +213,8 @@ def analyse(frame: pd.DataFrame, sec: Section, ctx: Context) -> None:
         why = "no Muon run without a clip exceeded tau and no clipped run clipped a head: there was nothing to clip"
         checks += [headline(name_held, None, why), headline(name_cost, None, why)]
     else:
-        checks.append(headline(name_held, *agree(held, "tau and LR")))
-        checks.append(headline(name_cost, *agree(cost, "tau and LR")))
+        checks.append(headline(name_held, *every(held, "tau and LR")))
+        checks.append(headline(name_cost, *every(cost, "tau and LR")))
 
     # -- 3. per layer against per head -------------------------------------------------------------------------
     name = "QK-Clip per layer costs more loss than per head (by more than AGREE_NATS)"
@@ -175,9 +226,11 @@ def analyse(frame: pd.DataFrame, sec: Section, ctx: Context) -> None:
             continue
         d = float(layer["loss"].mean() - head["loss"].mean())
         diffs.append(f"tau {tau:g}, LR {lr:g}: {d:+.3f}")
-        pairs.append(True if d > bar_used else False if d < -bar_used else None)
+        pairs.append(True if d > bar else False if d < -bar else None)
     if not pairs:
         checks.append(headline(name, None, "no tau and LR with both scopes and a head clipped"))
+    elif math.isnan(bar):
+        checks.append(headline(f"{name} ({'; '.join(diffs)} nats)", None, no_noise))
     else:
         value, why = agree(pairs, "tau and LR")
         if all(a is None for a in pairs):
@@ -186,10 +239,16 @@ def analyse(frame: pd.DataFrame, sec: Section, ctx: Context) -> None:
 
     # -- 4. the soft-cap: the logit under the cap grows -------------------------------------------------------
     capped = t[t["softcap"].notna()]
-    name = f"under a soft-cap the pre-cap max logit keeps growing ({PRECAP_GROWTH:g}x or more from {DRIFT_FROM:.0%} of the run)"
+    name = (f"under a soft-cap the pre-cap max logit keeps growing ({PRECAP_GROWTH:g}x or more from {DRIFT_FROM:.0%} of the "
+            f"run) while the capped max logit stays at or below the cap")
     growth = [g for g in capped["precap_growth"] if not math.isnan(g)]
+    over = capped[capped["peak"] > capped["softcap"].astype(float)] if not capped.empty else capped
     if capped.empty:
         checks.append(headline(name, None, "no soft-capped runs"))
+    elif not over.empty:
+        checks.append(headline(name, None, f"the monitored (capped) max logit of {len(over)} of {len(capped)} soft-capped runs "
+                               f"is above the cap (up to {fmt(float(over['peak'].max()))}): no cap held the logit under "
+                               f"which a growth could hide"))
     elif not forced:
         checks.append(headline(name, None, "no LR of the ladder forces the max logit up, so there is no growth for the cap "
                                "to hide or stop"))
@@ -203,7 +262,6 @@ def analyse(frame: pd.DataFrame, sec: Section, ctx: Context) -> None:
                             f"{len(above)} of {len(capped)} soft-capped runs reached a pre-cap logit above the cap")
 
     # -- diagnostics ----------------------------------------------------------------------------------------------
-    qk = muon[muon["qk_norm"]]
     if not qk.empty and not free.empty:
         lr_common = sorted(set(qk["lr"]) & set(free["lr"]))
         lower = [float(qk[qk["lr"] == lr]["peak"].max()) < float(free[free["lr"] == lr]["peak"].min()) for lr in lr_common]

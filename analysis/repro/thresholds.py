@@ -109,8 +109,11 @@ INTERVAL = threshold(
 FORCED_GROWTH = threshold(
     "FORCED_GROWTH", 10.0,
     "E11 compares the optimizers where the LR is 'forced high': at an LR where an unclipped run's max logit (over "
-    "layers and heads) grows at least this much from its first record to its peak (Wortsman's 'orders of "
-    "magnitude'). Below it neither optimizer has an explosion for the other to exceed.", "E11 (headline)")
+    "layers and heads) grows at least this much from the first monitor record at or after its warmup's end to its "
+    "peak (Wortsman's 'orders of magnitude'), i.e. grows at the peak LR. Not from step 0, the initialization's "
+    "logit, from which learning alone grows it about that much even at the best-loss LR; not from DRIFT_FROM "
+    "(where the soft-cap check starts), by which the growth at the peak LR has largely happened. Below it neither "
+    "optimizer has an explosion for the other to exceed.", "E11 (headline)")
 CLIP_SLACK = threshold(
     "CLIP_SLACK", 0.5,
     "QK-Clip bounds each head's largest logit on the batch it measured (exactly: tests/test_muon.py); the monitor "
@@ -121,7 +124,8 @@ CLIP_SLACK = threshold(
 PRECAP_GROWTH = threshold(
     "PRECAP_GROWTH", 1.5,
     "'The soft-cap leaves the pre-cap logit growing' read as the pre-cap max logit growing at least this much from "
-    "DRIFT_FROM of the run to its end, while the capped logit stays below the cap.", "E11 (headline)")
+    "DRIFT_FROM of the run to its end, while the capped (monitored) max logit stays at or below the cap in every "
+    "soft-capped run (checked: where it does not, no cap held and the check is undecided).", "E11 (headline)")
 SINK_EPSILON = threshold(
     "SINK_EPSILON", MONITOR_SINK_EPSILON,
     "Gu et al. 2025's epsilon: a head is a sink head when its attention on the first token, averaged over query rows, "

@@ -19,6 +19,9 @@ COMMAND = "e5"
 RUNS = "e5_zloss"
 HEADLINE = ("Without z-loss (and without weight decay, at a high LR) the loss degrades late in training: it rises from its "
             "best by more than AGREE_NATS by the end; with z-loss 1e-4 it does not.")
+# the z-loss coefficient the claim is about (Wortsman et al. 2023, sec. 3.1.2): other coefficients in the runs are
+# shown in the table, not compared
+PAPER_Z_LOSS = 1e-4
 
 
 def analyse(frame: pd.DataFrame, sec: Section, ctx: Context) -> None:
@@ -59,24 +62,32 @@ def analyse(frame: pd.DataFrame, sec: Section, ctx: Context) -> None:
                    f"{fmt(s['final'])} |" for z, s in stats.items()]]
     bar = ctx.noise.bar
     checks: list[Check] = []
-    name = "without z-loss the loss rises late, and z-loss 1e-4 prevents it"
-    zs = [z for z in stats if z > 0]
-    if 0.0 not in stats or not zs:
-        checks.append(headline(name, None, "both arms (z-loss 0 and 1e-4) are needed"))
+    name = f"without z-loss the loss rises late, and z-loss {PAPER_Z_LOSS:g} prevents it"
+    paper_z = next((z for z in stats if math.isclose(z, PAPER_Z_LOSS, rel_tol=1e-6)), None)
+    if 0.0 not in stats or paper_z is None:
+        present = ", ".join(f"{z:g}" for z in stats)
+        checks.append(headline(name, None, f"both arms (z-loss 0 and {PAPER_Z_LOSS:g}) are needed; the runs have z-loss {present}"))
         checks.append(diagnostic("without z-loss log Z drifts", None, "both arms are needed"))
     else:
-        a, b = stats[0.0], stats[zs[0]]
+        a, b = stats[0.0], stats[paper_z]
         floor = sorted({float(c.get("optim.min_lr_ratio", math.nan)) for c in frame["cfg"]})
+        horizon = (f"the horizon is shorter than the effect's: without z-loss the validation loss is {{}} at the last "
+                   f"evaluation (step {last_steps.get(0.0, '?')}), and the cosine schedule has brought the LR down to "
+                   f"{'/'.join(f'{f:g}' for f in floor)}x its peak by then; the late high-LR phase in which the paper's "
+                   "loss rises (runs of 1e5 steps) does not happen here")
         if still_falling[0.0]:
-            checks.append(headline(name, None, (
-                f"the horizon is shorter than the effect's: without z-loss the validation loss is still at its lowest at "
-                f"the last evaluation (step {last_steps.get(0.0, '?')}) in every run, and the cosine schedule has brought the "
-                f"LR down to {'/'.join(f'{f:g}' for f in floor)}x its peak by then; the late high-LR phase in which the "
-                f"paper's loss rises (runs of 1e5 steps) does not happen here")))
+            checks.append(headline(name, None, horizon.format("still at its lowest, in every run,")))
         elif math.isnan(bar):
             checks.append(headline(name, None, "no seed noise measured to judge a rise against"))
+        elif math.isnan(a["late_rise"]) or math.isnan(b["late_rise"]):
+            checks.append(headline(name, None, "a run without a validation history: no late rise to read"))
+        elif a["late_rise"] <= bar:
+            # no rise beyond the seed noise without z-loss: nothing for z-loss to prevent, yet; not a 'no'
+            checks.append(headline(name, None, horizon.format(
+                f"within AGREE_NATS ({bar:.3g} nats) of its best (a rise of {a['late_rise']:.3g} nats)")))
         else:
-            checks.append(headline(name, a["late_rise"] > bar and b["late_rise"] <= bar))
+            # it rises without z-loss; the claim fails only when it rises with z-loss too
+            checks.append(headline(name, b["late_rise"] <= bar))
         checks.append(diagnostic(f"without z-loss log Z drifts (at least {LOGZ_DRIFT_RATIO:g}x the z-loss run's drift)",
                                  a["logz_drift"] >= LOGZ_DRIFT_RATIO * b["logz_drift"]))
     conclude(sec, checks, frame)

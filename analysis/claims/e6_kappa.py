@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pandas as pd
 from repro.core import Check, Context, Section, cfg, compare, conclude, fmt, headline, plt, save
-from repro.thresholds import KAPPA_BIGRAM, KAPPA_ONSET, KAPPA_WINDOW_DECADES
+from repro.thresholds import KAPPA_BIGRAM, KAPPA_MIN_GRID, KAPPA_ONSET, KAPPA_WINDOW_DECADES
 
 KEY = "E6"
 TITLE = "forcing q and k to RMS sqrt(kappa)"
@@ -50,20 +50,28 @@ def analyse(frame: pd.DataFrame, sec: Section, ctx: Context) -> None:
                  "|---:|---:|" + "---:|" * len(seeds),
                  *[f"| {k:g} | {v:.3f} |" + "".join(f" {per_seed.loc[k, s]:.3f} |" for s in seeds) for k, v in by.items()], "",
                  f"Bigram model on the same tokens: {fmt(bigram)} nats ({how})."]
-    worse = by[by > by.min() + bar] if not math.isnan(bar) else by[:0]
+    # the onset is where the loss starts to degrade as kappa grows: searched above the best kappa only (a kappa
+    # below it that is worse, too small a scale to learn, is not a degradation that starts there)
+    best_kappa = float(by.idxmin()) if len(by) else math.nan
+    worse = by[(by.index > best_kappa) & (by > by.min() + bar)] if not math.isnan(bar) else by[:0]
     onset = float(worse.index.min()) if len(worse) else math.nan
     above = by[by > bigram] if bigram is not None else by[:0]
-    sec.body += ["", f"Degradation onset (the first kappa whose loss is more than AGREE_NATS, {fmt(bar)} nats, above the best): "
+    sec.body += ["", f"Degradation onset (the first kappa above the best one, {fmt(best_kappa)}, whose loss is more than "
+                 f"AGREE_NATS, {fmt(bar)} nats, above the best): "
                  f"{fmt(onset)}; the first kappa worse than the bigram model: "
                  f"{fmt(float(above.index.min()) if len(above) else math.nan)}."]
     lo, hi = KAPPA_ONSET / 10 ** KAPPA_WINDOW_DECADES, KAPPA_ONSET * 10 ** KAPPA_WINDOW_DECADES
     checks: list[Check] = [
         headline(f"the loss starts to degrade around kappa {KAPPA_ONSET:g} (onset {fmt(onset)}, within {lo:g} to {hi:g})",
-                 None if len(by) < 3 or math.isnan(bar) else (not math.isnan(onset) and lo <= onset <= hi),
-                 "fewer than 3 kappas" if len(by) < 3 else "no seed noise measured"),
+                 None if len(by) < KAPPA_MIN_GRID or math.isnan(bar) else (not math.isnan(onset) and lo <= onset <= hi),
+                 f"{len(by)} kappas, fewer than KAPPA_MIN_GRID ({KAPPA_MIN_GRID:g})" if len(by) < KAPPA_MIN_GRID
+                 else "no seed noise measured"),
         headline(f"at kappa {KAPPA_BIGRAM:g} the loss is worse than the bigram model",
-                 compare(bigram, float(by.loc[KAPPA_BIGRAM]), bar) if KAPPA_BIGRAM in by.index and bigram is not None else None,
+                 compare(bigram, float(by.loc[KAPPA_BIGRAM]), bar)
+                 if KAPPA_BIGRAM in by.index and bigram is not None and not math.isnan(bar) else None,
                  f"no run at kappa {KAPPA_BIGRAM:g}" if KAPPA_BIGRAM not in by.index else
-                 "no bigram reference" if bigram is None else "within the seed noise of the bigram model"),
+                 "no bigram reference" if bigram is None else
+                 "no seed noise measured to judge the gap to the bigram model against" if math.isnan(bar) else
+                 "within the seed noise of the bigram model"),
     ]
     conclude(sec, checks, frame)

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import pandas as pd
-from repro.core import Check, Context, Section, conclude, fmt, headline, ladder_by, ladder_figure, ladder_rows, sensitivity
+from repro.core import Check, Context, Section, compare, conclude, fmt, headline, ladder_by, ladder_figure, ladder_rows, sensitivity
 from repro.thresholds import MIN_DECAY_SHRINK
 
 KEY = "E7"
@@ -15,11 +16,12 @@ CLAIM = ("Longer warmup and independent weight decay (1e-4) each lower LR sensit
 SOURCE = "Wortsman et al. 2023, Figs. 5-6"
 COMMAND = "e7"
 RUNS = "e7_optim"
-HEADLINE = ("Each lowers Wortsman's LR sensitivity: the longest warmup against the shortest (independent decay), and "
-            "independent decay 1e-4 against coupled decay 0.1 (the same warmup), where the recipe lets the decay act "
-            "(MIN_DECAY_SHRINK).")
+HEADLINE = ("Each lowers Wortsman's LR sensitivity (in nats) by more than AGREE_NATS: the longest warmup against the "
+            "shortest (independent decay 1e-4), and independent decay 1e-4 against coupled decay 0.1 at each warmup both "
+            "ran, where the recipe lets the decay act (MIN_DECAY_SHRINK).")
 # the paper's recipe (Wortsman et al. 2023 sec. 2.1), for what its independent decay does over a whole run
 PAPER_STEPS, PAPER_WARMUP, PAPER_DECAY = 100_000, 5_000, 1e-4
+COUPLED_DECAY = 0.1  # the claim's coupled decay (AdamW's default), which PAPER_DECAY independent decay is set against
 
 
 def shrink(decay_per_step: float, warmup: int, total: int, floor: float) -> float:
@@ -29,6 +31,11 @@ def shrink(decay_per_step: float, warmup: int, total: int, floor: float) -> floa
 
     log_keep = sum(math.log1p(-decay_per_step * lr_factor(t, warmup, total, floor)) for t in range(total))
     return 1.0 - math.exp(log_keep)
+
+
+def is_arm(sub: pd.DataFrame, independent: bool, decay: float) -> bool:
+    """Whether an arm's runs are the claim's arm of this kind of decay and this decay."""
+    return bool(sub["indep"].iloc[0]) == independent and math.isclose(float(sub["wd"].iloc[0]), decay, rel_tol=1e-9)
 
 
 def warmup_of(row) -> int:
@@ -53,21 +60,42 @@ def analyse(frame: pd.DataFrame, sec: Section, ctx: Context) -> None:
     sec.body += ladder_rows(tol) + [
         "", "| arm | LR sensitivity" + (" (seeds' mean [min, max])" if several else "") + " |", "|---|---:|",
         *[f"| {a} | {fmt(m)}{f' [{fmt(lo)}, {fmt(hi)}]' if several else ''} |" for a, (m, lo, hi) in spread.items()]]
-    indep = {int(sub["warm"].iloc[0]): a for a, sub in by_arm.items() if sub["indep"].iloc[0]}
-    coupled = {int(sub["warm"].iloc[0]): a for a, sub in by_arm.items() if not sub["indep"].iloc[0]}
+    # the claim's arms: independent decay PAPER_DECAY and coupled decay COUPLED_DECAY, one of each per warmup; an arm
+    # of another decay is shown above and named here, never silently standing in for one of them
+    indep = {int(sub["warm"].iloc[0]): a for a, sub in by_arm.items() if is_arm(sub, True, PAPER_DECAY)}
+    coupled = {int(sub["warm"].iloc[0]): a for a, sub in by_arm.items() if is_arm(sub, False, COUPLED_DECAY)}
+    left = [a for a in by_arm if a not in indep.values() and a not in coupled.values()]
+    if left:
+        sec.body += ["", f"Left out of the headline, not the claim's decays (independent {PAPER_DECAY:g}, coupled "
+                     f"{COUPLED_DECAY:g}): " + "; ".join(left) + "."]
+    bar = ctx.noise.bar
+
+    def lower(x: str, y: str) -> tuple[Optional[bool], str]:
+        """Whether arm x's LR sensitivity is below arm y's by more than AGREE_NATS: a sensitivity is a mean of
+        losses above the curve's best, in nats, so the seed noise of a loss is its bar."""
+        if math.isnan(bar):
+            return None, "no seed noise measured to judge a difference of sensitivities against"
+        if math.isnan(sens[x]) or math.isnan(sens[y]):
+            return None, f"no LR sensitivity could be read for {x if math.isnan(sens[x]) else y}"
+        return compare(sens[x], sens[y], bar), (f"the difference ({sens[x]:.3g} vs {sens[y]:.3g}, {sens[x] - sens[y]:+.3g} "
+                                                f"nats) is within AGREE_NATS ({bar:.3g} nats)")
+
     checks: list[Check] = []
     if len(indep) >= 2:
         short, long = min(indep), max(indep)
-        checks.append(headline(f"longer warmup lowers LR sensitivity ({long} vs {short} steps)",
-                               sens[indep[long]] < sens[indep[short]]))
+        checks.append(headline(f"by more than AGREE_NATS, longer warmup lowers LR sensitivity ({long} vs {short} steps)",
+                               *lower(indep[long], indep[short])))
     else:
-        checks.append(headline("longer warmup lowers LR sensitivity", None, "fewer than two warmups with independent decay"))
-    name = "independent decay 1e-4 has lower LR sensitivity than coupled 0.1 (same warmup)"
-    same = [w for w in coupled if w in indep]
+        checks.append(headline("by more than AGREE_NATS, longer warmup lowers LR sensitivity", None,
+                               f"fewer than two warmups with independent decay {PAPER_DECAY:g}"))
+    name = (f"by more than AGREE_NATS, independent decay {PAPER_DECAY:g} has lower LR sensitivity than coupled "
+            f"{COUPLED_DECAY:g}")
+    same = sorted(w for w in coupled if w in indep)
     if not same:
-        checks.append(headline(name, None, "no coupled-decay arm with an independent-decay arm of the same warmup"))
-    else:
-        w = same[0]
+        checks.append(headline(f"{name} (same warmup)", None, "no coupled-decay arm with an independent-decay arm of the "
+                               "same warmup"))
+    paper = shrink(PAPER_DECAY, PAPER_WARMUP, PAPER_STEPS, 0.0) if same else math.nan
+    for w in same:  # one part per warmup both decays ran with
         sub = by_arm[indep[w]]
         c = sub["cfg"].iloc[0]
         total, floor = int(c["trainer.max_steps"]), float(c["optim.min_lr_ratio"])
@@ -75,16 +103,17 @@ def analyse(frame: pd.DataFrame, sec: Section, ctx: Context) -> None:
         csub = by_arm[coupled[w]]
         cwd = float(csub["wd"].iloc[0])
         coupled_at = {float(lr): shrink(float(lr) * cwd, w, total, floor) for lr in sorted(csub["lr"].unique())}
-        paper = shrink(PAPER_DECAY, PAPER_WARMUP, PAPER_STEPS, 0.0)
-        sec.body += ["", f"What the decay can do over {total} steps (the fraction of a weight's size the decay alone removes, "
-                     f"1 - prod(1 - d s_t) over the schedule): independent {sub['wd'].iloc[0]:g}: {ind:.1%}; coupled {cwd:g} at LR "
+        sec.body += ["", f"What the decay can do over {total} steps at warmup {w} steps (the fraction of a weight's size the "
+                     f"decay alone removes, 1 - prod(1 - d s_t) over the schedule): independent {sub['wd'].iloc[0]:g}: "
+                     f"{ind:.1%}; coupled {cwd:g} at LR "
                      + ", ".join(f"{lr:g}: {s:.1%}" for lr, s in coupled_at.items())
                      + f". The paper's independent 1e-4 over {PAPER_STEPS:,} steps: {paper:.1%}."]
+        part = f"{name} at warmup {w} steps"
         if ind < MIN_DECAY_SHRINK:
-            checks.append(headline(name, None, (
+            checks.append(headline(part, None, (
                 f"the recipe cannot show it: independent decay {sub['wd'].iloc[0]:g} over {total} steps shrinks weights by "
                 f"{ind:.1%}, against MIN_DECAY_SHRINK {MIN_DECAY_SHRINK:.0%} and {paper:.0%} in the paper's run, so this arm "
                 "is, for the run's length, an arm without decay, and the comparison tests coupled decay against no decay")))
         else:
-            checks.append(headline(name, sens[indep[w]] < sens[coupled[w]]))
+            checks.append(headline(part, *lower(indep[w], coupled[w])))
     conclude(sec, checks, frame)

@@ -82,6 +82,11 @@ KAPPA_WINDOW_DECADES = threshold(
 KAPPA_BIGRAM = threshold(
     "KAPPA_BIGRAM", 1e4,
     "Wortsman et al. 2023, Fig. 10: by kappa = 1e4 the loss is worse than a bigram model.", "E6 (headline)")
+KAPPA_MIN_GRID = threshold(
+    "KAPPA_MIN_GRID", 3,
+    "The fewest kappas on which E6 places an onset: the onset is the first kappa above the best one whose loss is "
+    "worse than the best, so with two kappas it is merely the larger of the two whenever they differ, and the grid "
+    "cannot say where along kappa the loss starts to degrade.", "E6 (headline)")
 MIN_DECAY_SHRINK = threshold(
     "MIN_DECAY_SHRINK", 0.10,
     "The least total shrink (1 - prod(1 - lambda s_t) over the run's schedule) at which an independent decay "

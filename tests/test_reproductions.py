@@ -538,7 +538,8 @@ def test_e10_e9_e7_read_their_runs(tmp_path):
     assert e10.verdict == "reproduced", e10.reason  # the GPU cost from the committed benchmark
     body = "\n".join(e10.body)
     assert "-0.0500 [-0.0500, -0.0500] | 2 lower, 0 not |" in body and "benchmarks/results/gpu_h200_gpt2_small.log" in body
-    assert sections["E9"].verdict == "reproduced", sections["E9"].reason
+    # one seed an arm: the logit's spread over seeds is unknown, so no difference can be held to it
+    assert sections["E9"].verdict == "inconclusive" and "one seed" in sections["E9"].reason, sections["E9"].reason
     e7 = sections["E7"]
     assert e7.verdict == "partly", e7.reason  # warmup: yes; decay: the recipe cannot show it
     assert "longer warmup lowers LR sensitivity (75 vs 3 steps): yes" in e7.reason

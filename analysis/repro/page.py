@@ -103,7 +103,8 @@ def rules(noise: SeedNoise, reference: Reference) -> list[str]:
         "",
         "| threshold | value | why | used by |",
         "|---|---:|---|---|",
-        f"| AGREE_NATS (measured) | {bar} | The {NOISE_QUANTILE:.0%} quantile of the seed noise above. | E1, E3, E5, E6 |",
+        f"| AGREE_NATS (measured) | {bar} | The {NOISE_QUANTILE:.0%} quantile of the seed noise above. "
+        "| E1, E3, E4, E5, E6, E7, E10, E11 |",
         *[f"| {t.name} | {t.value:g} | {cell(t.why)} | {t.used_by} |" for t in THRESHOLDS],
         "",
         "*Compute* is the runs' wall time summed (most ran two at a time on 2 cores, so the machine time is about half).",

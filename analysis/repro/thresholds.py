@@ -29,7 +29,7 @@ NOISE_QUANTILE = threshold(
     "NOISE_QUANTILE", 0.9,
     "Two losses agree when they differ by less than this quantile of |seed 0 - seed 1| over every pair of runs "
     "that differ only in their seed: 9 in 10 reruns of one config land closer than that, so a gap beyond it is "
-    "unlikely to be seed noise. Its value in nats, measured on the runs, is AGREE_NATS.", "E1, E3, E5, E6")
+    "unlikely to be seed noise. Its value in nats, measured on the runs, is AGREE_NATS.", "E1, E3, E4, E5, E6, E7, E10, E11")
 JUMP_NATS = threshold(
     "JUMP_NATS", 0.3,
     "A curve's jump LR (E1's reading of Wortsman's critical LR) is the first LR above its optimum whose loss is "
@@ -110,7 +110,8 @@ DRIFT_MIN_GROWTH = threshold(
     "zero-centred gains to curb.", "E9")
 INTERVAL = threshold(
     "INTERVAL", 0.95,
-    "E10's paired differences over seeds: a two-sided t-interval at this level must exclude 0.", "E10")
+    "E10's paired differences over seeds: a two-sided t-interval at this level, shown beside each difference and "
+    "required to exclude 0 by the wall-time diagnostic (the loss headline holds the mean difference to AGREE_NATS).", "E10")
 FORCED_GROWTH = threshold(
     "FORCED_GROWTH", 10.0,
     "E11 compares the optimizers where the LR is 'forced high': at an LR where an unclipped run's max logit (over "

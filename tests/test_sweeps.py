@@ -61,6 +61,7 @@ def test_every_sweep_runs_at_smoke_size(name, tmp_path, cache_dir):
     assert f"({n_jobs} finished, 0 to run" in listing.stdout
 
 
+@pytest.mark.slow  # two sweep launches; the default suite checks the same identity rule in test_multirun_folder.py
 def test_a_changed_grid_never_reuses_another_configs_result(tmp_path, cache_dir):
     """The smoke sweep, then the same command with optim.lr=1e-2: the second command's jobs get their own
     directories, every directory's summary and .hydra files describe one run, the analysis sees 6 runs."""
@@ -212,7 +213,9 @@ def test_a_run_directory_holding_another_config_is_refused_and_left_alone(tmp_pa
 
 
 def test_joblib_launcher_runs_jobs_in_parallel(tmp_path, cache_dir):
-    proc = run_cli(["sweeps=lr_tolerance", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"], tmp_path, cache_dir)
+    # a few short steps: the test is about the launcher running every job, not about what they learn
+    proc = run_cli(["sweeps=lr_tolerance", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "sweeps.grids.smoke.max_steps=4",
+                    "data.batch_size=4"], tmp_path, cache_dir)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summaries = _summaries(tmp_path / "logs" / "sweeps" / "lr_tolerance" / "smoke")
     assert len(summaries) == 4 and all(s["status"] == "completed" for s in summaries.values())

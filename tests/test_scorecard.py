@@ -18,8 +18,9 @@ import pytest
 import yaml
 
 from qknorm.analysis.boundary import grid_runs
-from qknorm.analysis.scorecard import PAPER_TOKENS, final_attempt, record_max_logit
+from qknorm.analysis.scorecard import PAPER_TOKENS, record_max_logit
 from qknorm.analysis.scorecard import main as scorecard_main
+from qknorm.analysis.stability import read_stability
 from qknorm.finder import FinderSettings, Search, outcome_of
 
 from .test_reproductions import BIGRAM, write_run
@@ -247,7 +248,7 @@ def test_a_restarted_runs_growth_is_its_final_attempts(main_sweep, tmp_path):
     assert row.loc["henry2020_l2", "logit_growth_best_lr"] == pytest.approx(3.0)  # not the first attempt's 50
     # a record of the same step twice (no restart) stays one attempt; a resumed attempt keeps the history before it
     (tmp_path / "stability.jsonl").write_text("".join(json.dumps({"step": s, "layers": []}) + "\n" for s in (0, 8, 16, 16, 24, 8, 16)))
-    assert [r["step"] for r in final_attempt(tmp_path)] == [0, 8, 16]
+    assert [r["step"] for r in read_stability(tmp_path)[0]] == [0, 8, 16]
 
 
 def test_boundary_cells_mark_what_the_fit_says_about_the_interval(main_sweep):

@@ -93,8 +93,8 @@ def analyse(frame: pd.DataFrame, sec: Section, ctx: Context) -> None:
     fixed = tol.get(FIXED)
     # a best loss at the lowest LR tried is no optimum: the loss may fall further below the grid, so a best-loss
     # comparison there would read a point of each curve, not what each variant can reach
-    low = [v for v, t in tol.items() if (v == FIXED or t is min(others.values(), key=lambda o: o["best"], default=None))
-           and t["best_lr"] <= t["smallest_tried"]]
+    best_name = min(others, key=lambda v: others[v]["best"], default=None)
+    low = [v for v, t in tol.items() if v in (FIXED, best_name) and t["best_lr"] <= t["smallest_tried"]]
     if fixed and others and low:
         checks.append(diagnostic("L2 with a fixed g=1 underfits", None, "the best loss of " + " and of ".join(
             f"{v} is at its lowest LR ({lr_fmt(tol[v]['best_lr'])})" for v in low) + ": the optimum lies at or below the grid"))

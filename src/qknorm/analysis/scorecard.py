@@ -76,11 +76,6 @@ SCALE_COLUMNS = ("device", "size", "precision", "batch", "seq", "threads", "comp
 
 # -- the monitor's records ------------------------------------------------------------------------------
 
-def final_attempt(run_dir: str | Path) -> list[dict]:
-    """The monitor's records of the run's final attempt, in step order (qknorm.analysis.stability.read_stability)."""
-    return read_stability(run_dir)[0]
-
-
 def _layer_values(record: dict, *keys: str) -> list[float]:
     """Every layer's (and head's) value of the first of `keys` the layer has."""
     out: list[float] = []
@@ -108,7 +103,7 @@ def record_headroom(record: dict) -> float:
 
 def run_growth(run_dir: str | Path) -> float:
     """Last record's max logit over the first's: inf when the last is not finite, NaN without two records."""
-    records = final_attempt(run_dir)
+    records = read_stability(run_dir)[0]  # the final attempt's, where a restarted run logged two
     if len(records) < 2:
         return math.nan
     first, last = record_max_logit(records[0]), record_max_logit(records[-1])
@@ -124,7 +119,7 @@ def logit_growth(run_dirs: list[str]) -> float:
 
 
 def final_headroom(run_dirs: list[str]) -> float:
-    vals = [h for h in (record_headroom(r[-1]) for r in map(final_attempt, run_dirs) if r) if not math.isnan(h)]
+    vals = [h for h in (record_headroom(r[-1]) for r in (read_stability(d)[0] for d in run_dirs) if r) if not math.isnan(h)]
     return min(vals) if vals else math.nan
 
 

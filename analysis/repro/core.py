@@ -29,7 +29,7 @@ import pandas as pd
 import yaml
 
 from qknorm.analysis.boundary import Bracket, bracket
-from qknorm.analysis.failure import Reference
+from qknorm.analysis.failure import Reference, read_summary
 from qknorm.analysis.lr import capped_loss, sensitivity_per_seed
 from qknorm.analysis.runs import collect_runs, is_stable
 from qknorm.analysis.stability import read_stability
@@ -187,13 +187,6 @@ def check_each_seed(fn: Analysis, frame: pd.DataFrame, sec: Section, ctx: Contex
 
 
 # -- reading the runs ---------------------------------------------------------------------------------------
-
-def read_summary(run_dir: str) -> dict:
-    try:
-        return json.loads((Path(run_dir) / "summary.json").read_text())
-    except (OSError, ValueError):
-        return {}
-
 
 def load(root: Path, reference: Reference) -> pd.DataFrame:
     """The finished runs of one folder, one row each: the run table (qknorm.analysis.runs, with the

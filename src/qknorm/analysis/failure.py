@@ -86,9 +86,10 @@ class Failure:
         return f"{div}; {fail}"
 
 
-def _summary(run_dir: Path) -> dict:
+def read_summary(run_dir: str | Path) -> dict:
+    """The run's summary.json, or {} when it is missing or unreadable."""
     try:
-        return json.loads((run_dir / "summary.json").read_text())
+        return json.loads((Path(run_dir) / "summary.json").read_text())
     except (OSError, ValueError):
         return {}
 
@@ -124,7 +125,7 @@ def _warmup_steps(summary: dict) -> Optional[int]:
 def divergence(run_dir: str | Path, summary: Optional[dict] = None) -> dict[str, Any]:
     """The divergence half of the definition above: diverged, step, in_warmup, warmup_steps, how, excursions."""
     run_dir = Path(run_dir)
-    s = _summary(run_dir) if summary is None else summary
+    s = read_summary(run_dir) if summary is None else summary
     l0 = s.get("initial_loss")
     losses = train_losses(run_dir)
     history = s.get("val_history") or []
@@ -176,7 +177,7 @@ def divergence(run_dir: str | Path, summary: Optional[dict] = None) -> dict[str,
 def failure(run_dir: str | Path, reference: Optional[float] = None, summary: Optional[dict] = None) -> Failure:
     """Both halves of the definition for one run directory; `reference` is the corpus's bigram loss
     (bigram_for_run), None when unknown."""
-    s = _summary(Path(run_dir)) if summary is None else summary
+    s = read_summary(run_dir) if summary is None else summary
     d = divergence(run_dir, s)
     final = s.get("final_val_loss")
     final_loss = float(final) if final is not None else math.nan

@@ -85,6 +85,7 @@ def read_run(run_dir: Path) -> dict:
     for key in ("reason", "final_val_loss", "final_val_bpb", "best_val_loss", "best_val_bpb", "initial_loss", "steps",
                 "tokens", "wall_time_s", "params", "params_non_embedding", "diverged_at_step", "started_at", "finished_at"):
         row[key] = s.get(key)
+    row["device"] = s.get("device_name") or s.get("device")
     for key, value in (s.get("stability") or {}).items():
         row[f"stability.{key}"] = value
     row["val_history"] = json.dumps(s.get("val_history") or [])

@@ -455,17 +455,10 @@ def _duration(seconds: float) -> str:
 
 
 def _devices(frame: pd.DataFrame) -> list[str]:
-    """The devices the finished runs' summaries record."""
-    out = []
-    for d in frame[frame["status"].isin(FINISHED)]["run_dir"]:
-        try:
-            s = json.loads((Path(d) / "summary.json").read_text())
-        except (OSError, ValueError):
-            continue
-        name = s.get("device_name") or s.get("device")
-        if name:
-            out.append(str(name))
-    return sorted(set(out))
+    """The devices the finished runs' summaries record (collect_runs' `device` column)."""
+    done = frame[frame["status"].isin(FINISHED)]
+    names = done["device"] if "device" in done else []
+    return sorted({str(n) for n in names if isinstance(n, str) and n})
 
 
 def recipe(frame: pd.DataFrame, settings: dict, size: Optional[str] = None) -> str:

@@ -410,3 +410,21 @@ def test_an_early_stop_s_onset_is_counted_back_by_its_own_patience(tmp_path):
                "config": {"callbacks.divergence.patience": 10, "callbacks.divergence.early_stop_patience": 30}}
     d = divergence(run, summary)
     assert d["diverged"] and d["step"] == 61 and d["in_warmup"] is False, d
+
+
+def test_an_override_pinning_a_later_key_to_its_earlier_value_is_the_same_variant(tmp_path):
+    # runs made before data.val_token_ratio existed validated on the whole split; a later sweep pins it to null
+    # to keep their identity. Both are one variant; another ratio is another variant.
+    from qknorm.analysis.runs import collect_runs
+
+    for name, extra in (("old", []), ("pinned", ["data.val_token_ratio=null"]), ("other", ["data.val_token_ratio=0.1"])):
+        run = tmp_path / name
+        (run / ".hydra").mkdir(parents=True)
+        overrides = ["model=tiny", "attention=qwen3", "optim.lr=0.1", f"seed={len(extra)}", *extra]
+        (run / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+        (run / ".hydra" / "config.yaml").write_text("optim:\n  lr: 0.1\n")
+        (run / "summary.json").write_text(json.dumps({"status": "completed", "final_val_loss": 4.0}))
+    variants = collect_runs(tmp_path).set_index("run_dir")["variant"]
+    assert variants[str(tmp_path / "old")] == variants[str(tmp_path / "pinned")]
+    assert variants[str(tmp_path / "other")] != variants[str(tmp_path / "old")]
+    assert "data.val_token_ratio=0.1" in variants[str(tmp_path / "other")]

@@ -10,6 +10,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
+from ..rundir import EARLIER_VALUES
 from .failure import divergence
 from .stability import read_stability
 
@@ -41,8 +42,17 @@ def _lookup(config: dict | None, dotted: str, default=None):
     return node
 
 
+def _pins_earlier_value(override: str) -> bool:
+    """An override that sets a key added later to the value runs had before it existed (rundir.EARLIER_VALUES):
+    the same config as a run recorded without it, so the same variant."""
+    key, _, value = override.partition("=")
+    if key not in EARLIER_VALUES:
+        return False
+    return yaml.safe_load(value) == EARLIER_VALUES[key]
+
+
 def variant_of(overrides: list[str]) -> str:
-    kept = [o for o in overrides if not o.startswith(NON_VARIANT_PREFIXES)]
+    kept = [o for o in overrides if not o.startswith(NON_VARIANT_PREFIXES) and not _pins_earlier_value(o)]
     return " ".join(sorted(kept)) or "default"
 
 

@@ -379,3 +379,28 @@ def test_step_costs_state_their_scale_and_spread_and_a_bad_file_fails_in_one_lin
     assert scorecard_main([str(sweep), "--out", str(out), "--benchmarks", str(bench)]) == 2
     err = capsys.readouterr().err
     assert f"{bench / 'gpu_h200.csv'}: no column 'vs_baseline'" in err and len(err.strip().splitlines()) == 1
+
+
+def test_presets_that_train_as_one_model_are_named_and_others_are_not(main_sweep):
+    from qknorm.analysis import scorecard as sc
+
+    def runs(losses, diverged=()):
+        return pd.DataFrame([{"lr": lr, "seed": seed, "status": "diverged" if (lr, seed) in diverged else "completed",
+                              "diverged": (lr, seed) in diverged, "final_val_loss": None if (lr, seed) in diverged else loss}
+                             for (lr, seed), loss in losses.items()])
+
+    probes = {(0.01, 0): 4.5286, (0.01, 1): 4.5482, (0.03162, 0): 4.5344, (0.03162, 1): 4.5353, (0.1, 0): 9.0}
+    reparam = {k: v + 3e-4 for k, v in probes.items()}  # float rounding apart
+    other = {k: v + 0.04 for k, v in probes.items()}  # a seed noise apart: another model
+    split = dict(probes)  # alike, except that one probe diverged in only one of them
+    few = {k: probes[k] for k in list(probes)[:3]}
+    found = sc.twins({"qwen3": runs(probes, {(0.1, 0)}), "gemma3": runs(reparam, {(0.1, 0)}), "olmo2": runs(other, {(0.1, 0)}),
+                      "henry2020_l2": runs(split), "miller2023_off_by_one": runs(few)})
+    assert [(t.a, t.b, t.shared) for t in found] == [("gemma3", "qwen3", 5)]
+    assert found[0].median_nats == pytest.approx(3e-4) and found[0].max_nats == pytest.approx(3e-4)
+    _, _, page = main_sweep
+    assert "train as one model" not in page  # the fixture's presets all differ
+    table = main_sweep[1].reset_index()
+    text = sc.paragraph(table, {"twins": found})
+    assert "gemma3 and qwen3 train as one model at this recipe: at each of their 5 shared probes" in text
+    assert "0.0003 nats apart (median; at most 0.0003)" in text

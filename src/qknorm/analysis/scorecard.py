@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import sys
 from dataclasses import dataclass, field
 from importlib.resources import files as package_files
@@ -72,6 +73,13 @@ EDGE_MARK, SEPARATED_MARK = "†", "‡"  # footnote markers of a boundary cell,
 CPU_COLUMNS = ("size", "impl", "preset", "vs_baseline")
 GPU_COLUMNS = ("impl", "preset", "compile", "vs_baseline")
 SCALE_COLUMNS = ("device", "size", "precision", "batch", "seq", "threads", "compile", "repeats")
+# Two presets "train as one model" when their runs at the same LR and seed end this close (median over the shared
+# probes), every shared probe ending the same way (diverged or not). Two parametrizations of one function (Gemma 3's
+# zero-centred gain 1 + w against Qwen3's w, both undecayed under AdamW) differ only by float32 rounding, about 1e-4
+# nats after 200 steps; two different models differ by the seed noise at least (a median paired seed difference of
+# 0.04 nats on the reproductions page), 40x more.
+TWIN_NATS = 1e-3
+TWIN_MIN_SHARED = 4  # the first round's probes of two seeds at two LRs: fewer is too little to call them one model
 
 
 # -- the monitor's records ------------------------------------------------------------------------------
@@ -345,14 +353,25 @@ def _growth_lr(lrs: list[float], best_lr: float) -> tuple[Optional[float], str]:
     return None, f"no run at 3.16x the best LR (nearest {nearest:.3g}, {nearest / best_lr:.2f}x)"
 
 
+def _group_runs(sweep: Sweep, record: dict, frame: pd.DataFrame) -> tuple[set[str], pd.DataFrame]:
+    """The group's recorded probe directories (resolved) and the rows of those found in the run table."""
+    dirs = {str((sweep.folder / p["run_dir"]).resolve()) for p in record.get("probes", []) if p.get("run_dir")}
+    return dirs, frame[frame["resolved"].isin(dirs)]
+
+
+def _finished_probes(sweep: Sweep, record: dict, frame: pd.DataFrame) -> pd.DataFrame:
+    """The group's probes that ended (a result: completed or diverged), with the failure columns."""
+    mine = _group_runs(sweep, record, frame)[1]
+    return mine[mine["status"].isin(FINISHED) & mine["diverged"].notna()]
+
+
 def _group_row(sweep: Sweep, record: dict, frame: pd.DataFrame, boundaries: pd.DataFrame) -> dict[str, Any]:
     settings = settings_from_record(sweep.record.get("settings", {}))
     coarse = sorted(float(x) for x in sweep.record.get("coarse_grid") or settings.coarse_grid())
     group = group_from_record(record)
     state = progress(group, settings, coarse)
     preset = _preset(str(record["group"]), sweep.record.get("fixed", []))
-    dirs = {str((sweep.folder / p["run_dir"]).resolve()) for p in record.get("probes", []) if p.get("run_dir")}
-    mine = frame[frame["resolved"].isin(dirs)]
+    dirs, mine = _group_runs(sweep, record, frame)
     g = mine[mine["status"].isin(FINISHED)]
     ended = g[g["diverged"].notna()]
     lost, unresolved = len(record.get("lost", [])), len(dirs - set(frame["resolved"]))
@@ -400,6 +419,42 @@ def _group_row(sweep: Sweep, record: dict, frame: pd.DataFrame, boundaries: pd.D
     return row
 
 
+@dataclass(frozen=True)
+class Twins:
+    """Two presets whose runs end alike at every shared probe (TWIN_NATS)."""
+    a: str
+    b: str
+    shared: int
+    median_nats: float
+    max_nats: float
+
+
+def _loss(row: pd.Series) -> float:
+    v = pd.to_numeric(row.get("final_val_loss"), errors="coerce")
+    return float(v) if v is not None and not pd.isna(v) else math.nan
+
+
+def twins(probes: dict[str, pd.DataFrame]) -> list[Twins]:
+    """Pairs of presets that train as one model at this recipe: `probes` maps each preset to its finished runs
+    (lr, seed, status, diverged, final_val_loss); a pair qualifies on TWIN_MIN_SHARED shared (lr, seed) probes or
+    more, each ending the same way, with a median final-loss difference of TWIN_NATS or less over the completed ones."""
+    keyed = {p: {(round_lr(float(r["lr"])), r["seed"]): r for _, r in f.iterrows()} for p, f in probes.items()}
+    out = []
+    names = sorted(keyed)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            shared = sorted(set(keyed[a]) & set(keyed[b]))
+            if len(shared) < TWIN_MIN_SHARED:
+                continue
+            pairs = [(keyed[a][k], keyed[b][k]) for k in shared]
+            if any(bool(x["diverged"]) != bool(y["diverged"]) or x["status"] != y["status"] for x, y in pairs):
+                continue
+            diffs = [abs(la - lb) for la, lb in ((_loss(x), _loss(y)) for x, y in pairs) if math.isfinite(la) and math.isfinite(lb)]
+            if diffs and statistics.median(diffs) <= TWIN_NATS:
+                out.append(Twins(a, b, len(shared), statistics.median(diffs), max(diffs)))
+    return out
+
+
 def scorecard(paths: list[str | Path], benchmarks: Path = BENCHMARKS, presets: Path = PRESETS) -> tuple[pd.DataFrame, dict]:
     sweeps = load_sweeps(paths)
     frames = [collect_runs(p) for p in paths]
@@ -412,10 +467,12 @@ def scorecard(paths: list[str | Path], benchmarks: Path = BENCHMARKS, presets: P
     if not frame["status"].isin(FINISHED).any():
         raise ValueError(f"{where}: no finished runs yet ({len(frame)} run directories, none with summary status "
                          f"{' or '.join(FINISHED)})")
-    rows = []
+    rows, probes = [], {}
     for s in sweeps:
         boundaries = critical_lr_table(frame, [s.file])
-        rows += [_group_row(s, record, frame, boundaries) for record in s.record.get("groups", [])]
+        for record in s.record.get("groups", []):
+            rows.append(_group_row(s, record, frame, boundaries))
+            probes[rows[-1]["preset"]] = _finished_probes(s, record, frame)
     table = pd.DataFrame(rows)
     for col in ("best_lr", "best_val_loss", "best_val_loss_halfrange", "lr_sensitivity", "lr_sensitivity_min", "lr_sensitivity_max",
                 "divergence_lr", "critical_lr", "logit_growth_best_lr", "logit_growth_step_lr", "growth_step_lr",
@@ -440,7 +497,7 @@ def scorecard(paths: list[str | Path], benchmarks: Path = BENCHMARKS, presets: P
     available = sorted(p.stem for p in presets.glob("*.yaml")) if presets.is_dir() else []
     settings = sweeps[0].record.get("settings", {})
     return table, {"settings": settings, "frame": frame, "coarse": sweeps[0].record.get("coarse_grid", []), "costs": costs,
-                   "model_size": size, "swept_without_group": [p for p in swept if p not in grouped],
+                   "model_size": size, "twins": twins(probes), "swept_without_group": [p for p in swept if p not in grouped],
                    "not_swept": [p for p in available if p not in grouped and p not in swept]}
 
 
@@ -521,6 +578,11 @@ def paragraph(table: pd.DataFrame, info: Optional[dict] = None) -> str:
     if len(censored):
         lines.append("No critical-LR boundary for " + "; ".join(
             f"{r['preset']} ({r['critical_lr_text'] or 'no fit'})" for _, r in censored.iterrows()) + ".")
+    for t in (info or {}).get("twins", []):
+        lines.append(f"{t.a} and {t.b} train as one model at this recipe: at each of their {t.shared} shared probes (same LR "
+                     f"and seed) they end the same way, their final losses {t.median_nats:.1g} nats apart (median; at most "
+                     f"{t.max_nats:.1g}), below the {TWIN_NATS:g} that tells two models apart: where their rows differ, "
+                     "float rounding made the difference, not either preset.")
     running = table[table["rank"] == RANK_RUNNING]
     if len(running):
         who = "every preset" if len(running) == len(table) else _names(running)

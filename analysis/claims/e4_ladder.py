@@ -152,10 +152,12 @@ def analyse(frame: pd.DataFrame, sec: Section, ctx: Context) -> None:
     checks.append(diagnostic(f"the diverging baseline's QKV/Proj/FC2 outputs are over {OUTPUT_NORM_RATIO:g}x the stable run's "
                              "at the adjacent LR, early", *norm_ratios_exceed(ratios, why)))
     steps = [b / a for a, b in zip(lrs, lrs[1:], strict=False)]
+    lo, hi = (fmt(min(steps), ".2g"), fmt(max(steps), ".2g")) if steps else ("", "")
+    step_range = "- (one LR)" if not steps else f"{lo}x" if lo == hi else f"{lo}x to {hi}x"
     firsts = {NAMES.get(v, v): t["first_div"] for v, t in tol.items()}
     sec.body += ["", "First diverging LR (any seed diverged there): " + ", ".join(f"{n} {lr_fmt(x)}" for n, x in firsts.items())
                  + ". The paper: 80e-3 against 60e-3, and 1.5x in its abstract. The grid steps by "
-                 + (f"{fmt(min(steps), '.2g')}x to {fmt(max(steps), '.2g')}x" if steps else "- (one LR)")
+                 + step_range
                  + f" (GRID_RESOLUTION {GRID_RESOLUTION:g}x); "
                  f"{int(frame['diverged'].sum())} of {len(frame)} runs diverged, {int(frame['after_warmup'].sum())} of them "
                  f"after their warmup. A run diverges when it produced a non-finite loss, the detector stopped it, or its train "

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU figures of benchmarks/RESULTS.md in one call on one GPU (H100 or H200), from the project root:
-#     source .whl/setup.sh && bash benchmarks/gpu_check.sh "$OUT"
-# (.whl from ../shared/device/wheels.sh; OUT is where the logs and CSVs go). It runs, at the same time:
+#     bash benchmarks/gpu_check.sh "$OUT"
+# (with the project installed: the quick start's .venv, or `pip install -e .` in the GPU's environment;
+# OUT is where the logs and CSVs go). It runs, at the same time:
 # two short training runs through the trainer (eager qwen3; compiled gemma2_softcap with the monitor's
 # probe and validation), whose summary.json must say "cuda" and the GPU's name; and the compiled rows'
 # compile, filling the compile caches. Then the timed throughput table, one row after another.

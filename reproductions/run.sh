@@ -187,7 +187,8 @@ e12() {
     "hydra.sweep.dir=$RUNS/e12_gates_sinks/without_gate"
 }
 
-all=(e1 e10 e4 e6 e5 e3 e7 e9 e8 e11 e12)
+# every folder the page reads or will read: the first rounds (e3_coarse, e4_w15, e8_high_lr) and the rounds after them
+all=(e1 e10 e4_w15 e4 e6 e5 e3_coarse e3 e7 e9 e8_high_lr e8 e11 e12)
 # The CPU round that decides (in this order, about 11 machine hours): bash reproductions/run.sh round
 round() { e8; e4; e3; e1; }
 for e in "${@:-${all[@]}}"; do

@@ -73,7 +73,7 @@ def test_e6_searches_the_onset_above_the_best_kappa_only(tmp_path):
     e6_runs(tmp_path / "runs" / RUNS["E6"], {1: 3.5, 10: 3.0, 100: 3.01, 1000: 3.6, 10000: 6.0})
     e6 = build(tmp_path / "runs", tmp_path)["E6"]
     assert e6.verdict == "reproduced", e6.reason
-    assert "(onset 1e+03," in e6.reason
+    assert "(onset 1e+03;" in e6.reason
 
 
 def test_e6_the_bigram_part_is_undecided_without_a_seed_noise(tmp_path):

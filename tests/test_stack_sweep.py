@@ -228,7 +228,7 @@ def _slurm_up() -> bool:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not _slurm_up(), reason="no SLURM partition `local` (start one: ../shared/slurm/start-local-slurm.sh)")
+@pytest.mark.skipif(not _slurm_up(), reason="no SLURM partition `local` (a one-node cluster with that partition runs this test)")
 def test_a_stacked_sweep_runs_its_stacks_as_slurm_jobs(tmp_path, cache_dir):
     out = tmp_path / "slurm"
     proc = run_cli(["-m", "hydra/launcher=stacked_slurm", "hydra.launcher.inner.partition=local",

@@ -27,7 +27,7 @@ HEADLINE = ("At every width QK-norm (qwen3) ends at a lower validation BPB than 
 SEED_CHECKED = False  # its checks read the seed pairs already (each pair's own answer, the ratio's interval)
 # The committed benchmark files benchmarks/RESULTS.md cites for the QK-norm step cost. GPU: the first call's log
 # and the second call's CSV, whose baseline rows repeat the first's (their difference is the repeat noise). CPU:
-# `small`, eager, on the idle VM, measured three times (cpu_small_eager_loaded.csv, on a loaded machine, and the
+# `small`, eager, on an otherwise idle 2-core CPU, measured three times (cpu_small_eager_loaded.csv, on a loaded machine, and the
 # one-round preset table are left out, as RESULTS.md says they measured nothing comparable).
 GPU_LOG = "benchmarks/results/gpu_h200_gpt2_small.log"
 GPU_REPEAT = "benchmarks/results/gpu_h200_softcap.csv"
@@ -158,7 +158,7 @@ def analyse(frame: pd.DataFrame, sec: Section, ctx: Context) -> None:
     cpu = cpu_ratios()
     if cpu:
         r = [x for _, x in cpu]
-        lines.append("- CPU, `small`, eager, measured on the idle 2-core VM: qwen3 at " + ", ".join(
+        lines.append("- CPU, `small`, eager, measured on an otherwise idle 2-core CPU (`benchmarks/RESULTS.md`): qwen3 at " + ", ".join(
             f"{x:.3f}x (`{n}`)" for n, x in cpu) + " the baseline's tokens/s.")
         checks.append(diagnostic(f"QK-norm costs time per step on this CPU (every re-measurement below 1x: {min(r):.3f}-"
                                  f"{max(r):.3f}x)", True if max(r) < 1 else False if min(r) > 1 else None,

@@ -128,6 +128,7 @@ def analyse(frame: pd.DataFrame, sec: Section, ctx: Context) -> None:
     named = {f"{NAMES[v]} ({v})" if v in NAMES else v: t for v, t in tol.items()}
     sec.figures.append(ladder_figure(named, "E4: the Rybakov et al. 2024 ladder (x: diverged)", ctx, "e4_rybakov_ladder.png"))
     sec.body += ladder_rows(tol)
+    sec.body += ["", "Names below and in the checks: " + "; ".join(f"{NAMES[v]} is {v}" for v in NAMES if v in tol) + "."]
     sec.body += ["", brackets_line("First-divergence brackets", {NAMES.get(v, v): divergence_bracket(t) for v, t in tol.items()})]
     lrs = sorted({float(lr) for lr in frame["lr"]})
     untested = no_divergence_after_warmup(frame)

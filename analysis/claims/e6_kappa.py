@@ -62,7 +62,7 @@ def analyse(frame: pd.DataFrame, sec: Section, ctx: Context) -> None:
                  f"{fmt(float(above.index.min()) if len(above) else math.nan)}."]
     lo, hi = KAPPA_ONSET / 10 ** KAPPA_WINDOW_DECADES, KAPPA_ONSET * 10 ** KAPPA_WINDOW_DECADES
     checks: list[Check] = [
-        headline(f"the loss starts to degrade around kappa {KAPPA_ONSET:g} (onset {fmt(onset)}, within {lo:g} to {hi:g})",
+        headline(f"the loss starts to degrade around kappa {KAPPA_ONSET:g} (onset {fmt(onset)}; the window is {lo:g} to {hi:g})",
                  None if len(by) < KAPPA_MIN_GRID or math.isnan(bar) else (not math.isnan(onset) and lo <= onset <= hi),
                  f"{len(by)} kappas, fewer than KAPPA_MIN_GRID ({KAPPA_MIN_GRID:g})" if len(by) < KAPPA_MIN_GRID
                  else "no seed noise measured"),

@@ -136,7 +136,8 @@ def render(sections: list[Section], noise: SeedNoise, reference: Reference) -> s
         "at CPU scale (2 cores), and gives a verdict: **reproduced**, **partly**, **not reproduced** or "
         "**inconclusive**. Everything on this page, numbers, tables, figures and verdicts, is written by "
         "`.venv/bin/python analysis/reproductions.py` from the run directories under `reproductions/runs/`, which "
-        "`bash reproductions/run.sh` produces (resumable: a second call trains only what is missing). Each claim is "
+        "`bash reproductions/run.sh` produces (each section's **Command** line names the function that wrote its runs; "
+        "resumable: a second call trains only what is missing). Each claim is "
         "one module of `analysis/claims/` (its text, source, runs folder, headline check, diagnostics and figure).",
         "",
         "These are small models (0.1-1M parameters without the embedding) trained for a few hundred steps on "

@@ -118,7 +118,7 @@ def identity_hash(ident: Mapping[str, Any]) -> str:
 
 
 def task_container(root) -> dict:
-    from omegaconf import OmegaConf
+    from omegaconf import OmegaConf  # here, not at the top: the analysis tools read run directories without it
 
     keys = [k for k in root.keys() if k != "hydra"]
     tree = OmegaConf.to_container(OmegaConf.masked_copy(root, keys), resolve=True)
@@ -225,6 +225,7 @@ def write_hydra_files(run_dir: Path, task_cfg, overrides: list[str], hydra_cfg: 
     once it owns the directory and has checked it (Hydra's own copy would be written before either).
     `hydra.yaml` holds this process's Hydra job's settings, or `hydra_cfg`: a stack member's own job's,
     as the stacked launcher composed it (the process is the stack's job; empty: none is known)."""
+    # here, not at the top: the analysis tools read run directories without Hydra
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
 

@@ -26,7 +26,7 @@ def matmul_peak(device: str = "cpu", threads: int | None = None, precision: str 
     """Best-of-N GFLOP/s of a square matmul: fp32 2048^2 on CPU, bf16 8192^2 on GPU by default. With
     cpu_clock (CPU only), timed by the process's CPU time shared over its threads: what the cores do when
     the matmul has them, whatever else keeps them busy (the load is then accounted for apart)."""
-    import torch
+    import torch  # here, not at the top: listing a sweep imports the FLOP counts and need not load torch
 
     if threads:
         torch.set_num_threads(threads)
@@ -53,7 +53,7 @@ def device_name(device) -> str:
     """What a device is, for reports: the GPU's name on CUDA, the processor (and torch version) on CPU."""
     import platform
 
-    import torch
+    import torch  # here, not at the top: as in matmul_peak
 
     device = torch.device(device)
     if device.type == "cuda":

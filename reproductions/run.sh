@@ -110,7 +110,8 @@ e8() {
 # The first E8 round, at LR 0.1 (10x the best LR: the models end worse than the bigram model). Kept to
 # compare against.
 e8_high_lr() {
-  e8_sweep e8_precision optim.lr=1e-1
+  # data.val_token_ratio=null: the whole held-out split, as these runs were trained (their identity)
+  e8_sweep e8_precision optim.lr=1e-1 data.val_token_ratio=null
 }
 e8_sweep() {
   local name=$1; shift

@@ -417,7 +417,9 @@ def test_an_override_pinning_a_later_key_to_its_earlier_value_is_the_same_varian
     # to keep their identity. Both are one variant; another ratio is another variant.
     from qknorm.analysis.runs import collect_runs
 
-    for name, extra in (("old", []), ("pinned", ["data.val_token_ratio=null"]), ("other", ["data.val_token_ratio=0.1"])):
+    cases = (("old", []), ("pinned", ["data.val_token_ratio=null"]), ("other", ["data.val_token_ratio=0.1"]),
+             ("appended", ["+data.val_token_ratio=null"]), ("unparsable", ["data.val_token_ratio=[0.1"]))
+    for name, extra in cases:
         run = tmp_path / name
         (run / ".hydra").mkdir(parents=True)
         overrides = ["model=tiny", "attention=qwen3", "optim.lr=0.1", f"seed={len(extra)}", *extra]
@@ -428,3 +430,5 @@ def test_an_override_pinning_a_later_key_to_its_earlier_value_is_the_same_varian
     assert variants[str(tmp_path / "old")] == variants[str(tmp_path / "pinned")]
     assert variants[str(tmp_path / "other")] != variants[str(tmp_path / "old")]
     assert "data.val_token_ratio=0.1" in variants[str(tmp_path / "other")]
+    assert variants[str(tmp_path / "appended")] == variants[str(tmp_path / "old")]
+    assert "data.val_token_ratio=[0.1" in variants[str(tmp_path / "unparsable")]  # kept as written, and no crash

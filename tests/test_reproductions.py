@@ -927,3 +927,19 @@ def test_a_check_s_name_loses_nested_figures_whole_so_each_seed_s_copy_matches()
     pooled = "Muon held at tau (LR 0.1: 0.189x (the seeds' spread: 1.02x); LR 0.3: 0.2x) at every LR"
     seed = "Muon held at tau (LR 0.1: 0.2x (one seed); LR 0.3: 0.3x) at every LR"
     assert core.check_name(pooled) == core.check_name(seed) == "Muon held at tau at every LR"
+
+
+def test_seed_noise_pairs_seeds_recorded_before_and_after_a_key_was_added(tmp_path):
+    """Seed 0 ran before data.val_token_ratio (and the later keys) existed; seed 1 after, pinning the ratio to
+    null to train the same config: one pair of runs differing only in their seed."""
+    folder = tmp_path / "runs"
+    base = ["model=tiny", "attention=qwen3", "optim.lr=0.1"]
+    old = write_run(folder, base, 4.0, seed=0)
+    write_run(folder, [*base, "data.val_token_ratio=null"], 4.05, seed=1)
+    raw = yaml.safe_load((old / ".hydra" / "config.yaml").read_text())
+    del raw["data"]["val_token_ratio"]
+    for key in ("output_gate", "softmax", "length_scale"):  # keys added later, at the values earlier runs had
+        raw["attention"].pop(key, None)
+    (old / ".hydra" / "config.yaml").write_text(yaml.safe_dump(raw))
+    noise = core.seed_noise([core.load(folder, core.Reference(None, "none"))])
+    assert noise.pairs == 1 and noise.median == pytest.approx(0.05)

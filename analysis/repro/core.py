@@ -33,7 +33,7 @@ from qknorm.analysis.failure import Reference, read_summary
 from qknorm.analysis.lr import capped_loss, sensitivity_per_seed
 from qknorm.analysis.runs import collect_runs, is_stable
 from qknorm.analysis.stability import read_stability
-from qknorm.rundir import flatten
+from qknorm.rundir import flatten, recorded_identity
 
 from .thresholds import GRID_RESOLUTION, JUMP_NATS, NOISE_QUANTILE, RATIO_SLACK
 
@@ -203,13 +203,19 @@ def load(root: Path, reference: Reference) -> pd.DataFrame:
     frame.attrs["unfinished"] = unfinished
     if frame.empty:
         return frame.reset_index(drop=True)
-    cfgs = []
+    cfgs, idents = [], []
     for run in frame["run_dir"]:
         try:
-            cfgs.append(flatten(yaml.safe_load((Path(run) / ".hydra" / "config.yaml").read_text())))
+            raw = yaml.safe_load((Path(run) / ".hydra" / "config.yaml").read_text())
         except (OSError, yaml.YAMLError):
-            cfgs.append({})
+            raw = None
+        cfgs.append(flatten(raw) if isinstance(raw, dict) else {})
+        # what the run computed, whenever its config was recorded (keys added later read as runs had them then):
+        # runs of one config made before and after a key was added pair across seeds
+        idents.append(json.dumps({k: v for k, v in recorded_identity(raw).items() if k != "seed"}, sort_keys=True, default=str)
+                      if isinstance(raw, dict) else None)
     frame["cfg"] = cfgs
+    frame["identity"] = idents
     frame["summary"] = [read_summary(r) for r in frame["run_dir"]]
     frame["diverged"] = frame["diverged"].fillna(False).astype(bool)
     frame["after_warmup"] = frame["diverged"] & frame["diverged_in_warmup"].map(lambda v: v is False)
@@ -317,10 +323,9 @@ def seed_noise(frames: list[pd.DataFrame]) -> SeedNoise:
             continue
         keyed: dict[str, dict[int, float]] = {}
         for r in frame.itertuples():
-            if r.diverged or pd.isna(r.final_val_loss):
+            if r.diverged or pd.isna(r.final_val_loss) or r.identity is None:
                 continue
-            identity = json.dumps({k: v for k, v in r.cfg.items() if k != "seed"}, sort_keys=True, default=str)
-            keyed.setdefault(identity, {})[int(r.seed)] = float(r.final_val_loss)
+            keyed.setdefault(r.identity, {})[int(r.seed)] = float(r.final_val_loss)
         gaps += [abs(s[0] - s[1]) for s in keyed.values() if 0 in s and 1 in s]
     if not gaps:
         return SeedNoise(0, math.nan, math.nan)

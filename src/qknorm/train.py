@@ -78,7 +78,7 @@ def _run_owned(raw_cfg: DictConfig, run_dir: Path) -> Optional[float]:
                 cfg = dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, threads=threads))
         summary.update(warmup_steps=cfg.optim.warmup_steps, val_every_n_steps=cfg.trainer.val_every_n_steps,
                        monitor_every_n_steps=cfg.callbacks.monitor.every_n_steps)
-        # the one import inside a function: the training layer (torch, Lightning: seconds) loads only
+        # inside the function: the training layer (torch, Lightning: seconds) loads only
         # once the config is known to be valid, so a wrong value is reported at once
         from .training.fit import train
 

@@ -46,9 +46,13 @@ def _pins_earlier_value(override: str) -> bool:
     """An override that sets a key added later to the value runs had before it existed (rundir.EARLIER_VALUES):
     the same config as a run recorded without it, so the same variant."""
     key, _, value = override.partition("=")
-    if key not in EARLIER_VALUES:
+    key = key.lstrip("+")
+    if key not in EARLIER_VALUES or not value.strip():  # Hydra reads `key=` as an empty string, not null
         return False
-    return yaml.safe_load(value) == EARLIER_VALUES[key]
+    try:
+        return yaml.safe_load(value) == EARLIER_VALUES[key]
+    except yaml.YAMLError:
+        return False
 
 
 def variant_of(overrides: list[str]) -> str:

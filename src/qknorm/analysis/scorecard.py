@@ -355,25 +355,15 @@ def _growth_lr(lrs: list[float], best_lr: float) -> tuple[Optional[float], str]:
     return None, f"no run at 3.16x the best LR (nearest {nearest:.3g}, {nearest / best_lr:.2f}x)"
 
 
-def _group_runs(sweep: Sweep, record: dict, frame: pd.DataFrame) -> tuple[set[str], pd.DataFrame]:
-    """The group's recorded probe directories (resolved) and the rows of those found in the run table."""
-    dirs = {str((sweep.folder / p["run_dir"]).resolve()) for p in record.get("probes", []) if p.get("run_dir")}
-    return dirs, frame[frame["resolved"].isin(dirs)]
-
-
-def _finished_probes(sweep: Sweep, record: dict, frame: pd.DataFrame) -> pd.DataFrame:
-    """The group's probes that ended (a result: completed or diverged), with the failure columns."""
-    mine = _group_runs(sweep, record, frame)[1]
-    return mine[mine["status"].isin(FINISHED) & mine["diverged"].notna()]
-
-
-def _group_row(sweep: Sweep, record: dict, frame: pd.DataFrame, boundaries: pd.DataFrame) -> dict[str, Any]:
+def _group_row(sweep: Sweep, record: dict, frame: pd.DataFrame, boundaries: pd.DataFrame) -> tuple[dict[str, Any], pd.DataFrame]:
+    """The group's row, and its probes that ended (a result: completed or diverged, with the failure columns)."""
     settings = settings_from_record(sweep.record.get("settings", {}))
     coarse = sorted(float(x) for x in sweep.record.get("coarse_grid") or settings.coarse_grid())
     group = group_from_record(record)
     state = progress(group, settings, coarse)
     preset = _preset(str(record["group"]), sweep.record.get("fixed", []))
-    dirs, mine = _group_runs(sweep, record, frame)
+    dirs = {str((sweep.folder / p["run_dir"]).resolve()) for p in record.get("probes", []) if p.get("run_dir")}
+    mine = frame[frame["resolved"].isin(dirs)]
     g = mine[mine["status"].isin(FINISHED)]
     ended = g[g["diverged"].notna()]
     lost, unresolved = len(record.get("lost", [])), len(dirs - set(frame["resolved"]))
@@ -386,11 +376,11 @@ def _group_row(sweep: Sweep, record: dict, frame: pd.DataFrame, boundaries: pd.D
            f"{len(mine) - len(g)} runs not finished" if len(mine) > len(g) else ""]
     if not state.done:
         row.update(search=f"in progress: {state.note}", rank=RANK_RUNNING)
-        return row
+        return row, ended
     if ended.empty:
         reason = "; ".join(w for w in why if w) or "no probe recorded"
         row.update(search=f"finished, no finished run ({reason})", rank=RANK_EMPTY)
-        return row
+        return row, ended
     row.update(search="finished" + (f" ({state.note})" if state.note else ""), rank=RANK_DONE)
     seeds = len(group.seeds)
     ok = ended[~ended["diverged"].astype(bool) & (ended["status"] == "completed")]
@@ -418,7 +408,7 @@ def _group_row(sweep: Sweep, record: dict, frame: pd.DataFrame, boundaries: pd.D
         row.update(logit_growth_best_lr=logit_growth(at_best), fp16_headroom_final=final_headroom(at_best), growth_step_lr=step_lr,
                    logit_growth_step_lr=logit_growth(list(ended[ended["lr"] == step_lr]["run_dir"])) if step_lr else math.nan,
                    growth_step_note=step_note)
-    return row
+    return row, ended
 
 
 @dataclass(frozen=True)
@@ -431,11 +421,6 @@ class Twins:
     completed: int
     median_nats: float
     max_nats: float
-
-
-def _loss(row: pd.Series) -> float:
-    v = pd.to_numeric(row.get("final_val_loss"), errors="coerce")
-    return float(v) if v is not None and not pd.isna(v) else math.nan
 
 
 def twins(probes: dict[str, pd.DataFrame]) -> list[Twins]:
@@ -453,7 +438,9 @@ def twins(probes: dict[str, pd.DataFrame]) -> list[Twins]:
             pairs = [(keyed[a][k], keyed[b][k]) for k in shared]
             if any(bool(x["diverged"]) != bool(y["diverged"]) or x["status"] != y["status"] for x, y in pairs):
                 continue
-            diffs = [abs(la - lb) for la, lb in ((_loss(x), _loss(y)) for x, y in pairs) if math.isfinite(la) and math.isfinite(lb)]
+            # final losses are numeric in the run table (runs.tidy): a run without one reads NaN
+            diffs = [abs(float(x["final_val_loss"]) - float(y["final_val_loss"])) for x, y in pairs
+                     if math.isfinite(float(x["final_val_loss"])) and math.isfinite(float(y["final_val_loss"]))]
             if len(diffs) >= TWIN_MIN_SHARED and max(diffs) <= TWIN_NATS:
                 out.append(Twins(a, b, len(shared), len(diffs), statistics.median(diffs), max(diffs)))
     return out
@@ -475,8 +462,9 @@ def scorecard(paths: list[str | Path], benchmarks: Path = BENCHMARKS, presets: P
     for s in sweeps:
         boundaries = critical_lr_table(frame, [s.file])
         for record in s.record.get("groups", []):
-            rows.append(_group_row(s, record, frame, boundaries))
-            probes[rows[-1]["preset"]] = _finished_probes(s, record, frame)
+            row, ended = _group_row(s, record, frame, boundaries)
+            rows.append(row)
+            probes[row["preset"]] = ended
     table = pd.DataFrame(rows)
     for col in ("best_lr", "best_val_loss", "best_val_loss_halfrange", "lr_sensitivity", "lr_sensitivity_min", "lr_sensitivity_max",
                 "divergence_lr", "critical_lr", "logit_growth_best_lr", "logit_growth_step_lr", "growth_step_lr",

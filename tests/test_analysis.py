@@ -432,3 +432,22 @@ def test_an_override_pinning_a_later_key_to_its_earlier_value_is_the_same_varian
     assert "data.val_token_ratio=0.1" in variants[str(tmp_path / "other")]
     assert variants[str(tmp_path / "appended")] == variants[str(tmp_path / "old")]
     assert "data.val_token_ratio=[0.1" in variants[str(tmp_path / "unparsable")]  # kept as written, and no crash
+
+
+def test_collect_runs_hands_over_the_config_and_summary_it_read_only_when_asked(tmp_path):
+    # analysis/repro/core.load reads them from here instead of parsing every run's files a second time;
+    # qknorm-analyze's table (runs.csv) does not carry whole dicts
+    from qknorm.analysis.runs import collect_runs
+
+    good, bare = tmp_path / "good", tmp_path / "bare"
+    (good / ".hydra").mkdir(parents=True)
+    (good / ".hydra" / "config.yaml").write_text("optim:\n  lr: 0.1\nseed: 3\n")
+    (good / "summary.json").write_text(json.dumps({"status": "completed", "final_val_loss": 4.0, "tokens": 7}))
+    bare.mkdir()
+    (bare / "summary.json").write_text("{not json")
+    plain = collect_runs(tmp_path)
+    assert "config" not in plain.columns and "summary" not in plain.columns
+    rows = collect_runs(tmp_path, parsed=True).set_index("run_dir")
+    assert rows.loc[str(good), "config"] == {"optim": {"lr": 0.1}, "seed": 3}
+    assert rows.loc[str(good), "summary"]["tokens"] == 7
+    assert rows.loc[str(bare), "config"] is None and rows.loc[str(bare), "summary"] == {}

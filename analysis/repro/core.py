@@ -26,10 +26,9 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 import pandas as pd
-import yaml
 
 from qknorm.analysis.boundary import Bracket, bracket
-from qknorm.analysis.failure import Reference, read_summary
+from qknorm.analysis.failure import Reference
 from qknorm.analysis.lr import capped_loss, sensitivity_per_seed
 from qknorm.analysis.runs import collect_runs, is_stable
 from qknorm.analysis.stability import read_stability
@@ -194,7 +193,7 @@ def load(root: Path, reference: Reference) -> pd.DataFrame:
     `failed` against the bigram reference (None when there is none)."""
     if not root.is_dir():
         return pd.DataFrame()
-    frame = collect_runs(root)
+    frame = collect_runs(root, parsed=True)  # the config and summary as read there, not read a second time
     if frame.empty:
         return frame
     finished = frame["status"].isin(["completed", "diverged"])
@@ -203,20 +202,12 @@ def load(root: Path, reference: Reference) -> pd.DataFrame:
     frame.attrs["unfinished"] = unfinished
     if frame.empty:
         return frame.reset_index(drop=True)
-    cfgs, idents = [], []
-    for run in frame["run_dir"]:
-        try:
-            raw = yaml.safe_load((Path(run) / ".hydra" / "config.yaml").read_text())
-        except (OSError, yaml.YAMLError):
-            raw = None
-        cfgs.append(flatten(raw) if isinstance(raw, dict) else {})
-        # what the run computed, whenever its config was recorded (keys added later read as runs had them then):
-        # runs of one config made before and after a key was added pair across seeds
-        idents.append(json.dumps({k: v for k, v in recorded_identity(raw).items() if k != "seed"}, sort_keys=True, default=str)
-                      if isinstance(raw, dict) else None)
-    frame["cfg"] = cfgs
-    frame["identity"] = idents
-    frame["summary"] = [read_summary(r) for r in frame["run_dir"]]
+    raws = list(frame["config"])
+    frame["cfg"] = [flatten(raw) if isinstance(raw, dict) else {} for raw in raws]
+    # what the run computed, whenever its config was recorded (keys added later read as runs had them then):
+    # runs of one config made before and after a key was added pair across seeds
+    frame["identity"] = [json.dumps({k: v for k, v in recorded_identity(raw).items() if k != "seed"}, sort_keys=True, default=str)
+                         if isinstance(raw, dict) else None for raw in raws]
     frame["diverged"] = frame["diverged"].fillna(False).astype(bool)
     frame["after_warmup"] = frame["diverged"] & frame["diverged_in_warmup"].map(lambda v: v is False)
     frame["stable"] = frame.apply(is_stable, axis=1)

@@ -60,8 +60,9 @@ def variant_of(overrides: list[str]) -> str:
     return " ".join(sorted(kept)) or "default"
 
 
-def read_run(run_dir: Path) -> dict:
-    """One row: what the run directory says, with `problem` naming anything missing or unreadable."""
+def read_run(run_dir: Path, parsed: bool = False) -> dict:
+    """One row: what the run directory says, with `problem` naming anything missing or unreadable; with
+    `parsed`, also the config and summary as read (collect_runs)."""
     row: dict[str, Any] = {"run_dir": str(run_dir), "problem": None}
     problems = []
     overrides = _read_yaml(run_dir / ".hydra" / "overrides.yaml")
@@ -113,6 +114,9 @@ def read_run(run_dir: Path) -> dict:
     row["stability_records"] = len(records)
     if (run_dir / "stability.jsonl").exists() and not complete:
         problems.append("truncated stability.jsonl")
+    if parsed:
+        row["config"] = config if isinstance(config, dict) else None
+        row["summary"] = summary if isinstance(summary, dict) else {}
     row["problem"] = "; ".join(problems) or None
     # a finished run keeps its status (a damaged log is flagged in `problem`); anything else is incomplete
     if problems and row["status"] not in ("completed", "diverged", "failed"):
@@ -120,8 +124,11 @@ def read_run(run_dir: Path) -> dict:
     return row
 
 
-def collect_runs(root: str | Path) -> pd.DataFrame:
-    rows = [read_run(p) for p in find_runs(root)]
+def collect_runs(root: str | Path, parsed: bool = False) -> pd.DataFrame:
+    """Every run below `root`, one row each (read_run). `parsed` keeps each run's config and summary as read,
+    in the `config` and `summary` columns (dicts; None and {} where missing), for a caller that needs more of them
+    than the row holds: it need not read and parse every file again."""
+    rows = [read_run(p, parsed) for p in find_runs(root)]
     frame = pd.DataFrame(rows)
     if frame.empty:
         return frame

@@ -313,6 +313,15 @@ def test_a_search_in_progress_is_not_read_as_final(tmp_path, capsys):
     assert row.loc["gemma3", "search"] == "finished" and row.loc["gemma3", "lr_sensitivity"] > 0
     assert "24 finished runs" in page and "1 more runs still running or stopped before finishing, not counted" in page
     assert "The search of qwen3 is still in progress" in page
+    # the figure: a fit is drawn only where the search has finished, as the table's cells
+    from qknorm.analysis import scorecard as sc
+
+    table, info = sc.scorecard([sweep])
+    fig = sc.probe_figure(table, info)
+    panels = dict(zip(table["preset"], [ax for ax in fig.axes if ax.get_visible()], strict=True))
+    assert panels["qwen3"].get_title() == "qwen3 (search in progress)" and panels["baseline"].get_title() == "baseline"
+    assert not any(line.get_label().endswith("LR") or "LR (" in line.get_label() for line in panels["qwen3"].get_lines())
+    assert "critical LR (quality)" in [line.get_label() for line in panels["baseline"].get_lines()]
 
 
 def test_sweeps_with_different_settings_or_the_same_group_are_refused_in_one_line(tmp_path, capsys):
@@ -416,3 +425,27 @@ def test_presets_indistinguishable_at_the_recipe_are_named_and_others_are_not(ma
     _, _, page = main_sweep
     assert "gemma3 and qwen3 are indistinguishable at this recipe: at each of their" in page
     assert page.count("indistinguishable at this recipe") == 1
+
+
+def test_the_probe_figure_shows_every_preset_in_the_tables_order_beside_the_baseline(main_sweep, tmp_path):
+    from qknorm.analysis import scorecard as sc
+
+    sweep, _, _ = main_sweep
+    out = tmp_path / "docs" / "scorecard.md"
+    assert scorecard_main([str(sweep), "--out", str(out)]) == 0
+    assert (out.parent / "scorecard_probes.png").stat().st_size > 10_000
+    assert "![Every preset's probes: final val loss against LR](scorecard_probes.png)" in out.read_text()
+    table, info = sc.scorecard([sweep], presets=sweep.parent / "attention")
+    fig = sc.probe_figure(table, info)
+    axes = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in axes] == list(table["preset"])  # every search here finished
+    lines = {p: [line.get_label() for line in ax.get_lines()] for p, ax in zip(table["preset"], axes, strict=True)}
+    reference = "baseline (mean of seeds)"
+    assert reference not in lines["baseline"] and all(reference in lines[p] for p in table["preset"] if p != "baseline")
+    assert {"divergence LR", "critical LR (quality)"} <= set(lines["qwen3"])
+    # the axis is set by the runs that did not diverge (fixture losses up to FAILED's 6.0); a diverged probe
+    # (DIVERGED: loss 9) sits at the top edge instead of stretching it
+    bottom, top = axes[0].get_ylim()
+    assert top == pytest.approx(FAILED["loss"] + sc.FIGURE_HEADROOM, abs=1e-3)  # gemma3 fails 1e-4 above it
+    crosses = [c for c in axes[list(table["preset"]).index("baseline")].collections if c.get_label() == "diverged"]
+    assert crosses and all(y == pytest.approx(top) for y in crosses[0].get_offsets()[:, 1])

@@ -80,34 +80,47 @@ def critical_lr_table(frame: pd.DataFrame, files: list[Path]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+COLOURS = {"diverged": "tab:red", "failed": "tab:orange"}
+
+
+def draw_probes(ax, g: pd.DataFrame, bounds: pd.DataFrame, cap: float | None = None, counts: bool = True) -> None:
+    """One group's probes on `ax`: final loss against LR (diverged and failed runs marked, diverged runs drawn at
+    the loss where they stopped, or at `cap` when above it, so that a shared axis keeps them in view), the fitted
+    boundaries of `bounds` (critical_lr_table's rows) with their intervals shaded, and the bigram reference.
+    `counts`: labels carry the number of runs and the boundary's value (a panel's own legend); without, the
+    labels are the same on every panel (one legend for a page of panels)."""
+    failed, diverged = g["failed"].fillna(False).astype(bool), g["diverged"].fillna(False).astype(bool)
+    for kind, sel, marker, colour in (("ok", ~failed, "o", "tab:blue"),
+                                      ("failed", failed & ~diverged, "s", COLOURS["failed"]),
+                                      ("diverged", diverged, "x", COLOURS["diverged"])):
+        kind = kind if counts else {"ok": "beat the bigram model", "failed": "failed (worse than it)"}.get(kind, kind)
+        pts = g[sel]
+        loss = pts["final_val_loss"].where(pts["final_val_loss"].apply(lambda v: not pd.isna(v) and math.isfinite(v)),
+                                           pts["initial_loss"])
+        if cap is not None:
+            loss = loss.clip(upper=cap)
+        ax.scatter(pts["lr"], loss, marker=marker, color=colour, label=f"{kind} ({len(pts)})" if counts else kind, zorder=3)
+    for _, row in bounds.iterrows():
+        target = "diverged" if row["target"].startswith("divergence") else "failed"
+        if row["boundary_lr"] is not None and not pd.isna(row["boundary_lr"]):
+            label = f"{row['target']} {row['boundary_lr']:.3g}" if counts else row["target"]
+            ax.axvline(row["boundary_lr"], color=COLOURS[target], ls="--", lw=1, label=label)
+            ax.axvspan(row["ci_low"], row["ci_high"], color=COLOURS[target], alpha=0.12)
+    ref = g["bigram_nats"].dropna()
+    if len(ref):
+        ax.axhline(float(ref.iloc[0]), color="0.5", lw=0.8, ls=":", label="bigram reference")
+
+
 def figure(frame: pd.DataFrame, table: pd.DataFrame, files: list[Path], out: Path) -> list[Path]:
-    """Per group: each probe's final loss against its LR (diverged and failed runs marked, diverged runs drawn
-    at the loss where they stopped), the fitted boundaries and their intervals shaded."""
+    """Per group: draw_probes, a panel each."""
     groups = group_of_runs(files)
     frame = frame.assign(group=[groups.get(str(Path(d).resolve())) for d in frame["run_dir"]])
     names = sorted(n for n in frame["group"].dropna().unique())
     if not names:
         return []
     fig, axes = figures._panels(len(names), 4.6, 3.4)
-    colours = {"diverged": "tab:red", "failed": "tab:orange"}
     for ax, name in zip(axes, names, strict=True):
-        g = frame[frame["group"] == name]
-        failed, diverged = g["failed"].fillna(False).astype(bool), g["diverged"].fillna(False).astype(bool)
-        for kind, sel, marker, colour in (("ok", ~failed, "o", "tab:blue"),
-                                          ("failed", failed & ~diverged, "s", colours["failed"]),
-                                          ("diverged", diverged, "x", colours["diverged"])):
-            pts = g[sel]
-            loss = pts["final_val_loss"].where(pts["final_val_loss"].apply(lambda v: not pd.isna(v) and math.isfinite(v)),
-                                               pts["initial_loss"])
-            ax.scatter(pts["lr"], loss, marker=marker, color=colour, label=f"{kind} ({len(pts)})", zorder=3)
-        for _, row in table[table["group"] == name].iterrows():
-            target = "diverged" if row["target"].startswith("divergence") else "failed"
-            if row["boundary_lr"] is not None and not pd.isna(row["boundary_lr"]):
-                ax.axvline(row["boundary_lr"], color=colours[target], ls="--", lw=1, label=f"{row['target']} {row['boundary_lr']:.3g}")
-                ax.axvspan(row["ci_low"], row["ci_high"], color=colours[target], alpha=0.12)
-        ref = g["bigram_nats"].dropna()
-        if len(ref):
-            ax.axhline(float(ref.iloc[0]), color="0.5", lw=0.8, ls=":", label="bigram reference")
+        draw_probes(ax, frame[frame["group"] == name], table[table["group"] == name])
         ax.set_title(name, fontsize=9)
         figures._label(ax, "learning rate", "final val loss (diverged: at the stop)", "x")
     return figures._save(fig, out, "critical_lr")

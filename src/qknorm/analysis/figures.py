@@ -127,9 +127,9 @@ def sensitivity_bars(table: pd.DataFrame, out: Path) -> list[Path]:
     return _save(fig, out, "lr_sensitivity")
 
 
-def _panels(n: int, width: float, height: float, **kwargs):
-    """A grid of n panels, at most three a row; the unused ones hidden."""
-    cols = min(3, max(1, n))
+def _panels(n: int, width: float, height: float, per_row: int = 3, **kwargs):
+    """A grid of n panels, at most `per_row` a row; the unused ones hidden."""
+    cols = min(per_row, max(1, n))
     rows = -(-max(1, n) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False, **kwargs)
     for ax in axes.flat[n:]:

@@ -24,6 +24,8 @@ columns that need the whole search stay blank. Its runs give every column:
   benchmark files (CPU: benchmarks/results/cpu_presets*.csv at the runs' model size; GPU:
   benchmarks/results/gpu_*.csv, compiled where measured), the mean [min, max] over the files that measured a
   preset, with the scale each was measured at; blank where a preset was not measured.
+Beside the page, `<page>_probes.png` (probe_figure): every preset's probes, a panel each in the table's order on
+shared axes, with the baseline's mean curve and, where the search has finished, the fitted boundaries.
 """
 
 from __future__ import annotations
@@ -42,8 +44,9 @@ import pandas as pd
 import yaml
 
 from ..rundir import FINISHED  # summary statuses of a run that ended; any other is still running or was cut
+from . import figures
 from .boundary import ALL_FAILED, NONE_FAILED, grid_runs, round_lr
-from .critical_lr import critical_lr_table, finder_files
+from .critical_lr import critical_lr_table, draw_probes, finder_files, group_of_runs
 from .failure import failure_columns
 from .lr import capped_loss
 from .report import markdown_table
@@ -458,9 +461,10 @@ def scorecard(paths: list[str | Path], benchmarks: Path = BENCHMARKS, presets: P
     if not frame["status"].isin(FINISHED).any():
         raise ValueError(f"{where}: no finished runs yet ({len(frame)} run directories, none with summary status "
                          f"{' or '.join(FINISHED)})")
-    rows, probes = [], {}
+    rows, probes, bounds = [], {}, []
     for s in sweeps:
         boundaries = critical_lr_table(frame, [s.file])
+        bounds.append(boundaries)
         for record in s.record.get("groups", []):
             row, ended = _group_row(s, record, frame, boundaries)
             rows.append(row)
@@ -489,8 +493,65 @@ def scorecard(paths: list[str | Path], benchmarks: Path = BENCHMARKS, presets: P
     available = sorted(p.stem for p in presets.glob("*.yaml")) if presets.is_dir() else []
     settings = sweeps[0].record.get("settings", {})
     return table, {"settings": settings, "frame": frame, "coarse": sweeps[0].record.get("coarse_grid", []), "costs": costs,
-                   "model_size": size, "twins": twins(probes), "swept_without_group": [p for p in swept if p not in grouped],
+                   "model_size": size, "twins": twins(probes), "boundaries": pd.concat(bounds, ignore_index=True),
+                   "files": [s.file for s in sweeps], "swept_without_group": [p for p in swept if p not in grouped],
                    "not_swept": [p for p in available if p not in grouped and p not in swept]}
+
+
+# -- the figure --------------------------------------------------------------------------------------------
+
+FIGURE_PER_ROW = 5  # 25 presets in 5 rows of panels: a page's width, each panel still readable
+FIGURE_HEADROOM = 0.3  # nats above the highest loss of a run that did not diverge: the top edge, where diverged probes sit
+
+
+def probe_figure(table: pd.DataFrame, info: dict):
+    """Every preset's probes, a panel each in the table's order, on shared axes: critical_lr.draw_probes (final
+    val loss against LR, failed and diverged probes marked, diverged ones at the top edge), the baseline's mean
+    final loss over seeds at each LR where every seed completed without diverging (grey, on the other panels),
+    and the fitted boundaries with their 95% intervals where the search has finished (an unfinished search's
+    fit is not drawn, as its cells are blank). One legend for the page."""
+    groups = group_of_runs(info["files"])
+    frame = info["frame"]
+    frame = frame.assign(group=[groups.get(r) for r in frame["resolved"]])
+    ended = frame[frame["status"].isin(FINISHED) & frame["diverged"].notna()]
+    bounds = info["boundaries"]
+    # the losses of runs that did not diverge set the axis (the differences between presets are tenths of a nat);
+    # a diverged probe's loss can be anything up to inf, so it is drawn at the top edge
+    finite = pd.to_numeric(ended.loc[~ended["diverged"].astype(bool), "final_val_loss"], errors="coerce")
+    finite = finite[finite.apply(math.isfinite)]
+    initial = float(pd.to_numeric(ended["initial_loss"], errors="coerce").max())
+    top = float(finite.max()) + FIGURE_HEADROOM if len(finite) else initial + FIGURE_HEADROOM
+    bottom = float(finite.min()) - 0.1 if len(finite) else None
+    reference = None
+    base = table[table["preset"] == BASELINE]
+    if len(base):
+        runs = ended[(ended["group"] == base["group"].iloc[0]) & (ended["status"] == "completed") & ~ended["diverged"].astype(bool)]
+        seeds = int(base["seeds"].iloc[0])
+        whole = runs.groupby("lr").filter(lambda f: f["seed"].nunique() >= seeds)
+        reference = whole.groupby("lr")["final_val_loss"].mean().sort_index() if len(whole) else None
+    fig, axes = figures._panels(len(table), 3.0, 2.4, per_row=FIGURE_PER_ROW, sharex=True, sharey=True)
+    fig.set_figheight(fig.get_figheight() + 0.45)
+    for ax, (_, row) in zip(axes, table.iterrows(), strict=True):
+        if reference is not None and row["preset"] != BASELINE:
+            ax.plot(reference.index, reference.values, color="0.6", lw=1.2, label=f"{BASELINE} (mean of seeds)", zorder=1)
+        mine = bounds[bounds["group"] == row["group"]] if row["search_done"] and not bounds.empty else bounds.iloc[0:0]
+        draw_probes(ax, ended[ended["group"] == row["group"]], mine, cap=top, counts=False)
+        ax.set_title(str(row["preset"]) + ("" if row["search_done"] else " (search in progress)"), fontsize=8)
+        ax.set_xscale("log")
+        ax.grid(alpha=0.3, which="both")
+    if axes:
+        axes[0].set_ylim(bottom, top)
+    seen: dict[str, Any] = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            seen.setdefault(label, handle)
+    fig.supxlabel("learning rate")
+    fig.supylabel("final val loss (nats)")
+    legend_inches = 0.45  # above the panels, whatever their number of rows
+    fig.tight_layout(rect=(0, 0, 1, 1 - legend_inches / fig.get_figheight()))
+    fig.legend(list(seen.values()), list(seen), loc="upper center", ncol=min(len(seen), 4), fontsize=8, bbox_to_anchor=(0.5, 1.0),
+               frameon=False)
+    return fig
 
 
 # -- the page ----------------------------------------------------------------------------------------------
@@ -615,7 +676,7 @@ def _growth_cell(r: pd.Series) -> str:
     return f"{best or 'no record'} / {step}"
 
 
-def render(table: pd.DataFrame, info: dict, command: str) -> str:
+def render(table: pd.DataFrame, info: dict, command: str, figure: Optional[str] = None) -> str:
     if table.empty:
         return "\n".join(["# Stabilizer scorecard", "", f"No preset has finished runs yet (regenerate: `{command}`)."])
     done = table["rank"] == RANK_DONE
@@ -688,6 +749,12 @@ def render(table: pd.DataFrame, info: dict, command: str) -> str:
         "is that close the cell names the nearest. fp16 headroom: a NaN headroom counts as 0.  ",
         "Speed vs baseline: tokens/s relative to the baseline preset (above 1: faster), the mean [min, max] over the "
         f"files that measured a preset. {'; '.join(scale)}.",
+        *(["", f"![Every preset's probes: final val loss against LR]({figure})", "",
+             "Every preset's probes (both seeds), in the table's order, on shared axes: blue circles completed and beat the "
+             "bigram model (dotted line), orange squares completed worse than it (failed), red crosses diverged (drawn at "
+             f"the top edge); the grey line is the {BASELINE}'s mean final loss over seeds, for comparison; dashed lines are "
+             "the fitted divergence and critical LRs, shaded their 95% intervals, drawn only where the search has finished."]
+           if figure else []),
         *(["", "Presets without a row: " + "; ".join(missing) + "."] if missing else []),
     ])
 
@@ -713,8 +780,12 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     csv = Path(args.csv) if args.csv else out.with_suffix(".csv")
     table.to_csv(csv, index=False)
-    out.write_text(render(table, info, "qknorm-scorecard " + " ".join(args.paths) + f" --out {args.out}") + "\n")
-    print(f"{len(table)} presets; wrote {out} and {csv}")
+    picture = out.with_name(f"{out.stem}_probes.png")
+    fig = probe_figure(table, info)
+    fig.savefig(picture, dpi=100)
+    figures.plt.close(fig)
+    out.write_text(render(table, info, "qknorm-scorecard " + " ".join(args.paths) + f" --out {args.out}", picture.name) + "\n")
+    print(f"{len(table)} presets; wrote {out}, {picture.name} and {csv.name}")
     return 0
 
 

@@ -313,15 +313,7 @@ def test_a_search_in_progress_is_not_read_as_final(tmp_path, capsys):
     assert row.loc["gemma3", "search"] == "finished" and row.loc["gemma3", "lr_sensitivity"] > 0
     assert "24 finished runs" in page and "1 more runs still running or stopped before finishing, not counted" in page
     assert "The search of qwen3 is still in progress" in page
-    # the figure: a fit is drawn only where the search has finished, as the table's cells
-    from qknorm.analysis import scorecard as sc
 
-    table, info = sc.scorecard([sweep])
-    fig = sc.probe_figure(table, info)
-    panels = dict(zip(table["preset"], [ax for ax in fig.axes if ax.get_visible()], strict=True))
-    assert panels["qwen3"].get_title() == "qwen3 (search in progress)" and panels["baseline"].get_title() == "baseline"
-    assert not any(line.get_label().endswith("LR") or "LR (" in line.get_label() for line in panels["qwen3"].get_lines())
-    assert "critical LR (quality)" in [line.get_label() for line in panels["baseline"].get_lines()]
 
 
 def test_sweeps_with_different_settings_or_the_same_group_are_refused_in_one_line(tmp_path, capsys):
@@ -427,7 +419,7 @@ def test_presets_indistinguishable_at_the_recipe_are_named_and_others_are_not(ma
     assert page.count("indistinguishable at this recipe") == 1
 
 
-def test_the_probe_figure_shows_every_preset_in_the_tables_order_beside_the_baseline(main_sweep, tmp_path):
+def test_the_probe_figure_shows_every_preset_s_own_probes_in_the_tables_order_beside_the_baseline(main_sweep, tmp_path):
     from qknorm.analysis import scorecard as sc
 
     sweep, _, _ = main_sweep
@@ -436,16 +428,44 @@ def test_the_probe_figure_shows_every_preset_in_the_tables_order_beside_the_base
     assert (out.parent / "scorecard_probes.png").stat().st_size > 10_000
     assert "![Every preset's probes: final val loss against LR](scorecard_probes.png)" in out.read_text()
     table, info = sc.scorecard([sweep], presets=sweep.parent / "attention")
-    fig = sc.probe_figure(table, info)
+    fig, caption = sc.probe_figure(table, info)
     axes = [ax for ax in fig.axes if ax.get_visible()]
     assert [ax.get_title() for ax in axes] == list(table["preset"])  # every search here finished
+    # each panel holds its own preset's probes, read here from finder.json: every probe that left a run
+    record = json.loads((sweep / "finder.json").read_text())
+    for preset, ax in zip(table["preset"], axes, strict=True):
+        group = next(g for g in record["groups"] if g["group"] == f"attention={preset}")
+        want = sorted(p["lr"] for p in group["probes"] if (sweep / p["run_dir"] / "summary.json").exists())
+        got = sorted(float(x) for c in ax.collections if c.get_offsets().size for x in c.get_offsets()[:, 0])
+        assert got == pytest.approx(want), preset
     lines = {p: [line.get_label() for line in ax.get_lines()] for p, ax in zip(table["preset"], axes, strict=True)}
     reference = "baseline (mean of seeds)"
     assert reference not in lines["baseline"] and all(reference in lines[p] for p in table["preset"] if p != "baseline")
     assert {"divergence LR", "critical LR (quality)"} <= set(lines["qwen3"])
-    # the axis is set by the runs that did not diverge (fixture losses up to FAILED's 6.0); a diverged probe
+    assert "2 seeds" in caption and "grey line" in caption
+    # the axis is set by the runs that did not diverge (fixture losses up to FAILED's 6.0); every diverged probe
     # (DIVERGED: loss 9) sits at the top edge instead of stretching it
     bottom, top = axes[0].get_ylim()
     assert top == pytest.approx(FAILED["loss"] + sc.FIGURE_HEADROOM, abs=1e-3)  # gemma3 fails 1e-4 above it
     crosses = [c for c in axes[list(table["preset"]).index("baseline")].collections if c.get_label() == "diverged"]
     assert crosses and all(y == pytest.approx(top) for y in crosses[0].get_offsets()[:, 1])
+
+
+def test_the_probe_figure_draws_a_fit_only_where_the_search_has_finished(tmp_path):
+    # as the table's cells: olmo2 is still climbing (seed 1 has not failed yet) though its runs already give a fit
+    from qknorm.analysis import scorecard as sc
+
+    presets = {
+        "baseline": lambda lr, seed: ok(4.2 + 0.1 * seed) if lr < 0.3 else FAILED,
+        "olmo2": lambda lr, seed: ok(4.1 + 0.1 * seed) if lr < (0.05 if seed == 0 else 3.0) else FAILED,
+    }
+    sweep = build_sweep(tmp_path / "sweep", presets, FinderSettings(lr_min=0.01, lr_max=10.0, precision=3.5, targets=("failed",)),
+                        rounds=2)
+    table, info = sc.scorecard([sweep])
+    fits = info["boundaries"].set_index(["group", "target"])["boundary_lr"]
+    assert fits[("attention=olmo2", "critical LR (quality)")] > 0 and fits[("attention=baseline", "critical LR (quality)")] > 0
+    fig, _ = sc.probe_figure(table, info)
+    panels = dict(zip(table["preset"], [ax for ax in fig.axes if ax.get_visible()], strict=True))
+    assert panels["olmo2"].get_title() == "olmo2 (search in progress)" and panels["baseline"].get_title() == "baseline"
+    assert "critical LR (quality)" not in [line.get_label() for line in panels["olmo2"].get_lines()]
+    assert "critical LR (quality)" in [line.get_label() for line in panels["baseline"].get_lines()]

@@ -84,22 +84,27 @@ COLOURS = {"diverged": "tab:red", "failed": "tab:orange"}
 
 
 def draw_probes(ax, g: pd.DataFrame, bounds: pd.DataFrame, cap: float | None = None, counts: bool = True) -> None:
-    """One group's probes on `ax`: final loss against LR (diverged and failed runs marked, diverged runs drawn at
-    the loss where they stopped, or at `cap` when above it, so that a shared axis keeps them in view), the fitted
-    boundaries of `bounds` (critical_lr_table's rows) with their intervals shaded, and the bigram reference.
-    `counts`: labels carry the number of runs and the boundary's value (a panel's own legend); without, the
-    labels are the same on every panel (one legend for a page of panels)."""
-    failed, diverged = g["failed"].fillna(False).astype(bool), g["diverged"].fillna(False).astype(bool)
-    for kind, sel, marker, colour in (("ok", ~failed, "o", "tab:blue"),
-                                      ("failed", failed & ~diverged, "s", COLOURS["failed"]),
-                                      ("diverged", diverged, "x", COLOURS["diverged"])):
-        kind = kind if counts else {"ok": "beat the bigram model", "failed": "failed (worse than it)"}.get(kind, kind)
+    """One group's probes on `ax`: final loss against LR, failed and diverged runs marked (a run with no answer
+    for `failed`, for want of a bigram reference, hollow), the fitted boundaries of `bounds` (critical_lr_table's
+    rows) with their intervals shaded, and the bigram reference. A diverged run is drawn at the loss where it
+    stopped (its initial loss where that is not finite) or, given `cap` (panels on a shared axis), at `cap`: the
+    top edge, whatever its loss. `counts`: labels carry the number of runs and the boundary's value (a panel's
+    own legend); without, the labels are the same on every panel (one legend for a page of panels)."""
+    diverged = g["diverged"].fillna(False).astype(bool)
+    known, failed = g["failed"].notna(), g["failed"].fillna(False).astype(bool)
+    kinds = (("ok", "beat the bigram model", known & ~failed & ~diverged, {"marker": "o", "color": "tab:blue"}),
+             ("failed", "failed (worse than it)", failed & ~diverged, {"marker": "s", "color": COLOURS["failed"]}),
+             ("diverged", "diverged", diverged, {"marker": "x", "color": COLOURS["diverged"]}),
+             ("no reference", "no bigram reference", ~known & ~diverged, {"marker": "o", "facecolors": "none", "edgecolors": "tab:blue"}))
+    for kind, plain, sel, style in kinds:
         pts = g[sel]
+        if pts.empty:
+            continue
         loss = pts["final_val_loss"].where(pts["final_val_loss"].apply(lambda v: not pd.isna(v) and math.isfinite(v)),
                                            pts["initial_loss"])
         if cap is not None:
-            loss = loss.clip(upper=cap)
-        ax.scatter(pts["lr"], loss, marker=marker, color=colour, label=f"{kind} ({len(pts)})" if counts else kind, zorder=3)
+            loss = pd.Series(cap, index=pts.index) if kind == "diverged" else loss.clip(upper=cap)
+        ax.scatter(pts["lr"], loss, label=f"{kind} ({len(pts)})" if counts else plain, zorder=3, **style)
     for _, row in bounds.iterrows():
         target = "diverged" if row["target"].startswith("divergence") else "failed"
         if row["boundary_lr"] is not None and not pd.isna(row["boundary_lr"]):

@@ -504,24 +504,26 @@ FIGURE_PER_ROW = 5  # 25 presets in 5 rows of panels: a page's width, each panel
 FIGURE_HEADROOM = 0.3  # nats above the highest loss of a run that did not diverge: the top edge, where diverged probes sit
 
 
-def probe_figure(table: pd.DataFrame, info: dict):
-    """Every preset's probes, a panel each in the table's order, on shared axes: critical_lr.draw_probes (final
-    val loss against LR, failed and diverged probes marked, diverged ones at the top edge), the baseline's mean
-    final loss over seeds at each LR where every seed completed without diverging (grey, on the other panels),
-    and the fitted boundaries with their 95% intervals where the search has finished (an unfinished search's
-    fit is not drawn, as its cells are blank). One legend for the page."""
+def probe_figure(table: pd.DataFrame, info: dict) -> tuple[Any, str]:
+    """The figure and its caption: every preset's finished probes (the runs its group in finder.json lists), a
+    panel each in the table's order, on shared axes: critical_lr.draw_probes (final val loss against LR, failed
+    and diverged probes marked, diverged ones at the top edge), the baseline's mean final loss over seeds at each
+    LR where every seed completed without diverging (grey, on the other panels), and the fitted boundaries with
+    their 95% intervals where the search has finished (an unfinished search's fit is not drawn, as its cells are
+    blank). One legend for the page."""
     groups = group_of_runs(info["files"])
     frame = info["frame"]
     frame = frame.assign(group=[groups.get(r) for r in frame["resolved"]])
-    ended = frame[frame["status"].isin(FINISHED) & frame["diverged"].notna()]
+    ended = frame[frame["status"].isin(FINISHED) & frame["diverged"].notna() & frame["group"].isin(set(table["group"]))]
     bounds = info["boundaries"]
     # the losses of runs that did not diverge set the axis (the differences between presets are tenths of a nat);
     # a diverged probe's loss can be anything up to inf, so it is drawn at the top edge
     finite = pd.to_numeric(ended.loc[~ended["diverged"].astype(bool), "final_val_loss"], errors="coerce")
     finite = finite[finite.apply(math.isfinite)]
-    initial = float(pd.to_numeric(ended["initial_loss"], errors="coerce").max())
-    top = float(finite.max()) + FIGURE_HEADROOM if len(finite) else initial + FIGURE_HEADROOM
-    bottom = float(finite.min()) - 0.1 if len(finite) else None
+    fallback = pd.to_numeric(pd.concat([ended["initial_loss"], ended.get("bigram_nats", pd.Series(dtype=float))]), errors="coerce")
+    fallback = fallback[fallback.apply(math.isfinite)]
+    top = (float(finite.max()) if len(finite) else float(fallback.max()) if len(fallback) else math.nan) + FIGURE_HEADROOM
+    cap = top if math.isfinite(top) else None  # nothing finite to read: each probe where it stopped, matplotlib's axis
     reference = None
     base = table[table["preset"] == BASELINE]
     if len(base):
@@ -535,12 +537,12 @@ def probe_figure(table: pd.DataFrame, info: dict):
         if reference is not None and row["preset"] != BASELINE:
             ax.plot(reference.index, reference.values, color="0.6", lw=1.2, label=f"{BASELINE} (mean of seeds)", zorder=1)
         mine = bounds[bounds["group"] == row["group"]] if row["search_done"] and not bounds.empty else bounds.iloc[0:0]
-        draw_probes(ax, ended[ended["group"] == row["group"]], mine, cap=top, counts=False)
+        draw_probes(ax, ended[ended["group"] == row["group"]], mine, cap=cap, counts=False)
         ax.set_title(str(row["preset"]) + ("" if row["search_done"] else " (search in progress)"), fontsize=8)
         ax.set_xscale("log")
         ax.grid(alpha=0.3, which="both")
-    if axes:
-        axes[0].set_ylim(bottom, top)
+    if axes and cap is not None:
+        axes[0].set_ylim(float(finite.min()) - 0.1 if len(finite) else None, cap)
     seen: dict[str, Any] = {}
     for ax in axes:
         for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
@@ -549,9 +551,20 @@ def probe_figure(table: pd.DataFrame, info: dict):
     fig.supylabel("final val loss (nats)")
     legend_inches = 0.45  # above the panels, whatever their number of rows
     fig.tight_layout(rect=(0, 0, 1, 1 - legend_inches / fig.get_figheight()))
-    fig.legend(list(seen.values()), list(seen), loc="upper center", ncol=min(len(seen), 4), fontsize=8, bbox_to_anchor=(0.5, 1.0),
-               frameon=False)
-    return fig
+    if seen:
+        fig.legend(list(seen.values()), list(seen), loc="upper center", ncol=min(len(seen), 4), fontsize=8,
+                   bbox_to_anchor=(0.5, 1.0), frameon=False)
+    seeds = int(pd.to_numeric(table["seeds"], errors="coerce").max()) if "seeds" in table.columns and len(table) else 0
+    caption = " ".join([
+        f"Every preset's finished probes ({seeds} seeds, the runs finder.json lists for its group), in the table's order, "
+        "on shared axes: blue circles completed and beat the bigram model (dotted line), orange squares completed worse "
+        "than it (failed), red crosses diverged" + (", all drawn at the top edge" if cap is not None else "")
+        + "; a hollow circle completed where no bigram reference was recorded.",
+        f"The grey line is the {BASELINE}'s mean final loss over seeds at each LR where every seed completed without "
+        "diverging, for comparison." if reference is not None else "",
+        "Dashed lines are the fitted divergence and critical LRs, shaded their 95% intervals, drawn only where the "
+        "search has finished; runs still running are not drawn."]).replace("  ", " ").strip()
+    return fig, caption
 
 
 # -- the page ----------------------------------------------------------------------------------------------
@@ -676,7 +689,8 @@ def _growth_cell(r: pd.Series) -> str:
     return f"{best or 'no record'} / {step}"
 
 
-def render(table: pd.DataFrame, info: dict, command: str, figure: Optional[str] = None) -> str:
+def render(table: pd.DataFrame, info: dict, command: str, figure: Optional[tuple[str, str]] = None) -> str:
+    """The page; `figure`: the probe figure's file name (beside the page) and its caption."""
     if table.empty:
         return "\n".join(["# Stabilizer scorecard", "", f"No preset has finished runs yet (regenerate: `{command}`)."])
     done = table["rank"] == RANK_DONE
@@ -749,12 +763,7 @@ def render(table: pd.DataFrame, info: dict, command: str, figure: Optional[str] 
         "is that close the cell names the nearest. fp16 headroom: a NaN headroom counts as 0.  ",
         "Speed vs baseline: tokens/s relative to the baseline preset (above 1: faster), the mean [min, max] over the "
         f"files that measured a preset. {'; '.join(scale)}.",
-        *(["", f"![Every preset's probes: final val loss against LR]({figure})", "",
-             "Every preset's probes (both seeds), in the table's order, on shared axes: blue circles completed and beat the "
-             "bigram model (dotted line), orange squares completed worse than it (failed), red crosses diverged (drawn at "
-             f"the top edge); the grey line is the {BASELINE}'s mean final loss over seeds, for comparison; dashed lines are "
-             "the fitted divergence and critical LRs, shaded their 95% intervals, drawn only where the search has finished."]
-           if figure else []),
+        *(["", f"![Every preset's probes: final val loss against LR]({figure[0]})", "", figure[1]] if figure else []),
         *(["", "Presets without a row: " + "; ".join(missing) + "."] if missing else []),
     ])
 
@@ -781,10 +790,11 @@ def main(argv: list[str] | None = None) -> int:
     csv = Path(args.csv) if args.csv else out.with_suffix(".csv")
     table.to_csv(csv, index=False)
     picture = out.with_name(f"{out.stem}_probes.png")
-    fig = probe_figure(table, info)
+    fig, caption = probe_figure(table, info)
     fig.savefig(picture, dpi=100)
     figures.plt.close(fig)
-    out.write_text(render(table, info, "qknorm-scorecard " + " ".join(args.paths) + f" --out {args.out}", picture.name) + "\n")
+    out.write_text(render(table, info, "qknorm-scorecard " + " ".join(args.paths) + f" --out {args.out}", (picture.name, caption))
+                   + "\n")
     print(f"{len(table)} presets; wrote {out}, {picture.name} and {csv.name}")
     return 0
 

@@ -484,6 +484,40 @@ def _per_head_max(layer: Attention, x) -> torch.Tensor:
     return z.masked_fill(~mask, float("-inf")).amax(dim=(0, 2, 3))
 
 
+@pytest.mark.parametrize("variant", [{}, {"softcap": 3.0}, {"softmax": "sigmoid"}], ids=["softmax", "softcap", "sigmoid"])
+def test_the_explicit_path_keeps_fp32_logits_under_autocast(variant):
+    # as SDPA and the chunked soft-cap kernel do under precision=bf16-mixed: autocast must not round q k^T to bf16
+    from qknorm.model.attention import explicit_attention
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, T, 8) * 3 for _ in range(3))
+    probe: dict = {}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        explicit_attention(q, k, v, 8 ** -0.5, variant.get("softcap"), probe, softmax=variant.get("softmax", "softmax"),
+                           bias=-math.log(T) if variant.get("softmax") == "sigmoid" else 0.0)
+    assert probe["logits"].dtype == probe["weights"].dtype == torch.float32
+    raw = q.double() @ k.double().transpose(-1, -2)
+    torch.testing.assert_close(probe["raw_scores"].double(), raw, rtol=1e-5, atol=1e-5)  # fp32, not bf16's 3 digits
+
+
+def test_qk_clip_tracks_the_max_logit_in_fp32_under_fp16_autocast():
+    # an fp16 q k^T overflows to inf, which QK-Clip reads as a skipped step and leaves alone: the heads that most
+    # need the clip would escape it
+    layer = make_attention(AttentionConfig(qk_clip_tau=5.0), n_kv=N_HEADS, dtype=torch.float32, seed=2)
+    with torch.no_grad():
+        layer.qkv.weight.mul_(240.0)  # logits near 1e5
+    x = torch.randn(2, T, D_MODEL)
+    cos, sin = rope_tables(T, layer.head_dim, 10000.0)
+    q, k, _ = layer.project(x, cos, sin)
+    want = ((q.double() @ k.double().transpose(-1, -2)) * layer.temperature()).masked_fill(
+        ~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf")).amax(dim=(0, 2, 3))
+    assert float(want.detach().max()) > 65504  # beyond fp16
+    layer.max_logit = torch.full((N_HEADS,), float("-inf"))
+    with torch.autocast("cpu", dtype=torch.float16):
+        layer._track_max_logit(q, k, layer.temperature())
+    assert torch.isfinite(layer.max_logit).all()
+    torch.testing.assert_close(layer.max_logit.double(), want, rtol=1e-4, atol=0)
+
+
 @pytest.mark.parametrize("n_kv", [N_HEADS, N_KV], ids=["mha", "gqa"])
 def test_qk_clip_brings_every_head_to_tau_and_leaves_small_heads_alone(n_kv):
     tau = 5.0

@@ -90,6 +90,7 @@ def test_zloss_preset_sets_the_optimizer():
     (["attention=ramapuram2024_sigmoid", "attention.backend=sdpa"], "attention.backend", "allowed with softmax=sigmoid: auto, explicit"),
     (["attention=gpt_oss_sink", "attention.softcap=30", "attention.backend=flex"], "attention.backend",
      "allowed with softcap and softmax=learned_sink: auto, explicit"),
+    (["attention.backend=flex"], "attention.backend", "allowed without softcap: auto, sdpa, explicit"),
     (["optim.lr=-1e-3"], "optim.lr", "positive"),
     (["optim.betas=[0.9]"], "optim.betas", "a list of 2 values"),
     (["optim.betas=[0.9,1.5]"], "optim.betas", "two numbers in [0, 1)"),

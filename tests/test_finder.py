@@ -277,6 +277,20 @@ def test_early_stop_above_k_times_the_running_minimum():
     assert step == 5 and "running minimum" in m.stopped
 
 
+def test_the_max_logit_early_stop_reads_a_soft_capped_runs_logit_before_the_cap():
+    # after a cap of 50 the recorded logit never passes 50: a threshold of 1e4 would never fire on it
+    from qknorm.training.monitor import record_peak_logit
+
+    capped = {"layers": [{"max_logit": [49.9, 12.0], "max_logit_precap": [2e4, 12.0]}, {"max_logit": [30.0], "max_logit_precap": [31.0]}]}
+    plain = {"layers": [{"max_logit": [3.0, 7.5]}, {"max_logit": [6.0]}]}
+    assert record_peak_logit(capped) == 2e4 and record_peak_logit(plain) == 7.5 and record_peak_logit({"layers": []}) is None
+    detector = DivergenceDetector(DivergenceConfig(max_logit=1e4, patience=3, loss_margin=100.0))
+    m, t = _Module(), _Trainer()
+    m.last_max_logit, m.last_train_loss = record_peak_logit(capped), 5.0
+    detector.on_train_batch_end(t, m, None, None, 0)
+    assert m.stopped is not None and "max attention logit 2e+04 above 10000" in m.stopped
+
+
 @pytest.mark.slow
 def test_a_finder_sweep_at_nano_resumes_after_sigkill_training_only_the_unfinished_probes(tmp_path, cache_dir):
     """Two variants, the coarse grid given on the command line; killed mid-round, then rerun."""

@@ -262,7 +262,8 @@ def per_head_max_logits(model, inputs: list[tuple]) -> list[torch.Tensor]:
 @pytest.mark.parametrize("n_kv", [4, 2], ids=["mha", "gqa"])
 def test_qk_clip_holds_every_heads_max_logit_at_tau_after_a_step_forced_to_a_huge_logit(optim, scope, n_kv):
     """Head 0 of layer 0 blown up far past tau, one optimizer step at a high LR, then the clip from the step's
-    batch (its max logits tracked with the updated weights, as training tracks them): on that batch every head
+    batch, its max logits tracked with the updated weights (the clip's arithmetic alone: training tracks them in
+    the step's forward, before the update, so there the clip is one step stale): on that batch every head
     of every layer is then at most tau, a head below tau is untouched (per head) or the layer is scaled by
     tau / its max (per layer), and the clipped heads are counted."""
     tau = 30.0

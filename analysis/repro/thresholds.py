@@ -122,10 +122,11 @@ FORCED_GROWTH = threshold(
     "optimizer has an explosion for the other to exceed.", "E11 (headline)")
 CLIP_SLACK = threshold(
     "CLIP_SLACK", 0.5,
-    "QK-Clip bounds each head's largest logit on the batch it measured (exactly: tests/test_muon.py); the monitor "
+    "QK-Clip scales each head's logits by tau / the largest logit it measured, on the step's batch in that step's forward, "
+    "before the optimizer's update (Kimi K2's Algorithm 1): exact on fixed weights (tests/test_muon.py), one step "
+    "stale in training, so a step that multiplies the logit lands above tau before the next clip; and the monitor "
     "reads the largest |logit| on held-out text, on which a clipped head can land somewhat above tau (another "
-    "batch, and a negative logit the clip does not aim at), and the clip acts after each step, from that step's "
-    "logits, so a step that multiplies the logit lands above tau before the next clip. 'Held at tau' read as a "
+    "batch, and a negative logit the clip does not aim at). 'Held at tau' read as a "
     "monitored peak of at most (1 + this) x tau.", "E11 (headline)")
 PRECAP_GROWTH = threshold(
     "PRECAP_GROWTH", 1.5,

@@ -129,6 +129,9 @@ class AttentionConfig:
         if self.softcap is not None:
             _require(self.backend != "sdpa", f"{path}.backend",
                      "sdpa cannot apply a logit soft-cap; allowed with softcap: auto, flex, explicit")
+        else:  # FlexAttention runs only the soft-capped attention here: without a cap, flex would quietly be SDPA
+            _require(self.backend != "flex", f"{path}.backend",
+                     "flex computes only soft-capped attention (set attention.softcap); allowed without softcap: auto, sdpa, explicit")
         if self.soft_clip is not None:
             zeta, gamma = self.soft_clip
             _require(math.isfinite(zeta) and math.isfinite(gamma) and zeta >= 1.0 and gamma <= 0.0, f"{path}.soft_clip",
@@ -442,7 +445,8 @@ class DivergenceConfig:
     - after_warmup_margin: after the warmup, the loss above the initial loss + this margin for `patience`
       steps (0: above the initial loss at all, which the analysis calls diverged when it lasts to the end);
     - running_min_factor: the loss above this factor times its running minimum for `patience` steps;
-    - max_logit: the monitor's largest attention logit above this (Wortsman et al. 2023 see divergence
+    - max_logit: the monitor's largest attention logit (before a soft-cap, which it never exceeds) above this
+      (Wortsman et al. 2023 see divergence
       follow logits of about 1e4); checked when the monitor measures, so only with the monitor on.
     - early_stop_patience: the steps the first two must hold before they stop a run (null: `patience`).
       Longer than the detector's own: a run at a high LR can overshoot its initial loss just after the

@@ -98,16 +98,19 @@ def explicit_attention(q, k, v, scale, softcap: Optional[float], probe_tensors: 
         k = k.repeat_interleave(groups, dim=1)
         v = v.repeat_interleave(groups, dim=1)
     acc = torch.promote_types(q.dtype, torch.float32)  # fp32 logits and softmax, fp64 when asked
-    raw = q.to(acc) @ k.to(acc).transpose(-1, -2)
-    logits = raw * (scale.to(acc) if isinstance(scale, torch.Tensor) else scale)
-    precap = logits
-    if softcap is not None:
-        logits = softcap * torch.tanh(logits / softcap)
-    mask = causal_mask(q.shape[-2], k.shape[-2], q.device)
-    weights = attention_weights(logits, mask, softmax, sinks, bias)
-    if soft_clip is not None:
-        zeta, gamma = soft_clip
-        weights = ((zeta - gamma) * weights + gamma).clamp(0.0, 1.0)
+    # under autocast the matmul would run (and round its result) in bf16/fp16 whatever its operands' dtype, and
+    # an fp16 q k^T overflows long before SDPA's internal fp32 logits do: the logits' dtype is chosen here
+    with torch.autocast(q.device.type, enabled=False):
+        raw = q.to(acc) @ k.to(acc).transpose(-1, -2)
+        logits = raw * (scale.to(acc) if isinstance(scale, torch.Tensor) else scale)
+        precap = logits
+        if softcap is not None:
+            logits = softcap * torch.tanh(logits / softcap)
+        mask = causal_mask(q.shape[-2], k.shape[-2], q.device)
+        weights = attention_weights(logits, mask, softmax, sinks, bias)
+        if soft_clip is not None:
+            zeta, gamma = soft_clip
+            weights = ((zeta - gamma) * weights + gamma).clamp(0.0, 1.0)
     if probe_tensors is not None:
         probe_tensors.update(raw_scores=raw, logits=logits, weights=weights, mask=mask)
         if softcap is not None:  # what the cap hides: the logits it received
@@ -270,7 +273,8 @@ class Attention(nn.Module):
         groups = self.n_heads // self.n_kv_heads
         kk = k.repeat_interleave(groups, dim=1) if groups > 1 else k
         acc = torch.promote_types(q.dtype, torch.float32)
-        logits = (q.to(acc) @ kk.to(acc).transpose(-1, -2)) * (scale.detach().to(acc) if isinstance(scale, torch.Tensor) else scale)
+        with torch.autocast(q.device.type, enabled=False):  # an fp16 q k^T is inf where the clip is needed most
+            logits = (q.to(acc) @ kk.to(acc).transpose(-1, -2)) * (scale.detach().to(acc) if isinstance(scale, torch.Tensor) else scale)
         mask = causal_mask(q.shape[-2], kk.shape[-2], q.device)
         per_head = logits.masked_fill(~mask, float("-inf")).amax(dim=(0, 2, 3))
         self.max_logit = torch.maximum(self.max_logit.to(per_head.device), per_head)

@@ -199,8 +199,7 @@ class StabilityMonitor(pl.Callback):
         self._update_fingerprint(record)
         self._last_measured = step
         # for DivergenceDetector's max_logit early stop
-        pl_module.last_max_logit = max((max(v) if isinstance(v, list) else v
-                                        for v in (layer["max_logit"] for layer in record["layers"])), default=None)
+        pl_module.last_max_logit = record_peak_logit(record)
 
     @torch.no_grad()
     def measure(self, pl_module, step: int) -> dict:
@@ -419,6 +418,14 @@ class DivergenceDetector(pl.Callback):
             pl_module.mark_diverged(f"early stop: max attention logit {logit:.4g} above {cfg.max_logit:g}")
             return True
         return False
+
+
+def record_peak_logit(record: dict) -> Optional[float]:
+    """A monitor record's largest attention logit, over layers and heads, for the max_logit early stop: the logit
+    before a soft-cap where the record has it (`max_logit_precap`), since after the cap it never exceeds the cap
+    and a threshold above it would never fire; None for a record without layers."""
+    values = [layer.get("max_logit_precap", layer["max_logit"]) for layer in record["layers"]]
+    return max((max(v) if isinstance(v, list) else v for v in values), default=None)
 
 
 def callbacks_fingerprint(callbacks) -> dict:

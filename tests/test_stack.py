@@ -254,3 +254,39 @@ def test_a_run_alone_does_not_resume_from_a_stack_members_checkpoint(tmp_path):
     assert resumable_checkpoint(tmp_path).checkpoint is None and resumable_checkpoint(tmp_path).step == 0
     torch.save({"global_step": 20, "state_dict": {}}, tmp_path / "checkpoints" / "last.ckpt")  # Lightning's
     assert resumable_checkpoint(tmp_path).step == 20
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")  # the reference's optimizer never steps
+@pytest.mark.parametrize("where", ["loss", "gradient"])
+def test_a_skipped_step_still_advances_the_members_lr_as_lightning_does_a_solo_runs(where):
+    """Lightning steps a solo run's scheduler on every batch, a skipped one included (a None training_step, or a
+    non-finite gradient norm whose gradients are dropped); a member's LR must follow the same schedule, not fall a
+    step behind at each skip."""
+    from types import SimpleNamespace
+
+    from qknorm.training.stack_trainer import _member_step
+
+    cfg = compose_config([*SMALL, "trainer.max_steps=8", "optim.warmup_steps=2", "callbacks.divergence.skip_nonfinite_steps=true"])
+    model = build(cfg)
+    opt, sched = optimizer_and_schedule(model, cfg, on_cuda=False)
+    _, reference = optimizer_and_schedule(build(cfg), cfg, on_cuda=False)
+    skipped = []
+    member = SimpleNamespace(
+        scheduler=sched, optimizer=opt, model=model, cfg=cfg, callbacks=[], initial_loss=None, last_train_loss=None,
+        last_grad_norm=None, step_metrics={}, trainer=SimpleNamespace(global_step=0, should_stop=False),
+        nonfinite=skipped.append, throughput=lambda step, tokens: None, log_step=lambda step, metrics: None,
+        log_metrics=lambda metrics, step: None)
+    lrs, want = [], []
+    for step in range(8):
+        bad = step in (3, 5)
+        x, y = batch(cfg, step)
+        total, nats, _ = model.loss(x, y, cfg.optim.z_loss)
+        total.backward()
+        if bad and where == "gradient":
+            next(model.parameters()).grad.fill_(float("nan"))
+        lrs.append(sched.get_last_lr()[0])
+        want.append(reference.get_last_lr()[0])
+        _member_step(member, step, float("nan") if bad and where == "loss" else float(nats.mean()), 0.0, 128, None)
+        opt.zero_grad(set_to_none=True)
+        reference.step()
+    assert len(skipped) == 2 and lrs == pytest.approx(want)

@@ -462,6 +462,9 @@ def _member_step(m: Member, step: int, loss: float, z_sq: float, tokens_per_step
         if shared is not None:
             shared.share_gradients(m.k)
         _optimizer_step(m, step)
+    # every step, skipped or not, as Lightning steps a solo run's scheduler on every batch: a skipped step
+    # must not leave the member's LR a step behind its solo run's for the rest of the run
+    m.scheduler.step()
     m.trainer.global_step = step + 1
     log_step = (step + 1) % m.cfg.trainer.log_every_n_steps == 0
     if log_step and m.last_grad_norm is not None:
@@ -481,7 +484,8 @@ def _member_step(m: Member, step: int, loss: float, z_sq: float, tokens_per_step
 
 
 def _optimizer_step(m: Member, step: int) -> None:
-    """The solo run's order: callbacks' on_before_optimizer_step, clipping by the member's own norm, step."""
+    """The solo run's order: callbacks' on_before_optimizer_step, clipping by the member's own norm, step (the
+    scheduler steps in _member_step, whether or not this step was skipped)."""
     for cb in m.callbacks:
         if hasattr(cb, "on_before_optimizer_step"):
             cb.on_before_optimizer_step(m.trainer, m, m.optimizer)
@@ -492,7 +496,6 @@ def _optimizer_step(m: Member, step: int) -> None:
         m.nonfinite(f"non-finite gradient norm ({float(norm)}) at step {step}")
         return
     m.optimizer.step()
-    m.scheduler.step()
 
 
 def _result(m: Member, params: dict, info: dict, autocast) -> dict:

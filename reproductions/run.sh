@@ -41,6 +41,7 @@ E3_SEARCH=(model=tiny trainer.max_steps=600 optim.warmup_steps=60 seed=0,1,2 opt
 e3() {
   qknorm-train -m "${E3_SEARCH[@]}" attention=wortsman2023_qk_layernorm,vit22b_layernorm,qwen3,olmo2,henry2020_l2 \
     "${COMMON[@]}" "hydra.sweep.dir=$RUNS/e3_critical_lr/presets"
+  # before vs after RoPE: a rotation keeps each head's RMS, so the two orders differ only through the learned gain
   qknorm-train -m "${E3_SEARCH[@]}" attention=qwen3 attention.position=after_rope "${COMMON[@]}" \
     "hydra.sweep.dir=$RUNS/e3_critical_lr/after_rope"
   qknorm-train -m "${E3_SEARCH[@]}" attention=baseline attention.qk_norm=l2 attention.gain=none "${COMMON[@]}" \

@@ -40,23 +40,36 @@ def mostly(valid, *invalid, odds: int = 40):
     return st.sampled_from(range(odds)).flatmap(lambda k: st.sampled_from(invalid) if k == 1 else valid)
 
 
+SCALE_DEFAULTS = {"value": None, "init": "inv_sqrt_head_dim", "per": "layer", "parametrization": "linear", "max": None}
+
+
+def _scale(kind: str):
+    """The scale's settings for its kind: those another kind would ignore left at their defaults, but for a rare
+    one set, which is refused (it would be ignored)."""
+    value = mostly(st.sampled_from([0.12, 8.0]), None, 0.0, -1.0, odds=15)
+    if kind == "constant":
+        return value.map(lambda v: {**SCALE_DEFAULTS, "kind": kind, "value": v})
+    if kind == "learnable":
+        return st.fixed_dictionaries({
+            "kind": st.just(kind),
+            "init": st.sampled_from(["henry", "sqrt_head_dim", "inv_sqrt_head_dim", "swin", "value"]),
+            "per": st.sampled_from(["layer", "head"]),
+            "parametrization": st.sampled_from(["linear", "log"]),
+            "max": mostly(None, 100.0, -5.0, odds=15),
+        }).flatmap(lambda d: (value if d["init"] == "value" else mostly(None, 0.5, odds=30)).map(lambda v: {**d, "value": v}))
+    return mostly(st.just({**SCALE_DEFAULTS, "kind": kind}), {**SCALE_DEFAULTS, "kind": kind, "per": "head"},
+                  {**SCALE_DEFAULTS, "kind": kind, "value": 0.5}, odds=30)
+
+
 attention = st.fixed_dictionaries({
     "qk_norm": mostly(st.sampled_from(["none", "l2", "rms", "layernorm"]), "rmsnorm"),
     "scope": st.sampled_from(["head", "head_separate", "layer"]),
     "gain": st.sampled_from(["none", "vector", "zero_centered"]),
-    "gain_weight_decay": st.booleans(),
     "layernorm_bias": mostly(False, True, odds=10),
     "position": st.sampled_from(["before_rope", "after_rope"]),
     "targets": mostly("qk", "qkv", odds=10),
     "pre_attn_norm": mostly(True, False, odds=10),
-    "scale": st.fixed_dictionaries({
-        "kind": st.sampled_from(["inv_sqrt_head_dim", "inv_head_dim", "constant", "learnable"]),
-        "value": mostly(st.sampled_from([0.12, 8.0]), None, 0.0, -1.0, odds=15),
-        "init": st.sampled_from(["henry", "sqrt_head_dim", "inv_sqrt_head_dim", "swin", "value"]),
-        "per": st.sampled_from(["layer", "head"]),
-        "parametrization": st.sampled_from(["linear", "log"]),
-        "max": mostly(None, 100.0, -5.0, odds=15),
-    }),
+    "scale": st.sampled_from(["inv_sqrt_head_dim", "inv_head_dim", "constant", "learnable"]).flatmap(lambda kind: _scale(kind)),
     "softcap": mostly(st.sampled_from([None, None, 5.0, 50.0]), 0.0, -3.0, math.inf),
     "final_logit_softcap": mostly(st.sampled_from([None, 30.0]), 0.0),
     "qkv_bias": st.booleans(),
@@ -111,6 +124,9 @@ def _muon_settings(name: str):
 
 
 optim = optim.flatmap(lambda o: _muon_settings(o["name"]).map(lambda m: {**o, **m}))
+# the gains' decay: either way where there are gains, off without them but for a rare on (refused: it would be ignored)
+attention = attention.flatmap(lambda a: (st.booleans() if a["qk_norm"] != "none" and a["gain"] != "none"
+                                         else mostly(False, True, odds=30)).map(lambda decay: {**a, "gain_weight_decay": decay}))
 # QK-Clip's scope: either with a clip, left at head without one but for a rare layer (refused: it would be ignored)
 attention = attention.flatmap(lambda a: (mostly(st.sampled_from(["head", "layer"]), "block", odds=15) if a["qk_clip_tau"] is not None
                                          else mostly("head", "layer", odds=30)).map(lambda scope: {**a, "qk_clip_scope": scope}))
@@ -180,7 +196,7 @@ def test_random_configs_train_or_are_rejected_by_key():
 # (key, bound, whether the bound itself is allowed, the side the allowed values lie on: +1 above,
 # -1 below, other settings the rule needs to be reached). Keys name tuple items as key[i].
 BOUNDS = [
-    ("attention.scale.value", 0.0, False, +1, {}),
+    ("attention.scale.value", 0.0, False, +1, {"attention.scale.kind": "constant"}),
     ("attention.scale.max", 0.0, False, +1, {"attention.scale.kind": "learnable"}),
     ("attention.norm_eps", 0.0, False, +1, {}),
     ("attention.softcap", 0.0, False, +1, {}),

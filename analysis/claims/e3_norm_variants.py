@@ -121,5 +121,8 @@ def analyse(frame: pd.DataFrame, sec: Section, ctx: Context) -> None:
     if before and after:
         sec.body += ["", f"Before vs after RoPE (RMSNorm per head): best loss {before['best']:.3f} vs {after['best']:.3f}, first "
                      f"diverging LR {lr_fmt(before['first_div'])} vs {lr_fmt(after['first_div'])} (reported, not a check: the "
-                     "papers do not predict a direction)."]
+                     "papers do not predict a direction). RoPE rotates pairs of dimensions, which leaves each head's RMS "
+                     "unchanged: RMSNorm before or after it differs only through the learned per-dimension gain, which "
+                     "RoPE would rotate in one order and not in the other; with a uniform gain the two orders are the "
+                     "same function."]
     conclude(sec, checks, frame)

@@ -66,6 +66,15 @@ class ScaleConfig:
             _require(self.value > 0 and math.isfinite(self.value), f"{path}.value", f"must be a positive number, got {self.value}")
         if self.kind == "learnable" and self.init == "value":
             _require(self.value is not None, f"{path}.value", "must be set when scale.init=value")
+        # a setting that would be read by no code is refused rather than silently ignored
+        _require(self.value is None or self.kind == "constant" or (self.kind == "learnable" and self.init == "value"),
+                 f"{path}.value", f"only applies to scale.kind=constant or to kind=learnable with init=value, got kind={self.kind}"
+                 + (f" with init={self.init}" if self.kind == "learnable" else ""))
+        if self.kind != "learnable":
+            defaults = ScaleConfig()
+            for key in ("init", "per", "parametrization"):
+                _require(getattr(self, key) == getattr(defaults, key), f"{path}.{key}",
+                         f"only applies to scale.kind=learnable, got kind={self.kind}")
         if self.max is not None:
             _require(math.isfinite(self.max) and self.max > 0, f"{path}.max", f"must be null or a positive number, got {self.max}")
             _require(self.kind == "learnable", f"{path}.max", "only applies to scale.kind=learnable")
@@ -113,6 +122,8 @@ class AttentionConfig:
             if v is not None:
                 _require(math.isfinite(v) and v > 0, f"{path}.{key}", f"must be null or a positive number, got {v}")
         _require(math.isfinite(self.norm_eps) and self.norm_eps > 0, f"{path}.norm_eps", f"must be a positive number, got {self.norm_eps}")
+        _require(not self.gain_weight_decay or (self.qk_norm != "none" and self.gain != "none"), f"{path}.gain_weight_decay",
+                 f"decays the QK-norm gains, and there are none (qk_norm={self.qk_norm}, gain={self.gain})")
         if self.qk_norm == "none":
             _require(self.targets == "qk", f"{path}.targets", "targets=qkv needs a qk_norm (one of l2, rms, layernorm)")
             _require(self.layernorm_bias is False, f"{path}.layernorm_bias", "only applies to qk_norm=layernorm")

@@ -388,9 +388,16 @@ def test_the_bigram_reference_is_counted_once_and_kept_with_the_token_cache(tmp_
     expected = -np.mean(np.log([p[0, 1], p[1, 2], p[2, 2]]))
     ref = bigram_reference(tokens)
     assert ref["nats"] == pytest.approx(expected) and ref["train_tokens"] == 8 and ref["vocab_size"] == 3
+    assert ref["val_tokens"] == 3
+    # a run whose validation read only the split's first 2 targets is compared on those: pairs (0,1) (1,2)
+    first_two = bigram_reference(tokens, scored=2)
+    assert first_two["nats"] == pytest.approx(-np.mean(np.log([p[0, 1], p[1, 2]]))) and first_two["val_tokens"] == 2
+    assert bigram_reference(tokens, scored=10)["nats"] == pytest.approx(expected)  # no more than the split holds
     cached = json.loads((folder / "bigram.json").read_text())
-    (folder / "bigram.json").write_text(json.dumps({**cached, "nats": 99.0}))
+    assert set(cached["scores"]) == {"2", "3"}
+    (folder / "bigram.json").write_text(json.dumps({**cached, "scores": {"2": 98.0, "3": 99.0}}))
     assert bigram_reference(tokens)["nats"] == 99.0  # read from the cache, not counted again
+    assert bigram_reference(tokens, scored=2)["nats"] == 98.0
     for f in folder.glob("*-0*"):  # the entry rebuilt from other ids: counted again
         f.unlink()
     tokens = seal([0, 1, 0, 1, 0, 1, 0, 1], [0, 1, 2, 2], shard_tokens=3)
@@ -451,3 +458,27 @@ def test_collect_runs_hands_over_the_config_and_summary_it_read_only_when_asked(
     assert rows.loc[str(good), "config"] == {"optim": {"lr": 0.1}, "seed": 3}
     assert rows.loc[str(good), "summary"]["tokens"] == 7
     assert rows.loc[str(bare), "config"] is None and rows.loc[str(bare), "summary"] == {}
+
+
+def test_the_bigram_reference_of_a_run_is_scored_on_the_targets_its_validation_read(tmp_path, monkeypatch):
+    # a validation cap reads the held-out split's first windows, whose bigram loss is not the whole split's
+    import numpy as np
+
+    from qknorm.analysis import failure
+    from qknorm.data.datamodule import ValWindows
+    from qknorm.data.tokens import val_windows
+
+    tokens = np.arange(1000) % 7
+    windows = ValWindows(tokens, 32, 300)
+    targets = np.concatenate([windows[i][1].numpy() for i in range(len(windows))])
+    assert len(targets) == val_windows(1000, 32, 300) * 32 == 288 and (targets == tokens[1:289]).all()
+    seen = []
+    monkeypatch.delenv(failure.BIGRAM_ENV, raising=False)
+    monkeypatch.setattr(failure, "_bigram_for_data", lambda data, scored: seen.append(scored) or failure.Reference(4.0, ""))
+    for name, summary in (("capped", {"val_tokens": 8192}), ("older", {})):
+        run = tmp_path / name
+        (run / ".hydra").mkdir(parents=True)
+        (run / ".hydra" / "config.yaml").write_text("data:\n  seq_len: 256\n")
+        (run / "summary.json").write_text(json.dumps(summary))
+        failure.bigram_for_run(run)
+    assert seen == [8192, None]  # None: the windows its data config's cap reads (a run recorded before val_tokens)

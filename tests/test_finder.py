@@ -160,6 +160,34 @@ def test_search_brackets_each_hidden_boundary_within_the_precision_with_3x_fewer
         assert g["diverged"]["interval"][0] <= median <= g["diverged"]["interval"][1], g["diverged"]
 
 
+def test_a_search_started_again_reads_the_probes_an_earlier_attempt_finished_instead_of_launching_them():
+    settings = FinderSettings(targets=("diverged",))
+    first, launched = _standin_search(settings, ["0", "1"])
+    done = first.run()
+    assert launched
+    finished = {tuple(job): first.outcome(job) for job in launched}
+    again, relaunched = _standin_search(settings, ["0", "1"])
+    again.finished = lambda job: finished.get(tuple(job))  # the plugin reads the job's run directory
+    result = again.run()
+    assert relaunched == [] and result["runs"] == done["runs"]
+    assert [g["diverged"]["boundary"] for g in result["groups"]] == [g["diverged"]["boundary"] for g in done["groups"]]
+
+
+def test_the_record_says_when_a_target_is_unknown_or_the_search_stopped_short():
+    # no bigram reference: only the diverged runs answer `failed`, and they all failed; the boundary is unknown,
+    # not "below the grid"
+    def outcome(job: list[str]) -> Outcome:
+        lr = float(dict(o.split("=", 1) for o in job)["optim.lr"])
+        return Outcome(diverged=True, failed=True) if lr > 0.5 else Outcome(diverged=False, failed=None)
+
+    search = Search(FinderSettings(lr_min=0.01, lr_max=10.0, max_rounds=0), [("seed", ["0"])], lambda batch: None, outcome)
+    group = search.run()["groups"][0]
+    assert group["failed"]["boundary"] is None and group["failed"]["boundary_text"].startswith("unknown")
+    assert group["diverged"]["boundary"] is not None
+    # max_rounds=0: the divergence bracket (0.3162-1) is wider than the precision and stays so; the record says so
+    assert group["search"]["done"] and "max_rounds (0)" in group["search"]["note"]
+
+
 def test_a_probe_that_crashes_is_not_launched_again_in_later_rounds():
     """Probes with no result (a crash) are left out of the search once, not relaunched in every later round: here
     every probe inside the bracket crashes, so the bracket never moves and every round would ask for them again."""

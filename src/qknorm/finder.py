@@ -94,13 +94,17 @@ def split_axes(arguments: Sequence[tuple[str, list[str]]], settings: FinderSetti
 class Search:
     """The search of the module's docstring, independent of Hydra: `launch` runs a batch of jobs (each a
     list of overrides) and returns when they are done; `outcome` reads one job's result (None: it has no
-    result, e.g. it crashed), both given by the sweeper plugin (or a test)."""
+    result, e.g. it crashed), both given by the sweeper plugin (or a test). `finished`, where given, reads a
+    job's result before it is launched (None: not finished yet): a probe an earlier attempt of the search
+    finished is then read, not handed to the launcher again (a SLURM launcher would queue a job that only
+    skips); the plugin passes its `outcome`, whose runs' directories are their configs."""
 
     def __init__(self, settings: FinderSettings, arguments: Sequence[tuple[str, list[str]]],
                  launch: Callable[[list[list[str]]], None], outcome: Callable[[list[str]], Optional[Outcome]],
-                 out_dir: Optional[Path] = None):
+                 out_dir: Optional[Path] = None, finished: Optional[Callable[[list[str]], Optional[Outcome]]] = None):
         settings.validate()
         self.settings, self.launch, self.outcome, self.out_dir = settings, launch, outcome, out_dir
+        self.finished = finished
         self.fixed, axes, seeds, self.coarse = split_axes(arguments, settings)
         # the command line's order of keys, which a job's overrides keep: its directory is then named as the plain
         # grid sweep's job of the same point would be, so a search over a grid sweep's LRs reuses its finished runs
@@ -108,7 +112,7 @@ class Search:
         keys = [k for k, _ in axes]
         self.groups = [Group([f"{k}={v}" for k, v in zip(keys, combo, strict=True)], seeds)
                        for combo in itertools.product(*[vals for _, vals in axes])]
-        self.launched = 0  # jobs handed to the launcher (finished ones are skipped there, not here)
+        self.launched = 0  # jobs handed to the launcher (a probe an earlier attempt finished is read instead)
 
     def job(self, group: Group, lr: float, seed: Optional[str]) -> list[str]:
         s = self.settings
@@ -126,7 +130,11 @@ class Search:
             for lr in lrs:
                 for seed in group.seeds:
                     if (lr, seed) not in group.outcomes and (lr, seed) not in group.lost:
-                        batch.append(self.job(group, lr, seed))
+                        job = self.job(group, lr, seed)
+                        if self.finished is not None and (done := self.finished(job)) is not None:
+                            group.outcomes[(lr, seed)] = done
+                            continue
+                        batch.append(job)
                         owners.append((group, lr, seed))
         if not batch:
             return 0
@@ -170,6 +178,8 @@ class Search:
         result = self.result()
         self.write(result)
         for g in result["groups"]:
+            if g["search"]["note"]:
+                log.warning("%s: %s", g["group"], g["search"]["note"])
             for t in self.settings.targets:
                 log.info("%s: %s LR %s; boundary %s", g["group"], t, g[t]["bracket_text"], g[t]["boundary_text"])
         return result
@@ -186,7 +196,16 @@ class Search:
                                    "probes": [{"lr": lr, "seed": seed, **asdict(o), "run_dir": self._relative(o.run_dir)}
                                               for (lr, seed), o in sorted(g.outcomes.items(),
                                                                           key=lambda kv: (kv[0][0], str(kv[0][1])))]}
+            state = progress(g, s, self.coarse)
+            row["search"] = {"done": state.done, "note": state.note}  # e.g. stopped by max_rounds short of the precision
             for t in s.targets:
+                if any(o.of(t) is None for o in g.outcomes.values()):
+                    # a run with no answer (no bigram reference) would leave only the diverged ones, which all
+                    # failed: a boundary "below the grid" that the runs do not say
+                    why = "unknown: a run that did not diverge has no answer for failed (no bigram reference)"
+                    row[t] = {"bracket": [None, None], "bracket_text": why, "zone_top": [None, None], "boundary": None,
+                              "interval": [None, None], "width_decades": None, "boundary_text": why}
+                    continue
                 probes = g.probes(t)
                 b, fit, top = bracket(probes), logistic_boundary(probes), zone_top(probes)
                 row[t] = {"bracket": [b.lo, b.hi], "bracket_text": b.describe(), "zone_top": [top.lo, top.hi],

@@ -58,5 +58,5 @@ class CriticalLRSweeper(Sweeper):
             job = compose_job(config, context.config_loader, job_overrides)
             return outcome_of(job.run_dir)
 
-        Search(self.settings, axes, launch, outcome, out_dir=sweep_dir).run()
+        Search(self.settings, axes, launch, outcome, out_dir=sweep_dir, finished=outcome).run()
         return returns

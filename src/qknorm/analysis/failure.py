@@ -190,24 +190,30 @@ def failure(run_dir: str | Path, reference: Optional[float] = None, summary: Opt
 
 
 @lru_cache(maxsize=None)
-def _bigram_for_data(data_json: str) -> Reference:
-    """The bigram reference of one data config, from the shared data cache (computed there once)."""
+def _bigram_for_data(data_json: str, scored: Optional[int] = None) -> Reference:
+    """The bigram reference of one data config on `scored` validation targets (None: those of the windows the
+    config's validation cap reads), from the shared data cache (computed there once)."""
     try:
         # here, not at the top: most analyses never need the reference, and building it reads the corpus
         from ..config import DataConfig, from_mapping
-        from ..data.tokens import bigram_reference, prepare_tokens
+        from ..data.tokens import bigram_reference, prepare_tokens, val_windows
 
         data = from_mapping(DataConfig, json.loads(data_json))
-        ref = bigram_reference(prepare_tokens(data))
+        tokens = prepare_tokens(data)
+        if scored is None:
+            scored = val_windows(len(tokens.val_tokens()), data.seq_len, data.val_max_tokens) * data.seq_len
+        ref = bigram_reference(tokens, scored)
     except Exception as e:  # no corpus here, an unreadable config: the reference is unknown, not an error
         return Reference(None, f"the bigram reference cannot be computed ({type(e).__name__}: {e})")
     return Reference(float(ref["nats"]), f"add-one smoothed bigram counted on the {ref['train_tokens']:,} training "
-                     f"tokens, scored on the {ref['val_tokens']:,} held-out tokens, vocabulary {ref['vocab_size']}")
+                     f"tokens, scored on the {ref['val_tokens']:,} held-out tokens a run's validation reads, "
+                     f"vocabulary {ref['vocab_size']}")
 
 
 def bigram_for_run(run_dir: str | Path) -> Reference:
-    """The bigram reference of the corpus a run trained on (its .hydra/config.yaml's data section), cached
-    with the data; QKNORM_BIGRAM_NATS replaces it."""
+    """The bigram reference of the corpus a run trained on (its .hydra/config.yaml's data section), scored on
+    the validation targets the run scored (its summary's val_tokens: a validation cap takes the split's
+    start), cached with the data; QKNORM_BIGRAM_NATS replaces it."""
     if os.environ.get(BIGRAM_ENV):
         return Reference(float(os.environ[BIGRAM_ENV]), f"given by {BIGRAM_ENV}")
     try:
@@ -215,7 +221,31 @@ def bigram_for_run(run_dir: str | Path) -> Reference:
         data = raw["data"]
     except (OSError, yaml.YAMLError, KeyError, TypeError) as e:
         return Reference(None, f"the bigram reference cannot be computed (no readable data config: {e})")
-    return _bigram_for_data(json.dumps(data, sort_keys=True))
+    scored = read_summary(run_dir).get("val_tokens")
+    scored = int(scored) if isinstance(scored, (int, float)) and scored > 0 else None  # runs recorded before the field
+    return _bigram_for_data(json.dumps(_resolved_data(raw) or data, sort_keys=True, default=list), scored)
+
+
+def _resolved_data(raw: dict) -> Optional[dict]:
+    """The run's data section as the run resolved it (config.load_run_config: the validation cap made a token
+    count, which a hub dataset's cache key holds), a config recorded before a key existed read with the value
+    runs had then (rundir.EARLIER_VALUES); None where the config no longer loads."""
+    try:
+        from dataclasses import asdict
+
+        from ..config import load_run_config
+        from ..rundir import EARLIER_VALUES
+
+        filled = json.loads(json.dumps(raw, default=str))
+        for dotted, value in EARLIER_VALUES.items():
+            *parents, leaf = dotted.split(".")
+            node = filled
+            for part in parents:
+                node = node.setdefault(part, {})
+            node.setdefault(leaf, value)
+        return asdict(load_run_config(filled).data)
+    except Exception:  # a config this version refuses: its data section as recorded
+        return None
 
 
 def failure_columns(frame: pd.DataFrame, reference: Optional[float] = None) -> pd.DataFrame:

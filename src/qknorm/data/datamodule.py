@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from ..config import DataConfig
 from .corpora import open_source
 from .shards import ShardedTokens
-from .tokens import TokenizedCorpus, get_tokenized, get_tokenizer
+from .tokens import TokenizedCorpus, get_tokenized, get_tokenizer, val_windows
 
 
 @dataclass(frozen=True)
@@ -82,8 +82,7 @@ class StepSampler(Sampler[int]):
 
 class ValWindows(Dataset):
     def __init__(self, tokens: np.ndarray | ShardedTokens, seq_len: int, max_tokens: int | None, rank: int = 0, world: int = 1):
-        n = len(tokens) if max_tokens is None else min(len(tokens), max_tokens)
-        count = (n - 1) // seq_len
+        count = val_windows(len(tokens), seq_len, max_tokens)  # the bigram reference scores the same targets
         self.tokens, self.seq_len = tokens, seq_len
         self.indices = list(range(count))[rank::world]
 

@@ -20,11 +20,12 @@ definition of qknorm.analysis.failure: diverged, or failed against the bigram re
   shrinks the bracket K + 1 times (K-ary bisection).
 - **Logistic boundary**: with several seeds, a divergence is a chance event near the boundary. The fit
   P(fail | x) = 1 / (1 + exp(-(x - mu) / s)) gives mu, the LR at which half the runs fail, with a 95%
-  profile-likelihood interval: the mu whose best likelihood (over s) is within chi2(1, 0.95) / 2 of the
-  maximum. Profile likelihood, not a Wald interval, because probes around a sharp boundary are often
-  perfectly separated (the maximum-likelihood s is then 0): the profile stays finite there and the
-  interval is the gap between the last success and the first failure, widened by what one
-  misclassified run would cost.
+  profile-likelihood interval: the mu whose best likelihood (over s) is within PROFILE_DROP of the maximum.
+  Profile likelihood, not a Wald interval, because probes around a sharp boundary are often perfectly
+  separated (the maximum-likelihood s is then at its floor, S_MIN): the profile stays finite there.
+  PROFILE_DROP is calibrated on the search's own design, not taken from chi2: a few seeds, probes placed by
+  the search where the outcomes change, so the likelihood-ratio statistic is far from its asymptotic chi2(1)
+  (benchmarks/boundary_coverage.py simulates it; its figures are in benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -35,12 +36,18 @@ from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
-# chi2 with 1 degree of freedom at 95%, halved: a 95% profile-likelihood interval keeps the mu within
-# this many nats of the best log-likelihood
-PROFILE_DROP_95 = 3.841458820694124 / 2
-# The logistic width s (decades of LR) is searched between these. Below 0.01 decades (a 2.3% change of
-# LR) no sweep can tell a sharper boundary apart; above 1 decade the "boundary" is no boundary at all.
-S_MIN, S_MAX = 0.01, 1.0
+# The 95% interval keeps the mu within this many nats of the best log-likelihood. chi2(1, 0.95) / 2 = 1.92
+# would hold asymptotically; on the finder's small adaptive designs (2 seeds, half-decade climb, bisection to
+# the precision) it covered a true boundary of width s = 0.1-0.4 decades in only 80-89% of searches (with the
+# floor S_MIN at 0.01). 3.5 nats, with S_MIN at 0.03 decades, covers it in 95-100% of searches for s <= 0.2
+# and 92-96% at s = 0.4 (benchmarks/boundary_coverage.py, 300 searches a cell, precisions 10^0.1 and 1.778).
+PROFILE_DROP = 3.5
+# The logistic width s (decades of LR) is searched between these. The floor is what separated runs (no LR
+# mixing failures and successes: the fitted s at its smallest) are read with: below 0.03 decades (a 7%
+# change of LR) their interval shrinks towards the gap between the probes and misses boundaries that are in
+# fact wider (at precision 10^0.1, coverage given separation for s = 0.2 and 0.4 is 0.57 and 0.35 with a
+# floor of 0.01, 0.75 and 0.53 with 0.03); above 1 decade the "boundary" is no boundary at all.
+S_MIN, S_MAX = 0.03, 1.0
 MU_STEP = 0.002  # decades: the mu grid of the profile, finer than any precision a search asks for
 # LRs are rounded to this many significant digits, so a probe's LR (and its run directory) is the same
 # every time the search is replayed
@@ -191,7 +198,7 @@ def logistic_boundary(probes: Sequence[tuple[float, bool]]) -> Boundary:
     ll = _loglik(x, y, mu, s)
     profile = ll.max(axis=1)
     best = int(profile.argmax())
-    inside = np.flatnonzero(profile >= profile[best] - PROFILE_DROP_95)
+    inside = np.flatnonzero(profile >= profile[best] - PROFILE_DROP)
     lo_i, hi_i = int(inside.min()), int(inside.max())
     notes = []
     if lo_i == 0 or hi_i == len(mu) - 1:

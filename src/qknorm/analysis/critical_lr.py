@@ -20,8 +20,8 @@ FINDER_FILE = "finder.json"  # written by qknorm.finder in the sweep folder
 TARGETS = {"diverged": "divergence LR", "failed": "critical LR (quality)"}
 # What qknorm.analysis.boundary.logistic_boundary's note says when its 95% interval is not bounded by the data
 # (the profile is still inside the 95% drop where the fit stops looking, up to a decade beyond the runs: the true
-# interval is wider), and when no LR mixes failures and successes (the interval is then the gap between the
-# last success and the first failure, widened by one misclassified run, not a measured transition)
+# interval is wider), and when no LR mixes failures and successes (the interval then rests on the width's floor,
+# boundary.S_MIN, not on a measured transition)
 EDGE_NOTE = "the interval reaches the edge of the searched range"
 SEPARATED_NOTE = "the runs are separated"
 

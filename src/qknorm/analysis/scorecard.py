@@ -749,7 +749,9 @@ def render(table: pd.DataFrame, info: dict, command: str, figure: Optional[tuple
         f"{EDGE_MARK} the 95% interval reaches the edge of the LRs the fit considered (up to a decade beyond the runs): the "
         "runs do not bound it there, and the true interval is wider than shown.  ",
         f"{SEPARATED_MARK} the runs are separated (no LR mixes failures and successes): the 50% point lies in the gap between "
-        "the last success and the first failure, and the interval is that gap widened by one misclassified run.  ",
+        "the last success and the first failure, and the interval assumes a transition no wider than about 0.03 decades "
+        "(boundary.S_MIN); where the true transition is 0.4 decades wide, such intervals covered it in 53-68% of simulated "
+        "searches (benchmarks/boundary_coverage.py).  ",
         "A row whose search is in progress (the finder's own rule, read from finder.json) leaves blank every column that "
         "needs the whole search; runs and hours count finished runs only.  ",
         "LR sensitivity: grid LRs above the largest one run count at the initial loss only when every seed diverged at that "

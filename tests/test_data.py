@@ -189,6 +189,22 @@ def test_a_file_shorter_than_one_sequence_is_rejected(tmp_path):
         prepare_data(cfg)
 
 
+def test_lines_longer_than_sentencepiece_takes_still_train_the_tokenizer(tmp_path):
+    # SentencePiece skips a sentence over max_sentence_length bytes: a corpus of 70k-character lines gave it
+    # nothing to train on, and the error blamed the text's length
+    import random
+
+    rng = random.Random(0)
+    lines = [" ".join("".join(rng.choice("etaoinshrdlucmfw") for _ in range(rng.randint(2, 8))) for _ in range(12_000))
+             for _ in range(3)]  # about 70k characters each, no newline inside
+    assert min(len(line) for line in lines) > 1 << 16
+    (tmp_path / "long.txt").write_text("".join(line + "\n" for line in lines))
+    cfg = DataConfig(source="text_files", paths=(str(tmp_path / "long.txt"),), cache_dir=str(tmp_path / "c"),
+                     vocab_size=300, seq_len=64)
+    data = prepare_data(cfg)
+    assert data.vocab_size == 300 and len(data.tokenized.train_tokens()) > 1000
+
+
 @pytest.mark.parametrize("builder", ["text", "json"])
 def test_hf_text_reads_local_files_through_datasets(tmp_path, builder):
     rows = [f"story number {i}: once upon a time there was a model that normalized its keys.\n" for i in range(200)]

@@ -39,6 +39,9 @@ if TYPE_CHECKING:
     import sentencepiece as spm
 
 log = logging.getLogger(__name__)
+# SentencePiece's longest sentence in bytes (max_sentence_length): a longer line of the tokenizer's sample is cut
+# into pieces of a quarter of it in characters (4 bytes at most a character), so that none is skipped
+MAX_SENTENCE_BYTES = 1 << 16
 
 TOKENIZER_VERSION = 1  # bump when the training recipe below changes
 
@@ -186,8 +189,12 @@ def _train_tokenizer(source: Source, cfg: DataConfig, folder: Path, settings: di
     progress = Progress(f"{source.name}: sampling the tokenizer's text", total_chars=survey["train_chars"])
     sample: list[str] = []
     for line in sample_lines(source, survey, cfg.tokenizer_max_chars):
-        sample.append(line)
-        progress.update(chars=len(line) + 1, nbytes=len(line.encode("utf-8")) + 1)
+        nbytes = len(line.encode("utf-8"))
+        # SentencePiece skips a sentence longer than max_sentence_length bytes without a word: such a line is
+        # handed over in pieces that fit (a line within the limit, all of them on most corpora, goes whole)
+        sample.extend([line] if nbytes <= MAX_SENTENCE_BYTES else
+                      [line[i:i + MAX_SENTENCE_BYTES // 4] for i in range(0, len(line), MAX_SENTENCE_BYTES // 4)])
+        progress.update(chars=len(line) + 1, nbytes=nbytes + 1)
     progress.close()
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
         try:
@@ -199,7 +206,7 @@ def _train_tokenizer(source: Source, cfg: DataConfig, folder: Path, settings: di
                 # counting bytes per token gives exact bits per byte
                 normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
                 user_defined_symbols=["\n"], bos_id=-1, eos_id=-1, pad_id=-1, unk_id=0,
-                max_sentence_length=1 << 16, num_threads=1, minloglevel=2,
+                max_sentence_length=MAX_SENTENCE_BYTES, num_threads=1, minloglevel=2,
             )
         except RuntimeError as e:
             msg = str(e).splitlines()[-1] if str(e) else repr(e)

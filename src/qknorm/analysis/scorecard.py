@@ -741,7 +741,8 @@ def render(table: pd.DataFrame, info: dict, command: str, figure: Optional[tuple
            f"every seed of every preset) would take {grid} runs" if grid else "") + ".", "",
         paragraph(table, info), "",
         "Sorted by critical LR, then divergence LR, finished searches first; a preset no run of which failed sorts first, "
-        "one that failed at every LR last. A probe counts as diverged when its loss went non-finite, the divergence "
+        "one that failed at every LR, or whose boundary is unknown (no bigram reference), last. A probe counts as "
+        "diverged when its loss went non-finite, the divergence "
         "detector stopped it, it was stopped early as doomed (the probe overrides above), or its train loss ended above "
         "its initial loss: the divergence LR is where runs were stopped or ended that way, not only where the loss "
         "became non-finite.", "",

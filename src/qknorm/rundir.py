@@ -99,8 +99,8 @@ def identity(raw: Mapping[str, Any]) -> dict[str, Any]:
             if not any(k == p or k.startswith(p + ".") for p in NOT_IDENTITY) and not (k in LATER_KEYS and LATER_KEYS[k] == v)}
 
 
-def recorded_identity(raw: Mapping[str, Any]) -> dict[str, Any]:
-    """The identity of a config as a run directory recorded it, perhaps before some keys existed: the keys of
+def recorded_config(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """A config as a run directory recorded it, perhaps before some keys existed (a plain copy): the keys of
     EARLIER_VALUES it lacks take the value runs had then."""
     tree = json.loads(json.dumps(raw, default=str))
     for dotted, value in EARLIER_VALUES.items():
@@ -110,7 +110,12 @@ def recorded_identity(raw: Mapping[str, Any]) -> dict[str, Any]:
             node = node.get(g) if isinstance(node, dict) else None
         if isinstance(node, dict) and last not in node:
             node[last] = value
-    return identity(tree)
+    return tree
+
+
+def recorded_identity(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """The identity of a config as a run directory recorded it (recorded_config)."""
+    return identity(recorded_config(raw))
 
 
 def identity_hash(ident: Mapping[str, Any]) -> str:

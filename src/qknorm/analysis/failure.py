@@ -234,16 +234,9 @@ def _resolved_data(raw: dict) -> Optional[dict]:
         from dataclasses import asdict
 
         from ..config import load_run_config
-        from ..rundir import EARLIER_VALUES
+        from ..rundir import recorded_config
 
-        filled = json.loads(json.dumps(raw, default=str))
-        for dotted, value in EARLIER_VALUES.items():
-            *parents, leaf = dotted.split(".")
-            node = filled
-            for part in parents:
-                node = node.setdefault(part, {})
-            node.setdefault(leaf, value)
-        return asdict(load_run_config(filled).data)
+        return asdict(load_run_config(recorded_config(raw)).data)
     except Exception:  # a config this version refuses: its data section as recorded
         return None
 

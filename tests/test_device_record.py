@@ -6,6 +6,7 @@ import json
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 import torch
 
 from qknorm.training import LMModule
@@ -53,3 +54,27 @@ def test_compilation_is_not_part_of_a_runs_identity():
     a, b = (identity(OmegaConf.to_container(compose_raw(["paths.cache_dir=/tmp/unused", "model=nano", *extra]), resolve=True))
             for extra in ([], ["model.compile=true"]))
     assert a == b and not any(k.startswith("model.compile") for k in a)
+
+
+@pytest.mark.parametrize("precision,autocast", [("bf16-mixed", True), ("32-true", False)])
+def test_the_validation_a_resume_runs_itself_scores_in_the_runs_precision(precision, autocast):
+    """A run resumed at a validation step validates in on_train_start, outside Lightning's loop: it must still
+    run under the precision plugin's validation context, as the validations before and after it do."""
+    from pytorch_lightning.plugins.precision import MixedPrecision, Precision
+
+    module = LMModule(compose_config(["model=nano"]), 64, np.ones(64))
+    seen, score = [], module._val_batch_sums
+
+    def spy(x, y):
+        seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+        return score(x, y)
+
+    module._val_batch_sums = spy
+    batch = (torch.randint(0, 64, (2, 8)), torch.randint(0, 64, (2, 8)))
+    plugin = MixedPrecision("bf16-mixed", "cpu") if precision == "bf16-mixed" else Precision()
+    module._trainer = SimpleNamespace(global_step=20, precision_plugin=plugin, loggers=[],
+                                      datamodule=SimpleNamespace(val_dataloader=lambda: [batch, batch]),
+                                      strategy=SimpleNamespace(reduce=lambda t, reduce_op: t))
+    module._validate_now()
+    assert seen == [autocast, autocast]
+    assert module.outcome.val_history[0][0] == 20 and module.model.training

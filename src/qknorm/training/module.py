@@ -235,8 +235,11 @@ class LMModule(pl.LightningModule):
         t0 = time.perf_counter()
         self.model.eval()
         sums = torch.zeros(3, dtype=torch.float64, device=self.device)
-        for x, y in self.trainer.datamodule.val_dataloader():  # type: ignore[attr-defined]
-            sums += self._val_batch_sums(x.to(self.device), y.to(self.device))
+        # under the precision Lightning's own validation runs in (bf16 or fp16 autocast in a mixed-precision
+        # run): a hook is outside it, and this validation must score as the ones before and after the resume
+        with self.trainer.precision_plugin.val_step_context():
+            for x, y in self.trainer.datamodule.val_dataloader():  # type: ignore[attr-defined]
+                sums += self._val_batch_sums(x.to(self.device), y.to(self.device))
         self.model.train()
         self.val_time_s += time.perf_counter() - t0
         metrics = self._val_metrics(sums)

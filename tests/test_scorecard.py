@@ -469,3 +469,29 @@ def test_the_probe_figure_draws_a_fit_only_where_the_search_has_finished(tmp_pat
     assert panels["olmo2"].get_title() == "olmo2 (search in progress)" and panels["baseline"].get_title() == "baseline"
     assert "critical LR (quality)" not in [line.get_label() for line in panels["olmo2"].get_lines()]
     assert "critical LR (quality)" in [line.get_label() for line in panels["baseline"].get_lines()]
+
+
+def test_the_page_counts_the_divergences_that_fell_in_the_warmup(main_sweep, tmp_path):
+    """Every fixture divergence of the main sweep is after its warmup: the cells say 0 of n and the page does not
+    discount the divergence LR. A sweep whose divergences fall in the warmup (onset at step 5 of a 15-step warmup)
+    says so in its cells, and the paragraph reads its divergence LR as the early blow-up's."""
+    sweep, row, page = main_sweep
+    n = int(row.loc["baseline", "diverged_runs"])
+    assert n > 0 and row.loc["baseline", "diverged_in_warmup"] == 0 and row.loc["baseline", "diverged_after_warmup"] == n
+    assert _cell(page, "baseline", "divergence LR [95%]").endswith(f"; 0/{n} in the warmup")
+    total = int(row["diverged_runs"].sum())
+    assert f"Of the {total} probes that diverged, 0 diverged in the warmup" in page and "early blow-up" not in page
+
+    early = {**DIVERGED, "diverge_at": 5}
+    presets = {"baseline": lambda lr, seed: ok(4.2 + 0.1 * seed) if lr < 0.3 else early,
+               "qwen3": lambda lr, seed: ok(4.0 + 0.1 * seed) if lr < 0.9 else DIVERGED if seed else early}
+    out = tmp_path / "docs" / "scorecard.md"
+    assert scorecard_main([str(build_sweep(tmp_path / "sweep", presets)), "--out", str(out)]) == 0
+    row, page = pd.read_csv(out.with_suffix(".csv")).set_index("preset"), out.read_text()
+    b, q = row.loc["baseline"], row.loc["qwen3"]
+    assert b["diverged_runs"] == b["diverged_in_warmup"] > 0 and b["diverged_after_warmup"] == 0
+    assert 0 < q["diverged_in_warmup"] < q["diverged_runs"] and q["diverged_after_warmup"] > 0
+    assert _cell(page, "baseline", "divergence LR [95%]").endswith(f"; {b['diverged_runs']}/{b['diverged_runs']} in the warmup")
+    w, n = int(b["diverged_in_warmup"] + q["diverged_in_warmup"]), int(b["diverged_runs"] + q["diverged_runs"])
+    assert f"Of the {n} probes that diverged, {w} diverged in the warmup" in page
+    assert w / n >= 2 / 3 and "generic early instability" in page  # most in the warmup: the page says what that means

@@ -13,7 +13,9 @@ columns that need the whole search stay blank. Its runs give every column:
   seeds. Grid LRs above the largest one run (the climb stopped there) count at the initial loss only when
   every seed diverged at that largest LR; otherwise their loss is unknown and the cell is blank;
 - divergence LR and critical LR: the finder's two boundaries (qknorm.analysis.critical_lr), the 50% LR with
-  its 95% interval, marked where the interval is not bounded by the runs or the runs are separated;
+  its 95% interval, marked where the interval is not bounded by the runs or the runs are separated; the
+  divergence cell also counts the diverged probes whose onset fell in the warmup (qknorm.analysis.failure), and
+  where most divergences did (WARMUP_DOMINATES) the paragraph says the divergence LR measures that early blow-up;
 - max-logit growth: the largest attention logit (before a soft-cap where the monitor recorded it) of the
   monitor's last record over its first, the largest over seeds, at the best LR and at the LR within
   GROWTH_STEP_TOLERANCE_DECADES of 10^0.5 (3.16x) the best; a non-finite last logit is an infinite growth;
@@ -76,6 +78,9 @@ EDGE_MARK, SEPARATED_MARK = "†", "‡"  # footnote markers of a boundary cell,
 CPU_COLUMNS = ("size", "impl", "preset", "vs_baseline")
 GPU_COLUMNS = ("impl", "preset", "compile", "vs_baseline")
 SCALE_COLUMNS = ("device", "size", "precision", "batch", "seq", "threads", "compile", "repeats")
+# The share of diverged probes with their onset in the warmup from which the page says the divergence LR measures
+# the warmup's generic blow-up rather than the papers' late logit growth: most of them (more than two in three)
+WARMUP_DOMINATES = 2 / 3
 # Two presets are indistinguishable at a recipe when every shared probe (same LR and seed) ends the same way
 # (diverged or not) and every one that completed ends within TWIN_NATS of the other's final loss. Two
 # parametrizations of one function (Gemma 3's zero-centred gain 1 + w against Qwen3's w, both undecayed under
@@ -374,6 +379,9 @@ def _group_row(sweep: Sweep, record: dict, frame: pd.DataFrame, boundaries: pd.D
                            "runs": len(g), "not_finished": len(mine) - len(g), "lost": lost, "seeds": len(group.seeds),
                            "machine_hours": float(g["wall_time_s"].fillna(0).sum()) / 3600,
                            "params": g["params"].dropna().iloc[0] if g["params"].notna().any() else math.nan}
+    div = ended[ended["diverged"].astype(bool)]
+    row.update(diverged_runs=len(div), diverged_in_warmup=int(div["diverged_in_warmup"].eq(True).sum()),
+               diverged_after_warmup=int(div["diverged_in_warmup"].eq(False).sum()))
     why = [f"{lost} probes gave no result (crashed)" if lost else "",
            f"{unresolved} recorded run directories not found" if unresolved else "",
            f"{len(mine) - len(g)} runs not finished" if len(mine) > len(g) else ""]
@@ -649,6 +657,9 @@ def paragraph(table: pd.DataFrame, info: Optional[dict] = None) -> str:
                      f"LR and seed) they end the same way, and the {t.completed} that completed end at most {t.max_nats:.1g} "
                      f"nats apart (median {t.median_nats:.1g}), within TWIN_NATS ({TWIN_NATS:g}); read their rows as one "
                      "result measured twice.")
+    share = warmup_share(table)
+    if share:
+        lines.append(share)
     running = table[table["rank"] == RANK_RUNNING]
     if len(running):
         who = "every preset" if len(running) == len(table) else _names(running)
@@ -689,6 +700,33 @@ def _growth_cell(r: pd.Series) -> str:
     return f"{best or 'no record'} / {step}"
 
 
+def _divergence_cell(r: pd.Series) -> str:
+    """The divergence boundary, and how many of the diverged probes behind it diverged in the warmup."""
+    n, w = int(r.get("diverged_runs", 0) or 0), int(r.get("diverged_in_warmup", 0) or 0)
+    return f"{r['divergence_lr_text']}; {w}/{n} in the warmup" if n else r["divergence_lr_text"]
+
+
+def warmup_share(table: pd.DataFrame) -> str:
+    """Where the diverged probes diverged, in or after the warmup (failure.py's onset), over every preset; a
+    sentence, empty when nothing diverged. The stability papers' divergence is the growth of attention logits at
+    the peak LR; a blow-up while the LR still rises is the generic early one (failure.py's docstring), so when
+    at least WARMUP_DOMINATES of the divergences fell in the warmup, the divergence LR measures that instead."""
+    if "diverged_runs" not in table.columns:
+        return ""
+    n = int(table["diverged_runs"].fillna(0).sum())
+    if not n:
+        return ""
+    w, a = int(table["diverged_in_warmup"].fillna(0).sum()), int(table["diverged_after_warmup"].fillna(0).sum())
+    unknown = n - w - a
+    text = (f"Of the {n} probes that diverged, {w} diverged in the warmup (their onset before its last step, while the LR "
+            f"still rose) and {a} after it" + (f"; for {unknown} the onset or the warmup is not recorded" if unknown else "") + ".")
+    if w / n >= WARMUP_DOMINATES:
+        text += (" So the divergence LR here is mostly the LR at which the warmup's rising LR blows the run up, the generic "
+                 "early instability, not the late growth of attention logits at the peak LR that the stabilizers' papers "
+                 "describe: read it as headroom against that early blow-up only.")
+    return text
+
+
 def render(table: pd.DataFrame, info: dict, command: str, figure: Optional[tuple[str, str]] = None) -> str:
     """The page; `figure`: the probe figure's file name (beside the page) and its caption."""
     if table.empty:
@@ -703,7 +741,8 @@ def render(table: pd.DataFrame, info: dict, command: str, figure: Optional[tuple
             f"{_fmt(m, '.3f')} [{_fmt(lo, '.3f')}, {_fmt(hi, '.3f')}]" if not pd.isna(m) else (f"({note})" if d and note else "")
             for m, lo, hi, note, d in zip(table["lr_sensitivity"], table["lr_sensitivity_min"], table["lr_sensitivity_max"],
                                           table["lr_sensitivity_note"], done, strict=True)],
-        "divergence LR [95%]": table["divergence_lr_text"], "critical LR [95%]": table["critical_lr_text"],
+        "divergence LR [95%]": [_divergence_cell(r) if d else "" for (_, r), d in zip(table.iterrows(), done, strict=True)],
+        "critical LR [95%]": table["critical_lr_text"],
         "max-logit growth @best / @3.16x best (its LR)": [_growth_cell(r) for _, r in table.iterrows()],
         "fp16 headroom (final)": [_fmt(v, ".3g", "x") for v in table["fp16_headroom_final"]],
         "params vs baseline": [_fmt(v, ".4f", "x") for v in table["params_vs_baseline"]],

@@ -618,3 +618,25 @@ def test_every_preset_builds_a_causal_model(preset):
         a, b = model(idx), model(changed)
     torch.testing.assert_close(a[:, :9], b[:, :9], rtol=0, atol=1e-12)  # later tokens cannot leak back
     assert (a[:, 9:] - b[:, 9:]).abs().max() > 1e-6
+
+
+def test_qk_clip_tracks_the_same_max_logit_a_batch_slice_at_a_time(monkeypatch):
+    """The tracker bounds its memory by reading the logits a few sequences at a time: one sequence a slice (3 slices
+    of a batch of 3, after a first batch) gives the running max per head of the whole batches, in float64."""
+    from qknorm.model import attention
+
+    layer = make_attention(AttentionConfig(qk_clip_tau=5.0), n_kv=N_KV, dtype=torch.float64, seed=3)
+    cos, sin = rope_tables(T, layer.head_dim, 10000.0)
+    batches = [layer.project(torch.randn(n, T, D_MODEL, dtype=torch.float64), cos, sin)[:2] for n in (2, 3)]
+    want = torch.stack([_max_logits(layer, q, k) for q, k in batches]).amax(dim=0)
+    monkeypatch.setattr(attention, "TRACK_CHUNK_ELEMENTS", N_HEADS * T * T)  # one sequence a slice
+    layer.max_logit = torch.full((N_HEADS,), float("-inf"), dtype=torch.float64)
+    for q, k in batches:
+        layer._track_max_logit(q, k, layer.temperature())
+    torch.testing.assert_close(layer.max_logit, want, rtol=1e-12, atol=0)
+
+
+def _max_logits(layer, q, k) -> torch.Tensor:
+    kk = k.repeat_interleave(N_HEADS // k.shape[1], dim=1)
+    logits = (q @ kk.transpose(-1, -2)) * layer.temperature()
+    return logits.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf")).amax(dim=(0, 2, 3)).detach()

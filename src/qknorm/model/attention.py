@@ -29,6 +29,9 @@ from .rope import rope
 from .softmax_variants import AttentionSink, attention_weights, sdpa_with_sink, sigmoid_bias, sink_logits
 from .ssmax import SSMax
 
+# QK-Clip's max-logit tracker materialises at most this many logits at once (fp32: 256 MiB), a batch slice at a time
+TRACK_CHUNK_ELEMENTS = 1 << 26
+
 
 def training_forward(module: nn.Module) -> bool:
     """A forward pass of a training step: the module in training mode with gradients on. Statistics that
@@ -273,11 +276,17 @@ class Attention(nn.Module):
         groups = self.n_heads // self.n_kv_heads
         kk = k.repeat_interleave(groups, dim=1) if groups > 1 else k
         acc = torch.promote_types(q.dtype, torch.float32)
-        with torch.autocast(q.device.type, enabled=False):  # an fp16 q k^T is inf where the clip is needed most
-            logits = (q.to(acc) @ kk.to(acc).transpose(-1, -2)) * (scale.detach().to(acc) if isinstance(scale, torch.Tensor) else scale)
+        scale = scale.detach().to(acc) if isinstance(scale, torch.Tensor) else scale
         mask = causal_mask(q.shape[-2], kk.shape[-2], q.device)
-        per_head = logits.masked_fill(~mask, float("-inf")).amax(dim=(0, 2, 3))
-        self.max_logit = torch.maximum(self.max_logit.to(per_head.device), per_head)
+        # the logits a few sequences at a time: the whole batch's (B, H, T, T) block in fp32 would be the largest
+        # tensor of the step (GPT-2 small at batch 16 x 1024: 768 MiB a layer), for a max over it
+        rows = max(1, TRACK_CHUNK_ELEMENTS // (q.shape[1] * q.shape[-2] * kk.shape[-2]))
+        per_head = self.max_logit.to(q.device)
+        with torch.autocast(q.device.type, enabled=False):  # an fp16 q k^T is inf where the clip is needed most
+            for i in range(0, q.shape[0], rows):
+                logits = (q[i:i + rows].to(acc) @ kk[i:i + rows].to(acc).transpose(-1, -2)) * scale
+                per_head = torch.maximum(per_head, logits.masked_fill(~mask, float("-inf")).amax(dim=(0, 2, 3)))
+        self.max_logit = per_head
 
     @torch.no_grad()
     def apply_qk_clip(self, tau: float, scope: str = "head") -> torch.Tensor:

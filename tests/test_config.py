@@ -298,7 +298,26 @@ OPTIMIZER_REFUSALS = [
     ("optim.grad_clip=-1", "optim.grad_clip: must be null or positive, got -1.0"),
     ("optim.z_loss=-0.01", "optim.z_loss: must be a number >= 0, got -0.01"),
     ("optim.min_lr_ratio=5", "optim.min_lr_ratio: must be in [0, 1], got 5.0"),
+    ("optim.min_lr=0.1", "optim.min_lr: must be null or in [0, optim.lr] ([0, 0.01]), got 0.1"),
 ]
+
+
+@pytest.mark.parametrize("optim", ["adamw", "wortsman", "muon"])
+def test_an_absolute_min_lr_is_every_runs_floor_whatever_its_peak(optim):
+    """optim.min_lr replaces min_lr_ratio: the cosine ends at that LR for every peak of an LR sweep (Wortsman et al.
+    2023's 1e-5); without it the floor stays a share of each peak."""
+    from qknorm.model import build_model
+    from qknorm.training.optim import optimizer_and_schedule
+
+    def last_lr(*overrides: str) -> float:
+        cfg = compose_config([f"optim={optim}", "model=nano", "trainer.max_steps=20", "optim.warmup_steps=2", *overrides])
+        _, sched = optimizer_and_schedule(build_model(cfg, 64), cfg, on_cuda=False)
+        return cfg.optim.lr * sched.lr_lambdas[0](20)  # the peak times the schedule's factor at the last step
+
+    for peak in (1e-3, 1e-1):
+        assert last_lr(f"optim.lr={peak}", "optim.min_lr=1e-5") == pytest.approx(1e-5, rel=1e-9)
+        ratio = compose_config([f"optim={optim}"]).optim.min_lr_ratio
+        assert last_lr(f"optim.lr={peak}") == pytest.approx(ratio * peak, rel=1e-9)
 
 
 @pytest.mark.parametrize("override,message", OPTIMIZER_REFUSALS)

@@ -103,6 +103,7 @@ optim = st.fixed_dictionaries({
     "warmup_fraction": mostly(st.sampled_from([0.0, 0.05]), 1.0, -0.05, math.nan),
     "warmup_steps": mostly(st.sampled_from([None, 0, 1, 5]), -1),
     "min_lr_ratio": mostly(st.sampled_from([0.0, 0.1, 1.0]), 5.0, -0.1, math.nan),
+    "min_lr": mostly(st.sampled_from([None, 0.0, 1e-5]), -1e-5, 2.0, math.nan),
     "grad_clip": mostly(st.sampled_from([None, 1.0]), 0.0, -1.0, math.inf, math.nan),
     "z_loss": mostly(st.sampled_from([0.0, 1e-4]), -1e-4, -0.01, math.inf, math.nan),
     "name": mostly(st.sampled_from(["adamw", "muon"]), "lion"),
@@ -240,6 +241,8 @@ BOUNDS = [
     ("optim.warmup_steps", 2, True, -1, {}),  # trainer.max_steps=2: a warmup as long as the run, not longer
     ("optim.min_lr_ratio", 0.0, True, +1, {}),
     ("optim.min_lr_ratio", 1.0, True, -1, {}),
+    ("optim.min_lr", 0.0, True, +1, {}),
+    ("optim.min_lr", 1e-2, True, -1, {"optim.lr": 1e-2}),  # at most the peak
     ("optim.grad_clip", 0.0, False, +1, {}),
     ("optim.z_loss", 0.0, True, +1, {}),
     ("optim.momentum", 0.0, True, +1, {"optim.name": "muon"}),

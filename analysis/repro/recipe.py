@@ -60,7 +60,7 @@ def _row_fields(row, corpus_tokens: Optional[int]) -> dict[str, str]:
                                  f"{'independent' if c['optim.independent_weight_decay'] else 'coupled'} {c['optim.weight_decay']:g}"),
         "z-loss": lambda: f"{c['optim.z_loss']:g}",
         "warmup": lambda: f"{_warmup(row, c)} steps",
-        "min LR": lambda: f"{c['optim.min_lr_ratio']:g} x peak",
+        "min LR": lambda: (f"{c['optim.min_lr_ratio']:g} x peak" if c.get("optim.min_lr") is None else f"{c['optim.min_lr']:g}"),
         "tied embeddings": lambda: "yes" if c["model.tie_embeddings"] else "no",
         "vocabulary": lambda: str(int(row.summary.get("vocab_size") or c["data.vocab_size"])),
         "sequence length": lambda: str(int(c["data.seq_len"])),

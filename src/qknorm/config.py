@@ -312,6 +312,9 @@ class OptimConfig:
     warmup_fraction: float = 0.05
     warmup_steps: Optional[int] = None
     min_lr_ratio: float = 0.1  # cosine floor as a fraction of the peak
+    # the floor as an LR, replacing min_lr_ratio when set: Wortsman et al. 2023 end every run at 1e-5 whatever its
+    # peak, so across an LR sweep the floor's share of the peak differs (min_lr_ratio keeps it the same)
+    min_lr: Optional[float] = None
     grad_clip: Optional[float] = 1.0
     z_loss: float = 0.0  # coefficient of log^2 Z (Wortsman et al. 2023; PaLM: 1e-4)
     fused: Literal["auto", "on", "off"] = "auto"  # AdamW's fused kernel (Muon's AdamW groups too)
@@ -347,6 +350,9 @@ class OptimConfig:
             _require(self.warmup_steps >= 0, f"{path}.warmup_steps", f"must be null or >= 0, got {self.warmup_steps}")
         # the cosine ends at min_lr_ratio * lr: above 1 the LR would rise after the warmup, below 0 turn negative
         _require(0.0 <= self.min_lr_ratio <= 1.0, f"{path}.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+        if self.min_lr is not None:  # the same rule as an LR: above the peak the LR would rise after the warmup
+            _require(0.0 <= self.min_lr <= self.lr, f"{path}.min_lr",
+                     f"must be null or in [0, {path}.lr] ([0, {self.lr:g}]), got {self.min_lr}")
         if self.grad_clip is not None:
             # a negative max norm flips every gradient (clip_grad_norm_ scales by max_norm / norm): gradient ascent
             _require(self.grad_clip > 0, f"{path}.grad_clip", f"must be null or positive, got {self.grad_clip}")
@@ -363,6 +369,10 @@ class OptimConfig:
             for key, default in MUON_DEFAULTS.items():
                 _require(getattr(self, key) == default, f"{path}.{key}",
                          f"only applies to optim=muon (optim.name=muon), got {getattr(self, key)!r} with optim.name={self.name}")
+
+    def floor_ratio(self) -> float:
+        """The cosine's floor as a fraction of the peak LR: min_lr / lr when min_lr is set, else min_lr_ratio."""
+        return self.min_lr / self.lr if self.min_lr is not None else self.min_lr_ratio
 
     def warmup_for(self, max_steps: int) -> int:
         """Warmup steps of a run of `max_steps` steps: warmup_steps if set, else the fraction (rounded up)."""

@@ -54,4 +54,4 @@ def optimizer_and_schedule(model: nn.Module, cfg, on_cuda: bool):
     (LMModule.configure_optimizers), and each member of a stack with its own config (training/stack.py)."""
     opt = build_optimizer(model, cfg.optim, cfg.attention, on_cuda=on_cuda)
     o, total = cfg.optim, cfg.trainer.max_steps
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, o.warmup_steps, total, o.min_lr_ratio))
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, o.warmup_steps, total, o.floor_ratio()))

@@ -100,6 +100,7 @@ optim = st.fixed_dictionaries({
     "eps": mostly(st.sampled_from([1e-8, 1e-6]), 0.0, -1e-8, math.inf),
     "weight_decay": mostly(st.sampled_from([0.0, 0.1]), -0.1, 1.0, math.inf),
     "independent_weight_decay": st.booleans(),
+    "embedding_weight_decay": st.booleans(),
     "warmup_fraction": mostly(st.sampled_from([0.0, 0.05]), 1.0, -0.05, math.nan),
     "warmup_steps": mostly(st.sampled_from([None, 0, 1, 5]), -1),
     "min_lr_ratio": mostly(st.sampled_from([0.0, 0.1, 1.0]), 5.0, -0.1, math.nan),

@@ -194,3 +194,21 @@ def test_a_stack_member_view_keeps_its_roles(preset):
     assert roles(view) == solo_roles
     view_groups = [[n for n, p in view.named_parameters() if any(p is q for q in g)] for g in parameter_groups(view, cfg.attention)]
     assert view_groups == solo_groups and all(solo_groups)
+
+
+@pytest.mark.parametrize("optim", ["adamw", "muon"])
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_embedding_weight_decay_false_takes_the_decay_off_the_embedding_only(optim, tied):
+    """OLMo 2's change: the token embedding (and the LM head tied to it) in the group without decay, every other
+    parameter where its role puts it; an untied LM head is a matrix and still decays."""
+    decayed_of = {}
+    for embedding_decay in (True, False):
+        cfg = compose_config([*MODEL, f"optim={optim}", f"model.tie_embeddings={str(tied).lower()}",
+                              f"optim.embedding_weight_decay={str(embedding_decay).lower()}"])
+        model = build_model(cfg, vocab_size=300)
+        opt = build_optimizer(model, cfg.optim, cfg.attention, on_cuda=False)
+        decayed = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+        decayed_of[embedding_decay] = {n for n, p in model.named_parameters() if id(p) in decayed}
+        assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
+    assert decayed_of[True] - decayed_of[False] == {"embed.weight"} and decayed_of[False] < decayed_of[True]
+    assert ("lm_head.weight" in decayed_of[False]) is not tied

@@ -57,7 +57,8 @@ def _row_fields(row, corpus_tokens: Optional[int]) -> dict[str, str]:
     getters: dict[str, Callable[[], str]] = {
         "optimizer": optimizer,
         "weight decay": lambda: ("none (0)" if not c["optim.weight_decay"] else
-                                 f"{'independent' if c['optim.independent_weight_decay'] else 'coupled'} {c['optim.weight_decay']:g}"),
+                                 f"{'independent' if c['optim.independent_weight_decay'] else 'coupled'} {c['optim.weight_decay']:g}"
+                                 + ("" if c.get("optim.embedding_weight_decay", True) else ", not on the embedding")),
         "z-loss": lambda: f"{c['optim.z_loss']:g}",
         "warmup": lambda: f"{_warmup(row, c)} steps",
         "min LR": lambda: (f"{c['optim.min_lr_ratio']:g} x peak" if c.get("optim.min_lr") is None else f"{c['optim.min_lr']:g}"),

@@ -307,6 +307,9 @@ class OptimConfig:
     weight_decay: float = 0.1
     # independent: decay by weight_decay * schedule(t), not by lr(t) * weight_decay (Wortsman et al. 2023, Fig. 6)
     independent_weight_decay: bool = False
+    # whether the token embedding decays (with tied embeddings, the LM head with it): OLMo 2 (Team OLMo 2024)
+    # takes the decay off the embedding, among its stability changes, so that its norm is not pulled down
+    embedding_weight_decay: bool = True
     # Linear warmup as a fraction of trainer.max_steps (Wortsman et al. 2023 warm up for 5% of training),
     # so a short run still reaches its nominal peak LR; warmup_steps, when set, replaces the fraction.
     warmup_fraction: float = 0.05

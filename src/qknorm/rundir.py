@@ -56,6 +56,7 @@ LATER_KEYS = {
     # gated attention, softmax variants and length scaling (off: the plain softmax every earlier run used)
     "attention.output_gate": "none", "attention.softmax": "softmax", "attention.length_scale": "none",
     "optim.min_lr": None,  # the floor as an LR (earlier runs: min_lr_ratio alone)
+    "optim.embedding_weight_decay": True,  # earlier runs decayed the embedding
 }
 # Keys added with a default that does not reproduce earlier runs, and the value those runs had: a config
 # recorded before the key existed (a .hydra/config.yaml without it) is read with that value, not today's

@@ -21,11 +21,12 @@ def lr_factor(step: int, warmup: int, total: int, floor: float) -> float:
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def parameter_groups(model: nn.Module, attention: AttentionConfig) -> tuple[list, list]:
+def parameter_groups(model: nn.Module, attention: AttentionConfig, embedding_decay: bool = True) -> tuple[list, list]:
     """(decayed, not decayed) by each parameter's declared role (model/roles.py): matrices and the embedding
-    decay; block norm gains, biases and scalars (temperatures, LayerScale, sigma-reparam's gamma) do not;
-    QK-norm gains decay only when attention.gain_weight_decay is set (Qwen3-Next's fix for growing gains)."""
-    decayed = {"matrix", "embedding", *(("qk_gain",) if attention.gain_weight_decay else ())}
+    decay (the embedding unless `embedding_decay` is off: optim.embedding_weight_decay, OLMo 2's change); block
+    norm gains, biases and scalars (temperatures, LayerScale, sigma-reparam's gamma) do not; QK-norm gains decay
+    only when attention.gain_weight_decay is set (Qwen3-Next's fix for growing gains)."""
+    decayed = {"matrix", *(("embedding",) if embedding_decay else ()), *(("qk_gain",) if attention.gain_weight_decay else ())}
     role = roles(model)
     decay: list[nn.Parameter] = []
     no_decay: list[nn.Parameter] = []
@@ -36,7 +37,7 @@ def parameter_groups(model: nn.Module, attention: AttentionConfig) -> tuple[list
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, attention: AttentionConfig, on_cuda: bool) -> torch.optim.Optimizer:
-    decay, no_decay = parameter_groups(model, attention)
+    decay, no_decay = parameter_groups(model, attention, cfg.embedding_weight_decay)
     # Independent decay (Wortsman et al. 2023): theta -= s_t * lambda * theta, not lr_t * lambda * theta.
     # AdamW (and Muon) multiply weight_decay by the group's current lr = peak * s_t, so divide by the peak.
     wd = cfg.weight_decay / cfg.lr if cfg.independent_weight_decay else cfg.weight_decay

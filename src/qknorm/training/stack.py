@@ -17,8 +17,9 @@ from ..rundir import NOT_IDENTITY, flatten, identity_hash
 # What members of one stack may differ in: their initialization and the optimizer's scalars. Everything
 # else sets a shape or a code path and must be equal, except what lies outside a run's identity
 # (rundir.NOT_IDENTITY) and the callbacks, which each member runs for itself.
-MEMBER_KEYS = ("seed", "optim.lr", "optim.weight_decay", "optim.independent_weight_decay", "optim.betas", "optim.eps",
-               "optim.warmup_steps", "optim.warmup_fraction", "optim.min_lr_ratio", "optim.min_lr", "optim.grad_clip", "optim.z_loss",
+MEMBER_KEYS = ("seed", "optim.lr", "optim.weight_decay", "optim.independent_weight_decay", "optim.embedding_weight_decay",
+               "optim.betas", "optim.eps", "optim.warmup_steps", "optim.warmup_fraction", "optim.min_lr_ratio", "optim.min_lr",
+               "optim.grad_clip", "optim.z_loss",
                # the optimizer itself: AdamW or Muon and Muon's settings (each member steps its own; training/muon.py)
                "optim.name", "optim.muon_split", "optim.adjust_lr_fn", "optim.momentum", "optim.nesterov", "optim.ns_steps")
 IGNORED = (*NOT_IDENTITY, "callbacks", "paths")

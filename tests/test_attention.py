@@ -630,10 +630,19 @@ def test_qk_clip_tracks_the_same_max_logit_a_batch_slice_at_a_time(monkeypatch):
     batches = [layer.project(torch.randn(n, T, D_MODEL, dtype=torch.float64), cos, sin)[:2] for n in (2, 3)]
     want = torch.stack([_max_logits(layer, q, k) for q, k in batches]).amax(dim=0)
     monkeypatch.setattr(attention, "TRACK_CHUNK_ELEMENTS", N_HEADS * T * T)  # one sequence a slice
+    blocks, block = [], attention.logit_block
+
+    def spy(q, k, scale):
+        out = block(q, k, scale)
+        blocks.append(tuple(out.shape))
+        return out
+
+    monkeypatch.setattr(attention, "logit_block", spy)
     layer.max_logit = torch.full((N_HEADS,), float("-inf"), dtype=torch.float64)
     for q, k in batches:
         layer._track_max_logit(q, k, layer.temperature())
     torch.testing.assert_close(layer.max_logit, want, rtol=1e-12, atol=0)
+    assert blocks == [(1, N_HEADS, T, T)] * 5  # no block larger than the budget: 2 + 3 sequences, one at a time
 
 
 def _max_logits(layer, q, k) -> torch.Tensor:

@@ -239,6 +239,16 @@ def test_the_recipe_line_names_every_field(tmp_path):
     assert "?" not in scale
 
 
+def test_the_cosine_floor_is_read_as_the_run_set_it():
+    """optim.min_lr, where a run set it, is its floor for every peak (a share of each LR); else min_lr_ratio."""
+    from repro.recipe import floor_ratio
+
+    ratio = {"optim.lr": 1e-2, "optim.min_lr_ratio": 0.1}
+    assert floor_ratio(ratio) == 0.1 and floor_ratio({**ratio, "optim.min_lr": None}, 1.0) == 0.1
+    absolute = {**ratio, "optim.min_lr": 1e-5}
+    assert floor_ratio(absolute) == pytest.approx(1e-3) and floor_ratio(absolute, 1e-1) == pytest.approx(1e-4)
+
+
 def test_a_divergence_claim_whose_runs_diverge_only_in_the_warmup_is_inconclusive(tmp_path):
     """The same runs, but every failing one blows up at step 9, inside its 15-step warmup: the 1e4 rule is a
     divergence claim, and nothing here diverged where it speaks of; the section is retitled."""

@@ -471,27 +471,38 @@ def test_the_probe_figure_draws_a_fit_only_where_the_search_has_finished(tmp_pat
     assert "critical LR (quality)" in [line.get_label() for line in panels["baseline"].get_lines()]
 
 
-def test_the_page_counts_the_divergences_that_fell_in_the_warmup(main_sweep, tmp_path):
-    """Every fixture divergence of the main sweep is after its warmup: the cells say 0 of n and the page does not
-    discount the divergence LR. A sweep whose divergences fall in the warmup (onset at step 5 of a 15-step warmup)
-    says so in its cells, and the paragraph reads its divergence LR as the early blow-up's."""
+def test_the_page_counts_the_first_divergences_that_fell_in_the_warmup(main_sweep, tmp_path):
+    """Each seed's first divergence (at its lowest diverging LR) is read for where it began. Every fixture divergence
+    of the main sweep is after its warmup: the cells say 0 of 2 and the page does not discount the divergence LR. In
+    a second sweep the baseline's seeds first diverge in the warmup (onset at step 5 of a 15-step warmup), and qwen3's
+    seed 0 in the warmup only at 3.16x its first diverging LR: its first divergence, nearest the boundary, is after the
+    warmup, and counts so. A search in progress is not counted."""
     sweep, row, page = main_sweep
-    n = int(row.loc["baseline", "diverged_runs"])
-    assert n > 0 and row.loc["baseline", "diverged_in_warmup"] == 0 and row.loc["baseline", "diverged_after_warmup"] == n
-    assert _cell(page, "baseline", "divergence LR [95%]").endswith(f"; 0/{n} in the warmup")
-    total = int(row["diverged_runs"].sum())
-    assert f"Of the {total} probes that diverged, 0 diverged in the warmup" in page and "early blow-up" not in page
+    assert row.loc["baseline", "first_divergences"] == 2 and row.loc["baseline", "first_divergences_in_warmup"] == 0
+    assert _cell(page, "baseline", "divergence LR [95%]").endswith("; 0/2 first divergences in the warmup")
+    done = row[row["search"].str.startswith("finished")]
+    n = int(done["first_divergences"].sum())
+    assert f"Of the {n} first divergences of the finished searches" in page and ", 0 began in the warmup" in page
+    assert "early instability" not in page
 
     early = {**DIVERGED, "diverge_at": 5}
     presets = {"baseline": lambda lr, seed: ok(4.2 + 0.1 * seed) if lr < 0.3 else early,
-               "qwen3": lambda lr, seed: ok(4.0 + 0.1 * seed) if lr < 0.9 else DIVERGED if seed else early}
-    out = tmp_path / "docs" / "scorecard.md"
-    assert scorecard_main([str(build_sweep(tmp_path / "sweep", presets)), "--out", str(out)]) == 0
-    row, page = pd.read_csv(out.with_suffix(".csv")).set_index("preset"), out.read_text()
+               "qwen3": lambda lr, seed: ok(4.0 + 0.1 * seed) if lr < 0.9 else early if seed == 0 and lr > 2 else DIVERGED}
+
+    def page_of(name: str, chosen: dict, rounds=None) -> tuple[pd.DataFrame, str]:
+        out = tmp_path / name / "docs" / "scorecard.md"
+        assert scorecard_main([str(build_sweep(tmp_path / name / "sweep", chosen, rounds=rounds)), "--out", str(out)]) == 0
+        return pd.read_csv(out.with_suffix(".csv")).set_index("preset"), out.read_text()
+
+    row, page = page_of("both", presets)
     b, q = row.loc["baseline"], row.loc["qwen3"]
-    assert b["diverged_runs"] == b["diverged_in_warmup"] > 0 and b["diverged_after_warmup"] == 0
-    assert 0 < q["diverged_in_warmup"] < q["diverged_runs"] and q["diverged_after_warmup"] > 0
-    assert _cell(page, "baseline", "divergence LR [95%]").endswith(f"; {b['diverged_runs']}/{b['diverged_runs']} in the warmup")
-    w, n = int(b["diverged_in_warmup"] + q["diverged_in_warmup"]), int(b["diverged_runs"] + q["diverged_runs"])
-    assert f"Of the {n} probes that diverged, {w} diverged in the warmup" in page
-    assert w / n >= 2 / 3 and "generic early instability" in page  # most in the warmup: the page says what that means
+    assert (b["first_divergences"], b["first_divergences_in_warmup"], b["first_divergences_after_warmup"]) == (2, 2, 0)
+    assert (q["first_divergences"], q["first_divergences_in_warmup"], q["first_divergences_after_warmup"]) == (2, 0, 2)
+    assert q["diverged_runs"] == 4  # seed 0's probe at 3.162 diverged in the warmup too, but is not its first divergence
+    assert _cell(page, "baseline", "divergence LR [95%]").endswith("; 2/2 first divergences in the warmup")
+    assert "Of the 4 first divergences of the finished searches (each seed's, at its lowest diverging LR), 2 began" in page
+    assert "early instability" not in page  # half of them: not most
+    _, page = page_of("baseline", {"baseline": presets["baseline"]})
+    assert ", 2 began in the warmup" in page and "generic early instability" in page
+    _, page = page_of("unfinished", presets, rounds=2)  # both still climbing: nothing counted
+    assert "first divergences" not in page

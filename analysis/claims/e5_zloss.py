@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pandas as pd
 from repro.core import Check, Context, Section, cfg, conclude, diagnostic, fmt, headline, plt, save, series
+from repro.recipe import floor_ratio
 from repro.thresholds import LOGZ_DRIFT_RATIO
 
 KEY = "E5"
@@ -70,7 +71,7 @@ def analyse(frame: pd.DataFrame, sec: Section, ctx: Context) -> None:
         checks.append(diagnostic("without z-loss log Z drifts", None, "both arms are needed"))
     else:
         a, b = stats[0.0], stats[paper_z]
-        floor = sorted({float(c.get("optim.min_lr_ratio", math.nan)) for c in frame["cfg"]})
+        floor = sorted({floor_ratio(c) for c in frame["cfg"]})
         horizon = (f"the horizon is shorter than the effect's: without z-loss the validation loss is {{}} at the last "
                    f"evaluation (step {last_steps.get(0.0, '?')}), and the cosine schedule has brought the LR down to "
                    f"{'/'.join(f'{f:g}' for f in floor)}x its peak by then; the late high-LR phase in which the paper's "

@@ -7,6 +7,7 @@ from typing import Optional
 
 import pandas as pd
 from repro.core import Check, Context, Section, compare, conclude, fmt, headline, ladder_by, ladder_figure, ladder_rows, sensitivity
+from repro.recipe import floor_ratio
 from repro.thresholds import MIN_DECAY_SHRINK
 
 KEY = "E7"
@@ -98,11 +99,11 @@ def analyse(frame: pd.DataFrame, sec: Section, ctx: Context) -> None:
     for w in same:  # one part per warmup both decays ran with
         sub = by_arm[indep[w]]
         c = sub["cfg"].iloc[0]
-        total, floor = int(c["trainer.max_steps"]), float(c["optim.min_lr_ratio"])
-        ind = shrink(float(sub["wd"].iloc[0]), w, total, floor)
+        total = int(c["trainer.max_steps"])
+        ind = shrink(float(sub["wd"].iloc[0]), w, total, floor_ratio(c))
         csub = by_arm[coupled[w]]
-        cwd = float(csub["wd"].iloc[0])
-        coupled_at = {float(lr): shrink(float(lr) * cwd, w, total, floor) for lr in sorted(csub["lr"].unique())}
+        cwd, cc = float(csub["wd"].iloc[0]), csub["cfg"].iloc[0]
+        coupled_at = {float(lr): shrink(float(lr) * cwd, w, total, floor_ratio(cc, float(lr))) for lr in sorted(csub["lr"].unique())}
         sec.body += ["", f"What the decay can do over {total} steps at warmup {w} steps (the fraction of a weight's size the "
                      f"decay alone removes, 1 - prod(1 - d s_t) over the schedule): independent {sub['wd'].iloc[0]:g}: "
                      f"{ind:.1%}; coupled {cwd:g} at LR "

@@ -18,6 +18,14 @@ def _resolved(row) -> dict:
     return {**row.cfg, **(row.summary.get("config") or {})}
 
 
+def floor_ratio(c: dict, lr: Optional[float] = None) -> float:
+    """The cosine's floor as a fraction of the peak (`lr`, else the config's): optim.min_lr / peak where the run
+    set the floor as an LR, else optim.min_lr_ratio (as config.OptimConfig.floor_ratio)."""
+    if c.get("optim.min_lr") is not None:
+        return float(c["optim.min_lr"]) / float(lr if lr is not None else c["optim.lr"])
+    return float(c.get("optim.min_lr_ratio", math.nan))
+
+
 def _warmup(row, c: dict) -> Optional[int]:
     if row.summary.get("warmup_steps") is not None:
         return int(row.summary["warmup_steps"])

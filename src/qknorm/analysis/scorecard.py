@@ -14,8 +14,9 @@ columns that need the whole search stay blank. Its runs give every column:
   every seed diverged at that largest LR; otherwise their loss is unknown and the cell is blank;
 - divergence LR and critical LR: the finder's two boundaries (qknorm.analysis.critical_lr), the 50% LR with
   its 95% interval, marked where the interval is not bounded by the runs or the runs are separated; the
-  divergence cell also counts the diverged probes whose onset fell in the warmup (qknorm.analysis.failure), and
-  where most divergences did (WARMUP_DOMINATES) the paragraph says the divergence LR measures that early blow-up;
+  divergence cell also counts the seeds whose first divergence (at their lowest diverging LR) began in the warmup
+  (qknorm.analysis.failure), and where most did (WARMUP_DOMINATES) the paragraph says the divergence LR measures
+  that early blow-up;
 - max-logit growth: the largest attention logit (before a soft-cap where the monitor recorded it) of the
   monitor's last record over its first, the largest over seeds, at the best LR and at the LR within
   GROWTH_STEP_TOLERANCE_DECADES of 10^0.5 (3.16x) the best; a non-finite last logit is an infinite growth;
@@ -78,8 +79,9 @@ EDGE_MARK, SEPARATED_MARK = "†", "‡"  # footnote markers of a boundary cell,
 CPU_COLUMNS = ("size", "impl", "preset", "vs_baseline")
 GPU_COLUMNS = ("impl", "preset", "compile", "vs_baseline")
 SCALE_COLUMNS = ("device", "size", "precision", "batch", "seq", "threads", "compile", "repeats")
-# The share of diverged probes with their onset in the warmup from which the page says the divergence LR measures
-# the warmup's generic blow-up rather than the papers' late logit growth: most of them (more than two in three)
+# The share of first divergences (each seed's, at its lowest diverging LR) with their onset in the warmup from which
+# the page says the divergence LR measures the warmup's generic blow-up rather than the papers' late logit growth:
+# most of them (at least two in three)
 WARMUP_DOMINATES = 2 / 3
 # Two presets are indistinguishable at a recipe when every shared probe (same LR and seed) ends the same way
 # (diverged or not) and every one that completed ends within TWIN_NATS of the other's final loss. Two
@@ -363,6 +365,11 @@ def _growth_lr(lrs: list[float], best_lr: float) -> tuple[Optional[float], str]:
     return None, f"no run at 3.16x the best LR (nearest {nearest:.3g}, {nearest / best_lr:.2f}x)"
 
 
+def _count(flags: pd.Series, value: bool) -> int:
+    """How many of `flags` (True, False or unknown: None or NaN) are `value`."""
+    return sum(1 for v in flags if v is not None and not pd.isna(v) and bool(v) is value)
+
+
 def _group_row(sweep: Sweep, record: dict, frame: pd.DataFrame, boundaries: pd.DataFrame) -> tuple[dict[str, Any], pd.DataFrame]:
     """The group's row, and its probes that ended (a result: completed or diverged, with the failure columns)."""
     settings = settings_from_record(sweep.record.get("settings", {}))
@@ -379,9 +386,13 @@ def _group_row(sweep: Sweep, record: dict, frame: pd.DataFrame, boundaries: pd.D
                            "runs": len(g), "not_finished": len(mine) - len(g), "lost": lost, "seeds": len(group.seeds),
                            "machine_hours": float(g["wall_time_s"].fillna(0).sum()) / 3600,
                            "params": g["params"].dropna().iloc[0] if g["params"].notna().any() else math.nan}
+    # each seed's divergence at its lowest LR: the probes nearest the boundary, which the fit rests on (far above
+    # it, runs blow up in the warmup whatever the regime near the boundary)
     div = ended[ended["diverged"].astype(bool)]
-    row.update(diverged_runs=len(div), diverged_in_warmup=int(div["diverged_in_warmup"].eq(True).sum()),
-               diverged_after_warmup=int(div["diverged_in_warmup"].eq(False).sum()))
+    first = div.sort_values("lr").groupby("seed", sort=False).head(1)
+    row.update(diverged_runs=len(div), first_divergences=len(first),
+               first_divergences_in_warmup=_count(first["diverged_in_warmup"], True),
+               first_divergences_after_warmup=_count(first["diverged_in_warmup"], False))
     why = [f"{lost} probes gave no result (crashed)" if lost else "",
            f"{unresolved} recorded run directories not found" if unresolved else "",
            f"{len(mine) - len(g)} runs not finished" if len(mine) > len(g) else ""]
@@ -701,25 +712,29 @@ def _growth_cell(r: pd.Series) -> str:
 
 
 def _divergence_cell(r: pd.Series) -> str:
-    """The divergence boundary, and how many of the diverged probes behind it diverged in the warmup."""
-    n, w = int(r.get("diverged_runs", 0) or 0), int(r.get("diverged_in_warmup", 0) or 0)
-    return f"{r['divergence_lr_text']}; {w}/{n} in the warmup" if n else r["divergence_lr_text"]
+    """The divergence boundary, and how many seeds' first divergences (at their lowest diverging LR) fell in the warmup."""
+    n, w = int(r.get("first_divergences", 0) or 0), int(r.get("first_divergences_in_warmup", 0) or 0)
+    return f"{r['divergence_lr_text']}; {w}/{n} first divergences in the warmup" if n else r["divergence_lr_text"]
 
 
 def warmup_share(table: pd.DataFrame) -> str:
-    """Where the diverged probes diverged, in or after the warmup (failure.py's onset), over every preset; a
-    sentence, empty when nothing diverged. The stability papers' divergence is the growth of attention logits at
-    the peak LR; a blow-up while the LR still rises is the generic early one (failure.py's docstring), so when
-    at least WARMUP_DOMINATES of the divergences fell in the warmup, the divergence LR measures that instead."""
-    if "diverged_runs" not in table.columns:
+    """Where the finished searches' first divergences (each seed's, at its lowest diverging LR: the probes nearest
+    the boundary) began, in or after the warmup (failure.py's onset); a sentence, empty when none diverged. The
+    stability papers' divergence is the growth of attention logits at the peak LR; a blow-up while the LR still
+    rises is the generic early one (failure.py's docstring), so when at least WARMUP_DOMINATES of them began in
+    the warmup, the divergence LR measures that instead."""
+    if "first_divergences" not in table.columns:
         return ""
-    n = int(table["diverged_runs"].fillna(0).sum())
+    done = table[table["rank"] == RANK_DONE]
+    n = int(done["first_divergences"].fillna(0).sum())
     if not n:
         return ""
-    w, a = int(table["diverged_in_warmup"].fillna(0).sum()), int(table["diverged_after_warmup"].fillna(0).sum())
+    w = int(done["first_divergences_in_warmup"].fillna(0).sum())
+    a = int(done["first_divergences_after_warmup"].fillna(0).sum())
     unknown = n - w - a
-    text = (f"Of the {n} probes that diverged, {w} diverged in the warmup (their onset before its last step, while the LR "
-            f"still rose) and {a} after it" + (f"; for {unknown} the onset or the warmup is not recorded" if unknown else "") + ".")
+    text = (f"Of the {n} first divergences of the finished searches (each seed's, at its lowest diverging LR), {w} began "
+            f"in the warmup, before its end, while the LR still rose, and {a} after it"
+            + (f"; for {unknown} the onset or the warmup is not recorded" if unknown else "") + ".")
     if w / n >= WARMUP_DOMINATES:
         text += (" So the divergence LR here is mostly the LR at which the warmup's rising LR blows the run up, the generic "
                  "early instability, not the late growth of attention logits at the peak LR that the stabilizers' papers "

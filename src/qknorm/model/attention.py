@@ -29,8 +29,14 @@ from .rope import rope
 from .softmax_variants import AttentionSink, attention_weights, sdpa_with_sink, sigmoid_bias, sink_logits
 from .ssmax import SSMax
 
-# QK-Clip's max-logit tracker materialises at most this many logits at once (fp32: 256 MiB), a batch slice at a time
+# QK-Clip's max-logit tracker reads the logits a batch slice of at most this many at a time (fp32: 256 MiB; at least
+# one sequence a slice, whatever its size)
 TRACK_CHUNK_ELEMENTS = 1 << 26
+
+
+def logit_block(q: torch.Tensor, k: torch.Tensor, scale) -> torch.Tensor:
+    """A slice's attention logits q k^T * scale, for the QK-Clip tracker (a function of its own: the tests read its sizes)."""
+    return (q @ k.transpose(-1, -2)) * scale
 
 
 def training_forward(module: nn.Module) -> bool:
@@ -284,8 +290,8 @@ class Attention(nn.Module):
         per_head = self.max_logit.to(q.device)
         with torch.autocast(q.device.type, enabled=False):  # an fp16 q k^T is inf where the clip is needed most
             for i in range(0, q.shape[0], rows):
-                logits = (q[i:i + rows].to(acc) @ kk[i:i + rows].to(acc).transpose(-1, -2)) * scale
-                per_head = torch.maximum(per_head, logits.masked_fill(~mask, float("-inf")).amax(dim=(0, 2, 3)))
+                logits = logit_block(q[i:i + rows].to(acc), kk[i:i + rows].to(acc), scale)
+                per_head = torch.maximum(per_head, logits.masked_fill_(~mask, float("-inf")).amax(dim=(0, 2, 3)))
         self.max_logit = per_head
 
     @torch.no_grad()

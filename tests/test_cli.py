@@ -102,7 +102,7 @@ def test_unknown_key_guesses_the_meant_key(key, guess):
 
 def test_unknown_key_without_a_close_name_lists_the_allowed_ones():
     message = unknown_key_message("optim.zzzzzz")
-    assert "did you mean" not in message and "keys of optim: adjust_lr_fn, betas, eps," in message
+    assert "did you mean" not in message and "keys of optim: adjust_lr_fn, betas, embedding_weight_decay, eps," in message
     assert "did you mean" not in unknown_key_message("experiment.foo")  # never the key itself
     assert unknown_key_message("sweeps.size").startswith("sweeps.size: only exists once a sweeps option is chosen")
 

@@ -506,3 +506,18 @@ def test_the_page_counts_the_first_divergences_that_fell_in_the_warmup(main_swee
     assert ", 2 began in the warmup" in page and "generic early instability" in page
     _, page = page_of("unfinished", presets, rounds=2)  # both still climbing: nothing counted
     assert "first divergences" not in page
+
+
+def test_a_best_loss_at_the_lowest_lr_searched_is_marked_as_an_edge(main_sweep, tmp_path):
+    """A preset whose loss only rises with LR has its best at the lowest LR the search ran: its cell is marked and
+    the paragraph counts it; one with an interior optimum is not (the main sweep's baseline, best at 0.1)."""
+    _, row, page = main_sweep
+    assert row.loc["baseline", "best_lr"] == pytest.approx(0.1) and not row.loc["baseline", "best_at_lowest_lr"]
+    assert "§" not in _cell(page, "baseline", "best val loss @ LR")
+    presets = {"baseline": _baseline, "qwen3": lambda lr, seed: ok(4.0 + 0.2 * math.log10(lr / 0.01) + 0.1 * seed) if lr < 0.3 else FAILED}
+    out = tmp_path / "docs" / "scorecard.md"
+    assert scorecard_main([str(build_sweep(tmp_path / "sweep", presets)), "--out", str(out)]) == 0
+    row, page = pd.read_csv(out.with_suffix(".csv")).set_index("preset"), out.read_text()
+    assert row.loc["qwen3", "best_lr"] == pytest.approx(0.01) and row.loc["qwen3", "best_at_lowest_lr"]
+    assert _cell(page, "qwen3", "best val loss @ LR").endswith("@ 0.01 §") and "§" not in _cell(page, "baseline", "best val loss @ LR")
+    assert "For 1 of the 2 finished presets the best loss is at the lowest LR searched" in page

@@ -7,7 +7,8 @@ seed failed, then narrows both boundaries. Every group of its finder.json gets a
 is not finished (qknorm.analysis.search.progress, the finder's own rule, read from finder.json) says so, and the
 columns that need the whole search stay blank. Its runs give every column:
 - best val loss: the lowest mean final val loss over seeds at one LR where every seed completed without
-  diverging (the preset's own tuned LR), with the seeds' half-range;
+  diverging (the preset's own tuned LR), with the seeds' half-range; marked where that LR is the lowest the
+  search ran (the optimum may lie below it, untried);
 - LR sensitivity (Wortsman et al. 2023; qknorm.analysis.lr): per seed, the mean over the coarse grid of
   (capped loss - the best capped loss), a run's loss capped at its initial loss; mean and [min, max] over
   seeds. Grid LRs above the largest one run (the climb stopped there) count at the initial loss only when
@@ -75,6 +76,7 @@ PAPER_TOKENS_SOURCE = "Wortsman et al. 2023's small-scale proxies (sec. 2.1: 1e5
 # no finished run (the table sorts on it before the boundaries)
 RANK_DONE, RANK_RUNNING, RANK_EMPTY = 0, 1, 2
 EDGE_MARK, SEPARATED_MARK = "†", "‡"  # footnote markers of a boundary cell, defined under the table
+LOWEST_MARK = "§"  # a best loss at the lowest LR the search ran, defined under the table
 # The columns a benchmark file needs for a step-cost ratio, and those that state the scale it was measured at
 CPU_COLUMNS = ("size", "impl", "preset", "vs_baseline")
 GPU_COLUMNS = ("impl", "preset", "compile", "vs_baseline")
@@ -413,7 +415,9 @@ def _group_row(sweep: Sweep, record: dict, frame: pd.DataFrame, boundaries: pd.D
         means = {lr: by_lr.get_group(lr)["final_val_loss"].mean() for lr in complete}
         best_lr = min(means, key=lambda lr: means[lr])
         losses = by_lr.get_group(best_lr)["final_val_loss"]
-        row.update(best_lr=best_lr, best_val_loss=float(losses.mean()), best_val_loss_halfrange=float((losses.max() - losses.min()) / 2))
+        row.update(best_lr=best_lr, best_val_loss=float(losses.mean()), best_val_loss_halfrange=float((losses.max() - losses.min()) / 2),
+                   # the lowest LR the search ran: the preset's own optimum may lie below it, untried
+                   best_at_lowest_lr=bool(best_lr <= float(ended["lr"].min())))
     sens, sens_note = _seed_sensitivity(ended, coarse, seeds)
     row.update(lr_sensitivity=sum(sens) / len(sens) if sens else math.nan, lr_sensitivity_min=min(sens) if sens else math.nan,
                lr_sensitivity_max=max(sens) if sens else math.nan, lr_sensitivity_note=sens_note)
@@ -668,6 +672,12 @@ def paragraph(table: pd.DataFrame, info: Optional[dict] = None) -> str:
                      f"LR and seed) they end the same way, and the {t.completed} that completed end at most {t.max_nats:.1g} "
                      f"nats apart (median {t.median_nats:.1g}), within TWIN_NATS ({TWIN_NATS:g}); read their rows as one "
                      "result measured twice.")
+    if "best_at_lowest_lr" in done.columns:
+        lowest = done[[_count(pd.Series([v]), True) == 1 for v in done["best_at_lowest_lr"]]]
+        if len(lowest):
+            lines.append(f"For {len(lowest)} of the {len(done)} finished presets the best loss is at the lowest LR searched "
+                         f"({LOWEST_MARK}): their own optimum may lie lower, untried, so the best-loss column compares them "
+                         "at an edge of the search, not each at a tuned LR.")
     share = warmup_share(table)
     if share:
         lines.append(share)
@@ -750,8 +760,11 @@ def render(table: pd.DataFrame, info: dict, command: str, figure: Optional[tuple
     shown = pd.DataFrame({
         "preset": table["preset"],
         "search": table["search"],
-        "best val loss @ LR": [f"{_fmt(a, '.3f')} ± {_fmt(b, '.3f')} @ {_fmt(lr, '.3g')}" if not pd.isna(a) else "" for a, b, lr in
-                               zip(table["best_val_loss"], table["best_val_loss_halfrange"], table["best_lr"], strict=True)],
+        "best val loss @ LR": [f"{_fmt(a, '.3f')} ± {_fmt(b, '.3f')} @ {_fmt(lr, '.3g')}"
+                               + (f" {LOWEST_MARK}" if _count(pd.Series([edge]), True) else "")
+                               if not pd.isna(a) else "" for a, b, lr, edge in
+                               zip(table["best_val_loss"], table["best_val_loss_halfrange"], table["best_lr"],
+                                   table.get("best_at_lowest_lr", pd.Series([None] * len(table))), strict=True)],
         "LR sensitivity [min, max]": [
             f"{_fmt(m, '.3f')} [{_fmt(lo, '.3f')}, {_fmt(hi, '.3f')}]" if not pd.isna(m) else (f"({note})" if d and note else "")
             for m, lo, hi, note, d in zip(table["lr_sensitivity"], table["lr_sensitivity_min"], table["lr_sensitivity_max"],
@@ -807,6 +820,8 @@ def render(table: pd.DataFrame, info: dict, command: str, figure: Optional[tuple
         "the last success and the first failure, and the interval assumes a transition no wider than about 0.03 decades "
         "(boundary.S_MIN); where the true transition is 0.4 decades wide, such intervals covered it in 53-68% of simulated "
         "searches (benchmarks/boundary_coverage.py).  ",
+        f"{LOWEST_MARK} the best loss is at the lowest LR the search ran: the preset's own optimum may lie below it, untried, "
+        "so this is an upper bound on its best loss, and LR sensitivity and the max-logit growth are read from that edge.  ",
         "A row whose search is in progress (the finder's own rule, read from finder.json) leaves blank every column that "
         "needs the whole search; runs and hours count finished runs only.  ",
         "LR sensitivity: grid LRs above the largest one run count at the initial loss only when every seed diverged at that "

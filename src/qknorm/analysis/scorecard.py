@@ -367,11 +367,6 @@ def _growth_lr(lrs: list[float], best_lr: float) -> tuple[Optional[float], str]:
     return None, f"no run at 3.16x the best LR (nearest {nearest:.3g}, {nearest / best_lr:.2f}x)"
 
 
-def _count(flags: pd.Series, value: bool) -> int:
-    """How many of `flags` (True, False or unknown: None or NaN) are `value`."""
-    return sum(1 for v in flags if v is not None and not pd.isna(v) and bool(v) is value)
-
-
 def _group_row(sweep: Sweep, record: dict, frame: pd.DataFrame, boundaries: pd.DataFrame) -> tuple[dict[str, Any], pd.DataFrame]:
     """The group's row, and its probes that ended (a result: completed or diverged, with the failure columns)."""
     settings = settings_from_record(sweep.record.get("settings", {}))
@@ -393,8 +388,9 @@ def _group_row(sweep: Sweep, record: dict, frame: pd.DataFrame, boundaries: pd.D
     div = ended[ended["diverged"].astype(bool)]
     first = div.sort_values("lr").groupby("seed", sort=False).head(1)
     row.update(diverged_runs=len(div), first_divergences=len(first),
-               first_divergences_in_warmup=_count(first["diverged_in_warmup"], True),
-               first_divergences_after_warmup=_count(first["diverged_in_warmup"], False))
+               # True, False or unknown (None): eq counts only the known ones
+               first_divergences_in_warmup=int(first["diverged_in_warmup"].eq(True).sum()),
+               first_divergences_after_warmup=int(first["diverged_in_warmup"].eq(False).sum()))
     why = [f"{lost} probes gave no result (crashed)" if lost else "",
            f"{unresolved} recorded run directories not found" if unresolved else "",
            f"{len(mine) - len(g)} runs not finished" if len(mine) > len(g) else ""]
@@ -501,6 +497,8 @@ def scorecard(paths: list[str | Path], benchmarks: Path = BENCHMARKS, presets: P
         table[col] = table[col].fillna(-math.inf) if col in table.columns else -math.inf
     for col in ("divergence_lr_text", "critical_lr_text", "lr_sensitivity_note", "growth_step_note"):
         table[col] = table[col].fillna("") if col in table.columns else ""
+    # set only where a best LR was found: False elsewhere
+    table["best_at_lowest_lr"] = table["best_at_lowest_lr"].eq(True) if "best_at_lowest_lr" in table.columns else False
     table["params"] = pd.to_numeric(table["params"], errors="coerce")
     base_params = table.loc[table["preset"] == BASELINE, "params"].dropna()
     table["params_vs_baseline"] = table["params"] / float(base_params.iloc[0]) if len(base_params) else math.nan
@@ -672,12 +670,11 @@ def paragraph(table: pd.DataFrame, info: Optional[dict] = None) -> str:
                      f"LR and seed) they end the same way, and the {t.completed} that completed end at most {t.max_nats:.1g} "
                      f"nats apart (median {t.median_nats:.1g}), within TWIN_NATS ({TWIN_NATS:g}); read their rows as one "
                      "result measured twice.")
-    if "best_at_lowest_lr" in done.columns:
-        lowest = done[[_count(pd.Series([v]), True) == 1 for v in done["best_at_lowest_lr"]]]
-        if len(lowest):
-            lines.append(f"For {len(lowest)} of the {len(done)} finished presets the best loss is at the lowest LR searched "
-                         f"({LOWEST_MARK}): their own optimum may lie lower, untried, so the best-loss column compares them "
-                         "at an edge of the search, not each at a tuned LR.")
+    lowest = done[done["best_at_lowest_lr"]]
+    if len(lowest):
+        lines.append(f"For {len(lowest)} of the {len(done)} finished presets the best loss is at the lowest LR searched "
+                     f"({LOWEST_MARK}): their own optimum may lie lower, untried, so the best-loss column compares them "
+                     "at an edge of the search, not each at a tuned LR.")
     share = warmup_share(table)
     if share:
         lines.append(share)
@@ -723,7 +720,7 @@ def _growth_cell(r: pd.Series) -> str:
 
 def _divergence_cell(r: pd.Series) -> str:
     """The divergence boundary, and how many seeds' first divergences (at their lowest diverging LR) fell in the warmup."""
-    n, w = int(r.get("first_divergences", 0) or 0), int(r.get("first_divergences_in_warmup", 0) or 0)
+    n, w = int(r["first_divergences"]), int(r["first_divergences_in_warmup"])
     return f"{r['divergence_lr_text']}; {w}/{n} first divergences in the warmup" if n else r["divergence_lr_text"]
 
 
@@ -733,8 +730,6 @@ def warmup_share(table: pd.DataFrame) -> str:
     stability papers' divergence is the growth of attention logits at the peak LR; a blow-up while the LR still
     rises is the generic early one (failure.py's docstring), so when at least WARMUP_DOMINATES of them began in
     the warmup, the divergence LR measures that instead."""
-    if "first_divergences" not in table.columns:
-        return ""
     done = table[table["rank"] == RANK_DONE]
     n = int(done["first_divergences"].fillna(0).sum())
     if not n:
@@ -761,10 +756,10 @@ def render(table: pd.DataFrame, info: dict, command: str, figure: Optional[tuple
         "preset": table["preset"],
         "search": table["search"],
         "best val loss @ LR": [f"{_fmt(a, '.3f')} ± {_fmt(b, '.3f')} @ {_fmt(lr, '.3g')}"
-                               + (f" {LOWEST_MARK}" if _count(pd.Series([edge]), True) else "")
+                               + (f" {LOWEST_MARK}" if edge else "")
                                if not pd.isna(a) else "" for a, b, lr, edge in
                                zip(table["best_val_loss"], table["best_val_loss_halfrange"], table["best_lr"],
-                                   table.get("best_at_lowest_lr", pd.Series([None] * len(table))), strict=True)],
+                                   table["best_at_lowest_lr"], strict=True)],
         "LR sensitivity [min, max]": [
             f"{_fmt(m, '.3f')} [{_fmt(lo, '.3f')}, {_fmt(hi, '.3f')}]" if not pd.isna(m) else (f"({note})" if d and note else "")
             for m, lo, hi, note, d in zip(table["lr_sensitivity"], table["lr_sensitivity_min"], table["lr_sensitivity_max"],

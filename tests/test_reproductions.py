@@ -584,6 +584,23 @@ def test_e8_is_decided_by_the_probe_of_models_at_healthy_lrs(tmp_path):
     e8 = build(tmp_path / "runs2", tmp_path)["E8"]
     assert e8.verdict == "not reproduced", e8.reason
     assert names(e8)["every model without QK-norm, at any LR, reaches fp16's limit in training"].value is True
+    # how near the healthy models came to the limit is reported whatever the verdict (65504 / 6e4 = 1.09x; / 75 = 873x)
+    assert e8.findings == ["at healthy LRs the final models' largest q k^T (fp16 probe) stays 1.09x below fp16's limit "
+                           "without QK-norm (at most 6e+04, Qwen2-style QKV bias at LR 0.1) and 873x below it with Qwen3's "
+                           "QK-norm (at most 75)"], e8.findings
+
+
+def test_e8_reports_the_headroom_of_healthy_models_and_its_growth_with_the_lr(tmp_path):
+    """Nothing overflows: the finding still says how far below fp16's limit the healthy models stayed, and how the
+    largest q k^T without QK-norm grew from the best LR to 3x it."""
+    runs = tmp_path / "runs" / RUNS["E8"]
+    for lr, top in ((0.01, 1e3), (0.03, 1e4)):
+        e8_run(runs, "baseline", (50.0, top), lr=lr)
+        e8_run(runs, "qwen3", (50.0, 100.0), lr=lr)
+    e8 = build(tmp_path / "runs", tmp_path)["E8"]
+    assert e8.findings == ["at healthy LRs the final models' largest q k^T (fp16 probe) stays 6.55x below fp16's limit "
+                           "without QK-norm (at most 1e+04, baseline (no QK-norm) at LR 0.03) and 655x below it with Qwen3's "
+                           "QK-norm (at most 100); without QK-norm its median grows 10x from LR 0.01 to 0.03"], e8.findings
 
 
 def test_e8_models_that_failed_cannot_decide_it(tmp_path):
@@ -608,7 +625,7 @@ def test_e8_a_healthy_model_without_its_probe_leaves_its_part_undecided(tmp_path
     (probe,) = [d / "fp16_probe" for d in runs.iterdir() if {"attention=baseline", "seed=1"} <= set(d.name.split("-"))]
     shutil.rmtree(probe)
     e8 = build(tmp_path / "runs", tmp_path)["E8"]
-    part = names(e8)["baseline models at healthy LRs overflow fp16 as s, not as k^T"]
+    part = names(e8)["baseline models at healthy LRs overflow fp16 with the scale after q k^T, not with q scaled first"]
     assert part.value is None and "1 baseline (no QK-norm) model(s) at a healthy LR have no probe table" in part.why, part.why
     assert e8.verdict == "partly", e8.reason
 
@@ -623,7 +640,7 @@ def test_e8_with_two_seeds_keeps_every_run(tmp_path):
             e8_run(runs, preset, raw, seed)
     e8 = build(tmp_path / "runs", tmp_path)["E8"]
     assert "\n".join(e8.body).count("| Qwen2-style QKV bias, LR 0.1, 32-true, seed ") == 2
-    qwen2 = names(e8)["Qwen2-style QKV bias models at healthy LRs overflow fp16 as s, not as k^T"]
+    qwen2 = names(e8)["Qwen2-style QKV bias models at healthy LRs overflow fp16 with the scale after q k^T, not with q scaled first"]
     assert qwen2.value is None and qwen2.why == "seeds disagree"
     assert e8.seed_checks == {0: [True, True, True, True], 1: [True, False, True, False]}
     assert e8.verdict == "partly", e8.reason

@@ -55,9 +55,9 @@ def corpus_tokens(frames: list[pd.DataFrame]) -> Optional[int]:
 
 def reference_for(runs: Path, folders: list[str]) -> Reference:
     """The bigram reference of the corpus the runs trained on (they all share one: Shakespeare, one
-    tokenizer), from the first run directory found."""
+    tokenizer), from the first run directory found, at any depth: a search's runs lie in subfolders."""
     for folder in folders:
-        for config in sorted((runs / folder).glob("*/.hydra/config.yaml")):
+        for config in sorted((runs / folder).glob("**/.hydra/config.yaml")):
             return bigram_for_run(config.parent.parent)
     return Reference(None, "no runs to read a corpus from")
 

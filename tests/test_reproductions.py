@@ -134,6 +134,14 @@ def names(sec) -> dict:
 
 # -- the failure definitions ---------------------------------------------------------------------------
 
+
+def test_the_bigram_reference_is_read_from_a_search_whose_runs_lie_in_subfolders(tmp_path):
+    """A critical-LR search writes its runs one folder down (E3's presets/, after_rope/, ...): where no other
+    folder has runs, the page still finds the corpus there, and with it every run's `failed`."""
+    write_run(tmp_path / "runs" / RUNS["E3"] / "presets", ["model=tiny", "attention=qwen3", "optim.lr=0.1"], 4.0)
+    reference = repro.reference_for(tmp_path / "runs", list(dict.fromkeys(RUNS.values())))
+    assert reference.nats == BIGRAM, reference.note
+
 def test_a_run_diverging_inside_its_warmup_is_flagged_and_one_after_it_is_not(tmp_path):
     early = write_run(tmp_path, ["model=tiny", "optim.lr=1"], 7.5, diverge_at=9)
     late = write_run(tmp_path, ["model=tiny", "optim.lr=0.3"], 7.5, diverge_at=150)

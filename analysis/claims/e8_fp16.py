@@ -8,6 +8,7 @@ from typing import Optional
 
 import numpy as np
 import pandas as pd
+from matplotlib import colors as matplotlib_colors
 from repro.core import (
     Check,
     Context,
@@ -80,6 +81,13 @@ def analyse(frame: pd.DataFrame, sec: Section, ctx: Context) -> None:
     pyplot = plt()
     fig, ax = pyplot.subplots(figsize=(7, 3.9))
     colors = {v: f"C{i}" for i, v in enumerate(sorted(frame["variant"].unique()))}
+    seeds = sorted(frame["seed"].dropna().unique())
+
+    def color(variant: str, seed) -> tuple:
+        """The variant's colour, paler for each later seed, so that the seeds' lines of one run stay apart."""
+        rgb = np.array(matplotlib_colors.to_rgb(colors[variant]))
+        k = seeds.index(seed) / max(len(seeds), 2) if seed in seeds else 0.0
+        return tuple(rgb + (1 - rgb) * k)
     for r in frame.sort_values(["variant", "lr", "seed", "run_dir"]).itertuples():
         precision = r.summary.get("precision") or r.cfg.get("trainer.precision")
         name = f"{r.variant}, LR {r.lr:g}, {precision}" + (f", seed {r.seed}" if several else "")
@@ -87,7 +95,7 @@ def analyse(frame: pd.DataFrame, sec: Section, ctx: Context) -> None:
         s, raw = max_over_layers(r.run_dir, "raw_qk_max")
         monitor = float(np.nanmax(raw)) if len(raw) else math.nan
         if len(raw):
-            ax.plot(s, raw, color=colors[r.variant], ls="--" if precision == "32-true" else "-", alpha=0.85,
+            ax.plot(s, raw, color=color(r.variant, r.seed), ls="--" if precision == "32-true" else "-", alpha=0.85,
                     marker="o" if r.lr == best_lr[r.variant] else None, ms=2, label=name)
         # healthy only where the run is known not to have failed: without a bigram reference a finished run's
         # `failed` is None (core.failed_of), and then no run counts as healthy (the checks say why)
@@ -110,7 +118,8 @@ def analyse(frame: pd.DataFrame, sec: Section, ctx: Context) -> None:
     ax.set_ylabel("max |q k^T| over layers and heads")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    ax.set_title("E8: the unscaled q k^T in training against fp16's limit (monitor; dashed: fp32, solid: bf16)", fontsize=9)
+    ax.set_title("E8: the unscaled q k^T in training against fp16's limit (monitor; dashed: fp32, solid: bf16; dots: "
+                 "the best LR; paler: a later seed)", fontsize=8)
     sec.figures.append(save(fig, ctx, "e8_fp16_overflow.png"))
     ref = ctx.reference.nats
     sec.body += ["| run | final val loss | failed | final attention entropy (normalized, mean of the least spread-out head) | "

@@ -978,3 +978,10 @@ def test_seed_noise_pairs_seeds_recorded_before_and_after_a_key_was_added(tmp_pa
     (old / ".hydra" / "config.yaml").write_text(yaml.safe_dump(raw))
     noise = core.seed_noise([core.load(folder, core.Reference(None, "none"))])
     assert noise.pairs == 1 and noise.median == pytest.approx(0.05)
+
+
+def test_every_seed_of_a_figure_gets_its_own_line_style():
+    """E5, E9 and E11 draw a run's seeds in one colour: the style alone must tell three seeds apart (the old rule,
+    solid for the lowest seed and dotted for the rest, drew seeds 1 and 2 alike)."""
+    seeds = pd.Series([2, 0, 1, 1])
+    assert [core.seed_style(s, seeds) for s in (0, 1, 2)] == ["-", ":", "--"]

@@ -7,7 +7,7 @@ from typing import Optional
 
 import numpy as np
 import pandas as pd
-from repro.core import Check, Context, Section, conclude, diagnostic, distinct_colors, fmt, headline, max_over_layers, plt, save
+from repro.core import Check, Context, Section, conclude, diagnostic, distinct_colors, fmt, headline, max_over_layers, plt, save, seed_style
 from repro.thresholds import CLIP_SLACK, DRIFT_FROM, FORCED_GROWTH, PRECAP_GROWTH
 
 KEY = "E11"
@@ -281,19 +281,23 @@ def analyse(frame: pd.DataFrame, sec: Section, ctx: Context) -> None:
     colors = dict(zip(names, distinct_colors(len(names)), strict=True))
     for r in shown.itertuples():
         s, v = logit_history(r.run_dir)
-        style = dict(color=colors[r.label], ls="-" if r.seed == shown["seed"].min() else ":")
+        style = dict(color=colors[r.label], ls=seed_style(r.seed, shown["seed"]))
         ax.plot(s, v, label=f"{r.label}, seed {r.seed}", **style)
         ps, pv = logit_history(r.run_dir, "max_logit_precap")
         if len(pv):
-            ax2.plot(ps, pv, label=f"{r.label} (pre-cap), seed {r.seed}", **style)
-            ax2.plot(s, v, color=colors[r.label], ls="--", alpha=0.5)
-    titles = (f"max |logit| over layers and heads, LR {fmt(top)}", "soft-capped: before (solid) and after (dashed) the cap")
+            ax2.plot(ps, pv, label=f"{r.label}, before the cap, seed {r.seed}", **style)
+            ax2.plot(s, v, alpha=0.4, label=f"{r.label}, after the cap, seed {r.seed}", **style)
+    titles = (f"max |logit| over layers and heads, LR {fmt(top)}", "soft-capped: before (full colour) and after (pale) the cap")
     for a, title in zip((ax, ax2), titles, strict=True):
         a.set_yscale("log")
         a.set_xlabel("step")
         a.set_title(title, fontsize=9)
         a.grid(alpha=0.3)
-    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    # one legend right of both panels: between them it would lie under the second panel
+    handles, labels = ax.get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=6, loc="upper left", bbox_to_anchor=(1.0, 0.92), title="left panel", title_fontsize=6)
+    if ax2.lines:
+        ax2.legend(fontsize=6, loc="lower right")
     fig.suptitle("E11: Muon, AdamW and QK-Clip, tiny without QK-norm", fontsize=9)
     sec.figures.append(save(fig, ctx, "e11_muon_logits.png"))
     conclude(sec, checks, frame)

@@ -201,7 +201,12 @@ def figure(t: pd.DataFrame, sec: Section, ctx: Context) -> None:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     axes[0].axhline(PAPER_LOGIT, color="k", lw=0.8, ls=":", label=f"{PAPER_LOGIT:g} (the paper's rule)")
-    axes[2].legend(fontsize=6, ncol=2, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    # the runs' lines (the third panel's) and the first panel's threshold line, in one legend
+    handles, labels = axes[2].get_legend_handles_labels()
+    more, more_labels = axes[0].get_legend_handles_labels()
+    keep = [i for i, label in enumerate(more_labels) if label not in labels]
+    axes[2].legend(handles + [more[i] for i in keep], labels + [more_labels[i] for i in keep], fontsize=6, ncol=2,
+                   loc="upper left", bbox_to_anchor=(1.02, 1.0))
     fig.suptitle(f"E2: layer-0 logit growth, d_model {wmax}, seed {seed} (solid: qk-LN, dashed: none; "
                  "Wortsman et al. 2023 Figs. 2, E.1)", fontsize=9)
     sec.figures.append(save(fig, ctx, "e2_logit_growth.png"))

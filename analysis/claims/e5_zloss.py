@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 import pandas as pd
-from repro.core import Check, Context, Section, cfg, conclude, diagnostic, fmt, headline, plt, save, series
+from repro.core import Check, Context, Section, cfg, conclude, diagnostic, fmt, headline, plt, save, seed_style, series
 from repro.recipe import floor_ratio
 from repro.thresholds import LOGZ_DRIFT_RATIO
 
@@ -36,7 +36,7 @@ def analyse(frame: pd.DataFrame, sec: Section, ctx: Context) -> None:
         for r in sub.itertuples():
             s, logz = series(r.run_dir, "output_log_z_mean", layer=None)
             _, mean_logit = series(r.run_dir, "output_logit_mean", layer=None)
-            style = dict(color=colors[z], ls="-" if r.seed == sub["seed"].min() else ":", label=f"z-loss {z:g}, seed {r.seed}")
+            style = dict(color=colors[z], ls=seed_style(r.seed, frame["seed"]), label=f"z-loss {z:g}, seed {r.seed}")
             ax.plot(s, logz, **style)
             ax2.plot(s, mean_logit, **style)
             drift.append(abs(float(logz[-1] - logz[0])) if len(logz) else math.nan)

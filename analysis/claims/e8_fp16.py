@@ -96,7 +96,7 @@ def analyse(frame: pd.DataFrame, sec: Section, ctx: Context) -> None:
         monitor = float(np.nanmax(raw)) if len(raw) else math.nan
         if len(raw):
             ax.plot(s, raw, color=color(r.variant, r.seed), ls="--" if precision == "32-true" else "-", alpha=0.85,
-                    marker="o" if r.lr == best_lr[r.variant] else None, ms=2, label=name)
+                    marker="o" if r.lr == best_lr[r.variant] else None, ms=3.5, label=name)
         # healthy only where the run is known not to have failed: without a bigram reference a finished run's
         # `failed` is None (core.failed_of), and then no run counts as healthy (the checks say why)
         known = r.failed is not None and not pd.isna(r.failed)

@@ -6,7 +6,23 @@ import math
 
 import numpy as np
 import pandas as pd
-from repro.core import Check, Context, Section, compare, conclude, diagnostic, fmt, headline, plt, records, save, series, value_at
+from repro.core import (
+    Check,
+    Context,
+    Section,
+    compare,
+    conclude,
+    diagnostic,
+    distinct_colors,
+    fmt,
+    headline,
+    plt,
+    records,
+    save,
+    seed_style,
+    series,
+    value_at,
+)
 from repro.thresholds import DRIFT_FROM, DRIFT_MIN_GROWTH
 
 KEY = "E9"
@@ -49,6 +65,8 @@ def analyse(frame: pd.DataFrame, sec: Section, ctx: Context) -> None:
     pyplot = plt()
     fig, (ax, ax2) = pyplot.subplots(1, 2, figsize=(10.5, 3.8))
     per_run: dict[str, list[dict]] = {}
+    arms = sorted({arm_of(c) for c in frame["cfg"]})
+    arm_colors = dict(zip(arms, distinct_colors(len(arms)), strict=True))
     for r in frame.sort_values("run_dir").itertuples():
         name = arm_of(r.cfg)
         start = DRIFT_FROM * float(r.cfg.get("trainer.max_steps"))
@@ -56,7 +74,7 @@ def analyse(frame: pd.DataFrame, sec: Section, ctx: Context) -> None:
         gain_growth, _ = growth(r.run_dir, "q_norm_gain_l2", start)
         s, v = series(r.run_dir, "max_logit", layer=0)
         _, g = series(r.run_dir, "q_norm_gain_l2", layer=0)
-        style = dict(color="C1" if name == ZERO else "C0", ls="-" if r.seed == frame["seed"].min() else ":",
+        style = dict(color=arm_colors[name], ls=seed_style(r.seed, frame["seed"]),
                      label=f"{name}, seed {r.seed}")
         ax.plot(s, v, **style)
         if len(g):

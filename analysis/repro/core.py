@@ -351,6 +351,16 @@ def save(fig, ctx: Context, name: str) -> str:
     return str(ctx.rel / name)
 
 
+SEED_STYLES = ("-", ":", "--", "-.")
+
+
+def seed_style(seed, seeds) -> str:
+    """The line style of a seed: its place among the figure's seeds (sorted), so that no two seeds share one up
+    to four seeds."""
+    order = sorted({int(s) for s in seeds})
+    return SEED_STYLES[order.index(int(seed)) % len(SEED_STYLES)] if int(seed) in order else SEED_STYLES[0]
+
+
 def distinct_colors(n: int) -> list:
     """n colours that a reader can tell apart (tab10, then tab20 past 10)."""
     pyplot = plt()

@@ -104,7 +104,8 @@ def draw_probes(ax, g: pd.DataFrame, bounds: pd.DataFrame, cap: float | None = N
                                            pts["initial_loss"])
         if cap is not None:
             loss = pd.Series(cap, index=pts.index) if kind == "diverged" else loss.clip(upper=cap)
-        ax.scatter(pts["lr"], loss, label=f"{kind} ({len(pts)})" if counts else plain, zorder=3, **style)
+        # clip_on=False: a diverged probe is drawn at the cap, which may be the axis' top
+        ax.scatter(pts["lr"], loss, label=f"{kind} ({len(pts)})" if counts else plain, zorder=3, clip_on=False, **style)
     for _, row in bounds.iterrows():
         target = "diverged" if row["target"].startswith("divergence") else "failed"
         if row["boundary_lr"] is not None and not pd.isna(row["boundary_lr"]):

@@ -276,11 +276,13 @@ def test_probe_flags_a_planted_qkv_bias_overflow_in_fp16(tmp_path, capsys):
         assert probe_main([str(tmp_path / name), "--out", str(tmp_path / f"{name}-out"), "--random-ids"]) == 0
         assert (tmp_path / f"{name}-out" / "probe.png").exists()
         printed[name] = capsys.readouterr().out
-        assert "text: 2 x 128 random token ids (--random-ids), not text" in printed[name]
+        assert "text: 16 x 128 random token ids (--random-ids), not text" in printed[name]
     q2 = pd.read_csv(tmp_path / "qwen2-out" / "probe.csv").set_index("layer")
     assert list(q2["overflows_fp16_unscaled"]) == [False, True, False]
     assert not q2["overflows_fp16_prescaled"].any()
     assert q2.loc[1, "max_abs_qkv_bias"] == 100.0 and q2.loc[1, "fp16_headroom"] < 1
+    # the table says what sample its maxima are taken over
+    assert set(q2["tokens"]) == {16 * 128} and set(q2["sample"]) == {"16 x 128 random token ids (--random-ids), not text"}
     q3 = pd.read_csv(tmp_path / "qwen3-out" / "probe.csv")
     assert len(q3) == 3 and not q3["overflows_fp16_unscaled"].any()
     assert "OVERFLOW (unscaled order)" in printed["qwen2"]

@@ -564,16 +564,20 @@ def test_e10_e9_e7_read_their_runs(tmp_path):
     assert "the recipe cannot show it: independent decay 0.0001 over 300 steps shrinks weights by 1.5%" in e7.reason
 
 
-def e8_run(runs: Path, preset: str, raw: tuple, seed: int = 0, probe_max=None, loss: float = 3.5, lr: float = 0.1) -> None:
+def e8_run(runs: Path, preset: str, raw: tuple, seed: int = 0, probe_max=None, loss: float = 3.5, lr: float = 0.1,
+           sample: str | None = None) -> None:
     """An E8 run whose last layer's unscaled q k^T grows as `raw` in training, with a probe table at the end
-    that reads `probe_max` (the monitor's peak unless given)."""
+    that reads `probe_max` (the monitor's peak unless given), measured on `sample` (a table without the record
+    when None)."""
     run = write_run(runs, ["model=tiny", f"attention={preset}", f"optim.lr={lr:g}", "trainer.precision=32-true"], loss,
                     raw_qk=raw, seed=seed)
     top = raw[1] if probe_max is None else probe_max
     (run / "fp16_probe").mkdir()
-    (run / "fp16_probe" / "probe.csv").write_text(
-        "layer,max_abs_qk_raw,overflows_fp16_unscaled,overflows_fp16_prescaled\n"
-        f"0,1.0,False,False\n1,{top},{top > 65504},False\n")
+    table = pd.DataFrame({"layer": [0, 1], "max_abs_qk_raw": [1.0, top], "overflows_fp16_unscaled": [False, top > 65504],
+                          "overflows_fp16_prescaled": [False, False]})
+    if sample is not None:
+        table = table.assign(tokens=4096, sample=sample)
+    table.to_csv(run / "fp16_probe" / "probe.csv", index=False)
 
 
 def test_e8_is_decided_by_the_probe_of_models_at_healthy_lrs(tmp_path):
@@ -583,6 +587,7 @@ def test_e8_is_decided_by_the_probe_of_models_at_healthy_lrs(tmp_path):
     e8 = build(tmp_path / "runs", tmp_path)["E8"]
     assert e8.verdict == "reproduced", e8.reason
     assert "| baseline (no QK-norm), LR 0.1, 32-true | 3.500 | no |" in "\n".join(e8.body)
+    assert "The probe tables do not record their sample (written before the probe recorded it)" in "\n".join(e8.body)
     assert (tmp_path / "figs" / "e8_fp16_overflow.png").stat().st_size > 0
     # the monitor saw the overflow in training, but the final models do not overflow: the headline (the probe)
     # fails, and the monitor's diagnostic "yes" does not lift it
@@ -604,7 +609,10 @@ def test_e8_reports_the_headroom_of_healthy_models_and_its_growth_with_the_lr(tm
     runs = tmp_path / "runs" / RUNS["E8"]
     for lr, top in ((0.01, 1e3), (0.03, 1e4)):
         e8_run(runs, "baseline", (50.0, top), lr=lr)
-        e8_run(runs, "qwen3", (50.0, 100.0), lr=lr)
+        e8_run(runs, "qwen3", (50.0, 100.0), lr=lr, sample="16 x 256 tokens of Hamlet")
+    # the sample the maxima were taken over is stated, and a table that does not record it is named as such
+    assert ("The probe tables were measured on 16 x 256 tokens of Hamlet, and samples some tables do not record: a "
+            "maximum over a sample is a lower bound on the model's.") in "\n".join(build(tmp_path / "runs", tmp_path / "a")["E8"].body)
     e8 = build(tmp_path / "runs", tmp_path)["E8"]
     assert e8.findings == ["at healthy LRs the final models' largest q k^T (fp16 probe) stays 6.55x below fp16's limit "
                            "without QK-norm (at most 1e+04, baseline (no QK-norm) at LR 0.03) and 655x below it with Qwen3's "

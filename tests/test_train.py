@@ -6,6 +6,7 @@ import json
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from .conftest import REPO, run_cli, run_dirs
@@ -195,6 +196,12 @@ def test_the_final_checkpoint_is_the_final_state_and_a_diverged_job_is_a_result(
     assert json.loads((runs["diverged"] / "summary.json").read_text())["steps"] < 12
     final = json.loads((runs["completed"] / "summary.json").read_text())["final_val_loss"]
     assert fresh_val_loss(runs["completed"] / "checkpoints" / "last.ckpt") == pytest.approx(final, rel=1e-5)
+    # qknorm-probe reads a checkpoint's whole context (64 here) by default, and its table names the sample
+    from qknorm.probe import main as probe_main
+
+    assert probe_main([str(runs["completed"] / "checkpoints" / "last.ckpt"), "--out", str(tmp_path / "probe")]) == 0
+    table = pd.read_csv(tmp_path / "probe" / "probe.csv")
+    assert set(table["tokens"]) == {16 * 64} and table["sample"].iloc[0].startswith("16 x 64 tokens of Hamlet"), table
 
 
 def test_keep_checkpoint_false_leaves_no_checkpoint(tmp_path, cache_dir):

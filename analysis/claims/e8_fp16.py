@@ -54,6 +54,20 @@ def unprobed_why(t: pd.DataFrame, variant: str, label: str) -> str:
             "would leave them out") if n else ""
 
 
+def sample_line(samples: set[str]) -> str:
+    """What the probe tables were measured on: their largest q k^T is a maximum over that sample."""
+    known = sorted(s for s in samples if s)
+    if not samples:
+        return ""
+    if len(known) == len(samples) == 1:
+        return f"Each final model is probed on {known[0]}: a maximum over that sample, a lower bound on the model's."
+    if not known:
+        return ("The probe tables do not record their sample (written before the probe recorded it): a maximum over a "
+                "sample is a lower bound on the model's.")
+    unknown = ", and samples some tables do not record" if "" in samples else ""
+    return f"The probe tables were measured on {'; '.join(known)}{unknown}: a maximum over a sample is a lower bound on the model's."
+
+
 def headroom(t: pd.DataFrame) -> str:
     """How far below fp16's limit the probed models at healthy LRs stay, without and with QK-norm, and how the
     largest q k^T without QK-norm grows with the LR: how near this scale comes to the overflow, whatever the verdict."""
@@ -78,6 +92,7 @@ def analyse(frame: pd.DataFrame, sec: Section, ctx: Context) -> None:
     best_lr = {v: float(sub.groupby("lr")["capped"].mean().idxmin()) for v, sub in frame.groupby("variant")}
     several = frame["seed"].nunique() > 1
     rows, runs = [], []
+    samples: set[str] = set()
     pyplot = plt()
     fig, ax = pyplot.subplots(figsize=(7, 3.9))
     colors = {v: f"C{i}" for i, v in enumerate(sorted(frame["variant"].unique()))}
@@ -92,6 +107,8 @@ def analyse(frame: pd.DataFrame, sec: Section, ctx: Context) -> None:
         precision = r.summary.get("precision") or r.cfg.get("trainer.precision")
         name = f"{r.variant}, LR {r.lr:g}, {precision}" + (f", seed {r.seed}" if several else "")
         p = probe(r.run_dir)
+        if p is not None:
+            samples.add(str(p["sample"].iloc[0]) if "sample" in p.columns and len(p) else "")
         s, raw = max_over_layers(r.run_dir, "raw_qk_max")
         monitor = float(np.nanmax(raw)) if len(raw) else math.nan
         if len(raw):
@@ -128,8 +145,9 @@ def analyse(frame: pd.DataFrame, sec: Section, ctx: Context) -> None:
                  "|---|---:|---|---:|---|---:|---:|---|---|", *rows, "",
                  f"Best LR per variant here: {', '.join(f'{v} {lr_fmt(lr)}' for v, lr in best_lr.items())}; a run is at a "
                  f"healthy LR when its LR is at most {HEALTHY_LR_FACTOR:g}x that and it did not fail (final loss below the "
-                 f"bigram reference, {fmt(ref)} nats). fp16 training itself needs a GPU (Lightning trains `16-mixed` on CUDA "
-                 "only) and is not part of this CPU run."]
+                 f"bigram reference, {fmt(ref)} nats). {sample_line(samples)} fp16 training itself needs a GPU (Lightning "
+                 "trains `16-mixed` on CUDA only) and is not part of this CPU run; the probe casts fp32 q and k to fp16 and "
+                 "takes one fp16 product summed in fp32 (as PyTorch does), so a kernel that sums in fp16 is not tested."]
     t = pd.DataFrame(runs)
     checks: list[Check] = []
     if ref is None:  # no healthy model can be told from a collapsed one: every part waits for the reference

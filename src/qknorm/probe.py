@@ -1,10 +1,13 @@
 """qknorm-probe: would this model's attention overflow in fp16?
 
-    qknorm-probe MODEL [--batches 2] [--seq-len 128] [--out DIR] [--random-ids]
+    qknorm-probe MODEL [--batches 16] [--seq-len N] [--out DIR] [--random-ids]
 
 MODEL is one of our checkpoints (`.ckpt`) or a `transformers` causal LM (a local folder, or a hub name
 when online). It feeds the model the start of Hamlet through the model's own tokenizer (a checkpoint:
-the tokenizer of its training corpus) and says so; a model it cannot tokenize text for is refused
+the tokenizer of its training corpus) and says so: 16 sequences of the model's whole context for a
+checkpoint (its longest-range logits included), 16 x 128 tokens for a transformers model unless --seq-len
+says otherwise. The sample is written beside the results (probe.csv's `tokens` and `sample`): a maximum
+over a sample is a lower bound on what the model produces. A model it cannot tokenize text for is refused
 unless --random-ids asks for random token ids. For those batches it reports per layer: max |q k^T| before the scale, max |QKV
 bias|, max attention logit, and the fp16 headroom (65504 / max |q k^T|); then it evaluates the logits in
 fp16 both as (q @ k^T) * s and as (q * s) @ k^T and counts non-finite values: the Qwen2 -> Qwen3 story,
@@ -23,6 +26,11 @@ from pathlib import Path
 import torch
 
 FP16_MAX = 65504.0
+# the default sample: 16 sequences, of the whole context for our checkpoints (at 256 tokens, 4k tokens of Hamlet).
+# A maximum over a sample understates the model's: 2 x 128 tokens read 9-15% lower maxima than 60 x 256 on a
+# tiny model with QKV bias, and never saw the logits between positions 128 and 255.
+BATCHES = 16
+TRANSFORMERS_SEQ_LEN = 128
 # the files a transformers tokenizer is loaded from: a model folder with none of them has no tokenizer
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "vocab.txt", "spiece.model")
 
@@ -67,12 +75,15 @@ class LayerProbe:
 class ProbeResult:
     model: str
     layers: list[LayerProbe] = field(default_factory=list)
+    tokens: int = 0  # the sample the maxima are taken over
+    sample: str = ""
 
     def rows(self) -> list[dict]:
         return [{"layer": i, "max_abs_qk_raw": p.raw_qk_max, "max_abs_qkv_bias": p.bias_max, "max_abs_logit": p.logit_max,
                  "fp16_headroom": p.headroom, "nonfinite_fp16_unscaled": p.nonfinite_unscaled,
                  "nonfinite_fp16_prescaled": p.nonfinite_prescaled,
-                 "overflows_fp16_unscaled": p.nonfinite_unscaled > 0, "overflows_fp16_prescaled": p.nonfinite_prescaled > 0}
+                 "overflows_fp16_unscaled": p.nonfinite_unscaled > 0, "overflows_fp16_prescaled": p.nonfinite_prescaled > 0,
+                 "tokens": self.tokens, "sample": self.sample}
                 for i, p in enumerate(self.layers)]
 
 
@@ -159,10 +170,13 @@ class NoUsableText(Exception):
     """The model's tokenizer is missing or cannot turn the sample text into enough valid token ids."""
 
 
-def make_batches(encode, vocab_size: int, n: int, seq_len: int, random_ids: bool = False,
+def make_batches(encode, vocab_size: int, n: int | None, seq_len: int, random_ids: bool = False,
                  no_tokenizer: str = "no tokenizer", tokenizer: str = "the model's tokenizer") -> tuple[list[torch.Tensor], str]:
-    """n sequences of seq_len token ids, and a line saying what they are. Random ids only when asked:
-    attention statistics on random ids say little about the model on text."""
+    """n sequences of seq_len token ids, and a line saying what they are; n None: BATCHES of them, or as many as the
+    text holds (a long context). Random ids only when asked: attention statistics on random ids say little about
+    the model on text."""
+    fit = n is None
+    n = BATCHES if n is None else n
     if random_ids:
         g = torch.Generator().manual_seed(0)
         return ([torch.randint(0, vocab_size, (1, seq_len), generator=g) for _ in range(n)],
@@ -172,6 +186,8 @@ def make_batches(encode, vocab_size: int, n: int, seq_len: int, random_ids: bool
     ids = list(encode(sample_text()))
     if not ids:
         raise NoUsableText("its tokenizer turned the sample text into no tokens at all: not a usable tokenizer")
+    if fit and len(ids) < n * seq_len:
+        n = max(1, len(ids) // seq_len)
     if len(ids) < n * seq_len:
         raise NoUsableText(f"its tokenizer turned the sample text into {len(ids)} tokens, fewer than "
                            f"--batches x --seq-len = {n * seq_len}")
@@ -232,9 +248,11 @@ def probe(args: argparse.Namespace) -> tuple[ProbeResult, str]:
             encode = prepare_data(cfg.data).tokenized.tokenizer.encode
         except Exception as e:  # the training corpus may not be on this machine
             why = f"the tokenizer of its training corpus cannot be built here ({_first_line(e)})"
-        batches, text = make_batches(encode, model.vocab_size, args.batches, min(args.seq_len, model.seq_len),
+        # the whole context by default: the longest-range logits are where a trained model's largest may lie
+        seq_len = model.seq_len if args.seq_len is None else min(args.seq_len, model.seq_len)
+        batches, text = make_batches(encode, model.vocab_size, args.batches, seq_len,
                                      args.random_ids, why, "the tokenizer of its training corpus")
-        return probe_qknorm(model, batches, args.model), text
+        return sampled(probe_qknorm(model, batches, args.model), batches, text), text
     try:
         from transformers import AutoModelForCausalLM, AutoTokenizer
     except ImportError:
@@ -255,16 +273,26 @@ def probe(args: argparse.Namespace) -> tuple[ProbeResult, str]:
             encode = AutoTokenizer.from_pretrained(args.model).encode
         except Exception as e:  # a tokenizer that does not load
             why = f"no tokenizer could be loaded from it ({_first_line(e)})"
-    batches, text = make_batches(encode, model.config.vocab_size, args.batches, args.seq_len, args.random_ids, why)
-    return probe_transformers(model, batches, args.model), text
+    seq_len = TRANSFORMERS_SEQ_LEN if args.seq_len is None else args.seq_len
+    batches, text = make_batches(encode, model.config.vocab_size, args.batches, seq_len, args.random_ids, why)
+    return sampled(probe_transformers(model, batches, args.model), batches, text), text
+
+
+def sampled(result: ProbeResult, batches: list[torch.Tensor], text: str) -> ProbeResult:
+    """The result with the sample it was measured on."""
+    result.tokens, result.sample = sum(int(b.numel()) for b in batches), text
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="qknorm-probe", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", help="a qknorm .ckpt, a transformers model folder, or a hub name")
-    parser.add_argument("--batches", type=int, default=2)
-    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--batches", type=int, default=None,
+                        help=f"sequences to read (default {BATCHES}, or as many as the text holds)")
+    parser.add_argument("--seq-len", type=int, default=None,
+                        help=f"tokens per sequence (default: a checkpoint's whole context; {TRANSFORMERS_SEQ_LEN} for a "
+                             "transformers model, whose context may be long for a CPU)")
     parser.add_argument("--out", type=Path, default=Path("probe"))
     parser.add_argument("--random-ids", action="store_true",
                         help="probe with random token ids when the model has no usable tokenizer")

@@ -283,6 +283,12 @@ def test_probe_flags_a_planted_qkv_bias_overflow_in_fp16(tmp_path, capsys):
     assert q2.loc[1, "max_abs_qkv_bias"] == 100.0 and q2.loc[1, "fp16_headroom"] < 1
     # the table says what sample its maxima are taken over
     assert set(q2["tokens"]) == {16 * 128} and set(q2["sample"]) == {"16 x 128 random token ids (--random-ids), not text"}
+    # never past the model's own context (256 positions), and never over no tokens at all
+    assert probe_main([str(tmp_path / "qwen3"), "--out", str(tmp_path / "long"), "--random-ids", "--seq-len", "512"]) == 0
+    assert "text: 16 x 256 random token ids" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        probe_main([str(tmp_path / "qwen3"), "--out", str(tmp_path / "none"), "--random-ids", "--batches", "0"])
+    assert "--batches: must be at least 1, got 0" in capsys.readouterr().err and not (tmp_path / "none").exists()
     q3 = pd.read_csv(tmp_path / "qwen3-out" / "probe.csv")
     assert len(q3) == 3 and not q3["overflows_fp16_unscaled"].any()
     assert "OVERFLOW (unscaled order)" in printed["qwen2"]

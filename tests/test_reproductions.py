@@ -586,6 +586,9 @@ def test_e8_is_decided_by_the_probe_of_models_at_healthy_lrs(tmp_path):
         e8_run(runs, preset, raw)
     e8 = build(tmp_path / "runs", tmp_path)["E8"]
     assert e8.verdict == "reproduced", e8.reason
+    # an overflow is said as one, not as a headroom below 1 (65504 / 1.2e5: 1.83x over)
+    assert e8.findings[0].startswith("at healthy LRs the final models' largest q k^T (fp16 probe) exceeds fp16's limit "
+                                     "1.83x without QK-norm (at most 1.2e+05, Qwen2-style QKV bias at LR 0.1)"), e8.findings
     assert "| baseline (no QK-norm), LR 0.1, 32-true | 3.500 | no |" in "\n".join(e8.body)
     assert "The probe tables do not record their sample (written before the probe recorded it)" in "\n".join(e8.body)
     assert (tmp_path / "figs" / "e8_fp16_overflow.png").stat().st_size > 0
@@ -599,8 +602,8 @@ def test_e8_is_decided_by_the_probe_of_models_at_healthy_lrs(tmp_path):
     assert names(e8)["every model without QK-norm, at any LR, reaches fp16's limit in training"].value is True
     # how near the healthy models came to the limit is reported whatever the verdict (65504 / 6e4 = 1.09x; / 75 = 873x)
     assert e8.findings == ["at healthy LRs the final models' largest q k^T (fp16 probe) stays 1.09x below fp16's limit "
-                           "without QK-norm (at most 6e+04, Qwen2-style QKV bias at LR 0.1) and 873x below it with Qwen3's "
-                           "QK-norm (at most 75)"], e8.findings
+                           "without QK-norm (at most 6e+04, Qwen2-style QKV bias at LR 0.1), and stays 873x below fp16's "
+                           "limit with Qwen3's QK-norm (at most 75)"], e8.findings
 
 
 def test_e8_reports_the_headroom_of_healthy_models_and_its_growth_with_the_lr(tmp_path):
@@ -615,8 +618,9 @@ def test_e8_reports_the_headroom_of_healthy_models_and_its_growth_with_the_lr(tm
             "maximum over a sample is a lower bound on the model's.") in "\n".join(build(tmp_path / "runs", tmp_path / "a")["E8"].body)
     e8 = build(tmp_path / "runs", tmp_path)["E8"]
     assert e8.findings == ["at healthy LRs the final models' largest q k^T (fp16 probe) stays 6.55x below fp16's limit "
-                           "without QK-norm (at most 1e+04, baseline (no QK-norm) at LR 0.03) and 655x below it with Qwen3's "
-                           "QK-norm (at most 100); without QK-norm its median grows 10x from LR 0.01 to 0.03"], e8.findings
+                           "without QK-norm (at most 1e+04, baseline (no QK-norm) at LR 0.03), and stays 655x below fp16's "
+                           "limit with Qwen3's QK-norm (at most 100); over all 2 probed models without QK-norm (each "
+                           "variant, precision and seed) the median grows 10x from LR 0.01 to 0.03"], e8.findings
 
 
 def test_e8_models_that_failed_cannot_decide_it(tmp_path):
@@ -991,5 +995,6 @@ def test_seed_noise_pairs_seeds_recorded_before_and_after_a_key_was_added(tmp_pa
 def test_every_seed_of_a_figure_gets_its_own_line_style():
     """E5, E9 and E11 draw a run's seeds in one colour: the style alone must tell three seeds apart (the old rule,
     solid for the lowest seed and dotted for the rest, drew seeds 1 and 2 alike)."""
-    seeds = pd.Series([2, 0, 1, 1])
+    seeds = pd.Series([2, 0, 1, 1, float("nan")])
     assert [core.seed_style(s, seeds) for s in (0, 1, 2)] == ["-", ":", "--"]
+    assert core.seed_style(float("nan"), seeds) == "-"  # a run without a recorded seed draws, in the first style

@@ -71,18 +71,27 @@ def sample_line(samples: set[str]) -> str:
 def headroom(t: pd.DataFrame) -> str:
     """How far below fp16's limit the probed models at healthy LRs stay, without and with QK-norm, and how the
     largest q k^T without QK-norm grows with the LR: how near this scale comes to the overflow, whatever the verdict."""
-    probed = t[t["healthy"] & t["probe"]]
+    measured = t[t["probe"] & t["probe_max"].notna()]
+    probed = measured[measured["healthy"]]
     without, with_ = probed[probed["variant"].isin(WITHOUT)], probed[probed["variant"] == WITH]
     if without.empty or with_.empty:
         return ""
     top = without.loc[without["probe_max"].idxmax()]
-    text = (f"at healthy LRs the final models' largest q k^T (fp16 probe) stays {FP16_MAX / top['probe_max']:.3g}x below "
-            f"fp16's limit without QK-norm (at most {top['probe_max']:.3g}, {top['variant']} at LR {lr_fmt(top['lr'])}) and "
-            f"{FP16_MAX / with_['probe_max'].max():.3g}x below it with Qwen3's QK-norm (at most {with_['probe_max'].max():.3g})")
-    by_lr = without.groupby("lr")["probe_max"].median()
+
+    def against_limit(value: float) -> str:
+        ratio = FP16_MAX / value
+        return f"stays {ratio:.3g}x below fp16's limit" if ratio >= 1 else f"exceeds fp16's limit {1 / ratio:.3g}x"
+
+    text = (f"at healthy LRs the final models' largest q k^T (fp16 probe) {against_limit(top['probe_max'])} without QK-norm "
+            f"(at most {top['probe_max']:.3g}, {top['variant']} at LR {lr_fmt(top['lr'])}), and "
+            f"{against_limit(with_['probe_max'].max())} with Qwen3's QK-norm (at most {with_['probe_max'].max():.3g})")
+    # the LR trend over every probed model without QK-norm, healthy or not: which models fail at the higher LR
+    # must not change the median it is read from
+    every = measured[measured["variant"].isin(WITHOUT)]
+    by_lr = every.groupby("lr")["probe_max"].median()
     if len(by_lr) > 1:
-        text += (f"; without QK-norm its median grows {by_lr.iloc[-1] / by_lr.iloc[0]:.3g}x from LR {lr_fmt(by_lr.index[0])} "
-                 f"to {lr_fmt(by_lr.index[-1])}")
+        text += (f"; over all {len(every)} probed models without QK-norm (each variant, precision and seed) the median "
+                 f"grows {by_lr.iloc[-1] / by_lr.iloc[0]:.3g}x from LR {lr_fmt(by_lr.index[0])} to {lr_fmt(by_lr.index[-1])}")
     return text
 
 
@@ -108,7 +117,8 @@ def analyse(frame: pd.DataFrame, sec: Section, ctx: Context) -> None:
         name = f"{r.variant}, LR {r.lr:g}, {precision}" + (f", seed {r.seed}" if several else "")
         p = probe(r.run_dir)
         if p is not None:
-            samples.add(str(p["sample"].iloc[0]) if "sample" in p.columns and len(p) else "")
+            recorded = p["sample"].dropna() if "sample" in p.columns else pd.Series(dtype=object)
+            samples.add(str(recorded.iloc[0]) if len(recorded) else "")
         s, raw = max_over_layers(r.run_dir, "raw_qk_max")
         monitor = float(np.nanmax(raw)) if len(raw) else math.nan
         if len(raw):
@@ -122,7 +132,7 @@ def analyse(frame: pd.DataFrame, sec: Section, ctx: Context) -> None:
         run = {"variant": r.variant, "healthy": healthy, "probe": p is not None, "monitor": monitor,
                "unscaled": bool(p["overflows_fp16_unscaled"].any()) if p is not None else None,
                "prescaled": bool(p["overflows_fp16_prescaled"].any()) if p is not None else None,
-               "probe_max": float(p["max_abs_qk_raw"].max()) if p is not None else math.nan,
+               "probe_max": float(p["max_abs_qk_raw"].max()) if p is not None and len(p) else math.nan,
                "lr": float(r.lr), "final": r.final_val_loss, "failed": bool(known and r.failed)}
         runs.append(run)
         rows.append(f"| {name} | {fmt(r.final_val_loss, '.3f')} | {('yes' if r.failed else 'no') if known else '-'} | {fmt(entropy)} | "
@@ -145,9 +155,10 @@ def analyse(frame: pd.DataFrame, sec: Section, ctx: Context) -> None:
                  "|---|---:|---|---:|---|---:|---:|---|---|", *rows, "",
                  f"Best LR per variant here: {', '.join(f'{v} {lr_fmt(lr)}' for v, lr in best_lr.items())}; a run is at a "
                  f"healthy LR when its LR is at most {HEALTHY_LR_FACTOR:g}x that and it did not fail (final loss below the "
-                 f"bigram reference, {fmt(ref)} nats). {sample_line(samples)} fp16 training itself needs a GPU (Lightning "
-                 "trains `16-mixed` on CUDA only) and is not part of this CPU run; the probe casts fp32 q and k to fp16 and "
-                 "takes one fp16 product summed in fp32 (as PyTorch does), so a kernel that sums in fp16 is not tested."]
+                 f"bigram reference, {fmt(ref)} nats). " + (f"{sample_line(samples)} " if samples else "")
+                 + "fp16 training itself needs a GPU (Lightning trains `16-mixed` on CUDA only) and is not part of this CPU "
+                 "run; the probe casts fp32 q and k to fp16 and takes one fp16 product summed in fp32 (as PyTorch does on a "
+                 "CPU), so a kernel that sums in fp16 is not tested."]
     t = pd.DataFrame(runs)
     checks: list[Check] = []
     if ref is None:  # no healthy model can be told from a collapsed one: every part waits for the reference

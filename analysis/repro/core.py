@@ -357,8 +357,10 @@ SEED_STYLES = ("-", ":", "--", "-.")
 def seed_style(seed, seeds) -> str:
     """The line style of a seed: its place among the figure's seeds (sorted), so that no two seeds share one up
     to four seeds."""
-    order = sorted({int(s) for s in seeds})
-    return SEED_STYLES[order.index(int(seed)) % len(SEED_STYLES)] if int(seed) in order else SEED_STYLES[0]
+    order = sorted({int(s) for s in seeds if pd.notna(s)})
+    if pd.isna(seed) or int(seed) not in order:  # a run without a recorded seed: the first style
+        return SEED_STYLES[0]
+    return SEED_STYLES[order.index(int(seed)) % len(SEED_STYLES)]
 
 
 def distinct_colors(n: int) -> list:

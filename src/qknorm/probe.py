@@ -6,7 +6,7 @@ MODEL is one of our checkpoints (`.ckpt`) or a `transformers` causal LM (a local
 when online). It feeds the model the start of Hamlet through the model's own tokenizer (a checkpoint:
 the tokenizer of its training corpus) and says so: 16 sequences of the model's whole context for a
 checkpoint (its longest-range logits included), 16 x 128 tokens for a transformers model unless --seq-len
-says otherwise. The sample is written beside the results (probe.csv's `tokens` and `sample`): a maximum
+says otherwise (never past the model's own context). The sample is written beside the results (probe.csv's `tokens` and `sample`): a maximum
 over a sample is a lower bound on what the model produces. A model it cannot tokenize text for is refused
 unless --random-ids asks for random token ids. For those batches it reports per layer: max |q k^T| before the scale, max |QKV
 bias|, max attention logit, and the fp16 headroom (65504 / max |q k^T|); then it evaluates the logits in
@@ -189,8 +189,8 @@ def make_batches(encode, vocab_size: int, n: int | None, seq_len: int, random_id
     if fit and len(ids) < n * seq_len:
         n = max(1, len(ids) // seq_len)
     if len(ids) < n * seq_len:
-        raise NoUsableText(f"its tokenizer turned the sample text into {len(ids)} tokens, fewer than "
-                           f"--batches x --seq-len = {n * seq_len}")
+        asked = f"--batches x --seq-len = {n} x {seq_len}" if not fit else f"one sequence of {seq_len} (the model's context)"
+        raise NoUsableText(f"its tokenizer turned the sample text into {len(ids)} tokens, fewer than {asked}")
     if max(ids) >= vocab_size or min(ids) < 0:
         raise NoUsableText(f"its tokenizer gives token ids up to {max(ids)}, outside the model's vocabulary of {vocab_size}")
     t = torch.tensor(ids[: n * seq_len], dtype=torch.long)
@@ -274,6 +274,9 @@ def probe(args: argparse.Namespace) -> tuple[ProbeResult, str]:
         except Exception as e:  # a tokenizer that does not load
             why = f"no tokenizer could be loaded from it ({_first_line(e)})"
     seq_len = TRANSFORMERS_SEQ_LEN if args.seq_len is None else args.seq_len
+    # never past the positions the model was built for: its logits there are not the model's
+    context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    seq_len = min(seq_len, int(context)) if context else seq_len
     batches, text = make_batches(encode, model.config.vocab_size, args.batches, seq_len, args.random_ids, why)
     return sampled(probe_transformers(model, batches, args.model), batches, text), text
 
@@ -284,13 +287,21 @@ def sampled(result: ProbeResult, batches: list[torch.Tensor], text: str) -> Prob
     return result
 
 
+def positive(text: str) -> int:
+    """A count of at least 1: a probe over no tokens would report no overflow with nothing measured."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="qknorm-probe", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", help="a qknorm .ckpt, a transformers model folder, or a hub name")
-    parser.add_argument("--batches", type=int, default=None,
+    parser.add_argument("--batches", type=positive, default=None,
                         help=f"sequences to read (default {BATCHES}, or as many as the text holds)")
-    parser.add_argument("--seq-len", type=int, default=None,
+    parser.add_argument("--seq-len", type=positive, default=None,
                         help=f"tokens per sequence (default: a checkpoint's whole context; {TRANSFORMERS_SEQ_LEN} for a "
                              "transformers model, whose context may be long for a CPU)")
     parser.add_argument("--out", type=Path, default=Path("probe"))

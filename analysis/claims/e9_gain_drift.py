@@ -82,9 +82,9 @@ def analyse(frame: pd.DataFrame, sec: Section, ctx: Context) -> None:
         per_run.setdefault(name, []).append({"logit_growth": logit_growth, "max_logit_end": logit_end,
                                              "gain_growth": gain_growth, "final": float(r.capped)})
     for a, t in ((ax, "layer-0 max |logit|"), (ax2, "layer-0 q-norm gain L2 norm")):
-        a.axvline(DRIFT_FROM * float(frame["cfg"].iloc[0].get("trainer.max_steps")), color="k", lw=0.8, ls=":")
+        a.axvline(DRIFT_FROM * float(frame["cfg"].iloc[0].get("trainer.max_steps")), color="0.55", lw=2.5, alpha=0.5)  # not a seed style
         a.set_title(t, fontsize=9)
-        a.set_xlabel("step (dotted: where the drift is measured from)")
+        a.set_xlabel("step (thick grey line: where the drift is measured from)")
         a.grid(alpha=0.3)
         a.legend(fontsize=7)
     fig.suptitle("E9: max-logit drift under QK-norm through the learned gains (Qwen3-Next)", fontsize=9)

@@ -54,6 +54,12 @@ def unprobed_why(t: pd.DataFrame, variant: str, label: str) -> str:
             "would leave them out") if n else ""
 
 
+def overflow_check(variant: str) -> str:
+    """The headline part for a variant without QK-norm. No parentheses but its figures': core.check_name drops every
+    parenthesised group, which is where each seed puts its own figures."""
+    return f"{variant} models at healthy LRs overflow fp16 with the scale after q k^T, not with q scaled first"
+
+
 def sample_line(samples: set[str]) -> str:
     """What the probe tables were measured on: their largest q k^T is a maximum over that sample."""
     known = sorted(s for s in samples if s)
@@ -163,16 +169,15 @@ def analyse(frame: pd.DataFrame, sec: Section, ctx: Context) -> None:
     checks: list[Check] = []
     if ref is None:  # no healthy model can be told from a collapsed one: every part waits for the reference
         for v in WITHOUT:
-            checks.append(headline(f"{v} models at healthy LRs overflow fp16 with the scale after q k^T, not with q scaled first", None,
+            checks.append(headline(overflow_check(v), None,
                                    f"no bigram reference to tell a model that learned ({ctx.reference.note})"))
         checks.append(headline("Qwen3 QK-norm models at healthy LRs do not overflow", None,
                                f"no bigram reference to tell a model that learned ({ctx.reference.note})"))
         conclude(sec, checks, frame)
         return
     overflowed = False
-    # a check's name has no parentheses but its figures': core.check_name drops every parenthesised group
     for v in WITHOUT:
-        name = f"{v} models at healthy LRs overflow fp16 with the scale after q k^T, not with q scaled first"
+        name = overflow_check(v)
         mine = t[(t["variant"] == v) & t["probe"]]
         scope = mine[mine["healthy"]]
         if mine.empty:

@@ -3,16 +3,17 @@
     qknorm-probe MODEL [--batches 16] [--seq-len N] [--out DIR] [--random-ids]
 
 MODEL is one of our checkpoints (`.ckpt`) or a `transformers` causal LM (a local folder, or a hub name
-when online). It feeds the model the start of Hamlet through the model's own tokenizer (a checkpoint:
-the tokenizer of its training corpus) and says so: 16 sequences of the model's whole context for a
-checkpoint (its longest-range logits included), 16 x 128 tokens for a transformers model unless --seq-len
-says otherwise (never past the model's own context). The sample is written beside the results (probe.csv's `tokens` and `sample`): a maximum
-over a sample is a lower bound on what the model produces. A model it cannot tokenize text for is refused
-unless --random-ids asks for random token ids. For those batches it reports per layer: max |q k^T| before the scale, max |QKV
-bias|, max attention logit, and the fp16 headroom (65504 / max |q k^T|); then it evaluates the logits in
-fp16 both as (q @ k^T) * s and as (q * s) @ k^T and counts non-finite values: the Qwen2 -> Qwen3 story,
-where moving the scale before the matmul (as PyTorch's SDPA does) removed the overflow and QK-norm
-removed its cause. Writes probe.csv and probe.png (per-layer maxima against the fp16 limit).
+when online). It feeds the model the start of Hamlet through the model's own tokenizer (a checkpoint: the
+tokenizer of its training corpus) and says so: 16 sequences of the model's whole context for a checkpoint
+(its longest-range logits included), 16 x 128 tokens for a transformers model unless --seq-len says
+otherwise (never past the model's own context). The sample is written beside the results (probe.csv's
+`tokens` and `sample`): a maximum over a sample is a lower bound on what the model produces. A model it
+cannot tokenize text for is refused unless --random-ids asks for random token ids. For those batches it
+reports per layer: max |q k^T| before the scale, max |QKV bias|, max attention logit, and the fp16
+headroom (65504 / max |q k^T|); then it evaluates the logits in fp16 both as (q @ k^T) * s and as
+(q * s) @ k^T and counts non-finite values: the Qwen2 -> Qwen3 story, where moving the scale before the matmul (as
+PyTorch's SDPA does) removed the overflow and QK-norm removed its cause. Writes probe.csv and probe.png
+(per-layer maxima against the fp16 limit).
 """
 
 from __future__ import annotations
@@ -198,7 +199,7 @@ def make_batches(encode, vocab_size: int, n: int | None, seq_len: int, random_id
             f"{n} x {seq_len} tokens of Hamlet (the embedded Shakespeare plays), tokenized by {tokenizer}")
 
 
-def plot(result: ProbeResult, out: Path, text: str = "") -> Path:
+def plot(result: ProbeResult, out: Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -218,7 +219,7 @@ def plot(result: ProbeResult, out: Path, text: str = "") -> Path:
     ax.set_xlabel("layer")
     ax.set_xticks(x)
     ax.set_ylabel("magnitude (fp16 overflows above the red line)", fontsize=8)
-    ax.set_title(f"{result.model}\n{text}", fontsize=7)
+    ax.set_title(f"{result.model}\n{result.sample}", fontsize=7)
     ax.grid(alpha=0.3, which="both")
     legend_outside(ax)
     path = out / "probe.png"
@@ -235,8 +236,8 @@ def _first_line(e: Exception) -> str:
     return f"{type(e).__name__}: {str(e).splitlines()[0]}" if str(e) else type(e).__name__
 
 
-def probe(args: argparse.Namespace) -> tuple[ProbeResult, str]:
-    """Load the model named on the command line, feed it text, and return the probe and what text it was."""
+def probe(args: argparse.Namespace) -> ProbeResult:
+    """Load the model named on the command line, feed it text, and return the probe, which names its sample."""
     if args.model.endswith(".ckpt"):
         if not Path(args.model).is_file():
             raise _Refused(f"{args.model}: no such checkpoint")
@@ -249,10 +250,10 @@ def probe(args: argparse.Namespace) -> tuple[ProbeResult, str]:
         except Exception as e:  # the training corpus may not be on this machine
             why = f"the tokenizer of its training corpus cannot be built here ({_first_line(e)})"
         # the whole context by default: the longest-range logits are where a trained model's largest may lie
-        seq_len = model.seq_len if args.seq_len is None else min(args.seq_len, model.seq_len)
+        seq_len = min(args.seq_len or model.seq_len, model.seq_len)
         batches, text = make_batches(encode, model.vocab_size, args.batches, seq_len,
                                      args.random_ids, why, "the tokenizer of its training corpus")
-        return sampled(probe_qknorm(model, batches, args.model), batches, text), text
+        return sampled(probe_qknorm(model, batches, args.model), batches, text)
     try:
         from transformers import AutoModelForCausalLM, AutoTokenizer
     except ImportError:
@@ -273,12 +274,13 @@ def probe(args: argparse.Namespace) -> tuple[ProbeResult, str]:
             encode = AutoTokenizer.from_pretrained(args.model).encode
         except Exception as e:  # a tokenizer that does not load
             why = f"no tokenizer could be loaded from it ({_first_line(e)})"
-    seq_len = TRANSFORMERS_SEQ_LEN if args.seq_len is None else args.seq_len
     # never past the positions the model was built for: its logits there are not the model's
     context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
-    seq_len = min(seq_len, int(context)) if context else seq_len
+    seq_len = args.seq_len or TRANSFORMERS_SEQ_LEN
+    if context:
+        seq_len = min(seq_len, int(context))
     batches, text = make_batches(encode, model.config.vocab_size, args.batches, seq_len, args.random_ids, why)
-    return sampled(probe_transformers(model, batches, args.model), batches, text), text
+    return sampled(probe_transformers(model, batches, args.model), batches, text)
 
 
 def sampled(result: ProbeResult, batches: list[torch.Tensor], text: str) -> ProbeResult:
@@ -309,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="probe with random token ids when the model has no usable tokenizer")
     args = parser.parse_args(argv)
     try:
-        result, text = probe(args)
+        result = probe(args)
     except NoUsableText as e:
         print(f"qknorm-probe: error: {args.model}: {e}; --random-ids probes it with random token ids instead",
               file=sys.stderr)
@@ -317,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     except _Refused as e:
         print(f"qknorm-probe: error: {e}", file=sys.stderr)
         return 2
-    print(f"text: {text}")
+    print(f"text: {result.sample}")
     args.out.mkdir(parents=True, exist_ok=True)
     import csv
 
@@ -334,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
         bias = "-" if math.isnan(r["max_abs_qkv_bias"]) else f"{r['max_abs_qkv_bias']:.4g}"  # "-": no QKV bias
         print(f"{r['layer']:>5} {r['max_abs_qk_raw']:>12.4g} {bias:>10} {r['max_abs_logit']:>11.4g} "
               f"{r['fp16_headroom']:>14.4g} {r['nonfinite_fp16_unscaled']:>18} {r['nonfinite_fp16_prescaled']:>18}{flag}")
-    print(f"wrote {args.out / 'probe.csv'}, {plot(result, args.out, text)}")
+    print(f"wrote {args.out / 'probe.csv'}, {plot(result, args.out)}")
     return 0
 
 

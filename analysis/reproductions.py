@@ -12,6 +12,7 @@ diagnostics; the shared core (analysis/repro/) reads the runs with the package's
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -35,11 +36,13 @@ from repro.core import (  # noqa: E402,F401 (re-exported for the tests)
     load,
     plt,
     seed_noise,
+    sensitivity_noise,
     verdict_of,
 )
 from repro.page import render, update_readme  # noqa: E402
 from repro.recipe import scale_line  # noqa: E402
 from repro.thresholds import THRESHOLDS  # noqa: E402,F401
+from repro.usage import users  # noqa: E402
 
 from qknorm.analysis.failure import Reference, bigram_for_run  # noqa: E402
 
@@ -68,7 +71,8 @@ def build(runs: Path, out: Path, figdir: Path, readme: Optional[Path] = None) ->
     folders = list(dict.fromkeys(m.RUNS for m in modules))
     reference = reference_for(runs, folders)
     frames = {folder: load(runs / folder, reference) for folder in folders}
-    ctx = Context(figdir, rel, seed_noise(list(frames.values())), reference, corpus_tokens(list(frames.values())))
+    ctx = Context(figdir, rel, seed_noise(list(frames.values())), reference, corpus_tokens(list(frames.values())),
+                  runs=runs)
     sections = []
     for m in modules:
         sec = Section(m.KEY, m.TITLE, m.CLAIM, m.SOURCE, f"bash reproductions/run.sh {m.COMMAND}", runs=m.RUNS,
@@ -86,10 +90,12 @@ def build(runs: Path, out: Path, figdir: Path, readme: Optional[Path] = None) ->
                               "before their end) and not counted")
             sec.compute = f"{frame['wall_time_s'].dropna().sum() / 3600:.2f} h"
             sec.seeds = frame["seed"].nunique()
+            # a difference of LR sensitivities is judged against the sensitivity's own seed noise, on this folder's grid
+            mctx = dataclasses.replace(ctx, sensitivity_noise=sensitivity_noise(frame))
             try:
-                m.analyse(frame, sec, ctx)
+                m.analyse(frame, sec, mctx)
                 if getattr(m, "SEED_CHECKED", True):
-                    check_each_seed(m.analyse, frame, sec, ctx)
+                    check_each_seed(m.analyse, frame, sec, mctx)
             except Exception as e:  # one claim's incomplete data must not hide the others
                 sec.verdict, sec.note = "inconclusive", ""
                 sec.reason = f"its analysis could not run on the runs present ({type(e).__name__}: {e})"
@@ -97,7 +103,10 @@ def build(runs: Path, out: Path, figdir: Path, readme: Optional[Path] = None) ->
                 plt().close("all")
         sections.append(sec)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render(sections, ctx.noise, reference))
+    from repro import core, recipe  # the shared modules whose functions the claims call
+
+    used = users(modules, [core, recipe], ["AGREE_NATS", "SENSITIVITY_NOISE", *(t.name for t in THRESHOLDS)])
+    out.write_text(render(sections, ctx.noise, reference, used))
     if readme is not None:
         update_readme(readme, sections, os.path.relpath(out, readme.parent))
     return sections

@@ -9,9 +9,11 @@ import functools
 import importlib.util
 import json
 import math
+import re
 import shutil
 import sys
 from pathlib import Path
+from typing import Optional
 
 import pandas as pd
 import pytest
@@ -199,16 +201,19 @@ def test_the_page_lists_every_threshold_with_its_value(tmp_path):
 LRS = [1e-3, 1e-2, 1e-1, 3e-1]
 
 
-def e1_fixture(root: Path, qk_ln_helps: bool, diverge_at=None, seeds=(0,), survivor: bool = False) -> None:
+def e1_fixture(root: Path, qk_ln_helps: Optional[bool], diverge_at=None, seeds=(0,), survivor: bool = False) -> None:
     """Three widths; without qk-LN the loss jumps to l0 past a critical LR that falls with width. `survivor`: the
     narrowest model without qk-LN at LR 0.1 trains well with its layer-0 logit past 1e4 from the start."""
     base = {"ladder_64": [3.5, 3.0, 3.0, 7.0], "ladder_96": [3.5, 3.0, 7.0, 7.0], "ladder_128": [3.5, 3.0, 7.0, 7.0]}
     with_ln = {"ladder_64": [3.5, 3.0, 3.0, 3.05], "ladder_96": [3.5, 3.0, 3.0, 3.1], "ladder_128": [3.5, 3.0, 3.0, 3.2]}
+    # qk_ln_helps=None: qk-LN changes nothing; False: it hurts (with it the loss jumps one LR earlier)
+    hurt = {"ladder_64": [3.5, 3.0, 7.0, 7.0], "ladder_96": [3.5, 7.0, 7.0, 7.0], "ladder_128": [3.5, 7.0, 7.0, 7.0]}
+    with_ln = with_ln if qk_ln_helps else base if qk_ln_helps is None else hurt
     folder = root / RUNS["E1"]
     for seed in seeds:
         for model in base:
             for attention, losses in (("baseline", base[model]),
-                                      ("wortsman2023_qk_layernorm", with_ln[model] if qk_ln_helps else base[model])):
+                                      ("wortsman2023_qk_layernorm", with_ln[model])):
                 for lr, loss in zip(LRS, losses, strict=True):
                     failing = loss >= 7.0
                     high = survivor and (model, attention, lr) == ("ladder_64", "baseline", 1e-1)
@@ -221,18 +226,42 @@ def e1_fixture(root: Path, qk_ln_helps: bool, diverge_at=None, seeds=(0,), survi
 
 
 def test_e1_and_e2_reproduced_when_the_data_show_the_claims(tmp_path):
-    e1_fixture(tmp_path / "runs", qk_ln_helps=True)
+    e1_fixture(tmp_path / "runs", qk_ln_helps=True, seeds=(0, 1))
     out = tmp_path / "docs" / "reproductions.md"
     sections = {s.key: s for s in repro.build(tmp_path / "runs", out, tmp_path / "docs" / "figs")}
     assert sections["E1"].verdict == "reproduced", sections["E1"].reason
     assert sections["E2"].verdict == "reproduced", sections["E2"].reason
     assert sections["E2"].title == "layer-0 logit growth before divergence"
-    assert "24 runs" in sections["E1"].scale and "tokens 2.46M; epochs 1.4 (of 1.80M training tokens)" in sections["E1"].scale
+    assert "48 runs" in sections["E1"].scale and "tokens 2.46M; epochs 1.4 (of 1.80M training tokens)" in sections["E1"].scale
     assert (tmp_path / "docs" / "figs" / "e1_loss_vs_lr.png").exists()
     text = out.read_text()
     assert "![E1](figs/e1_loss_vs_lr.png)" in text and f"This proxy decides 2 of the {len(claims())} claims" in text
-    assert "(one seed" in sections["E1"].note
+    assert "(2 seeds" in sections["E1"].note
+    # the headline's bar is the LR sensitivity's own seed noise, measured on the folder's arms and printed
+    assert "LR-sensitivity seed noise (|seed 0 - seed 1| over this folder's 6 arms" in "\n".join(sections["E1"].body)
     assert sections["E4"].verdict == "inconclusive"  # the sections without runs stay inconclusive
+
+
+def test_e1_with_one_seed_has_no_bar_for_its_headline(tmp_path):
+    """One seed: the LR sensitivity's seed noise is unknown, so no difference of sensitivities can be held to it."""
+    e1_fixture(tmp_path / "runs", qk_ln_helps=True)
+    e1 = build(tmp_path / "runs", tmp_path)["E1"]
+    assert e1.verdict == "inconclusive", e1.reason
+    assert "no LR-sensitivity seed noise measured" in e1.reason
+
+
+def test_e1_within_the_sensitivity_noise_is_undecided(tmp_path):
+    """qk-LN lowers the sensitivity on the seeds' mean, but the seeds' own sensitivities differ by more than that
+    (seed 1's curves with qk-LN are as steep as those without): undecided, where a bare '<' said yes."""
+    e1_fixture(tmp_path / "runs", qk_ln_helps=True, seeds=(0,))
+    e1_fixture(tmp_path / "runs1", qk_ln_helps=None, seeds=(1,))
+    for run in (tmp_path / "runs1" / RUNS["E1"]).iterdir():
+        shutil.move(str(run), tmp_path / "runs" / RUNS["E1"] / run.name)
+    e1 = build(tmp_path / "runs", tmp_path)["E1"]
+    parts = [c for c in e1.checks if c.headline]
+    assert parts and all(c.value is None for c in parts), [(c.name, c.value) for c in parts]
+    assert "within the LR-sensitivity seed noise" in parts[0].why
+    assert e1.verdict == "inconclusive", e1.reason
 
 
 def test_the_recipe_line_names_every_field(tmp_path):
@@ -280,26 +309,28 @@ def test_a_run_past_1e4_that_never_diverged_refutes_the_rule_even_where_nothing_
 def test_e1_leaves_out_a_width_whose_grid_is_not_complete(tmp_path):
     """A sweep still under way: the widest model with qk-LN lacks its highest LR. Its sensitivity would be a mean
     over fewer LRs than the curve without qk-LN, so that width is left out of the checks, and the page says so."""
-    e1_fixture(tmp_path / "runs", qk_ln_helps=True)
+    e1_fixture(tmp_path / "runs", qk_ln_helps=True, seeds=(0, 1))
     folder = tmp_path / "runs" / RUNS["E1"]
-    (gone,) = [d for d in folder.iterdir() if {"model=ladder_128", "attention=wortsman2023_qk_layernorm", "optim.lr=0.3"}
-               <= set(d.name.split("-"))]
-    shutil.rmtree(gone)
+    gone = [d for d in folder.iterdir() if {"model=ladder_128", "attention=wortsman2023_qk_layernorm", "optim.lr=0.3"}
+            <= set(d.name.split("-"))]
+    assert len(gone) == 2  # both seeds
+    for d in gone:
+        shutil.rmtree(d)
     e1 = build(tmp_path / "runs", tmp_path)["E1"]
     assert e1.verdict == "reproduced", e1.reason
-    assert [c.name for c in e1.checks if c.headline] == ["qk-LN lowers LR sensitivity at d_model 64",
-                                                         "qk-LN lowers LR sensitivity at d_model 96"]
-    assert "Left out of the checks, their grid not complete with and without qk-LN: d=128 (7 of 8 runs)." in e1.body
+    assert [repro.check_name(c.name) for c in e1.checks if c.headline] == ["qk-LN lowers LR sensitivity at d_model 64",
+                                                                     "qk-LN lowers LR sensitivity at d_model 96"]
+    assert "Left out of the checks, their grid not complete with and without qk-LN: d=128 (14 of 16 runs)." in e1.body
 
 
 def test_a_failed_headline_is_not_lifted_by_its_diagnostics(tmp_path):
-    """qk-LN changes nothing: the headline (lower LR sensitivity at every width) fails, while a diagnostic (the
-    critical LR falls with width, without qk-LN) holds: not reproduced."""
-    e1_fixture(tmp_path / "runs", qk_ln_helps=False)
+    """qk-LN makes the loss jump one LR earlier: the headline (lower LR sensitivity at every width) fails, while a
+    diagnostic (the critical LR falls with width, without qk-LN) holds: not reproduced."""
+    e1_fixture(tmp_path / "runs", qk_ln_helps=False, seeds=(0, 1))
     e1 = build(tmp_path / "runs", tmp_path)["E1"]
     assert e1.verdict == "not reproduced", e1.reason
     assert names(e1)["without qk-LN the critical LR falls as width grows"].value is True
-    assert "qk-LN lowers LR sensitivity at d_model 64: no" in e1.reason
+    assert re.search(r"qk-LN lowers LR sensitivity at d_model 64 \([^()]*\): no", e1.reason), e1.reason
 
 
 def test_e2_predictors_fitted_on_one_seed_are_tested_on_the_other(tmp_path):
@@ -382,8 +413,9 @@ def test_e4_rybakov_ladder_in_order(tmp_path):
     # (0.03), both at step 60: the last record at or before half the onset
     assert "| 0 | 0.1 | 150 | 0.03 | 60 | 6.3x | 6.3x | 6.3x |" in "\n".join(e4.body)
     assert "| check | role | holds |" in (tmp_path / "r.md").read_text()
+    # the LRs from 1 up, where most of them diverged, are not counted: a mean over capped blow-ups ranks no training
     assert e4.findings == ["QK_FC_norm (LayerNorm after QK, Proj and FC2) is the best of the 6 curves, beyond the seed noise, "
-                           "at 7 of the 9 LRs that all of them ran (0.03, 0.1, 0.15, 0.22, 0.33, 0.5, 0.75)."]
+                           "at every LR that all of them ran without a divergence."]
 
 
 def test_e4_whose_runs_diverge_only_in_the_warmup_is_inconclusive(tmp_path):
@@ -547,10 +579,14 @@ def test_e10_e9_e7_read_their_runs(tmp_path):
                                        "attention.gain_weight_decay=true"], 3.0, logit=(5.0, 6.0), gain=(8.0, 8.5))
     for lr in (1e-2, 1e-1, 1.0):
         for warm in (0.01, 0.05, 0.25):  # longer warmup: flatter curve
-            write_run(runs / RUNS["E7"], ["model=tiny", "optim=wortsman", "attention=wortsman2023_qk_layernorm",
-                                          f"optim.lr={lr:g}", f"optim.warmup_fraction={warm}"], 3.0 + lr / (10 * warm))
-        write_run(runs / RUNS["E7"], ["model=tiny", "optim=wortsman", "attention=wortsman2023_qk_layernorm", f"optim.lr={lr:g}",
-                                      "optim.independent_weight_decay=false", "optim.weight_decay=0.1"], 3.0 + 5 * lr)
+            for seed in (0, 1):  # two seeds: the sensitivity's seed noise is measured (here nil: the seeds differ by an offset)
+                write_run(runs / RUNS["E7"], ["model=tiny", "optim=wortsman", "attention=wortsman2023_qk_layernorm",
+                                              f"optim.lr={lr:g}", f"optim.warmup_fraction={warm}"], 3.0 + lr / (10 * warm) + 0.01 * seed,
+                          seed=seed)
+        for seed in (0, 1):
+            write_run(runs / RUNS["E7"], ["model=tiny", "optim=wortsman", "attention=wortsman2023_qk_layernorm", f"optim.lr={lr:g}",
+                                          "optim.independent_weight_decay=false", "optim.weight_decay=0.1"], 3.0 + 5 * lr + 0.01 * seed,
+                      seed=seed)
     sections = build(runs, tmp_path)
     e10 = sections["E10"]
     assert e10.verdict == "reproduced", e10.reason  # the GPU cost from the committed benchmark
@@ -621,6 +657,23 @@ def test_e8_reports_the_headroom_of_healthy_models_and_its_growth_with_the_lr(tm
                            "without QK-norm (at most 1e+04, baseline (no QK-norm) at LR 0.03), and stays 655x below fp16's "
                            "limit with Qwen3's QK-norm (at most 100); over all 2 probed models without QK-norm (each "
                            "variant, precision and seed) the median grows 10x from LR 0.01 to 0.03"], e8.findings
+
+
+def test_e8_names_its_earlier_round_and_what_it_found(tmp_path):
+    """The first round (LR 0.1, models that failed) is not in the headline, but the page says it exists, how many
+    of its models overflowed and that those had failed."""
+    import claims.e8_fp16 as e8_module
+
+    for preset, raw in (("baseline", (50.0, 1e3)), ("qwen3", (50.0, 100.0))):
+        e8_run(tmp_path / "runs" / RUNS["E8"], preset, raw, lr=0.01)
+    for preset, raw, loss in (("baseline", (50.0, 9e4), BIGRAM + 0.5), ("qwen2_qkv_bias", (50.0, 1e4), BIGRAM + 0.4),
+                              ("qwen3", (50.0, 150.0), 3.5)):
+        e8_run(tmp_path / "runs" / e8_module.FIRST_ROUND, preset, raw, loss=loss)
+    body = "\n".join(build(tmp_path / "runs", tmp_path)["E8"].body)
+    assert (f"An earlier round (`reproductions/runs/{e8_module.FIRST_ROUND}/`, LR 0.1, the same sweep otherwise) is not in "
+            "the headline: 2 of its 3 models failed") in body, body
+    assert "1 of its 2 probed models without QK-norm overflow fp16 as (q k^T) s (largest q k^T there 9e+04), 1 of 1 of them " \
+           "failed models." in body
 
 
 def test_e8_models_that_failed_cannot_decide_it(tmp_path):
@@ -998,3 +1051,51 @@ def test_every_seed_of_a_figure_gets_its_own_line_style():
     seeds = pd.Series([2, 0, 1, 1, float("nan")])
     assert [core.seed_style(s, seeds) for s in (0, 1, 2)] == ["-", ":", "--"]
     assert core.seed_style(float("nan"), seeds) == "-"  # a run without a recorded seed draws, in the first style
+
+
+# -- the LR sensitivity's seed noise, and which claims use which threshold -----------------------------------
+
+def test_sensitivity_noise_pairs_arms_on_one_grid_of_enough_lrs(tmp_path):
+    """The sensitivity noise pairs the seeds of an arm only where both ran the same grid of at least
+    SENSITIVITY_MIN_LRS LRs: an arm on two LRs, and one whose seeds ran different grids, are left out."""
+    folder = tmp_path / "runs" / RUNS["E7"]
+    arms = {"optim.warmup_fraction=0.01": {0: (3.0, 3.1, 3.2), 1: (3.0, 3.3, 3.6)},  # sensitivity 0.1 vs 0.3: gap 0.2
+            "optim.warmup_fraction=0.05": {0: (3.0, 3.1), 1: (3.0, 3.9)},  # two LRs: left out
+            "optim.warmup_fraction=0.25": {0: (3.0, 3.1, 3.2), 1: (3.0, 3.9)}}  # the seeds' grids differ: left out
+    for arm, by_seed in arms.items():
+        for seed, losses in by_seed.items():
+            for lr, loss in zip((1e-2, 1e-1, 1.0), losses, strict=False):
+                write_run(folder, ["model=tiny", "optim=wortsman", arm, f"optim.lr={lr:g}"], loss, seed=seed)
+    frame = core.load(folder, repro.Reference(BIGRAM, "given"))
+    noise = core.sensitivity_noise(frame)
+    assert noise.arms == 1 and math.isclose(noise.bar, 0.2, abs_tol=1e-9), noise
+    assert core.sensitivity_noise(frame[frame["seed"] == 0]).arms == 0  # one seed: nothing to pair
+
+
+def test_used_by_is_read_from_the_code(tmp_path, monkeypatch):
+    """A claim uses a threshold it names, one a shared function it calls uses (through another), and a measured
+    bar it reads from its context; a local variable named like a bar, or a context field named like a
+    function, is not a use."""
+    from repro.usage import users
+
+    (tmp_path / "shared_x.py").write_text(
+        "LIMIT = 2\nNOISE_QUANTILE = 0.9\n\n\ndef inner():\n    return LIMIT\n\n\ndef outer():\n    return inner()\n\n\n"
+        "def seed_noise():\n    return NOISE_QUANTILE\n")
+    (tmp_path / "claim_a.py").write_text("from shared_x import outer\nKEY = 'A'\n\n\ndef analyse(ctx):\n    return outer()\n")
+    (tmp_path / "claim_b.py").write_text("KEY = 'B'\n\n\ndef analyse(ctx):\n    return ctx.noise.bar\n")
+    (tmp_path / "claim_c.py").write_text("KEY = 'C'\n\n\ndef analyse(ctx):\n    noise = ctx.sensitivity_noise\n"
+                                         "    return noise, ctx.outer\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    mods = [importlib.import_module(n) for n in ("shared_x", "claim_a", "claim_b", "claim_c")]
+    used = users(mods[1:], mods[:1], ["LIMIT", "NOISE_QUANTILE", "AGREE_NATS", "SENSITIVITY_NOISE"])
+    assert used == {"LIMIT": ["A"], "NOISE_QUANTILE": ["B"], "AGREE_NATS": ["B"], "SENSITIVITY_NOISE": ["C"]}
+
+
+def test_the_thresholds_table_names_the_claims_that_use_each(tmp_path):
+    page = tmp_path / "r.md"
+    repro.build(tmp_path / "runs", page, tmp_path / "figs")
+    rows = {line.split(" | ")[0].lstrip("| "): line.rstrip(" |").rsplit(" | ", 1)[-1]
+            for line in page.read_text().splitlines() if line.startswith("| ") and " | " in line}
+    assert rows["GRID_RESOLUTION"] == "E3, E4, E12"  # E12 calls it by name, E3 through the core's bracket helpers
+    assert rows["AGREE_NATS (measured)"].split(", ")[0] == "E1" and "E7" not in rows["AGREE_NATS (measured)"]
+    assert rows["SENSITIVITY_NOISE (measured, per claim)"] == "E1, E7"

@@ -74,7 +74,9 @@ def gpu_cost() -> tuple[Optional[bool], list[str], str]:
             answers.append(None if math.isnan(noise) else True if ratio < 1 - noise else False if ratio > 1 + noise else None)
     if not math.isnan(noise):
         lines.append(f"- The GPU baseline measured again in a second call (`{GPU_REPEAT}`) differs from the first by at most "
-                     f"{noise:.2%}: the benchmark's repeat noise.")
+                     f"{noise:.2%}: the benchmark's repeat noise, from {len([k for k in repeat if k in rates])} repeated "
+                     "measurement(s), a lower bound on its run-to-run spread; the ratios below 1 are "
+                     "judged against it.")
     if not answers:
         return None, lines, f"no GPU rows for baseline and qwen3 in {GPU_LOG}"
     if math.isnan(noise):

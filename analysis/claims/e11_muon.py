@@ -23,8 +23,8 @@ HEADLINE = ("Without QK-norm, at the LRs forced high (an unclipped run's max log
             "tau at every tau and LR where there was something to clip, and at each of them costs no more than AGREE_NATS "
             "of final loss against a reference that did not fail (Muon with QK-norm at the same LR, else Muon without a "
             "clip at its best LR); per layer it costs more than per head, by more than AGREE_NATS; under a soft-cap the "
-            "pre-cap max logit grows by PRECAP_GROWTH or more from DRIFT_FROM of the run to its end, while the capped max "
-            "logit stays at or below the cap.")
+            "pre-cap max logit grows by PRECAP_GROWTH or more from DRIFT_FROM of the run to its end (the capped logit stays "
+            "under the cap by construction, so only the growth beneath it is tested).")
 
 
 def arm(c: dict) -> dict:
@@ -239,8 +239,9 @@ def analyse(frame: pd.DataFrame, sec: Section, ctx: Context) -> None:
 
     # -- 4. the soft-cap: the logit under the cap grows -------------------------------------------------------
     capped = t[t["softcap"].notna()]
-    name = (f"under a soft-cap the pre-cap max logit keeps growing ({PRECAP_GROWTH:g}x or more from {DRIFT_FROM:.0%} of the "
-            f"run) while the capped max logit stays at or below the cap")
+    # the cap holding (capped max logit <= cap) is true by construction (cap * tanh(x / cap)), so it is no part of the
+    # check: it is only verified, and a run above its cap would mean the cap was not applied (undecided below)
+    name = f"under a soft-cap the pre-cap max logit keeps growing ({PRECAP_GROWTH:g}x or more from {DRIFT_FROM:.0%} of the run)"
     growth = [g for g in capped["precap_growth"] if not math.isnan(g)]
     over = capped[capped["peak"] > capped["softcap"].astype(float)] if not capped.empty else capped
     if capped.empty:
@@ -286,8 +287,9 @@ def analyse(frame: pd.DataFrame, sec: Section, ctx: Context) -> None:
         ps, pv = logit_history(r.run_dir, "max_logit_precap")
         if len(pv):
             ax2.plot(ps, pv, label=f"{r.label}, before the cap, seed {r.seed}", **style)
-            ax2.plot(s, v, alpha=0.4, label=f"{r.label}, after the cap, seed {r.seed}", **style)
-    titles = (f"max |logit| over layers and heads, LR {fmt(top)}", "soft-capped: before (full colour) and after (pale) the cap")
+            # after the cap: a broad pale band under the thin line, not a second line told apart by shade alone
+            ax2.plot(s, v, alpha=0.3, lw=4, label=f"{r.label}, after the cap, seed {r.seed}", **style)
+    titles = (f"max |logit| over layers and heads, LR {fmt(top)}", "soft-capped: before (thin line) and after (broad pale band) the cap")
     for a, title in zip((ax, ax2), titles, strict=True):
         a.set_yscale("log")
         a.set_xlabel("step")

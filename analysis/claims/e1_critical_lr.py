@@ -11,6 +11,7 @@ from repro.core import (
     Context,
     Section,
     cfg,
+    compare,
     conclude,
     diagnostic,
     fmt,
@@ -32,7 +33,8 @@ SOURCE = "Wortsman et al. 2023, Fig. 1"
 COMMAND = "e1"
 RUNS = "e1_wortsman_fig1"
 HEADLINE = ("qk-layernorm lowers the LR sensitivity (Wortsman's: the mean over the LR grid of min(loss, initial loss) "
-            "minus the best loss) at every width, as Fig. 1's caption says ('qk-layernorm reduces LR sensitivity').")
+            "minus the best loss) at every width, as Fig. 1's caption says ('qk-layernorm reduces LR sensitivity'), by "
+            "more than the LR sensitivity's own seed noise (measured on this folder's arms).")
 
 
 def analyse(frame: pd.DataFrame, sec: Section, ctx: Context) -> None:
@@ -90,8 +92,18 @@ def analyse(frame: pd.DataFrame, sec: Section, ctx: Context) -> None:
 
     complete = [w for w in widths if (w, False) in sens and (w, True) in sens and has_grid(w, False) and has_grid(w, True)]
     partial = [w for w in widths if w not in complete]
-    checks: list[Check] = [headline(f"qk-LN lowers LR sensitivity at d_model {w}", sens[(w, True)] < sens[(w, False)])
-                           for w in complete]
+    noise = ctx.sensitivity_noise
+    sbar = noise.bar if noise is not None else math.nan
+    checks: list[Check] = []
+    for w in complete:
+        with_ln, without = sens[(w, True)], sens[(w, False)]
+        name = f"qk-LN lowers LR sensitivity at d_model {w} ({fmt(with_ln)} vs {fmt(without)} nats)"
+        if math.isnan(sbar):
+            checks.append(headline(name, None, "no LR-sensitivity seed noise measured to judge the difference against"))
+        else:
+            checks.append(headline(name, compare(with_ln, without, sbar),
+                                   f"the difference ({with_ln - without:+.3g} nats) is within the LR-sensitivity seed "
+                                   f"noise ({sbar:.3g} nats)"))
     if not complete:
         checks.append(headline("qk-LN lowers LR sensitivity at every width", None,
                                "no width has runs both with and without qk-LN"))
@@ -125,6 +137,8 @@ def analyse(frame: pd.DataFrame, sec: Section, ctx: Context) -> None:
                  "bigram model's does not.", "",
                  "Largest loss gap between the two curves at LRs up to the no-qk-LN optimum, per width: "
                  + ", ".join(f"d={w}: {fmt(agree.get(w, math.nan))} nats" for w in complete) + "."]
+    if noise is not None:
+        sec.body += ["", noise.describe() + "."]
     if partial:
         sec.body += ["", "Left out of the checks, their grid not complete with and without qk-LN: " + ", ".join(
             f"d={w} ({int((frame['width'] == w).sum())} of {2 * len(grid)} runs)" for w in partial) + "."]

@@ -111,9 +111,11 @@ def norm_ratios_exceed(ratios: list[dict], why: str) -> tuple[Optional[bool], st
 
 def best_curve(tol: dict, bar: float) -> tuple[list[float], list[float]]:
     """The LRs where QK_FC_norm's mean loss is below every other variant's by more than the seed-noise `bar`,
-    among the LRs where every variant ran (a finder's climb leaves only the robust ones at high LRs, where a
-    'lowest' would be against fewer rivals); and those shared LRs."""
-    shared = sorted(set.intersection(*[{float(lr) for lr in t["curve"]["lr"]} for t in tol.values()]))
+    among the LRs where every variant ran and no seed of any variant diverged (a finder's climb leaves only the
+    robust ones at high LRs, where a 'lowest' would be against fewer rivals; and a mean over a diverged seed,
+    capped at the initial loss, ranks blow-ups rather than training); and those shared LRs."""
+    shared = sorted(set.intersection(*[{float(lr) for lr, ok in zip(t["curve"]["lr"], t["curve"]["stable"], strict=True) if ok}
+                                       for t in tol.values()]))
     wins = []
     for lr in shared:
         losses = {v: float(t["curve"].set_index("lr").loc[lr, "capped"]) for v, t in tol.items()}
@@ -177,9 +179,10 @@ def analyse(frame: pd.DataFrame, sec: Section, ctx: Context) -> None:
                        + " | ".join(f"{fmt(r[k])}x" for k, _ in NORM_KEYS) + " |" for r in ratios]]
     if QK_FC_NORM in tol:
         wins, grid = best_curve(tol, ctx.noise.bar)
-        where = ("at every LR that all of them ran" if wins and wins == grid else
-                 f"at {len(wins)} of the {len(grid)} LRs that all of them ran ({', '.join(f'{x:g}' for x in wins)})" if wins
-                 else f"at none of the {len(grid)} LRs that all of them ran")
+        where = ("at every LR that all of them ran without a divergence" if wins and wins == grid else
+                 f"at {len(wins)} of the {len(grid)} LRs that all of them ran without a divergence "
+                 f"({', '.join(f'{x:g}' for x in wins)})" if wins
+                 else f"at none of the {len(grid)} LRs that all of them ran without a divergence")
         sec.body += ["", f"QK_FC_norm (QK-norm with LayerNorm after Proj and FC2) has the lowest loss of the {len(tol)} variants, "
                      f"by more than the seed noise (AGREE_NATS {fmt(ctx.noise.bar)}), {where}."]
         if wins:

@@ -18,6 +18,7 @@ from repro.core import (
     diagnostic,
     fmt,
     headline,
+    load,
     lr_fmt,
     max_over_layers,
     plt,
@@ -30,7 +31,8 @@ TITLE = "fp16 overflow of q k^T"
 CLAIM = ("Models trained without QK-norm (baseline, Qwen2-style QKV bias) overflow fp16 when attention is computed as "
          "(q @ k^T) * s but not as (q * s) @ k^T; QK-norm (Qwen3) removes the overflow.")
 SOURCE = "the Qwen2 -> Qwen3 account of fp16 overflow on device (\"Qwen3 QK-Norm: Improved On-Device AI Stability\")"
-RUNS = "e8_healthy_lr"  # the round at healthy LRs (1e-2, 3e-2); the first round, at LR 0.1 (10x the best), is e8_precision
+RUNS = "e8_healthy_lr"  # the round at healthy LRs (1e-2, 3e-2); the first round, at LR 0.1 (10x the best), is FIRST_ROUND
+FIRST_ROUND = "e8_precision"
 COMMAND = {"e8_precision": "e8_high_lr", "e8_healthy_lr": "e8"}[RUNS]  # the run.sh function that writes RUNS
 HEADLINE = ("Read by the fp16 probe of the final models trained at healthy LRs (at most HEALTHY_LR_FACTOR x the variant's "
             "best LR, and not failed): every model without QK-norm (baseline; Qwen2's QKV bias) overflows fp16 as "
@@ -101,6 +103,31 @@ def headroom(t: pd.DataFrame) -> str:
     return text
 
 
+def first_round(ctx: Context) -> str:
+    """What the first E8 round (FIRST_ROUND, at LR 0.1) showed, when this page reads a later one: it is not in the
+    headline (its models did not learn), but a reader should know it exists and what it found."""
+    if RUNS == FIRST_ROUND or ctx.runs is None or not (ctx.runs / FIRST_ROUND).is_dir():
+        return ""
+    old = load(ctx.runs / FIRST_ROUND, ctx.reference)
+    if old.empty:
+        return ""
+    old = old.assign(variant=old["cfg"].map(lambda c: NAMES.get(attention_label(c), attention_label(c))))
+    tables = {r.run_dir: probe(r.run_dir) for r in old.itertuples()}
+    without = old[old["variant"].isin(WITHOUT) & old["run_dir"].map(lambda d: tables[d] is not None)]
+    if without.empty:
+        return ""
+    over = [d for d in without["run_dir"] if bool(tables[d]["overflows_fp16_unscaled"].any())]
+    top = max(float(tables[d]["max_abs_qk_raw"].max()) for d in without["run_dir"])
+    lrs = "/".join(f"{x:g}" for x in sorted(old["lr"].unique()))
+    failed = int(old["failed"].fillna(False).astype(bool).sum())
+    failed_over = int(old[old["run_dir"].isin(over)]["failed"].fillna(False).astype(bool).sum())
+    return (f"An earlier round (`reproductions/runs/{FIRST_ROUND}/`, LR {lrs}, the same sweep otherwise) is not in the "
+            f"headline: {failed} of its {len(old)} models failed (final loss above the bigram reference; its final losses "
+            f"{fmt(float(old['final_val_loss'].min()), '.2f')}-{fmt(float(old['final_val_loss'].max()), '.2f')} nats). "
+            f"{len(over)} of its {len(without)} probed models without QK-norm overflow fp16 as (q k^T) s (largest q k^T "
+            f"there {top:.3g}), {failed_over} of {len(over)} of them failed models.")
+
+
 def analyse(frame: pd.DataFrame, sec: Section, ctx: Context) -> None:
     frame = frame.assign(variant=frame["cfg"].map(lambda c: NAMES.get(attention_label(c), attention_label(c))))
     # a variant's best LR in this folder, and the healthy scope around it
@@ -109,7 +136,10 @@ def analyse(frame: pd.DataFrame, sec: Section, ctx: Context) -> None:
     rows, runs = [], []
     samples: set[str] = set()
     pyplot = plt()
-    fig, ax = pyplot.subplots(figsize=(7, 3.9))
+    # one panel per LR: runs of one variant, precision and seed at two LRs would otherwise share colour and style
+    lrs = sorted(frame["lr"].unique())
+    fig, axes = pyplot.subplots(1, len(lrs), figsize=(4.2 * len(lrs) + 1.5, 3.9), sharey=True, squeeze=False)
+    panel = dict(zip(lrs, axes[0], strict=True))
     colors = {v: f"C{i}" for i, v in enumerate(sorted(frame["variant"].unique()))}
     seeds = sorted(frame["seed"].dropna().unique())
 
@@ -128,8 +158,8 @@ def analyse(frame: pd.DataFrame, sec: Section, ctx: Context) -> None:
         s, raw = max_over_layers(r.run_dir, "raw_qk_max")
         monitor = float(np.nanmax(raw)) if len(raw) else math.nan
         if len(raw):
-            ax.plot(s, raw, color=color(r.variant, r.seed), ls="--" if precision == "32-true" else "-", alpha=0.85,
-                    marker="o" if r.lr == best_lr[r.variant] else None, ms=3.5, label=name)
+            panel[r.lr].plot(s, raw, color=color(r.variant, r.seed), ls="--" if precision == "32-true" else "-", alpha=0.85,
+                             label=f"{r.variant}, {precision}" + (f", seed {r.seed}" if several else ""))
         # healthy only where the run is known not to have failed: without a bigram reference a finished run's
         # `failed` is None (core.failed_of), and then no run counts as healthy (the checks say why)
         known = r.failed is not None and not pd.isna(r.failed)
@@ -145,14 +175,18 @@ def analyse(frame: pd.DataFrame, sec: Section, ctx: Context) -> None:
                     f"{'yes' if healthy else 'no'} | {fmt(monitor)} | "
                     + (f"{fmt(float(p['max_abs_qk_raw'].max()))} | {'yes' if run['unscaled'] else 'no'} | "
                        f"{'yes' if run['prescaled'] else 'no'} |" if p is not None else "- | - | - |"))
-    ax.axhline(FP16_MAX, color="k", linewidth=0.8, linestyle=":", label="fp16 max (65504)")
-    ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel("max |q k^T| over layers and heads")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    ax.set_title("E8: the unscaled q k^T in training against fp16's limit (monitor; dashed: fp32, solid: bf16; dots: "
-                 "the best LR; paler: a later seed)", fontsize=8)
+    for lr, ax in panel.items():
+        ax.axhline(FP16_MAX, color="k", linewidth=0.8, linestyle=":", label="fp16 max (65504)")
+        ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        best = [v for v, b in best_lr.items() if b == lr]
+        ax.set_title(f"LR {lr:g}" + (f" (the best LR of {', '.join(best)})" if best else ""), fontsize=8)
+    axes[0][0].set_ylabel("max |q k^T| over layers and heads")
+    # one legend for the panels: the same variants, precisions and seeds in each
+    axes[0][-1].legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.suptitle("E8: the unscaled q k^T in training against fp16's limit (monitor; dashed: fp32, solid: bf16; paler: a "
+                 "later seed)", fontsize=8)
     sec.figures.append(save(fig, ctx, "e8_fp16_overflow.png"))
     ref = ctx.reference.nats
     sec.body += ["| run | final val loss | failed | final attention entropy (normalized, mean of the least spread-out head) | "
@@ -165,6 +199,8 @@ def analyse(frame: pd.DataFrame, sec: Section, ctx: Context) -> None:
                  + "fp16 training itself needs a GPU (Lightning trains `16-mixed` on CUDA only) and is not part of this CPU "
                  "run; the probe casts fp32 q and k to fp16 and takes one fp16 product summed in fp32 (as PyTorch does on a "
                  "CPU), so a kernel that sums in fp16 is not tested."]
+    if earlier := first_round(ctx):
+        sec.body += ["", earlier]
     t = pd.DataFrame(runs)
     checks: list[Check] = []
     if ref is None:  # no healthy model can be told from a collapsed one: every part waits for the reference

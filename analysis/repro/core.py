@@ -34,7 +34,7 @@ from qknorm.analysis.runs import collect_runs, is_stable
 from qknorm.analysis.stability import read_stability
 from qknorm.rundir import flatten, recorded_identity
 
-from .thresholds import GRID_RESOLUTION, JUMP_NATS, NOISE_QUANTILE, RATIO_SLACK
+from .thresholds import GRID_RESOLUTION, JUMP_NATS, NOISE_QUANTILE, RATIO_SLACK, SENSITIVITY_MIN_LRS
 
 REPO = Path(__file__).resolve().parents[2]
 MARK = {True: "yes", False: "no", None: "undecided"}
@@ -77,6 +77,9 @@ class Context:
     noise: "SeedNoise"
     reference: Reference
     corpus_tokens: Optional[int] = None
+    # the seed noise of an LR sensitivity, measured on the claim's own folder (its grid and recipe): set per claim
+    sensitivity_noise: Optional["SensitivityNoise"] = None
+    runs: Optional[Path] = None  # the folder holding every experiment's runs folder, for a claim that names an earlier round
 
 
 @dataclass
@@ -158,7 +161,7 @@ def check_each_seed(fn: Analysis, frame: pd.DataFrame, sec: Section, ctx: Contex
     for seed in seeds:
         alone = Section(sec.key, sec.title, sec.claim, sec.source, sec.command)
         with tempfile.TemporaryDirectory() as scratch:  # its figures are not kept
-            one = Context(Path(scratch), Path(scratch), ctx.noise, ctx.reference, ctx.corpus_tokens)
+            one = Context(Path(scratch), Path(scratch), ctx.noise, ctx.reference, ctx.corpus_tokens, ctx.sensitivity_noise, ctx.runs)
             try:
                 fn(frame[frame["seed"] == seed].reset_index(drop=True), alone, one)
             except Exception as e:  # this seed's runs alone decide nothing; the others still count
@@ -321,6 +324,49 @@ def seed_noise(frames: list[pd.DataFrame]) -> SeedNoise:
     if not gaps:
         return SeedNoise(0, math.nan, math.nan)
     return SeedNoise(len(gaps), float(np.median(gaps)), float(np.quantile(gaps, NOISE_QUANTILE)))
+
+
+@dataclass(frozen=True)
+class SensitivityNoise:
+    """|seed 0 - seed 1| of Wortsman's LR sensitivity over the arms of one folder (runs that differ only in
+    their seed and LR, both seeds on the same grid of at least SENSITIVITY_MIN_LRS LRs). A sensitivity averages
+    a curve's losses above its best over the whole grid, diverged runs capped at the initial loss, so one
+    seed surviving an LR that the other does not moves it by far more than a final loss's seed noise: its
+    bar is its own, measured on the same grid and recipe as the arms it judges."""
+
+    arms: int
+    median: float
+    quantile: float  # at NOISE_QUANTILE: the bar a difference of sensitivities must exceed
+
+    @property
+    def bar(self) -> float:
+        return self.quantile
+
+    def describe(self) -> str:
+        if not self.arms:
+            return "no arm with both seeds on one grid: the LR sensitivity's seed noise is unknown"
+        return (f"LR-sensitivity seed noise (|seed 0 - seed 1| over this folder's {self.arms} arms with both seeds on "
+                f"one grid of {SENSITIVITY_MIN_LRS} or more LRs): median {self.median:.3g} nats, {NOISE_QUANTILE:.0%} "
+                f"quantile {self.quantile:.3g} nats (the bar)")
+
+
+def sensitivity_noise(frame: pd.DataFrame) -> SensitivityNoise:
+    gaps = []
+    arms: dict[str, list] = {}
+    for i, identity in zip(frame.index, frame["identity"] if "identity" in frame else [], strict=False):
+        if identity is not None:
+            arm = json.dumps({k: v for k, v in json.loads(identity).items() if k != "optim.lr"}, sort_keys=True)
+            arms.setdefault(arm, []).append(i)
+    for rows in arms.values():
+        sub = frame.loc[rows]
+        grids = {int(seed): set(one["lr"]) for seed, one in sub.groupby("seed")}
+        if 0 not in grids or 1 not in grids or grids[0] != grids[1] or len(grids[0]) < SENSITIVITY_MIN_LRS:
+            continue
+        per_seed = sensitivity_per_seed(sub[sub["seed"].isin([0, 1])])
+        gaps.append(abs(float(per_seed[0]) - float(per_seed[1])))
+    if not gaps:
+        return SensitivityNoise(0, math.nan, math.nan)
+    return SensitivityNoise(len(gaps), float(np.median(gaps)), float(np.quantile(gaps, NOISE_QUANTILE)))
 
 
 # -- formatting and figures --------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 from qknorm.analysis.failure import Reference
 
@@ -71,10 +72,15 @@ def cell(text: str) -> str:
     return text.replace("|", "\\|")
 
 
-def rules(noise: SeedNoise, reference: Reference) -> list[str]:
+def rules(noise: SeedNoise, reference: Reference, used: Optional[dict[str, list[str]]] = None) -> list[str]:
     """How a number becomes a verdict: the failure definitions, the verdict rule, the measured bars and the
     thresholds table."""
     bar = f"{noise.bar:.3f}" if noise.pairs else "unknown"
+    used = used or {}
+
+    def users(name: str) -> str:
+        return ", ".join(used.get(name, [])) or "-"
+
     lines = [
         "## How the verdicts are reached",
         "",
@@ -103,9 +109,16 @@ def rules(noise: SeedNoise, reference: Reference) -> list[str]:
         "",
         "| threshold | value | why | used by |",
         "|---|---:|---|---|",
-        f"| AGREE_NATS (measured) | {bar} | The {NOISE_QUANTILE:.0%} quantile of the seed noise above. "
-        "| E1, E3, E4, E5, E6, E7, E10, E11 |",
-        *[f"| {t.name} | {t.value:g} | {cell(t.why)} | {t.used_by} |" for t in THRESHOLDS],
+        f"| AGREE_NATS (measured) | {bar} | The {NOISE_QUANTILE:.0%} quantile of the seed noise above. | {users('AGREE_NATS')} |",
+        "| SENSITIVITY_NOISE (measured, per claim) | see the claim | "
+        + cell(f"The {NOISE_QUANTILE:.0%} quantile of |seed 0 - seed 1| of Wortsman's LR sensitivity over the claim's own "
+               "arms (same grid and recipe), printed in its section: one seed surviving an LR the other does not moves a "
+               "sensitivity by far more than a final loss's seed noise.")
+        + f" | {users('SENSITIVITY_NOISE')} |",
+        *[f"| {t.name} | {t.value:g} | {cell(t.why)} | {users(t.name)} |" for t in THRESHOLDS],
+        "",
+        "*Used by* is read from the claims' code (`analysis/repro/usage.py`): the claims whose module, or a shared "
+        "function it calls, refers to the threshold.",
         "",
         "*Compute* is the runs' wall time summed (most ran two at a time on 2 cores, so the machine time is about half).",
     ]
@@ -128,7 +141,8 @@ def checks_md(sec: Section) -> list[str]:
     return rows
 
 
-def render(sections: list[Section], noise: SeedNoise, reference: Reference) -> str:
+def render(sections: list[Section], noise: SeedNoise, reference: Reference,
+           used: Optional[dict[str, list[str]]] = None) -> str:
     lines = [
         "# Reproductions",
         "",
@@ -148,7 +162,7 @@ def render(sections: list[Section], noise: SeedNoise, reference: Reference) -> s
         "",
         *summary_table(sections, ""),
         "",
-        *rules(noise, reference),
+        *rules(noise, reference, used),
     ]
     for s in sections:
         lines += ["", f"## {s.key}: {s.title}", "", f"**Claim** ({s.source}): {s.claim}", "",

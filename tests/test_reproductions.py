@@ -1045,6 +1045,18 @@ def test_seed_noise_pairs_seeds_recorded_before_and_after_a_key_was_added(tmp_pa
     assert noise.pairs == 1 and noise.median == pytest.approx(0.05)
 
 
+def test_seed_noise_leaves_out_pairs_with_a_failed_run(tmp_path):
+    """The bar is the seed noise of models that learned: a pair ending worse than the bigram model (collapsed,
+    0.5 nats apart) or diverged is left out; only the healthy pair (0.02 apart) counts."""
+    folder = tmp_path / "runs"
+    for lr, losses in (("0.01", (4.0, 4.02)), ("0.3", (BIGRAM + 0.1, BIGRAM + 0.6)), ("3", (7.0, 7.0))):
+        for seed, loss in enumerate(losses):
+            write_run(folder, ["model=tiny", "attention=qwen3", f"optim.lr={lr}"], loss, seed=seed)
+    noise = core.seed_noise([core.load(folder, core.Reference(BIGRAM, "given"))])
+    assert noise.pairs == 1 and noise.bar == pytest.approx(0.02)
+    assert "neither failed" in noise.describe()
+
+
 def test_every_seed_of_a_figure_gets_its_own_line_style():
     """E5, E9 and E11 draw a run's seeds in one colour: the style alone must tell three seeds apart (the old rule,
     solid for the lowest seed and dotted for the rest, drew seeds 1 and 2 alike)."""

@@ -23,7 +23,7 @@ from repro.core import (
     sensitivity,
     tolerance,
 )
-from repro.thresholds import JUMP_NATS
+from repro.thresholds import JUMP_NATS, MIN_TREND_POINTS
 
 KEY = "E1"
 TITLE = "qk-layernorm and the critical LR across widths"
@@ -112,11 +112,11 @@ def analyse(frame: pd.DataFrame, sec: Section, ctx: Context) -> None:
         f"curves agree (within AGREE_NATS, {fmt(bar)} nats) up to the no-qk-LN optimum, every width",
         all(agree.get(w, math.inf) <= bar for w in complete) if complete and not math.isnan(bar) else None,
         "no seed noise measured" if complete else "no width has both curves"))
-    if len(complete) < 3:
+    if len(complete) < MIN_TREND_POINTS:
         checks.append(diagnostic("without qk-LN the critical LR falls as width grows", None,
-                                 f"{len(complete)} width(s) with both curves, 3 needed"))
+                                 f"{len(complete)} width(s) with both curves, MIN_TREND_POINTS ({MIN_TREND_POINTS}) needed"))
         checks.append(diagnostic("with qk-LN, LR sensitivity still grows with width", None,
-                                 f"{len(complete)} width(s) with both curves, 3 needed"))
+                                 f"{len(complete)} width(s) with both curves, MIN_TREND_POINTS ({MIN_TREND_POINTS}) needed"))
     else:
         base = [crit[(w, False)] for w in complete]
         checks.append(diagnostic(

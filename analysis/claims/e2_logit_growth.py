@@ -26,6 +26,8 @@ from repro.core import (
 )
 from repro.thresholds import EARLY_FRACTION, GROWTH_ORDERS, PAPER_LOGIT
 
+COS_FLOOR = 1e-9  # the smallest cosine whose log is taken (decides nothing: a diagnostic column)
+
 KEY = "E2"
 TITLE = "layer-0 logit growth before divergence"
 CLAIM = ("The layer-0 max attention logit grows by orders of magnitude before divergence, through the q/k norms, not "
@@ -99,7 +101,8 @@ def analyse(frame: pd.DataFrame, sec: Section, ctx: Context) -> None:
                      "failed_high": bool(r["failed_high"]),
                      "growth": float(np.log10(v[peak] / v[0])),
                      "norm_growth": float(np.log10((q[peak] * k[peak]) / (q[0] * k[0]))) if len(q) > peak else math.nan,
-                     "cos_growth": float(np.log10(max(cos[peak], 1e-9) / max(cos[0], 1e-9))) if len(cos) > peak else math.nan,
+                     # a numerical floor, not a threshold: a cosine of 0 (or below) has no logarithm
+                     "cos_growth": float(np.log10(max(cos[peak], COS_FLOOR) / max(cos[0], COS_FLOOR))) if len(cos) > peak else math.nan,
                      "early_step": at, "early": float(v[np.argmin(np.abs(s - at))]) if at is not None else math.nan,
                      "final_max": float(v[-1])})
     t = pd.DataFrame(rows)

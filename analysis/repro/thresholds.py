@@ -40,6 +40,10 @@ JUMP_NATS = threshold(
     "this far above its best: twice the "
     "seed-noise bar, and about the gap between the best model here and the bigram model, so a jump this size "
     "means the LR lost most of what attention adds.")
+MIN_TREND_POINTS = threshold(
+    "MIN_TREND_POINTS", 3,
+    "The fewest widths on which a trend with width ('falls as width grows', 'still grows with size') is read: with "
+    "two, a trend is merely one difference.")
 GROWTH_ORDERS = threshold(
     "GROWTH_ORDERS", 1.0,
     "'Grows by orders of magnitude' (Wortsman et al. 2023, Fig. 2) read as at least one order: 10x from the first "

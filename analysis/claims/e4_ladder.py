@@ -179,7 +179,8 @@ def analyse(frame: pd.DataFrame, sec: Section, ctx: Context) -> None:
                        + " | ".join(f"{fmt(r[k])}x" for k, _ in NORM_KEYS) + " |" for r in ratios]]
     if QK_FC_NORM in tol:
         wins, grid = best_curve(tol, ctx.noise.bar)
-        where = ("at every LR that all of them ran without a divergence" if wins and wins == grid else
+        where = ((f"at every one of the {len(grid)} LRs" if len(grid) > 1 else "at the one LR")
+                 + f" that all of them ran without a divergence ({', '.join(f'{x:g}' for x in grid)})" if wins and wins == grid else
                  f"at {len(wins)} of the {len(grid)} LRs that all of them ran without a divergence "
                  f"({', '.join(f'{x:g}' for x in wins)})" if wins
                  else f"at none of the {len(grid)} LRs that all of them ran without a divergence")

@@ -106,8 +106,8 @@ def headroom(t: pd.DataFrame) -> str:
 def first_round(ctx: Context) -> str:
     """What the first E8 round (FIRST_ROUND, at LR 0.1) showed, when this page reads a later one: it is not in the
     headline (its models did not learn), but a reader should know it exists and what it found."""
-    if RUNS == FIRST_ROUND or ctx.runs is None or not (ctx.runs / FIRST_ROUND).is_dir():
-        return ""
+    if RUNS == FIRST_ROUND or ctx.runs is None or not (ctx.runs / FIRST_ROUND).is_dir() or ctx.reference.nats is None:
+        return ""  # (without a bigram reference no run can be called failed, and that is what the line is about)
     old = load(ctx.runs / FIRST_ROUND, ctx.reference)
     if old.empty:
         return ""
@@ -125,7 +125,7 @@ def first_round(ctx: Context) -> str:
             f"headline: {failed} of its {len(old)} models failed (final loss above the bigram reference; its final losses "
             f"{fmt(float(old['final_val_loss'].min()), '.2f')}-{fmt(float(old['final_val_loss'].max()), '.2f')} nats). "
             f"{len(over)} of its {len(without)} probed models without QK-norm overflow fp16 as (q k^T) s (largest q k^T "
-            f"there {top:.3g}), {failed_over} of {len(over)} of them failed models.")
+            f"there {top:.3g})" + (f"; {failed_over} of those {len(over)} had failed." if over else "."))
 
 
 def analyse(frame: pd.DataFrame, sec: Section, ctx: Context) -> None:

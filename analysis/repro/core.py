@@ -298,6 +298,7 @@ class SeedNoise:
     pairs: int
     median: float
     quantile: float  # at NOISE_QUANTILE: the agreement bar
+    unjudged: int = 0  # pairs kept whose runs could not be held to a bigram reference (there was none)
 
     @property
     def bar(self) -> float:
@@ -306,27 +307,34 @@ class SeedNoise:
     def describe(self) -> str:
         if not self.pairs:
             return "no pair of runs differing only in their seed: the seed noise is unknown"
+        which = ("neither failed: both ended below the bigram reference without diverging" if not self.unjudged else
+                 f"neither diverged; {self.unjudged} of them without a bigram reference to tell a failed run")
         return (f"|seed 0 - seed 1| of the final validation loss over {self.pairs} pairs of runs that differ only in "
-                f"their seed (neither failed: both ended below the bigram reference without diverging): median "
-                f"{self.median:.3f} nats, {NOISE_QUANTILE:.0%} quantile {self.quantile:.3f} nats")
+                f"their seed ({which}): median {self.median:.3f} nats, {NOISE_QUANTILE:.0%} quantile {self.quantile:.3f} nats")
 
 
 def seed_noise(frames: list[pd.DataFrame]) -> SeedNoise:
-    gaps = []
+    gaps, unjudged = [], 0
     for frame in frames:
         if frame.empty:
             continue
-        keyed: dict[str, dict[int, float]] = {}
+        keyed: dict[str, dict[int, tuple[float, bool]]] = {}
         for r in frame.itertuples():
             # models that learned only: a failed run (diverged, or worse than the bigram model: collapsed attention)
             # lands wherever its collapse took it, and the claims compare models that learned
-            if r.diverged or getattr(r, "failed", None) is True or pd.isna(r.final_val_loss) or r.identity is None:
+            failed = getattr(r, "failed", None)
+            if r.diverged or (failed is not None and not pd.isna(failed) and bool(failed)) or pd.isna(r.final_val_loss) \
+                    or r.identity is None:
                 continue
-            keyed.setdefault(r.identity, {})[int(r.seed)] = float(r.final_val_loss)
-        gaps += [abs(s[0] - s[1]) for s in keyed.values() if 0 in s and 1 in s]
+            judged = failed is not None and not pd.isna(failed)
+            keyed.setdefault(r.identity, {})[int(r.seed)] = (float(r.final_val_loss), judged)
+        for s in keyed.values():
+            if 0 in s and 1 in s:
+                gaps.append(abs(s[0][0] - s[1][0]))
+                unjudged += not (s[0][1] and s[1][1])
     if not gaps:
         return SeedNoise(0, math.nan, math.nan)
-    return SeedNoise(len(gaps), float(np.median(gaps)), float(np.quantile(gaps, NOISE_QUANTILE)))
+    return SeedNoise(len(gaps), float(np.median(gaps)), float(np.quantile(gaps, NOISE_QUANTILE)), unjudged)
 
 
 @dataclass(frozen=True)
@@ -362,11 +370,14 @@ def sensitivity_noise(frame: pd.DataFrame) -> SensitivityNoise:
             arms.setdefault(arm, []).append(i)
     for rows in arms.values():
         sub = frame.loc[rows]
-        grids = {int(seed): set(one["lr"]) for seed, one in sub.groupby("seed")}
+        # each seed's grid: the LRs where its capped loss is known (a run without an initial loss has none)
+        grids = {int(seed): set(one.loc[one["capped"].notna(), "lr"]) for seed, one in sub.groupby("seed")}
         if 0 not in grids or 1 not in grids or grids[0] != grids[1] or len(grids[0]) < SENSITIVITY_MIN_LRS:
             continue
-        per_seed = sensitivity_per_seed(sub[sub["seed"].isin([0, 1])])
-        gaps.append(abs(float(per_seed[0]) - float(per_seed[1])))
+        pair = sub[sub["seed"].isin([0, 1]) & sub["lr"].isin(grids[0])]
+        per_seed = sensitivity_per_seed(pair)
+        if 0 in per_seed.index and 1 in per_seed.index:
+            gaps.append(abs(float(per_seed[0]) - float(per_seed[1])))
     if not gaps:
         return SensitivityNoise(0, math.nan, math.nan)
     return SensitivityNoise(len(gaps), float(np.median(gaps)), float(np.quantile(gaps, NOISE_QUANTILE)))

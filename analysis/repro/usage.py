@@ -16,14 +16,25 @@ MEASURED = {"noise": ("AGREE_NATS", "seed_noise"), "sensitivity_noise": ("SENSIT
 
 def _read_from_ctx(node: ast.AST) -> set[str]:
     """The Context attributes a piece of code reads (`ctx.noise`)."""
-    return {n.attr for n in ast.walk(node)
+    return {n.attr for n in _code(node)
             if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id == "ctx"}
+
+
+def _code(node: ast.AST):
+    """The nodes of a piece of code, its type annotations left out (a type named in a signature computes nothing)."""
+    yield node
+    for name, value in ast.iter_fields(node):
+        if name in ("annotation", "returns"):
+            continue
+        for child in value if isinstance(value, list) else [value]:
+            if isinstance(child, ast.AST):
+                yield from _code(child)
 
 
 def _referenced(node: ast.AST) -> set[str]:
     """Every name a piece of code reads (not attributes: `ctx.sensitivity_noise` is a value, not a call of the
-    function of that name; not names it assigns, like a dataclass's fields)."""
-    return {n.id for n in ast.walk(node) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+    function of that name; not names it assigns, like a dataclass's fields; not type annotations)."""
+    return {n.id for n in _code(node) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
 
 
 def _shared_uses(shared: list[ModuleType], names: set[str]) -> dict[str, set[str]]:

@@ -1112,3 +1112,15 @@ def test_the_thresholds_table_names_the_claims_that_use_each(tmp_path):
     assert rows["GRID_RESOLUTION"] == "E3, E4, E12"  # E12 calls it by name, E3 through the core's bracket helpers
     assert rows["AGREE_NATS (measured)"].split(", ")[0] == "E1" and "E7" not in rows["AGREE_NATS (measured)"]
     assert rows["SENSITIVITY_NOISE (measured, per claim)"] == "E1, E7"
+
+
+def test_the_scale_line_counts_the_runs_that_trained_at_once():
+    """Two runs overlapping and a third after both: two at a time (the figure was typed on the page before)."""
+    from repro.recipe import most_at_once
+
+    times = [("2026-01-01T00:00:00+00:00", "2026-01-01T00:10:00+00:00"), ("2026-01-01T00:05:00+00:00", "2026-01-01T00:15:00+00:00"),
+             ("2026-01-01T00:15:00+00:00", "2026-01-01T00:20:00+00:00")]  # the third starts as the second finishes
+    frame = pd.DataFrame({"summary": [{"started_at": a, "finished_at": b} for a, b in times]})
+    assert most_at_once(frame) == 2
+    assert most_at_once(frame.iloc[[0, 2]]) == 1
+    assert most_at_once(pd.DataFrame({"summary": [{}]})) is None

@@ -120,7 +120,8 @@ def rules(noise: SeedNoise, reference: Reference, used: Optional[dict[str, list[
         "*Used by* is read from the claims' code (`analysis/repro/usage.py`): the claims whose module, or a shared "
         "function it calls, refers to the threshold.",
         "",
-        "*Compute* is the runs' wall time summed (most ran two at a time on 2 cores, so the machine time is about half).",
+        "*Compute* is the runs' wall time summed; each Scale line says how many of its runs trained at once (from their "
+        "start and finish times), on a 2-core machine: two at a time, the machine time is about half the sum.",
     ]
     return lines
 

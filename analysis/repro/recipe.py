@@ -98,6 +98,23 @@ def recipe_fields(frame: pd.DataFrame, corpus_tokens: Optional[int]) -> dict[str
     return out
 
 
+def most_at_once(frame: pd.DataFrame) -> Optional[int]:
+    """The most runs of the frame that were training at one moment, from their summaries' start and finish times
+    (a resumed run counts from its last start); None where no run records both."""
+    events = []
+    for summary in frame["summary"] if "summary" in frame else []:
+        start, end = (summary or {}).get("started_at"), (summary or {}).get("finished_at")
+        if start and end:
+            events += [(pd.Timestamp(start), 1), (pd.Timestamp(end), -1)]
+    if not events:
+        return None
+    now = top = 0
+    for _, step in sorted(events, key=lambda e: (e[0], e[1])):  # a finish before a start at the same instant
+        now += step
+        top = max(top, now)
+    return top
+
+
 def scale_line(frame: pd.DataFrame, corpus_tokens: Optional[int]) -> str:
     models = sorted({(c.get("model.d_model"), c.get("model.n_layers"), c.get("model.n_heads")) for c in frame["cfg"]},
                     key=lambda m: (m[0] or 0, m[1] or 0))
@@ -108,4 +125,6 @@ def scale_line(frame: pd.DataFrame, corpus_tokens: Optional[int]) -> str:
             + (f" ({', '.join(dict.fromkeys(f'{p / 1e6:.2f}M' for p in params))} parameters without the embedding)"
                if params else "")
             + "; " + "; ".join(f"{k} {v}" for k, v in fields.items())
-            + f"; {wall:.2f} h of training wall time (up to 2 jobs at a time on 2 cores)")
+            + f"; {wall:.2f} h of training wall time"
+            + (f" (up to {n} job{'s' if n > 1 else ''} at a time, from the runs' start and finish times)"
+               if (n := most_at_once(frame)) else ""))

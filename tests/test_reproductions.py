@@ -658,6 +658,9 @@ def test_e8_reports_the_headroom_of_healthy_models_and_its_growth_with_the_lr(tm
                            "without QK-norm (at most 1e+04, baseline (no QK-norm) at LR 0.03), and stays 655x below fp16's "
                            "limit with Qwen3's QK-norm (at most 100); over all 2 probed models without QK-norm (each "
                            "variant, precision and seed) the median grows 10x from LR 0.01 to 0.03"], e8.findings
+    # on the page's summary, a finding is a sentence
+    assert ("- E8: at healthy LRs the final models' largest q k^T (fp16 probe) stays 6.55x below fp16's limit" in
+            (page := (tmp_path / "r.md").read_text())) and "the median grows 10x from LR 0.01 to 0.03.\n" in page
 
 
 def test_e8_names_its_earlier_round_and_what_it_found(tmp_path):

@@ -63,7 +63,7 @@ def takeaways(sections: list[Section]) -> list[str]:
         lines += [f"- [{s.key}](#{anchor(s)}) {s.title}: {short(s)}." for s in open_]
     findings = [(s, f) for s in sections for f in s.findings]
     if findings:
-        lines += ["", "**Also measured:**"] + [f"- {s.key}: {f}" for s, f in findings]
+        lines += ["", "**Also measured:**"] + [f"- {s.key}: {f}" + ("" if f.endswith(".") else ".") for s, f in findings]
     return lines
 
 

@@ -427,6 +427,12 @@ def test_e4_whose_runs_diverge_only_in_the_warmup_is_inconclusive(tmp_path):
     # and the output norms cannot be read before a blow-up at step 5 (records every 60 steps here)
     norms = next(c for c in e4.checks if c.name.startswith("the diverging baseline's QKV/Proj/FC2 outputs"))
     assert "no monitor record lies before" in norms.why
+    # where in the warmup they began is said (step 5 of 15: the LR at 40% of its peak), and an after-warmup round
+    # says nothing of it
+    assert "began at steps 5-5 of its 15-step warmup (the first logged train loss above the initial loss; the LR then " \
+           "40%-40% of its peak)." in "\n".join(e4.body)
+    e4_fixture(tmp_path / "runs2" / RUNS["E4"], LADDER)
+    assert "divergences inside the warmup" not in "\n".join(build(tmp_path / "runs2", tmp_path)["E4"].body)
 
 
 def test_e4_orders_only_what_diverges_inside_its_grid(tmp_path):

@@ -26,6 +26,7 @@ from repro.core import (
     no_divergence_after_warmup,
     records,
     value_at,
+    warmup_onsets,
 )
 from repro.thresholds import EARLY_NORM_FRACTION, GRID_RESOLUTION, OUTPUT_NORM_RATIO
 
@@ -165,6 +166,8 @@ def analyse(frame: pd.DataFrame, sec: Section, ctx: Context) -> None:
                  f"{int(frame['diverged'].sum())} of {len(frame)} runs diverged, {int(frame['after_warmup'].sum())} of them "
                  f"after their warmup. A run diverges when it produced a non-finite loss, the detector stopped it, or its train "
                  f"loss ended above the initial loss (the paper judged its curves by eye)."]
+    if onsets := warmup_onsets(frame):
+        sec.body += ["", onsets]
     order = sorted(tol, key=lambda v: (tol[v]["jump"], v))
     sec.body += ["", "Reported, not a check: by jump LR (the loss first JUMP_NATS above its curve's best, a quality "
                  "limit rather than divergence) the order is " + ", ".join(f"{NAMES.get(v, v)} {lr_fmt(tol[v]['jump'])}"

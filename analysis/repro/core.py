@@ -611,6 +611,22 @@ def no_divergence_after_warmup(frame: pd.DataFrame) -> Optional[str]:
             f"{'/'.join(map(str, warm))}-step warmup, while the LR was still rising")
 
 
+def warmup_onsets(frame: pd.DataFrame) -> str:
+    """Where in the warmup the divergences inside it began: '' when none did. A blow-up in the warmup's first
+    steps is the generic early one; one in its last steps came near the peak LR. Read, not a check: the
+    headlines still count only divergences after the warmup."""
+    inside = frame[frame["diverged"] & ~frame["after_warmup"] & frame["diverged_step"].notna() & frame["warmup_steps"].notna()]
+    inside = inside[inside["warmup_steps"] > 0]
+    if inside.empty:
+        return ""
+    # the schedule's linear warmup: the LR at step t is (t + 1) / warmup of the peak (qknorm.training.optim.lr_factor)
+    share = (inside["diverged_step"] + 1) / inside["warmup_steps"]
+    steps, warm = inside["diverged_step"].astype(int), sorted({int(w) for w in inside["warmup_steps"]})
+    return (f"The {len(inside)} divergences inside the warmup began at steps {steps.min()}-{steps.max()} of its "
+            f"{'/'.join(map(str, warm))}-step warmup (the first logged train loss above the initial loss; the LR then "
+            f"{share.min():.0%}-{share.max():.0%} of its peak).")
+
+
 def divergence_headline(name: str, tol: dict, first: str, second: str, labels: tuple[str, str], untested: Optional[str],
                         decide: Callable[[], tuple[Optional[bool], str]],
                         role: Callable[[str, Optional[bool], str], Check] = headline) -> Check:

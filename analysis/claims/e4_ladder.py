@@ -35,7 +35,7 @@ TITLE = "the ladder of first-diverging LR"
 CLAIM = ("baseline < soft-cap ~ QK-norm ~ QK_FC_norm < QKV-norm ~ QK-norm + cap (about 1.5x between the last groups); "
          "diverging runs show QKV/Proj/FC2 output norms over 2x the stable runs' early.")
 SOURCE = "Rybakov et al. 2024, Table 1"
-RUNS = "e4_rybakov_ladder"  # the first round (300 steps, a 15-step warmup); the 600-step round is e4_ladder_w60
+RUNS = "e4_ladder_w60"  # the 600-step round with a 60-step warmup; the first round (300 steps, a 15-step warmup) is e4_rybakov_ladder
 COMMAND = {"e4_rybakov_ladder": "e4_w15", "e4_ladder_w60": "e4"}[RUNS]  # the run.sh function that writes RUNS
 HEADLINE = ("QKV-norm and QK-norm + cap each first diverge at a higher LR than QK-norm alone (the abstract: 'with the last "
             "two methods we can increase learning rate by 1.5x (without model divergence) in comparison to ... QK layer "

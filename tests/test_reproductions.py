@@ -1133,3 +1133,11 @@ def test_the_scale_line_counts_the_runs_that_trained_at_once():
     assert most_at_once(frame) == 2
     assert most_at_once(frame.iloc[[0, 2]]) == 1
     assert most_at_once(pd.DataFrame({"summary": [{}]})) is None
+
+
+def test_ladder_lines_stay_apart_where_they_coincide():
+    """E4's QK-norm line lay hidden under QKV-norm's (one marker for all): each line now has its own colour, marker
+    and line style, its marker smaller than the one before, hollow, so coinciding lines all show."""
+    styles = core.distinct_styles(6)
+    assert len({(s["color"], s["marker"]) for s in styles}) == 6 and len({s["marker"] for s in styles}) == 6
+    assert all(a["ms"] > b["ms"] for a, b in zip(styles, styles[1:], strict=False)) and all(s["mfc"] == "none" for s in styles)

@@ -16,7 +16,7 @@ from repro.core import (
     conclude,
     critical_bracket,
     diagnostic,
-    distinct_colors,
+    distinct_styles,
     divergence_headline,
     fmt,
     headline,
@@ -182,14 +182,11 @@ def sink_figure(table: pd.DataFrame, ctx: Context) -> str:
     pyplot = plt()
     fig, (ax, ax2) = pyplot.subplots(1, 2, figsize=(10.5, 3.8))
     shown = [v for v in ORDER if v in set(table["variant"])]
-    # arms with no sink all lie on 0: hollow markers of falling size, each arm its own shape and colour, keep every
-    # one of them visible where they coincide
-    for i, (v, color) in enumerate(zip(shown, distinct_colors(len(shown)), strict=True)):
+    # arms with no sink all lie on 0: styles that keep every one of them visible where they coincide
+    for v, style in zip(shown, distinct_styles(len(shown)), strict=True):
         sub = table[table["variant"] == v].sort_values("lr")
-        style = dict(color=color, marker="osD^vP*X"[i % 8], ms=max(11 - 1.5 * i, 3.5), mfc="none", mew=1.3, label=v,
-                     ls=("-", "--", ":", "-.")[i % 4])
-        ax.plot(sub["lr"], sub["sink_rate"], **style)
-        ax2.plot(sub["lr"], sub["first_token"], **style)
+        ax.plot(sub["lr"], sub["sink_rate"], label=v, **style)
+        ax2.plot(sub["lr"], sub["first_token"], label=v, **style)
     for a, title in ((ax, f"sink rate (share of heads over epsilon = {SINK_EPSILON:g})"), (ax2, "first-token mass (mean over heads)")):
         a.set_xscale("log")
         a.set_xlabel("peak learning rate (stable runs only)")

@@ -581,14 +581,22 @@ def ladder_rows(tol: dict, per_seed: str = "first_div") -> list[str]:
                    "above that best, a limit relative to the curve's own optimum."]
 
 
+def distinct_styles(n: int) -> list[dict]:
+    """n line styles that stay visible where the lines coincide (arms with the same losses, or none): each its own
+    colour, hollow marker shape and line style, the markers shrinking from the first, so a later line's marker
+    sits inside an earlier one's."""
+    return [dict(color=color, marker="osD^vP*X"[i % 8], ms=max(10 - 1.2 * i, 3.5), mfc="none", mew=1.3,
+                 ls=("-", "--", ":", "-.")[i % 4]) for i, color in enumerate(distinct_colors(n))]
+
+
 def ladder_figure(tol: dict, title: str, ctx: Context, name: str) -> str:
     pyplot = plt()
     fig, ax = pyplot.subplots(figsize=(7.5, 4))
-    for (v, t), color in zip(tol.items(), distinct_colors(len(tol)), strict=True):
+    for (v, t), style in zip(tol.items(), distinct_styles(len(tol)), strict=True):
         c = t["curve"]
-        ax.plot(c["lr"], c["capped"], marker="o", color=color, label=v)
+        ax.plot(c["lr"], c["capped"], label=v, **style)
         bad = c[~c["stable"]]
-        ax.scatter(bad["lr"], bad["capped"], marker="x", s=60, color=color, zorder=3)
+        ax.scatter(bad["lr"], bad["capped"], marker="x", s=60, color=style["color"], zorder=3)
     ax.set_xscale("log")
     ax.set_xlabel("peak learning rate")
     ax.set_ylabel("final val loss (capped at initial loss; x: diverged)")

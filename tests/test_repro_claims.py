@@ -134,17 +134,19 @@ def test_e6_too_few_kappas_is_a_named_threshold(tmp_path):
 E7_COMMON = ["model=tiny", "optim=wortsman", "attention=wortsman2023_qk_layernorm"]
 
 
+def e7_curves(folder: Path, curves: dict[tuple[float, int], tuple[float, ...]]) -> None:
+    """E7 runs: for each (warmup fraction, seed), final losses at LR 1e-2, 1e-1 and 1."""
+    for (warm, seed), losses in curves.items():
+        for lr, loss in zip((1e-2, 1e-1, 1.0), losses, strict=True):
+            write_run(folder, [*E7_COMMON, f"optim.lr={lr:g}", f"optim.warmup_fraction={warm}"], loss, seed=seed)
+
+
 def test_e7_sensitivities_within_the_seed_noise_are_undecided(tmp_path):
     """The longer warmup's sensitivity is 0.02 nats lower on the seeds' mean, but each arm's two seeds differ by 0.05
     nats of sensitivity (seed 1's curves are twice as steep): within the sensitivity's seed noise, undecided (a
     bare '<' called it a yes)."""
-    folder = tmp_path / "runs" / RUNS["E7"]
-    curves = {0: {0.01: (3.0, 3.05, 3.10), 0.25: (3.0, 3.03, 3.06)},  # sensitivity 0.05 and 0.03 nats
-              1: {0.01: (3.0, 3.10, 3.20), 0.25: (3.0, 3.08, 3.16)}}  # 0.10 and 0.08
-    for seed, by_warm in curves.items():
-        for warm, losses in by_warm.items():
-            for lr, loss in zip((1e-2, 1e-1, 1.0), losses, strict=True):
-                write_run(folder, [*E7_COMMON, f"optim.lr={lr:g}", f"optim.warmup_fraction={warm}"], loss, seed=seed)
+    e7_curves(tmp_path / "runs" / RUNS["E7"], {(0.01, 0): (3.0, 3.05, 3.10), (0.25, 0): (3.0, 3.03, 3.06),  # 0.05, 0.03
+                                               (0.01, 1): (3.0, 3.10, 3.20), (0.25, 1): (3.0, 3.08, 3.16)})  # 0.10, 0.08
     e7 = build(tmp_path / "runs", tmp_path)["E7"]
     warmup = next(c for c in e7.checks if "longer warmup lowers LR sensitivity" in c.name)
     assert warmup.value is None and "within the LR-sensitivity seed noise (0.05 nats)" in warmup.why, warmup.why
@@ -158,13 +160,8 @@ def test_e7_a_seed_that_survives_an_lr_the_other_does_not_is_sensitivity_noise(t
     nats by seed. The final losses of the runs that learned agree exactly (the diverged one is not a pair of them),
     so a final loss's seed noise is nil and called the warmup's lower mean sensitivity a yes; the sensitivity's own
     seed noise (1.23 nats in that arm) says the difference (0.63) is within it."""
-    folder = tmp_path / "runs" / RUNS["E7"]
-    curves = {0.01: {0: (3.0, 3.1, 7.0), 1: (3.0, 3.1, 7.0)},  # diverges at LR 1 in both seeds
-              0.25: {0: (3.0, 3.05, 3.3), 1: (3.0, 3.05, 7.0)}}  # seed 1 alone diverges at LR 1
-    for warm, by_seed in curves.items():
-        for seed, losses in by_seed.items():
-            for lr, loss in zip((1e-2, 1e-1, 1.0), losses, strict=True):
-                write_run(folder, [*E7_COMMON, f"optim.lr={lr:g}", f"optim.warmup_fraction={warm}"], loss, seed=seed)
+    e7_curves(tmp_path / "runs" / RUNS["E7"], {(0.01, 0): (3.0, 3.1, 7.0), (0.01, 1): (3.0, 3.1, 7.0),  # both diverge at 1
+                                               (0.25, 0): (3.0, 3.05, 3.3), (0.25, 1): (3.0, 3.05, 7.0)})  # seed 1 alone
     e7 = build(tmp_path / "runs", tmp_path)["E7"]
     warmup = next(c for c in e7.checks if "longer warmup lowers LR sensitivity" in c.name)
     assert warmup.value is None and "within the LR-sensitivity seed noise" in warmup.why, (warmup, e7.reason)

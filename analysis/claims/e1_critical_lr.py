@@ -11,7 +11,6 @@ from repro.core import (
     Context,
     Section,
     cfg,
-    compare,
     conclude,
     diagnostic,
     fmt,
@@ -21,6 +20,7 @@ from repro.core import (
     plt,
     save,
     sensitivity,
+    sensitivity_lower,
     tolerance,
 )
 from repro.thresholds import JUMP_NATS, MIN_TREND_POINTS
@@ -94,16 +94,10 @@ def analyse(frame: pd.DataFrame, sec: Section, ctx: Context) -> None:
     partial = [w for w in widths if w not in complete]
     noise = ctx.sensitivity_noise
     sbar = noise.bar if noise is not None else math.nan
-    checks: list[Check] = []
-    for w in complete:
-        with_ln, without = sens[(w, True)], sens[(w, False)]
-        name = f"qk-LN lowers LR sensitivity at d_model {w} ({fmt(with_ln)} vs {fmt(without)} nats)"
-        if math.isnan(sbar):
-            checks.append(headline(name, None, "no LR-sensitivity seed noise measured to judge the difference against"))
-        else:
-            checks.append(headline(name, compare(with_ln, without, sbar),
-                                   f"the difference ({with_ln - without:+.3g} nats) is within the LR-sensitivity seed "
-                                   f"noise ({sbar:.3g} nats)"))
+    checks: list[Check] = [
+        headline(f"qk-LN lowers LR sensitivity at d_model {w} ({fmt(sens[(w, True)])} vs {fmt(sens[(w, False)])} nats)",
+                 *sensitivity_lower(sens[(w, True)], sens[(w, False)], noise, (f"d={w} with qk-LN", f"d={w} without")))
+        for w in complete]
     if not complete:
         checks.append(headline("qk-LN lowers LR sensitivity at every width", None,
                                "no width has runs both with and without qk-LN"))

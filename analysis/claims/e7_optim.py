@@ -6,7 +6,19 @@ import math
 from typing import Optional
 
 import pandas as pd
-from repro.core import Check, Context, Section, compare, conclude, fmt, headline, ladder_by, ladder_figure, ladder_rows, sensitivity
+from repro.core import (
+    Check,
+    Context,
+    Section,
+    conclude,
+    fmt,
+    headline,
+    ladder_by,
+    ladder_figure,
+    ladder_rows,
+    sensitivity,
+    sensitivity_lower,
+)
 from repro.recipe import floor_ratio
 from repro.thresholds import MIN_DECAY_SHRINK
 
@@ -71,19 +83,13 @@ def analyse(frame: pd.DataFrame, sec: Section, ctx: Context) -> None:
         sec.body += ["", f"Left out of the headline, not the claim's decays (independent {PAPER_DECAY:g}, coupled "
                      f"{COUPLED_DECAY:g}): " + "; ".join(left) + "."]
     noise = ctx.sensitivity_noise
-    bar = noise.bar if noise is not None else math.nan
     if noise is not None:
         sec.body += ["", noise.describe() + "."]
 
     def lower(x: str, y: str) -> tuple[Optional[bool], str]:
         """Whether arm x's LR sensitivity is below arm y's by more than the sensitivity's own seed noise (one seed
         surviving an LR the other does not moves a sensitivity by far more than a final loss's seed noise)."""
-        if math.isnan(bar):
-            return None, "no LR-sensitivity seed noise measured to judge a difference of sensitivities against"
-        if math.isnan(sens[x]) or math.isnan(sens[y]):
-            return None, f"no LR sensitivity could be read for {x if math.isnan(sens[x]) else y}"
-        return compare(sens[x], sens[y], bar), (f"the difference ({sens[x]:.3g} vs {sens[y]:.3g}, {sens[x] - sens[y]:+.3g} "
-                                                f"nats) is within the LR-sensitivity seed noise ({bar:.3g} nats)")
+        return sensitivity_lower(sens[x], sens[y], noise, (x, y))
 
     checks: list[Check] = []
     if len(indep) >= 2:

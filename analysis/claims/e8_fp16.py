@@ -43,6 +43,12 @@ WITHOUT = ("baseline (no QK-norm)", "Qwen2-style QKV bias")
 WITH = "Qwen3 QK-norm"
 
 
+def variant_of(cfg: dict) -> str:
+    """A run's variant in the claim's words (NAMES), else this project's label for its attention."""
+    label = attention_label(cfg)
+    return NAMES.get(label, label)
+
+
 def probe(run_dir: str) -> Optional[pd.DataFrame]:
     path = Path(run_dir) / "fp16_probe" / "probe.csv"
     return pd.read_csv(path) if path.exists() else None
@@ -111,7 +117,7 @@ def first_round(ctx: Context) -> str:
     old = load(ctx.runs / FIRST_ROUND, ctx.reference)
     if old.empty:
         return ""
-    old = old.assign(variant=old["cfg"].map(lambda c: NAMES.get(attention_label(c), attention_label(c))))
+    old = old.assign(variant=old["cfg"].map(variant_of))
     tables = {r.run_dir: probe(r.run_dir) for r in old.itertuples()}
     without = old[old["variant"].isin(WITHOUT) & old["run_dir"].map(lambda d: tables[d] is not None)]
     if without.empty:
@@ -129,7 +135,7 @@ def first_round(ctx: Context) -> str:
 
 
 def analyse(frame: pd.DataFrame, sec: Section, ctx: Context) -> None:
-    frame = frame.assign(variant=frame["cfg"].map(lambda c: NAMES.get(attention_label(c), attention_label(c))))
+    frame = frame.assign(variant=frame["cfg"].map(variant_of))
     # a variant's best LR in this folder, and the healthy scope around it
     best_lr = {v: float(sub.groupby("lr")["capped"].mean().idxmin()) for v, sub in frame.groupby("variant")}
     several = frame["seed"].nunique() > 1

@@ -16,6 +16,7 @@ With several seeds a check holds where it holds on the seeds' mean and no seed a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -161,7 +162,7 @@ def check_each_seed(fn: Analysis, frame: pd.DataFrame, sec: Section, ctx: Contex
     for seed in seeds:
         alone = Section(sec.key, sec.title, sec.claim, sec.source, sec.command)
         with tempfile.TemporaryDirectory() as scratch:  # its figures are not kept
-            one = Context(Path(scratch), Path(scratch), ctx.noise, ctx.reference, ctx.corpus_tokens, ctx.sensitivity_noise, ctx.runs)
+            one = dataclasses.replace(ctx, figdir=Path(scratch), rel=Path(scratch))
             try:
                 fn(frame[frame["seed"] == seed].reset_index(drop=True), alone, one)
             except Exception as e:  # this seed's runs alone decide nothing; the others still count
@@ -323,10 +324,9 @@ def seed_noise(frames: list[pd.DataFrame]) -> SeedNoise:
             # models that learned only: a failed run (diverged, or worse than the bigram model: collapsed attention)
             # lands wherever its collapse took it, and the claims compare models that learned
             failed = getattr(r, "failed", None)
-            if r.diverged or (failed is not None and not pd.isna(failed) and bool(failed)) or pd.isna(r.final_val_loss) \
-                    or r.identity is None:
+            judged = failed is not None and not pd.isna(failed)  # None without a bigram reference
+            if r.diverged or (judged and bool(failed)) or pd.isna(r.final_val_loss) or r.identity is None:
                 continue
-            judged = failed is not None and not pd.isna(failed)
             keyed.setdefault(r.identity, {})[int(r.seed)] = (float(r.final_val_loss), judged)
         for s in keyed.values():
             if 0 in s and 1 in s:
@@ -359,6 +359,19 @@ class SensitivityNoise:
         return (f"LR-sensitivity seed noise (|seed 0 - seed 1| over this folder's {self.arms} arms with both seeds on "
                 f"one grid of {SENSITIVITY_MIN_LRS} or more LRs): median {self.median:.3g} nats, {NOISE_QUANTILE:.0%} "
                 f"quantile {self.quantile:.3g} nats (the bar)")
+
+
+def sensitivity_lower(a: float, b: float, noise: Optional[SensitivityNoise], names: tuple[str, str]) -> tuple[Optional[bool], str]:
+    """Whether LR sensitivity `a` is below `b` by more than the sensitivity's own seed noise, and why it is
+    undecided (no noise measured, a sensitivity not read, or the difference within the noise); `names` name
+    the two in that reason."""
+    bar = noise.bar if noise is not None else math.nan
+    if math.isnan(bar):
+        return None, "no LR-sensitivity seed noise measured to judge a difference of sensitivities against"
+    if math.isnan(a) or math.isnan(b):
+        return None, f"no LR sensitivity could be read for {names[0] if math.isnan(a) else names[1]}"
+    return compare(a, b, bar), (f"the difference ({a:.3g} vs {b:.3g}, {a - b:+.3g} nats) is within the LR-sensitivity "
+                                f"seed noise ({bar:.3g} nats)")
 
 
 def sensitivity_noise(frame: pd.DataFrame) -> SensitivityNoise:
@@ -627,8 +640,11 @@ def warmup_onsets(frame: pd.DataFrame) -> str:
     inside = inside[inside["warmup_steps"] > 0]
     if inside.empty:
         return ""
-    # the schedule's linear warmup: the LR at step t is (t + 1) / warmup of the peak (qknorm.training.optim.lr_factor)
-    share = (inside["diverged_step"] + 1) / inside["warmup_steps"]
+    from qknorm.training.optim import lr_factor  # the schedule the runs trained with, not a copy of it (imports torch)
+
+    # inside the warmup the factor depends on the step alone: the schedule's total and floor do not enter it
+    share = pd.Series([lr_factor(int(step), int(warm), int(warm), 0.0)
+                       for step, warm in zip(inside["diverged_step"], inside["warmup_steps"], strict=True)])
     steps, warm = inside["diverged_step"].astype(int), sorted({int(w) for w in inside["warmup_steps"]})
     return (f"The {len(inside)} divergences inside the warmup began at steps {steps.min()}-{steps.max()} of its "
             f"{'/'.join(map(str, warm))}-step warmup (the first logged train loss above the initial loss; the LR then "

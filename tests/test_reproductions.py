@@ -569,8 +569,19 @@ def test_e3_is_decided_on_the_critical_lr_and_can_say_no(tmp_path):
     assert checks["RMSNorm per head's critical LR is about LayerNorm per head's"].value is False
     # the numbers the "no" rests on are on the page
     assert "LayerNorm per head between 0.1 and 0.15 (x1.5); " in "\n".join(e3.body), "\n".join(e3.body)
-    assert checks["RMSNorm per head first diverges at about the LR of LayerNorm per head"].value is True  # a diagnostic
     assert e3.verdict == "not reproduced", e3.reason
+    # the search behind E3 stops climbing once every seed failed: where each variant first diverges is not explored
+    assert not any("first diverges" in c.name for c in e3.checks), [c.name for c in e3.checks]
+
+
+def test_e3_compares_per_head_and_full_width_where_every_seed_succeeded(tmp_path):
+    """Not where they are merely stable: at LR 0.22 LayerNorm per head ends worse than the bigram model without
+    diverging, so the comparison moves down to 0.15, the largest LR where every seed of all four succeeded."""
+    e3_fixture(tmp_path / "runs" / RUNS["E3"], [0.1, 0.15, 0.22, 0.33], seeds=(0, 1),
+               spoiled={"wortsman2023_qk_layernorm": 0.22})
+    e3 = build(tmp_path / "runs", tmp_path)["E3"]
+    check = names(e3)["per head better than full width at the largest LR all succeed at"]
+    assert check.name.endswith("(0.15)"), check.name
 
 
 def test_e10_e9_e7_read_their_runs(tmp_path):
@@ -686,6 +697,27 @@ def test_e8_names_its_earlier_round_and_what_it_found(tmp_path):
            "had failed." in body
 
 
+def test_e8_reads_its_earlier_round_once_though_each_seed_is_analysed_again(tmp_path, monkeypatch):
+    """The earlier round's line is the same for the pooled seeds and for each seed alone (core.check_each_seed):
+    its folder is loaded (and its models probed) once per build, and again once the folder changes."""
+    import claims.e8_fp16 as e8_module
+
+    for seed in (0, 1):
+        for preset, raw in (("baseline", (50.0, 1e3)), ("qwen3", (50.0, 100.0))):
+            e8_run(tmp_path / "runs" / RUNS["E8"], preset, raw, lr=0.01, seed=seed)
+    old = tmp_path / "runs" / e8_module.FIRST_ROUND
+    e8_run(old, "baseline", (50.0, 9e4), loss=BIGRAM + 0.5)
+    read = []
+    monkeypatch.setattr(e8_module, "load", lambda folder, ref: read.append(folder) or core.load(folder, ref))
+    first = "\n".join(build(tmp_path / "runs", tmp_path)["E8"].body)
+    assert read.count(old) == 1, read
+    assert "1 of its 1 probed models without QK-norm overflow fp16" in first, first
+    e8_run(old, "qwen2_qkv_bias", (50.0, 1e4), loss=BIGRAM + 0.4)
+    second = "\n".join(build(tmp_path / "runs", tmp_path)["E8"].body)
+    assert read.count(old) == 2, read
+    assert "1 of its 2 probed models without QK-norm overflow fp16" in second, second
+
+
 def test_e8_models_that_failed_cannot_decide_it(tmp_path):
     """Trained where they end worse than the bigram model, the models without QK-norm say nothing of the
     overflow of a model that learned: inconclusive, with that reason."""
@@ -765,6 +797,25 @@ def test_a_mean_trend_that_no_seed_shows_alone_is_undecided(tmp_path):
     assert [c.value for c in sec.checks] == [None, True]
     assert sec.verdict == "inconclusive" and sec.reason == "the seeds' mean: yes, each seed alone: no"
 
+
+
+def test_a_mean_no_against_the_seeds_that_decide_names_the_seed_that_cannot(tmp_path):
+    """Where one seed cannot decide alone (its bracket too wide) and the others answer against the mean, the
+    reason names each: 'each seed alone' would claim an answer that seed never gave."""
+
+    def fn(frame, sec, ctx):
+        seeds = set(frame["seed"])
+        value = False if len(seeds) > 1 else None if seeds == {0} else True
+        repro.conclude(sec, [repro.headline("about the same critical LR", value)], frame)
+
+    frame = pd.DataFrame({"seed": [0, 1, 2]})
+    sec = repro.Section("E3", "t", "c", "s", "cmd")
+    ctx = repro.Context(tmp_path, tmp_path, repro.seed_noise([]), repro.Reference(None, "none"))
+    fn(frame, sec, ctx)
+    repro.check_each_seed(fn, frame, sec, ctx)
+    assert sec.seed_checks == {0: [None], 1: [True], 2: [True]}
+    assert sec.checks[0].value is None
+    assert sec.reason == "the seeds' mean: no, seed 1, 2 alone: yes, seed 0 alone: undecided", sec.reason
 
 # -- E11: Muon and the logits ----------------------------------------------------------------------------------
 
@@ -1029,6 +1080,22 @@ def test_within_one_bracket_says_no_whichever_order_the_arms_come_in():
     arms = {"a": Bracket(1.0, 1.5), "b": Bracket(1.2, None), "c": Bracket(5.0, None)}  # c trained far above a's failure
     for order in (("a", "b", "c"), ("a", "c", "b"), ("b", "c", "a")):
         assert core.within_one_bracket({k: arms[k] for k in order}, "diverges") == (False, "")
+
+
+def test_within_one_bracket_says_no_where_a_success_lies_a_step_above_the_other_s_failure_however_wide():
+    """A search leaves some brackets wide, and an arm may fail already at its lowest LR: neither hides a gap that
+    the runs show, an arm whose every seed succeeded at an LR more than GRID_RESOLUTION above another's first
+    failure. Closer than that, the censored or wide arm stays undecided."""
+    from qknorm.analysis.boundary import Bracket
+
+    censored = Bracket(None, 0.3162)  # failed already at its lowest LR, in some seed
+    assert core.within_one_bracket({"fixed": censored, "ln": Bracket(0.5623, 0.7499)}, "fails") == (False, "")
+    value, why = core.within_one_bracket({"fixed": censored, "ln": Bracket(0.4217, 0.5623)}, "fails")
+    assert value is None and "already at its lowest LR" in why, why
+    wide = Bracket(1.0, 3.162)  # one seed's bracket, never narrowed by the search
+    assert core.within_one_bracket({"rms": wide, "ln": Bracket(0.4217, 0.5623)}, "fails") == (False, "")
+    value, why = core.within_one_bracket({"rms": wide, "ln": Bracket(0.75, 1.0)}, "fails")
+    assert value is None and "too coarse" in why, why
 
 
 def test_a_check_s_name_loses_nested_figures_whole_so_each_seed_s_copy_matches():

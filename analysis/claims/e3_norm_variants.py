@@ -11,21 +11,18 @@ from repro.core import (
     Check,
     Context,
     Section,
-    about_same,
     brackets_line,
     cfg,
     compare,
     conclude,
     critical_bracket,
     diagnostic,
-    divergence_headline,
     fmt,
     headline,
     ladder_figure,
     ladder_rows,
     lr_fmt,
     lr_ladder,
-    no_divergence_after_warmup,
     within_one_bracket,
 )
 
@@ -57,24 +54,20 @@ def same_critical(frame: pd.DataFrame, a: str, b: str) -> tuple[Optional[bool], 
 def analyse(frame: pd.DataFrame, sec: Section, ctx: Context) -> None:
     frame, tol = lr_ladder(frame, sec=sec)
     sec.figures.append(ladder_figure(tol, "E3: QK-norm kinds, scopes and positions (x: diverged)", ctx, "e3_norm_variants.png"))
-    sec.body += ladder_rows(tol)
-    sec.body += ["", brackets_line("Critical-LR brackets (worse than the bigram model, or diverged)",
-                                   {v: critical_bracket(frame, v) for v in tol})]
-    untested = no_divergence_after_warmup(frame)
+    sec.body += ladder_rows(tol, per_seed="critical")
+    brackets = {v: critical_bracket(frame, v) for v in tol}
+    sec.body += ["", brackets_line("Critical-LR brackets (worse than the bigram model, or diverged)", brackets)]
     checks: list[Check] = []
     for other in SAME_AS_REFERENCE:
         checks.append(headline(f"{other}'s critical LR is about {REFERENCE}'s", *same_critical(frame, REFERENCE, other)))
-    for other in SAME_AS_REFERENCE:
-        name = f"{other} first diverges at about the LR of {REFERENCE}"
-        checks.append(divergence_headline(
-            name, tol, REFERENCE, other, (REFERENCE, other), untested,
-            lambda other=other: about_same({REFERENCE: tol[REFERENCE], other: tol[other]}), role=diagnostic))
+    # (no first-divergence diagnostic: the search stops climbing once every seed has failed, so where each variant
+    # would first diverge is not what its runs explore; E4 climbs for divergence)
     bar = ctx.noise.bar
-    # per head vs full width, where all of them are stable: a diverged loss says nothing of this claim
+    # per head vs full width, where every seed of all of them succeeded: a failed run's loss measures its collapse
     pairs = [(a, b) for a, b in (("LayerNorm per head", "LayerNorm full width"), ("RMSNorm per head", "RMSNorm full width"))
              if a in tol and b in tol]
-    stable_lrs = [set(tol[v]["curve"].loc[tol[v]["curve"]["stable"], "lr"].astype(float)) for pair in pairs for v in pair]
-    common = set.intersection(*stable_lrs) if stable_lrs else set()
+    ok_lrs = [set(tol[v]["curve"].loc[tol[v]["curve"]["failed"].eq(False), "lr"].astype(float)) for pair in pairs for v in pair]
+    common = set.intersection(*ok_lrs) if ok_lrs else set()
     if common:
         top = max(common)
 
@@ -83,12 +76,13 @@ def analyse(frame: pd.DataFrame, sec: Section, ctx: Context) -> None:
 
         answers = [compare(at(a), at(b), bar) for a, b in pairs]
         value = False if False in answers else True if all(a is True for a in answers) else None
-        checks.append(diagnostic(f"per head better than full width at the largest LR all are stable at ({top:g})", value,
+        checks.append(diagnostic(f"per head better than full width at the largest LR all succeed at ({top:g})", value,
                                  f"the gaps ({', '.join(fmt(at(a) - at(b), '+.3f') for a, b in pairs)} nats) are within "
                                  f"the seed noise (AGREE_NATS {fmt(bar)})"))
     else:
-        checks.append(diagnostic("per head better than full width at the largest LR all are stable at", None,
-                                 "no LR where every per-head and full-width variant is stable"))
+        checks.append(diagnostic("per head better than full width at the largest LR all succeed at", None,
+                                 "no LR where every seed of every per-head and full-width variant succeeded (ended below "
+                                 "the bigram model without diverging)"))
     others = {v: t for v, t in tol.items() if v != FIXED}
     fixed = tol.get(FIXED)
     # a best loss at the lowest LR tried is no optimum: the loss may fall further below the grid, so a best-loss
@@ -119,8 +113,9 @@ def analyse(frame: pd.DataFrame, sec: Section, ctx: Context) -> None:
         checks.append(diagnostic("L2 with a fixed g=1 underfits", None, "no runs of L2 with a fixed g"))
     before, after = tol.get("RMSNorm per head"), tol.get("RMSNorm per head after RoPE")
     if before and after:
-        sec.body += ["", f"Before vs after RoPE (RMSNorm per head): best loss {before['best']:.3f} vs {after['best']:.3f}, first "
-                     f"diverging LR {lr_fmt(before['first_div'])} vs {lr_fmt(after['first_div'])} (reported, not a check: the "
+        sec.body += ["", f"Before vs after RoPE (RMSNorm per head): best loss {before['best']:.3f} vs {after['best']:.3f}, "
+                     f"critical LR {brackets['RMSNorm per head'].describe()} vs {brackets['RMSNorm per head after RoPE'].describe()} "
+                     "(reported, not a check: the "
                      "papers do not predict a direction). RoPE rotates pairs of dimensions, which leaves each head's RMS "
                      "unchanged: RMSNorm before or after it differs only through the learned per-dimension gain, which "
                      "RoPE would rotate in one order and not in the other; with a uniform gain the two orders are the "

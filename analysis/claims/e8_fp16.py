@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 from typing import Optional
@@ -12,6 +13,7 @@ from matplotlib import colors as matplotlib_colors
 from repro.core import (
     Check,
     Context,
+    Reference,
     Section,
     attention_label,
     conclude,
@@ -114,7 +116,17 @@ def first_round(ctx: Context) -> str:
     headline (its models did not learn), but a reader should know it exists and what it found."""
     if RUNS == FIRST_ROUND or ctx.runs is None or not (ctx.runs / FIRST_ROUND).is_dir() or ctx.reference.nats is None:
         return ""  # (without a bigram reference no run can be called failed, and that is what the line is about)
-    old = load(ctx.runs / FIRST_ROUND, ctx.reference)
+    folder = ctx.runs / FIRST_ROUND
+    # the folder's state is part of the key: a folder that changes (a test's fixtures, a round still running) is read again
+    state = tuple(sorted((str(p), p.stat().st_mtime_ns) for p in folder.rglob("summary.json")))
+    return _first_round(folder, ctx.reference, state)
+
+
+@functools.lru_cache(maxsize=4)
+def _first_round(folder: Path, reference: Reference, state: tuple) -> str:
+    """first_round's line for one folder, reference and state of the folder: read (and its models probed) once,
+    though the claim's analysis runs again on each seed's runs alone (core.check_each_seed)."""
+    old = load(folder, reference)
     if old.empty:
         return ""
     old = old.assign(variant=old["cfg"].map(variant_of))

@@ -177,8 +177,14 @@ def check_each_seed(fn: Analysis, frame: pd.DataFrame, sec: Section, ctx: Contex
         if c.value is not None and decided - {c.value}:
             # the seeds split, or every seed alone answers against their mean (a mean trend that no seed
             # shows on its own): either way the difference is within seed noise
-            c.why = ("seeds disagree" if len(decided) > 1 else
-                     f"the seeds' mean: {MARK[c.value]}, each seed alone: {MARK[next(iter(decided))]}")
+            if len(decided) > 1:
+                c.why = "seeds disagree"
+            else:  # every seed that decides alone answers against the mean; name those that cannot decide alone
+                against = MARK[next(iter(decided))]
+                said = ", ".join(str(s) for s, a in zip(seeds, answers, strict=True) if a is not None)
+                silent = ", ".join(str(s) for s, a in zip(seeds, answers, strict=True) if a is None)
+                c.why = (f"the seeds' mean: {MARK[c.value]}, " + (f"each seed alone: {against}" if not silent else
+                                                                  f"seed {said} alone: {against}, seed {silent} alone: undecided"))
             c.value = None
             continue
         silent = [str(s) for s, a in zip(seeds, answers, strict=True) if a is None]
@@ -719,10 +725,18 @@ def within_one_bracket(brackets: dict[str, Bracket], what: str) -> tuple[Optiona
     - undecided: an arm with no runs, or failing at its lowest LR (censored below); a bracket wider than
       GRID_RESOLUTION; an arm that never failed but stopped too low to tell.
     - no: two first failures more than that ratio apart, or an arm that never failed yet succeeded at an LR
-      more than one bracket above another's first failure (its own first failure lies higher still)."""
+      more than one bracket above another's first failure (its own first failure lies higher still); and,
+      whatever the brackets' widths or censoring, an arm whose every seed succeeded at an LR at least
+      GRID_RESOLUTION above another's first failure: its critical LR lies above that LR, the other's at or
+      below that failure, so the two are more than one step apart however wide the brackets (an arm failing
+      already at its lowest LR, or a bracket a search left wide, can still show that)."""
+    if empty := [v for v, br in brackets.items() if br.lo is None and br.hi is None]:
+        return None, f"no runs of {empty[0]}"
+    for a, ba in brackets.items():
+        for b, bb in brackets.items():
+            if a != b and ba.lo is not None and bb.hi is not None and ba.lo >= bb.hi * GRID_RESOLUTION * (1 - RATIO_SLACK):
+                return False, ""
     for v, br in brackets.items():
-        if br.lo is None and br.hi is None:
-            return None, f"no runs of {v}"
         if br.lo is None:
             return None, f"{v} {what} already at its lowest LR ({lr_fmt(br.hi)})"
     closed = {v: br for v, br in brackets.items() if br.hi is not None}

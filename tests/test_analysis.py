@@ -37,13 +37,15 @@ def test_lr_metrics_on_a_table_worked_by_hand():
         ("attention=wild", 1e-1, 0, "failed", None, 7.0),
     ])
     t = lr_table(frame).set_index("variant")
-    # baseline: capped losses [4, 3, 7], l* = 3 -> sensitivity mean(1, 0, 4) = 5/3
-    assert t.loc["attention=baseline", "lr_sensitivity"] == pytest.approx(5 / 3)
+    # the sensitivities' one grid: 1e-3 and 1e-2 (wild crashed at 1e-1, which leaves it out for every variant)
+    assert t.attrs["sensitivity_lrs"] == [1e-3, 1e-2]
+    # baseline: capped losses [4, 3] there, l* = 3 -> sensitivity mean(1, 0) = 0.5
+    assert t.loc["attention=baseline", "lr_sensitivity"] == pytest.approx(0.5)
     assert t.loc["attention=baseline", "largest_stable_lr"] == 1e-2
     assert t.loc["attention=baseline", "first_diverging_lr"] == 1e-1
     assert t.loc["attention=baseline", "optimal_lr"] == 1e-2 and t.loc["attention=baseline", "optimal_loss"] == 3.0
-    # qwen3: [4.2, 3.1, 3.5], l* = 3.1 -> mean(1.1, 0, 0.4) = 0.5; stable everywhere -> ratio 1e-1 / 1e-2 = 10
-    assert t.loc["attention=qwen3", "lr_sensitivity"] == pytest.approx(0.5)
+    # qwen3: [4.2, 3.1], l* = 3.1 -> mean(1.1, 0) = 0.55; stable everywhere -> ratio 1e-1 / 1e-2 = 10
+    assert t.loc["attention=qwen3", "lr_sensitivity"] == pytest.approx(0.55)
     assert t.loc["attention=qwen3", "largest_stable_lr"] == 1e-1
     assert math.isnan(t.loc["attention=qwen3", "first_diverging_lr"])
     # qwen3 never diverged up to 0.1, the baseline diverged at 0.1: qwen3's divergence LR is above 1x the baseline's
@@ -56,7 +58,7 @@ def test_lr_metrics_on_a_table_worked_by_hand():
     # wild's bracket (1e-3, 1e-2] lies below the baseline's (1e-2, 1e-1]: its ratio between 0.01x and 1x
     assert t.loc["attention=wild", "comparison"] == "lower"
     assert (t.loc["attention=wild", "ratio_low"], t.loc["attention=wild", "ratio_high"]) == pytest.approx((0.01, 1.0))
-    assert t.loc["attention=wild", "failed_runs"] == 1 and t.loc["attention=wild", "runs"] == 2
+    assert t.loc["attention=wild", "crashed_runs"] == 1 and t.loc["attention=wild", "runs"] == 2
     # qwen3 never diverged: its tolerance is censored by the grid, and its ratio only a lower bound
     assert t.loc["attention=qwen3", "tolerance_censored"] and not t.loc["attention=baseline", "tolerance_censored"]
     assert t.loc["attention=qwen3", "tolerance"] == "no divergence up to 0.1"
@@ -94,8 +96,93 @@ def test_a_failed_run_is_not_a_divergence():
     t = lr_table(frame).set_index("variant")
     assert math.isnan(t.loc["attention=baseline", "first_diverging_lr"])
     assert t.loc["attention=baseline", "largest_stable_lr"] == 1e-2
-    assert t.loc["attention=baseline", "failed_runs"] == 1
+    assert t.loc["attention=baseline", "crashed_runs"] == 1
     assert t.loc["attention=baseline", "lr_sensitivity"] == pytest.approx(0.5)  # mean(1, 0): the failure adds nothing
+
+
+def test_a_variant_searched_further_is_judged_on_the_grid_its_rivals_ran():
+    """A search that climbed higher for one variant (two more LRs, both diverged) must not make it look the most
+    LR-sensitive: every sensitivity averages over the LRs every variant ran."""
+    rows = []
+    for seed in (0, 1):
+        rows += [("attention=baseline", 1e-2, seed, "completed", 3.0, 7.0), ("attention=baseline", 1e-1, seed, "completed", 4.0, 7.0),
+                 ("attention=baseline", 1.0, seed, "diverged", math.nan, 7.0)]
+        rows += [("attention=qwen3", 1e-2, seed, "completed", 3.0, 7.0), ("attention=qwen3", 1e-1, seed, "completed", 3.2, 7.0),
+                 ("attention=qwen3", 1.0, seed, "completed", 3.4, 7.0), ("attention=qwen3", 3.0, seed, "diverged", math.nan, 7.0),
+                 ("attention=qwen3", 10.0, seed, "diverged", math.nan, 7.0)]
+    t = lr_table(_frame(rows)).set_index("variant")
+    assert t.attrs["sensitivity_lrs"] == [1e-2, 1e-1, 1.0]
+    assert t.loc["attention=baseline", "lr_sensitivity"] == pytest.approx((0 + 1 + 4) / 3)
+    assert t.loc["attention=qwen3", "lr_sensitivity"] == pytest.approx((0 + 0.2 + 0.4) / 3)  # was (0+.2+.4+4+4)/5 = 1.72
+    # two seeds that agree: a t-interval of zero width; the best LR is each curve's smallest
+    assert t.loc["attention=qwen3", "sensitivity_ci_low"] == pytest.approx(t.loc["attention=qwen3", "lr_sensitivity"])
+    assert t.loc["attention=qwen3", "optimum_at_edge"] == "the smallest LR tried: the optimum may lie below"
+
+
+def test_two_seeds_give_a_t_interval_not_their_range():
+    """A percentile bootstrap of two values is their range (it holds the mean about half the time); the t-interval
+    with one degree of freedom is 12.7 standard errors each side."""
+    rows = [("attention=baseline", lr, seed, "completed", loss, 7.0)
+            for seed, (a, b) in ((0, (3.0, 4.0)), (1, (3.0, 5.0))) for lr, loss in ((1e-2, a), (1e-1, b))]
+    t = lr_table(_frame(rows)).set_index("variant")
+    mean, sem = 0.75, 0.25  # per seed: 0.5 and 1.0
+    assert t.loc["attention=baseline", "lr_sensitivity"] == pytest.approx(mean)
+    half = 12.7062 * sem
+    assert t.loc["attention=baseline", "sensitivity_ci_low"] == pytest.approx(mean - half, rel=1e-4)
+    assert t.loc["attention=baseline", "sensitivity_ci_high"] == pytest.approx(mean + half, rel=1e-4)
+
+
+def test_each_variant_is_compared_with_the_baseline_of_its_own_width():
+    """A width ladder: qk-layernorm at width 64 against the baseline at width 64, not the first baseline by name."""
+    rows = []
+    for model, cut in (("model=ladder_64", 1.0), ("model=ladder_128", 0.1)):
+        for lr in (1e-2, 1e-1, 1.0):
+            rows.append((f"attention=baseline {model}", lr, 0, "diverged" if lr >= cut else "completed", 3.0, 7.0))
+            rows.append((f"attention=qwen3 {model}", lr, 0, "completed", 3.0, 7.0))
+    t = lr_table(_frame(rows)).set_index("variant")
+    assert t.loc["attention=qwen3 model=ladder_64", "baseline"] == "attention=baseline model=ladder_64"
+    assert t.loc["attention=qwen3 model=ladder_128", "baseline"] == "attention=baseline model=ladder_128"
+    assert t.loc["attention=qwen3 model=ladder_64", "ratio_low"] == pytest.approx(1.0)  # 1 over its own baseline's 1
+    assert t.loc["attention=qwen3 model=ladder_128", "ratio_low"] == pytest.approx(10.0)  # 1 over 0.1
+    assert t.attrs["baseline"].startswith("per variant, the one with the same other axes")
+    # asked for by its attention alone, the same pairing
+    t = lr_table(_frame(rows), "attention=baseline").set_index("variant")
+    assert t.loc["attention=qwen3 model=ladder_64", "baseline"] == "attention=baseline model=ladder_64"
+
+
+def test_a_baseline_that_names_no_variant_is_refused_before_anything_is_written(fixture_sweep, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert analyze_main([str(fixture_sweep), "--out", str(out), "--baseline", "attention=basline"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("qknorm-analyze: error: --baseline attention=basline: no variant of these "
+                                               "runs is named so; the variants: default"), err
+    assert not any(out.glob("*"))
+
+
+def test_one_folder_named_twice_is_counted_once(fixture_sweep, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(fixture_sweep.parent)
+    assert analyze_main([fixture_sweep.name, str(fixture_sweep), "--out", str(tmp_path / "out")]) == 0
+    assert capsys.readouterr().out.startswith("4 runs (")
+    assert len(pd.read_csv(tmp_path / "out" / "runs.csv")) == 4
+
+
+def test_the_drift_read_against_norms_and_cosines_says_what_they_leave(tmp_path):
+    """The largest logit grows 3x per 1000 steps (log slope ln 3); the largest q and k RMS grow 1.5x together and the
+    mean |cos| not at all: the two summaries leave ln 2 of the growth unexplained (a scale or gain that grew), and
+    the row says so rather than letting them pass for an exact split."""
+    from qknorm.analysis.drift import drift_row
+
+    lines = []
+    for step in (0, 500, 1000):
+        f = step / 1000
+        lines.append(json.dumps({"step": step, "layers": [{"max_logit": [3.0 ** f, 1.0], "q_rms": [1.5 ** f, 1.0],
+                                                            "k_rms": [1.0, 0.5], "qk_cosine": [0.2, -0.2]}]}))
+    (tmp_path / "stability.jsonl").write_text("\n".join(lines) + "\n")
+    row = drift_row(tmp_path)
+    assert row["layer0_growth_per_1000_steps"] == pytest.approx(math.log(3))
+    assert row["layer0_norm_growth_per_1000_steps"] == pytest.approx(math.log(1.5))
+    assert row["layer0_cosine_growth_per_1000_steps"] == pytest.approx(0.0, abs=1e-12)
+    assert row["layer0_unexplained_growth_per_1000_steps"] == pytest.approx(math.log(2))
 
 
 def test_neither_variant_diverging_gives_no_tolerance_ratio():
@@ -318,13 +405,13 @@ def _fixture_run(sweep, lr: float, seed: int, final: float, *, train: list[tuple
 @pytest.fixture
 def fixture_sweep(tmp_path):
     """An LR sweep of four runs: healthy; above the bigram reference; diverged inside its warmup (stopped by
-    the detector at step 14, its loss over the margin from step 5); diverged after it (its train loss above
-    the initial loss from step 49 to the end)."""
+    the detector after its step 14, the summary's step counter then 15, its loss over the margin from step 5);
+    diverged after it (its train loss above the initial loss from step 49 to the end)."""
     sweep = tmp_path / "sweep"
     falling = [(s, 8.0 - 0.03 * s) for s in range(9, 100, 10)]
     _fixture_run(sweep, 1e-3, 0, 4.0, train=falling)
     _fixture_run(sweep, 1e-2, 0, 5.5, train=[(s, 8.0 - 0.02 * s) for s in range(9, 100, 10)])
-    _fixture_run(sweep, 1.0, 0, 20.0, train=[(9, 20.0)], status="diverged", diverged_at=14)
+    _fixture_run(sweep, 1.0, 0, 20.0, train=[(9, 20.0)], status="diverged", diverged_at=15)
     _fixture_run(sweep, 0.3, 0, 9.0, train=[(s, 7.0 if s < 49 else 9.0) for s in range(9, 100, 10)])
     return sweep
 
@@ -413,8 +500,9 @@ def test_the_bigram_reference_is_counted_once_and_kept_with_the_token_cache(tmp_
 
 
 def test_an_early_stop_s_onset_is_counted_back_by_its_own_patience(tmp_path):
-    """A probe stopped as doomed at step 90 after `early_stop_patience` (30) steps above its initial loss began to
-    fail at step 61, not at step 81 (the detector's own patience, 10)."""
+    """A probe stopped as doomed after its step 89 (the summary's step counter then 90: the callbacks judge a step
+    after its optimizer step) after `early_stop_patience` (30) steps above its initial loss began to fail at step
+    60, where metrics.csv shows it, not at step 80 (the detector's own patience, 10)."""
     from qknorm.analysis.failure import divergence
 
     run = tmp_path / "run"
@@ -424,7 +512,25 @@ def test_an_early_stop_s_onset_is_counted_back_by_its_own_patience(tmp_path):
                "diverged_at_step": 90, "initial_loss": 8.0, "warmup_steps": 60, "steps": 90,
                "config": {"callbacks.divergence.patience": 10, "callbacks.divergence.early_stop_patience": 30}}
     d = divergence(run, summary)
-    assert d["diverged"] and d["step"] == 61 and d["in_warmup"] is False, d
+    assert d["diverged"] and d["step"] == 60 and d["in_warmup"] is False, d
+
+
+def test_every_onset_is_numbered_as_metrics_csv_numbers_its_steps(tmp_path):
+    """From 0, as metrics.csv logs the train loss: a non-finite loss is caught inside its own step (the summary's
+    counter is that step); a callback judges a step after its optimizer step (the counter one ahead); a validation
+    is logged a step before the counter that recorded it."""
+    from qknorm.analysis.failure import divergence
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.csv").write_text("step,train/loss\n" + "".join(f"{s},5.0\n" for s in range(7)))
+    base = {"status": "diverged", "initial_loss": 8.0, "warmup_steps": 2, "steps": 8, "config": {"callbacks.divergence.patience": 3}}
+    nonfinite = divergence(run, {**base, "reason": "non-finite loss (nan) at step 7", "diverged_at_step": 7})
+    assert nonfinite["step"] == 7, nonfinite
+    judged = divergence(run, {**base, "reason": "loss 9 above the initial loss + margin (8.5) for 3 steps", "diverged_at_step": 8})
+    assert judged["step"] == 5, judged  # steps 5, 6 and 7 over the margin: the counter was 8 when the third was judged
+    ended = divergence(run, {**base, "status": "completed", "final_val_loss": 9.0, "val_history": [{"step": 8, "loss": 9.0}]})
+    assert ended["diverged"] and ended["step"] == 7, ended
 
 
 def test_an_override_pinning_a_later_key_to_its_earlier_value_is_the_same_variant(tmp_path):

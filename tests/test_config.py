@@ -302,6 +302,37 @@ OPTIMIZER_REFUSALS = [
 ]
 
 
+IGNORED_SETTINGS = [
+    # read by the QK-norm alone: without one they would change the run's identity and nothing else
+    ("attention.scope=layer", "attention.scope: only applies with a qk_norm (one of l2, rms, layernorm), got qk_norm=none and "
+     "scope=layer"),
+    ("attention.gain=none", "attention.gain: only applies with a qk_norm (one of l2, rms, layernorm), got qk_norm=none and "
+     "gain=none"),
+    ("attention.position=after_rope", "attention.position: only applies with a qk_norm (one of l2, rms, layernorm), got "
+     "qk_norm=none and position=after_rope"),
+    ("attention.norm_eps=1e-5", "attention.norm_eps: only applies with a qk_norm (one of l2, rms, layernorm), got "
+     "qk_norm=none and norm_eps=1e-05"),
+    ("attention=qwen3 attention.gain=none attention.scope=head_separate", "attention.scope: head_separate gives each head its "
+     "own gain, and gain=none has none; allowed with gain=none: head, layer"),
+    ("callbacks.monitor.enabled=false callbacks.divergence.max_logit=100", "callbacks.divergence.max_logit: reads the stability "
+     "monitor's max logit; set callbacks.monitor.enabled=true, or divergence.max_logit=null"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", IGNORED_SETTINGS)
+def test_a_setting_no_code_would_read_is_refused_by_key(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        compose_config(overrides.split())
+    assert str(err.value) == message
+
+
+def test_the_settings_refused_without_a_qk_norm_are_read_with_one():
+    for overrides in (["attention=qwen3", "attention.scope=layer"], ["attention=qwen3", "attention.position=after_rope"],
+                      ["attention=henry2020_l2", "attention.gain=none", "attention.scope=head"],
+                      ["callbacks.divergence.max_logit=100"]):
+        compose_config(overrides)
+
+
 @pytest.mark.parametrize("optim", ["adamw", "wortsman", "muon"])
 def test_an_absolute_min_lr_is_every_runs_floor_whatever_its_peak(optim):
     """optim.min_lr replaces min_lr_ratio: the cosine ends at that LR for every peak of an LR sweep (Wortsman et al.

@@ -383,6 +383,12 @@ def test_analyze_reports_each_groups_boundaries_from_the_run_directories(tmp_pat
     assert got[("attention=qwen3", "divergence LR")].startswith("between 0.3 and 1")
     assert (tmp_path / "out" / "critical_lr.png").exists() and (tmp_path / "out" / "critical_lr.csv").exists()
     assert "Boundaries of the critical-LR finder" in (tmp_path / "out" / "report.md").read_text()
+    # the exhaustive grid it is weighed against spans the search's coarse grid (1e-4 to 1 here), as the finder counts
+    # it, not only the LRs the search probed (0.01 to 1)
+    record = json.loads((sweep / "finder.json").read_text())
+    (sweep / "finder.json").write_text(json.dumps({**record, "coarse_grid": [1e-4, 1e-2, 1.0]}))
+    table = analyze([sweep], tmp_path / "out2")["critical_lr"]
+    assert set(table["grid_runs_same_precision"]) == {grid_runs(1e-4, 1.0, 10 ** 0.1)}
 
 
 def test_a_groups_progress_read_from_finder_json_is_the_searchs_own_decision(tmp_path):

@@ -129,6 +129,13 @@ optim = optim.flatmap(lambda o: _muon_settings(o["name"]).map(lambda m: {**o, **
 # the gains' decay: either way where there are gains, off without them but for a rare on (refused: it would be ignored)
 attention = attention.flatmap(lambda a: (st.booleans() if a["qk_norm"] != "none" and a["gain"] != "none"
                                          else mostly(False, True, odds=30)).map(lambda decay: {**a, "gain_weight_decay": decay}))
+# the QK-norm's settings: drawn with a QK-norm; without one left at their defaults but for a rare one set (refused: it
+# would be ignored); head_separate without a gain, the same model as head, as rare
+QK_NORM_DEFAULTS = {"scope": "head", "gain": "vector", "position": "before_rope"}
+attention = attention.flatmap(lambda a: (mostly(st.just(QK_NORM_DEFAULTS), {}, odds=30) if a["qk_norm"] == "none" else
+                                         mostly(st.just({"scope": "head"}), {}, odds=30)
+                                         if (a["scope"], a["gain"]) == ("head_separate", "none") else st.just({}))
+                              .map(lambda d: {**a, **d}))
 # QK-Clip's scope: either with a clip, left at head without one but for a rare layer (refused: it would be ignored)
 attention = attention.flatmap(lambda a: (mostly(st.sampled_from(["head", "layer"]), "block", odds=15) if a["qk_clip_tau"] is not None
                                          else mostly("head", "layer", odds=30)).map(lambda scope: {**a, "qk_clip_scope": scope}))
@@ -200,7 +207,7 @@ def test_random_configs_train_or_are_rejected_by_key():
 BOUNDS = [
     ("attention.scale.value", 0.0, False, +1, {"attention.scale.kind": "constant"}),
     ("attention.scale.max", 0.0, False, +1, {"attention.scale.kind": "learnable"}),
-    ("attention.norm_eps", 0.0, False, +1, {}),
+    ("attention.norm_eps", 0.0, False, +1, {"attention.qk_norm": "rms"}),
     ("attention.softcap", 0.0, False, +1, {}),
     ("attention.final_logit_softcap", 0.0, False, +1, {}),
     ("attention.qk_clip_tau", 0.0, False, +1, {}),

@@ -97,7 +97,7 @@ def write_run(folder: Path, overrides: list[str], loss: float, *, initial: float
     (run / "summary.json").write_text(json.dumps({
         "status": "diverged" if diverged else "completed",
         "reason": f"loss {initial + 5:.4g} above the initial loss + margin ({initial + 1:.4g}) for 10 steps" if diverged else None,
-        "diverged_at_step": diverge_at + 9 if diverged else None, "warmup_steps": warmup,
+        "diverged_at_step": diverge_at + 10 if diverged else None, "warmup_steps": warmup,
         "precision": "32-true" if precision == "auto" else precision, "vocab_size": raw["data"]["vocab_size"],
         "config": {"callbacks.divergence.patience": 10},
         "initial_loss": initial, "final_val_loss": loss, "final_val_bpb": loss / 2, "steps": STEPS, "wall_time_s": wall,

@@ -205,6 +205,34 @@ def test_member_views_are_the_stack():
         torch.testing.assert_close(stack.member_state(k)["embed.weight"], model.embed.weight + 1.0, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("mode", ["vmap", "loop"])
+def test_a_member_left_out_of_a_step_keeps_its_state_on_either_path(mode):
+    """Sigma-reparam's power iteration moves its u, v buffers in every training forward. A member left out of a step
+    (one waiting to rejoin after a resume) must not have them moved by it: vmap runs every member, and puts the
+    state of those left out back."""
+    cfgs = member_configs([["seed=0"], ["seed=1"]], [*SMALL, "attention=zhai2023_sigma_reparam", "data.vocab_size=300"])
+    models = []
+    for cfg in cfgs:
+        torch.manual_seed(cfg.seed)
+        models.append(build_model(cfg, 300))
+    stack = StackedModel(models)
+    with torch.no_grad():  # weights moved since the init's SVD, as after any optimizer step: the iteration has work
+        for _, p in stack.named_member_parameters():
+            if p.dim() == 3:
+                p.add_(torch.randn_like(p) * 0.5 * p.std())
+    def state() -> dict[str, torch.Tensor]:  # every stacked buffer ([K, ...]) under its attribute name
+        return {n: getattr(stack, n.replace(".", "__")).clone() for n in stack.buffer_names}
+
+    before = state()
+    assert any(n.endswith("u") for n in before), list(before)  # the power iteration's vectors are among them
+    x = torch.randint(0, 300, (2, 2, 33), generator=torch.Generator().manual_seed(0))
+    with kernels.force(stack=mode):
+        stack.loss(x[:, :, :-1], x[:, :, 1:], torch.zeros(2), members=[0])
+    after = state()
+    assert all(torch.equal(after[n][1], before[n][1]) for n in before), "member 1 took no step: its state must not move"
+    assert any(not torch.equal(after[n][0], before[n][0]) for n in before), "member 0 took a step: its power iteration ran"
+
+
 def test_only_shape_preserving_differences_stack():
     assert stack_conflict(member_configs([["seed=0", "optim.lr=1e-2"], ["seed=1", "optim=wortsman"]])) is None
     assert "model.d_model" in stack_conflict(member_configs([["model=nano"], ["model=tiny"]], common=[]))
@@ -242,6 +270,27 @@ def test_the_stack_trainer_takes_the_same_steps_vmapped_and_looped(tmp_path, cac
         assert looped["status"] == vmapped["status"] == "completed" and looped["steps"] == vmapped["steps"] == 12
         assert vmapped["final_val_loss"] == pytest.approx(looped["final_val_loss"], rel=1e-5)
         assert json.dumps([h["step"] for h in looped["val_history"]]) == json.dumps([h["step"] for h in vmapped["val_history"]])
+
+
+def test_a_deterministic_stack_asks_torch_for_deterministic_algorithms(tmp_path, monkeypatch):
+    """trainer.deterministic is part of a run's identity and members agree on it: the stack must honour it as a run
+    alone does (Lightning's Trainer sets torch's flag), before anything is computed."""
+    from qknorm.training.stack_trainer import MemberSpec, train_stack
+    from qknorm.training.summary import RunSummary
+
+    class Asked(Exception):
+        pass
+
+    def ask(flag: bool) -> None:
+        raise Asked(flag)
+
+    monkeypatch.setattr(torch, "use_deterministic_algorithms", ask)
+    cfgs = member_configs([["seed=0"], ["seed=1"]], [*SMALL, "trainer.deterministic=true"])
+    specs = [MemberSpec(cfg, tmp_path / str(k), RunSummary(tmp_path / str(k), [], "train", cfg.seed), f"m{k}")
+             for k, cfg in enumerate(cfgs)]
+    with pytest.raises(Asked) as asked:
+        train_stack(specs, "32-true", "cpu")
+    assert asked.value.args == (True,)
 
 
 def test_a_run_alone_does_not_resume_from_a_stack_members_checkpoint(tmp_path):

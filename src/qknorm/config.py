@@ -127,6 +127,14 @@ class AttentionConfig:
         if self.qk_norm == "none":
             _require(self.targets == "qk", f"{path}.targets", "targets=qkv needs a qk_norm (one of l2, rms, layernorm)")
             _require(self.layernorm_bias is False, f"{path}.layernorm_bias", "only applies to qk_norm=layernorm")
+            # read by the QK-norm alone: a setting without one would change the run's identity, not its model
+            defaults = AttentionConfig()
+            for key in ("scope", "gain", "position", "norm_eps"):
+                _require(getattr(self, key) == getattr(defaults, key), f"{path}.{key}",
+                         f"only applies with a qk_norm (one of l2, rms, layernorm), got qk_norm=none and {key}={getattr(self, key)}")
+        # head_separate differs from head only by a gain per head: without a gain the two are one model
+        _require(not (self.scope == "head_separate" and self.gain == "none"), f"{path}.scope",
+                 "head_separate gives each head its own gain, and gain=none has none; allowed with gain=none: head, layer")
         if self.qk_norm != "layernorm":
             _require(not self.layernorm_bias, f"{path}.layernorm_bias", f"only applies to qk_norm=layernorm, got qk_norm={self.qk_norm}")
         if self.qk_clip_tau is not None:
@@ -521,6 +529,9 @@ class CallbacksConfig:
     def validate(self, path: str) -> None:
         self.monitor.validate(f"{path}.monitor")
         self.divergence.validate(f"{path}.divergence")
+        # the early stop on the max logit reads the monitor's newest record: without the monitor it would never fire
+        _require(self.divergence.max_logit is None or self.monitor.enabled, f"{path}.divergence.max_logit",
+                 f"reads the stability monitor's max logit; set {path}.monitor.enabled=true, or divergence.max_logit=null")
 
 
 @dataclass(frozen=True)

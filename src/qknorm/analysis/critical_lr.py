@@ -27,7 +27,8 @@ SEPARATED_NOTE = "the runs are separated"
 
 
 def finder_files(paths: list[str | Path]) -> list[Path]:
-    return sorted({f for p in paths for f in Path(p).rglob(FINDER_FILE)})
+    """Every finder.json under `paths`, each once however its folder was named (relative, absolute, a link)."""
+    return sorted({f for p in paths for f in Path(p).resolve().rglob(FINDER_FILE)})
 
 
 def group_of_runs(files: list[Path]) -> dict[str, str]:
@@ -50,8 +51,11 @@ def critical_lr_table(frame: pd.DataFrame, files: list[Path]) -> pd.DataFrame:
     groups = group_of_runs(files)
     if not groups or frame.empty:
         return pd.DataFrame()
-    settings = json.loads(files[0].read_text()).get("settings", {})
+    record = json.loads(files[0].read_text())
+    settings = record.get("settings", {})
     precision = float(settings.get("precision", 10 ** 0.1))
+    # the exhaustive grid spans the search's coarse grid, as the finder counts it (Search.result), not the LRs it probed
+    coarse = [float(x) for x in record.get("coarse_grid") or []]
     frame = frame.assign(group=[groups.get(str(Path(d).resolve())) for d in frame["run_dir"]])
     rows = []
     for name, g in frame[frame["group"].notna()].groupby("group", sort=True):
@@ -76,7 +80,8 @@ def critical_lr_table(frame: pd.DataFrame, files: list[Path]) -> pd.DataFrame:
                          "separated": fit.lr is not None and SEPARATED_NOTE in fit.note, "runs": len(g), "seeds": seeds,
                          "diverged_in_warmup": in_warmup,
                          "machine_hours": float(g["wall_time_s"].fillna(0).sum()) / 3600,
-                         "grid_runs_same_precision": grid_runs(min(lrs), max(lrs), precision) * seeds if lrs else None})
+                         "grid_runs_same_precision": (grid_runs(min(coarse or lrs), max(coarse or lrs), precision) * seeds
+                                                      if lrs else None)})
     return pd.DataFrame(rows)
 
 

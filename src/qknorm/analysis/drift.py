@@ -2,8 +2,11 @@
 
 growth rate: least-squares slope of log(max logit) against step (per 1000 steps), per layer.
 decomposition (Wortsman et al. 2023 Fig. E.1): the logit of a pair is s |q| |k| cos(q, k), so the
-growth of log max-logit splits into the growth of log(q_rms * k_rms) (norms, measured after any
-QK-norm) and of log(mean |cos|); both slopes are reported for layer 0.
+growth of log max-logit is read against the growth of log(q_rms * k_rms) (norms, measured after any
+QK-norm, each the largest over heads) and of log(mean |cos|) over heads; both slopes are reported for
+layer 0. They are summaries, not the factors of the largest logit: its pair, its head, the scale s and
+any gain are not theirs, so the two need not add up to the total; `layer0_unexplained_growth_per_1000_steps`
+is what they leave (the total minus both), shown so that a reader does not take the two for an exact split.
 entropy collapse: the last record's minimum normalized attention entropy over its first.
 """
 
@@ -31,17 +34,21 @@ def drift_row(run_dir) -> dict:
     if len(records) < 1:
         return row
     n_layers = len(records[0]["layers"])
+    growth: list[float] = []
     for layer in range(n_layers):
         steps, values = layer_series(records, "max_logit", layer)
         row[f"layer{layer}_max_logit_first"] = values[0]
         row[f"layer{layer}_max_logit_last"] = values[-1]
         row[f"layer{layer}_max_logit_peak"] = max(values)
-        row[f"layer{layer}_growth_per_1000_steps"] = _slope_per_1000(steps, values)
+        growth.append(_slope_per_1000(steps, values))
+        row[f"layer{layer}_growth_per_1000_steps"] = growth[-1]
     steps, q = layer_series(records, "q_rms", 0)
     _, k = layer_series(records, "k_rms", 0)
     _, cos = layer_series(records, "qk_cosine", 0, reduce=lambda v: float(np.mean(np.abs(v))))
-    row["layer0_norm_growth_per_1000_steps"] = _slope_per_1000(steps, np.asarray(q) * np.asarray(k))
-    row["layer0_cosine_growth_per_1000_steps"] = _slope_per_1000(steps, cos)
+    norm = row["layer0_norm_growth_per_1000_steps"] = _slope_per_1000(steps, np.asarray(q) * np.asarray(k))
+    cosine = row["layer0_cosine_growth_per_1000_steps"] = _slope_per_1000(steps, cos)
+    if growth:
+        row["layer0_unexplained_growth_per_1000_steps"] = growth[0] - norm - cosine
     _, ent = layer_series(records, "entropy_norm_min", 0, reduce=min)  # entropy / ln(visible keys)
     if ent:  # logs written before the normalized entropy have none
         row["layer0_entropy_min_first"], row["layer0_entropy_min_last"] = ent[0], ent[-1]

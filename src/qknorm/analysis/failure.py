@@ -143,9 +143,14 @@ def divergence(run_dir: str | Path, summary: Optional[dict] = None) -> dict[str,
             patience = int(config.get("callbacks.divergence.patience", 1) or 1) if counted else 1
             if counted and reason.startswith("early stop"):  # the early stops wait their own patience, where it is set
                 patience = int(config.get("callbacks.divergence.early_stop_patience") or patience)
-            onsets.append(max(0, int(at) - patience + 1))
+            # steps are numbered as metrics.csv numbers them, from 0. A non-finite loss or gradient is caught inside
+            # its step, before the step counter moves on; the callbacks judge a step after its optimizer step, when
+            # the counter has moved on: the last loss they judged is the step before the one recorded
+            last = int(at) if reason.startswith("non-finite") else int(at) - 1
+            onsets.append(max(0, last - patience + 1))
     bad = [st for st, v in losses if not math.isfinite(v)]
-    bad += [int(h["step"]) for h in history if h.get("loss") is None or not math.isfinite(float(h["loss"]))]
+    # a validation follows its step's optimizer step, when the counter has moved on: metrics.csv logs it a step before
+    bad += [int(h["step"]) - 1 for h in history if h.get("loss") is None or not math.isfinite(float(h["loss"]))]
     if bad:
         how.append("non-finite loss")
         onsets.append(min(bad))
@@ -166,7 +171,7 @@ def divergence(run_dir: str | Path, summary: Optional[dict] = None) -> dict[str,
         final = s.get("final_val_loss")
         if final is not None and math.isfinite(float(final)) and float(final) > l0 and not (above and above[-1]):
             how.append("final validation loss above the initial loss")
-            onsets.append(int(history[-1]["step"]) if history else int(s.get("steps") or 0))
+            onsets.append(int(history[-1]["step"]) - 1 if history else max(0, int(s.get("steps") or 0) - 1))
     diverged = bool(how)
     step = min(onsets) if onsets else None
     return {"diverged": diverged, "step": step if diverged else None,

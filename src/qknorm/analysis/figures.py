@@ -102,7 +102,8 @@ def loss_vs_lr(frame: pd.DataFrame, out: Path) -> list[Path]:
 
 
 def sensitivity_bars(table: pd.DataFrame, out: Path) -> list[Path]:
-    """LR sensitivity per variant; a 95% bootstrap interval only for the variants with two seeds or more."""
+    """LR sensitivity per variant (over the LRs every variant ran); a 95% t-interval of the mean over seeds only for
+    the variants with two seeds or more."""
     fig, ax = plt.subplots(figsize=(6.4, 1.3 + 0.45 * max(1, len(table))))
     y = np.arange(len(table))
     values = table["lr_sensitivity"].to_numpy(float)
@@ -116,12 +117,14 @@ def sensitivity_bars(table: pd.DataFrame, out: Path) -> list[Path]:
     ax.set_yticks(y, [f"{v} ({n} seed{'s' if n != 1 else ''})" for v, n in zip(table["variant"], seeds, strict=True)],
                   fontsize=7)
     if with_ci.all():
-        what = "95% bootstrap interval over seeds"
+        what = "95% t-interval of the mean over seeds"
     elif with_ci.any():
-        what = "95% bootstrap interval over seeds where there are two or more"
+        what = "95% t-interval of the mean over seeds where there are two or more"
     else:
         what = "one seed per variant: no interval"
-    ax.set_xlabel(f"LR sensitivity: mean capped loss above the best\n({what})")
+    lrs = table.attrs.get("sensitivity_lrs")
+    grid = f" over the {len(lrs)} LRs every variant ran" if lrs else ""
+    ax.set_xlabel(f"LR sensitivity: mean capped loss above the best{grid}\n({what})")
     ax.set_title("LR sensitivity per variant (lower: less sensitive to the LR)", fontsize=9)
     ax.grid(alpha=0.3, axis="x")
     return _save(fig, out, "lr_sensitivity")

@@ -4,13 +4,19 @@ Definitions (Wortsman et al. 2023 sec. 2.2; Rybakov et al. 2024 Table 1):
 - a run's capped loss is min(final val loss, l0), where l0 is its loss at initialization; a diverged or
   non-finite run counts as l0;
 - per variant and seed, l* is the lowest capped loss over the LR grid, and the LR sensitivity is the mean
-  over the grid of (capped loss - l*);
+  over the grid of (capped loss - l*). The grid is one for every variant: the LRs at which every seed of
+  every variant has a finished run (`common_grid`; a search that climbed further for one variant, or a
+  variant that ran fewer LRs, would otherwise be averaged over another set of LRs than its rivals), and no
+  sensitivity where fewer than MIN_SENSITIVITY_LRS LRs are common;
+- `optimum_at_edge` says when a variant's best LR is the smallest or the largest it tried: its optimum may
+  lie beyond the grid, and its optimal loss and sensitivity are then a point of the curve, not its best;
 - a run is stable when it completed and did not diverge (qknorm.analysis.failure: no non-finite loss, no
   stop by the divergence detector, no train loss that rose above l0 for good); the largest stable LR is
   the largest LR at which every seed is stable, the first diverging LR the smallest LR at which some seed
   is not;
-- a run that failed (a config error, a crash) says nothing about stability: it is counted in
-  `failed_runs` and left out of every other column, never taken as diverged;
+- a run that crashed (a config error, a crash; summary status "failed") says nothing about stability: it
+  is counted in `crashed_runs` and left out of every other column, never taken as diverged (a run that
+  *failed* in qknorm.analysis.failure's sense, worse than the bigram model, is another thing);
 - a variant's divergence LR lies in its bracket: above its largest stable LR and at most its first diverging
   LR; `tolerance` states it ("between 0.1 and 1"), "no divergence up to <largest LR tried>" when none of its
   LRs diverged (`tolerance_censored`: the grid did not find its limit), "below <LR>" when every LR did;
@@ -20,9 +26,11 @@ Definitions (Wortsman et al. 2023 sec. 2.2; Rybakov et al. 2024 Table 1):
   `lower` when at or below 1, `cannot separate` when it straddles 1 (a tie of grid points is no ratio of
   1.0: the grid cannot tell them apart), `unknown` when neither diverged; `vs_baseline` says it in words
   and, when the grid cannot separate them, where to add LRs, or to search with hydra/sweeper=critical_lr.
-Confidence intervals are bootstrap intervals of the mean over seeds (scipy.stats.bootstrap, 95%), only
-where a variant has two seeds or more; the test between a variant and the baseline is Welch's t-test on
-per-seed sensitivities, likewise.
+  Each variant is compared with the baseline that shares its other axes (model, optimizer, ...: every
+  token of its name but the baseline's own keys), named in its `baseline` column;
+Confidence intervals are 95% Student-t intervals of the mean over seeds (n - 1 degrees of freedom; with 2
+seeds, 12.7 standard errors each side: two seeds say little), only where a variant has two seeds or more;
+the test between a variant and its baseline is Welch's t-test on per-seed sensitivities, likewise.
 """
 
 from __future__ import annotations
@@ -35,6 +43,13 @@ from scipy import stats
 
 from .runs import is_stable
 
+# The fewest LRs an LR sensitivity averages over: one LR is its own optimum (a sensitivity of 0 whatever the curve).
+MIN_SENSITIVITY_LRS = 2
+
+
+class BaselineError(ValueError):
+    """A requested baseline that names no variant of the runs."""
+
 
 def capped_loss(row) -> float:
     l0 = row["initial_loss"]
@@ -46,10 +61,12 @@ def capped_loss(row) -> float:
     return float(min(loss, l0))
 
 
-def sensitivity_per_seed(runs: pd.DataFrame) -> pd.Series:
-    """LR sensitivity of each seed of one variant (index: seed)."""
+def sensitivity_per_seed(runs: pd.DataFrame, lrs: "set[float] | None" = None) -> pd.Series:
+    """LR sensitivity of each seed of one variant (index: seed), over `lrs` when given (common_grid)."""
     out = {}
     for seed, group in runs.groupby("seed", dropna=False):
+        if lrs is not None:
+            group = group[group["lr"].isin(lrs)]
         capped = group.apply(capped_loss, axis=1).groupby(group["lr"]).mean()
         if capped.isna().all():
             continue
@@ -57,21 +74,58 @@ def sensitivity_per_seed(runs: pd.DataFrame) -> pd.Series:
     return pd.Series(out, dtype=float)
 
 
-def _bootstrap_ci(values: np.ndarray) -> tuple[float, float]:
-    if len(values) < 2 or np.allclose(values, values[0]):
-        return (math.nan, math.nan) if len(values) < 2 else (float(values[0]), float(values[0]))
-    res = stats.bootstrap((values,), np.mean, confidence_level=0.95, n_resamples=2000, random_state=0, method="percentile")
-    return float(res.confidence_interval.low), float(res.confidence_interval.high)
+def _mean_ci(values: np.ndarray) -> tuple[float, float]:
+    """The 95% Student-t interval of the mean (a percentile bootstrap of 2 values is just their range, which
+    holds the mean about half the time, not 95%)."""
+    values = values[~np.isnan(values)]
+    if len(values) < 2:
+        return math.nan, math.nan
+    mean, sem = float(np.mean(values)), float(stats.sem(values))
+    if sem == 0:
+        return mean, mean
+    low, high = stats.t.interval(0.95, len(values) - 1, loc=mean, scale=sem)
+    return float(low), float(high)
 
 
-def choose_baseline(variants: list[str], requested: str | None = None) -> str | None:
+def common_grid(runs: pd.DataFrame) -> set[float]:
+    """The LRs at which every seed of every variant has a run (the grid every sensitivity averages over)."""
+    grids = [set(g["lr"].astype(float)) for _, g in runs.groupby(["variant", "seed"], dropna=False)]
+    return set.intersection(*grids) if grids else set()
+
+
+def _tokens(variant: str) -> dict[str, str]:
+    """A variant's name as {key: value} (a bare token, as `default`, is a key with no value)."""
+    pairs = (t.partition("=") for t in variant.split())
+    return {key: value for key, _, value in pairs}
+
+
+def choose_baselines(variants: list[str], requested: str | None = None) -> dict[str, str | None]:
+    """Each variant's baseline: the variant matching `requested` (a whole name, or tokens of one, as
+    attention=baseline; by default attention=baseline, else default) that shares every other token of the
+    variant's name; None where there is none. A requested baseline that matches no variant is refused
+    (BaselineError), rather than reported as missing."""
+    def matches(v: str, want: str) -> bool:
+        return want == v or set(want.split()) <= set(v.split())
+
     if requested is not None:
-        matches = [v for v in variants if requested == v or requested in v.split()]
-        return matches[0] if matches else None
-    for candidate in ("attention=baseline", "default"):
-        if candidate in variants:
-            return candidate
-    return variants[0] if variants else None
+        candidates = [v for v in variants if matches(v, requested)]
+        if not candidates:
+            raise BaselineError(f"--baseline {requested}: no variant of these runs is named so; the variants: "
+                                + ", ".join(variants))
+        keys = set(_tokens(requested))
+    else:
+        want = next((c for c in ("attention=baseline", "default") if any(matches(v, c) for v in variants)), None)
+        if want is None:  # no named baseline: the first variant, as before, when it shares the others' axes
+            want = variants[0] if variants else ""
+        candidates = [v for v in variants if matches(v, want)]
+        keys = set(_tokens(want))
+
+    def rest(v: str) -> dict[str, str]:
+        return {k: x for k, x in _tokens(v).items() if k not in keys}
+
+    if len(candidates) == 1 and not any(rest(c) for c in candidates):  # one baseline, no other axis to match
+        return {v: candidates[0] for v in variants}
+    return {v: next((c for c in candidates if rest(c) == rest(v)), None) for v in variants}
 
 
 def _fmt_lr(lr: float) -> str:
@@ -128,13 +182,15 @@ def lr_table(frame: pd.DataFrame, baseline: str | None = None) -> pd.DataFrame:
     """One row per variant, from its completed and diverged runs (failed runs are only counted;
     incomplete ones are listed separately by the report)."""
     finished = frame[frame["status"].isin(["completed", "diverged", "failed"]) & frame["lr"].notna()].copy()
-    failed = finished[finished["status"] == "failed"].groupby("variant").size()
+    crashed = finished[finished["status"] == "failed"].groupby("variant").size()
     runs = finished[finished["status"] != "failed"].copy()
     if runs.empty:
         return pd.DataFrame()
     runs["stable"] = runs.apply(is_stable, axis=1)
     runs["capped_loss"] = runs.apply(capped_loss, axis=1)
-    base = choose_baseline(sorted(runs["variant"].unique()), baseline)
+    bases = choose_baselines(sorted(runs["variant"].unique()), baseline)
+    grid = common_grid(runs)
+    sensitivity_lrs = grid if len(grid) >= MIN_SENSITIVITY_LRS else set()
     rows, per_seed = [], {}
     for variant, group in runs.groupby("variant"):
         by_lr = group.groupby("lr")
@@ -143,16 +199,20 @@ def lr_table(frame: pd.DataFrame, baseline: str | None = None) -> pd.DataFrame:
         unstable_lrs = all_stable[~all_stable].index
         mean_loss = by_lr["capped_loss"].mean()
         best_lr = float(mean_loss.idxmin()) if mean_loss.notna().any() else math.nan
-        sens = sensitivity_per_seed(group)
+        sens = sensitivity_per_seed(group, sensitivity_lrs) if sensitivity_lrs else pd.Series(dtype=float)
         per_seed[variant] = sens
-        low, high = _bootstrap_ci(sens.to_numpy())
+        low, high = _mean_ci(sens.to_numpy())
         largest_stable = float(stable_lrs.max()) if len(stable_lrs) else math.nan
         first_diverging = float(unstable_lrs.min()) if len(unstable_lrs) else math.nan
         largest_tried = float(group["lr"].max())
+        edge = ("" if math.isnan(best_lr) or group["lr"].nunique() < 2 else
+                "the smallest LR tried: the optimum may lie below" if best_lr == float(group["lr"].min()) else
+                "the largest LR tried: the optimum may lie above" if best_lr == largest_tried else "")
         rows.append({
-            "variant": variant, "runs": len(group), "failed_runs": int(failed.get(variant, 0)),
+            "variant": variant, "runs": len(group), "crashed_runs": int(crashed.get(variant, 0)),
             "seeds": group["seed"].nunique(),
             "optimal_lr": best_lr, "optimal_loss": float(mean_loss.min()) if mean_loss.notna().any() else math.nan,
+            "optimum_at_edge": edge,
             "largest_stable_lr": largest_stable, "first_diverging_lr": first_diverging,
             "largest_lr_tried": largest_tried, "tolerance_censored": bool(math.isnan(first_diverging)),
             "tolerance": tolerance_text(largest_stable, first_diverging, largest_tried),
@@ -160,22 +220,31 @@ def lr_table(frame: pd.DataFrame, baseline: str | None = None) -> pd.DataFrame:
             "sensitivity_ci_low": low, "sensitivity_ci_high": high,
         })
     table = pd.DataFrame(rows).set_index("variant")
-    if base in table.index:
-        base_bracket = (table.loc[base, "largest_stable_lr"], table.loc[base, "first_diverging_lr"])
-        compared = {v: ((math.nan, math.nan, "baseline", "the baseline") if v == base else
-                        compare((r["largest_stable_lr"], r["first_diverging_lr"]), base_bracket))
-                    for v, r in table.iterrows()}
-    else:
-        compared = {v: (math.nan, math.nan, "unknown", "no baseline in these runs") for v in table.index}
+    compared = {}
+    for v, r in table.iterrows():
+        base = bases.get(v)
+        if base is None or base not in table.index:
+            compared[v] = (math.nan, math.nan, "unknown", "no baseline with the same other axes in these runs")
+        elif v == base:
+            compared[v] = (math.nan, math.nan, "baseline", "the baseline")
+        else:
+            compared[v] = compare((r["largest_stable_lr"], r["first_diverging_lr"]),
+                                  (table.loc[base, "largest_stable_lr"], table.loc[base, "first_diverging_lr"]))
     for i, col in enumerate(("ratio_low", "ratio_high", "comparison", "vs_baseline")):
         table[col] = [compared[v][i] for v in table.index]
+    table["baseline"] = [bases.get(v) for v in table.index]
     p_values = {}
     for variant, sens in per_seed.items():
-        ref = per_seed.get(base)
-        if variant == base or ref is None or len(sens) < 2 or len(ref) < 2:
+        ref = per_seed.get(bases.get(variant))
+        if variant == bases.get(variant) or ref is None or len(sens) < 2 or len(ref) < 2:
             p_values[variant] = math.nan
         else:
             p_values[variant] = float(stats.ttest_ind(sens, ref, equal_var=False).pvalue)
     table["p_vs_baseline"] = pd.Series(p_values)
-    table.attrs["baseline"] = base
+    chosen = {b for b in bases.values() if b is not None}
+    table.attrs["baseline"] = (next(iter(chosen)) if len(chosen) == 1 else
+                               f"per variant, the one with the same other axes (column baseline): {', '.join(sorted(chosen))}"
+                               if chosen else None)
+    table.attrs["sensitivity_lrs"] = sorted(sensitivity_lrs)
+    table.attrs["common_lrs"] = sorted(grid)
     return table.reset_index()

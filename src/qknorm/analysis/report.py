@@ -22,7 +22,7 @@ import pandas as pd
 from . import critical_lr, figures
 from .drift import drift_table
 from .failure import describe_row, failure_columns
-from .lr import CRITICAL_LR_FINDER, lr_table
+from .lr import CRITICAL_LR_FINDER, MIN_SENSITIVITY_LRS, BaselineError, lr_table
 from .runs import collect_runs, tidy
 
 log = logging.getLogger("qknorm.analyze")
@@ -52,7 +52,8 @@ def config_differences(frame: pd.DataFrame) -> pd.DataFrame:
 def analyze(paths: list[str | Path], out: str | Path, baseline: str | None = None) -> dict[str, pd.DataFrame]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    frames = [collect_runs(p) for p in paths]
+    # resolved: one folder named twice (relative and absolute, or through a link) is one set of runs, counted once
+    frames = [collect_runs(Path(p).resolve()) for p in paths]
     frame = pd.concat([f for f in frames if not f.empty], ignore_index=True) if any(not f.empty for f in frames) \
         else pd.DataFrame()
     if frame.empty:
@@ -60,12 +61,12 @@ def analyze(paths: list[str | Path], out: str | Path, baseline: str | None = Non
     frame = tidy(frame.drop_duplicates("run_dir").reset_index(drop=True))
     # diverged (and where: in or after the warmup) and failed (above the bigram reference), defined once in failure.py
     frame = failure_columns(frame)
+    lr = lr_table(frame, baseline)  # first: a --baseline that names no variant stops here, before a file is written
     frame.to_csv(out / "runs.csv", index=False)
     try:
         frame.to_parquet(out / "runs.parquet", index=False)
     except (ImportError, ValueError) as e:  # pyarrow is optional
         log.warning("runs.parquet not written: %s", e)
-    lr = lr_table(frame, baseline)
     drift = drift_table(frame)
     lr.to_csv(out / "lr_table.csv", index=False)
     drift.to_csv(out / "drift_table.csv", index=False)
@@ -86,26 +87,39 @@ def analyze(paths: list[str | Path], out: str | Path, baseline: str | None = Non
     return {"runs": frame, "lr": lr, "drift": drift, "critical_lr": boundaries}
 
 
+def sensitivity_grid(lr: pd.DataFrame) -> str:
+    """Which LRs the sensitivities average over (qknorm.analysis.lr.common_grid), or why there are none."""
+    lrs, common = lr.attrs.get("sensitivity_lrs") or [], lr.attrs.get("common_lrs") or []
+    if lrs:
+        return f"sensitivity over the {len(lrs)} LRs every seed of every variant ran: {', '.join(f'{x:g}' for x in lrs)}"
+    return (f"no sensitivity: the variants share {len(common)} LR{'s' if len(common) != 1 else ''} run by every seed, fewer "
+            f"than {MIN_SENSITIVITY_LRS}")
+
+
 def write_report(frame, lr, drift, pngs: list[Path], out: Path, baseline, boundaries: pd.DataFrame | None = None) -> None:
     counts = frame["status"].value_counts().rename_axis("status").reset_index(name="runs")
     problems = frame[frame["problem"].notna()][["run_dir", "status", "problem"]]
     failed = frame[frame["status"] == "failed"][["run_dir", "variant", "lr", "reason"]]
-    lr_cols = ["variant", "seeds", "runs", "failed_runs", "optimal_lr", "optimal_loss", "tolerance", "comparison",
-               "vs_baseline", "lr_sensitivity", "sensitivity_ci_low", "sensitivity_ci_high", "p_vs_baseline"]
+    lr_cols = ["variant", "seeds", "runs", "crashed_runs", "optimal_lr", "optimal_loss", "optimum_at_edge", "tolerance",
+               "comparison", "vs_baseline", "baseline", "lr_sensitivity", "sensitivity_ci_low", "sensitivity_ci_high",
+               "p_vs_baseline"]
+    if "baseline" in lr.columns and lr["baseline"].nunique(dropna=False) <= 1:
+        lr_cols.remove("baseline")  # one baseline for every variant: the section's title names it
     # intervals and tests only where there are seeds to make them: columns with no value anywhere are left out
     lr_cols = [c for c in lr_cols if c in lr.columns and not (c.startswith(("sensitivity_ci", "p_vs")) and lr[c].isna().all())]
     drift_cols = [c for c in ("variant", "lr", "seed", "status", "layer0_max_logit_first", "layer0_max_logit_peak",
                               "layer0_growth_per_1000_steps", "layer0_norm_growth_per_1000_steps",
-                              "layer0_cosine_growth_per_1000_steps", "entropy_collapse_ratio") if c in drift.columns]
+                              "layer0_cosine_growth_per_1000_steps", "layer0_unexplained_growth_per_1000_steps",
+                              "entropy_collapse_ratio") if c in drift.columns]
     sections = [
         ("Runs by status", markdown_table(counts)),
         ("Divergence and failure per run (qknorm.analysis.failure: diverged, its onset step and whether inside the "
          "warmup; failed when the final loss is above the corpus's bigram reference)", markdown_table(failure_table(frame))),
         ("Incomplete or damaged runs", markdown_table(problems)),
-        ("Failed runs (a config error or a crash: not counted as diverged, left out of the LR metrics)",
-         markdown_table(failed)),
+        ("Crashed runs (a config error or a crash, summary status \"failed\": not counted as diverged, left out of the LR "
+         "metrics)", markdown_table(failed)),
         ("Variants", markdown_table(config_differences(frame))),
-        (f"Learning-rate tolerance and sensitivity (baseline: {baseline})",
+        (f"Learning-rate tolerance and sensitivity (baseline: {baseline}; {sensitivity_grid(lr)})",
          markdown_table(lr[lr_cols]) if not lr.empty else "_(no finished runs with an LR)_\n"),
         ("Attention-logit drift (layer 0)", markdown_table(drift[drift_cols]) if not drift.empty else "_(no stability logs)_\n"),
     ]
@@ -119,8 +133,11 @@ def write_report(frame, lr, drift, pngs: list[Path], out: Path, baseline, bounda
           "A variant's divergence LR lies in its bracket (`tolerance`: above its largest stable LR, at most its first "
           "diverging one; \"no divergence up to\" when the grid did not find it); against the baseline, `vs_baseline` "
           "gives the range of the ratio of the two divergence LRs that the brackets allow, and says when this grid cannot "
-          f"separate them (add LRs in the bracket, or search with {CRITICAL_LR_FINDER}). Intervals and tests over seeds "
-          "appear only where a variant has two seeds or more.", ""]
+          f"separate them (add LRs in the bracket, or search with {CRITICAL_LR_FINDER}). Each variant is compared with the "
+          "baseline that shares its other axes. Sensitivities average over one grid for every variant, the LRs every seed "
+          "of every variant ran; `optimum_at_edge` flags a best LR at the grid's end, where the optimum may lie beyond it. "
+          "Intervals (95% Student-t of the mean over seeds) and tests over seeds appear only where a variant has two seeds "
+          "or more.", ""]
     for title, text in sections:
         md += [f"## {title}", "", text]
     md += ["## Figures", ""] + [f"![{p.stem}]({p.name})" for p in pngs]
@@ -179,7 +196,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"qknorm-analyze: error: not a folder: {', '.join(missing)}", file=sys.stderr)
         return 2
     out = Path(args.out) if args.out else Path(args.paths[0]) / "analysis"
-    result = analyze(args.paths, out, args.baseline)
+    try:
+        result = analyze(args.paths, out, args.baseline)
+    except BaselineError as e:
+        print(f"qknorm-analyze: error: {e}", file=sys.stderr)
+        return 2
     runs = result["runs"]
     if runs.empty:
         print(f"qknorm-analyze: error: no run directories found under {', '.join(args.paths)}", file=sys.stderr)

@@ -470,7 +470,8 @@ def twins(probes: dict[str, pd.DataFrame]) -> list[Twins]:
 
 def scorecard(paths: list[str | Path], benchmarks: Path = BENCHMARKS, presets: Path = PRESETS) -> tuple[pd.DataFrame, dict]:
     sweeps = load_sweeps(paths)
-    frames = [collect_runs(p) for p in paths]
+    # resolved: one folder named twice (relative and absolute, or through a link) is one set of runs, counted once
+    frames = [collect_runs(Path(p).resolve()) for p in paths]
     frames = [f for f in frames if not f.empty]
     where = ", ".join(map(str, paths))
     if not frames:

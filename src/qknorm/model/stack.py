@@ -142,11 +142,19 @@ class StackedModel(nn.Module):
         def one(p, b, x, y, z):
             return functional_call(template, (p, b), (x, y, z))
 
+        left_out = [k for k in range(self.k) if k not in members]
+        # a training forward updates state in place (sigma-reparam's power iteration moves its u, v buffers): vmap runs
+        # every member, so the state of a member left out of this step (one waiting to rejoin after a resume) is put
+        # back as its own run would have it, untouched by a step it did not take
+        kept = {n: b[left_out].clone() for n, b in buffers.items()} if left_out and buffers else {}
         with warnings.catch_warnings():
             # vmap loops over members for the few ops without a batching rule (SDPA on a CPU, addcmul_):
             # correct, and said once here rather than on every step
             warnings.filterwarnings("ignore", message="There is a performance drop")
             total, nats, z_sq = vmap(one, randomness="error")(params, buffers, idx, targets, z_loss)
-        if members != list(range(self.k)):
+        if left_out:
+            with torch.no_grad():
+                for n, saved in kept.items():
+                    buffers[n][left_out] = saved
             total, nats, z_sq = total[members], nats[members], z_sq[members]
         return total, nats.detach(), z_sq.detach()

@@ -29,6 +29,7 @@ import functools
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -343,6 +344,9 @@ def train_stack(specs: list[MemberSpec], precision: str, accelerator: str = "aut
     cfg0 = specs[0].cfg
     if cfg0.trainer.threads:
         torch.set_num_threads(cfg0.trainer.threads)
+    if cfg0.trainer.deterministic:  # as Lightning's Trainer(deterministic=True) sets it for a run alone (fit.py)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
     fabric = Fabric(accelerator=accelerator, devices=1, precision=precision)  # type: ignore[arg-type]  # a checked name
     device = fabric.device
     data = prepare_data(cfg0.data)

@@ -51,7 +51,6 @@ def config_differences(frame: pd.DataFrame) -> pd.DataFrame:
 
 def analyze(paths: list[str | Path], out: str | Path, baseline: str | None = None) -> dict[str, pd.DataFrame]:
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     # resolved: one folder named twice (relative and absolute, or through a link) is one set of runs, counted once
     frames = [collect_runs(Path(p).resolve()) for p in paths]
     frame = pd.concat([f for f in frames if not f.empty], ignore_index=True) if any(not f.empty for f in frames) \
@@ -62,6 +61,7 @@ def analyze(paths: list[str | Path], out: str | Path, baseline: str | None = Non
     # diverged (and where: in or after the warmup) and failed (above the bigram reference), defined once in failure.py
     frame = failure_columns(frame)
     lr = lr_table(frame, baseline)  # first: a --baseline that names no variant stops here, before a file is written
+    out.mkdir(parents=True, exist_ok=True)
     frame.to_csv(out / "runs.csv", index=False)
     try:
         frame.to_parquet(out / "runs.parquet", index=False)

@@ -37,7 +37,8 @@ def _cases() -> list[tuple[str, list[str]]]:
     cases = []
     for preset in PRESETS:
         a = compose_config([f"attention={preset}"]).attention
-        scopes = ("head", "layer", "head_separate") if a.qk_norm != "none" else (None,)
+        # head_separate gives each head its own gain: without a gain it is refused (the same model as head)
+        scopes = (("head", "layer", "head_separate") if a.gain != "none" else ("head", "layer")) if a.qk_norm != "none" else (None,)
         pers = ("layer", "head") if a.scale.kind == "learnable" else (None,)
         for scope in scopes:
             for per in pers:

@@ -11,6 +11,7 @@ import typing
 from typing import Any, Literal
 
 import pytest
+import torch
 
 from qknorm.config import MAX_SEED, ConfigError, RunConfig, default_tree, load_run_config
 
@@ -125,7 +126,13 @@ def test_zloss_preset_sets_the_optimizer():
     (["attention.scale.kind=learnable", "attention.scale.max=inf"], "attention.scale.max", "positive"),
     (["data.max_tokens=256"], "data.max_tokens", "exceed data.seq_len=256"),
     (["data.val_plays=[]"], "data.val_plays", "at least one play"),
-    (["data.glob=''"], "data.glob", "non-empty"),
+    (["data=text_files", "data.paths=[corpus.txt]", "data.glob=''"], "data.glob", "non-empty"),
+    # read by another source only: it would change the run's identity and nothing else
+    (["data.val_fraction=0.5"], "data.val_fraction", "only applies to data=text_files or data=hf_text, got data=shakespeare"),
+    (["data=text_files", "data.paths=[corpus.txt]", "data.max_tokens=1000"], "data.max_tokens",
+     "only applies to data=hf_text, got data=text_files"),
+    (["data=hf_text", "data.name=corpus", "data.val_split=train"], "data.val_split",
+     "is the training split (train): validation would read the text it trains on"),
     (["data=hf_text", "data.name=text", "data.data_files=[]"], "data.data_files", "at least one file"),
     (["trainer.devices=0"], "trainer.devices", "device count >= 1"),
     (["trainer.devices=[0,0]"], "trainer.devices", "distinct device ids"),
@@ -356,6 +363,21 @@ def test_optimizer_settings_are_refused_by_key(override, message):
     with pytest.raises(ConfigError) as err:
         compose_config([override])
     assert str(err.value) == message
+
+
+def test_a_strategy_lightning_lacks_and_a_device_this_machine_lacks_are_refused_before_a_run_directory(tmp_path, cache_dir):
+    """Lightning refuses them only inside its Trainer, with a traceback, after the run directory and a failed summary
+    were written: the command line refuses them first, in one line naming the key and what is allowed."""
+    cases = [("trainer.strategy=dpp", "qknorm-train: error: trainer.strategy: 'dpp' is no Lightning strategy; allowed: auto, ddp, ")]
+    if not torch.cuda.is_available():
+        cases.append(("trainer.accelerator=gpu", "qknorm-train: error: trainer.accelerator: gpu, and this machine has no such "
+                      "device; allowed here: auto, cpu"))
+    for override, message in cases:
+        proc = run_cli([override, "model=nano", "logger=none"], tmp_path, cache_dir, timeout=120)
+        assert proc.returncode == 2, proc.stderr
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith(message), lines
+        assert not list(tmp_path.rglob("summary.json")), override  # no run directory was made
 
 
 @pytest.mark.parametrize("override,message", OPTIMIZER_REFUSALS)

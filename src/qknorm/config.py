@@ -223,6 +223,16 @@ class ModelConfig:
                  f"must be a number above 1 (the base of RoPE's wavelengths), got {self.rope_theta}")
 
 
+# The data keys each corpus reader reads (qknorm.data.corpora); the others are set only for their own sources.
+SOURCE_KEYS: dict[str, tuple[str, ...]] = {
+    "val_plays": ("shakespeare",),
+    "paths": ("text_files",), "glob": ("text_files",),
+    "val_fraction": ("text_files", "hf_text"),
+    **{key: ("hf_text",) for key in ("name", "config_name", "data_files", "split", "val_split", "text_field", "streaming",
+                                      "max_tokens")},
+}
+
+
 @dataclass(frozen=True)
 class DataConfig:
     source: Literal["shakespeare", "hf_text", "text_files"] = "shakespeare"
@@ -286,6 +296,16 @@ class DataConfig:
         if self.source == "shakespeare":
             _require(len(self.val_plays) > 0, f"{path}.val_plays",
                      "data=shakespeare holds out at least one play for validation, e.g. data.val_plays=[hamlet]")
+        if self.source == "hf_text" and self.val_split is not None:
+            _require(self.val_split != self.split, f"{path}.val_split",
+                     f"is the training split ({self.split}): validation would read the text it trains on; another split, "
+                     "or null (documents held out of data.split by data.val_fraction)")
+        # a key only another source reads would be ignored, yet make another run identity of the same model
+        defaults = DataConfig()
+        for key, sources in SOURCE_KEYS.items():
+            if self.source not in sources:
+                _require(getattr(self, key) == getattr(defaults, key), f"{path}.{key}",
+                         f"only applies to data={' or data='.join(sources)}, got data={self.source}")
         # names and paths: what each one means is only known to the corpus reader, but a blank one is always
         # a mistake (an unset variable, a stray comma), never the current folder or a default
         for key in ("cache_dir", "glob", "split", "text_field"):

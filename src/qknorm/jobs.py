@@ -26,7 +26,7 @@ from hydra._internal.config_loader_impl import ConfigLoaderImpl, get_overrides_d
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf, open_dict
 
-from .config import QknormError, RunConfig, load_run_config
+from .config import ConfigError, QknormError, RunConfig, load_run_config
 from .rundir import FINISHED, identity, identity_hash, task_container
 from .training.stack import stack_key
 
@@ -49,16 +49,41 @@ def finished_summary(run_dir: Path) -> Optional[dict]:
 
 
 
-def preflight(raw: Mapping[str, Any]) -> RunConfig:
+def preflight(raw: Mapping[str, Any], on_this_machine: bool = False) -> RunConfig:
     """A job's composed config (plain data) validated, and its data checked as far as it can be without
     torch (qknorm.data.tokens.check_data): what the command line does before it makes a run directory, so
-    that a wrong value or a missing file is reported in one line and leaves nothing behind. Raises
-    QknormError."""
+    that a wrong value or a missing file is reported in one line and leaves nothing behind; `on_this_machine`
+    (a single run): its accelerator is asked for on this machine too. Raises QknormError."""
     from .data.tokens import check_data  # here, not at the top: numpy and sentencepiece only once a config is valid
 
     cfg = load_run_config(raw)
+    check_strategy(cfg.trainer.strategy)
+    if on_this_machine:
+        check_accelerator(cfg.trainer.accelerator)
     check_data(cfg.data)
     return cfg
+
+
+def check_strategy(name: str) -> None:
+    """trainer.strategy against Lightning's registry, before a run directory exists (Lightning itself would refuse
+    a misspelt name only inside the Trainer, with a traceback, after the directory and its summary were written)."""
+    from pytorch_lightning.strategies import StrategyRegistry
+
+    allowed = ["auto", *sorted(StrategyRegistry.available_strategies())]
+    if name not in allowed:
+        raise ConfigError(f"trainer.strategy: {name!r} is no Lightning strategy; allowed: {', '.join(allowed)}")
+
+
+def check_accelerator(name: str) -> None:
+    """trainer.accelerator against this machine (a single run trains where it is started; a multirun's jobs may run
+    on other machines, a SLURM cluster's, so its launcher does not ask this)."""
+    import torch
+
+    present = {"gpu": torch.cuda.is_available(), "cuda": torch.cuda.is_available(),
+               "mps": torch.backends.mps.is_available()}
+    if not present.get(name, True):
+        here = ["auto", "cpu", *(k for k, ok in present.items() if ok)]
+        raise ConfigError(f"trainer.accelerator: {name}, and this machine has no such device; allowed here: {', '.join(here)}")
 
 
 def threads_per_job(launcher_target: str, n_jobs: Any, cores: Optional[int] = None) -> Optional[int]:
@@ -296,7 +321,8 @@ def describe_stacks(jobs: Sequence, stack_size, slots: int = 1) -> list[str]:
 # Overrides that say where a run writes, what it logs and how it uses the machine, never what it computes:
 # left out of a multirun folder's key, so that adding `logger=csv` or `trainer.threads=1` to a command finds
 # its folder again.
-NOT_IN_SWEEP_KEY = ("hydra", "paths", "task_name", "data.cache_dir", "logger", "trainer.threads", "model.compile",
+NOT_IN_SWEEP_KEY = ("hydra", "paths", "task_name", "data.cache_dir", "data.workers", "data.shard_tokens", "logger",
+                    "trainer.threads", "model.compile",
                     "trainer.progress_bar", "trainer.log_every_n_steps", "trainer.checkpoint_every_n_steps",
                     "trainer.keep_checkpoint", "callbacks.lr_monitor", "callbacks.throughput")
 MULTIRUN_RECORD = "multirun.yaml"

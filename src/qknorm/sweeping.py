@@ -331,7 +331,7 @@ class SweepProgress(Callback):
         run_dir = Path(config.hydra.run.dir)
         try:
             raw = task_container(config)
-            preflight(raw)
+            preflight(raw, on_this_machine=True)
             check_identity(run_dir, identity(raw))
         except QknormError as e:
             raise JobConfigError(e) from e

@@ -251,3 +251,22 @@ def test_hf_text_bad_column_names_the_key(tmp_path):
     cfg = DataConfig(source="hf_text", name="json", data_files=(str(path),), cache_dir=str(tmp_path / "cache"))
     with pytest.raises(DataError, match="data.text_field='text': not a column"):
         load_corpus(cfg)
+
+
+def test_a_loader_resumed_inside_an_epoch_has_the_epochs_length_and_yields_the_remaining_steps():
+    """An epoch is one validation interval. Resumed at step 10 of the epoch 9-11, Lightning counts step 9 as
+    fetched already and ends the epoch when its count reaches the loader's length: the loader yields steps 10
+    and 11 but has the epoch's length, 3, so the epoch ends, and validates, at step 12 as the uninterrupted run
+    does (a length of 2 ended it at step 11, with an extra validation)."""
+    import types
+
+    from qknorm.config import DataConfig
+    from qknorm.data.datamodule import LMDataModule
+
+    tokens = types.SimpleNamespace(train_tokens=lambda: np.arange(10_000, dtype=np.uint16) % 50)
+    module = LMDataModule(DataConfig(seq_len=8, batch_size=2), types.SimpleNamespace(tokenized=tokens), seed=0, max_steps=20,
+                          steps_per_epoch=3)
+    for step, (first, stop) in ((10, (9, 12)), (9, (9, 12)), (18, (18, 20))):
+        module.trainer = types.SimpleNamespace(global_step=step, global_rank=0, world_size=1)
+        sampler = module.train_dataloader().sampler
+        assert list(sampler) == list(range(step, stop)) and len(sampler) == stop - first, (step, list(sampler), len(sampler))

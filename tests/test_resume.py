@@ -155,3 +155,36 @@ def test_a_rerun_from_a_diverged_runs_final_checkpoint_ends_where_the_run_ended(
     for key in ("status", "reason", "diverged_at_step", "steps", "val_history", "stability", "device", "initial_loss"):
         assert rerun[key] == done[key], key
     assert {name: (run_dir / name).read_text() for name in logs} == logs
+
+
+def test_a_resumed_runs_wall_time_counts_its_earlier_attempts(tmp_path):
+    """Steps and tokens count every attempt of a resumed run; its wall time, validation time and start must too, or
+    a sweep's time estimates and the machine hours it reports undercount every run that was interrupted. The
+    checkpoint carries them (module.outcome_record); the summary adds them (RunSummary.resumed)."""
+    import numpy as np
+
+    from qknorm.training.fit import resumable_checkpoint
+    from qknorm.training.module import LMModule
+    from qknorm.training.summary import RunSummary
+
+    from .conftest import compose_config
+
+    cfg = compose_config(["model=nano"])
+    first = LMModule(cfg, 64, np.ones(64))
+    first.started_at, first._t0, first.val_time_s = "2026-01-01T00:00:00+00:00", time.perf_counter() - 100.0, 7.0
+    ckpt = {"global_step": 10, "state_dict": {}}
+    first.on_save_checkpoint(ckpt)
+    (tmp_path / "checkpoints").mkdir()
+    torch.save(ckpt, tmp_path / "checkpoints" / "last.ckpt")
+
+    resume = resumable_checkpoint(tmp_path)
+    assert resume.step == 10 and resume.outcome["elapsed_s"] == pytest.approx(100.0, abs=5.0)
+    summary = RunSummary(tmp_path, [], "train", 0)
+    summary.resumed(resume.step, resume.outcome)
+    again = LMModule(cfg, 64, np.ones(64))
+    again.on_load_checkpoint(ckpt)
+    assert (again.earlier_s, again.val_time_s) == (resume.outcome["elapsed_s"], 7.0)  # validation time counts on from 7 s
+    summary.update()
+    written = json.loads((tmp_path / "summary.json").read_text())
+    assert written["wall_time_s"] >= 100.0 - 5.0 and written["started_at"] == "2026-01-01T00:00:00+00:00"
+    assert written["resumed_at_step"] == 10

@@ -308,3 +308,18 @@ def test_a_run_started_again_keeps_one_record_a_step_its_final_attempts(tmp_path
     assert [r["step"] for r in read_stability(tmp_path)[0]] == [0]
     StabilityMonitor(MonitorConfig(), tmp_path, resume_step=0)  # started again from scratch
     assert read_stability(tmp_path)[0] == []
+
+
+def test_tensorboard_gets_every_number_of_a_record_ints_included(tmp_path):
+    """QK-Clip's counts are ints: they reach TensorBoard as the CSV and stability.jsonl have them (a float-only
+    filter dropped them); the step is the axis, not a series, and a flag is no number."""
+    import types
+
+    tags: dict = {}
+    experiment = types.SimpleNamespace(add_scalar=lambda tag, value, step: tags.__setitem__(tag, (value, step)))
+    trainer = types.SimpleNamespace(loggers=[types.SimpleNamespace(experiment=experiment)])
+    monitor = StabilityMonitor(MonitorConfig(every_n_steps=1), str(tmp_path))
+    monitor._write(trainer, {"step": 7, "train_loss": 5.0, "qk_clip_clipped_heads": 3, "qk_clip_clipped_head_steps": 41,
+                             "complete": True, "layers": [{"layer": 0, "max_logit": [1.0, 2.0]}]})
+    assert tags["stability/qk_clip_clipped_heads"] == (3.0, 7) and tags["stability/qk_clip_clipped_head_steps"] == (41.0, 7)
+    assert "stability/step" not in tags and "stability/complete" not in tags and tags["stability/train_loss"] == (5.0, 7)

@@ -101,12 +101,12 @@ def test_a_members_run_directory_is_its_solo_runs(runs):
         ref = solo_runs[config_id]
         assert _listing(run) == _listing(ref)
         (header, got), (ref_header, want) = _rows(run), _rows(ref)
-        assert header == ref_header and "train/z_loss" in header and "epoch" not in header  # an epoch is a validation interval
+        assert header == ref_header and "train/log_z_sq" in header and "epoch" not in header  # an epoch is a validation interval
         filled = lambda rows: sorted((r["step"], tuple(k for k, v in r.items() if v)) for r in rows)  # noqa: E731
         assert filled(got) == filled(want)
         for row in got:
             assert row["step"] and any(v for k, v in row.items() if k != "step")  # no row without a value
-            for key in ("train/loss", "train/z_loss", "val/loss", "val/bpb"):
+            for key in ("train/loss", "train/log_z_sq", "val/loss", "val/bpb"):
                 if row[key]:
                     assert float(np.float32(row[key])) == float(row[key]), (key, row[key])
         assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == summary(run)["steps"] == 50

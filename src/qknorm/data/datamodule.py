@@ -68,16 +68,20 @@ class RandomWindowBatches(Dataset):
 
 
 class StepSampler(Sampler[int]):
-    """Yields step indices from `start` (the resumed global step) up to `stop`."""
+    """Yields step indices from `start` (the resumed global step) up to `stop`. Its length is the whole epoch's,
+    from `epoch_start`: resumed inside an epoch, Lightning counts the epoch's batches done before the checkpoint
+    as fetched already and ends the epoch (and validates) when its count reaches this length; a length of the
+    remaining steps alone would end it that many steps early, with a validation the uninterrupted run never had."""
 
-    def __init__(self, start: int, stop: int):
+    def __init__(self, start: int, stop: int, epoch_start: int | None = None):
         self.start, self.stop = start, stop
+        self.epoch_start = start if epoch_start is None else min(epoch_start, start)
 
     def __iter__(self):
         return iter(range(self.start, self.stop))
 
     def __len__(self) -> int:
-        return max(0, self.stop - self.start)
+        return max(0, self.stop - self.epoch_start)
 
 
 class ValWindows(Dataset):
@@ -110,10 +114,11 @@ class LMDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         rank, world = self._rank_world()
         start = self.trainer.global_step if self.trainer is not None else 0
-        stop = min(self.max_steps, (start // self.steps_per_epoch + 1) * self.steps_per_epoch)
+        epoch_start = start // self.steps_per_epoch * self.steps_per_epoch
+        stop = min(self.max_steps, epoch_start + self.steps_per_epoch)
         batches = RandomWindowBatches(self.data.tokenized.train_tokens(), self.cfg.seq_len,
                                       self.cfg.batch_size * world, self.seed, rank, world)
-        return DataLoader(batches, batch_size=None, sampler=StepSampler(start, stop))
+        return DataLoader(batches, batch_size=None, sampler=StepSampler(start, stop, epoch_start))
 
     def val_dataloader(self) -> DataLoader:
         rank, world = self._rank_world()

@@ -37,6 +37,7 @@ class Resume:
     step: int = 0
     validated: bool = False  # the checkpoint already holds the validation of its own step
     diverged: bool = False  # the final checkpoint of a diverged run (killed before its summary was finished)
+    outcome: dict = dataclasses.field(default_factory=dict)  # its qknorm_outcome (module.outcome_record)
 
 
 def resumable_checkpoint(run_dir: Path) -> Resume:
@@ -51,7 +52,7 @@ def resumable_checkpoint(run_dir: Path) -> Resume:
     step = int(ckpt["global_step"])
     outcome = ckpt.get("qknorm_outcome", {})
     history = outcome.get("val_history", [])
-    return Resume(Path(path), step, any(h[0] == step for h in history), outcome.get("status") == "diverged")
+    return Resume(Path(path), step, any(h[0] == step for h in history), outcome.get("status") == "diverged", outcome)
 
 
 def build_trainer(cfg: RunConfig, run_dir: Path, resume: Resume = Resume()):
@@ -103,6 +104,7 @@ def train(cfg: RunConfig, run_dir: Path, summary) -> dict:
     data = prepare_data(cfg.data)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     module = LMModule(cfg, data.vocab_size, data.token_bytes)
+    module.started_at, module._t0 = summary.data["started_at"], summary.t0  # the run's clock, from its start
     params = {"params": module.model.num_params(), "params_non_embedding": module.model.num_params(exclude_embedding=True),
               "vocab_size": data.vocab_size, "corpus": data.corpus_name,
               "train_tokens_available": int(len(data.tokenized.train_tokens()))}
@@ -113,6 +115,8 @@ def train(cfg: RunConfig, run_dir: Path, summary) -> dict:
     trainer = build_trainer(cfg, run_dir, resume)
     if resume.checkpoint:
         log.info("resuming from %s (step %d)", resume.checkpoint, resume.step)
+        summary.resumed(resume.step, resume.outcome)
+        module.started_at = summary.data["started_at"]
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume.checkpoint) if resume.checkpoint else None)
     if not trainer.is_global_zero:  # other ranks of a script-launched DDP run: rank zero reports
         return {"is_global_zero": False}

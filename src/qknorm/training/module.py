@@ -20,6 +20,7 @@ from ..utils.flops import device_name
 from .monitor import callbacks_fingerprint
 from .optim import optimizer_and_schedule
 from .qk_clip import apply_qk_clip, qk_clip_metrics
+from .summary import utc_now
 
 
 @dataclass
@@ -33,11 +34,15 @@ class Outcome:
     val_history: list = field(default_factory=list)  # (step, loss, bpb)
 
 
-def outcome_record(outcome: Outcome, initial_loss: Optional[float]) -> dict:
-    """A checkpoint's `qknorm_outcome`: the history so far and, for the final checkpoint of a diverged
-    run, that it diverged (a rerun from it ends there instead of training on)."""
+def outcome_record(outcome: Outcome, initial_loss: Optional[float], elapsed_s: Optional[float] = None,
+                   val_time_s: Optional[float] = None, started_at: Optional[str] = None) -> dict:
+    """A checkpoint's `qknorm_outcome`: the history so far, the run's wall and validation time so far and when
+    its first attempt started (a resumed run's summary counts every attempt, as its steps and tokens do), and, for
+    the final checkpoint of a diverged run, that it diverged (a rerun from it ends there instead of training on)."""
     record: dict[str, Any] = {"initial_loss": initial_loss, "skipped_steps": outcome.skipped_steps,
                               "val_history": list(outcome.val_history)}
+    record.update({k: v for k, v in (("elapsed_s", elapsed_s), ("val_time_s", val_time_s), ("started_at", started_at))
+                   if v is not None})
     if outcome.status == "diverged":
         record.update(status=outcome.status, reason=outcome.reason, step=outcome.step)
     return record
@@ -78,7 +83,10 @@ class LMModule(pl.LightningModule):
         self._val_sums: Optional[torch.Tensor] = None
         self._qk_clip = cfg.attention.qk_clip_tau is not None
         self.train_device: dict = {}  # where fit trained: Lightning moves the module back to the CPU after it
-        self.val_time_s = 0.0  # seconds spent validating in this process (summary.json's val_time_s)
+        # seconds spent validating (summary.json's val_time_s), and the wall time of earlier attempts: both carried
+        # across a resume by the checkpoint (outcome_record), with the first attempt's start
+        self.val_time_s, self.earlier_s, self.started_at = 0.0, 0.0, utc_now()  # train() gives the summary's start
+        self._t0 = time.perf_counter()
         self.val_tokens = 0  # tokens one validation reads, all processes together (summary.json's val_tokens)
         self._val_t0 = 0.0
         self._grads_guarded = cfg.trainer.precision != "16-mixed"  # AMP's scaler skips inf steps itself
@@ -128,7 +136,7 @@ class LMModule(pl.LightningModule):
             return None  # Lightning skips backward and the optimizer step
         tokens = x.numel() * self.trainer.world_size
         self.log("train/loss", loss, prog_bar=True)
-        self.log("train/z_loss", z_sq)
+        self.log("train/log_z_sq", z_sq)  # mean log^2 Z: the z-loss term is optim.z_loss times it
         self.log("train/tokens", float((self.global_step + 1) * tokens))
         return total
 
@@ -176,10 +184,16 @@ class LMModule(pl.LightningModule):
         # enough to rebuild the model without the run directory (qknorm-probe, interop)
         checkpoint["qknorm_config"] = json.loads(json.dumps(dataclasses.asdict(self.cfg)))
         checkpoint["qknorm_vocab_size"] = self.model.vocab_size
-        checkpoint["qknorm_outcome"] = outcome_record(self.outcome, self.initial_loss)
+        checkpoint["qknorm_outcome"] = outcome_record(self.outcome, self.initial_loss,
+                                                      self.earlier_s + time.perf_counter() - self._t0, self.val_time_s,
+                                                      self.started_at)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.initial_loss = restore_outcome(self.outcome, checkpoint)
+        saved = checkpoint.get("qknorm_outcome", {})
+        self.earlier_s, self.val_time_s = saved.get("elapsed_s", 0.0), saved.get("val_time_s", 0.0)
+        self.started_at = saved.get("started_at", self.started_at)
+
 
     def fit_result(self) -> dict:
         """What the summary needs from this process's fit (read back by the launching process, which

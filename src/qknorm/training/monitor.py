@@ -293,7 +293,9 @@ class StabilityMonitor(pl.Callback):
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         step = record["step"]
-        flat = {f"stability/{k}": v for k, v in record.items() if isinstance(v, float)}
+        # the run's numbers (QK-Clip's counts are ints; the step is the x axis, not a series)
+        flat = {f"stability/{k}": float(v) for k, v in record.items()
+                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
         for layer in record["layers"]:
             for key, value in layer.items():
                 if key == "layer":

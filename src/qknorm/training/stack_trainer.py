@@ -299,7 +299,8 @@ class Member:
             "callbacks": {type(cb).__name__: cb.state_dict() for cb in self.callbacks},
             "qknorm_config": json.loads(json.dumps(dataclasses.asdict(self.cfg))),
             "qknorm_vocab_size": self.vocab_size,
-            "qknorm_outcome": outcome_record(self.outcome, self.initial_loss),
+            "qknorm_outcome": outcome_record(self.outcome, self.initial_loss, self.spec.summary.earlier_s + self.spec.summary.clock(),
+                                             started_at=self.spec.summary.data["started_at"]),
         }
         AtomicCheckpointIO().save_checkpoint(ckpt, self.spec.run_dir / "checkpoints" / "last.ckpt")
 
@@ -312,6 +313,7 @@ class Member:
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.initial_loss = restore_outcome(self.outcome, ckpt)
+        self.spec.summary.resumed(int(ckpt["global_step"]), ckpt.get("qknorm_outcome", {}))
         log.info("%s: resuming from its checkpoint at step %d", self.spec.run_dir.name, ckpt["global_step"])
         return int(ckpt["global_step"])
 
@@ -462,7 +464,7 @@ def _member_step(m: Member, step: int, loss: float, z_sq: float, tokens_per_step
     if not math.isfinite(loss):
         m.nonfinite(f"non-finite loss ({loss}) at step {step}")
     else:
-        m.step_metrics.update({"train/loss": loss, "train/z_loss": z_sq, "train/tokens": float((step + 1) * tokens_per_step)})
+        m.step_metrics.update({"train/loss": loss, "train/log_z_sq": z_sq, "train/tokens": float((step + 1) * tokens_per_step)})
         if shared is not None:
             shared.share_gradients(m.k)
         _optimizer_step(m, step)

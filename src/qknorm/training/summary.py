@@ -13,7 +13,7 @@ from .. import __version__
 from ..utils.files import atomic_write_json
 
 
-def _now() -> str:
+def utc_now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
@@ -24,20 +24,29 @@ class RunSummary:
         # this run's wall time so far: since the job started; a stack member's is its share of the stack's
         # (training.stack_trainer.StackClock), so that adding runs' times never counts one stack K times
         self.clock: Callable[[], float] = lambda: time.perf_counter() - self.t0
+        self.earlier_s = 0.0  # the wall time of the run's earlier attempts, when it resumed (resumed)
         self.data: dict[str, Any] = {
             "status": "running", "reason": None, "task_name": task_name, "seed": seed,
-            "overrides": list(overrides), "started_at": _now(), "qknorm_version": __version__,
+            "overrides": list(overrides), "started_at": utc_now(), "qknorm_version": __version__,
         }
 
     def update(self, **fields: Any) -> None:
         self.data.update(fields)
         if int(os.environ.get("LOCAL_RANK", 0)) or int(os.environ.get("NODE_RANK", 0)):
             return  # a relaunched DDP rank: rank zero owns the summary
-        self.data["wall_time_s"] = round(self.clock(), 3)
+        self.data["wall_time_s"] = round(self.earlier_s + self.clock(), 3)
         atomic_write_json(self.path, self.data)
 
+    def resumed(self, step: int, outcome: dict) -> None:
+        """A run resumed from its checkpoint at `step`: its wall time counts its earlier attempts' (to that checkpoint,
+        as its steps and tokens do) and it started when its first attempt did; runs checkpointed before the record
+        held them count this attempt alone, as `resumed_at_step` lets a reader see."""
+        self.earlier_s = float(outcome.get("elapsed_s") or 0.0)
+        self.data["started_at"] = outcome.get("started_at") or self.data["started_at"]
+        self.data["resumed_at_step"] = step
+
     def finish(self, status: str, reason: str | None = None, **fields: Any) -> None:
-        self.update(status=status, reason=reason, finished_at=_now(), **fields)
+        self.update(status=status, reason=reason, finished_at=utc_now(), **fields)
 
 
 def result_fields(*, status: str, reason: str | None, diverged_at_step: int | None, steps: int, max_steps: int,

@@ -150,6 +150,20 @@ def test_each_variant_is_compared_with_the_baseline_of_its_own_width():
     assert t.loc["attention=qwen3 model=ladder_64", "baseline"] == "attention=baseline model=ladder_64"
 
 
+def test_the_baseline_shares_every_other_axis_or_there_is_none():
+    """A run that leaves attention at its default is a baseline run (default, model=large); a variant on an axis
+    no baseline run has (another optimizer) has no baseline, rather than the nearest one."""
+    from qknorm.analysis.lr import choose_baselines
+
+    assert choose_baselines(["default", "model=large", "attention=qknorm", "attention=qknorm model=large"]) == {
+        "default": "default", "model=large": "model=large", "attention=qknorm": "default",
+        "attention=qknorm model=large": "model=large"}
+    assert choose_baselines(["attention=baseline", "attention=qknorm", "attention=qknorm optim=lion"])[
+        "attention=qknorm optim=lion"] is None
+    assert choose_baselines(["attention=q model=a", "attention=r model=a"], "attention=q")["attention=r model=a"] == \
+        "attention=q model=a"
+
+
 def test_a_baseline_that_names_no_variant_is_refused_before_anything_is_written(fixture_sweep, tmp_path, capsys):
     out = tmp_path / "out"
     assert analyze_main([str(fixture_sweep), "--out", str(out), "--baseline", "attention=basline"]) == 2

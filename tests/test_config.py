@@ -380,6 +380,24 @@ def test_a_strategy_lightning_lacks_and_a_device_this_machine_lacks_are_refused_
         assert not list(tmp_path.rglob("summary.json")), override  # no run directory was made
 
 
+def test_a_multirun_checks_each_jobs_strategy_not_one_per_data_config(tmp_path):
+    """The data check runs once per data config; the strategy is each job's own. A multirun whose every job names a
+    strategy Lightning lacks is refused whole, in one line; one with a job that can run goes on (the other fails in
+    its own directory)."""
+    from qknorm.jobs import Job
+    from qknorm.sweeping import JobConfigError, refuse_if_nothing_can_run
+
+    from .conftest import compose_raw
+
+    def job(strategy: str) -> Job:
+        cfg = compose_raw(["model=nano", f"paths.cache_dir={tmp_path}", f"trainer.strategy={strategy}"])
+        return Job([f"trainer.strategy={strategy}"], tmp_path / strategy, cfg, None)
+
+    with pytest.raises(JobConfigError, match="trainer.strategy: 'ddpx' is no Lightning strategy"):
+        refuse_if_nothing_can_run([job("ddpx"), job("ddpy")])
+    refuse_if_nothing_can_run([job("ddpx"), job("auto")])  # one job can run: the sweep goes on
+
+
 @pytest.mark.parametrize("override,message", OPTIMIZER_REFUSALS)
 def test_optimizer_settings_are_refused_by_the_command_line(override, message, tmp_path, cache_dir):
     proc = run_cli([override, "model=nano", "logger=none"], tmp_path, cache_dir, timeout=120)

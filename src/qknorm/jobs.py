@@ -51,7 +51,8 @@ def finished_summary(run_dir: Path) -> Optional[dict]:
 
 def preflight(raw: Mapping[str, Any], on_this_machine: bool = False) -> RunConfig:
     """A job's composed config (plain data) validated, and its data checked as far as it can be without
-    torch (qknorm.data.tokens.check_data): what the command line does before it makes a run directory, so
+    torch (qknorm.data.tokens.check_data; Lightning and torch only for a strategy or accelerator other than
+    auto): what the command line does before it makes a run directory, so
     that a wrong value or a missing file is reported in one line and leaves nothing behind; `on_this_machine`
     (a single run): its accelerator is asked for on this machine too. Raises QknormError."""
     from .data.tokens import check_data  # here, not at the top: numpy and sentencepiece only once a config is valid
@@ -67,6 +68,8 @@ def preflight(raw: Mapping[str, Any], on_this_machine: bool = False) -> RunConfi
 def check_strategy(name: str) -> None:
     """trainer.strategy against Lightning's registry, before a run directory exists (Lightning itself would refuse
     a misspelt name only inside the Trainer, with a traceback, after the directory and its summary were written)."""
+    if name == "auto":  # the default, without importing Lightning (seconds) to say so
+        return
     from pytorch_lightning.strategies import StrategyRegistry
 
     allowed = ["auto", *sorted(StrategyRegistry.available_strategies())]
@@ -77,10 +80,12 @@ def check_strategy(name: str) -> None:
 def check_accelerator(name: str) -> None:
     """trainer.accelerator against this machine (a single run trains where it is started; a multirun's jobs may run
     on other machines, a SLURM cluster's, so its launcher does not ask this)."""
+    if name in ("auto", "cpu"):
+        return
     import torch
 
-    present = {"gpu": torch.cuda.is_available(), "cuda": torch.cuda.is_available(),
-               "mps": torch.backends.mps.is_available()}
+    cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
+    present = {"gpu": cuda or mps, "cuda": cuda, "mps": mps}  # Lightning's gpu is CUDA, or MPS where that is what there is
     if not present.get(name, True):
         here = ["auto", "cpu", *(k for k, ok in present.items() if ok)]
         raise ConfigError(f"trainer.accelerator: {name}, and this machine has no such device; allowed here: {', '.join(here)}")

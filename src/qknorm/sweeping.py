@@ -40,6 +40,7 @@ from .jobs import (
     MULTIRUN_RECORD,
     Job,
     JobComposer,
+    check_strategy,
     compose_job,
     describe_stacks,
     finished_summary,
@@ -429,6 +430,7 @@ def refuse_if_nothing_can_run(jobs: list[Job]) -> None:
     for job in pending:
         try:
             cfg = load_run_config(task_container(job.cfg))
+            check_strategy(cfg.trainer.strategy)  # each job's own (preflight below runs once per data config)
         except QknormError as e:
             errors.append(e)
             continue

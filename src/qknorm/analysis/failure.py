@@ -150,7 +150,7 @@ def divergence(run_dir: str | Path, summary: Optional[dict] = None) -> dict[str,
             onsets.append(max(0, last - patience + 1))
     bad = [st for st, v in losses if not math.isfinite(v)]
     # a validation follows its step's optimizer step, when the counter has moved on: metrics.csv logs it a step before
-    bad += [int(h["step"]) - 1 for h in history if h.get("loss") is None or not math.isfinite(float(h["loss"]))]
+    bad += [max(0, int(h["step"]) - 1) for h in history if h.get("loss") is None or not math.isfinite(float(h["loss"]))]
     if bad:
         how.append("non-finite loss")
         onsets.append(min(bad))
@@ -171,7 +171,7 @@ def divergence(run_dir: str | Path, summary: Optional[dict] = None) -> dict[str,
         final = s.get("final_val_loss")
         if final is not None and math.isfinite(float(final)) and float(final) > l0 and not (above and above[-1]):
             how.append("final validation loss above the initial loss")
-            onsets.append(int(history[-1]["step"]) - 1 if history else max(0, int(s.get("steps") or 0) - 1))
+            onsets.append(max(0, (int(history[-1]["step"]) if history else int(s.get("steps") or 0)) - 1))
     diverged = bool(how)
     step = min(onsets) if onsets else None
     return {"diverged": diverged, "step": step if diverged else None,

@@ -94,38 +94,34 @@ def common_grid(runs: pd.DataFrame) -> set[float]:
 
 
 def _tokens(variant: str) -> dict[str, str]:
-    """A variant's name as {key: value} (a bare token, as `default`, is a key with no value)."""
-    pairs = (t.partition("=") for t in variant.split())
-    return {key: value for key, _, value in pairs}
+    """A variant's name as {key: value}, the attention preset filled in where the name leaves it at its default
+    (conf/train.yaml: baseline): `default` (no override) and `model=large` are baseline-attention runs."""
+    pairs = (t.partition("=") for t in variant.split() if t != "default")
+    return {"attention": DEFAULT_ATTENTION, **{key: value for key, _, value in pairs}}
+
+
+DEFAULT_ATTENTION = "baseline"  # conf/train.yaml's attention preset
 
 
 def choose_baselines(variants: list[str], requested: str | None = None) -> dict[str, str | None]:
-    """Each variant's baseline: the variant matching `requested` (a whole name, or tokens of one, as
-    attention=baseline; by default attention=baseline, else default) that shares every other token of the
-    variant's name; None where there is none. A requested baseline that matches no variant is refused
-    (BaselineError), rather than reported as missing."""
-    def matches(v: str, want: str) -> bool:
-        return want == v or set(want.split()) <= set(v.split())
-
+    """Each variant's baseline: the variant with the baseline's values on the baseline's keys (`requested`: a name's
+    tokens, as attention=baseline; by default attention=baseline, else the first variant) and the variant's own
+    values on every other key (its width, its optimizer); None where the runs hold no such variant. A requested
+    baseline that no variant matches is refused (BaselineError), rather than reported as missing."""
+    named = {v: _tokens(v) for v in variants}
     if requested is not None:
-        candidates = [v for v in variants if matches(v, requested)]
-        if not candidates:
+        # its own tokens only (`default`: the default attention), not the defaults _tokens fills in
+        want = {k: x for k, _, x in (t.partition("=") for t in requested.split() if t != "default")} or {
+            "attention": DEFAULT_ATTENTION}
+        if not any(all(t.get(k) == x for k, x in want.items()) for t in named.values()):
             raise BaselineError(f"--baseline {requested}: no variant of these runs is named so; the variants: "
                                 + ", ".join(variants))
-        keys = set(_tokens(requested))
-    else:
-        want = next((c for c in ("attention=baseline", "default") if any(matches(v, c) for v in variants)), None)
-        if want is None:  # no named baseline: the first variant, as before, when it shares the others' axes
-            want = variants[0] if variants else ""
-        candidates = [v for v in variants if matches(v, want)]
-        keys = set(_tokens(want))
-
-    def rest(v: str) -> dict[str, str]:
-        return {k: x for k, x in _tokens(v).items() if k not in keys}
-
-    if len(candidates) == 1 and not any(rest(c) for c in candidates):  # one baseline, no other axis to match
-        return {v: candidates[0] for v in variants}
-    return {v: next((c for c in candidates if rest(c) == rest(v)), None) for v in variants}
+    elif any(t["attention"] == DEFAULT_ATTENTION for t in named.values()):
+        want = {"attention": DEFAULT_ATTENTION}
+    else:  # no baseline attention among them: the first variant, as before
+        want = named[variants[0]] if variants else {}
+    by_tokens = {tuple(sorted(t.items())): v for v, t in named.items()}
+    return {v: by_tokens.get(tuple(sorted({**t, **want}.items()))) for v, t in named.items()}
 
 
 def _fmt_lr(lr: float) -> str:

@@ -295,7 +295,7 @@ class StabilityMonitor(pl.Callback):
         step = record["step"]
         # the run's numbers (QK-Clip's counts are ints; the step is the x axis, not a series)
         flat = {f"stability/{k}": float(v) for k, v in record.items()
-                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}  # inf and nan too: a blow-up
         for layer in record["layers"]:
             for key, value in layer.items():
                 if key == "layer":

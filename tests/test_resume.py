@@ -171,7 +171,7 @@ def test_a_resumed_runs_wall_time_counts_its_earlier_attempts(tmp_path):
 
     cfg = compose_config(["model=nano"])
     first = LMModule(cfg, 64, np.ones(64))
-    first.started_at, first._t0, first.val_time_s = "2026-01-01T00:00:00+00:00", time.perf_counter() - 100.0, 7.0
+    first.started_at, first.run_t0, first.val_time_s = "2026-01-01T00:00:00+00:00", time.perf_counter() - 100.0, 7.0
     ckpt = {"global_step": 10, "state_dict": {}}
     first.on_save_checkpoint(ckpt)
     (tmp_path / "checkpoints").mkdir()

@@ -174,6 +174,7 @@ def check_each_seed(fn: Analysis, frame: pd.DataFrame, sec: Section, ctx: Contex
     for i, c in enumerate(sec.checks):
         answers = [sec.seed_checks[s][i] for s in seeds]
         decided: set[bool] = {a for a in answers if a is not None}
+        silent = [str(s) for s, a in zip(seeds, answers, strict=True) if a is None]
         if c.value is not None and decided - {c.value}:
             # the seeds split, or every seed alone answers against their mean (a mean trend that no seed
             # shows on its own): either way the difference is within seed noise
@@ -182,12 +183,11 @@ def check_each_seed(fn: Analysis, frame: pd.DataFrame, sec: Section, ctx: Contex
             else:  # every seed that decides alone answers against the mean; name those that cannot decide alone
                 against = MARK[next(iter(decided))]
                 said = ", ".join(str(s) for s, a in zip(seeds, answers, strict=True) if a is not None)
-                silent = ", ".join(str(s) for s, a in zip(seeds, answers, strict=True) if a is None)
                 c.why = (f"the seeds' mean: {MARK[c.value]}, " + (f"each seed alone: {against}" if not silent else
-                                                                  f"seed {said} alone: {against}, seed {silent} alone: undecided"))
+                                                                  f"seed {said} alone: {against}, seed {', '.join(silent)} "
+                                                                  "alone: undecided"))
             c.value = None
             continue
-        silent = [str(s) for s, a in zip(seeds, answers, strict=True) if a is None]
         if c.value is not None and silent:
             c.note = f"seed {', '.join(silent)} alone: undecided"
     sec.verdict, sec.reason = verdict_of(sec.checks)

@@ -424,19 +424,21 @@ def refuse_if_nothing_can_run(jobs: list[Job]) -> None:
     """A multirun none of whose unfinished jobs has a valid config and usable data is refused as a whole,
     in one line (the first job's error), before its folder is made: nothing would run. Where some jobs can
     run, the others fail in their own run directories, and the sweep goes on (status failed, exit 1)."""
+    from .data.tokens import check_data  # here, not at the top: numpy and sentencepiece only once a config is valid
+
     pending = [j for j in jobs if j.summary is None]
     errors: list[QknormError] = []
     data_checked: dict = {}
     for job in pending:
         try:
             cfg = load_run_config(task_container(job.cfg))
-            check_strategy(cfg.trainer.strategy)  # each job's own (preflight below runs once per data config)
+            check_strategy(cfg.trainer.strategy)  # each job's own; the data below once per data config
         except QknormError as e:
             errors.append(e)
             continue
         if cfg.data not in data_checked:
             try:
-                preflight(task_container(job.cfg))
+                check_data(cfg.data)
                 data_checked[cfg.data] = None
             except QknormError as e:
                 data_checked[cfg.data] = e

@@ -93,14 +93,14 @@ def common_grid(runs: pd.DataFrame) -> set[float]:
     return set.intersection(*grids) if grids else set()
 
 
+DEFAULT_ATTENTION = "baseline"  # conf/train.yaml's attention preset
+
+
 def _tokens(variant: str) -> dict[str, str]:
     """A variant's name as {key: value}, the attention preset filled in where the name leaves it at its default
     (conf/train.yaml: baseline): `default` (no override) and `model=large` are baseline-attention runs."""
     pairs = (t.partition("=") for t in variant.split() if t != "default")
     return {"attention": DEFAULT_ATTENTION, **{key: value for key, _, value in pairs}}
-
-
-DEFAULT_ATTENTION = "baseline"  # conf/train.yaml's attention preset
 
 
 def choose_baselines(variants: list[str], requested: str | None = None) -> dict[str, str | None]:

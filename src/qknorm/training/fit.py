@@ -104,7 +104,7 @@ def train(cfg: RunConfig, run_dir: Path, summary) -> dict:
     data = prepare_data(cfg.data)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     module = LMModule(cfg, data.vocab_size, data.token_bytes)
-    module.started_at, module._t0 = summary.data["started_at"], summary.t0  # the run's clock, from its start
+    module.started_at, module.run_t0 = summary.data["started_at"], summary.t0  # the run's clock, from its start
     params = {"params": module.model.num_params(), "params_non_embedding": module.model.num_params(exclude_embedding=True),
               "vocab_size": data.vocab_size, "corpus": data.corpus_name,
               "train_tokens_available": int(len(data.tokenized.train_tokens()))}
@@ -115,8 +115,7 @@ def train(cfg: RunConfig, run_dir: Path, summary) -> dict:
     trainer = build_trainer(cfg, run_dir, resume)
     if resume.checkpoint:
         log.info("resuming from %s (step %d)", resume.checkpoint, resume.step)
-        summary.resumed(resume.step, resume.outcome)
-        module.started_at = summary.data["started_at"]
+        summary.resumed(resume.step, resume.outcome)  # the module reads the same record from the checkpoint
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume.checkpoint) if resume.checkpoint else None)
     if not trainer.is_global_zero:  # other ranks of a script-launched DDP run: rank zero reports
         return {"is_global_zero": False}

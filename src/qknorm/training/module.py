@@ -86,7 +86,7 @@ class LMModule(pl.LightningModule):
         # seconds spent validating (summary.json's val_time_s), and the wall time of earlier attempts: both carried
         # across a resume by the checkpoint (outcome_record), with the first attempt's start
         self.val_time_s, self.earlier_s, self.started_at = 0.0, 0.0, utc_now()  # train() gives the summary's start
-        self._t0 = time.perf_counter()
+        self.run_t0 = time.perf_counter()  # when the run's clock started (train(): the summary's)
         self.val_tokens = 0  # tokens one validation reads, all processes together (summary.json's val_tokens)
         self._val_t0 = 0.0
         self._grads_guarded = cfg.trainer.precision != "16-mixed"  # AMP's scaler skips inf steps itself
@@ -185,7 +185,7 @@ class LMModule(pl.LightningModule):
         checkpoint["qknorm_config"] = json.loads(json.dumps(dataclasses.asdict(self.cfg)))
         checkpoint["qknorm_vocab_size"] = self.model.vocab_size
         checkpoint["qknorm_outcome"] = outcome_record(self.outcome, self.initial_loss,
-                                                      self.earlier_s + time.perf_counter() - self._t0, self.val_time_s,
+                                                      self.earlier_s + time.perf_counter() - self.run_t0, self.val_time_s,
                                                       self.started_at)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -193,7 +193,6 @@ class LMModule(pl.LightningModule):
         saved = checkpoint.get("qknorm_outcome", {})
         self.earlier_s, self.val_time_s = saved.get("elapsed_s", 0.0), saved.get("val_time_s", 0.0)
         self.started_at = saved.get("started_at", self.started_at)
-
 
     def fit_result(self) -> dict:
         """What the summary needs from this process's fit (read back by the launching process, which

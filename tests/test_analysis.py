@@ -396,6 +396,44 @@ def test_probe_flags_a_planted_qkv_bias_overflow_in_fp16(tmp_path, capsys):
     assert "nan" not in printed["qwen3"] and " - " in printed["qwen3"].splitlines()[-4]  # no QKV bias: "-", not nan
 
 
+def test_probe_measures_every_layer_of_a_transformers_model_as_float64_does_on_the_same_weights():
+    """Every layer, not the first alone: the probe runs the model with its own attention mask (causal, a sliding
+    window of 8 in layers 1 and 2 here), and reads the logits that mask lets through, in float64 on the same weights."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+    from transformers.models.qwen3.modeling_qwen3 import apply_rotary_pos_emb
+
+    from qknorm.probe import probe_transformers
+
+    torch.manual_seed(0)
+    cfg = Qwen3Config(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=16, max_position_embeddings=64, use_sliding_window=True,
+                      sliding_window=8, max_window_layers=1)
+    model = Qwen3ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(8.0)  # logits in the hundreds: a wrong mask or a wrong input moves the maxima
+    ids = torch.randint(0, 100, (2, 32), generator=torch.Generator().manual_seed(1))
+    result = probe_transformers(model, [ids], "qwen3")
+
+    m = model.double()
+    with torch.no_grad():
+        hidden = m(input_ids=ids, output_hidden_states=True).hidden_states
+        cos, sin = m.model.rotary_emb(hidden[0], torch.arange(32)[None])
+        want = []
+        for i, layer in enumerate(m.model.layers):
+            a, x = layer.self_attn, layer.input_layernorm(hidden[i])
+            q = a.q_norm(a.q_proj(x).view(2, 32, -1, 16)).transpose(1, 2)
+            k = a.k_norm(a.k_proj(x).view(2, 32, -1, 16)).transpose(1, 2)
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            raw = q @ k.repeat_interleave(2, 1).transpose(-1, -2)
+            pos = torch.arange(32)
+            seen = (pos[None, :] <= pos[:, None]) & ((pos[:, None] - pos[None, :] < 8) if i > 0 else True)
+            want.append(float(raw.abs().masked_fill(~seen, 0).max()))
+    assert [p.index for p in result.layers] == [0, 1, 2]
+    assert [p.raw_qk_max for p in result.layers] == pytest.approx(want, rel=1e-5)
+    assert [p.entries for p in result.layers] == [2 * 4 * 528, 2 * 4 * (36 + 24 * 8), 2 * 4 * (36 + 24 * 8)]
+
+
 def _fixture_run(sweep, lr: float, seed: int, final: float, *, train: list[tuple[int, float]], status: str = "completed",
                  diverged_at=None, data=None) -> None:
     """A run directory as qknorm-train writes it, reduced to what qknorm-analyze reads: initial loss 8, a

@@ -56,6 +56,50 @@ def test_failures_below_the_first_success_are_the_other_boundary():
     assert bracket([(0.01, False), (0.01, True), (0.0316, True), (0.0316, True)]) == Bracket(None, 0.01)
 
 
+def test_a_failure_at_every_lr_below_a_lucky_seed_is_not_cut_and_a_divergence_never_is():
+    # every seed failed at 0.3162 and one got lucky at 1: no LR had every seed succeed, so none of it is the lower
+    # boundary's; the critical LR lies below the smallest LR tried, not between 1 and above
+    lucky = [(0.3162, True)] * 3 + [(1.0, False), (1.0, True), (1.0, True)]
+    assert upper(lucky) == lucky and bracket(lucky) == Bracket(None, 0.3162)
+    assert bracket(lucky).describe() == "below 0.3162 (runs failed at the smallest LR)"
+    # too small an LR does not diverge: a divergence at a small LR is the boundary's evidence, however unlikely
+    rare = [(0.01, True), (0.01, False), (0.0316, False), (0.0316, False), (0.1, True), (0.1, True)]
+    assert bracket(rare, "diverged") == Bracket(None, 0.01) and zone_top(rare, "diverged") == Bracket(0.0316, 0.1)
+    assert bracket(rare, "failed") == Bracket(0.0316, 0.1)
+    assert logistic_boundary(rare, "diverged").runs == 6 and logistic_boundary(rare, "failed").runs == 4
+    with pytest.raises(ValueError, match="target must be one of diverged, failed"):
+        bracket(rare, "crashed")
+
+
+def test_the_climb_goes_on_past_failures_of_an_lr_too_small_until_every_seed_succeeded():
+    """Seed 1 is too slow to learn at 0.01 and both seeds at 0.0316 (the other boundary, by seed noise); the upper
+    boundary is at 1. The climb does not stop at 0.0316, where every seed failed, before any LR had every seed succeed."""
+
+    def outcome(job: list[str]) -> Outcome:
+        v = dict(o.split("=", 1) for o in job)
+        lr = float(v["optim.lr"])
+        slow = (lr < 0.02 and v["seed"] == "1") or 0.02 < lr < 0.05
+        return Outcome(diverged=lr > 3, failed=slow or lr > 1.0)
+
+    settings = FinderSettings(lr_min=0.01, lr_max=10, precision=1.778, targets=("failed",))
+    g = Search(settings, [("seed", ["0", "1"])], lambda batch: None, outcome).run()["groups"][0]
+    lo, hi = g["failed"]["bracket"]
+    assert 1.0 <= lo < hi <= 1.778 * lo * 10 ** PRECISION_SLACK, g["failed"]
+    assert g["search"] == {"done": True, "note": ""}
+
+
+def test_probes_lost_above_every_result_leave_the_boundary_unknown_not_above_the_grid():
+    # every run from LR 0.1 up crashes: "no run failed, the boundary is above 0.03162" would rank it the most tolerant
+    def outcome(job: list[str]) -> Outcome | None:
+        return None if float(dict(o.split("=", 1) for o in job)["optim.lr"]) >= 0.1 else Outcome(diverged=False, failed=False)
+
+    g = Search(FinderSettings(lr_min=1e-3, lr_max=1.0, targets=("diverged",)), [("seed", ["0", "1"])], lambda batch: None,
+               outcome).run()["groups"][0]
+    assert g["search"]["done"] and "0.1, 0.3162, 1, above every result, gave no result" in g["search"]["note"]
+    assert g["diverged"]["boundary"] is None and g["diverged"]["bracket"] == [None, None]
+    assert g["diverged"]["boundary_text"].startswith("unknown: no run failed up to LR 0.03162, and the probes at LR 0.1, 0.3162, 1")
+
+
 def test_the_zone_s_upper_end_is_where_the_last_seed_fails():
     # seed 0 fails from 0.1, seed 1 only from 1: the bracket is the first seed's, the zone's top the last one's
     probes = [(0.01, False), (0.01, False), (0.1, True), (0.1, False), (1.0, True), (1.0, True)]
@@ -123,7 +167,8 @@ def test_the_separated_note_is_read_from_the_runs():
 
 def test_settings_refuse_what_cannot_mean_anything():
     for bad, key in [(dict(lr_min=0), "lr_min"), (dict(lr_max=1e-5), "lr_max"), (dict(k=0), "k"),
-                     (dict(precision=1.0), "precision"), (dict(targets=("loss",)), "targets"),
+                     (dict(precision=1.0), "precision"), (dict(precision=1.0005), "precision"),
+                     (dict(targets=("loss",)), "targets"),
                      (dict(max_rounds=-1), "max_rounds"), (dict(per_decade=0), "per_decade")]:
         with pytest.raises(FinderError, match=f"hydra.sweeper.{key}"):
             FinderSettings(**bad).validate()
@@ -241,23 +286,25 @@ def test_the_sweeper_plugin_runs_the_search_as_hydra_jobs_and_a_rerun_launches_n
     first = _run_app(sweep, log)
     assert first.returncode == 0, first.stderr[-3000:]
     result = json.loads((sweep / "finder.json").read_text())
-    ran = log.read_text().splitlines()
+    lines = log.read_text().splitlines()
+    ran = [line for line in lines if line.startswith("ran ")]
     print(f"stand-in app: {len(ran)} jobs; exhaustive grid at the same precision: {result['grid_runs_same_precision']}")
     assert len(ran) == result["runs"] == len({*ran}) and result["grid_runs_same_precision"] >= 3 * len(ran)
+    assert len(lines) == 2 * len(ran)  # each launched once
     assert len(list(sweep.glob("*/summary.json"))) == len(ran)  # every probe an ordinary job directory
     for g in result["groups"]:
         shift = standin.VARIANT_SHIFT[g["overrides"][0].split("=")[1]]
         lo, hi = g["diverged"]["bracket"]
         assert lo < min(standin.boundary(s) for s in range(2)) * shift < hi
-    again = _run_app(sweep, log)  # the same command: the same probes, each found finished
+    again = _run_app(sweep, log)  # the same command: the same probes, each found finished and none launched
     assert again.returncode == 0, again.stderr[-3000:]
-    assert len(log.read_text().splitlines()) == len(ran)
+    assert log.read_text().splitlines() == lines
     assert json.loads((sweep / "finder.json").read_text())["groups"] == result["groups"]
 
 
 def test_a_bad_sweeper_setting_fails_in_one_line(tmp_path):
     out = _run_app(tmp_path / "s", tmp_path / "l", "hydra.sweeper.precision=0.5")
-    assert out.returncode != 0 and "hydra.sweeper.precision: must be a factor of LR above 1" in out.stderr
+    assert out.returncode != 0 and "hydra.sweeper.precision: must be a factor of LR of at least 1.005" in out.stderr
 
 
 # -- the early stop of doomed runs -------------------------------------------------------------------
@@ -339,7 +386,8 @@ def test_a_finder_sweep_at_nano_resumes_after_sigkill_training_only_the_unfinish
         time.sleep(0.5)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    finished = {d: (d / "summary.json").stat().st_mtime for d in done}
+    # a finished run that a launcher ran again would be skipped by qknorm-train, touching no file but its log
+    finished = {d: (d / "train.log").read_text() for d in done}
     out = run_cli(args, tmp_path, cache_dir)
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads((sweep / "finder.json").read_text())
@@ -348,8 +396,8 @@ def test_a_finder_sweep_at_nano_resumes_after_sigkill_training_only_the_unfinish
     # every probe has its directory, recorded relative to the sweep folder (no path of this machine in the file)
     assert not any(Path(p["run_dir"]).is_absolute() for p in probes)
     assert {sweep / p["run_dir"] for p in probes} == set(run_dirs(sweep))
-    for d, mtime in finished.items():  # finished probes were not trained again
-        assert (d / "summary.json").stat().st_mtime == mtime
+    for d, log in finished.items():  # finished probes were read, not launched again
+        assert (d / "train.log").read_text() == log
     summaries = [json.loads((sweep / p["run_dir"] / "summary.json").read_text()) for p in probes]
     stopped = [s for s in summaries if s["status"] == "diverged"]  # stopped by the detector: a result with its why
     assert stopped and all(s.get("reason") and s.get("diverged_at_step") is not None for s in stopped)
@@ -389,6 +437,45 @@ def test_analyze_reports_each_groups_boundaries_from_the_run_directories(tmp_pat
     (sweep / "finder.json").write_text(json.dumps({**record, "coarse_grid": [1e-4, 1e-2, 1.0]}))
     table = analyze([sweep], tmp_path / "out2")["critical_lr"]
     assert set(table["grid_runs_same_precision"]) == {grid_runs(1e-4, 1.0, 10 ** 0.1)}
+
+
+def test_analyze_keeps_apart_two_sweeps_groups_of_one_label_and_leaves_a_boundary_above_missing_runs_unknown(tmp_path, monkeypatch):
+    """Two sweeps without a group axis are both "all" (E3's after_rope and l2_fixed_gain): read as one group, their
+    boundaries (0.1 and 1) fit to one that is neither. And a sweep whose runs above its last result are gone does
+    not read "no run failed: above the grid"."""
+    from qknorm.analysis.report import analyze
+
+    from .test_reproductions import BIGRAM, write_run
+
+    monkeypatch.setenv("QKNORM_BIGRAM_NATS", str(BIGRAM))
+    for sweep, first_bad, precision in (("after_rope", 1.0, 1.5), ("l2_fixed_gain", 0.1, 10 ** 0.1)):
+        folder = tmp_path / "e3" / sweep
+        probes = []
+        for lr in (0.0316, 0.1, 0.316, 1.0, 3.16):
+            run = write_run(folder, [f"optim.lr={lr}"], 9.0 if lr >= first_bad else 4.0, initial=8.0)
+            probes.append({"lr": lr, "seed": "0", "diverged": lr >= first_bad, "failed": lr >= first_bad,
+                           "run_dir": str(run.relative_to(folder))})
+        (folder / "finder.json").write_text(json.dumps({"settings": {"precision": precision}, "coarse_grid": [0.0316, 3.16],
+                                                        "groups": [{"group": "all", "probes": probes}]}))
+    table = analyze([tmp_path / "e3"], tmp_path / "out")["critical_lr"]
+    got = {(r["group"], r["target"]): r for _, r in table.iterrows()}
+    assert set(table["group"]) == {"after_rope: all", "l2_fixed_gain: all"}
+    assert got[("after_rope: all", "divergence LR")]["bracket"].startswith("between 0.316 and 1")
+    assert got[("l2_fixed_gain: all", "divergence LR")]["bracket"].startswith("between 0.0316 and 0.1")
+    # each sweep's exhaustive grid at its own precision
+    assert got[("after_rope: all", "divergence LR")]["grid_runs_same_precision"] == grid_runs(0.0316, 3.16, 1.5)
+    assert got[("l2_fixed_gain: all", "divergence LR")]["grid_runs_same_precision"] == grid_runs(0.0316, 3.16, 10 ** 0.1)
+
+    import shutil
+
+    for run in (tmp_path / "e3" / "after_rope").glob("optim.lr=1.0-*"):
+        shutil.rmtree(run)
+    for run in (tmp_path / "e3" / "after_rope").glob("optim.lr=3.16-*"):
+        shutil.rmtree(run)
+    table = analyze([tmp_path / "e3" / "after_rope"], tmp_path / "out2")["critical_lr"]
+    row = table[table["target"] == "divergence LR"].iloc[0]
+    assert row["bracket"] == "unknown (no run failed up to LR 0.316; the runs at LR 1, 3.16 above did not end or are missing)"
+    assert row["boundary_lr"] is None
 
 
 def test_a_groups_progress_read_from_finder_json_is_the_searchs_own_decision(tmp_path):
@@ -451,6 +538,19 @@ def test_a_probe_keeps_the_command_line_order_so_a_grid_sweeps_runs_are_reused()
                     launched.extend, lambda job: Outcome(diverged=False, failed=False))
     search.run()
     assert launched[0] == ["model=tiny", "seed=0", "optim.lr=0.1", "attention=a", "data.batch_size=16", "callbacks.x=1"]
+
+
+def test_the_command_line_s_lrs_are_launched_as_given_and_one_the_search_would_round_is_refused():
+    """A grid sweep names a job's directory by its LR as typed: the finder launches the command line's LRs as typed,
+    so it finds that sweep's runs; an LR it would keep only to 4 significant digits is refused, not trained as another."""
+    launched: list[list[str]] = []
+    search = Search(FinderSettings(targets=("diverged",), climb=False), [("optim.lr", ["1e-3", "1.0"]), ("seed", ["0"])],
+                    launched.extend, lambda job: Outcome(diverged=False, failed=False))
+    search.run()
+    assert sorted(job[0] for job in launched) == ["optim.lr=1.0", "optim.lr=1e-3"]
+    for values in (["0.46415888"], ["0.001", "0.46416"]):
+        with pytest.raises(FinderError, match="at most 4 significant digits.*give 0.4642"):
+            Search(FinderSettings(), [("optim.lr", values)], launched.extend, lambda job: None)
 
 
 def test_the_95_percent_interval_covers_a_simulated_boundary_on_the_finders_own_design():

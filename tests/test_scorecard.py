@@ -413,6 +413,10 @@ def test_presets_indistinguishable_at_the_recipe_are_named_and_others_are_not(ma
     assert sc.twins({"qwen3": runs({**probes, (0.3, 0): 5.0}, diverged_once),
                      "gemma3": runs({**reparam, (0.3, 0): 5.0}, diverged_once)})[0].completed == 4
     assert sc.twins({"qwen3": runs(probes, {(0.1, 0), (0.01, 0)}), "gemma3": runs(reparam, {(0.1, 0), (0.01, 0)})}) == []
+    # compared at the search's first round only: alike there, apart above it (training amplifies their rounding)
+    pair = {"qwen3": runs({**probes, (0.1, 1): 4.7}, {(0.1, 0)}), "gemma3": runs({**reparam, (0.1, 1): 4.9}, {(0.1, 0)})}
+    assert sc.twins(pair) == []
+    assert [t.shared for t in sc.twins(pair, {"qwen3": {0.01, 0.03162}, "gemma3": {0.01, 0.03162}})] == [4]
     # the fixture's gemma3 ends 1e-4 nats from its qwen3 at every probe: the page names the pair, and no other
     _, _, page = main_sweep
     assert "gemma3 and qwen3 are indistinguishable at this recipe: at each of their" in page
@@ -521,3 +525,46 @@ def test_a_best_loss_at_the_lowest_lr_searched_is_marked_as_an_edge(main_sweep, 
     assert row.loc["qwen3", "best_lr"] == pytest.approx(0.01) and row.loc["qwen3", "best_at_lowest_lr"]
     assert _cell(page, "qwen3", "best val loss @ LR").endswith("@ 0.01 §") and "§" not in _cell(page, "baseline", "best val loss @ LR")
     assert "For 1 of the 2 finished presets the best loss is at the lowest LR searched" in page
+
+
+def test_a_run_missing_where_the_best_may_lie_leaves_the_best_unknown_and_a_finished_search_says_what_is_missing(tmp_path):
+    """One seed of the baseline's best LR crashed (its summary gone): its LR cannot be ranked, and picking the best
+    among the LRs with every seed would report a worse LR as the tuned one. Runs gone from a finished search are named
+    in its cell, and its boundary above them is unknown, not "above the grid"."""
+    sweep = build_sweep(tmp_path / "sweep", {"baseline": _baseline, "henry2020_l2": _henry})
+    out = tmp_path / "docs" / "scorecard.md"
+    assert scorecard_main([str(sweep), "--out", str(out)]) == 0
+    before = pd.read_csv(out.with_suffix(".csv")).set_index("preset")
+    assert before.loc["baseline", "best_lr"] == pytest.approx(0.1)
+    (_run_dir(sweep, "baseline", 0.1, 1) / "summary.json").unlink()
+    top = max(p["lr"] for g in json.loads((sweep / "finder.json").read_text())["groups"] if g["group"] == "attention=henry2020_l2"
+              for p in g["probes"])
+    for seed in (0, 1):
+        shutil.rmtree(_run_dir(sweep, "henry2020_l2", top, seed))
+    assert scorecard_main([str(sweep), "--out", str(out)]) == 0
+    row, page = pd.read_csv(out.with_suffix(".csv")).set_index("preset"), out.read_text()
+    assert pd.isna(row.loc["baseline", "best_lr"])
+    assert _cell(page, "baseline", "best val loss @ LR") == "(unknown: runs at LR 0.1 have no result)"
+    assert row.loc["baseline", "search"] == "finished (1 runs not finished)"
+    assert row.loc["henry2020_l2", "search"] == "finished (2 recorded run directories not found)"
+    assert row.loc["henry2020_l2", "critical_lr_text"].startswith(f"unknown: no run failed up to LR {top / 10 ** 0.5:.4g}")
+
+
+def test_one_seed_shows_no_spread(tmp_path):
+    settings = FinderSettings(lr_min=0.01, lr_max=10.0, precision=1.778)
+    folder = tmp_path / "sweep"
+    presets = {"baseline": _baseline}
+    made = build_sweep(folder, presets, settings)
+    # keep seed 0 only: a one-seed sweep as the finder would have recorded it
+    record = json.loads((made / "finder.json").read_text())
+    for g in record["groups"]:
+        for p in [p for p in g["probes"] if p["seed"] == "1"]:
+            shutil.rmtree(made / p["run_dir"])
+        g["probes"] = [p for p in g["probes"] if p["seed"] == "0"]
+        g["seeds"] = ["0"]
+    (made / "finder.json").write_text(json.dumps(record))
+    out = tmp_path / "docs" / "scorecard.md"
+    assert scorecard_main([str(made), "--out", str(out)]) == 0
+    page = out.read_text()
+    assert _cell(page, "baseline", "best val loss @ LR").startswith("4.200 (1 seed) @ 0.1")
+    assert _cell(page, "baseline", "LR sensitivity [min, max]").endswith("(1 seed)")

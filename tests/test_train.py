@@ -212,3 +212,46 @@ def test_keep_checkpoint_false_leaves_no_checkpoint(tmp_path, cache_dir):
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["steps"] == 6
     assert not (run / "checkpoints").exists()  # the step-5 checkpoint went with the finished run, and none at step 6
+
+
+def test_a_rerun_on_edited_corpus_files_neither_skips_nor_resumes_the_run_of_the_old_text(tmp_path, cache_dir):
+    """A run's identity is its config; its data is named by the tokens it read (data_fingerprint). Files
+    touched but unchanged keep the run (it is skipped); edited files neither skip its result nor resume its
+    checkpoint, and leave the directory as it was; the text restored, the interrupted run resumes."""
+    import os
+    import random
+
+    rng = random.Random(0)
+    words = ["".join(rng.choices("abcdefghijklmnopqrstuvwxyz", k=rng.randint(2, 7))) for _ in range(400)]
+    corpus = tmp_path / "corpus.txt"
+    text = "".join(" ".join(rng.choices(words, k=12)) + ".\n" for _ in range(2000))
+    corpus.write_text(text)
+    run = tmp_path / "run"
+    args = ["model=nano", "trainer.max_steps=3", "data=text_files", f"data.paths=[{corpus}]", "data.vocab_size=300",
+            "data.seq_len=32", "data.batch_size=4", "trainer.checkpoint_every_n_steps=1", f"hydra.run.dir={run}"]
+    proc = run_cli(args, tmp_path, cache_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    first = (run / "summary.json").read_text()
+    assert json.loads(first)["data_fingerprint"]
+
+    os.utime(corpus, ns=(1, 1))  # the same text, a new cache entry (its key holds the mtime): the same tokens
+    proc = run_cli(args, tmp_path, cache_dir)
+    assert proc.returncode == 0 and "skipped" in proc.stdout + proc.stderr, proc.stderr[-3000:]
+
+    corpus.write_text(text.replace(f" {words[0]} ", f" {words[1]} "))
+    proc = run_cli(args, tmp_path, cache_dir)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and "holds a completed run trained on other data" in lines[0], proc.stderr
+    assert (run / "summary.json").read_text() == first
+
+    interrupted = {**json.loads(first), "status": "running"}  # as a kill leaves it, with its checkpoint
+    (run / "summary.json").write_text(json.dumps(interrupted))
+    proc = run_cli(args, tmp_path, cache_dir)
+    assert proc.returncode == 2 and "holds a checkpoint trained on other data" in proc.stderr, proc.stderr
+    assert json.loads((run / "summary.json").read_text())["status"] == "running" and (run / "checkpoints" / "last.ckpt").exists()
+
+    corpus.write_text(text)
+    proc = run_cli(args, tmp_path, cache_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    done = json.loads((run / "summary.json").read_text())
+    assert done["status"] == "completed" and done["resumed_at_step"] == 3

@@ -259,7 +259,7 @@ def test_qwen3_next_preset_is_qwen3_next_attention_both_ways(n_kv):
     # transformers -> ours: a freshly drawn Qwen3NextAttention (gains perturbed) into a new layer
     _perturb_attention(theirs, seed=8)
     back = Attention(cfg.model, cfg.attention, 0, T).eval()
-    load_qwen3_next_attention(back, theirs.state_dict())
+    load_qwen3_next_attention(back, theirs)
     got, expected = _run_both(back, theirs, hf_cfg, rotary)
     torch.testing.assert_close(got, expected, rtol=RTOL, atol=ATOL)
     # the interleave matters: q and gate rows taken as two halves (no per-head interleave) compute something else
@@ -298,7 +298,7 @@ def test_learned_sink_preset_is_gpt_oss_attention_both_ways(n_kv):
     torch.testing.assert_close(got, expected, rtol=RTOL, atol=ATOL)
     assert _max_relative_difference(got, expected) < 1e-5
     back = Attention(cfg.model, cfg.attention, 0, T).eval()
-    load_gpt_oss_attention(back, theirs.state_dict())
+    load_gpt_oss_attention(back, theirs)
     got, expected = _run_both(back, theirs, hf_cfg, rotary)
     torch.testing.assert_close(got, expected, rtol=RTOL, atol=ATOL)
     # the sink matters: the same weights without it compute something else
@@ -321,8 +321,37 @@ def test_single_layer_exports_name_what_does_not_match():
     with pytest.raises(ConfigError, match=r"cannot export to Qwen3: .*attention.output_gate='elementwise' \(needs 'none'\)"):
         to_qwen3(build_model(compose_config(["attention=qwen3_next", "model=nano"]), 300))
     # a GptOssAttention with biases: weights the preset has no place for
-    sink = compose_config(["attention=gpt_oss_sink", "model=nano"])
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssAttention
+
+    sink, hf_sink, _, _ = _gpt_oss(4, seed=9)
     layer = Attention(sink.model, sink.attention, 0, T)
-    state = {**gpt_oss_attention_state_dict(layer), "q_proj.bias": torch.zeros(64)}
-    with pytest.raises(UnsupportedModelError, match="no place for the weights q_proj.bias"):
-        load_gpt_oss_attention(layer, state)
+    hf_sink.attention_bias = True
+    with pytest.raises(UnsupportedModelError, match="no place for the weights k_proj.bias"):
+        load_gpt_oss_attention(layer, GptOssAttention(hf_sink, layer_idx=0))
+    # the single-layer exporters refuse what their transformers layer cannot compute, as the others do
+    for overrides, target, match in ((["attention=olmo2", "attention.targets=qkv"], olmo2_attention_state_dict,
+                                      r"cannot export to Olmo2Attention: attention.targets='qkv' \(needs 'qk'\)"),
+                                     (["attention=gemma2_softcap", "attention.scale.kind=learnable"], gemma2_attention_state_dict,
+                                      r"cannot export to Gemma2Attention: attention.scale='learnable' \(needs 'inv_sqrt_head_dim'\)")):
+        c = compose_config([*overrides, "model=nano"])
+        with pytest.raises(ConfigError, match=match):
+            target(Attention(c.model, c.attention, 0, T))
+
+
+def test_a_qwen3_next_layer_that_turns_part_of_the_head_or_has_other_heads_is_refused_before_anything_is_copied():
+    from transformers import Qwen3NextConfig
+    from transformers.models.qwen3_next.modeling_qwen3_next import Qwen3NextAttention
+
+    from qknorm.interop import load_qwen3_next_attention
+
+    cfg, _, _, _ = _qwen3_next(4, seed=7)
+    ours = Attention(cfg.model, cfg.attention, 0, T).eval()
+    before = {k: v.clone() for k, v in ours.state_dict().items()}
+    default = Qwen3NextConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=4, head_dim=16)  # RoPE on 25%
+    with pytest.raises(UnsupportedModelError, match=r"cannot import Qwen3NextAttention: config.partial_rotary_factor=0.25"):
+        load_qwen3_next_attention(ours, Qwen3NextAttention(default, layer_idx=3))
+    other = Qwen3NextConfig(hidden_size=64, num_attention_heads=2, num_key_value_heads=2, head_dim=32, partial_rotary_factor=1.0,
+                            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 1.0})
+    with pytest.raises(UnsupportedModelError, match=r"\(heads, kv heads, head size\) \(2, 2, 32\), this layer's \(4, 4, 16\)"):
+        load_qwen3_next_attention(ours, Qwen3NextAttention(other, layer_idx=3))
+    assert all(torch.equal(v, before[k]) for k, v in ours.state_dict().items())

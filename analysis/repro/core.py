@@ -507,7 +507,8 @@ def tolerance(curve: pd.DataFrame) -> dict:
     above = curve[(curve["lr"] > best_lr) & (curve["capped"] > best + JUMP_NATS)]["lr"]
     first = float(unstable["lr"].min()) if len(unstable) else math.inf
     # the finder's reading (boundary.bracket): failures below the lowest LR where every seed succeeded are the
-    # other boundary (too small an LR to learn) and left out; unknown (NaN) where a run's failure is unknown, as
+    # other boundary (too small an LR to learn) and left out (nothing where no LR had every seed succeed);
+    # unknown (NaN) where a run's failure is unknown, as
     # without a bigram reference, where only the diverged runs would count
     if "failed" in curve.columns and len(curve) and curve["failed"].notna().all():
         hi = bracket(list(zip(curve["lr"].astype(float), curve["failed"].astype(bool), strict=True))).hi
@@ -769,7 +770,8 @@ def brackets_line(what: str, brackets: dict[str, Bracket]) -> str:
 def divergence_bracket(t: dict) -> Bracket:
     """A curve's (ladder_by's) bracket of its first divergence: the last LR where every seed trained stably
     below its first divergence, and that first divergence."""
-    return bracket([(float(lr), not bool(stable)) for lr, stable in zip(t["curve"]["lr"], t["curve"]["stable"], strict=True)])
+    return bracket([(float(lr), not bool(stable)) for lr, stable in zip(t["curve"]["lr"], t["curve"]["stable"], strict=True)],
+                   "diverged")
 
 
 def about_same(points: dict[str, dict]) -> tuple[Optional[bool], str]:

@@ -30,11 +30,12 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import math
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from .analysis.boundary import bracket, grid_runs, logistic_boundary, round_lr, zone_top
+from .analysis.boundary import LR_DIGITS, bracket, grid_runs, logistic_boundary, round_lr, zone_top
 from .analysis.failure import bigram_for_run, failure
 from .analysis.search import (  # noqa: F401 (the search's state lives below the finder; re-exported here)
     FINDER_FILE,
@@ -47,6 +48,7 @@ from .analysis.search import (  # noqa: F401 (the search's state lives below the
     _fmt,
     climb_lrs,
     group_from_record,
+    lost_above,
     narrow_lrs,
     open_probes,
     progress,
@@ -68,27 +70,35 @@ def outcome_of(run_dir: Path) -> Optional[Outcome]:
 
 
 def split_axes(arguments: Sequence[tuple[str, list[str]]], settings: FinderSettings):
-    """(key, values) in command-line order -> (fixed overrides, group axes, seeds, coarse LRs)."""
+    """(key, values) in command-line order -> (fixed overrides, group axes, seeds, coarse LRs, the text each LR of
+    the command line was given as: its probes are launched with it, so their directories are the plain grid sweep's)."""
     fixed: list[str] = []
     axes: list[tuple[str, list[str]]] = []
     seeds: list[Optional[str]] = [None]
     lrs: Optional[list[float]] = None
+    texts: dict[float, str] = {}
     for key, values in arguments:
         bare = key.lstrip("+~")
         if bare == settings.lr_key:
             try:
-                lrs = sorted({round_lr(float(v)) for v in values})
+                given = [(float(v), v) for v in values]
             except ValueError as e:
                 raise FinderError(f"{settings.lr_key}: the finder needs numeric LRs, got {values}") from e
-            if any(lr <= 0 for lr in lrs):
-                raise FinderError(f"{settings.lr_key}: LRs must be positive, got {values}")
+            for lr, text in given:
+                if not (math.isfinite(lr) and lr > 0):
+                    raise FinderError(f"{settings.lr_key}: LRs must be positive, got {values}")
+                if round_lr(lr) != lr:  # the search keeps LRs to LR_DIGITS: this one would be trained as another
+                    raise FinderError(f"{settings.lr_key}={text}: the finder works with LRs of at most {LR_DIGITS} significant "
+                                      f"digits (they name its probes); give {_fmt(round_lr(lr))}")
+                texts[lr] = text
+            lrs = sorted(texts)
         elif bare == settings.seed_key:
             seeds = list(values)
         elif len(values) == 1:
             fixed.append(f"{key}={values[0]}")
         else:
             axes.append((key, list(values)))
-    return fixed, axes, seeds, lrs or settings.coarse_grid()
+    return fixed, axes, seeds, lrs or settings.coarse_grid(), texts
 
 
 class Search:
@@ -105,7 +115,7 @@ class Search:
         settings.validate()
         self.settings, self.launch, self.outcome, self.out_dir = settings, launch, outcome, out_dir
         self.finished = finished
-        self.fixed, axes, seeds, self.coarse = split_axes(arguments, settings)
+        self.fixed, axes, seeds, self.coarse, self.lr_texts = split_axes(arguments, settings)
         # the command line's order of keys, which a job's overrides keep: its directory is then named as the plain
         # grid sweep's job of the same point would be, so a search over a grid sweep's LRs reuses its finished runs
         self.order = {key.lstrip("+~"): i for i, (key, _) in enumerate(arguments)}
@@ -117,7 +127,7 @@ class Search:
     def job(self, group: Group, lr: float, seed: Optional[str]) -> list[str]:
         s = self.settings
         seed_part = [] if seed is None else [f"{s.seed_key}={seed}"]
-        point = [*self.fixed, *group.overrides, *seed_part, f"{s.lr_key}={_fmt(lr)}"]
+        point = [*self.fixed, *group.overrides, *seed_part, f"{s.lr_key}={self.lr_texts.get(lr, _fmt(lr))}"]
         position = lambda o: self.order.get(o.split("=", 1)[0].lstrip("+~"), len(self.order))  # noqa: E731
         return [*sorted(point, key=position), *s.probe_overrides]
 
@@ -207,7 +217,15 @@ class Search:
                               "interval": [None, None], "width_decades": None, "boundary_text": why}
                     continue
                 probes = g.probes(t)
-                b, fit, top = bracket(probes), logistic_boundary(probes), zone_top(probes)
+                b, fit, top = bracket(probes, t), logistic_boundary(probes, t), zone_top(probes, t)
+                if b.hi is None and (crashed := lost_above(g)):
+                    # no failure among the results, and probes above them that gave none: not "above the grid"
+                    seen = f"no run failed up to LR {max(lr for lr, _ in g.outcomes):.4g}" if g.outcomes else "no probe gave a result"
+                    why = (f"unknown: {seen}, and the probes at LR {', '.join(f'{lr:.4g}' for lr in crashed)} above "
+                           "gave no result (a rerun tries again)")
+                    row[t] = {"bracket": [None, None], "bracket_text": why, "zone_top": [None, None], "boundary": None,
+                              "interval": [None, None], "width_decades": None, "boundary_text": why}
+                    continue
                 row[t] = {"bracket": [b.lo, b.hi], "bracket_text": b.describe(), "zone_top": [top.lo, top.hi],
                           "boundary": fit.lr,
                           "interval": [fit.lo, fit.hi], "width_decades": fit.width, "boundary_text": fit.describe()}

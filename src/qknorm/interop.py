@@ -213,27 +213,28 @@ def from_olmo2(hf, seq_len: int | None = None) -> Transformer:
 
 def olmo2_attention_state_dict(attn: Attention) -> dict[str, torch.Tensor]:
     """Weights for `Olmo2Attention` from an attention layer with the olmo2 preset."""
-    a = attn.cfg
-    if (a.qk_norm, a.scope, a.gain, a.position, a.qkv_bias, a.softcap, a.soft_temp, a.soft_clip, a.output_gate, a.softmax,
-            a.length_scale) != ("rms", "layer", "vector", "before_rope", False, None, None, None, "none", "softmax", "none") \
-            or a.scale.kind != "inv_sqrt_head_dim":
-        raise ConfigError("cannot export to Olmo2Attention: needs the olmo2 preset (rms, scope=layer, gain=vector, before_rope)")
+    _require_layer(attn, "Olmo2Attention", "export to")
     return {**_split_qkv(attn), "q_norm.weight": _gain(attn.q_norm, "q_norm").detach(),
             "k_norm.weight": _gain(attn.k_norm, "k_norm").detach()}
 
 
 def gemma2_attention_state_dict(attn: Attention) -> dict[str, torch.Tensor]:
-    """Weights for `Gemma2Attention` from an attention layer without QK-norm (any soft-cap)."""
-    a = attn.cfg
-    if (a.qk_norm != "none" or a.qkv_bias or a.soft_temp is not None or a.soft_clip is not None
-            or (a.output_gate, a.softmax, a.length_scale) != ("none", "softmax", "none")):
-        raise ConfigError("cannot export to Gemma2Attention: needs qk_norm=none, qkv_bias=false, no soft_temp or soft_clip, "
-                          "output_gate=none, softmax=softmax, length_scale=none")
+    """Weights for `Gemma2Attention` (query_pre_attn_scalar = head_dim) from an attention layer without QK-norm,
+    with any soft-cap."""
+    _require_layer(attn, "Gemma2Attention", "export to")
     return _split_qkv(attn)
 
 
 # One attention layer's axes for each single-layer target (AttentionConfig fields; the scale by its kind)
+# The axes inside an attention layer (the block's norms, its layer scale and the head's soft-cap lie outside it):
+# what a layer exported into any block layout must match
+_INSIDE = {k: v for k, v in _PLAIN_AXES.items() if k not in ("pre_attn_norm", "proj_fc2_norm", "layerscale_init", "final_logit_softcap")}
 _LAYER: dict[str, dict[str, Any]] = {
+    # Olmo2Attention: RMS QK-norm over the whole width (one gain of [H D]), before RoPE
+    "Olmo2Attention": {**_INSIDE, "qk_norm": "rms", "scope": "layer", "gain": "vector"},
+    # Gemma2Attention: plain attention, with or without a soft-cap of its logits; its scale is query_pre_attn_scalar
+    # ** -0.5, so 1 / sqrt(head_dim) with query_pre_attn_scalar = head_dim (a learned scale has no place there)
+    "Gemma2Attention": {**{k: v for k, v in _INSIDE.items() if k != "softcap"}, "qk_norm": "none"},
     # Qwen3NextAttention: per-head RMS QK-norm with one zero-centred gain [D] (Qwen3NextRMSNorm: 1 + w), before
     # RoPE, and the elementwise output gate
     "Qwen3NextAttention": {**_PLAIN_AXES, "qk_norm": "rms", "scope": "head", "gain": "zero_centered", "output_gate": "elementwise"},
@@ -281,11 +282,40 @@ def qwen3_next_attention_state_dict(attn: Attention) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_qwen3_next_attention(attn: Attention, state: dict[str, torch.Tensor]) -> None:
-    """The other way: a `Qwen3NextAttention`'s weights (its state_dict) into our attention layer (qwen3_next)."""
+def _hf_layer_state(attn: Attention, theirs, target: str, ours: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A transformers attention layer's weights, once its config and shapes are known to be what `attn` computes:
+    plain RoPE over the whole head (Qwen3-Next's default turns a quarter of it, gpt-oss's default is YaRN), no sliding
+    window, the same heads; every weight of the shape of ours (`ours`: name -> our tensor). Checked before anything is
+    copied, so a refused layer leaves `attn` as it was."""
+    c = theirs.config
+
+    def refuse(what: str) -> None:
+        raise UnsupportedModelError(f"cannot import {target}: {what}")
+
+    rope = dict(getattr(c, "rope_parameters", None) or getattr(c, "rope_scaling", None) or {})
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        refuse(f"config.rope_parameters={rope!r} is not supported (plain RoPE, no scaling)")
+    partial = rope.get("partial_rotary_factor", getattr(c, "partial_rotary_factor", 1.0))
+    if partial != 1.0:
+        refuse(f"config.partial_rotary_factor={partial!r} is not supported (RoPE over the whole head)")
+    if getattr(theirs, "sliding_window", None):
+        refuse(f"its sliding_window={theirs.sliding_window} is not supported (full causal attention)")
+    heads = (c.num_attention_heads, c.num_key_value_heads, getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads)
+    if heads != (attn.n_heads, attn.n_kv_heads, attn.head_dim):
+        refuse(f"(heads, kv heads, head size) {heads}, this layer's {(attn.n_heads, attn.n_kv_heads, attn.head_dim)}")
+    state = theirs.state_dict()
+    _refuse_extra(state, set(ours), target)
+    for name, t in ours.items():
+        if name not in state or tuple(state[name].shape) != tuple(t.shape):
+            refuse(f"{name} is {tuple(state[name].shape) if name in state else 'missing'}, needs {tuple(t.shape)}")
+    return state
+
+
+def load_qwen3_next_attention(attn: Attention, theirs) -> None:
+    """The other way: a `Qwen3NextAttention` (the module: its config says how it turns RoPE) into our attention
+    layer (qwen3_next)."""
     _require_layer(attn, "Qwen3NextAttention", "import")
-    _refuse_extra(state, {"q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight", "q_norm.weight", "k_norm.weight"},
-                  "Qwen3NextAttention")
+    state = _hf_layer_state(attn, theirs, "Qwen3NextAttention", qwen3_next_attention_state_dict(attn))
     q, gate = _qwen3_next_q_proj(attn)
     hf_q = state["q_proj.weight"].view(attn.n_heads, 2, attn.head_dim, -1)  # per head: query rows, then gate rows
     _, k, v = attn.qkv.weight.split(attn.split_sizes)
@@ -305,11 +335,11 @@ def gpt_oss_attention_state_dict(attn: Attention) -> dict[str, torch.Tensor]:
     return {**_split_qkv(attn), "sinks": attn.sink.logit.detach()}
 
 
-def load_gpt_oss_attention(attn: Attention, state: dict[str, torch.Tensor]) -> None:
-    """The other way: a `GptOssAttention`'s weights into our attention layer (gpt_oss_sink)."""
+def load_gpt_oss_attention(attn: Attention, theirs) -> None:
+    """The other way: a `GptOssAttention` (the module) into our attention layer (gpt_oss_sink)."""
     _require_layer(attn, "GptOssAttention", "import")
     assert attn.sink is not None, "softmax=learned_sink builds an AttentionSink"
-    _refuse_extra(state, {"q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight", "sinks"}, "GptOssAttention")
+    state = _hf_layer_state(attn, theirs, "GptOssAttention", gpt_oss_attention_state_dict(attn))
     q, k, v = attn.qkv.weight.split(attn.split_sizes)
     with torch.no_grad():
         for ours, name in ((q, "q_proj.weight"), (k, "k_proj.weight"), (v, "v_proj.weight"), (attn.proj.weight, "o_proj.weight"),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import hashlib
 import importlib.resources
 import json
@@ -26,7 +27,7 @@ from hydra._internal.config_loader_impl import ConfigLoaderImpl, get_overrides_d
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf, open_dict
 
-from .config import ConfigError, QknormError, RunConfig, load_run_config
+from .config import ConfigError, DataConfig, QknormError, RunConfig, load_run_config
 from .rundir import FINISHED, identity, identity_hash, task_container
 from .training.stack import stack_key
 
@@ -46,6 +47,41 @@ def finished_summary(run_dir: Path) -> Optional[dict]:
     except (OSError, ValueError):
         return None
     return summary if summary.get("status") in FINISHED else None
+
+
+def data_conflict(run_dir: Path, raw: Mapping[str, Any]) -> Optional[str]:
+    """Why the run `run_dir` holds can be neither skipped nor resumed by a job of config `raw`: it finished,
+    or left a checkpoint, on other tokens than the config reads now (its corpus files were edited or its
+    tokenizer retrained since; qknorm.data.tokens.data_fingerprint). The config is the same (check_identity),
+    so without this a rerun would skip a result of the old data or continue its weights on the new. None
+    when the data is the same, when the run recorded none (it predates the record, or stopped before its
+    data was ready), or when the data cannot be read now (the job reports that itself if it trains)."""
+    try:
+        summary = json.loads((Path(run_dir) / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    recorded = summary.get("data_fingerprint")
+    has_checkpoint = any((Path(run_dir) / "checkpoints").glob("*.ckpt"))
+    if not recorded or not (summary.get("status") in FINISHED or has_checkpoint):
+        return None
+    try:
+        now = _current_fingerprint(load_run_config(raw).data)
+    except QknormError:
+        return None
+    if now == recorded:
+        return None
+    held = f"a {summary['status']} run" if summary.get("status") in FINISHED else "a checkpoint"
+    return (f"{run_dir} holds {held} trained on other data than its config reads now (tokens {recorded} there, {now} "
+            "here: the corpus files or the tokenizer changed since); it is left as it is: restore the data, or choose "
+            "another hydra.run.dir / hydra.sweep.dir to train anew")
+
+
+@functools.lru_cache(maxsize=16)
+def _current_fingerprint(cfg: DataConfig) -> str:
+    """The data config's tokens (from the cache, or built into it as its first run would); one look per sweep."""
+    from .data.tokens import prepare_tokens  # here, not at the top: numpy and sentencepiece only when asked
+
+    return prepare_tokens(cfg).fingerprint
 
 
 

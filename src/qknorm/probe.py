@@ -38,6 +38,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
 
 @dataclass
 class LayerProbe:
+    index: int = 0  # the model's own number for the layer (a hybrid model's attention layers are not 0, 1, 2, ...)
     raw_qk_max: float = 0.0
     logit_max: float = 0.0
     bias_max: float = math.nan
@@ -45,13 +46,17 @@ class LayerProbe:
     nonfinite_prescaled: int = 0
     entries: int = 0
 
-    def update(self, q: torch.Tensor, k: torch.Tensor, scale: float | torch.Tensor, softcap: float | None) -> None:
-        """q [B,H,T,D], k [B,Hkv,T,D] after normalization and RoPE."""
+    def update(self, q: torch.Tensor, k: torch.Tensor, scale: float | torch.Tensor, softcap: float | None,
+               allowed: torch.Tensor | None = None) -> None:
+        """q [B,H,T,D], k [B,Hkv,T,D] after normalization and RoPE; `allowed`: which logits the softmax reads
+        (bool, broadcastable to [B,H,Tq,Tk]: the model's own mask, a sliding window's say), by default causal."""
         groups = q.shape[1] // k.shape[1]
         if groups > 1:
             k = k.repeat_interleave(groups, dim=1)
         t_q, t_k = q.shape[-2], k.shape[-2]
-        mask = torch.ones(t_q, t_k, dtype=torch.bool, device=q.device).tril(t_k - t_q)
+        if allowed is None:
+            allowed = torch.ones(t_q, t_k, dtype=torch.bool, device=q.device).tril(t_k - t_q)
+        mask = allowed.expand(q.shape[0], q.shape[1], t_q, t_k)
         raw = q.double() @ k.double().transpose(-1, -2)
         s = scale.double() if isinstance(scale, torch.Tensor) else float(scale)
         logits = raw * s
@@ -65,7 +70,7 @@ class LayerProbe:
         prescaled = (q16 * s16) @ k16.transpose(-1, -2)
         self.nonfinite_unscaled += int((~torch.isfinite(unscaled) & mask).sum())
         self.nonfinite_prescaled += int((~torch.isfinite(prescaled) & mask).sum())
-        self.entries += int(mask.sum()) * q.shape[0] * q.shape[1]
+        self.entries += int(mask.sum())
 
     @property
     def headroom(self) -> float:
@@ -80,18 +85,19 @@ class ProbeResult:
     sample: str = ""
 
     def rows(self) -> list[dict]:
-        return [{"layer": i, "max_abs_qk_raw": p.raw_qk_max, "max_abs_qkv_bias": p.bias_max, "max_abs_logit": p.logit_max,
+        return [{"layer": p.index, "max_abs_qk_raw": p.raw_qk_max, "max_abs_qkv_bias": p.bias_max, "max_abs_logit": p.logit_max,
                  "fp16_headroom": p.headroom, "nonfinite_fp16_unscaled": p.nonfinite_unscaled,
                  "nonfinite_fp16_prescaled": p.nonfinite_prescaled,
                  "overflows_fp16_unscaled": p.nonfinite_unscaled > 0, "overflows_fp16_prescaled": p.nonfinite_prescaled > 0,
                  "tokens": self.tokens, "sample": self.sample}
-                for i, p in enumerate(self.layers)]
+                for p in self.layers]
 
 
 # -- transformers models: a registered attention function sees q and k after norm and RoPE ---------
 
 def probe_transformers(model, batches: list[torch.Tensor], name: str) -> ProbeResult:
     from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     layers: dict[int, LayerProbe] = {}
@@ -99,7 +105,11 @@ def probe_transformers(model, batches: list[torch.Tensor], name: str) -> ProbeRe
     def probing_attention(module, query, key, value, attention_mask, scaling=None, softcap=None, **kwargs):
         idx = getattr(module, "layer_idx", len(layers))
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        layers.setdefault(idx, LayerProbe()).update(query.detach(), key.detach(), scale, softcap)
+        # the model's own mask (causal, or a sliding window), additive: 0 where the softmax reads the logit
+        t_k = key.shape[-2]
+        allowed = None if attention_mask is None else (
+            attention_mask[..., :t_k] if attention_mask.dtype == torch.bool else attention_mask[..., :t_k] == 0)
+        layers.setdefault(idx, LayerProbe(index=idx)).update(query.detach(), key.detach(), scale, softcap, allowed)
         # the model file's own eager attention (it honours a soft-cap; transformers' SDPA path drops it)
         eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
         kwargs = {**kwargs, "softcap": softcap} if softcap is not None else kwargs
@@ -108,6 +118,9 @@ def probe_transformers(model, batches: list[torch.Tensor], name: str) -> ProbeRe
         return eager(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
 
     AttentionInterface.register("qknorm_probe", probing_attention)
+    # the mask the eager attention reads: an attention name transformers does not know gets no mask at all, and
+    # every layer after the first would then see later tokens (the probe's own causal mask kept only layer 0 right)
+    AttentionMaskInterface.register("qknorm_probe", eager_mask)
     previous = model.config._attn_implementation
     model.config._attn_implementation = "qknorm_probe"
     try:
@@ -116,10 +129,16 @@ def probe_transformers(model, batches: list[torch.Tensor], name: str) -> ProbeRe
                 model(input_ids=ids)
     finally:
         model.config._attn_implementation = previous
-    for idx, module in enumerate(m for m in model.modules() if hasattr(m, "q_proj") and hasattr(m, "k_proj")):
-        biases = [getattr(module, n).bias for n in ("q_proj", "k_proj", "v_proj") if getattr(module, n).bias is not None]
-        if biases and idx in layers:
-            layers[idx].bias_max = max(float(b.detach().abs().max()) for b in biases)
+    if not layers:
+        raise _Refused(f"{name}: no attention layer called transformers' attention functions ({type(model).__name__} "
+                       "computes its attention itself): qknorm-probe cannot see its queries and keys")
+    for module in model.modules():
+        idx = getattr(module, "layer_idx", None)
+        if idx in layers and hasattr(module, "q_proj") and hasattr(module, "k_proj"):
+            biases = [getattr(module, n).bias for n in ("q_proj", "k_proj", "v_proj")
+                      if hasattr(module, n) and getattr(module, n).bias is not None]
+            if biases:
+                layers[idx].bias_max = max(float(b.detach().abs().max()) for b in biases)
     return ProbeResult(name, [layers[i] for i in sorted(layers)])
 
 
@@ -139,7 +158,7 @@ def load_checkpoint(path: str | Path):
 
 
 def probe_qknorm(model, batches: list[torch.Tensor], name: str) -> ProbeResult:
-    layers = [LayerProbe() for _ in model.blocks]
+    layers = [LayerProbe(index=i) for i in range(len(model.blocks))]
 
     class Capture:
         def on_attention(self, layer, t):

@@ -32,7 +32,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
 from .config import QknormError, load_run_config
-from .jobs import STACK_KEY, finished_summary
+from .jobs import STACK_KEY, data_conflict, finished_summary
 from .rundir import RunBusy, RunDirConflict, RunLock, check_identity, identity, identity_hash, tidy_checkpoints, write_hydra_files
 from .training.naming import run_name, shown_overrides
 from .training.precision import resolve_precision
@@ -116,6 +116,10 @@ def _own_member(member: dict, run_dir: Path, stack_id: str, threads: Optional[in
         check_identity(run_dir, ident)
     except RunDirConflict as e:
         log.error("job failed: %s", e)
+        return None
+    conflict = data_conflict(run_dir, raw)
+    if conflict:
+        log.error("job failed: %s", conflict)
         return None
     done = finished_summary(run_dir)
     if done is not None:

@@ -19,7 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from .config import QknormError, load_run_config
-from .jobs import finished_summary, threads_per_job
+from .jobs import data_conflict, finished_summary, threads_per_job
 from .rundir import (
     RunBusy,
     RunDirConflict,
@@ -61,6 +61,9 @@ def _run_owned(raw_cfg: DictConfig, run_dir: Path) -> Optional[float]:
         check_identity(run_dir, ident)
     except RunDirConflict as e:  # nothing in the directory is touched
         return _report_failure(str(e), run_dir)
+    conflict = data_conflict(run_dir, _container(raw_cfg))
+    if conflict:  # nor here
+        return _report_failure(conflict, run_dir)
     done = finished_summary(run_dir)
     if done is not None:  # a resumed sweep (or a rerun in the same directory): nothing to do
         log.info("skipped: %s already %s (val loss %s)", run_dir, done["status"], done.get("final_val_loss"))

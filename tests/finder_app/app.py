@@ -38,6 +38,8 @@ def boundary(seed: int) -> float:
 def main(cfg: DictConfig) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    with open(Path(cfg.log), "a") as f:  # every job launched, whether it trains or finds its run finished
+        f.write(f"launched {cfg.variant} {cfg.seed} {cfg.optim.lr}\n")
     if (run_dir / "summary.json").exists():  # finished before: skipped, as qknorm-train skips a finished run
         return
     b = boundary(int(cfg.seed)) * VARIANT_SHIFT[cfg.variant]
@@ -48,7 +50,7 @@ def main(cfg: DictConfig) -> None:
                "reason": "stand-in: above the hidden boundary" if diverged else None}
     (run_dir / "summary.json").write_text(json.dumps(summary))
     with open(Path(cfg.log), "a") as f:  # every job this app ran, to count them
-        f.write(f"{cfg.variant} {cfg.seed} {cfg.optim.lr}\n")
+        f.write(f"ran {cfg.variant} {cfg.seed} {cfg.optim.lr}\n")
 
 
 if __name__ == "__main__":

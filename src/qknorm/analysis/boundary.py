@@ -7,11 +7,14 @@ definition of qknorm.analysis.failure: diverged, or failed against the bigram re
   every run succeeded. The boundary lies between them (for one seed exactly; with several seeds the
   runs between lo and hi are the stochastic zone). `lo` is None when runs failed at the smallest LR
   tried, `hi` is None when no run failed: the boundary is then censored, below or above the grid.
-- **The upper boundary only**: failures below the smallest LR at which every run succeeded are the other
-  boundary (an LR too small to learn anything in the run's steps fails against the bigram model too) and
-  are left out of the bracket and the fit (`upper`). Every run, not some: at an LR just high enough to
-  learn, one seed can end above the bigram model by seed noise while the other ends below it, and that
-  slow seed says nothing about the upper boundary.
+- **The upper boundary only**: for `failed`, failures below the smallest LR at which every run succeeded
+  are the other boundary (an LR too small to learn anything in the run's steps fails against the bigram
+  model too) and are left out of the bracket and the fit (`upper`). Every run, not some: at an LR just high
+  enough to learn, one seed can end above the bigram model by seed noise while the other ends below it, and
+  that slow seed says nothing about the upper boundary. Only below such an LR: where no LR had every run
+  succeed, nothing is left out (an LR where every seed failed, below one where a seed got lucky, is the
+  boundary's evidence, not the other boundary's). For `diverged` nothing is left out: too small an LR does
+  not diverge, so a divergence at a small LR is the boundary's evidence however unlikely.
 - **The zone's upper end** (`zone_top`): with several seeds the runs between the bracket and the first LR
   where every run failed are mixed; `zone_top` brackets that end (the largest LR where a run succeeded, the
   smallest above it where every run failed). The search narrows it too, so the fit sees where the last
@@ -58,6 +61,8 @@ LR_DIGITS = 4
 PRECISION_SLACK = 1e-3
 # How a fit's note begins when the boundary is censored (the scorecard sorts by it): above the grid, below it
 NONE_FAILED, ALL_FAILED = "no run failed", "every run failed"
+# What a run can fail by (qknorm.analysis.failure): diverging, or ending worse than the bigram reference
+TARGETS = ("diverged", "failed")
 
 
 def round_lr(lr: float) -> float:
@@ -95,19 +100,21 @@ def _by_lr(probes: Iterable[tuple[float, bool]]) -> dict[float, list[bool]]:
     return by_lr
 
 
-def upper(probes: Iterable[tuple[float, bool]]) -> list[tuple[float, bool]]:
-    """The probes at or above the smallest LR at which every run succeeded; where no LR has every run
-    succeed, at or above the smallest LR at which a run did (all of them when none did)."""
+def upper(probes: Iterable[tuple[float, bool]], target: str = "failed") -> list[tuple[float, bool]]:
+    """The probes that speak of the upper boundary (the module's docstring): for `failed`, those at or above the
+    smallest LR at which every run succeeded (all of them when no LR did); for `diverged`, all of them."""
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {', '.join(TARGETS)}, got {target!r}")
     probes = [(float(lr), bool(f)) for lr, f in probes]
-    by_lr = _by_lr(probes)
-    clean = [lr for lr, fs in by_lr.items() if not any(fs)]
-    ok = clean or [lr for lr, fs in by_lr.items() if not all(fs)]
-    return [(lr, f) for lr, f in probes if not ok or lr >= min(ok)]
+    if target == "diverged":
+        return probes
+    clean = [lr for lr, fs in _by_lr(probes).items() if not any(fs)]
+    return [(lr, f) for lr, f in probes if not clean or lr >= min(clean)]
 
 
-def bracket(probes: Iterable[tuple[float, bool]]) -> Bracket:
-    """probes: (lr, failed). See the module's docstring."""
-    by_lr = _by_lr(upper(probes))
+def bracket(probes: Iterable[tuple[float, bool]], target: str = "failed") -> Bracket:
+    """probes: (lr, failed by `target`). See the module's docstring."""
+    by_lr = _by_lr(upper(probes, target))
     if not by_lr:
         return Bracket(None, None)
     failing = [lr for lr, fs in by_lr.items() if any(fs)]
@@ -116,10 +123,10 @@ def bracket(probes: Iterable[tuple[float, bool]]) -> Bracket:
     return Bracket(max(stable) if stable else None, hi)
 
 
-def zone_top(probes: Iterable[tuple[float, bool]]) -> Bracket:
-    """probes: (lr, failed). The upper end of the stochastic zone (the module's docstring): lo the largest LR at
-    which a run succeeded, hi the smallest LR above it at which every run failed (None: none yet)."""
-    by_lr = _by_lr(upper(probes))
+def zone_top(probes: Iterable[tuple[float, bool]], target: str = "failed") -> Bracket:
+    """probes: (lr, failed by `target`). The upper end of the stochastic zone (the module's docstring): lo the largest
+    LR at which a run succeeded, hi the smallest LR above it at which every run failed (None: none yet)."""
+    by_lr = _by_lr(upper(probes, target))
     ok = [lr for lr, fs in by_lr.items() if not all(fs)]
     if not ok:
         return Bracket(None, min(by_lr) if by_lr else None)
@@ -180,9 +187,9 @@ def _loglik(x: np.ndarray, y: np.ndarray, mu: np.ndarray, s: np.ndarray) -> np.n
     return -np.logaddexp(0.0, -signed).sum(axis=-1)
 
 
-def logistic_boundary(probes: Sequence[tuple[float, bool]]) -> Boundary:
-    """The profile-likelihood fit of the module's docstring; probes: (lr, failed)."""
-    probes = upper((lr, f) for lr, f in probes if lr > 0 and math.isfinite(lr))
+def logistic_boundary(probes: Sequence[tuple[float, bool]], target: str = "failed") -> Boundary:
+    """The profile-likelihood fit of the module's docstring; probes: (lr, failed by `target`)."""
+    probes = upper(((lr, f) for lr, f in probes if lr > 0 and math.isfinite(lr)), target)
     n = len(probes)
     if n == 0:
         return Boundary(None, None, None, None, 0, "no runs")

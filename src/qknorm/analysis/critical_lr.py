@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -31,14 +32,33 @@ def finder_files(paths: list[str | Path]) -> list[Path]:
     return sorted({f for p in paths for f in Path(p).resolve().rglob(FINDER_FILE)})
 
 
+def group_names(files: list[Path]) -> dict[tuple[Path, str], str]:
+    """(finder file, group label) -> the name its rows carry: the label, or, where another file has a group of
+    the same label (two sweeps without a group axis are both "all"), the file's folder before it, so that two
+    sweeps' runs are never read as one group."""
+    labels = {f: [g["group"] for g in json.loads(f.read_text()).get("groups", [])] for f in files}
+    count: dict[str, int] = {}
+    for f in files:
+        for label in set(labels[f]):
+            count[label] = count.get(label, 0) + 1
+    root = Path(os.path.commonpath([str(f.parent) for f in files])) if files else Path()
+
+    def folder(f: Path) -> str:
+        return f.parent.name if f.parent == root else f.parent.relative_to(root).as_posix()
+
+    return {(f, label): label if count[label] == 1 else f"{folder(f)}: {label}" for f in files for label in labels[f]}
+
+
 def group_of_runs(files: list[Path]) -> dict[str, str]:
-    """run_dir -> the finder group it probed (a probe's run_dir is relative to the finder file's folder, or absolute)."""
+    """run_dir -> the finder group it probed, named by group_names (a probe's run_dir is relative to the finder
+    file's folder, or absolute)."""
+    names = group_names(files)
     out = {}
     for f in files:
         for g in json.loads(f.read_text()).get("groups", []):
             for p in g.get("probes", []):
                 if p.get("run_dir"):
-                    out[str((f.parent / p["run_dir"]).resolve())] = g["group"]
+                    out[str((f.parent / p["run_dir"]).resolve())] = names[(f, g["group"])]
     return out
 
 
@@ -46,32 +66,53 @@ def critical_lr_table(frame: pd.DataFrame, files: list[Path]) -> pd.DataFrame:
     """One row per finder group and target: the bracket, the 50% boundary with its 95% interval (`edge`: the
     interval reaches the edge of the fit's range, so it is wider than shown; `separated`: no LR mixes failures
     and successes), the runs spent, their machine time, and the exhaustive grid that would locate the boundary as
-    finely. Where a run that ended has no answer for a target (no bigram reference), the target is unknown and
-    `fit` says why, instead of a boundary fitted to the diverged runs alone."""
+    finely (from the group's own sweep's settings). Where a run that ended has no answer for a target (no bigram
+    reference), the target is unknown and `fit` says why, instead of a boundary fitted to the diverged runs alone."""
+    names = group_names(files)
     groups = group_of_runs(files)
     if not groups or frame.empty:
         return pd.DataFrame()
-    record = json.loads(files[0].read_text())
-    settings = record.get("settings", {})
-    precision = float(settings.get("precision", 10 ** 0.1))
     # the exhaustive grid spans the search's coarse grid, as the finder counts it (Search.result), not the LRs it probed
-    coarse = [float(x) for x in record.get("coarse_grid") or []]
-    frame = frame.assign(group=[groups.get(str(Path(d).resolve())) for d in frame["run_dir"]])
+    recipe = {}
+    for f in files:
+        record = json.loads(f.read_text())
+        precision = float(record.get("settings", {}).get("precision", 10 ** 0.1))
+        coarse = [float(x) for x in record.get("coarse_grid") or []]
+        recipe.update({name: (precision, coarse) for (file, _), name in names.items() if file == f})
+    resolved = [str(Path(d).resolve()) for d in frame["run_dir"]]
+    frame = frame.assign(group=[groups.get(d) for d in resolved])
+    # the LRs of probes finder.json records whose directories hold no run now (moved, deleted)
+    missing: dict[str, list[float]] = {}
+    present = set(resolved)
+    for f in files:
+        for rec in json.loads(f.read_text()).get("groups", []):
+            for p in rec.get("probes", []):
+                if p.get("run_dir") and str((f.parent / p["run_dir"]).resolve()) not in present:
+                    missing.setdefault(names[(f, rec["group"])], []).append(float(p["lr"]))
     rows = []
     for name, g in frame[frame["group"].notna()].groupby("group", sort=True):
+        precision, coarse = recipe[name]
         ended = g[g["diverged"].notna()]
         seeds = max(1, g["seed"].nunique())
+        top = float(ended["lr"].max()) if len(ended) else 0.0
+        # runs above every ended one that did not end (a crash, still running) or are gone: a boundary censored
+        # "above the grid" would be read from the runs below them only
+        above = sorted({lr for lr in [*g.loc[g["diverged"].isna(), "lr"].astype(float), *missing.get(name, [])] if lr > top})
         for target, title in TARGETS.items():
             unknown = ended[ended[target].isna()]
-            if len(unknown):  # no bigram reference: a run that did not diverge may or may not have failed
-                why = str(unknown["bigram_note"].dropna().iloc[0]) if unknown["bigram_note"].notna().any() else "no answer"
+            if len(unknown) or (above and not ended[target].astype(bool).any()):
+                if len(unknown):  # no bigram reference: a run that did not diverge may or may not have failed
+                    why = str(unknown["bigram_note"].dropna().iloc[0]) if unknown["bigram_note"].notna().any() else "no answer"
+                else:
+                    why = (f"no run failed up to LR {top:.4g}; the runs at LR {', '.join(f'{lr:.4g}' for lr in above)} above "
+                           "did not end or are missing")
                 rows.append({"group": name, "target": title, "bracket": f"unknown ({why})", "boundary_lr": None,
                              "ci_low": None, "ci_high": None, "fit": f"unknown: {why}", "edge": False, "separated": False,
                              "runs": len(g), "seeds": seeds, "diverged_in_warmup": None,
                              "machine_hours": float(g["wall_time_s"].fillna(0).sum()) / 3600, "grid_runs_same_precision": None})
                 continue
             probes = [(float(r["lr"]), bool(r[target])) for _, r in ended.iterrows()]
-            b, fit = bracket(probes), logistic_boundary(probes)
+            b, fit = bracket(probes, target), logistic_boundary(probes, target)
             lrs = [lr for lr, _ in probes]
             in_warmup = int(ended["diverged_in_warmup"].fillna(False).astype(bool).sum()) if target == "diverged" else None
             rows.append({"group": name, "target": title, "bracket": b.describe(), "boundary_lr": fit.lr,

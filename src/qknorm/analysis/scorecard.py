@@ -85,12 +85,14 @@ SCALE_COLUMNS = ("device", "size", "precision", "batch", "seq", "threads", "comp
 # the page says the divergence LR measures the warmup's generic blow-up rather than the papers' late logit growth:
 # most of them (at least two in three)
 WARMUP_DOMINATES = 2 / 3
-# Two presets are indistinguishable at a recipe when every shared probe (same LR and seed) ends the same way
-# (diverged or not) and every one that completed ends within TWIN_NATS of the other's final loss. Two
-# parametrizations of one function (Gemma 3's zero-centred gain 1 + w against Qwen3's w, both undecayed under
-# AdamW) end 9e-6 to 3.4e-4 nats apart at the scorecard's four first-round probes: float32 rounding. Two different
-# presets at the same seed can come close at one probe (QK-norm + cap against Wortsman's qk-layernorm: 9.2e-4 at
-# one, 2.8e-3 to 1.1e-2 at the other three), never at all of them: hence every probe, not a typical one.
+# Two presets are indistinguishable at a recipe when every shared probe of the search's first round (same LR and
+# seed) ends the same way (diverged or not) and every one that completed ends within TWIN_NATS of the other's final
+# loss. Two parametrizations of one function (Gemma 3's zero-centred gain 1 + w against Qwen3's w, both undecayed
+# under AdamW) end 9e-6 to 3.4e-4 nats apart at the scorecard's four first-round probes: float32 rounding. The first
+# round only: at higher LRs training amplifies that rounding (the same pair ends 2.5e-2 nats apart at LR 0.1 and
+# 0.74 at 0.56), so no pair of presets could agree there. Two different presets at the same seed can come close at
+# one probe (QK-norm + cap against Wortsman's qk-layernorm: 9.2e-4 at one, 2.8e-3 to 1.1e-2 at the other three),
+# never at all of them: hence every probe, not a typical one.
 TWIN_NATS = 1e-3
 # The fewest completed shared probes that can make two presets one: the first round's two seeds at two LRs
 TWIN_MIN_SHARED = 4
@@ -367,6 +369,27 @@ def _growth_lr(lrs: list[float], best_lr: float) -> tuple[Optional[float], str]:
     return None, f"no run at 3.16x the best LR (nearest {nearest:.3g}, {nearest / best_lr:.2f}x)"
 
 
+def _undecided_lrs(record: dict, ended: pd.DataFrame) -> list[float]:
+    """The LRs the search probed (finder.json: its probes and lost probes) where a seed has no result (a crash, a run
+    not finished, a directory gone) and no seed's result rules the LR out as the best (every seed there must complete
+    without diverging), below the lowest LR where every seed failed (diverged, or ended worse than the bigram model:
+    above it the curve is past its optimum): where the best mean may lie, unknown."""
+    def key(lr, seed) -> tuple[float, str]:
+        return round_lr(float(lr)), str(seed)
+
+    asked = {key(p["lr"], p.get("seed")) for p in [*record.get("probes", []), *record.get("lost", [])]}
+    have = {key(r["lr"], r["seed"]): r for _, r in ended.iterrows()}
+    seeds = {seed for _, seed in asked}
+    def failed(r) -> bool:
+        return bool(r["diverged"]) or (not pd.isna(r.get("failed")) and bool(r.get("failed")))
+
+    dead = [lr for lr in {lr for lr, _ in have} if all(failed(r) for k, r in have.items() if k[0] == lr)
+            and all((lr, s) in have for s in seeds)]
+    ceiling = min(dead, default=math.inf)
+    ruled_out = {k[0] for k, r in have.items() if bool(r["diverged"]) or r["status"] != "completed"}
+    return sorted({lr for lr, _ in asked - set(have) if lr not in ruled_out and lr < ceiling})
+
+
 def _group_row(sweep: Sweep, record: dict, frame: pd.DataFrame, boundaries: pd.DataFrame) -> tuple[dict[str, Any], pd.DataFrame]:
     """The group's row, and its probes that ended (a result: completed or diverged, with the failure columns)."""
     settings = settings_from_record(sweep.record.get("settings", {}))
@@ -401,22 +424,29 @@ def _group_row(sweep: Sweep, record: dict, frame: pd.DataFrame, boundaries: pd.D
         reason = "; ".join(w for w in why if w) or "no probe recorded"
         row.update(search=f"finished, no finished run ({reason})", rank=RANK_EMPTY)
         return row, ended
-    row.update(search="finished" + (f" ({state.note})" if state.note else ""), rank=RANK_DONE)
+    notes = [n for n in (state.note, *why) if n]  # a finished search whose runs are not all there says so
+    row.update(search="finished" + (f" ({'; '.join(notes)})" if notes else ""), rank=RANK_DONE)
     seeds = len(group.seeds)
     ok = ended[~ended["diverged"].astype(bool) & (ended["status"] == "completed")]
     by_lr = ok.groupby("lr")
     complete = [float(lr) for lr, f in by_lr if f["seed"].nunique() >= seeds]
+    gaps = _undecided_lrs(record, ended)
     best_lr: Optional[float] = None
-    if complete:
+    if complete and gaps:  # an LR whose seeds are not all in could hold the best mean: the best is not known
+        row.update(best_note=f"unknown: runs at LR {', '.join(f'{lr:.3g}' for lr in gaps)} have no result")
+    elif complete:
         means = {lr: by_lr.get_group(lr)["final_val_loss"].mean() for lr in complete}
         best_lr = min(means, key=lambda lr: means[lr])
         losses = by_lr.get_group(best_lr)["final_val_loss"]
-        row.update(best_lr=best_lr, best_val_loss=float(losses.mean()), best_val_loss_halfrange=float((losses.max() - losses.min()) / 2),
+        row.update(best_lr=best_lr, best_val_loss=float(losses.mean()),
+                   # one seed has no spread to show (blank, not 0)
+                   best_val_loss_halfrange=float((losses.max() - losses.min()) / 2) if seeds > 1 else math.nan,
                    # the lowest LR the search ran: the preset's own optimum may lie below it, untried
                    best_at_lowest_lr=bool(best_lr <= float(ended["lr"].min())))
     sens, sens_note = _seed_sensitivity(ended, coarse, seeds)
-    row.update(lr_sensitivity=sum(sens) / len(sens) if sens else math.nan, lr_sensitivity_min=min(sens) if sens else math.nan,
-               lr_sensitivity_max=max(sens) if sens else math.nan, lr_sensitivity_note=sens_note)
+    spread = len(sens) > 1
+    row.update(lr_sensitivity=sum(sens) / len(sens) if sens else math.nan, lr_sensitivity_min=min(sens) if spread else math.nan,
+               lr_sensitivity_max=max(sens) if spread else math.nan, lr_sensitivity_note=sens_note)
     b = boundaries[boundaries["group"] == record["group"]] if not boundaries.empty else boundaries
     for prefix, name in (("divergence", "divergence"), ("critical", "critical")):
         d = _boundary(b, prefix, ended)
@@ -445,24 +475,31 @@ class Twins:
     max_nats: float
 
 
-def twins(probes: dict[str, pd.DataFrame]) -> list[Twins]:
+def twins(probes: dict[str, pd.DataFrame], first_round: Optional[dict[str, set[float]]] = None) -> list[Twins]:
     """Pairs of presets indistinguishable at this recipe: `probes` maps each preset to its finished runs (lr, seed,
-    status, diverged, final_val_loss); a pair qualifies when every shared (lr, seed) probe ends the same way and at
-    least TWIN_MIN_SHARED of them completed with final losses within TWIN_NATS of each other, every one."""
+    status, diverged, final_val_loss); `first_round` each preset's first-round LRs (where given, only the probes at
+    LRs of both presets' first rounds are compared: TWIN_NATS). A pair qualifies when every shared (lr, seed) probe
+    ends the same way and at least TWIN_MIN_SHARED of them completed without diverging, with final losses within
+    TWIN_NATS of each other, every one."""
     keyed = {p: {(round_lr(float(r["lr"])), r["seed"]): r for _, r in f.iterrows()} for p, f in probes.items()}
     out = []
     names = sorted(keyed)
     for i, a in enumerate(names):
         for b in names[i + 1:]:
             shared = sorted(set(keyed[a]) & set(keyed[b]))
+            if first_round is not None:
+                lrs = {round_lr(lr) for lr in first_round.get(a, set())} & {round_lr(lr) for lr in first_round.get(b, set())}
+                shared = [k for k in shared if k[0] in lrs]
             if len(shared) < TWIN_MIN_SHARED:  # too few shared probes to compare
                 continue
             pairs = [(keyed[a][k], keyed[b][k]) for k in shared]
             if any(bool(x["diverged"]) != bool(y["diverged"]) or x["status"] != y["status"] for x, y in pairs):
                 continue
-            # final losses are numeric in the run table (runs.tidy): a run without one reads NaN
+            # completed runs' final losses (numeric in the run table, runs.tidy: a run without one reads NaN); a
+            # diverged run's last loss says where the detector stopped it, not how it trained
             diffs = [abs(float(x["final_val_loss"]) - float(y["final_val_loss"])) for x, y in pairs
-                     if math.isfinite(float(x["final_val_loss"])) and math.isfinite(float(y["final_val_loss"]))]
+                     if x["status"] == "completed" and not bool(x["diverged"])
+                     and math.isfinite(float(x["final_val_loss"])) and math.isfinite(float(y["final_val_loss"]))]
             if len(diffs) >= TWIN_MIN_SHARED and max(diffs) <= TWIN_NATS:
                 out.append(Twins(a, b, len(shared), len(diffs), statistics.median(diffs), max(diffs)))
     return out
@@ -482,6 +519,7 @@ def scorecard(paths: list[str | Path], benchmarks: Path = BENCHMARKS, presets: P
         raise ValueError(f"{where}: no finished runs yet ({len(frame)} run directories, none with summary status "
                          f"{' or '.join(FINISHED)})")
     rows, probes, bounds = [], {}, []
+    first_round: dict[str, set[float]] = {}
     for s in sweeps:
         boundaries = critical_lr_table(frame, [s.file])
         bounds.append(boundaries)
@@ -489,6 +527,7 @@ def scorecard(paths: list[str | Path], benchmarks: Path = BENCHMARKS, presets: P
             row, ended = _group_row(s, record, frame, boundaries)
             rows.append(row)
             probes[row["preset"]] = ended
+            first_round[row["preset"]] = {float(lr) for lr in (record.get("rounds") or [[]])[0]}
     table = pd.DataFrame(rows)
     for col in ("best_lr", "best_val_loss", "best_val_loss_halfrange", "lr_sensitivity", "lr_sensitivity_min", "lr_sensitivity_max",
                 "divergence_lr", "critical_lr", "logit_growth_best_lr", "logit_growth_step_lr", "growth_step_lr",
@@ -496,7 +535,7 @@ def scorecard(paths: list[str | Path], benchmarks: Path = BENCHMARKS, presets: P
         table[col] = pd.to_numeric(table[col], errors="coerce") if col in table.columns else math.nan
     for col in ("critical_sort", "divergence_sort"):
         table[col] = table[col].fillna(-math.inf) if col in table.columns else -math.inf
-    for col in ("divergence_lr_text", "critical_lr_text", "lr_sensitivity_note", "growth_step_note"):
+    for col in ("divergence_lr_text", "critical_lr_text", "lr_sensitivity_note", "growth_step_note", "best_note"):
         table[col] = table[col].fillna("") if col in table.columns else ""
     # set only where a best LR was found: False elsewhere
     table["best_at_lowest_lr"] = table["best_at_lowest_lr"].eq(True) if "best_at_lowest_lr" in table.columns else False
@@ -515,7 +554,7 @@ def scorecard(paths: list[str | Path], benchmarks: Path = BENCHMARKS, presets: P
     available = sorted(p.stem for p in presets.glob("*.yaml")) if presets.is_dir() else []
     settings = sweeps[0].record.get("settings", {})
     return table, {"settings": settings, "frame": frame, "coarse": sweeps[0].record.get("coarse_grid", []), "costs": costs,
-                   "model_size": size, "twins": twins(probes), "boundaries": pd.concat(bounds, ignore_index=True),
+                   "model_size": size, "twins": twins(probes, first_round), "boundaries": pd.concat(bounds, ignore_index=True),
                    "files": [s.file for s in sweeps], "swept_without_group": [p for p in swept if p not in grouped],
                    "not_swept": [p for p in available if p not in grouped and p not in swept]}
 
@@ -667,10 +706,11 @@ def paragraph(table: pd.DataFrame, info: Optional[dict] = None) -> str:
         lines.append("No critical-LR boundary for " + "; ".join(
             f"{r['preset']} ({r['critical_lr_text'] or 'no fit'})" for _, r in censored.iterrows()) + ".")
     for t in (info or {}).get("twins", []):
-        lines.append(f"{t.a} and {t.b} are indistinguishable at this recipe: at each of their {t.shared} shared probes (same "
-                     f"LR and seed) they end the same way, and the {t.completed} that completed end at most {t.max_nats:.1g} "
-                     f"nats apart (median {t.median_nats:.1g}), within TWIN_NATS ({TWIN_NATS:g}); read their rows as one "
-                     "result measured twice.")
+        lines.append(f"{t.a} and {t.b} are indistinguishable at this recipe: at each of their {t.shared} shared probes of the "
+                     f"search's first round (same LR and seed) they end the same way, and the {t.completed} that completed end at "
+                     f"most {t.max_nats:.1g} nats apart (median {t.median_nats:.1g}), within TWIN_NATS ({TWIN_NATS:g}); read "
+                     "their rows as one result measured twice (at higher LRs training amplifies their float rounding, and "
+                     "their runs part).")
     lowest = done[done["best_at_lowest_lr"]]
     if len(lowest):
         lines.append(f"For {len(lowest)} of the {len(done)} finished presets the best loss is at the lowest LR searched "
@@ -756,13 +796,14 @@ def render(table: pd.DataFrame, info: dict, command: str, figure: Optional[tuple
     shown = pd.DataFrame({
         "preset": table["preset"],
         "search": table["search"],
-        "best val loss @ LR": [f"{_fmt(a, '.3f')} ± {_fmt(b, '.3f')} @ {_fmt(lr, '.3g')}"
-                               + (f" {LOWEST_MARK}" if edge else "")
-                               if not pd.isna(a) else "" for a, b, lr, edge in
+        "best val loss @ LR": [(f"{_fmt(a, '.3f')} " + (f"± {_fmt(b, '.3f')}" if not pd.isna(b) else "(1 seed)")
+                                + f" @ {_fmt(lr, '.3g')}" + (f" {LOWEST_MARK}" if edge else ""))
+                               if not pd.isna(a) else (f"({note})" if note else "") for a, b, lr, edge, note in
                                zip(table["best_val_loss"], table["best_val_loss_halfrange"], table["best_lr"],
-                                   table["best_at_lowest_lr"], strict=True)],
+                                   table["best_at_lowest_lr"], table["best_note"], strict=True)],
         "LR sensitivity [min, max]": [
-            f"{_fmt(m, '.3f')} [{_fmt(lo, '.3f')}, {_fmt(hi, '.3f')}]" if not pd.isna(m) else (f"({note})" if d and note else "")
+            (f"{_fmt(m, '.3f')} [{_fmt(lo, '.3f')}, {_fmt(hi, '.3f')}]" if not pd.isna(lo) else f"{_fmt(m, '.3f')} (1 seed)")
+            if not pd.isna(m) else (f"({note})" if d and note else "")
             for m, lo, hi, note, d in zip(table["lr_sensitivity"], table["lr_sensitivity_min"], table["lr_sensitivity_max"],
                                           table["lr_sensitivity_note"], done, strict=True)],
         "divergence LR [95%]": [_divergence_cell(r) if d else "" for (_, r), d in zip(table.iterrows(), done, strict=True)],

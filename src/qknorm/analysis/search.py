@@ -11,10 +11,13 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Optional, Sequence
 
-from .boundary import Bracket, bracket, next_probes, round_lr, zone_top
+from .boundary import TARGETS, Bracket, bracket, next_probes, round_lr, zone_top
 
-TARGETS = ("diverged", "failed")
 FINDER_FILE = "finder.json"
+# The finest precision a search can reach: probes are LRs of LR_DIGITS significant digits, 1e-3 apart relative to
+# the LR at worst (1.000 to 1.001), so a bracket narrower than a few such steps has no probe left inside it and
+# would end "done" wider than asked
+MIN_PRECISION = 1.005
 
 
 class FinderError(ValueError):
@@ -48,7 +51,8 @@ class FinderSettings:
         need(finite and self.lr_max > self.lr_min, "lr_max", f"must be above lr_min ({self.lr_min}), got {self.lr_max}")
         need(finite and self.per_decade > 0, "per_decade", f"must be a positive number, got {self.per_decade}")
         need(isinstance(self.k, int) and self.k >= 1, "k", f"must be an integer >= 1, got {self.k}")
-        need(finite and self.precision > 1, "precision", f"must be a factor of LR above 1 (e.g. 1.2589 = 10^0.1), got {self.precision}")
+        need(finite and self.precision >= MIN_PRECISION, "precision",
+             f"must be a factor of LR of at least {MIN_PRECISION} (e.g. 1.2589 = 10^0.1), got {self.precision}")
         need(bool(self.targets) and all(t in TARGETS for t in self.targets), "targets",
              f"must be a non-empty list of {', '.join(TARGETS)}, got {list(self.targets)}")
         need(isinstance(self.max_rounds, int) and self.max_rounds >= 0, "max_rounds", f"must be an integer >= 0, got {self.max_rounds}")
@@ -92,7 +96,7 @@ class Group:
                 if o.of(target) is not None]
 
     def bracket(self, target: str) -> Bracket:
-        return bracket(self.probes(target))
+        return bracket(self.probes(target), target)
 
 
 def _fmt(lr: float) -> str:
@@ -106,7 +110,7 @@ def open_probes(group: Group, settings: FinderSettings) -> list[float]:
         # the bracket (where the first seed fails) and the zone's upper end (where the last one does): the
         # same bracket when the seeds agree
         probes = group.probes(target)
-        for b in dict.fromkeys((bracket(probes), zone_top(probes))):
+        for b in dict.fromkeys((bracket(probes, target), zone_top(probes, target))):
             for lr in next_probes(b, settings.k, settings.precision):
                 if lr not in lrs:
                     lrs.append(lr)
@@ -114,16 +118,30 @@ def open_probes(group: Group, settings: FinderSettings) -> list[float]:
 
 
 def topped(group: Group, targets: Sequence[str]) -> bool:
-    """Whether climbing higher can tell this group anything: every seed diverged at the largest LR tried
-    (a diverged run failed too), or, for every target, some run succeeded and every seed failed there."""
+    """Whether climbing higher can tell this group anything: every seed diverged at the largest LR tried (a
+    diverged run failed too), or, for every target, every seed failed there above an LR at which every seed
+    succeeded. Not failures alone, for `failed`: an LR too small to learn fails against the bigram model too
+    (boundary.upper), so a climb that has not yet seen every seed succeed has not found the upper boundary."""
     if not group.outcomes:
         return False
-    top = max(lr for lr, _ in group.outcomes)
-    at_top = [o for (lr, _), o in group.outcomes.items() if lr == top]
-    if len(at_top) == len(group.seeds) and all(o.diverged for o in at_top):
+    seeds = set(group.seeds)
+    by_lr: dict[float, list[Outcome]] = {}
+    for (lr, _), o in group.outcomes.items():
+        by_lr.setdefault(lr, []).append(o)
+    top = max(by_lr)
+    if len(by_lr[top]) < len(seeds):
+        return False
+    if all(o.diverged for o in by_lr[top]):
         return True
-    return all(any(o.of(t) is False for o in group.outcomes.values()) and len(at_top) == len(group.seeds)
-               and all(o.of(t) for o in at_top) for t in targets)
+    return all(all(o.of(t) for o in by_lr[top])
+               and any(len(os) == len(seeds) and all(o.of(t) is False for o in os) for lr, os in by_lr.items() if lr < top)
+               for t in targets)
+
+
+def lost_above(group: Group) -> list[float]:
+    """The LRs of lost probes above every LR that gave a result: where the boundary may lie, unknown."""
+    top = max((lr for lr, _ in group.outcomes), default=0.0)
+    return sorted({lr for lr, _ in group.lost if lr > top})
 
 
 def climb_lrs(group: Group, settings: FinderSettings, coarse: Sequence[float]) -> list[float]:
@@ -165,6 +183,9 @@ def progress(group: Group, settings: FinderSettings, coarse: Sequence[float]) ->
         return Progress(True, f"stopped by max_rounds ({settings.max_rounds}) with LR {', '.join(map(_fmt, lrs))} unprobed")
     if lost := open_probes(group, settings):
         return Progress(True, f"stopped: its probes at LR {', '.join(map(_fmt, lost))} gave no result (a rerun tries again)")
+    if lost := lost_above(group):
+        return Progress(True, f"stopped: its probes at LR {', '.join(map(_fmt, lost))}, above every result, gave no result "
+                              "(a rerun tries again)")
     return Progress(True)
 
 

@@ -31,6 +31,10 @@ class PreparedData:
     def vocab_size(self) -> int:
         return self.tokenized.tokenizer.vocab_size
 
+    @property
+    def fingerprint(self) -> str:
+        return self.tokenized.fingerprint
+
 
 def prepare_data(cfg: DataConfig) -> PreparedData:
     """The corpus's tokenizer and token shards: from the shared cache, or built into it (streamed, in

@@ -226,6 +226,7 @@ class TokenizedCorpus:
     train: ShardedTokens
     val: ShardedTokens
     tokenizer: Tokenizer
+    fingerprint: str = ""  # data_fingerprint: which tokens a run trains and validates on
 
     @property
     def train_path(self) -> Path:
@@ -243,6 +244,19 @@ class TokenizedCorpus:
         return self.val
 
 
+def data_fingerprint(meta: dict, tokenizer: Tokenizer) -> str:
+    """Which tokens a run reads: the tokenizer's vocabulary (pieces and scores) and the checksums the cache
+    sealed for every shard of both splits. A run records it (summary.json), so a rerun on edited corpus files
+    or a retrained tokenizer is told apart from the run it would skip or resume (qknorm.jobs.data_conflict).
+    Content, not names: a file touched but not changed gets a new cache entry of the same tokens and keeps
+    it (the model file's bytes would not: SentencePiece writes its training paths into it). A cache rebuilt
+    with another data.shard_tokens cuts the same ids into other shards and reads as other data (the safe side)."""
+    sp = tokenizer.sp
+    vocab = [(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.get_piece_size())]
+    shards = {split: [s["sha256"] for s in meta["splits"][split]["shards"]] for split in shards_mod.SPLITS}
+    return hashlib.sha256(json.dumps([vocab, shards], sort_keys=True).encode()).hexdigest()[:16]
+
+
 def tokens_folder(source: Source, cfg: DataConfig, tokenizer_dir: Path) -> Path:
     # the shard size and the workers are left out: they change how the ids are stored and how fast, not
     # which ids (a run's batches are the same whatever the shard size; see RandomWindowBatches)
@@ -257,7 +271,7 @@ def get_tokenized(source: Source, cfg: DataConfig, tokenizer: Tokenizer) -> Toke
         if meta is None:
             meta = _build_tokens(source, cfg, tokenizer, folder)
     out = TokenizedCorpus(folder, shards_mod.split_tokens(folder, meta, "train"), shards_mod.split_tokens(folder, meta, "val"),
-                          tokenizer)
+                          tokenizer, data_fingerprint(meta, tokenizer))
     need = cfg.seq_len + 1
     for split, arr in (("training", out.train_tokens()), ("validation", out.val_tokens())):
         if len(arr) < need:

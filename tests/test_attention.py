@@ -480,6 +480,8 @@ def _per_head_max(layer: Attention, x) -> torch.Tensor:
         q, k, _ = layer.project(x, cos.double(), sin.double())
         k = k.repeat_interleave(layer.n_heads // layer.n_kv_heads, dim=1)
         z = (q @ k.transpose(-1, -2)) * layer.temperature()
+        if layer.ssmax is not None:  # SSMax: query row i times s_h log(i + 1) (Nakanishi 2025), from the formula
+            z = z * layer.ssmax.s.detach().double()[:, None, None] * torch.arange(1, T + 1, dtype=torch.float64).log()[:, None]
     mask = torch.ones(T, T, dtype=torch.bool).tril()
     return z.masked_fill(~mask, float("-inf")).amax(dim=(0, 2, 3))
 
@@ -518,15 +520,20 @@ def test_qk_clip_tracks_the_max_logit_in_fp32_under_fp16_autocast():
     torch.testing.assert_close(layer.max_logit.double(), want, rtol=1e-4, atol=0)
 
 
-@pytest.mark.parametrize("n_kv", [N_HEADS, N_KV], ids=["mha", "gqa"])
-def test_qk_clip_brings_every_head_to_tau_and_leaves_small_heads_alone(n_kv):
-    tau = 5.0
-    layer = make_attention(AttentionConfig(qk_clip_tau=tau), n_kv=n_kv, seed=2)
+@pytest.mark.parametrize("n_kv,length_scale", [(N_HEADS, "none"), (N_KV, "none"), (N_HEADS, "ssmax")], ids=["mha", "gqa", "ssmax"])
+def test_qk_clip_brings_every_head_to_tau_and_leaves_small_heads_alone(n_kv, length_scale):
+    """The logit tracked and clipped is the one the softmax reads (SSMax's s log n included); with one key head per
+    query head, W_q's and W_k's rows of a clipped head each take sqrt(gamma) (Kimi K2's split)."""
+    tau, d = 5.0, D_MODEL // N_HEADS
+    layer = make_attention(AttentionConfig(qk_clip_tau=tau, length_scale=length_scale), n_kv=n_kv, seed=2)
     with torch.no_grad():
         layer.qkv.weight[: layer.head_dim].mul_(30.0)  # head 0 far above tau
+        if layer.ssmax is not None:
+            layer.ssmax.s.fill_(1.7)  # far from the init's, so a tracker without it would see another logit
     x = torch.randn(2, T, D_MODEL, dtype=torch.float64)
     before = _per_head_max(layer, x)
     assert before[0] > tau
+    w0 = layer.qkv.weight.detach().clone()
     layer.max_logit = torch.full((N_HEADS,), float("-inf"), dtype=torch.float64)
     run_layer(layer, x)  # tracks this batch's max logit
     torch.testing.assert_close(layer.max_logit, before)
@@ -535,6 +542,13 @@ def test_qk_clip_brings_every_head_to_tau_and_leaves_small_heads_alone(n_kv):
     expected = torch.where(before > tau, torch.full_like(before, tau), before)
     torch.testing.assert_close(after, expected, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(gamma, torch.clamp(tau / before, max=1.0))
+    if n_kv == N_HEADS:
+        w = layer.qkv.weight.detach()
+        for h in range(N_HEADS):
+            factor = float(gamma[h]) ** 0.5
+            torch.testing.assert_close(w[h * d:(h + 1) * d], w0[h * d:(h + 1) * d] * factor, rtol=1e-14, atol=0)
+            k = slice((N_HEADS + h) * d, (N_HEADS + h + 1) * d)
+            torch.testing.assert_close(w[k], w0[k] * factor, rtol=1e-14, atol=0)
 
 
 @pytest.mark.parametrize("targets", [(30.0, 0.5, 0.5, 0.8), (30.0, 1.5, 0.5, 0.8)], ids=["one_head_of_a_group", "whole_group"])

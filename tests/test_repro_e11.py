@@ -7,18 +7,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .test_reproductions import BIGRAM, RUNS, build, e11_fixture, names, write_run
+from .test_reproductions import BIGRAM, RUNS, build, clip_records, e11_fixture, names, write_run
 
 BASE = ["model=tiny", "optim.warmup_steps=40"]  # warmup 40 steps: the first record after it is step 60 of 0, 60, 150, 299
 LOW, HIGH = 1e-2, 3e-1
 
 
 def e11_runs(root: Path, *, seeds=(0, 1), plain=None, free_loss=None, clip=None, qk_loss=3.0,
-             softcap_logit=45.0, precap=(5.0, 500.0)) -> None:
+             softcap_logit=45.0, precap=(5.0, 500.0), monitored=None, gamma_only=False) -> None:
     """E11's runs, by default as e11_fixture's that hold. `plain`: {lr: ((start, end) AdamW, (start, end) Muon)}
     max logits of the runs without a clip, QK-norm or soft-cap; `free_loss`: {lr: final loss} of Muon without a clip;
-    `clip`: {(tau, scope): (peak as a multiple of tau, final loss)} at the high LR; `qk_loss`: Muon with QK-norm's
-    final loss at the high LR; `softcap_logit`: the soft-capped runs' monitored (capped) max logit at the end."""
+    `clip`: {(tau, scope): (the clip's measured peak S_h as a multiple of tau, final loss)} at the high LR;
+    `monitored`: {(tau, scope): the monitor's held-out |logit| peak as a multiple of tau} where it differs from the
+    clip's; `gamma_only`: the records hold the clip's gamma, not S_h; `qk_loss`: Muon with QK-norm's final loss at the
+    high LR; `softcap_logit`: the soft-capped runs' monitored (capped) max logit at the end."""
+    monitored = monitored or {}
     folder = root / RUNS["E11"]
     plain = plain or {LOW: ((1.0, 2.0), (1.0, 3.0)), HIGH: ((1.0, 200.0), (1.0, 5000.0))}
     free_loss = free_loss or {}
@@ -31,9 +34,10 @@ def e11_runs(root: Path, *, seeds=(0, 1), plain=None, free_loss=None, clip=None,
             write_run(folder, [*BASE, "attention=baseline", "optim=muon", f"optim.lr={lr:g}"],
                       free_loss.get(lr, 3.0) + jitter, seed=seed, logit=muon)
         for (tau, scope), (factor, loss) in clip.items():
-            write_run(folder, [*BASE, "attention=baseline", "optim=muon", f"optim.lr={HIGH:g}", f"attention.qk_clip_tau={tau}",
-                               f"attention.qk_clip_scope={scope}"], loss + jitter, seed=seed, logit=(1.0, tau * factor),
-                      stability={"qk_clip_clipped_head_steps": 40})
+            run = write_run(folder, [*BASE, "attention=baseline", "optim=muon", f"optim.lr={HIGH:g}", f"attention.qk_clip_tau={tau}",
+                                     f"attention.qk_clip_scope={scope}"], loss + jitter, seed=seed, logit=(1.0, tau * monitored.get(
+                                         (tau, scope), factor)), stability={"qk_clip_clipped_head_steps": 40})
+            clip_records(run, tau, factor, gamma_only=gamma_only)
         write_run(folder, [*BASE, "attention=qwen3", "optim=muon", f"optim.lr={HIGH:g}"], qk_loss + jitter, seed=seed,
                   logit=(1.0, 5.0))
         write_run(folder, [*BASE, "attention=rybakov2024_soft_cap", "optim=muon", f"optim.lr={HIGH:g}"], 3.0 + jitter,
@@ -54,7 +58,7 @@ def e11(tmp_path: Path):
     return sec, Checks(names(sec))
 
 
-HELD = "QK-Clip per head keeps the monitored max logit within 50% of tau"
+HELD = "QK-Clip per head keeps the max logit it measures"
 COST = "QK-Clip per head costs no loss"
 FORCED = "Muon's peak max logit is above AdamW's at the LRs forced high"
 LAYER = "QK-Clip per layer costs more loss than per head"
@@ -82,6 +86,22 @@ def test_held_and_cost_are_no_when_one_tau_fails_clearly(tmp_path):
     assert checks[HELD].value is False, checks[HELD]
     assert checks[COST].value is False, checks[COST]
     assert sec.verdict == "partly", sec.reason
+
+
+def test_held_is_read_on_the_clip_s_own_measurement_not_on_the_held_out_magnitude(tmp_path):
+    """The clip holds S_h (signed, on the training batch) at 1.1 tau while the monitor's held-out |logit| reaches 1.7 tau
+    (a negative logit the clip does not aim at): held. And the other way: S_h regrows to 2 tau between clips while the
+    held-out |logit| stays at 1.1 tau: not held. Runs recorded before S_h was read it from the clip's gamma."""
+    e11_runs(tmp_path / "a" / "runs", monitored={(tau, scope): 1.7 for tau in (30, 100) for scope in ("head", "layer")})
+    _, checks = e11(tmp_path / "a")
+    assert checks[HELD].value is True, checks[HELD]
+    assert "tau 30, LR 0.3: 1.1x tau (monitored |logit| on held-out text: 1.7x)" in checks[HELD].name
+    clip = {(tau, scope): (2.0, 3.0 if scope == "head" else 3.6) for tau in (30, 100) for scope in ("head", "layer")}
+    e11_runs(tmp_path / "b" / "runs", clip=clip, monitored={(tau, scope): 1.1 for tau in (30, 100) for scope in ("head", "layer")},
+             gamma_only=True)
+    _, checks = e11(tmp_path / "b")
+    assert checks[HELD].value is False, checks[HELD]
+    assert "tau 100, LR 0.3: 2x tau" in checks[HELD].name
 
 
 def test_every_tau_and_lr_one_no_is_no_and_an_undecided_one_is_named():

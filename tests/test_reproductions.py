@@ -822,6 +822,22 @@ def test_a_mean_no_against_the_seeds_that_decide_names_the_seed_that_cannot(tmp_
 E11_LRS = (1e-2, 3e-1)
 
 
+def clip_records(run: Path, tau: float, factor: float, gamma_only: bool = False) -> None:
+    """The clip's own measurement in every monitor record of a clipped run: each layer's S_h rising to factor x tau
+    by the last record (qk_clip_max_logit), or only the gamma it gave (runs recorded before S_h was)."""
+    lines = (run / "stability.jsonl").read_text().splitlines()
+    out = []
+    for i, line in enumerate(lines):
+        rec = json.loads(line)
+        s = tau * factor ** (i / max(1, len(lines) - 1))
+        for layer in rec["layers"]:
+            layer["qk_clip_gamma"] = [min(1.0, tau / s)]
+            if not gamma_only:
+                layer["qk_clip_max_logit"] = [s]
+        out.append(json.dumps(rec))
+    (run / "stability.jsonl").write_text("\n".join(out) + "\n")
+
+
 def e11_fixture(root: Path, holds: bool, forced: bool = True, seeds=(0, 1)) -> None:
     """E11's runs (tiny, no QK-norm, 2 seeds). `holds`: Muon's max logit outgrows AdamW's, QK-Clip per head holds it
     at tau at no loss cost, per layer costs more, and the soft-capped pre-cap logit grows; otherwise each of those
@@ -840,10 +856,11 @@ def e11_fixture(root: Path, holds: bool, forced: bool = True, seeds=(0, 1)) -> N
             for tau in (30, 100):
                 for scope in ("head", "layer"):
                     loss = (3.0 if holds else 3.6) if scope == "head" else (3.6 if holds else 3.0)
-                    write_run(folder, [*base, "attention=baseline", "optim=muon", f"optim.lr={lr:g}",
-                                       f"attention.qk_clip_tau={tau}", f"attention.qk_clip_scope={scope}"], loss + 0.001 * seed,
-                              seed=seed, logit=(1.0, tau * (1.1 if holds else 3.0) if forced else 1.6),
-                              stability={"qk_clip_clipped_head_steps": 40 if forced else 0})
+                    run = write_run(folder, [*base, "attention=baseline", "optim=muon", f"optim.lr={lr:g}",
+                                             f"attention.qk_clip_tau={tau}", f"attention.qk_clip_scope={scope}"], loss + 0.001 * seed,
+                                    seed=seed, logit=(1.0, tau * (1.1 if holds else 3.0) if forced else 1.6),
+                                    stability={"qk_clip_clipped_head_steps": 40 if forced else 0})
+                    clip_records(run, tau, (1.1 if holds else 3.0) if forced else 1.6 / tau)
             write_run(folder, [*base, "attention=qwen3", "optim=muon", f"optim.lr={lr:g}"], 3.0 + 0.001 * seed, seed=seed,
                       logit=(1.0, 5.0))
             write_run(folder, [*base, "attention=rybakov2024_soft_cap", "optim=muon", f"optim.lr={lr:g}"], 3.0 + 0.001 * seed,

@@ -131,6 +131,8 @@ def test_the_monitor_counts_qk_clips_every_step_and_records_each_heads_gamma(tmp
         assert stats["qk_clip_clipped_heads"] == layer.n_heads
         assert stats["qk_clip_gamma"] == pytest.approx([float(g) for g in layer.qk_clip_gamma], rel=1e-6)
         assert max(stats["qk_clip_gamma"]) < 1
+        # the max logit the clip measured (signed, before it), from which its gamma came: tau / S_h
+        assert stats["qk_clip_max_logit"] == pytest.approx([1e-3 / float(g) for g in layer.qk_clip_gamma], rel=1e-5)
     resumed = StabilityMonitor(MonitorConfig(every_n_steps=5), tmp_path)
     resumed.load_state_dict(monitor.state_dict())  # the count goes on from a checkpoint
     assert resumed.clipped_head_steps == 3 * heads

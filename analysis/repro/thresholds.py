@@ -133,13 +133,14 @@ FORCED_GROWTH = threshold(
 CLIP_SLACK = threshold(
     "CLIP_SLACK", 0.5,
     "QK-Clip scales each head's logits by tau / the largest logit it measured, on the step's batch in that step's forward, "
-    "before the optimizer's update (Kimi K2's Algorithm 1): exact on fixed weights (tests/test_muon.py), one step "
-    "stale in training, so a step that multiplies the logit lands above tau before the next clip; and the monitor "
-    "reads the largest |logit| on held-out text, on which a clipped head can land somewhat above tau (another "
-    "batch, and a negative logit the clip does not aim at). 'Held at tau' read as a "
-    "monitored peak of at most (1 + this) x tau. Kimi K2 gives no tolerance: 1.5x tau is chosen far below the "
-    "FORCED_GROWTH (10x) that marks an unclipped run's growth, so a run within it is held and a run beyond it "
-    "has escaped the clip by more than the one-step staleness explains.")
+    "before the optimizer's update, and rescales the weights after it (Kimi K2's Algorithm 1): exact on fixed weights "
+    "(tests/test_muon.py), one step stale in training, so the growth an update adds is measured only in the next "
+    "step's forward, above tau. 'Held at tau' is read on that measurement, the quantity the clip holds (S_h: signed, "
+    "on the training batch, before the clip; the monitor's qk_clip_max_logit, or tau / gamma_h in runs recorded before it): a peak "
+    "of at most (1 + this) x tau. The monitor's largest |logit| on held-out text is shown beside it and does not "
+    "vote (another batch, and negative logits the clip does not aim at). Kimi K2 gives no tolerance: 1.5x tau is "
+    "chosen far below the FORCED_GROWTH (10x) that marks an unclipped run's growth, so a run within it is held and "
+    "a run beyond it has escaped the clip by more than one step's regrowth.")
 PRECAP_GROWTH = threshold(
     "PRECAP_GROWTH", 1.5,
     "'The soft-cap leaves the pre-cap logit growing' read as the pre-cap max logit growing at least this much from "

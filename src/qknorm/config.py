@@ -99,7 +99,8 @@ class AttentionConfig:
     qkv_bias: bool = False  # Qwen2
     qk_clip_tau: Optional[float] = None  # Kimi K2 QK-Clip: 100
     # head: each head h whose max logit S_h exceeded tau is scaled by tau / S_h (Kimi K2); layer: every head of
-    # a layer by tau / max_h S_h once any exceeded (the coarser rule Kimi K2 compares against)
+    # a layer by tau / max_h S_h once any exceeded (the coarser rule Kimi K2 compares against). S_h is the logit
+    # before a soft-cap: with both, the clip holds the logit the cap bends, and fires at tau > softcap too
     qk_clip_scope: Literal["head", "layer"] = "head"
     # Rybakov et al. 2024's other baselines (conf/attention/ has one preset each):
     proj_fc2_norm: Literal["none", "layernorm"] = "none"  # QK_FC_norm: LayerNorm on the Proj and FC2 outputs

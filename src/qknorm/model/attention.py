@@ -162,6 +162,7 @@ class Attention(nn.Module):
         self.max_logit: Optional[torch.Tensor] = None
         # the last clip's gamma per head (1: left alone), read by the stability monitor; None before one
         self.qk_clip_gamma: Optional[torch.Tensor] = None
+        self.qk_clip_max_logit: Optional[torch.Tensor] = None  # each head's S_h at the last clip, before it
 
     # -- the shared decision: normalization, RoPE, temperature ------------------------------------
 
@@ -331,6 +332,7 @@ class Attention(nn.Module):
         self.qkv.weight.mul_(factors[:, None])
         if self.qkv.bias is not None:
             self.qkv.bias.mul_(factors)
+        self.qk_clip_max_logit = self.max_logit.clone()  # S_h as this clip measured it (what a monitor records)
         self.max_logit.fill_(float("-inf"))
         self.qk_clip_gamma = gamma
         return gamma

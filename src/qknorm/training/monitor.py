@@ -252,6 +252,8 @@ class StabilityMonitor(pl.Callback):
             if a.qk_clip_gamma is not None:  # QK-Clip at this step: each head's gamma (1: not clipped)
                 stats["qk_clip_gamma"] = [_significant(float(g)) for g in a.qk_clip_gamma]
                 stats["qk_clip_clipped_heads"] = int((a.qk_clip_gamma < 1.0).sum())
+            if a.qk_clip_max_logit is not None:  # each head's max logit S_h on the step's batch, as the clip measured it
+                stats["qk_clip_max_logit"] = [_significant(float(v)) for v in a.qk_clip_max_logit]
             if a.sink is not None:
                 stats["sink_logit"] = _to_list(a.sink.logit.detach())
             if a.ssmax is not None:

@@ -18,14 +18,17 @@ def apply_qk_clip(model, attention: AttentionConfig) -> int:
 
 
 def qk_clip_metrics(model) -> dict[str, float]:
-    """What a run logs of the last clip (metrics.csv, TensorBoard): each layer's smallest gamma and the count of
-    clipped heads over all layers."""
+    """What a run logs of the last clip (metrics.csv, TensorBoard): each layer's smallest gamma and largest max logit
+    S_h as the clip measured it (signed, on the step's batch, before the clip), and the count of clipped heads over
+    all layers."""
     out = {}
     clipped = 0
     for layer in model.attention_layers():
         if layer.qk_clip_gamma is None:
             continue
         out[f"qk_clip/layer{layer.layer_idx}_min_gamma"] = float(layer.qk_clip_gamma.min())
+        if layer.qk_clip_max_logit is not None:
+            out[f"qk_clip/layer{layer.layer_idx}_max_logit"] = float(layer.qk_clip_max_logit.max())
         clipped += int((layer.qk_clip_gamma < 1.0).sum())
     if out:
         out["qk_clip/clipped_heads"] = float(clipped)

@@ -568,3 +568,45 @@ def test_one_seed_shows_no_spread(tmp_path):
     page = out.read_text()
     assert _cell(page, "baseline", "best val loss @ LR").startswith("4.200 (1 seed) @ 0.1")
     assert _cell(page, "baseline", "LR sensitivity [min, max]").endswith("(1 seed)")
+
+
+def test_a_separated_interval_orders_a_pair_only_where_the_runs_agree():
+    """The baseline's interval is marked separated (it may cover the boundary in as few as half of searches): a preset
+    whose interval lies above it is above only where its every seed succeeded at an LR above one where every baseline
+    seed failed."""
+    from qknorm.analysis.scorecard import _order_against
+
+    base = pd.Series({"critical_known_low": 0.02, "critical_known_high": 0.08, "critical_separated": True,
+                      "critical_all_ok_max": 0.0316, "critical_all_failed_min": 0.0562})
+    above = pd.Series({"critical_known_low": 0.2, "critical_known_high": 0.5, "critical_separated": False,
+                       "critical_all_ok_max": 0.1, "critical_all_failed_min": 0.5623})
+    assert _order_against(above, base) == 1 and _order_against(base, above) == -1
+    unsupported = above.copy()
+    unsupported["critical_all_ok_max"] = 0.0316  # no LR above the baseline's failures where every seed succeeded
+    assert _order_against(unsupported, base) == 0
+    plain = base.copy()
+    plain["critical_separated"] = False  # two unmarked intervals: they alone order the pair
+    assert _order_against(unsupported, plain) == 1
+    overlapping = above.copy()
+    overlapping["critical_known_low"] = 0.05
+    assert _order_against(overlapping, base) == 0
+
+
+def test_runs_the_search_did_not_list_are_left_out_and_sweeps_of_other_seeds_are_refused(tmp_path, capsys):
+    sweep = build_sweep(tmp_path / "sweep", {"baseline": _baseline})
+    out = tmp_path / "docs" / "scorecard.md"
+    assert scorecard_main([str(sweep), "--out", str(out)]) == 0
+    before = pd.read_csv(out.with_suffix(".csv")).set_index("preset")
+    first = json.loads((sweep / "finder.json").read_text())["groups"][0]["probes"][0]["run_dir"]
+    shutil.copytree(sweep / first, sweep / "a-stray-run")  # a run of another command
+    assert scorecard_main([str(sweep), "--out", str(out)]) == 0
+    after = pd.read_csv(out.with_suffix(".csv")).set_index("preset")
+    assert after.loc["baseline", "runs"] == before.loc["baseline", "runs"]
+    assert "also holds 1 run directories that finder.json lists as no probe" in out.read_text()
+    other = build_sweep(tmp_path / "other", {"qwen3": _qwen3})
+    record = json.loads((other / "finder.json").read_text())
+    for g in record["groups"]:
+        g["seeds"] = ["0", "1", "2"]
+    (other / "finder.json").write_text(json.dumps(record))
+    assert scorecard_main([str(sweep), str(other), "--out", str(tmp_path / "both.md")]) == 2
+    assert "sweeps with different settings (seeds) cannot share one table" in capsys.readouterr().err

@@ -230,7 +230,10 @@ def _identity(record: dict) -> dict:
     """What must agree for sweeps to share a table: the finder's settings, its coarse grid and the fixed overrides
     (the recipe), the preset axis aside."""
     fixed = sorted(o for o in record.get("fixed", []) if not o.lstrip("+~").startswith(f"{PRESET_KEY}="))
-    return {"settings": record.get("settings", {}), "coarse_grid": record.get("coarse_grid"), "fixed": fixed}
+    # the seeds too: a row of more seeds has a narrower interval and a first failure found sooner (the bracket's
+    # `hi` is where the first of all seeds fails), so rows of different seeds are not comparable
+    seeds = sorted({str(seed) for g in record.get("groups", []) for seed in g.get("seeds") or []})
+    return {"settings": record.get("settings", {}), "coarse_grid": record.get("coarse_grid"), "fixed": fixed, "seeds": seeds}
 
 
 def load_sweeps(paths: list[str | Path]) -> list[Sweep]:
@@ -390,6 +393,12 @@ def _undecided_lrs(record: dict, ended: pd.DataFrame) -> list[float]:
     return sorted({lr for lr, _ in asked - set(have) if lr not in ruled_out and lr < ceiling})
 
 
+def _search_done(sweep: Sweep, record: dict) -> bool:
+    settings = settings_from_record(sweep.record.get("settings", {}))
+    coarse = sorted(float(x) for x in sweep.record.get("coarse_grid") or settings.coarse_grid())
+    return progress(group_from_record(record), settings, coarse).done
+
+
 def _group_row(sweep: Sweep, record: dict, frame: pd.DataFrame, boundaries: pd.DataFrame) -> tuple[dict[str, Any], pd.DataFrame]:
     """The group's row, and its probes that ended (a result: completed or diverged, with the failure columns)."""
     settings = settings_from_record(sweep.record.get("settings", {}))
@@ -447,6 +456,12 @@ def _group_row(sweep: Sweep, record: dict, frame: pd.DataFrame, boundaries: pd.D
     spread = len(sens) > 1
     row.update(lr_sensitivity=sum(sens) / len(sens) if sens else math.nan, lr_sensitivity_min=min(sens) if spread else math.nan,
                lr_sensitivity_max=max(sens) if spread else math.nan, lr_sensitivity_note=sens_note)
+    # where every seed succeeded, and where every seed failed, against the bigram model: the order the runs themselves
+    # give where a fitted interval cannot be trusted to (marked; render's baseline comparison)
+    verdicts = {lr: f for lr, f in ended.groupby("lr")["failed"] if f.notna().all() and len(f) >= seeds}
+    ok_lrs = [float(lr) for lr, f in verdicts.items() if not f.astype(bool).any()]
+    dead_lrs = [float(lr) for lr, f in verdicts.items() if f.astype(bool).all()]
+    row.update(critical_all_ok_max=max(ok_lrs, default=math.nan), critical_all_failed_min=min(dead_lrs, default=math.nan))
     b = boundaries[boundaries["group"] == record["group"]] if not boundaries.empty else boundaries
     for prefix, name in (("divergence", "divergence"), ("critical", "critical")):
         d = _boundary(b, prefix, ended)
@@ -515,6 +530,15 @@ def scorecard(paths: list[str | Path], benchmarks: Path = BENCHMARKS, presets: P
         raise ValueError(f"{where}: no run directories yet (finder.json is there: its runs were moved or deleted)")
     frame = failure_columns(pd.concat(frames, ignore_index=True).drop_duplicates("run_dir").reset_index(drop=True))
     frame = frame.assign(resolved=[str(Path(d).resolve()) for d in frame["run_dir"]])
+    # once every search has finished, its runs are its probes in finder.json: any other run in the folder is left out
+    # of the table and the counts, and named on the page (mid-search, the round being run is not listed yet)
+    listed = {str((sw.folder / p["run_dir"]).resolve()) for sw in sweeps for g in sw.record.get("groups", [])
+              for p in g.get("probes", []) if p.get("run_dir")}
+    stray = 0
+    searched = [(sw, g) for sw in sweeps for g in sw.record.get("groups", [])]
+    if searched and all(_search_done(sw, g) for sw, g in searched):
+        stray = int((~frame["resolved"].isin(listed)).sum())
+        frame = frame[frame["resolved"].isin(listed)].reset_index(drop=True)
     if not frame["status"].isin(FINISHED).any():
         raise ValueError(f"{where}: no finished runs yet ({len(frame)} run directories, none with summary status "
                          f"{' or '.join(FINISHED)})")
@@ -531,7 +555,8 @@ def scorecard(paths: list[str | Path], benchmarks: Path = BENCHMARKS, presets: P
     table = pd.DataFrame(rows)
     for col in ("best_lr", "best_val_loss", "best_val_loss_halfrange", "lr_sensitivity", "lr_sensitivity_min", "lr_sensitivity_max",
                 "divergence_lr", "critical_lr", "logit_growth_best_lr", "logit_growth_step_lr", "growth_step_lr",
-                "fp16_headroom_final", "critical_known_low", "critical_known_high", "divergence_known_low", "divergence_known_high"):
+                "fp16_headroom_final", "critical_known_low", "critical_known_high", "divergence_known_low", "divergence_known_high",
+                "critical_all_ok_max", "critical_all_failed_min"):
         table[col] = pd.to_numeric(table[col], errors="coerce") if col in table.columns else math.nan
     for col in ("critical_sort", "divergence_sort"):
         table[col] = table[col].fillna(-math.inf) if col in table.columns else -math.inf
@@ -556,7 +581,7 @@ def scorecard(paths: list[str | Path], benchmarks: Path = BENCHMARKS, presets: P
     return table, {"settings": settings, "frame": frame, "coarse": sweeps[0].record.get("coarse_grid", []), "costs": costs,
                    "model_size": size, "twins": twins(probes, first_round), "boundaries": pd.concat(bounds, ignore_index=True),
                    "files": [s.file for s in sweeps], "swept_without_group": [p for p in swept if p not in grouped],
-                   "not_swept": [p for p in available if p not in grouped and p not in swept]}
+                   "not_swept": [p for p in available if p not in grouped and p not in swept], "stray_runs": stray}
 
 
 # -- the figure --------------------------------------------------------------------------------------------
@@ -666,6 +691,23 @@ def recipe(frame: pd.DataFrame, settings: dict, size: Optional[str] = None) -> s
             f"probes stop early once doomed ({', '.join(s.get('probe_overrides') or []) or 'no early stops'})")
 
 
+def _order_against(r: pd.Series, base: pd.Series) -> int:
+    """1 when preset `r`'s critical LR lies above the baseline's, -1 below, 0 when the runs cannot tell (the paragraph's
+    rule): their 95% intervals do not overlap (one marked EDGE_MARK has an unknown extent: never), and, where either is
+    marked SEPARATED_MARK (an interval that may cover the boundary in as few as half of searches), the runs agree:
+    every seed of one succeeded at an LR above one where every seed of the other failed."""
+    if r["critical_known_low"] > base["critical_known_high"]:
+        by_interval = 1
+    else:
+        by_interval = -1 if r["critical_known_high"] < base["critical_known_low"] else 0
+    if not by_interval or not (bool(r.get("critical_separated")) or bool(base.get("critical_separated"))):
+        return by_interval
+    up = bool(r.get("critical_all_ok_max", math.nan) > base.get("critical_all_failed_min", math.nan))
+    down = bool(base.get("critical_all_ok_max", math.nan) > r.get("critical_all_failed_min", math.nan))
+    by_runs = 1 if up and not down else -1 if down and not up else 0
+    return by_interval if by_runs == by_interval else 0
+
+
 def _names(rows: pd.DataFrame) -> str:
     return ", ".join(map(str, rows["preset"]))
 
@@ -685,22 +727,31 @@ def paragraph(table: pd.DataFrame, info: Optional[dict] = None) -> str:
                      f"({'; '.join(above['critical_lr_text'])}), and {'it ranks' if len(above) == 1 else 'they rank'} first.")
     if len(fitted):
         top, bottom = fitted.iloc[0], fitted.iloc[-1]
+        # the runs single out the highest only where its interval overlaps no other's (an edge-marked one: unbounded)
+        rivals = fitted.iloc[1:][[bool(r["critical_edge"]) or bool(top["critical_edge"])
+                                  or (r["critical_known_high"] >= top["critical_known_low"]) for _, r in fitted.iloc[1:].iterrows()]]
         lines.append(f"{'Below them, the' if len(above) else 'The'} highest fitted critical LR (the 50% LR at which runs end "
                      f"worse than the bigram model) is {top['preset']}'s, {top['critical_lr_text']}"
+                     + (f", but its interval overlaps those of {len(rivals)} more ({_names(rivals)}): the runs do not single "
+                        "it out" if len(rivals) else "")
                      + (f"; the lowest {bottom['preset']}'s, {bottom['critical_lr_text']}." if len(fitted) > 1 else "."))
     if len(below):
         lines.append(f"Every run of {_names(below)} failed: their critical LR is below the smallest LR tried, and they rank last.")
     base = done[done["preset"] == BASELINE]
     if len(base) and not pd.isna(base.iloc[0]["critical_known_low"]):
-        b_lo, b_hi = float(base.iloc[0]["critical_known_low"]), float(base.iloc[0]["critical_known_high"])
+        b = base.iloc[0]
         others = done[(done["preset"] != BASELINE) & done["critical_known_low"].notna()]
-        higher = others[others["critical_known_low"] > b_hi]
-        lower = others[others["critical_known_high"] < b_lo]
+        order = {r["preset"]: _order_against(r, b) for _, r in others.iterrows()}
+        higher = others[[order[p] == 1 for p in others["preset"]]]
+        lower = others[[order[p] == -1 for p in others["preset"]]]
         overlap = len(others) - len(higher) - len(lower)
         lines.append(f"Against the baseline's critical LR, {len(higher)} of {len(others)} other presets with a known range lie "
                      f"wholly above it{' (' + _names(higher) + ')' if len(higher) else ''}, {len(lower)} wholly below, and "
-                     f"{overlap} overlap it: the runs cannot order those against the baseline (an interval marked "
-                     f"{EDGE_MARK} counts as overlapping, its true extent being unknown).")
+                     f"{overlap} overlap it: the runs cannot order those against the baseline. A pair is ordered when its "
+                     f"95% intervals do not overlap (one marked {EDGE_MARK}, its extent unknown, always overlaps), and, where "
+                     f"either is marked {SEPARATED_MARK} (such an interval may cover the boundary in as few as half of "
+                     "searches), when the runs agree: every seed of one succeeded at an LR above one where every seed of the "
+                     "other failed.")
     censored = done[done["critical_lr"].isna() & (done["critical_sort"] != math.inf)]  # those above are named already
     if len(censored):
         lines.append("No critical-LR boundary for " + "; ".join(
@@ -834,6 +885,8 @@ def render(table: pd.DataFrame, info: dict, command: str, figure: Optional[tuple
         missing.append(f"named by the sweep's command but with no group in finder.json: {', '.join(info['swept_without_group'])}")
     if info.get("not_swept"):
         missing.append(f"in conf/attention but not in this sweep: {', '.join(info['not_swept'])}")
+    stray = ([f"The sweep folder also holds {info['stray_runs']} run directories that finder.json lists as no probe: they are "
+              "left out of the table and the counts."] if info.get("stray_runs") else [])
     return "\n".join([
         "# Stabilizer scorecard", "",
         "Generated by `qknorm-scorecard` from the committed runs of a critical-LR finder sweep (regenerate: "
@@ -874,6 +927,7 @@ def render(table: pd.DataFrame, info: dict, command: str, figure: Optional[tuple
         f"files that measured a preset. {'; '.join(scale)}.",
         *(["", f"![Every preset's probes: final val loss against LR]({figure[0]})", "", figure[1]] if figure else []),
         *(["", "Presets without a row: " + "; ".join(missing) + "."] if missing else []),
+        *(["", *stray] if stray else []),
     ])
 
 

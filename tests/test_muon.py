@@ -114,10 +114,12 @@ def test_a_plain_matrix_takes_torch_muons_steps(overrides):
 
 
 @pytest.mark.parametrize("split", ["matrix", "head"])
-@pytest.mark.parametrize("overrides", [[], ["model.n_kv_heads=1", "optim.adjust_lr_fn=original"]], ids=["mha", "gqa_original"])
+@pytest.mark.parametrize("overrides", [[], ["model.n_kv_heads=1", "optim.adjust_lr_fn=original"], ["attention=qwen3_next"]],
+                         ids=["mha", "gqa_original", "gated"])
 def test_each_part_of_a_fused_weight_takes_torch_muons_steps_alone(split, overrides):
-    """q, k and v of the fused QKV weight (each head alone with muon_split=head) and SwiGLU's gate and up:
-    each slice ends where torch.optim.Muon, stepped on that slice alone, takes it."""
+    """q, k and v of the fused QKV weight (each head alone with muon_split=head), an output gate's weight (each
+    head's rows alone with muon_split=head, as q's) and SwiGLU's gate and up: each slice ends where
+    torch.optim.Muon, stepped on that slice alone, takes it."""
     cfg, model, opt = model_and_optimizer([f"optim.muon_split={split}", *overrides])
     before, grads = three_steps(model, opt)
     attn = model.blocks[0].attn
@@ -125,14 +127,16 @@ def test_each_part_of_a_fused_weight_takes_torch_muons_steps_alone(split, overri
     qkv = [(0, h * d), (h * d, (h + h_kv) * d), ((h + h_kv) * d, (h + 2 * h_kv) * d)]
     slices = {"blocks.0.attn.qkv.weight": [(a, a + d) for lo, hi in qkv for a in range(lo, hi, d)] if split == "head" else qkv,
               "blocks.1.mlp.fc1.weight": [(0, cfg.model.hidden), (cfg.model.hidden, 2 * cfg.model.hidden)]}
+    if attn.gate is not None:
+        slices["blocks.0.attn.gate.weight"] = [(a, a + d) for a in range(0, h * d, d)] if split == "head" else [(0, h * d)]
     for name, rows in slices.items():
         got = model.get_parameter(name).detach()
         for lo, hi in rows:
             expected = torch_muon_on(before[name][lo:hi], [g[lo:hi] for g in grads[name]], cfg)
             torch.testing.assert_close(got[lo:hi], expected, rtol=0, atol=1e-7, msg=f"{name}[{lo}:{hi}]")
-        # not the whole weight's orthogonalization: the parts are orthogonalized apart
-        whole = torch_muon_on(before[name], grads[name], cfg)
-        assert (got - whole).abs().max() > 1e-4
+        if len(rows) > 1:  # not the whole weight's orthogonalization: the parts are orthogonalized apart
+            whole = torch_muon_on(before[name], grads[name], cfg)
+            assert (got - whole).abs().max() > 1e-4
 
 
 def test_the_aux_groups_take_torch_adamws_steps_and_one_schedule_drives_both():

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .parts import Part, declare_parts
 from .roles import declare
 
 
@@ -32,6 +33,9 @@ class OutputGate(nn.Module):
         # nn.Linear's own init, so a layer built alone is defined; a Transformer redraws it by model.init
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
         declare(self, weight="matrix")
+        # one block of rows per head, as W_q's (Qwen3-Next interleaves them with q's by head): optim.muon_split=head
+        # orthogonalizes each head's gate apart, as it does each head's q
+        declare_parts(self, weight=(Part("gate", n_heads, rows // n_heads),))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """sigmoid(x W_g): the block input x [B, T, C] -> gates [B, T, H, D] (elementwise) or [B, T, H, 1]

@@ -8,7 +8,8 @@ is torch.optim.Muon's (torch >= 2.9), the reference the tests hold it to; it is 
 torch's Muon takes whole 2-D parameters only, and here
 
 - the fused weights hold several matrices: QKV holds q, k and v (and `optim.muon_split=head` makes each
-  head of them a matrix of its own, as modded-nanogpt's per-head orthogonalization), SwiGLU's FC1 holds
+  head of them, and of an output gate's W_g, a matrix of its own, as modded-nanogpt's per-head
+  orthogonalization), SwiGLU's FC1 holds
   gate and up. Moonlight and modded-nanogpt orthogonalize each apart, so each part (model/parts.py) is
   orthogonalized alone, and its LR adjusted by its own shape;
 - the matrices of one shape are orthogonalized together, batched over a leading axis (one batched

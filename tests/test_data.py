@@ -270,3 +270,21 @@ def test_a_loader_resumed_inside_an_epoch_has_the_epochs_length_and_yields_the_r
         module.trainer = types.SimpleNamespace(global_step=step, global_rank=0, world_size=1)
         sampler = module.train_dataloader().sampler
         assert list(sampler) == list(range(step, stop)) and len(sampler) == stop - first, (step, list(sampler), len(sampler))
+
+
+def test_an_hf_text_validation_cap_changes_the_validation_tokens_not_the_tokenizer(tmp_path):
+    """A run's length sets its validation cap when data.val_max_tokens is null: runs of other lengths share one
+    tokenizer (trained on the training split alone) and differ only in their validation tokens."""
+    from qknorm.data.corpora import open_source
+    from qknorm.data.tokens import tokenizer_folder, tokens_folder
+
+    path = tmp_path / "stories.txt"
+    path.write_text("".join(f"story {i}: a model normalized its keys.\n" for i in range(50)))
+    folders = []
+    for cap in (4096, 8192):
+        cfg = DataConfig(source="hf_text", name="text", data_files=(str(path),), cache_dir=str(tmp_path / "cache"),
+                         split="train", val_split="validation", val_max_tokens=cap, vocab_size=300, seq_len=32)
+        source = open_source(cfg)
+        tok = tokenizer_folder(source, cfg)
+        folders.append((tok, tokens_folder(source, cfg, tok)))
+    assert folders[0][0] == folders[1][0] and folders[0][1] != folders[1][1]

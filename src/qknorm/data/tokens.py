@@ -159,8 +159,12 @@ def _tokenizer_settings(cfg: DataConfig) -> dict:
 
 def _source_identity(source: Source):
     # the embedded plays are named by their content's fingerprint, as they always were: the same key,
-    # so the tokenizer every earlier run trained with is the one found
-    return source.corpus.fingerprint if isinstance(source, ShakespeareSource) else source.key()
+    # so the tokenizer every earlier run trained with is the one found. The tokenizer learns from the training
+    # split alone: a validation cap (hf_text's val_max_tokens, which a run's length sets when it is null) changes
+    # the validation tokens, not the tokenizer, so runs of other lengths share one
+    if isinstance(source, ShakespeareSource):
+        return source.corpus.fingerprint
+    return {k: v for k, v in source.key().items() if k != "val_max_tokens"}
 
 
 def tokenizer_folder(source: Source, cfg: DataConfig) -> Path:

@@ -185,6 +185,8 @@ def test_module_matches_float64_formula(axes, n_kv):
 def test_fast_path_matches_explicit_path_fp32(axes):
     cfg = AttentionConfig(**axes)
     layer = make_attention(cfg, dtype=torch.float32)
+    if layer.explicit_only():
+        pytest.skip("only the explicit path computes this attention: no fast path to compare")
     x = torch.randn(2, T, D_MODEL)
     fast = run_layer(layer, x)
     layer.cfg = AttentionConfig(**{**axes, "backend": "explicit"})
@@ -279,6 +281,9 @@ def test_ssmax_scales_each_row_by_s_log_n():
     assert m.abs_max() == pytest.approx(SSMAX_S_INIT * math.log(8))
 
 
+ROUNDED_ONCE = 0.01  # the share of bf16 elements allowed to differ from the float64 result rounded to bf16 (ties)
+
+
 @pytest.mark.parametrize("autocast", [False, True], ids=["bf16", "bf16_autocast"])
 def test_chunked_softcap_keeps_low_precision_inputs_in_fp32_logits(autocast):
     from qknorm.model.capped_attention import capped_causal_attention
@@ -293,10 +298,12 @@ def test_chunked_softcap_keeps_low_precision_inputs_in_fp32_logits(autocast):
     z = z.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
     ref = z.softmax(-1) @ v64
     ref.sum().backward()
-    torch.testing.assert_close(y.double(), ref, rtol=0, atol=2e-2)  # bf16 output rounding
+    # fp32 logits and softmax: the output and every gradient are the float64 result rounded once to bf16 (a tie
+    # aside); logits or probabilities rounded to bf16 on the way leave about 45% of the outputs an ulp or more off
+    assert float((y.detach() != ref.detach().to(torch.bfloat16)).float().mean()) <= ROUNDED_ONCE
     for got, want in ((q.grad, q64.grad), (k.grad, k64.grad), (v.grad, v64.grad)):
         assert got.dtype == torch.bfloat16
-        torch.testing.assert_close(got.double(), want, rtol=0, atol=5e-2)
+        assert float((got != want.to(torch.bfloat16)).float().mean()) <= ROUNDED_ONCE
 
 
 @pytest.mark.parametrize("kind", ["rms", "layernorm", "l2"])

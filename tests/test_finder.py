@@ -100,6 +100,19 @@ def test_probes_lost_above_every_result_leave_the_boundary_unknown_not_above_the
     assert g["diverged"]["boundary_text"].startswith("unknown: no run failed up to LR 0.03162, and the probes at LR 0.1, 0.3162, 1")
 
 
+def test_probes_lost_above_a_closed_bracket_leave_the_search_finished_without_a_note():
+    # the whole grid at once (no climb): every seed diverged at 0.1 and 0.3162, the probes at 1 crashed; the bracket
+    # is closed below them, so they cannot move it
+    def outcome(job: list[str]) -> Outcome | None:
+        lr = float(dict(o.split("=", 1) for o in job)["optim.lr"])
+        return None if lr >= 1 else Outcome(diverged=lr >= 0.1, failed=lr >= 0.1)
+
+    g = Search(FinderSettings(lr_min=1e-3, lr_max=1.0, targets=("diverged",), climb=False, precision=3.17),
+               [("seed", ["0", "1"])], lambda batch: None, outcome).run()["groups"][0]
+    assert g["search"] == {"done": True, "note": ""}, g["search"]
+    assert g["diverged"]["bracket"] == [0.03162, 0.1]
+
+
 def test_the_zone_s_upper_end_is_where_the_last_seed_fails():
     # seed 0 fails from 0.1, seed 1 only from 1: the bracket is the first seed's, the zone's top the last one's
     probes = [(0.01, False), (0.01, False), (0.1, True), (0.1, False), (1.0, True), (1.0, True)]

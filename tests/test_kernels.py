@@ -10,12 +10,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from qknorm.config import AttentionConfig, ScaleConfig
 from qknorm.model import build_model, kernels
 from qknorm.model.kernels import compile_training_loss
 from qknorm.training.monitor import StabilityMonitor
 from qknorm.training.optim import build_optimizer
 
 from .conftest import REPO, compose_config, run_cli, run_dirs
+from .test_attention import N_HEADS, N_KV
 
 NORM_PRESETS = ["baseline", "qwen3", "olmo2", "vit22b_layernorm", "henry2020_l2", "wortsman2023_qk_layernorm",
                 "rybakov2024_qkv_norm"]
@@ -67,6 +69,27 @@ def test_flex_softcap_matches_the_chunked_kernel_and_caches_its_block_mask():
             assert kernels.causal_block_mask(32, 32, torch.device("cpu")) is mask
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     assert kernels.softcap_score_mod(2.0) is kernels.softcap_score_mod(2.0)  # no recompiles of FlexAttention
+
+
+@pytest.mark.parametrize("axes", [dict(softcap=2.0, scale=ScaleConfig(kind="learnable", per="head")),
+                                  dict(softcap=2.0, length_scale="ssmax"), dict(softcap=5.0, qk_norm="rms")],
+                         ids=["learned_scale", "ssmax", "qk_norm"])
+@pytest.mark.parametrize("n_kv", [N_HEADS, N_KV], ids=["mha", "gqa"])
+def test_flex_softcap_matches_the_float64_formula(axes, n_kv):
+    """FlexAttention's soft-cap path (forward, uncompiled on the CPU) against the float64 formula, with a learned
+    per-head scale (folded into q), SSMax's per-row factor and grouped keys: the inputs the GPU path receives."""
+    from .test_attention import D_MODEL, T, make_attention, ref_attention, run_layer
+
+    cfg = AttentionConfig(**axes)
+    layer = make_attention(cfg, n_kv=n_kv)
+    with torch.no_grad():
+        for p in layer.parameters():  # per-head scalars away from their shared initial value
+            if p.dim() <= 1:
+                p.add_(0.2 * torch.randn_like(p))
+        x = torch.randn(2, T, D_MODEL, dtype=torch.float64) * 3
+        with kernels.force(softcap="flex"):
+            got = run_layer(layer, x)
+        torch.testing.assert_close(got, ref_attention(layer, cfg, x), rtol=1e-10, atol=1e-10)
 
 
 def _between_steps(model, cfg, tmp_path):

@@ -69,6 +69,29 @@ def test_loss_path_by_device():
     with pytest.raises(ValueError, match="unknown kernel choices"):
         with kernels.force(loss="composite"):
             pass
+    for bad, match in ((dict(stack="vamp"), "stack='vamp': one of vmap, loop"), (dict(softcap="sdpa"), "one of chunked, flex"),
+                       (dict(norm_rope="fuse"), "one of fused, composite"), (dict(lm_loss_chunk_rows=0), "a positive number")):
+        with pytest.raises(ValueError, match=match), kernels.force(**bad):
+            pass
+
+
+def test_under_fp16_autocast_the_head_loss_gradient_survives_the_loss_scale():
+    """fp16 mixed precision scales the loss before its backward so that small gradients survive fp16. The head
+    loss's path is chosen by the autocast dtype: its gradient of the hidden states, scaled by 2^16 and back, is
+    within fp16's rounding of a float64 reference (the fused loss, which computes and casts its gradients in the
+    forward before any scale, loses the smallest entries: 16k tokens give entries near 1e-7)."""
+    assert kernels.lm_loss_chunk_rows(torch.device("cuda"), 32768, torch.float16) is None
+    assert kernels.lm_loss_chunk_rows(torch.device("cuda"), 32768, torch.bfloat16) == 4096
+    torch.manual_seed(0)
+    n, d, vocab = 16384, 32, 512
+    hidden = torch.randn(n, d, requires_grad=True)
+    weight, targets = torch.randn(vocab, d) * 0.02, torch.randint(0, vocab, (n,))
+    want, = torch.autograd.grad(lm_loss(hidden.double(), weight.double(), targets)[0], hidden)
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss = lm_loss(hidden, weight, targets)[0]
+    got, = torch.autograd.grad(loss * 2.0 ** 16, hidden)
+    err = float((got / 2.0 ** 16 - want).norm() / want.norm())
+    assert err < 1e-3, err
 
 
 @pytest.mark.parametrize("path", LOSS_PATHS)

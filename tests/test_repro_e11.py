@@ -193,3 +193,19 @@ def test_the_soft_cap_check_is_undecided_when_the_capped_logit_is_above_the_cap(
     _, checks = e11(tmp_path)
     assert checks[SOFTCAP].value is None, checks[SOFTCAP]
     assert "soft-capped runs is above the cap" in checks[SOFTCAP].why
+
+
+def test_the_clip_peak_leaves_out_a_head_s_nan_wherever_it_stands(tmp_path):
+    """A record whose first head measured NaN (or null) and whose second measured 40: the peak is 40 either way round,
+    and a record of NaN alone adds nothing."""
+    import json
+
+    from claims.e11_muon import clip_peak
+
+    run = tmp_path / "run"
+    run.mkdir()
+    recs = [{"step": 0, "layers": [{"qk_clip_max_logit": [float("nan"), 40.0]}]},
+            {"step": 1, "layers": [{"qk_clip_max_logit": [35.0, None]}]},
+            {"step": 2, "layers": [{"qk_clip_max_logit": [float("nan")], "qk_clip_gamma": [0.5]}]}]
+    (run / "stability.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    assert clip_peak(str(run), 30.0) == 40.0

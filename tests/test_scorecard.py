@@ -417,6 +417,10 @@ def test_presets_indistinguishable_at_the_recipe_are_named_and_others_are_not(ma
     pair = {"qwen3": runs({**probes, (0.1, 1): 4.7}, {(0.1, 0)}), "gemma3": runs({**reparam, (0.1, 1): 4.9}, {(0.1, 0)})}
     assert sc.twins(pair) == []
     assert [t.shared for t in sc.twins(pair, {"qwen3": {0.01, 0.03162}, "gemma3": {0.01, 0.03162}})] == [4]
+    # a record without rounds (an older finder.json): that pair is compared at every shared probe, not at none
+    assert sc.twins(pair, {"qwen3": {0.01, 0.03162}}) == []
+    assert [t.shared for t in sc.twins({k: runs(v, {(0.1, 0)}) for k, v in (("qwen3", probes), ("gemma3", reparam))},
+                                       {"qwen3": {0.01, 0.03162}})] == [5]
     # the fixture's gemma3 ends 1e-4 nats from its qwen3 at every probe: the page names the pair, and no other
     _, _, page = main_sweep
     assert "gemma3 and qwen3 are indistinguishable at this recipe: at each of their" in page
@@ -602,7 +606,7 @@ def test_runs_the_search_did_not_list_are_left_out_and_sweeps_of_other_seeds_are
     assert scorecard_main([str(sweep), "--out", str(out)]) == 0
     after = pd.read_csv(out.with_suffix(".csv")).set_index("preset")
     assert after.loc["baseline", "runs"] == before.loc["baseline", "runs"]
-    assert "also holds 1 run directories that finder.json lists as no probe" in out.read_text()
+    assert "also holds 1 run directories that are none of the finished searches' probes in finder.json" in out.read_text()
     other = build_sweep(tmp_path / "other", {"qwen3": _qwen3})
     record = json.loads((other / "finder.json").read_text())
     for g in record["groups"]:
@@ -610,3 +614,41 @@ def test_runs_the_search_did_not_list_are_left_out_and_sweeps_of_other_seeds_are
     (other / "finder.json").write_text(json.dumps(record))
     assert scorecard_main([str(sweep), str(other), "--out", str(tmp_path / "both.md")]) == 2
     assert "sweeps with different settings (seeds) cannot share one table" in capsys.readouterr().err
+
+
+def test_a_search_without_a_seed_axis_reads_its_runs_by_lr(tmp_path):
+    """A search run without seed=... in its command records no seed with its probes (None in finder.json); its runs
+    still carry the config's seed. Each LR is then one run, matched by the LR alone: no LR reads as missing."""
+    made = build_sweep(tmp_path / "sweep", {"baseline": _baseline})
+    record = json.loads((made / "finder.json").read_text())
+    for g in record["groups"]:
+        for p in [p for p in g["probes"] if p["seed"] == "1"]:
+            shutil.rmtree(made / p["run_dir"])
+        g["probes"] = [{**p, "seed": None} for p in g["probes"] if p["seed"] == "0"]
+        g["seeds"] = [None]
+    (made / "finder.json").write_text(json.dumps(record))
+    out = tmp_path / "docs" / "scorecard.md"
+    assert scorecard_main([str(made), "--out", str(out)]) == 0
+    row = pd.read_csv(out.with_suffix(".csv")).set_index("preset")
+    assert row.loc["baseline", "best_lr"] == pytest.approx(0.1), row.loc["baseline"].get("best_note")
+    assert row.loc["baseline", "critical_all_ok_max"] < row.loc["baseline", "critical_all_failed_min"]
+
+
+def test_where_every_seed_failed_is_read_above_the_first_lr_where_every_seed_succeeded(tmp_path):
+    """A preset too slow to learn at the smallest LR (every seed ends worse than the bigram model there) has not
+    reached its critical LR there: the LRs that order a separated interval are read on the upper boundary's probes."""
+    def slow_start(lr: float, seed: int) -> dict:
+        return FAILED if lr < 0.02 else _baseline(lr, seed)
+
+    made = build_sweep(tmp_path / "sweep", {"baseline": slow_start})
+    out = tmp_path / "docs" / "scorecard.md"
+    assert scorecard_main([str(made), "--out", str(out)]) == 0
+    row = pd.read_csv(out.with_suffix(".csv")).set_index("preset").loc["baseline"]
+    assert row["critical_all_failed_min"] > row["critical_all_ok_max"] >= 0.1
+
+
+def test_the_table_names_a_sweep_below_the_working_directory_by_its_relative_path(tmp_path, monkeypatch):
+    made = build_sweep(tmp_path / "runs" / "sweep", {"henry2020_l2": _henry})
+    monkeypatch.chdir(tmp_path)
+    assert scorecard_main([str(made), "--out", "docs/scorecard.md"]) == 0
+    assert pd.read_csv(tmp_path / "docs" / "scorecard.csv")["sweep"].tolist() == [str(Path("runs") / "sweep")]

@@ -176,6 +176,16 @@ def test_members_differ_in_their_attention_scalars_and_then_run_their_own_module
     assert not torch.allclose(nats[0], nats[1])
     # whether a soft-cap is set is a code path, not a member's scalar
     assert "attention.softcap" in stack_conflict([cfgs[0], compose_config([*SMALL, "attention=baseline"])])
+    # a stack knows it from its members' own configs: its loss, on a forced vmap path and without own_code, is each
+    # member's own (vmap would run member 0's scale of 0.1 for both)
+    stack = StackedModel([build(c) for c in scaled])
+    assert stack.own_code
+    xs, ys = zip(*(batch(c, 0) for c in scaled), strict=True)
+    with kernels.force(stack="vmap"):
+        _, nats, _ = stack.loss(torch.stack(xs), torch.stack(ys), torch.zeros(2))
+    for k, cfg in enumerate(scaled):
+        torch.testing.assert_close(nats[k], build(cfg).loss(xs[k], ys[k], 0.0)[1], rtol=1e-5, atol=1e-6)
+    assert not StackedModel([build(c) for c in member_configs([["seed=0"], ["seed=1", "optim.lr=1e-2"]])]).own_code
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -255,3 +255,38 @@ def test_a_rerun_on_edited_corpus_files_neither_skips_nor_resumes_the_run_of_the
     assert proc.returncode == 0, proc.stderr[-3000:]
     done = json.loads((run / "summary.json").read_text())
     assert done["status"] == "completed" and done["resumed_at_step"] == 3
+
+
+def test_a_multirun_holds_the_data_check_and_a_cleared_cache_is_not_rebuilt_to_skip(tmp_path):
+    """A resumed multirun whose corpus files were edited counts none of its jobs as finished: each fails in its own
+    directory with the one line, the sweep exits 1 and the results stay as they were (the critical-LR finder reads
+    job.summary the same way). With the files as they were and the token cache cleared, the finished jobs are
+    skipped without tokenizing the corpus again: the config names the cache entry the runs recorded."""
+    import random
+    import shutil
+
+    from qknorm.jobs import compose_job  # noqa: F401 (the finder and the planner read Job.summary from it)
+
+    rng = random.Random(1)
+    words = ["".join(rng.choices("abcdefghijklmnopqrstuvwxyz", k=rng.randint(2, 7))) for _ in range(400)]
+    text = "".join(" ".join(rng.choices(words, k=12)) + ".\n" for _ in range(2000))
+    corpus, cache, sweep = tmp_path / "corpus.txt", tmp_path / "cache", tmp_path / "sweep"
+    corpus.write_text(text)
+    args = ["-m", "model=nano", "trainer.max_steps=2", "data=text_files", f"data.paths=[{corpus}]", "data.vocab_size=300",
+            "data.seq_len=32", "data.batch_size=4", "optim.lr=0.001,0.002", f"hydra.sweep.dir={sweep}"]
+    proc = run_cli(args, tmp_path, cache)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summaries = {p: p.read_text() for p in sweep.rglob("summary.json")}
+    assert len(summaries) == 2 and all(json.loads(t)["data_key"] for t in summaries.values())
+
+    shutil.rmtree(cache / "tokens")
+    proc = run_cli(args, tmp_path, cache)
+    assert proc.returncode == 0 and "2 finished job(s) will be skipped" in proc.stdout + proc.stderr, proc.stderr[-3000:]
+    assert not list((cache / "tokens").glob("*/meta.json")), "the corpus was tokenized again to skip finished runs"
+
+    corpus.write_text(text.replace(f" {words[0]} ", f" {words[1]} "))
+    proc = run_cli(args, tmp_path, cache)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1 and "finished job(s) will be skipped" not in out, out[-3000:]
+    assert out.count("trained on other data") >= 2 and "2 of 2 jobs failed" in out, out[-3000:]
+    assert {p: p.read_text() for p in sweep.rglob("summary.json")} == summaries

@@ -354,4 +354,9 @@ def test_a_qwen3_next_layer_that_turns_part_of_the_head_or_has_other_heads_is_re
                             rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 1.0})
     with pytest.raises(UnsupportedModelError, match=r"\(heads, kv heads, head size\) \(2, 2, 32\), this layer's \(4, 4, 16\)"):
         load_qwen3_next_attention(ours, Qwen3NextAttention(other, layer_idx=3))
+    other_eps = Qwen3NextConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=4, head_dim=16, rms_norm_eps=1e-5,
+                                partial_rotary_factor=1.0,
+                                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 1.0})
+    with pytest.raises(UnsupportedModelError, match=r"config.rms_norm_eps=1e-05 is not this layer's attention.norm_eps=1e-06"):
+        load_qwen3_next_attention(ours, Qwen3NextAttention(other_eps, layer_idx=3))
     assert all(torch.equal(v, before[k]) for k, v in ours.state_dict().items())

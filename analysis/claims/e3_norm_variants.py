@@ -31,7 +31,7 @@ TITLE = "norm kinds, scopes and positions"
 CLAIM = ("LayerNorm, RMSNorm and L2 with a learned g are about equal in LR tolerance; per head is slightly better than full "
          "width; before vs after RoPE; L2 with a small fixed g underfits.")
 SOURCE = "Wortsman et al. 2023, Fig. E.8; Henry et al. 2020"
-RUNS = "e3_norm_variants"  # the first round (3 LRs 30x apart, a 15-step warmup); the search is e3_critical_lr
+RUNS = "e3_critical_lr"  # the search (a 60-step warmup, the finder narrowing each boundary); e3_norm_variants was its first round
 COMMAND = {"e3_norm_variants": "e3_coarse", "e3_critical_lr": "e3"}[RUNS]  # the run.sh function that writes RUNS
 HEADLINE = ("LayerNorm, RMSNorm and L2 with a learned gain (each per head) are about equal in LR tolerance: each one's "
             "critical LR (the first LR at which a run ends worse than the bigram model, or diverges) lies within one "

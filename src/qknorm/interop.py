@@ -303,6 +303,11 @@ def _hf_layer_state(attn: Attention, theirs, target: str, ours: dict[str, torch.
     heads = (c.num_attention_heads, c.num_key_value_heads, getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads)
     if heads != (attn.n_heads, attn.n_kv_heads, attn.head_dim):
         refuse(f"(heads, kv heads, head size) {heads}, this layer's {(attn.n_heads, attn.n_kv_heads, attn.head_dim)}")
+    eps = getattr(c, "rms_norm_eps", None)
+    if attn.q_norm is not None and eps is not None and float(eps) != attn.cfg.norm_eps:
+        # the q/k norms' epsilon: the same gains under another eps are another function (small at these
+        # norms, but the import promises the same layer)
+        refuse(f"config.rms_norm_eps={eps} is not this layer's attention.norm_eps={attn.cfg.norm_eps}")
     state = theirs.state_dict()
     _refuse_extra(state, set(ours), target)
     for name, t in ours.items():

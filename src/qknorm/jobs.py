@@ -65,10 +65,10 @@ def data_conflict(run_dir: Path, raw: Mapping[str, Any]) -> Optional[str]:
     if not recorded or not (summary.get("status") in FINISHED or has_checkpoint):
         return None
     try:
-        now = _current_fingerprint(load_run_config(raw).data)
+        now = _current_fingerprint(load_run_config(raw).data, summary.get("data_key"))
     except QknormError:
         return None
-    if now == recorded:
+    if now is None or now == recorded:
         return None
     held = f"a {summary['status']} run" if summary.get("status") in FINISHED else "a checkpoint"
     return (f"{run_dir} holds {held} trained on other data than its config reads now (tokens {recorded} there, {now} "
@@ -77,11 +77,28 @@ def data_conflict(run_dir: Path, raw: Mapping[str, Any]) -> Optional[str]:
 
 
 @functools.lru_cache(maxsize=16)
-def _current_fingerprint(cfg: DataConfig) -> str:
-    """The data config's tokens (from the cache, or built into it as its first run would); one look per sweep."""
-    from .data.tokens import prepare_tokens  # here, not at the top: numpy and sentencepiece only when asked
+def _current_fingerprint(cfg: DataConfig, recorded_key: Optional[str]) -> Optional[str]:
+    """The data config's tokens now; one look per sweep. Where the config names the cache entry the run recorded
+    (data_key: the same tokenizer settings and source description), they are read from the cache if it holds
+    them, and otherwise not compared (None: the cache was cleared, or the run came from another machine; the
+    source is described as it was, and tokenizing a whole corpus only to skip a finished run would cost what
+    training it did). A source described otherwise (text_files edited or touched) is tokenized as its first
+    run would, into the cache, to tell edited text from touched files."""
+    from .data.tokens import cached_fingerprint, data_key, prepare_tokens  # numpy and sentencepiece only when asked
 
+    if recorded_key is not None and data_key(cfg) == recorded_key:
+        return cached_fingerprint(cfg)
     return prepare_tokens(cfg).fingerprint
+
+
+def usable_summary(run_dir: Path, raw: Mapping[str, Any]) -> Optional[dict]:
+    """The summary of a finished run in run_dir that a job of config `raw` may take as its own result, else None:
+    a run trained on other data than the config reads now is not (data_conflict; the job, launched, refuses the
+    directory with that line)."""
+    done = finished_summary(run_dir)
+    if done is None or data_conflict(run_dir, raw):
+        return None
+    return done
 
 
 
@@ -164,7 +181,7 @@ class Job:
     overrides: list[str]
     run_dir: Path
     cfg: Any  # the job's composed config, hydra node included
-    summary: Optional[dict]  # the summary of a finished run in run_dir, else None
+    summary: Optional[dict]  # the summary of a finished run in run_dir that is this job's result (usable_summary), else None
 
 
 
@@ -173,7 +190,7 @@ def compose_job(master_cfg, config_loader, overrides, composer: Optional["JobCom
     finished, its summary."""
     cfg = composer(overrides) if composer is not None else config_loader.load_sweep_config(master_cfg, list(overrides))
     run_dir = Path(cfg.hydra.sweep.dir) / str(OmegaConf.select(cfg, "hydra.sweep.subdir"))
-    return Job(list(overrides), run_dir, cfg, finished_summary(run_dir))
+    return Job(list(overrides), run_dir, cfg, usable_summary(run_dir, task_container(cfg)))
 
 
 class JobComposer:

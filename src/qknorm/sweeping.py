@@ -42,6 +42,7 @@ from .jobs import (
     JobComposer,
     check_strategy,
     compose_job,
+    data_conflict,
     describe_stacks,
     finished_summary,
     parallel_jobs,
@@ -307,7 +308,9 @@ def job_failed(job: Job) -> bool:
     done = finished_summary(job.run_dir)
     if done is not None:
         stored = done.get("config_id")
-        return stored is not None and stored != identity_hash(identity(task_container(job.cfg)))
+        raw = task_container(job.cfg)
+        # another config's run, or one trained on other data than the config reads now: the job refused it
+        return (stored is not None and stored != identity_hash(identity(raw))) or data_conflict(job.run_dir, raw) is not None
     if _status(job.run_dir) == "failed" or not job.run_dir.is_dir():
         return True
     try:

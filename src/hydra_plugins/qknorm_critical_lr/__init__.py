@@ -56,7 +56,9 @@ class CriticalLRSweeper(Sweeper):
 
         def outcome(job_overrides: list[str]) -> Optional[Outcome]:
             job = compose_job(config, context.config_loader, job_overrides)
-            return outcome_of(job.run_dir)
+            # job.summary: None unless the run finished on the data the config reads now (jobs.usable_summary);
+            # a run of other data is no result of this search (its job, launched, refuses the directory)
+            return outcome_of(job.run_dir) if job.summary is not None else None
 
         Search(self.settings, axes, launch, outcome, out_dir=sweep_dir, finished=outcome).run()
         return returns

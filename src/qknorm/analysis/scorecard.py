@@ -49,7 +49,7 @@ import yaml
 
 from ..rundir import FINISHED  # summary statuses of a run that ended; any other is still running or was cut
 from . import figures
-from .boundary import ALL_FAILED, NONE_FAILED, grid_runs, round_lr
+from .boundary import ALL_FAILED, NONE_FAILED, grid_runs, round_lr, upper
 from .critical_lr import critical_lr_table, draw_probes, finder_files, group_of_runs
 from .failure import failure_columns
 from .lr import capped_loss
@@ -380,8 +380,12 @@ def _undecided_lrs(record: dict, ended: pd.DataFrame) -> list[float]:
     def key(lr, seed) -> tuple[float, str]:
         return round_lr(float(lr)), str(seed)
 
-    asked = {key(p["lr"], p.get("seed")) for p in [*record.get("probes", []), *record.get("lost", [])]}
-    have = {key(r["lr"], r["seed"]): r for _, r in ended.iterrows()}
+    listed = [*record.get("probes", []), *record.get("lost", [])]
+    # a search without a seed axis records no seed (None) with its probes, while its runs carry the config's seed:
+    # each LR is one run there, matched by the LR alone
+    seedless = all(p.get("seed") is None for p in listed)
+    asked = {key(p["lr"], p.get("seed")) for p in listed}
+    have = {key(r["lr"], None if seedless else r["seed"]): r for _, r in ended.iterrows()}
     seeds = {seed for _, seed in asked}
     def failed(r) -> bool:
         return bool(r["diverged"]) or (not pd.isna(r.get("failed")) and bool(r.get("failed")))
@@ -391,6 +395,15 @@ def _undecided_lrs(record: dict, ended: pd.DataFrame) -> list[float]:
     ceiling = min(dead, default=math.inf)
     ruled_out = {k[0] for k, r in have.items() if bool(r["diverged"]) or r["status"] != "completed"}
     return sorted({lr for lr, _ in asked - set(have) if lr not in ruled_out and lr < ceiling})
+
+
+def _shown(folder: Path) -> str:
+    """A sweep folder as the table names it: relative to the working directory where it lies below it (a table
+    committed beside its runs names no machine's paths), else absolute."""
+    try:
+        return str(folder.relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(folder)
 
 
 def _search_done(sweep: Sweep, record: dict) -> bool:
@@ -411,7 +424,7 @@ def _group_row(sweep: Sweep, record: dict, frame: pd.DataFrame, boundaries: pd.D
     g = mine[mine["status"].isin(FINISHED)]
     ended = g[g["diverged"].notna()]
     lost, unresolved = len(record.get("lost", [])), len(dirs - set(frame["resolved"]))
-    row: dict[str, Any] = {"preset": preset, "group": record["group"], "sweep": str(sweep.folder), "search_done": state.done,
+    row: dict[str, Any] = {"preset": preset, "group": record["group"], "sweep": _shown(sweep.folder), "search_done": state.done,
                            "runs": len(g), "not_finished": len(mine) - len(g), "lost": lost, "seeds": len(group.seeds),
                            "machine_hours": float(g["wall_time_s"].fillna(0).sum()) / 3600,
                            "params": g["params"].dropna().iloc[0] if g["params"].notna().any() else math.nan}
@@ -458,9 +471,12 @@ def _group_row(sweep: Sweep, record: dict, frame: pd.DataFrame, boundaries: pd.D
                lr_sensitivity_max=max(sens) if spread else math.nan, lr_sensitivity_note=sens_note)
     # where every seed succeeded, and where every seed failed, against the bigram model: the order the runs themselves
     # give where a fitted interval cannot be trusted to (marked; render's baseline comparison)
+    # (read on the probes of the upper boundary, boundary.upper: a failure below the first LR where every seed
+    # succeeded, an LR too small to learn, says nothing of where a too-large LR starts to fail)
     verdicts = {lr: f for lr, f in ended.groupby("lr")["failed"] if f.notna().all() and len(f) >= seeds}
-    ok_lrs = [float(lr) for lr, f in verdicts.items() if not f.astype(bool).any()]
-    dead_lrs = [float(lr) for lr, f in verdicts.items() if f.astype(bool).all()]
+    upper_lrs = {lr for lr, _ in upper([(float(lr), bool(x)) for lr, f in verdicts.items() for x in f], "failed")}
+    ok_lrs = [float(lr) for lr, f in verdicts.items() if float(lr) in upper_lrs and not f.astype(bool).any()]
+    dead_lrs = [float(lr) for lr, f in verdicts.items() if float(lr) in upper_lrs and f.astype(bool).all()]
     row.update(critical_all_ok_max=max(ok_lrs, default=math.nan), critical_all_failed_min=min(dead_lrs, default=math.nan))
     b = boundaries[boundaries["group"] == record["group"]] if not boundaries.empty else boundaries
     for prefix, name in (("divergence", "divergence"), ("critical", "critical")):
@@ -493,16 +509,16 @@ class Twins:
 def twins(probes: dict[str, pd.DataFrame], first_round: Optional[dict[str, set[float]]] = None) -> list[Twins]:
     """Pairs of presets indistinguishable at this recipe: `probes` maps each preset to its finished runs (lr, seed,
     status, diverged, final_val_loss); `first_round` each preset's first-round LRs (where given, only the probes at
-    LRs of both presets' first rounds are compared: TWIN_NATS). A pair qualifies when every shared (lr, seed) probe
-    ends the same way and at least TWIN_MIN_SHARED of them completed without diverging, with final losses within
-    TWIN_NATS of each other, every one."""
+    LRs of both presets' first rounds are compared: TWIN_NATS; a preset absent from it, every shared probe). A pair
+    qualifies when every shared (lr, seed) probe ends the same way and at least TWIN_MIN_SHARED of them completed
+    without diverging, with final losses within TWIN_NATS of each other, every one."""
     keyed = {p: {(round_lr(float(r["lr"])), r["seed"]): r for _, r in f.iterrows()} for p, f in probes.items()}
     out = []
     names = sorted(keyed)
     for i, a in enumerate(names):
         for b in names[i + 1:]:
             shared = sorted(set(keyed[a]) & set(keyed[b]))
-            if first_round is not None:
+            if first_round is not None and a in first_round and b in first_round:  # (a record without rounds: all)
                 lrs = {round_lr(lr) for lr in first_round.get(a, set())} & {round_lr(lr) for lr in first_round.get(b, set())}
                 shared = [k for k in shared if k[0] in lrs]
             if len(shared) < TWIN_MIN_SHARED:  # too few shared probes to compare
@@ -551,7 +567,8 @@ def scorecard(paths: list[str | Path], benchmarks: Path = BENCHMARKS, presets: P
             row, ended = _group_row(s, record, frame, boundaries)
             rows.append(row)
             probes[row["preset"]] = ended
-            first_round[row["preset"]] = {float(lr) for lr in (record.get("rounds") or [[]])[0]}
+            if record.get("rounds"):  # (an older finder.json has none: that preset's twins compare every shared probe)
+                first_round[row["preset"]] = {float(lr) for lr in record["rounds"][0]}
     table = pd.DataFrame(rows)
     for col in ("best_lr", "best_val_loss", "best_val_loss_halfrange", "lr_sensitivity", "lr_sensitivity_min", "lr_sensitivity_max",
                 "divergence_lr", "critical_lr", "logit_growth_best_lr", "logit_growth_step_lr", "growth_step_lr",
@@ -885,8 +902,9 @@ def render(table: pd.DataFrame, info: dict, command: str, figure: Optional[tuple
         missing.append(f"named by the sweep's command but with no group in finder.json: {', '.join(info['swept_without_group'])}")
     if info.get("not_swept"):
         missing.append(f"in conf/attention but not in this sweep: {', '.join(info['not_swept'])}")
-    stray = ([f"The sweep folder also holds {info['stray_runs']} run directories that finder.json lists as no probe: they are "
-              "left out of the table and the counts."] if info.get("stray_runs") else [])
+    stray = ([f"The sweep folder also holds {info['stray_runs']} run directories that are none of the finished searches' "
+              "probes in finder.json (runs of another command in the same folder): they are left out of the table and the "
+              "counts. (A probe that gave no result is counted in its preset's row, as lost.)"] if info.get("stray_runs") else [])
     return "\n".join([
         "# Stabilizer scorecard", "",
         "Generated by `qknorm-scorecard` from the committed runs of a critical-LR finder sweep (regenerate: "

@@ -183,7 +183,8 @@ def progress(group: Group, settings: FinderSettings, coarse: Sequence[float]) ->
         return Progress(True, f"stopped by max_rounds ({settings.max_rounds}) with LR {', '.join(map(_fmt, lrs))} unprobed")
     if lost := open_probes(group, settings):
         return Progress(True, f"stopped: its probes at LR {', '.join(map(_fmt, lost))} gave no result (a rerun tries again)")
-    if lost := lost_above(group):
+    # lost probes above every result leave a boundary unknown only where a target's bracket has no upper end yet
+    if any(group.bracket(t).hi is None for t in settings.targets) and (lost := lost_above(group)):
         return Progress(True, f"stopped: its probes at LR {', '.join(map(_fmt, lost))}, above every result, gave no result "
                               "(a rerun tries again)")
     return Progress(True)

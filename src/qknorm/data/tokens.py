@@ -304,6 +304,25 @@ def _build_tokens(source: Source, cfg: DataConfig, tokenizer: Tokenizer, folder:
     return shards_mod.write_meta(folder, plan, records, {"corpus": source.name, "tokenizer": tokenizer.path.parent.name})
 
 
+def data_key(cfg: DataConfig) -> str:
+    """The name of the token cache entry this config reads (its tokenizer's key and its source's): what a run
+    records beside its data_fingerprint. Computed from the config and the source's description (text_files:
+    its files' sizes and times), without reading the text or building anything."""
+    source = open_source(cfg)
+    return tokens_folder(source, cfg, tokenizer_folder(source, cfg)).name
+
+
+def cached_fingerprint(cfg: DataConfig) -> Optional[str]:
+    """The config's data_fingerprint if its tokenizer and token shards are in the cache, else None; builds
+    nothing (a run's skip or resume check must not tokenize a corpus to compare with)."""
+    source = open_source(cfg)
+    tok_dir = tokenizer_folder(source, cfg)
+    if not (tok_dir / "meta.json").exists() or not (tok_dir / "spm.model").exists():
+        return None
+    meta = shards_mod.open_entry(tokens_folder(source, cfg, tok_dir))
+    return None if meta is None else data_fingerprint(meta, Tokenizer(tok_dir / "spm.model"))
+
+
 def prepare_tokens(cfg: DataConfig) -> TokenizedCorpus:
     """The corpus's tokenizer and token shards, from the cache or built into it (the path every run takes)."""
     source = open_source(cfg)

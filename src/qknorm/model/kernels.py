@@ -42,6 +42,14 @@ def force(**choices) -> Iterator[None]:
     unknown = set(choices) - {"norm_rope", "lm_loss_chunk_rows", "softcap", "stack"}
     if unknown:
         raise ValueError(f"unknown kernel choices: {sorted(unknown)}")
+    allowed = {"norm_rope": ("fused", "composite"), "softcap": ("chunked", "flex"), "stack": ("vmap", "loop")}
+    for key, value in choices.items():
+        # a misspelt path would fall through each caller's `== "..."` test to the other path, silently
+        if key in allowed and value not in allowed[key]:
+            raise ValueError(f"kernel choice {key}={value!r}: one of {', '.join(allowed[key])}")
+        rows = choices.get("lm_loss_chunk_rows")
+        if key == "lm_loss_chunk_rows" and rows is not None and not (isinstance(rows, int) and rows > 0):
+            raise ValueError(f"kernel choice lm_loss_chunk_rows={rows!r}: a positive number of rows, or None (composite)")
     saved = dict(_forced)
     _forced.update(choices)
     try:
@@ -62,12 +70,18 @@ def norm_rope_kernel(device: torch.device) -> str:
     return "fused" if device.type == "cpu" and not compiling() else "composite"
 
 
-def lm_loss_chunk_rows(device: torch.device, vocab: int) -> Optional[int]:
+def lm_loss_chunk_rows(device: torch.device, vocab: int, dtype: torch.dtype = torch.float32) -> Optional[int]:
     """Rows per chunk of the fused head loss; None: the composite loss (one cross-entropy over all rows,
-    which torch.compile fuses with the head matmul's epilogue, z-loss and soft-cap)."""
+    which torch.compile fuses with the head matmul's epilogue, z-loss and soft-cap). `dtype`: the head's
+    compute dtype (autocast's, where it is on)."""
     if "lm_loss_chunk_rows" in _forced:
         return _forced["lm_loss_chunk_rows"]
     if compiling():
+        return None
+    if dtype == torch.float16:
+        # fp16 mixed precision scales the loss before its backward (GradScaler) so that small gradients survive
+        # fp16; the fused loss computes its gradients in the forward, before that scale, and casts them to fp16:
+        # entries of softmax / tokens (about 1e-7 at 16k tokens) underflow. The composite loss's backward sees it
         return None
     if device.type == "cpu":
         return max(32, (1 << 20) // vocab)  # ~4 MB of fp32 logits per chunk: stays in cache

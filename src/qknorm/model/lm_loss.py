@@ -79,7 +79,9 @@ def lm_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, z
     """hidden [..., d], weight [V, d], targets [...] -> (mean CE + z_loss * mean log^2 Z, per-token
     CE in nats (no grad), mean log^2 Z (no grad)), on the path `kernels.lm_loss_chunk_rows` picks.
     z_loss: a number, or a 0-d tensor (one per member of a stack of runs)."""
-    rows = kernels.lm_loss_chunk_rows(hidden.device, weight.shape[0])
+    on = torch.is_autocast_enabled(hidden.device.type)
+    rows = kernels.lm_loss_chunk_rows(hidden.device, weight.shape[0],
+                                      torch.get_autocast_dtype(hidden.device.type) if on else hidden.dtype)
     if rows is None:  # composite: the whole logit matrix, as a user would write it
         logits = head_logits(hidden, weight, softcap)
         log_z = torch.logsumexp(logits, dim=-1)

@@ -18,7 +18,7 @@ device (`kernels.py`): the CPU's hand-written autograd nodes (norm + RoPE, the c
 declare `generate_vmap_rule`, so vmap runs them per member as they are, and a member's arithmetic is
 its solo run's op for op. A stack whose members need their own modules (attention scalars that
 differ, QK-Clip, the soft-cap's kernels) loops over its member views on every device
-(`training.stack.needs_own_code`).
+(`needs_own_code`, which the stack reads from its members' own configs).
 """
 
 from __future__ import annotations
@@ -31,8 +31,18 @@ import torch
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
+from ..config import AttentionConfig
 from . import kernels
 from .transformer import Transformer
+
+
+def needs_own_code(attention: Sequence[AttentionConfig]) -> bool:
+    """Whether a stack of members with these attention configs must run each member's own modules: settings that
+    differ between them (a soft-cap's or a fixed scale's value: a member's modules hold them as Python numbers,
+    and vmap would run member 0's modules for all), QK-Clip (its running max logit is a member's own state), or
+    the soft-cap (its kernels, chunked on a CPU and FlexAttention on a GPU, are not written for vmap)."""
+    a = attention[0]
+    return len({repr(c) for c in attention}) > 1 or a.qk_clip_tau is not None or a.softcap is not None
 
 
 class _Loss(nn.Module):
@@ -74,6 +84,7 @@ class StackedModel(nn.Module):
         # stack runs, with the member's own attention scalars
         self._skeletons = list(members)
         self._views: list[Transformer] | None = None
+        self.own_code = needs_own_code([m.attention_cfg for m in members])  # loss() loops over the members then
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
@@ -129,9 +140,9 @@ class StackedModel(nn.Module):
         z_loss * mean log^2 Z [M], per-token CE [M, B, T] (no grad), mean log^2 Z [M] (no grad). On the
         path kernels.stack_kernel picks: vmapped over all K (gradients land on the stacked parameters;
         the members left out get none) or looped over the chosen members' views (gradients land on the
-        views)."""
+        views). A stack whose members need their own code (self.own_code) loops whatever `own_code` says."""
         members = list(range(self.k)) if members is None else list(members)
-        if kernels.stack_kernel(idx.device, own_code) == "loop":
+        if kernels.stack_kernel(idx.device, own_code or self.own_code) == "loop":
             views = self.member_views()
             outs = [views[k].loss(idx[k], targets[k], z_loss[k]) for k in members]
             return tuple(torch.stack(parts) for parts in zip(*outs, strict=True))

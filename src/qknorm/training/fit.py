@@ -107,6 +107,7 @@ def train(cfg: RunConfig, run_dir: Path, summary) -> dict:
     module.started_at, module.run_t0 = summary.data["started_at"], summary.t0  # the run's clock, from its start
     params = {"params": module.model.num_params(), "params_non_embedding": module.model.num_params(exclude_embedding=True),
               "vocab_size": data.vocab_size, "corpus": data.corpus_name, "data_fingerprint": data.fingerprint,
+              "data_key": data.tokenized.folder.name,  # the cache entry read (qknorm.data.tokens.data_key)
               "train_tokens_available": int(len(data.tokenized.train_tokens()))}
     summary.update(**params)
     log.info("model: %d parameters (%d without the embedding)", params["params"], params["params_non_embedding"])

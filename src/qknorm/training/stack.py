@@ -12,6 +12,7 @@ import dataclasses
 from typing import Sequence
 
 from ..config import RunConfig
+from ..model.stack import needs_own_code as model_needs_own_code
 from ..rundir import NOT_IDENTITY, flatten, identity_hash
 
 # What members of one stack may differ in: their initialization and the optimizer's scalars. Everything
@@ -37,13 +38,9 @@ def _compared(cfg: RunConfig) -> dict:
 
 
 def needs_own_code(configs: Sequence[RunConfig]) -> bool:
-    """Whether the members must each run their own modules (see OWN_CODE_KEYS)."""
-    flats = [flatten(dataclasses.asdict(c)) for c in configs]
-    differ = any(len({repr(f.get(k)) for f in flats}) > 1 for k in OWN_CODE_KEYS)
-    a = configs[0].attention
-    # QK-Clip: its running max logit; the soft-cap: its kernels (chunked on a CPU, FlexAttention on a
-    # GPU) are not written for vmap
-    return differ or a.qk_clip_tau is not None or a.softcap is not None
+    """Whether the members must each run their own modules (see OWN_CODE_KEYS): the model's rule
+    (model.stack.needs_own_code), which a StackedModel also reads from its members itself."""
+    return model_needs_own_code([c.attention for c in configs])
 
 
 def stack_key(cfg: RunConfig) -> str:

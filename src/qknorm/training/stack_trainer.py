@@ -358,6 +358,7 @@ def train_stack(specs: list[MemberSpec], precision: str, accelerator: str = "aut
         models.append(build_model(spec.cfg, data.vocab_size))
     params = {"params": models[0].num_params(), "params_non_embedding": models[0].num_params(exclude_embedding=True),
               "vocab_size": data.vocab_size, "corpus": data.corpus_name, "data_fingerprint": data.fingerprint,
+              "data_key": data.tokenized.folder.name,  # the cache entry read (qknorm.data.tokens.data_key)
               "train_tokens_available": int(len(data.tokenized.train_tokens()))}
     stack = StackedModel(models).to(device)
     del models

@@ -112,6 +112,16 @@ def test_probes_lost_above_a_closed_bracket_leave_the_search_finished_without_a_
     assert g["search"] == {"done": True, "note": ""}, g["search"]
     assert g["diverged"]["bracket"] == [0.03162, 0.1]
 
+    # seed 1 never diverged below the crashed probes: the zone's upper end is still open, and the note says why
+    def split(job: list[str]) -> Outcome | None:
+        values = dict(o.split("=", 1) for o in job)
+        lr = float(values["optim.lr"])
+        return None if lr >= 1 else Outcome(diverged=lr >= 0.1 and values["seed"] == "0", failed=None)
+
+    g = Search(FinderSettings(lr_min=1e-3, lr_max=1.0, targets=("diverged",), climb=False, precision=3.17),
+               [("seed", ["0", "1"])], lambda batch: None, split).run()["groups"][0]
+    assert g["search"]["done"] and "LR 1, above every result, gave no result" in g["search"]["note"], g["search"]
+
 
 def test_the_zone_s_upper_end_is_where_the_last_seed_fails():
     # seed 0 fails from 0.1, seed 1 only from 1: the bracket is the first seed's, the zone's top the last one's

@@ -195,17 +195,21 @@ def test_the_soft_cap_check_is_undecided_when_the_capped_logit_is_above_the_cap(
     assert "soft-capped runs is above the cap" in checks[SOFTCAP].why
 
 
-def test_the_clip_peak_leaves_out_a_head_s_nan_wherever_it_stands(tmp_path):
-    """A record whose first head measured NaN (or null) and whose second measured 40: the peak is 40 either way round,
-    and a record of NaN alone adds nothing."""
+def test_a_head_that_measured_nan_was_not_held_wherever_it_stands(tmp_path):
+    """Heads of 35 and 40: the peak is 40. A head that measured NaN (null in the file: its logits blew up) was not
+    held at tau, wherever it stands among the heads: the peak is infinite."""
     import json
 
     from claims.e11_muon import clip_peak
 
     run = tmp_path / "run"
     run.mkdir()
-    recs = [{"step": 0, "layers": [{"qk_clip_max_logit": [float("nan"), 40.0]}]},
-            {"step": 1, "layers": [{"qk_clip_max_logit": [35.0, None]}]},
-            {"step": 2, "layers": [{"qk_clip_max_logit": [float("nan")], "qk_clip_gamma": [0.5]}]}]
-    (run / "stability.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
-    assert clip_peak(str(run), 30.0) == 40.0
+    def peak(*records) -> float:
+        (run / "stability.jsonl").write_text("".join(json.dumps({"step": i, "layers": [layer]}) + "\n"
+                                                     for i, layer in enumerate(records)))
+        return clip_peak(str(run), 30.0)
+
+    assert peak({"qk_clip_max_logit": [35.0, 40.0]}, {"qk_clip_max_logit": [20.0, 30.0]}) == 40.0
+    for heads in ([float("nan"), 40.0], [40.0, float("nan")], [40.0, None]):
+        assert peak({"qk_clip_max_logit": heads}) == float("inf"), heads
+    assert peak({"qk_clip_gamma": [0.5, 1.0]}) == 60.0 and peak({"qk_clip_gamma": [1.0, None]}) == float("inf")

@@ -574,6 +574,17 @@ def test_e3_is_decided_on_the_critical_lr_and_can_say_no(tmp_path):
     assert not any("first diverges" in c.name for c in e3.checks), [c.name for c in e3.checks]
 
 
+def test_e3_marks_a_critical_lr_below_the_grid_and_says_how_each_bracket_fails(tmp_path):
+    """L2 with a learned g spoilt from the grid's first LR: its critical LR lies at or below 0.1 (censored), in the
+    table and per seed; the page says how each headline variant fails at its bracket's upper end."""
+    e3_fixture(tmp_path / "runs" / RUNS["E3"], [0.1, 0.15, 0.22, 0.33], seeds=(0, 1), spoiled={"henry2020_l2": 0.1})
+    body = "\n".join(build(tmp_path / "runs", tmp_path)["E3"].body)
+    row = next(line for line in body.splitlines() if line.startswith("| L2 per head learned g |"))
+    assert "| <= 0.1 |" in row and row.endswith("0: <= 0.1, 1: <= 0.1 |"), row
+    assert "LayerNorm per head: at LR 0.33, of 2 seeds, 2 diverged after it; at LR 0.22 every seed ended below" in body
+    assert "L2 per head learned g: at LR 0.1, of 2 seeds, 2 ended worse than the bigram model." in body, body
+
+
 def test_e3_compares_per_head_and_full_width_where_every_seed_succeeded(tmp_path):
     """Not where they are merely stable: at LR 0.22 LayerNorm per head ends worse than the bigram model without
     diverging, so the comparison moves down to 0.15, the largest LR where every seed of all four succeeded."""

@@ -290,3 +290,44 @@ def test_a_multirun_holds_the_data_check_and_a_cleared_cache_is_not_rebuilt_to_s
     assert proc.returncode == 1 and "finished job(s) will be skipped" not in out, out[-3000:]
     assert out.count("trained on other data") >= 2 and "2 of 2 jobs failed" in out, out[-3000:]
     assert {p: p.read_text() for p in sweep.rglob("summary.json")} == summaries
+
+
+def test_the_data_check_builds_nothing_to_skip_a_run_and_everything_to_resume_one(tmp_path):
+    """A finished run whose config names the cache entry it recorded is skipped as it is when the cache no longer
+    holds it (nothing tokenized); the sweeper (build=False) tokenizes nothing and takes a run it cannot tell
+    (recorded before data_key, or of another config) as no result of the job; a checkpoint is resumed only after
+    its data is built and compared, whatever the key says (the key does not hold e.g. the tokenizer library's
+    version)."""
+    from omegaconf import OmegaConf
+
+    from qknorm.config import load_run_config
+    from qknorm.data.tokens import data_key
+    from qknorm.jobs import _current_fingerprint, data_conflict, usable_summary
+    from qknorm.rundir import identity, identity_hash
+
+    from .conftest import compose_raw
+
+    cache, run = tmp_path / "cache", tmp_path / "run"
+    raw = OmegaConf.to_container(compose_raw([f"paths.cache_dir={cache}", "data.vocab_size=512"]), resolve=True)
+    key = data_key(load_run_config(raw).data)
+    run.mkdir()
+    _current_fingerprint.cache_clear()
+
+    def summary(**fields) -> None:
+        (run / "summary.json").write_text(json.dumps({"data_fingerprint": "0123456789abcdef", "data_key": key,
+                                                      "config_id": identity_hash(identity(raw)), **fields}))
+
+    def built() -> bool:
+        return any((cache / "tokens").glob("*/meta.json"))
+
+    summary(status="completed")
+    assert data_conflict(run, raw) is None and usable_summary(run, raw) is not None and not built()
+    summary(status="completed", data_key=None)
+    assert "not known without tokenizing" in (data_conflict(run, raw, build=False) or "")
+    assert usable_summary(run, raw) is None and not built()
+    summary(status="completed", config_id="another config")
+    assert usable_summary(run, raw) is None
+    summary(status="running")
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"")
+    assert "holds a checkpoint trained on other data" in (data_conflict(run, raw) or "") and built()

@@ -71,8 +71,9 @@ def clip_peak(run_dir: str, tau: float) -> float:
     """The largest max logit QK-Clip measured at a monitor record, over layers and heads: S_h, signed, on the step's
     training batch, before that step's clip (the quantity Kimi K2 holds at tau). From the record's qk_clip_max_logit;
     in runs recorded before it, tau / gamma_h where a head was clipped, and tau where none was (S_h <= tau there:
-    an upper bound). NaN without a record of a clip. A head's NaN (a record of a run that blew up; null in the
-    file) is left out, not read as the peak: Python's max would keep or drop it by its position in the list."""
+    an upper bound). NaN without a record of a clip. A head that measured NaN (null in the file: its logits blew
+    up) gives an infinite peak: the clip did not hold it (Python's max would have kept or dropped the NaN by its
+    position in the list)."""
     def values(xs) -> np.ndarray:
         return np.asarray([math.nan if x is None else float(x) for x in xs], dtype=float)
 
@@ -80,11 +81,11 @@ def clip_peak(run_dir: str, tau: float) -> float:
     for rec in records(run_dir):
         for layer in rec["layers"]:
             if (measured := layer.get("qk_clip_max_logit")) is not None:  # the measurement, where recorded, alone
-                if np.isnan(s := values(measured)).all():
-                    continue
-                v = float(np.nanmax(s))
-            elif (gamma := layer.get("qk_clip_gamma")) is not None and not np.isnan(g := values(gamma)).all():
-                v = tau / float(np.nanmin(g)) if np.nanmin(g) < 1 else tau
+                s = values(measured)
+                v = math.inf if np.isnan(s).any() else float(s.max())
+            elif (gamma := layer.get("qk_clip_gamma")) is not None:
+                g = values(gamma)
+                v = math.inf if np.isnan(g).any() else tau / float(g.min()) if g.min() < 1 else tau
             else:
                 continue
             peak = v if math.isnan(peak) else max(peak, v)

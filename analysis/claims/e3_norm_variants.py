@@ -51,12 +51,39 @@ def same_critical(frame: pd.DataFrame, a: str, b: str) -> tuple[Optional[bool], 
     return within_one_bracket(brackets, "ends worse than the bigram model")
 
 
+def how_it_fails(frame: pd.DataFrame, variant: str, b, bigram: Optional[float], bar: float) -> str:
+    """How a variant's runs fail at its bracket's upper end (diverged inside the warmup, after it, or ended worse
+    than the bigram model), and the smallest margin under the bigram model at its lower end, against the seed
+    noise (`bar`, AGREE_NATS)."""
+    rows = frame[frame["variant"] == variant]
+    parts = []
+    if b.hi is not None:
+        at = rows[rows["lr"] == b.hi]
+        counts = {"diverged inside the warmup": int((at["diverged"] & ~at["after_warmup"]).sum()),
+                  "diverged after it": int(at["after_warmup"].sum()),
+                  "ended worse than the bigram model": int((~at["diverged"] & at["failed"].eq(True)).sum())}
+        told = ", ".join(f"{n} {what}" for what, n in counts.items() if n)
+        parts.append(f"at LR {lr_fmt(b.hi)}, of {len(at)} seeds, {told or 'none failed'}")
+    if b.lo is not None and bigram is not None:
+        ok = rows[rows["lr"] == b.lo]["final_val_loss"].astype(float)
+        margin = bigram - float(ok.max())
+        thin = " (within the seed noise, AGREE_NATS " + fmt(bar) + ": a thin pass)" if margin < bar else ""
+        parts.append(f"at LR {lr_fmt(b.lo)} every seed ended below the bigram model, the closest by {margin:.3f} nats{thin}")
+    return f"{variant}: " + "; ".join(parts) if parts else f"{variant}: no bracket"
+
+
 def analyse(frame: pd.DataFrame, sec: Section, ctx: Context) -> None:
     frame, tol = lr_ladder(frame, sec=sec)
     sec.figures.append(ladder_figure(tol, "E3: QK-norm kinds, scopes and positions (x: diverged)", ctx, "e3_norm_variants.png"))
     sec.body += ladder_rows(tol, per_seed="critical")
     brackets = {v: critical_bracket(frame, v) for v in tol}
     sec.body += ["", brackets_line("Critical-LR brackets (worse than the bigram model, or diverged)", brackets)]
+    # what the headline's brackets rest on: how the runs fail at each one's upper end (a blow-up or a spoilt model),
+    # and how near its last all-success LR came to failing; a margin under the seed noise is a thin pass
+    modes = [how_it_fails(frame, v, brackets[v], ctx.reference.nats, ctx.noise.bar)
+             for v in (REFERENCE, *SAME_AS_REFERENCE) if v in brackets]
+    if modes:
+        sec.body += ["", "At each headline bracket: " + "; ".join(modes) + "."]
     checks: list[Check] = []
     for other in SAME_AS_REFERENCE:
         checks.append(headline(f"{other}'s critical LR is about {REFERENCE}'s", *same_critical(frame, REFERENCE, other)))

@@ -583,6 +583,10 @@ def ladder_rows(tol: dict, per_seed: str = "first_div") -> list[str]:
     def known(v: float) -> str:
         return "-" if isinstance(v, float) and math.isnan(v) else lr_fmt(v)
 
+    def critical(v: float, smallest: float) -> str:
+        # failing already at the smallest LR tried: the critical LR lies at or below it (censored)
+        return f"<= {lr_fmt(v)}" if isinstance(v, float) and math.isfinite(v) and v <= smallest else known(v)
+
     def cell(c: pd.DataFrame, lr: float) -> str:
         if lr not in c.index:
             return "-"
@@ -591,13 +595,18 @@ def ladder_rows(tol: dict, per_seed: str = "first_div") -> list[str]:
 
     for v, t in tol.items():
         c = t["curve"].set_index("lr")
-        each = ", ".join(f"{s}: {known(t['per_seed'][s][per_seed]) if s in t['per_seed'] else '-'}" for s in seeds)
+        low = t["smallest_tried"]
+        values = {s: t["per_seed"][s][per_seed] for s in seeds if s in t["per_seed"]}
+        each = ", ".join(f"{s}: " + ("-" if s not in values else critical(values[s], low) if per_seed == "critical"
+                                     else known(values[s])) for s in seeds)
         rows.append(f"| {v} | " + " | ".join(cell(c, lr) for lr in lrs) + f" | {lr_fmt(t['largest_stable'])} | "
-                    f"{lr_fmt(t['first_div'])} | {known(t['critical'])} | {lr_fmt(t['jump'])} |" + (f" {each} |" if several else ""))
+                    f"{lr_fmt(t['first_div'])} | {critical(t['critical'], low)} | {lr_fmt(t['jump'])} |"
+                    + (f" {each} |" if several else ""))
     return rows + ["", "Losses are the seeds' mean, capped at the initial loss. (div): a seed diverged there, after its "
                    "warmup; (div, warmup): only inside its warmup. Critical LR: the first LR at which a seed ends worse "
                    "than the bigram model or diverges (the finder's and the scorecard's definition; - without a bigram "
-                   f"reference). Jump LR: the first LR above the curve's best whose loss is JUMP_NATS ({JUMP_NATS:g} nats) "
+                   "reference; <= where it fails already at the smallest LR tried, so that it lies at or below it). "
+                   f"Jump LR: the first LR above the curve's best whose loss is JUMP_NATS ({JUMP_NATS:g} nats) "
                    "above that best, a limit relative to the curve's own optimum."]
 
 

@@ -49,57 +49,71 @@ def finished_summary(run_dir: Path) -> Optional[dict]:
     return summary if summary.get("status") in FINISHED else None
 
 
-def data_conflict(run_dir: Path, raw: Mapping[str, Any]) -> Optional[str]:
+def data_conflict(run_dir: Path, raw: Mapping[str, Any], build: bool = True) -> Optional[str]:
     """Why the run `run_dir` holds can be neither skipped nor resumed by a job of config `raw`: it finished,
     or left a checkpoint, on other tokens than the config reads now (its corpus files were edited or its
     tokenizer retrained since; qknorm.data.tokens.data_fingerprint). The config is the same (check_identity),
     so without this a rerun would skip a result of the old data or continue its weights on the new. None
     when the data is the same, when the run recorded none (it predates the record, or stopped before its
-    data was ready), or when the data cannot be read now (the job reports that itself if it trains)."""
+    data was ready), or when the data cannot be read now (the job reports that itself if it trains).
+
+    `build` (the job's own check): where the token cache cannot say, the data is tokenized as the run would
+    tokenize it (a checkpoint always: its run is about to build the data anyway). Without it (the sweeper's look
+    at every job: listing, planning, the finder reading finished probes) nothing is built, and a run whose data
+    the cache cannot tell apart is reported as not known (a line saying so): the job is launched and checks
+    itself. A finished run whose config still names the cache entry it recorded (data_key) is compared only if
+    the cache holds that entry: cleared, or runs from another machine, it is taken as it is, since tokenizing a
+    whole corpus only to skip a finished run would cost what training it did."""
     try:
         summary = json.loads((Path(run_dir) / "summary.json").read_text())
     except (OSError, ValueError):
         return None
     recorded = summary.get("data_fingerprint")
+    finished = summary.get("status") in FINISHED
     has_checkpoint = any((Path(run_dir) / "checkpoints").glob("*.ckpt"))
-    if not recorded or not (summary.get("status") in FINISHED or has_checkpoint):
+    if not recorded or not (finished or has_checkpoint):
         return None
     try:
-        now = _current_fingerprint(load_run_config(raw).data, summary.get("data_key"))
+        now = _current_fingerprint(load_run_config(raw).data, summary.get("data_key") if finished else None, build)
     except QknormError:
         return None
-    if now is None or now == recorded:
+    if now in (recorded, _SAME_ENTRY):
         return None
-    held = f"a {summary['status']} run" if summary.get("status") in FINISHED else "a checkpoint"
+    if now is None:
+        return (f"{run_dir}: whether it holds a run of the data its config reads now is not known without tokenizing "
+                "that data (the token cache holds no entry for it); the job checks it when it starts")
+    held = f"a {summary['status']} run" if finished else "a checkpoint"
     return (f"{run_dir} holds {held} trained on other data than its config reads now (tokens {recorded} there, {now} "
             "here: the corpus files or the tokenizer changed since); it is left as it is: restore the data, or choose "
             "another hydra.run.dir / hydra.sweep.dir to train anew")
 
 
+_SAME_ENTRY = "same cache entry, not in the cache"  # _current_fingerprint: not compared (see data_conflict)
+
+
 @functools.lru_cache(maxsize=16)
-def _current_fingerprint(cfg: DataConfig, recorded_key: Optional[str]) -> Optional[str]:
-    """The data config's tokens now; one look per sweep. Where the config names the cache entry the run recorded
-    (data_key: the same tokenizer settings and source description), they are read from the cache if it holds
-    them, and otherwise not compared (None: the cache was cleared, or the run came from another machine; the
-    source is described as it was, and tokenizing a whole corpus only to skip a finished run would cost what
-    training it did). A source described otherwise (text_files edited or touched) is tokenized as its first
-    run would, into the cache, to tell edited text from touched files."""
+def _current_fingerprint(cfg: DataConfig, recorded_key: Optional[str], build: bool) -> Optional[str]:
+    """The data config's tokens now (data_conflict); one look per sweep. _SAME_ENTRY: the config names the
+    recorded cache entry, which the cache no longer holds; None: not in the cache, and not to be built."""
     from .data.tokens import cached_fingerprint, data_key, prepare_tokens  # numpy and sentencepiece only when asked
 
     if recorded_key is not None and data_key(cfg) == recorded_key:
-        return cached_fingerprint(cfg)
-    return prepare_tokens(cfg).fingerprint
+        return cached_fingerprint(cfg) or _SAME_ENTRY
+    return prepare_tokens(cfg).fingerprint if build else cached_fingerprint(cfg)
 
 
 def usable_summary(run_dir: Path, raw: Mapping[str, Any]) -> Optional[dict]:
     """The summary of a finished run in run_dir that a job of config `raw` may take as its own result, else None:
-    a run trained on other data than the config reads now is not (data_conflict; the job, launched, refuses the
-    directory with that line)."""
+    not a run of another config (its config_id), nor one trained on other data than the config reads now, nor one
+    whose data the token cache cannot tell (data_conflict without building: nothing is tokenized here); such a
+    job is launched, and refuses the directory with its one line, or checks the data and skips the run."""
     done = finished_summary(run_dir)
-    if done is None or data_conflict(run_dir, raw):
+    if done is None:
         return None
-    return done
-
+    stored = done.get("config_id")
+    if stored is not None and stored != identity_hash(identity(raw)):
+        return None
+    return None if data_conflict(run_dir, raw, build=False) else done
 
 
 def preflight(raw: Mapping[str, Any], on_this_machine: bool = False) -> RunConfig:

@@ -310,7 +310,7 @@ def job_failed(job: Job) -> bool:
         stored = done.get("config_id")
         raw = task_container(job.cfg)
         # another config's run, or one trained on other data than the config reads now: the job refused it
-        return (stored is not None and stored != identity_hash(identity(raw))) or data_conflict(job.run_dir, raw) is not None
+        return (stored is not None and stored != identity_hash(identity(raw))) or data_conflict(job.run_dir, raw, build=False) is not None
     if _status(job.run_dir) == "failed" or not job.run_dir.is_dir():
         return True
     try:

@@ -183,8 +183,10 @@ def progress(group: Group, settings: FinderSettings, coarse: Sequence[float]) ->
         return Progress(True, f"stopped by max_rounds ({settings.max_rounds}) with LR {', '.join(map(_fmt, lrs))} unprobed")
     if lost := open_probes(group, settings):
         return Progress(True, f"stopped: its probes at LR {', '.join(map(_fmt, lost))} gave no result (a rerun tries again)")
-    # lost probes above every result leave a boundary unknown only where a target's bracket has no upper end yet
-    if any(group.bracket(t).hi is None for t in settings.targets) and (lost := lost_above(group)):
+    # lost probes above every result leave a boundary unknown only where a target's bracket, or the zone's upper
+    # end (where the last seed fails, which the search narrows too), has no upper end yet
+    open_top = any(group.bracket(t).hi is None or zone_top(group.probes(t), t).hi is None for t in settings.targets)
+    if open_top and (lost := lost_above(group)):
         return Progress(True, f"stopped: its probes at LR {', '.join(map(_fmt, lost))}, above every result, gave no result "
                               "(a rerun tries again)")
     return Progress(True)

@@ -122,6 +122,19 @@ def test_probes_lost_above_a_closed_bracket_leave_the_search_finished_without_a_
                [("seed", ["0", "1"])], lambda batch: None, split).run()["groups"][0]
     assert g["search"]["done"] and "LR 1, above every result, gave no result" in g["search"]["note"], g["search"]
 
+    # seed 1's probe at LR 1 is lost where seed 0 diverged: every result there failed, but the zone's upper end
+    # rests on seed 0 alone
+    def lost_at_top(job: list[str]) -> Outcome | None:
+        values = dict(o.split("=", 1) for o in job)
+        lr = float(values["optim.lr"])
+        if lr >= 1 and values["seed"] == "1":
+            return None
+        return Outcome(diverged=lr >= (0.1 if values["seed"] == "0" else 1), failed=None)
+
+    g = Search(FinderSettings(lr_min=1e-3, lr_max=1.0, targets=("diverged",), climb=False, precision=3.17),
+               [("seed", ["0", "1"])], lambda batch: None, lost_at_top).run()["groups"][0]
+    assert "at LR 1, where every seed with a result failed, a probe gave no result" in g["search"]["note"], g["search"]
+
 
 def test_the_zone_s_upper_end_is_where_the_last_seed_fails():
     # seed 0 fails from 0.1, seed 1 only from 1: the bracket is the first seed's, the zone's top the last one's

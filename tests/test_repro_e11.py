@@ -213,3 +213,7 @@ def test_a_head_that_measured_nan_was_not_held_wherever_it_stands(tmp_path):
     for heads in ([float("nan"), 40.0], [40.0, float("nan")], [40.0, None]):
         assert peak({"qk_clip_max_logit": heads}) == float("inf"), heads
     assert peak({"qk_clip_gamma": [0.5, 1.0]}) == 60.0 and peak({"qk_clip_gamma": [1.0, None]}) == float("inf")
+    # a record from before S_h was kept: the clip set gamma 1 for a head whose S_h was not finite, and the monitor's
+    # logit shows the blow-up
+    assert peak({"qk_clip_gamma": [1.0, 1.0], "max_logit": [float("nan"), 3.0]}) == float("inf")
+    assert peak({"qk_clip_gamma": [1.0, 1.0], "max_logit": [2.0, 3.0]}) == 30.0

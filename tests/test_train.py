@@ -284,6 +284,13 @@ def test_a_multirun_holds_the_data_check_and_a_cleared_cache_is_not_rebuilt_to_s
     assert proc.returncode == 0 and "2 finished job(s) will be skipped" in proc.stdout + proc.stderr, proc.stderr[-3000:]
     assert not list((cache / "tokens").glob("*/meta.json")), "the corpus was tokenized again to skip finished runs"
 
+    # the files touched, not changed: a new cache key, so each job tokenizes, compares and skips; none has failed
+    import os
+
+    os.utime(corpus, ns=(1, 1))
+    proc = run_cli(args, tmp_path, cache)
+    assert proc.returncode == 0 and "jobs failed" not in proc.stdout + proc.stderr, (proc.stdout + proc.stderr)[-3000:]
+
     corpus.write_text(text.replace(f" {words[0]} ", f" {words[1]} "))
     proc = run_cli(args, tmp_path, cache)
     out = proc.stdout + proc.stderr
@@ -302,7 +309,7 @@ def test_the_data_check_builds_nothing_to_skip_a_run_and_everything_to_resume_on
 
     from qknorm.config import load_run_config
     from qknorm.data.tokens import data_key
-    from qknorm.jobs import _current_fingerprint, data_conflict, usable_summary
+    from qknorm.jobs import _fingerprints, data_conflict, usable_summary
     from qknorm.rundir import identity, identity_hash
 
     from .conftest import compose_raw
@@ -311,7 +318,7 @@ def test_the_data_check_builds_nothing_to_skip_a_run_and_everything_to_resume_on
     raw = OmegaConf.to_container(compose_raw([f"paths.cache_dir={cache}", "data.vocab_size=512"]), resolve=True)
     key = data_key(load_run_config(raw).data)
     run.mkdir()
-    _current_fingerprint.cache_clear()
+    _fingerprints.clear()
 
     def summary(**fields) -> None:
         (run / "summary.json").write_text(json.dumps({"data_fingerprint": "0123456789abcdef", "data_key": key,
@@ -323,7 +330,8 @@ def test_the_data_check_builds_nothing_to_skip_a_run_and_everything_to_resume_on
     summary(status="completed")
     assert data_conflict(run, raw) is None and usable_summary(run, raw) is not None and not built()
     summary(status="completed", data_key=None)
-    assert "not known without tokenizing" in (data_conflict(run, raw, build=False) or "")
+    assert "not known without tokenizing" in (data_conflict(run, raw, build=False, unknown_is_conflict=True) or "")
+    assert data_conflict(run, raw, build=False) is None  # job_failed: only a definite conflict fails a job
     assert usable_summary(run, raw) is None and not built()
     summary(status="completed", config_id="another config")
     assert usable_summary(run, raw) is None

@@ -84,8 +84,10 @@ def clip_peak(run_dir: str, tau: float) -> float:
                 s = values(measured)
                 v = math.inf if np.isnan(s).any() else float(s.max())
             elif (gamma := layer.get("qk_clip_gamma")) is not None:
-                g = values(gamma)
-                v = math.inf if np.isnan(g).any() else tau / float(g.min()) if g.min() < 1 else tau
+                # the clip sets gamma to 1 where its S_h was not finite: a blow-up shows in the monitor's logit there
+                g, monitored = values(gamma), values(layer.get("max_logit") or [])
+                blown = np.isnan(g).any() or not np.isfinite(monitored).all()
+                v = math.inf if blown else tau / float(g.min()) if g.min() < 1 else tau
             else:
                 continue
             peak = v if math.isnan(peak) else max(peak, v)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import functools
 import hashlib
 import importlib.resources
 import json
@@ -49,7 +48,7 @@ def finished_summary(run_dir: Path) -> Optional[dict]:
     return summary if summary.get("status") in FINISHED else None
 
 
-def data_conflict(run_dir: Path, raw: Mapping[str, Any], build: bool = True) -> Optional[str]:
+def data_conflict(run_dir: Path, raw: Mapping[str, Any], build: bool = True, unknown_is_conflict: bool = False) -> Optional[str]:
     """Why the run `run_dir` holds can be neither skipped nor resumed by a job of config `raw`: it finished,
     or left a checkpoint, on other tokens than the config reads now (its corpus files were edited or its
     tokenizer retrained since; qknorm.data.tokens.data_fingerprint). The config is the same (check_identity),
@@ -60,10 +59,12 @@ def data_conflict(run_dir: Path, raw: Mapping[str, Any], build: bool = True) -> 
     `build` (the job's own check): where the token cache cannot say, the data is tokenized as the run would
     tokenize it (a checkpoint always: its run is about to build the data anyway). Without it (the sweeper's look
     at every job: listing, planning, the finder reading finished probes) nothing is built, and a run whose data
-    the cache cannot tell apart is reported as not known (a line saying so): the job is launched and checks
-    itself. A finished run whose config still names the cache entry it recorded (data_key) is compared only if
-    the cache holds that entry: cleared, or runs from another machine, it is taken as it is, since tokenizing a
-    whole corpus only to skip a finished run would cost what training it did."""
+    the cache cannot tell apart is reported as not known (a line saying so) where `unknown_is_conflict`
+    (usable_summary: the job is launched and checks itself), and passes otherwise (job_failed: only a definite
+    conflict fails a job, which may have checked its data on another machine's cache). A finished run whose config
+    still names the cache entry it recorded (data_key) is compared only if the cache holds that entry: cleared, or
+    runs from another machine, it is taken as it is, since tokenizing a whole corpus only to skip a finished run
+    would cost what training it did."""
     try:
         summary = json.loads((Path(run_dir) / "summary.json").read_text())
     except (OSError, ValueError):
@@ -80,6 +81,8 @@ def data_conflict(run_dir: Path, raw: Mapping[str, Any], build: bool = True) -> 
     if now in (recorded, _SAME_ENTRY):
         return None
     if now is None:
+        if not unknown_is_conflict:
+            return None
         return (f"{run_dir}: whether it holds a run of the data its config reads now is not known without tokenizing "
                 "that data (the token cache holds no entry for it); the job checks it when it starts")
     held = f"a {summary['status']} run" if finished else "a checkpoint"
@@ -91,15 +94,34 @@ def data_conflict(run_dir: Path, raw: Mapping[str, Any], build: bool = True) -> 
 _SAME_ENTRY = "same cache entry, not in the cache"  # _current_fingerprint: not compared (see data_conflict)
 
 
-@functools.lru_cache(maxsize=16)
 def _current_fingerprint(cfg: DataConfig, recorded_key: Optional[str], build: bool) -> Optional[str]:
-    """The data config's tokens now (data_conflict); one look per sweep. _SAME_ENTRY: the config names the
-    recorded cache entry, which the cache no longer holds; None: not in the cache, and not to be built."""
-    from .data.tokens import cached_fingerprint, data_key, prepare_tokens  # numpy and sentencepiece only when asked
+    """The data config's tokens now (data_conflict). _SAME_ENTRY: the config names the recorded cache entry, which
+    the cache no longer holds; None: not in the cache, and not to be built. Looked up again on every call until the
+    cache holds the tokens (a job of the sweep may build them between two looks), then remembered."""
+    from .data.tokens import data_key  # numpy and sentencepiece only when asked
 
+    known = _cached_fingerprint(cfg)
     if recorded_key is not None and data_key(cfg) == recorded_key:
-        return cached_fingerprint(cfg) or _SAME_ENTRY
-    return prepare_tokens(cfg).fingerprint if build else cached_fingerprint(cfg)
+        return known or _SAME_ENTRY
+    return known or (_built_fingerprint(cfg) if build else None)
+
+
+_fingerprints: dict[DataConfig, str] = {}  # only answers the cache held: an absent entry is asked again
+
+
+def _cached_fingerprint(cfg: DataConfig) -> Optional[str]:
+    from .data.tokens import cached_fingerprint
+
+    if cfg not in _fingerprints and (found := cached_fingerprint(cfg)) is not None:
+        _fingerprints[cfg] = found
+    return _fingerprints.get(cfg)
+
+
+def _built_fingerprint(cfg: DataConfig) -> str:
+    from .data.tokens import prepare_tokens
+
+    _fingerprints[cfg] = prepare_tokens(cfg).fingerprint
+    return _fingerprints[cfg]
 
 
 def usable_summary(run_dir: Path, raw: Mapping[str, Any]) -> Optional[dict]:
@@ -113,7 +135,7 @@ def usable_summary(run_dir: Path, raw: Mapping[str, Any]) -> Optional[dict]:
     stored = done.get("config_id")
     if stored is not None and stored != identity_hash(identity(raw)):
         return None
-    return None if data_conflict(run_dir, raw, build=False) else done
+    return None if data_conflict(run_dir, raw, build=False, unknown_is_conflict=True) else done
 
 
 def preflight(raw: Mapping[str, Any], on_this_machine: bool = False) -> RunConfig:

@@ -189,6 +189,12 @@ def progress(group: Group, settings: FinderSettings, coarse: Sequence[float]) ->
     if open_top and (lost := lost_above(group)):
         return Progress(True, f"stopped: its probes at LR {', '.join(map(_fmt, lost))}, above every result, gave no result "
                               "(a rerun tries again)")
+    # the zone's upper end is where every seed failed: a seed lost there leaves it resting on the others alone
+    lost_lrs = {lr for lr, _ in group.lost}
+    at_top = sorted({hi for t in settings.targets if (hi := zone_top(group.probes(t), t).hi) is not None and hi in lost_lrs})
+    if at_top:
+        return Progress(True, f"stopped: at LR {', '.join(map(_fmt, at_top))}, where every seed with a result failed, a "
+                              "probe gave no result, so the zone's upper end is not known there (a rerun tries again)")
     return Progress(True)
 
 

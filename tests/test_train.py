@@ -257,6 +257,7 @@ def test_a_rerun_on_edited_corpus_files_neither_skips_nor_resumes_the_run_of_the
     assert done["status"] == "completed" and done["resumed_at_step"] == 3
 
 
+@pytest.mark.slow  # four multiruns (about 35 s); test_the_data_check_builds_nothing... covers its rules in 2 s
 def test_a_multirun_holds_the_data_check_and_a_cleared_cache_is_not_rebuilt_to_skip(tmp_path):
     """A resumed multirun whose corpus files were edited counts none of its jobs as finished: each fails in its own
     directory with the one line, the sweep exits 1 and the results stay as they were (the critical-LR finder reads

@@ -748,3 +748,13 @@ def load_run_config(raw: Mapping[str, Any]) -> RunConfig:
     cfg = from_mapping(RunConfig, data)
     cfg.validate()
     return resolve_schedule(cfg)
+
+
+def needs_own_code(attention: "typing.Sequence[AttentionConfig]") -> bool:
+    """Whether a stack of members with these attention configs must run each member's own modules: settings that
+    differ between them (a soft-cap's or a fixed scale's value: a member's modules hold them as Python numbers,
+    and vmap would run member 0's modules for all), QK-Clip (its running max logit is a member's own state), or
+    the soft-cap (its kernels, chunked on a CPU and FlexAttention on a GPU, are not written for vmap). In the
+    config layer, which imports no torch: the command line plans stacks before it loads torch."""
+    a = attention[0]
+    return len({repr(c) for c in attention}) > 1 or a.qk_clip_tau is not None or a.softcap is not None

@@ -18,7 +18,7 @@ device (`kernels.py`): the CPU's hand-written autograd nodes (norm + RoPE, the c
 declare `generate_vmap_rule`, so vmap runs them per member as they are, and a member's arithmetic is
 its solo run's op for op. A stack whose members need their own modules (attention scalars that
 differ, QK-Clip, the soft-cap's kernels) loops over its member views on every device
-(`needs_own_code`, which the stack reads from its members' own configs).
+(`config.needs_own_code`, which the stack reads from its members' own configs).
 """
 
 from __future__ import annotations
@@ -31,18 +31,9 @@ import torch
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
-from ..config import AttentionConfig
+from ..config import needs_own_code
 from . import kernels
 from .transformer import Transformer
-
-
-def needs_own_code(attention: Sequence[AttentionConfig]) -> bool:
-    """Whether a stack of members with these attention configs must run each member's own modules: settings that
-    differ between them (a soft-cap's or a fixed scale's value: a member's modules hold them as Python numbers,
-    and vmap would run member 0's modules for all), QK-Clip (its running max logit is a member's own state), or
-    the soft-cap (its kernels, chunked on a CPU and FlexAttention on a GPU, are not written for vmap)."""
-    a = attention[0]
-    return len({repr(c) for c in attention}) > 1 or a.qk_clip_tau is not None or a.softcap is not None
 
 
 class _Loss(nn.Module):

@@ -12,7 +12,7 @@ import dataclasses
 from typing import Sequence
 
 from ..config import RunConfig
-from ..model.stack import needs_own_code as model_needs_own_code
+from ..config import needs_own_code as attention_needs_own_code
 from ..rundir import NOT_IDENTITY, flatten, identity_hash
 
 # What members of one stack may differ in: their initialization and the optimizer's scalars. Everything
@@ -39,8 +39,9 @@ def _compared(cfg: RunConfig) -> dict:
 
 def needs_own_code(configs: Sequence[RunConfig]) -> bool:
     """Whether the members must each run their own modules (see OWN_CODE_KEYS): the model's rule
-    (model.stack.needs_own_code), which a StackedModel also reads from its members itself."""
-    return model_needs_own_code([c.attention for c in configs])
+    (config.needs_own_code), which a StackedModel also reads from its members itself. Here, not in the model
+    layer: the command line reads this before it imports torch."""
+    return attention_needs_own_code([c.attention for c in configs])
 
 
 def stack_key(cfg: RunConfig) -> str:

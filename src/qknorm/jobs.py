@@ -130,12 +130,15 @@ def usable_summary(run_dir: Path, raw: Mapping[str, Any]) -> Optional[dict]:
     whose data the token cache cannot tell (data_conflict without building: nothing is tokenized here); such a
     job is launched, and refuses the directory with its one line, or checks the data and skips the run."""
     done = finished_summary(run_dir)
-    if done is None:
-        return None
-    stored = done.get("config_id")
-    if stored is not None and stored != identity_hash(identity(raw)):
+    if done is None or of_another_config(done, raw):
         return None
     return None if data_conflict(run_dir, raw, build=False, unknown_is_conflict=True) else done
+
+
+def of_another_config(summary: Mapping[str, Any], raw: Mapping[str, Any]) -> bool:
+    """Whether a run's summary records another config than `raw` (its config_id; a summary without one: no)."""
+    stored = summary.get("config_id")
+    return stored is not None and stored != identity_hash(identity(raw))
 
 
 def preflight(raw: Mapping[str, Any], on_this_machine: bool = False) -> RunConfig:

@@ -45,11 +45,12 @@ from .jobs import (
     data_conflict,
     describe_stacks,
     finished_summary,
+    of_another_config,
     parallel_jobs,
     preflight,
     sweeps_search_root,
 )
-from .rundir import RunBusy, RunLock, check_identity, identity, identity_hash, task_container
+from .rundir import RunBusy, RunLock, check_identity, identity, task_container
 from .utils.files import atomic_write_bytes
 from .utils.flops import matmul_peak, model_flops_per_token
 
@@ -307,10 +308,9 @@ def job_failed(job: Job) -> bool:
     while no process trains it (the job died). A run another process is training is not a failure."""
     done = finished_summary(job.run_dir)
     if done is not None:
-        stored = done.get("config_id")
         raw = task_container(job.cfg)
         # another config's run, or one trained on other data than the config reads now: the job refused it
-        return (stored is not None and stored != identity_hash(identity(raw))) or data_conflict(job.run_dir, raw, build=False) is not None
+        return of_another_config(done, raw) or data_conflict(job.run_dir, raw, build=False) is not None
     if _status(job.run_dir) == "failed" or not job.run_dir.is_dir():
         return True
     try:

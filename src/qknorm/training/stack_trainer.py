@@ -50,7 +50,6 @@ from .monitor import DivergenceDetector, StabilityMonitor, callbacks_fingerprint
 from .optim import optimizer_and_schedule
 from .progress import log_run_params
 from .qk_clip import apply_qk_clip, qk_clip_metrics
-from .stack import needs_own_code
 from .summary import RunSummary, result_fields
 
 log = logging.getLogger("qknorm.stack")
@@ -369,8 +368,7 @@ def train_stack(specs: list[MemberSpec], precision: str, accelerator: str = "aut
             members.append(Member(k, spec, view, data, device))
             spec.summary.update(**params, stack_size=len(specs))
         clock.own(k)
-    own_code = needs_own_code([s.cfg for s in specs])
-    path = kernels.stack_kernel(device, own_code)
+    path = kernels.stack_kernel(device, stack.own_code)  # the path stack.loss takes (its members' own configs)
     log.info("stack of %d members on %s (%s): %d parameters each", len(members), device, path, params["params"])
     info = {"device": str(device), "device_name": device_name(device), "compiled": False}
     z_loss = torch.tensor([m.cfg.optim.z_loss for m in members], device=device)
@@ -423,7 +421,7 @@ def train_stack(specs: list[MemberSpec], precision: str, accelerator: str = "aut
         xs, ys = zip(*(m.batches[step] for m in members), strict=True)
         idx, targets = torch.stack(xs).to(device), torch.stack(ys).to(device)
         with fabric.autocast():
-            total, nats, z_sq = stack.loss(idx, targets, z_loss, members=[m.k for m in active], own_code=own_code)
+            total, nats, z_sq = stack.loss(idx, targets, z_loss, members=[m.k for m in active])
         losses = nats.float().mean(dim=(1, 2)).tolist()
         z_values = z_sq.detach().float().tolist()
         finite = [math.isfinite(v) for v in losses]
